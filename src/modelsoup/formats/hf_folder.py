@@ -1,0 +1,167 @@
+"""Hugging Face model folders: single-file or sharded weights, and writing one back.
+
+Reading prefers safetensors over ``pytorch_model*.bin`` when a folder has both.
+Writing puts the soup's weights in ``model.safetensors`` (or HF-style shards with
+``model.safetensors.index.json`` when larger than ``max_shard_size``) and copies the
+first ingredient's other files (``config.json``, tokenizer files, ...) beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from modelsoup.errors import IngredientError, WriteError
+from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.safetensors_io import SafetensorsSource, atomic_file, write_safetensors
+from modelsoup.formats.torch_pickle import TorchSource
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_LAYOUTS = (
+    ("model.safetensors.index.json", SafetensorsSource),
+    ("model.safetensors", SafetensorsSource),
+    ("pytorch_model.bin.index.json", TorchSource),
+    ("pytorch_model.bin", TorchSource),
+)
+
+
+def is_model_folder(path: Path) -> bool:
+    """True when ``path`` is a folder holding one model (HF layout).
+
+    Example:
+        >>> is_model_folder(Path("/nonexistent"))
+        False
+    """
+    return path.is_dir() and any((path / name).exists() for name, _ in _LAYOUTS)
+
+
+def _shards(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise IngredientError(f"{index_path}: corrupt shard index ({err})") from err
+    files = sorted(set(weight_map.values()))
+    paths = [index_path.parent / f for f in files]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise IngredientError(f"{index_path}: shard {missing[0].name} is missing")
+    return paths
+
+
+def open_folder(path: Path, key: str | None = None) -> TensorSource:
+    """Open an HF model folder lazily.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> d = Path(tempfile.mkdtemp())
+        >>> safetensors.torch.save_file({"w": torch.ones(1)}, str(d / "model.safetensors"))
+        >>> open_folder(d).names()
+        ['w']
+    """
+    for name, reader in _LAYOUTS:
+        candidate = path / name
+        if candidate.exists():
+            files = _shards(candidate) if name.endswith(".index.json") else [candidate]
+            if reader is TorchSource:
+                return TorchSource(files, label=str(path), key=key)
+            return SafetensorsSource(files, label=str(path))
+    raise IngredientError(
+        f"{path}: no model weights found (expected model.safetensors, a shard index or "
+        "pytorch_model.bin)"
+    )
+
+
+def plan_shards(layout: Mapping[str, TensorMeta], max_shard_size: int) -> list[list[str]]:
+    """Split tensor names, in order, into shards of at most ``max_shard_size`` bytes.
+
+    A tensor larger than the limit gets a shard of its own.
+
+    Example:
+        >>> import torch
+        >>> lay = {n: TensorMeta((10,), torch.float32) for n in "abc"}
+        >>> plan_shards(lay, 80)
+        [['a', 'b'], ['c']]
+    """
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, meta in layout.items():
+        if shards[-1] and size + meta.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += meta.nbytes
+    return shards
+
+
+def write_folder(
+    path: Path,
+    layout: Mapping[str, TensorMeta],
+    tensor_for: Callable[[str], torch.Tensor],
+    *,
+    max_shard_size: int,
+    copy_from: Path | None = None,
+    metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> None:
+    """Write an HF-style model folder; the folder appears only once complete.
+
+    Example:
+        >>> import tempfile, torch
+        >>> d = Path(tempfile.mkdtemp()) / "soup"
+        >>> lay = {"w": TensorMeta((2,), torch.float32)}
+        >>> write_folder(d, lay, lambda n: torch.ones(2), max_shard_size=1 << 30)
+        >>> sorted(p.name for p in d.iterdir())
+        ['model.safetensors']
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if copy_from is not None:
+            for item in sorted(Path(copy_from).iterdir()):
+                is_weights = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(
+                    ".index.json"
+                )
+                if item.is_file() and not is_weights and not item.name.startswith("."):
+                    shutil.copy2(item, tmp / item.name)
+        shards = plan_shards(layout, max_shard_size)
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", layout, tensor_for, metadata, on_tensor)
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                sub = {n: layout[n] for n in names}
+                write_safetensors(tmp / fname, sub, tensor_for, metadata, on_tensor)
+                weight_map.update({n: fname for n in names})
+            total = sum(m.nbytes for m in layout.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with atomic_file(tmp / "model.safetensors.index.json") as t:
+                t.write_text(json.dumps(index, indent=2))
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = None
+    try:
+        if target.exists():
+            if not target.is_dir():
+                raise WriteError(f"{target}: exists and is not a folder; choose another output")
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(new, target)
+    except OSError as err:
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise WriteError(f"{target}: cannot write ({err.strerror})") from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

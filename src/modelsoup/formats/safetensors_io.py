@@ -1,0 +1,242 @@
+"""safetensors: a lazy reader that reads one tensor with one ``readinto``, and a streaming writer.
+
+We parse the small JSON header ourselves and read tensor bytes with plain file reads
+rather than a memory map, so the pages of a multi-GB ingredient never pile up in the
+process's resident memory: reading a tensor costs exactly that tensor.
+Every offset in the header is checked before it is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from modelsoup.errors import IngredientError, WriteError
+from modelsoup.formats.base import TensorMeta, TensorSource
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+class _Entry:
+    __slots__ = ("meta", "start", "end")
+
+    def __init__(self, meta: TensorMeta, start: int, end: int):
+        self.meta, self.start, self.end = meta, start, end
+
+
+def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str], int]:
+    """Parse and validate a safetensors header: entries, metadata, and where data starts.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> p = Path(tempfile.mkdtemp()) / "x.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.ones(2)}, str(p))
+        >>> entries, meta, start = read_header(p)
+        >>> entries["w"].meta.shape
+        (2,)
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise IngredientError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise IngredientError(f"{path}: corrupt or truncated safetensors header")
+            header_bytes = fh.read(n)
+    except OSError as err:
+        raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IngredientError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise IngredientError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_len = size - data_start
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise IngredientError(f"{path}: corrupt header entry for tensor '{name}'") from err
+        meta = TensorMeta(shape, dtype)
+        if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != meta.nbytes:
+            raise IngredientError(f"{path}: corrupt offsets for tensor '{name}'")
+        if end > data_len:
+            raise IngredientError(
+                f"{path}: truncated file: tensor '{name}' ends at byte {data_start + end} "
+                f"but the file has {size}; re-copy or re-save the checkpoint"
+            )
+        entries[name] = _Entry(meta, start, end)
+    return entries, metadata, data_start
+
+
+class SafetensorsSource(TensorSource):
+    """One safetensors file, or the shards of one checkpoint, read lazily.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> p = Path(tempfile.mkdtemp()) / "x.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.arange(3.0)}, str(p))
+        >>> SafetensorsSource([p]).tensor("w")
+        tensor([0., 1., 2.])
+    """
+
+    def __init__(self, files: Iterable[Path], label: str | None = None):
+        self.files = tuple(Path(f) for f in files)
+        self.label = label or str(self.files[0])
+        self._where: dict[str, tuple[int, _Entry]] = {}
+        self._starts: list[int] = []
+        self.metadata: dict[str, str] = {}
+        for index, path in enumerate(self.files):
+            entries, metadata, start = read_header(path)
+            self.metadata.update(metadata)
+            self._starts.append(start)
+            for name, entry in entries.items():
+                if name in self._where:
+                    raise IngredientError(f"{self.label}: tensor '{name}' is stored in two shards")
+                self._where[name] = (index, entry)
+        self._handles: dict[int, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._where[name][1].meta
+
+    def tensor(self, name: str) -> torch.Tensor:
+        index, entry = self._where[name]
+        out = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        fh = self._handles.get(index)
+        if fh is None:
+            fh = self._handles[index] = open(self.files[index], "rb")  # noqa: SIM115
+        fh.seek(self._starts[index] + entry.start)
+        got = fh.readinto(memoryview(out.numpy())) if out.numel() else 0
+        if got != out.numel():
+            raise IngredientError(f"{self.files[index]}: truncated while reading tensor '{name}'")
+        return out.view(entry.meta.dtype).reshape(entry.meta.shape)
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+
+def write_safetensors(
+    path: Path,
+    layout: Mapping[str, TensorMeta],
+    tensor_for: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> None:
+    """Stream tensors into one safetensors file; memory holds one tensor at a time.
+
+    The header is known from ``layout`` before any data is made, so each tensor is
+    produced by ``tensor_for(name)`` and written straight away. The file appears only
+    when complete (written under a temporary name, then renamed).
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = Path(tempfile.mkdtemp()) / "soup.safetensors"
+        >>> lay = {"w": TensorMeta((2,), torch.float32)}
+        >>> write_safetensors(p, lay, lambda name: torch.ones(2))
+        >>> SafetensorsSource([p]).tensor("w")
+        tensor([1., 1.])
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, meta in layout.items():
+        if meta.dtype not in _CODES:
+            raise WriteError(
+                f"{path}: dtype {meta.dtype} of '{name}' cannot be stored as safetensors"
+            )
+        header[name] = {
+            "dtype": _CODES[meta.dtype],
+            "shape": list(meta.shape),
+            "data_offsets": [offset, offset + meta.nbytes],
+        }
+        offset += meta.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header with spaces to 8 bytes
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, meta in layout.items():
+            t = tensor_for(name)
+            if tuple(t.shape) != meta.shape or t.dtype != meta.dtype:
+                raise WriteError(
+                    f"{path}: tensor '{name}' is {tuple(t.shape)} {t.dtype}, "
+                    f"expected {meta.shape} {meta.dtype}"
+                )
+            if t.numel():
+                fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if on_tensor:
+                on_tensor(name)
+
+
+class atomic_file:  # noqa: N801 - used as a context manager, reads like a function
+    """Write to a temporary sibling and rename it over ``path`` only on success.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.txt"
+        >>> with atomic_file(p) as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> p.read_text()
+        'done'
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                with open(self.tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(self.tmp, self.path)
+            except OSError as err:
+                self.tmp.unlink(missing_ok=True)
+                raise WriteError(f"{self.path}: cannot write ({err.strerror})") from err
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,171 @@
+"""torch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): safe loading and unwrapping.
+
+Loading always uses ``weights_only=True``: a pickle that asks to import anything
+outside torch's safe list is refused, never run. Zip-format files are memory-mapped
+so tensors are paged in only when read.
+
+Which tensors count as the weights (first match wins):
+
+1. a flat dict of tensors is the state dict itself;
+2. otherwise the first of these keys holding a dict of tensors: ``state_dict``,
+   ``model_state_dict``, ``model``, ``module``, ``state_dict_ema``, ``model_ema``, ``ema``
+   (so the raw weights win over EMA weights; pass ``key="state_dict_ema"`` to choose EMA);
+3. DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are removed when every
+   name has them; Lightning's ``model.`` prefix is removed when the checkpoint is a
+   Lightning one (``pytorch-lightning_version`` present) and every name has it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from modelsoup.errors import IngredientError
+from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.safetensors_io import atomic_file
+
+WRAPPER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+)
+
+
+def load_pickle(path: Path) -> object:
+    """``torch.load`` with weights only, memory-mapped when the file allows it.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = Path(tempfile.mkdtemp()) / "w.pt"
+        >>> torch.save({"w": torch.ones(1)}, p)
+        >>> load_pickle(p)
+        {'w': tensor([1.])}
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:
+            # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
+            if "mmap" not in str(err) and "zipfile" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise IngredientError(f"{path}: file not found; check the path") from err
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "Weights only load failed" in str(err) or "global" in str(err).lower():
+            raise IngredientError(
+                f"{path}: refused to unpickle: the file asks to import code outside torch's "
+                "safe list; re-save it as a plain state dict or as safetensors"
+            ) from err
+        raise IngredientError(f"{path}: corrupt pickle ({first})") from err
+    except Exception as err:  # any failure to parse untrusted bytes means a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise IngredientError(f"{path}: corrupt or truncated checkpoint ({first})") from err
+
+
+def _is_tensor_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, str]:
+    """Find the state dict inside a checkpoint object; return it and how it was found.
+
+    Example:
+        >>> import torch
+        >>> sd, note = unwrap({"epoch": 3, "state_dict": {"module.w": torch.ones(1)}})
+        >>> list(sd), note
+        (['w'], "key 'state_dict', prefix 'module.' removed")
+    """
+    notes = []
+    if not isinstance(obj, Mapping):
+        raise IngredientError(f"{label}: not a state dict (found {type(obj).__name__})")
+    if key is not None:
+        if key not in obj or not _is_tensor_dict(obj[key]):
+            raise IngredientError(
+                f"{label}: no state dict under key '{key}'; keys are {sorted(map(str, obj))[:10]}"
+            )
+        state, notes = obj[key], [f"key '{key}'"]
+    elif all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
+        state = obj
+    else:
+        found = next((k for k in WRAPPER_KEYS if _is_tensor_dict(obj.get(k))), None)
+        if found is None:
+            if _is_tensor_dict(obj):
+                state = obj  # a state dict with some non-tensor extras
+            else:
+                raise IngredientError(
+                    f"{label}: no tensors found; expected a state dict or one under "
+                    f"{', '.join(WRAPPER_KEYS)}"
+                )
+        else:
+            state, notes = obj[found], [f"key '{found}'"]
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    prefixes = ["module.", "_orig_mod."]
+    if "pytorch-lightning_version" in obj:
+        prefixes.append("model.")
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+            notes.append(f"prefix '{prefix}' removed")
+    return state, ", ".join(notes)
+
+
+class TorchSource(TensorSource):
+    """A torch pickle, or the ``pytorch_model-*.bin`` shards of one checkpoint.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = Path(tempfile.mkdtemp()) / "w.pt"
+        >>> torch.save({"state_dict": {"w": torch.ones(2)}}, p)
+        >>> src = TorchSource([p])
+        >>> src.names(), src.note
+        (['w'], "key 'state_dict'")
+    """
+
+    def __init__(self, files: list[Path], label: str | None = None, key: str | None = None):
+        self.files = tuple(Path(f) for f in files)
+        self.label = label or str(self.files[0])
+        self._tensors: dict[str, torch.Tensor] = {}
+        notes = []
+        for path in self.files:
+            state, note = unwrap(load_pickle(path), key, str(path))
+            notes.append(note)
+            for name, t in state.items():
+                if name in self._tensors:
+                    raise IngredientError(f"{self.label}: tensor '{name}' is stored in two shards")
+                self._tensors[name] = t
+        self.note = notes[0] if notes else ""
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        t = self._tensors[name]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Save a plain state dict with ``torch.save``, atomically.
+
+    Unlike safetensors output this needs the whole soup in memory at once.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = Path(tempfile.mkdtemp()) / "soup.pt"
+        >>> write_torch(p, {"w": torch.zeros(1)})
+        >>> torch.load(p, weights_only=True)
+        {'w': tensor([0.])}
+    """
+    with atomic_file(path) as tmp:
+        torch.save(dict(state), tmp)

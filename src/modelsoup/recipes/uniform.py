@@ -1,0 +1,59 @@
+"""Uniform and weighted soups: averages that need no evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from modelsoup.accumulator import ACCUM_DTYPES
+from modelsoup.errors import ConfigError
+from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.soup import Soup, check_coefficients
+
+
+def _accum(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ACCUM_DTYPES:
+        raise ConfigError(f"accumulation dtype '{dtype}' is unknown; use float32 or float64")
+    return ACCUM_DTYPES[dtype]
+
+
+def average(
+    sources: Sequence[str | Path | Mapping | torch.nn.Module | Ingredient],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = True,
+    accum_dtype: str | torch.dtype = "float32",
+    int_policy: str = "strict",
+    key: str | None = None,
+) -> Soup:
+    """The uniform soup of ``sources``, or their weighted average with ``weights``.
+
+    Weights must be finite and >= 0; they are normalised to sum to 1 unless
+    ``normalize=False``. Checkpoints are opened lazily and checked for compatible
+    names and shapes before any arithmetic.
+
+    Example:
+        >>> import torch
+        >>> soup = average([{"w": torch.zeros(1)}, {"w": torch.ones(1)}], weights=[1, 3])
+        >>> soup.state_dict()["w"]
+        tensor([0.7500])
+    """
+    ingredients = open_ingredients(sources, key=key)
+    if weights is None:
+        coefs = [1.0] * len(ingredients)
+        recipe = "uniform"
+    else:
+        coefs = check_coefficients(weights, len(ingredients))
+        recipe = "weighted"
+    return Soup(
+        ingredients,
+        coefs,
+        recipe=recipe,
+        options={"normalize": normalize},
+        accum_dtype=_accum(accum_dtype),
+        int_policy=int_policy,
+    )

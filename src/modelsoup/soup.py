@@ -1,0 +1,207 @@
+"""``Soup``: which ingredients went in, with what coefficients, and how they were chosen.
+
+A soup is a recipe's answer, not a tensor blob: it keeps the ingredients (lazily
+opened), one coefficient per ingredient (or per tensor and ingredient, for layer-wise
+and learned-by-layer soups), the recipe's options, a trace of every step and its
+scores. Weights are made on demand, tensor by tensor:
+
+- :meth:`Soup.apply` writes them into an existing module, in place;
+- :meth:`Soup.state_dict` returns them as a dict;
+- :meth:`Soup.save` streams them to disk with a soup card (see :mod:`modelsoup.writer`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelsoup.accumulator import check_int_policy, check_same_ints, write_state_into
+from modelsoup.errors import ConfigError
+from modelsoup.formats.base import TensorMeta
+from modelsoup.ingredients import Ingredient
+
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn ``"bf16"``-style names into a torch dtype (``None`` stays ``None``).
+
+    Example:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"dtype '{name}' is unknown; use one of fp32, fp16, bf16, fp64") from None
+
+
+def check_coefficients(values: Sequence[float], count: int) -> list[float]:
+    """Validate per-ingredient coefficients: right count, finite, >= 0, not all zero.
+
+    Example:
+        >>> check_coefficients([1, 2], 2)
+        [1.0, 2.0]
+    """
+    values = [float(v) for v in values]
+    if len(values) != count:
+        raise ConfigError(f"{len(values)} weights given for {count} ingredients; give one each")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ConfigError(f"weight {i + 1} is {v}; weights must be finite numbers")
+        if v < 0:
+            raise ConfigError(f"weight {i + 1} is {v}; weights must be >= 0")
+    if not any(v > 0 for v in values):
+        raise ConfigError("all weights are zero; give at least one ingredient a positive weight")
+    return values
+
+
+@dataclass
+class Soup:
+    """A weighted average of ingredients, kept as a recipe until its weights are needed.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> ings = open_ingredients([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
+        >>> soup = Soup(ings, [0.25, 0.75])
+        >>> soup.state_dict()["w"]
+        tensor([0.7500, 0.7500])
+    """
+
+    ingredients: list[Ingredient]
+    coefficients: list[float]
+    recipe: str = "weighted"
+    options: dict = field(default_factory=dict)
+    trace: list[dict] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    #: per-tensor coefficients that override ``coefficients`` (layer-wise, learned by layer)
+    tensor_coefficients: dict[str, list[float]] | None = None
+    accum_dtype: torch.dtype = torch.float32
+    int_policy: str = "strict"
+
+    def __post_init__(self) -> None:
+        self.coefficients = check_coefficients(self.coefficients, len(self.ingredients))
+        check_int_policy(self.int_policy)
+
+    @property
+    def chosen(self) -> list[int]:
+        """Positions of the ingredients that take part (non-zero coefficient somewhere)."""
+        used = {i for i, c in enumerate(self.coefficients) if c > 0}
+        for coefs in (self.tensor_coefficients or {}).values():
+            used.update(i for i, c in enumerate(coefs) if c > 0)
+        return sorted(used)
+
+    @property
+    def size(self) -> int:
+        """Number of ingredients in the soup."""
+        return len(self.chosen)
+
+    def coefficients_for(self, name: str) -> list[float]:
+        """The per-ingredient coefficients used for tensor ``name``."""
+        if self.tensor_coefficients and name in self.tensor_coefficients:
+            return self.tensor_coefficients[name]
+        return self.coefficients
+
+    def layout(self, out_dtype: torch.dtype | str | None = None) -> dict[str, TensorMeta]:
+        """Names, shapes and output dtypes of the soup's tensors.
+
+        Floating tensors keep the first ingredient's dtype unless ``out_dtype`` is given;
+        integer tensors always keep theirs.
+        """
+        out_dtype = parse_dtype(out_dtype)
+        lay = self.ingredients[0].layout()
+        if out_dtype is None:
+            return lay
+        return {n: TensorMeta(m.shape, out_dtype) if m.is_floating else m for n, m in lay.items()}
+
+    def tensor(self, name: str, out_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+        """Mix one tensor: read it from each chosen ingredient, sum in float32, cast.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"w": torch.zeros(1)}, {"w": torch.ones(1)}])
+            >>> Soup(ings, [1, 1]).tensor("w", "bf16")
+            tensor([0.5000], dtype=torch.bfloat16)
+        """
+        meta = self.ingredients[0].meta(name)
+        coefs = self.coefficients_for(name)
+        used = [(i, c) for i, c in enumerate(coefs) if c > 0]
+        if not meta.is_floating:
+            first = self.ingredients[used[0][0]]
+            value = first.tensor(name)
+            if self.int_policy == "strict":
+                for i, _ in used[1:]:
+                    other = self.ingredients[i]
+                    check_same_ints(name, value, other.tensor(name), first.label, other.label)
+            return value.clone()
+        total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
+        acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
+        for i, c in used:
+            acc.add_(self.ingredients[i].tensor(name).to(self.accum_dtype), alpha=c)
+        if total != 1.0:
+            acc.div_(total)  # sum first, divide once: one rounding instead of one per term
+        return acc.to(parse_dtype(out_dtype) or meta.dtype)
+
+    def state_dict(self, out_dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+        """All the soup's tensors in a dict (holds the whole soup in memory)."""
+        return {n: self.tensor(n, out_dtype) for n in self.ingredients[0].names()}
+
+    def apply(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Write the soup's weights into ``module`` in place and return it.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+            >>> soup = Soup(open_ingredients([a, b]), [1, 1])
+            >>> m = soup.apply(torch.nn.Linear(2, 1))
+            >>> torch.allclose(m.bias, (a.bias + b.bias) / 2)
+            True
+        """
+        lay = self.ingredients[0].layout()
+        write_state_into(module, lambda n: self.tensor(n), lay)
+        return module
+
+    def save(self, out: str | Path, **kwargs) -> Path:
+        """Stream the soup to ``out`` with its card; see :func:`modelsoup.writer.save_soup`."""
+        from modelsoup.writer import save_soup
+
+        return save_soup(self, out, **kwargs)
+
+    def describe_coefficients(self) -> list[dict]:
+        """One entry per ingredient: label, path, sha256 and coefficient (for cards/reports)."""
+        total = sum(self.coefficients) if self.options.get("normalize", True) else 1.0
+        rows = []
+        for ing, c in zip(self.ingredients, self.coefficients):
+            rows.append(
+                {
+                    "label": ing.label,
+                    "path": str(ing.path) if ing.path is not None else None,
+                    "sha256": ing.sha256,
+                    "coefficient": c / total,
+                    "hyperparameters": ing.hyperparameters,
+                }
+            )
+        return rows
+
+    def with_scores(self, scores: Mapping[str, float]) -> Soup:
+        """Record scores (e.g. ``held_out``, ``test``) and return the soup."""
+        self.scores.update(scores)
+        return self

@@ -1,0 +1,145 @@
+"""`modelsoup average` and `modelsoup inspect`, and every bad input they must refuse."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import tiny_state
+
+from modelsoup.cli import main
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    paths = []
+    for s in range(3):
+        p = tmp_path / f"ft{s}.safetensors"
+        safetensors.torch.save_file(tiny_state(s), str(p))
+        paths.append(p)
+    return paths
+
+
+def _snapshot(folder):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_average_writes_soup_and_card(tmp_path, ckpts, capsys):
+    out = tmp_path / "out" / "soup.safetensors"
+    code = main(["average", *map(str, ckpts), "-o", str(out), "--weights", "1,2,1", "-q"])
+    assert code == 0
+    assert out.exists() and (tmp_path / "out" / "soup.safetensors.json").exists()
+    got = safetensors.torch.load_file(str(out))
+    states = [tiny_state(s) for s in range(3)]
+    ref = (states[0]["fc1.weight"] + 2 * states[1]["fc1.weight"] + states[2]["fc1.weight"]) / 4
+    assert torch.allclose(got["fc1.weight"], ref, atol=1e-6)
+
+
+def test_average_glob_and_out_dtype(tmp_path, ckpts):
+    out = tmp_path / "soup_bf16.safetensors"
+    code = main(["average", str(tmp_path / "ft*.safetensors"), "-o", str(out),
+                 "--out-dtype", "bf16", "-q"])  # fmt: skip
+    assert code == 0
+    assert safetensors.torch.load_file(str(out))["fc1.weight"].dtype == torch.bfloat16
+
+
+def test_inspect_reports_compatibility(tmp_path, ckpts, capsys):
+    assert main(["inspect", *map(str, ckpts)]) == 0
+    text = capsys.readouterr().out
+    assert "soup-compatible: yes" in text and "parameters" in text
+    bad = tmp_path / "bad.safetensors"
+    sd = tiny_state(0)
+    sd["fc2.weight"] = torch.zeros(4, 16)
+    safetensors.torch.save_file(sd, str(bad))
+    assert main(["inspect", str(ckpts[0]), str(bad)]) == 1
+    assert "fc2.weight" in capsys.readouterr().out
+
+
+def _truncated(tmp_path, ckpts):
+    p = tmp_path / "trunc.safetensors"
+    p.write_bytes(ckpts[0].read_bytes()[:-100])
+    return [str(p), str(ckpts[1])], "truncated"
+
+
+def _garbage(tmp_path, ckpts):
+    p = tmp_path / "garbage.pt"
+    p.write_bytes(b"this is not a checkpoint at all" * 10)
+    return [str(p), str(ckpts[1])], "corrupt"
+
+
+def _missing(tmp_path, ckpts):
+    return [str(tmp_path / "nope.safetensors"), str(ckpts[1])], "not found"
+
+
+def _shapes(tmp_path, ckpts):
+    p = tmp_path / "other.safetensors"
+    sd = tiny_state(0)
+    sd["fc1.weight"] = torch.zeros(16, 9)
+    safetensors.torch.save_file(sd, str(p))
+    return [str(ckpts[0]), str(p)], "fc1.weight"
+
+
+def _nan_weight(tmp_path, ckpts):
+    return [str(ckpts[0]), str(ckpts[1]), "--weights", "1,nan"], "finite"
+
+
+def _neg_weight(tmp_path, ckpts):
+    return [str(ckpts[0]), str(ckpts[1]), "--weights", "1,-2"], ">= 0"
+
+
+def _unknown_format(tmp_path, ckpts):
+    p = tmp_path / "weights.npz"
+    p.write_bytes(b"x")
+    return [str(p)], "unknown checkpoint format"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_truncated, _garbage, _missing, _shapes, _nan_weight, _neg_weight, _unknown_format],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, ckpts, make, capsys):
+    args, needle = make(tmp_path, ckpts)
+    before = _snapshot(tmp_path)
+    out = tmp_path / "soup.safetensors"
+    code = main(["average", *args, "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert _snapshot(tmp_path) == before  # nothing written, inputs untouched
+
+
+def test_refuses_to_overwrite_an_input(tmp_path, ckpts, capsys):
+    before = _snapshot(tmp_path)
+    code = main(["average", *map(str, ckpts), "-o", str(ckpts[0]), "-q"])
+    assert code == 2 and "overwrite the input" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, ckpts, capsys):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": tiny_state(0), "extra": payload}, evil)
+    code = main(["average", str(evil), str(ckpts[1]), "-o", str(tmp_path / "s.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "refused to unpickle" in err
+    assert not marker.exists()
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_console_script_runs_and_argparse_errors_exit_2(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "modelsoup")
+    done = subprocess.run([exe, "average"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,142 @@
+"""Every checkpoint format round-trips, and wrapped checkpoints are unwrapped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import tiny_state
+
+from modelsoup import average, open_ingredient
+from modelsoup.formats.safetensors_io import SafetensorsSource
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _read(ing) -> dict:
+    return {n: ing.tensor(n) for n in ing.names()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_safetensors_reader_matches_library(tmp_path, dtype):
+    sd = tiny_state(0, dtype)
+    path = tmp_path / "a.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    assert _equal(_read(open_ingredient(path)), safetensors.torch.load_file(str(path)))
+
+
+def test_safetensors_writer_is_readable_by_the_library(tmp_path):
+    sd = tiny_state(1, torch.bfloat16)
+    out = average([sd]).save(tmp_path / "soup.safetensors", progress=False)
+    loaded = safetensors.torch.load_file(str(out))
+    assert _equal(loaded, sd)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
+        lambda sd: {"model_state_dict": sd},
+        lambda sd: {"module." + k: v for k, v in sd.items()},
+        lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()},
+                    "pytorch-lightning_version": "2.1.0"},  # fmt: skip
+        lambda sd: {"state_dict_ema": sd},
+    ],
+    ids=["plain", "state_dict", "model", "model_state_dict", "ddp", "lightning", "ema"],
+)
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+def test_torch_pickles_unwrap(tmp_path, wrap, suffix):
+    sd = tiny_state(2)
+    path = tmp_path / f"ckpt{suffix}"
+    torch.save(wrap(sd), path)
+    assert _equal(_read(open_ingredient(path)), sd)
+
+
+def test_raw_weights_win_over_ema_unless_asked(tmp_path):
+    raw, ema = tiny_state(0), tiny_state(1)
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": raw, "state_dict_ema": ema}, path)
+    assert _equal(_read(open_ingredient(path)), raw)
+    assert _equal(_read(open_ingredient(path, key="state_dict_ema")), ema)
+
+
+def test_hf_folders_single_and_sharded(tmp_path, states):
+    sd = states[0]
+    single = tmp_path / "single"
+    single.mkdir()
+    safetensors.torch.save_file(sd, str(single / "model.safetensors"))
+    (single / "config.json").write_text("{}")
+    assert _equal(_read(open_ingredient(single)), sd)
+
+    names = list(sd)
+    for kind, save, ext in [("st", lambda d, p: safetensors.torch.save_file(d, str(p)),
+                             "safetensors"), ("bin", lambda d, p: torch.save(d, p), "bin")]:  # fmt: skip
+        folder = tmp_path / f"sharded-{kind}"
+        folder.mkdir()
+        base = "model" if kind == "st" else "pytorch_model"
+        halves = [names[:3], names[3:]]
+        weight_map = {}
+        for i, part in enumerate(halves, 1):
+            fname = f"{base}-{i:05d}-of-00002.{ext}"
+            save({k: sd[k] for k in part}, folder / fname)
+            weight_map.update({k: fname for k in part})
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / f"{base}.{ext}.index.json").write_text(json.dumps(index))
+        got = _read(open_ingredient(folder))
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_module_and_state_dict_in_memory(states):
+    from conftest import TinyNet
+
+    net = TinyNet()
+    assert _equal(_read(open_ingredient(net)), net.state_dict())
+    assert _equal(_read(open_ingredient(states[0])), states[0])
+
+
+@pytest.mark.parametrize("out_name", ["soup.safetensors", "soup.pt", "soupdir"])
+def test_outputs_round_trip(tmp_path, states, out_name):
+    soup = average(states)
+    out = soup.save(tmp_path / out_name, progress=False)
+    back = open_ingredient(out)
+    expected = soup.state_dict()
+    got = _read(back)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    card = json.loads((tmp_path / (out_name + ".json")).read_text())
+    assert card["recipe"] == "uniform" and len(card["ingredients"]) == 3
+    assert all(len(row["sha256"]) == 64 for row in card["ingredients"])
+    assert card["versions"]["torch"] == torch.__version__
+
+
+def test_folder_output_shards_and_copies_config(tmp_path, states):
+    src = tmp_path / "ft0"
+    src.mkdir()
+    safetensors.torch.save_file(states[0], str(src / "model.safetensors"))
+    (src / "config.json").write_text('{"model_type": "tiny"}')
+    (src / "vocab.txt").write_text("a\nb\n")
+    soup = average([src, states[1]])
+    out = soup.save(tmp_path / "out", max_shard_size=600, progress=False)
+    files = sorted(p.name for p in out.iterdir())
+    assert "config.json" in files and "vocab.txt" in files
+    assert "model.safetensors.index.json" in files
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 1
+    got = _read(open_ingredient(out))
+    expected = soup.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_reader_is_lazy_one_tensor_at_a_time(tmp_path):
+    sd = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}
+    path = tmp_path / "big.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    src = SafetensorsSource([path])
+    # Reading a tensor returns a fresh buffer of exactly that tensor's size.
+    t = src.tensor("t3")
+    assert t.untyped_storage().nbytes() == 4000 and t[0].item() == 3.0
