@@ -1,0 +1,191 @@
+"""Tests for modelsoup.stats: bootstrap intervals and paired comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelsoup import stats
+from modelsoup.errors import ConfigError
+from modelsoup.stats import bootstrap_ci, mcnemar_p_value, paired_difference
+
+
+def bernoulli(p: float, n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random(n) < p).astype(float)
+
+
+def test_ci_covers_true_mean_on_large_sample() -> None:
+    ci = bootstrap_ci(bernoulli(0.7, 5000, seed=1))
+    assert ci.low < 0.7 < ci.high
+    assert ci.high - ci.low < 0.03
+
+
+def test_ci_has_roughly_nominal_coverage() -> None:
+    # Over many independent samples, a 95% interval should cover the truth ~95% of the time.
+    hits = 0
+    for rep in range(200):
+        ci = bootstrap_ci(bernoulli(0.8, 200, seed=rep), n_resamples=1000, seed=rep)
+        hits += ci.low <= 0.8 <= ci.high
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_ci_on_continuous_values_covers_true_mean() -> None:
+    # Many distinct values take the index-resampling path instead of multinomial counts.
+    values = np.random.default_rng(3).normal(loc=2.0, scale=1.0, size=3000)
+    ci = bootstrap_ci(values)
+    assert ci.estimate == pytest.approx(values.mean())
+    assert ci.low < 2.0 < ci.high
+    assert ci.high - ci.low == pytest.approx(2 * 1.96 / math.sqrt(3000), rel=0.15)
+
+
+def test_ci_shrinks_as_n_grows() -> None:
+    small = bootstrap_ci(bernoulli(0.7, 250, seed=2))
+    large = bootstrap_ci(bernoulli(0.7, 4000, seed=2))
+    # Width scales like 1/sqrt(n): 16x the data, about a quarter of the width.
+    ratio = (small.high - small.low) / (large.high - large.low)
+    assert 3.0 < ratio < 5.0
+
+
+def test_higher_confidence_gives_wider_interval() -> None:
+    data = bernoulli(0.6, 500, seed=4)
+    narrow = bootstrap_ci(data, confidence=0.8)
+    wide = bootstrap_ci(data, confidence=0.99)
+    assert wide.low < narrow.low and narrow.high < wide.high
+
+
+def test_same_seed_same_result_and_other_seed_differs() -> None:
+    data = bernoulli(0.6, 300, seed=5)
+    assert bootstrap_ci(data, seed=7) == bootstrap_ci(data, seed=7)
+    assert bootstrap_ci(data, seed=7) != bootstrap_ci(data, seed=8)
+    b = bernoulli(0.5, 300, seed=6)
+    assert paired_difference(data, b, seed=7) == paired_difference(data, b, seed=7)
+
+
+def test_identical_inputs_give_zero_difference() -> None:
+    a = bernoulli(0.8, 1000, seed=8)
+    cmp = paired_difference(a, a.copy())
+    assert (cmp.difference, cmp.low, cmp.high) == (0.0, 0.0, 0.0)
+    assert cmp.p_value == 1.0
+    assert cmp.n == 1000
+    assert cmp.describe() == "no detectable difference (+0.0 points, CI [0.0, 0.0])"
+
+
+def test_clear_win_is_detected() -> None:
+    rng = np.random.default_rng(9)
+    b = (rng.random(2000) < 0.8).astype(int)
+    a = b.copy()
+    # a fixes 10% of b's mistakes and breaks nothing: a 2-point paired win.
+    wrong = np.flatnonzero(b == 0)
+    a[wrong[: len(wrong) // 2]] = 1
+    cmp = paired_difference(a, b)
+    assert cmp.difference == pytest.approx(a.mean() - b.mean())
+    assert cmp.low > 0
+    assert cmp.p_value is not None and cmp.p_value < 1e-6
+    text = cmp.describe()
+    assert text.startswith("+") and "no detectable" not in text
+
+
+def test_small_noisy_difference_is_not_claimed() -> None:
+    a = bernoulli(0.80, 300, seed=10)
+    b = bernoulli(0.80, 300, seed=11)
+    cmp = paired_difference(a, b)
+    assert cmp.low < 0 < cmp.high
+    assert cmp.describe().startswith("no detectable difference (")
+
+
+def test_mcnemar_matches_hand_computed_binomial() -> None:
+    # 8 discordant pairs for a, 2 for b: P(X <= 2 | n=10, p=1/2) = (1 + 10 + 45) / 1024, doubled.
+    expected = 2 * (1 + 10 + 45) / 1024
+    assert mcnemar_p_value(8, 2) == pytest.approx(expected)
+    assert mcnemar_p_value(2, 8) == pytest.approx(expected)
+    a = [1] * 8 + [0] * 2 + [1] * 5 + [0] * 5
+    b = [0] * 8 + [1] * 2 + [1] * 5 + [0] * 5
+    assert paired_difference(a, b).p_value == pytest.approx(expected)
+    assert mcnemar_p_value(0, 0) == 1.0
+
+
+def test_exact_fallback_matches_scipy() -> None:
+    # The scipy-free path must agree with scipy.stats.binomtest.
+    for a_only, b_only in [(8, 2), (0, 5), (30, 12), (500, 430), (7, 7)]:
+        fallback = stats._two_sided_fair_coin(min(a_only, b_only), a_only + b_only)
+        assert fallback == pytest.approx(mcnemar_p_value(a_only, b_only), rel=1e-9)
+
+
+def test_p_value_is_none_for_non_binary_results() -> None:
+    cmp = paired_difference([0.1, 0.5, 0.9], [0.2, 0.4, 0.8])
+    assert cmp.p_value is None
+    assert cmp.difference == pytest.approx(1 / 30)
+
+
+def test_describe_formats_negative_and_custom_units() -> None:
+    cmp = stats.Comparison(difference=-0.006, low=-0.011, high=-0.001, p_value=0.01, n=900)
+    assert cmp.describe() == "-0.6 points, CI [-1.1, -0.1]"
+    assert cmp.describe(scale=1, unit="", digits=3) == "-0.006, CI [-0.011, -0.001]"
+    # A rounded-to-zero negative bound must not print as "-0.0".
+    assert "-0.0" not in stats.Comparison(0.004, -0.0001, 0.01, None, 10).describe()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        ([], [], "empty"),
+        ([1, 0, 1], [1, 0], "length"),
+        ([1, float("nan")], [1, 0], "non-finite"),
+        ([1, float("inf")], [1, 0], "non-finite"),
+        ([[1, 0]], [[1, 0]], "1-D"),
+        (["x", "y"], [1, 0], "numbers"),
+    ],
+)
+def test_bad_inputs_raise_config_error(a: list, b: list, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        paired_difference(a, b)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"confidence": 1.0},
+        {"confidence": 0.0},
+        {"confidence": float("nan")},
+        {"n_resamples": 0},
+        {"n_resamples": 10.5},
+        {"seed": -1},
+    ],
+)
+def test_bad_options_raise_config_error(options: dict) -> None:
+    with pytest.raises(ConfigError):
+        bootstrap_ci([1, 0, 1], **options)
+
+
+def test_error_messages_are_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        paired_difference([1, 0, 1], [1, 0])
+    assert "\n" not in str(info.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=80),
+    st.integers(min_value=0, max_value=2**32),
+)
+def test_interval_contains_estimate(values: list[float], seed: int) -> None:
+    ci = bootstrap_ci(values, n_resamples=200, seed=seed)
+    assert ci.low <= ci.estimate <= ci.high
+    assert min(values) - 1e-6 <= ci.low and ci.high <= max(values) + 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=60))
+def test_paired_difference_properties(pairs: list[tuple[bool, bool]]) -> None:
+    a = [x for x, _ in pairs]
+    b = [y for _, y in pairs]
+    forward = paired_difference(a, b, n_resamples=200)
+    backward = paired_difference(b, a, n_resamples=200)
+    assert forward.low <= forward.difference <= forward.high
+    assert forward.difference == -backward.difference
+    assert forward.p_value == pytest.approx(backward.p_value)
+    assert 0.0 <= forward.p_value <= 1.0
