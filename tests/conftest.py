@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+# The networks in the suite are tiny: thread start-up costs more than it saves, and a
+# busy second core makes multi-threaded tiny ops crawl.
+torch.set_num_threads(1)
+
 
 class TinyNet(nn.Module):
     """A small MLP with a BatchNorm layer, so checkpoints carry integer buffers."""
@@ -33,3 +37,13 @@ def tiny_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch
 @pytest.fixture
 def states():
     return [tiny_state(s) for s in range(3)]
+
+
+@pytest.fixture(scope="session")
+def digits_ckpts(tmp_path_factory):
+    """Five digits MLPs fine-tuned from one start, as safetensors with hyperparameter sidecars."""
+    from digits_kit import write_ingredients
+
+    folder = tmp_path_factory.mktemp("digits")
+    write_ingredients(folder)
+    return folder

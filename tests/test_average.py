@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyNet, tiny_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import TinyNet, tiny_state
 from modelsoup import Accumulator, SoupWarning, average, open_ingredients
 from modelsoup.errors import ConfigError, IncompatibleIngredientsError
 

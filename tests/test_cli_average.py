@@ -9,8 +9,8 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from conftest import tiny_state
 
+from conftest import tiny_state
 from modelsoup.cli import main
 
 
@@ -41,8 +41,9 @@ def test_average_writes_soup_and_card(tmp_path, ckpts, capsys):
 
 def test_average_glob_and_out_dtype(tmp_path, ckpts):
     out = tmp_path / "soup_bf16.safetensors"
-    code = main(["average", str(tmp_path / "ft*.safetensors"), "-o", str(out),
-                 "--out-dtype", "bf16", "-q"])  # fmt: skip
+    code = main(
+        ["average", str(tmp_path / "ft*.safetensors"), "-o", str(out), "--out-dtype", "bf16", "-q"]
+    )
     assert code == 0
     assert safetensors.torch.load_file(str(out))["fc1.weight"].dtype == torch.bfloat16
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from conftest import tiny_state
 
+from conftest import tiny_state
 from modelsoup import average, open_ingredient
 from modelsoup.formats.safetensors_io import SafetensorsSource
 
@@ -44,8 +44,10 @@ def test_safetensors_writer_is_readable_by_the_library(tmp_path):
         lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
         lambda sd: {"model_state_dict": sd},
         lambda sd: {"module." + k: v for k, v in sd.items()},
-        lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()},
-                    "pytorch-lightning_version": "2.1.0"},  # fmt: skip
+        lambda sd: {
+            "state_dict": {"model." + k: v for k, v in sd.items()},
+            "pytorch-lightning_version": "2.1.0",
+        },
         lambda sd: {"state_dict_ema": sd},
     ],
     ids=["plain", "state_dict", "model", "model_state_dict", "ddp", "lightning", "ema"],
@@ -75,8 +77,10 @@ def test_hf_folders_single_and_sharded(tmp_path, states):
     assert _equal(_read(open_ingredient(single)), sd)
 
     names = list(sd)
-    for kind, save, ext in [("st", lambda d, p: safetensors.torch.save_file(d, str(p)),
-                             "safetensors"), ("bin", lambda d, p: torch.save(d, p), "bin")]:  # fmt: skip
+    for kind, save, ext in [
+        ("st", lambda d, p: safetensors.torch.save_file(d, str(p)), "safetensors"),
+        ("bin", lambda d, p: torch.save(d, p), "bin"),
+    ]:
         folder = tmp_path / f"sharded-{kind}"
         folder.mkdir()
         base = "model" if kind == "st" else "pytorch_model"

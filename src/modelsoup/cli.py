@@ -81,6 +81,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if info["compatible"] else 1
 
 
+def cmd_cook(args: argparse.Namespace) -> int:
+    from modelsoup.cook import cook_config
+    from modelsoup.report import render_markdown, summarize
+
+    result = cook_config(args.config, progress=not args.quiet)
+    data = summarize(result)
+    table = render_markdown({**data, "figures": []}).split("**Verdict.**")[1]
+    print("\nVerdict:" + table)
+    print(f"report: {result.output / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand.
 
@@ -125,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("cook", help="evaluation-guided soups from a YAML config, with a report")
+    p.add_argument("config", help="the cook config (YAML); see docs/cook.md")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=cmd_cook)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

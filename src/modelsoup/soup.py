@@ -94,6 +94,8 @@ class Soup:
     tensor_coefficients: dict[str, list[float]] | None = None
     accum_dtype: torch.dtype = torch.float32
     int_policy: str = "strict"
+    #: tensors that replace the mix, e.g. BatchNorm statistics re-estimated after averaging
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.coefficients = check_coefficients(self.coefficients, len(self.ingredients))
@@ -141,6 +143,9 @@ class Soup:
             tensor([0.5000], dtype=torch.bfloat16)
         """
         meta = self.ingredients[0].meta(name)
+        if name in self.overrides:
+            value = self.overrides[name]
+            return value.to(parse_dtype(out_dtype) or meta.dtype) if meta.is_floating else value
         coefs = self.coefficients_for(name)
         used = [(i, c) for i, c in enumerate(coefs) if c > 0]
         if not meta.is_floating:

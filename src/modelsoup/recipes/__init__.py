@@ -1,5 +1,28 @@
-"""Recipes: one file each. A recipe turns ingredients (and a taster) into a :class:`Soup`."""
+"""Recipes, one file each. A recipe turns a taster's ingredients into a soup.
 
+Evaluation-free: :func:`average` (uniform or weighted). Evaluation-guided, each taking
+a :class:`~modelsoup.tasting.Taster`: ``greedy``, ``forward``, ``pruned``, the
+``ensemble`` and ``greedy_ensemble`` baselines, ``best_individual`` and ``uniform``.
+"""
+
+from modelsoup.recipes.baselines import best_individual, uniform_soup
+from modelsoup.recipes.ensemble import Ensemble, greedy_ensemble, output_ensemble
+from modelsoup.recipes.forward import forward_selection_soup
+from modelsoup.recipes.greedy import greedy_soup
+from modelsoup.recipes.pruned import pruned_soup
+from modelsoup.recipes.registry import RECIPES, get_recipe
 from modelsoup.recipes.uniform import average
 
-__all__ = ["average"]
+__all__ = [
+    "RECIPES",
+    "Ensemble",
+    "average",
+    "best_individual",
+    "forward_selection_soup",
+    "get_recipe",
+    "greedy_ensemble",
+    "greedy_soup",
+    "output_ensemble",
+    "pruned_soup",
+    "uniform_soup",
+]

@@ -1,0 +1,176 @@
+"""The cook config: a YAML file validated at the edge, with the bad key named.
+
+Example config::
+
+    model: mypkg.models:build            # returns the architecture (an nn.Module)
+    ingredients: [runs/*.safetensors]    # paths, folders or globs
+    held_out: mypkg.data:held_out        # returns an evaluator (chooses the soups)
+    test: mypkg.data:test                # optional: returns an evaluator (reports only)
+    recipes:
+      - {name: greedy, order: sorted}
+      - {name: greedy, order: random, runs: 5}
+      - {name: pruned, passes: 3}
+    output: soups/
+
+Import paths are ``module:attribute``, or ``file.py:attribute`` relative to the config
+file. Every recipe entry is checked against that recipe's own options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelsoup.errors import ConfigError
+from modelsoup.recipes.registry import get_recipe
+
+DEFAULT_RECIPES = [
+    {"name": "greedy", "order": "sorted"},
+    {"name": "pruned", "passes": 1},
+]
+
+
+class RecipeEntry(BaseModel):
+    """One recipe to cook: its registered name, an optional label, and its options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+    label: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class CookConfig(BaseModel):
+    """Everything ``modelsoup cook`` needs; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    ingredients: list[str] = Field(min_length=1)
+    held_out: str
+    test: str | None = None
+    recipes: list[RecipeEntry] = Field(
+        default_factory=lambda: [RecipeEntry(**r) for r in DEFAULT_RECIPES]
+    )
+    output: str
+    device: str = "cpu"
+    checkpoint_key: str | None = None
+    accum_dtype: Literal["float32", "float64"] = "float32"
+    int_policy: Literal["strict", "first"] = "strict"
+    save: Literal["all", "none"] = "all"
+    save_format: Literal["safetensors", "folder", "pt"] | None = None
+    out_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    journal: bool = True
+    baselines: bool = True
+    bootstrap_resamples: int = Field(default=2000, ge=100)
+    seed: int = 0
+    recalibrate_bn: str | None = None
+    recalibrate_batches: int | None = Field(default=None, ge=1)
+    recalibrate_candidates: bool = False
+    align: bool = False
+    #: where relative paths are resolved (the config file's folder)
+    base_dir: str = "."
+
+    @field_validator("ingredients", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check its spelling"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    return f"{source}: config key '{loc}': {msg}"
+
+
+def check_recipes(config: CookConfig, source: str = "config") -> None:
+    """Validate each recipe entry against its recipe's options model."""
+    for i, entry in enumerate(config.recipes):
+        spec = get_recipe(entry.name)
+        opts = entry.options()
+        try:
+            spec.options(**opts)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(x) for x in first["loc"])
+            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ConfigError(
+                f"{source}: config key 'recipes.{i}.{key}' ({entry.name}): {msg}"
+            ) from None
+
+
+def load_config(path: str | Path) -> CookConfig:
+    """Read and validate a cook config file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "soup.yaml"
+        >>> text = "model: m:f\\ningredients: [a]\\nheld_out: m:e\\noutput: o\\nbatch: 3\\n"
+        >>> _ = p.write_text(text)
+        >>> load_config(p)
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: ...: config key 'batch': unknown key; check its spelling
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    raw.setdefault("base_dir", str(path.parent.resolve()))
+    try:
+        config = CookConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(path))) from None
+    check_recipes(config, str(path))
+    return config
+
+
+def resolve(target: str, base_dir: str | Path = ".") -> Any:
+    """Import ``module:attr`` or ``file.py:attr`` (relative to ``base_dir``).
+
+    Example:
+        >>> resolve("math:sqrt")(4.0)
+        2.0
+    """
+    if ":" not in target:
+        raise ConfigError(f"'{target}' is not an import path; write module:function")
+    module_name, attr = target.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        file = Path(base_dir) / module_name
+        if not file.exists():
+            raise ConfigError(f"'{target}': {file} not found")
+        name = f"_modelsoup_user_{file.stem}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        if str(base_dir) not in sys.path:
+            sys.path.insert(0, str(base_dir))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"'{target}': cannot import {module_name} ({err})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"'{target}': {module_name} has no attribute '{attr}'") from None

@@ -1,0 +1,415 @@
+"""Cooking: run several recipes over one pool of ingredients and compare them honestly.
+
+:func:`cook` opens the ingredients, builds one :class:`~modelsoup.tasting.Taster`,
+runs the baselines (best individual, uniform soup, ensemble) and the requested
+recipes, scores every result on the test evaluator (never used for choosing), saves
+each soup with its card, and writes ``report.json``, ``report.md`` and figures.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelsoup.accumulator import ACCUM_DTYPES
+from modelsoup.config import CookConfig, RecipeEntry, load_config, resolve
+from modelsoup.errors import ConfigError, SoupWarning
+from modelsoup.evaluators import Evaluator, as_evaluator
+from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.journal import Journal
+from modelsoup.recipes.ensemble import Ensemble
+from modelsoup.recipes.registry import get_recipe
+from modelsoup.soup import Soup
+from modelsoup.tasting import Taster
+
+BASELINES = ("best_individual", "uniform", "ensemble")
+
+
+@dataclass
+class MethodResult:
+    """One row of the report: a recipe's result(s) and their scores.
+
+    ``runs`` holds one result per run (several for random orders); the first is the
+    one saved. Scores are means over runs; ``*_std`` their standard deviation.
+    """
+
+    label: str
+    recipe: str
+    runs: list[Soup | Ensemble]
+    held_out: float
+    test: float | None = None
+    held_out_std: float | None = None
+    test_std: float | None = None
+    size: float = 0
+    evaluations: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    test_per_example: Any = None
+    test_runs: list[float] = field(default_factory=list)
+    saved: str | None = None
+
+    @property
+    def result(self) -> Soup | Ensemble:
+        return self.runs[0]
+
+    @property
+    def is_soup(self) -> bool:
+        return isinstance(self.result, Soup)
+
+
+@dataclass
+class CookResult:
+    """Everything a cook produced; :mod:`modelsoup.report` turns it into files."""
+
+    methods: list[MethodResult]
+    ingredients: list[Ingredient]
+    individual_held_out: list[float]
+    individual_test: list[float] | None
+    held_out_name: str
+    test_name: str | None
+    higher_is_better: bool
+    taster_stats: dict
+    seconds: float
+    output: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def method(self, label: str) -> MethodResult:
+        for m in self.methods:
+            if m.label == label:
+                return m
+        raise KeyError(label)
+
+
+def default_label(name: str, options: Mapping[str, Any]) -> str:
+    """A readable row label from a recipe's name and options.
+
+    Example:
+        >>> default_label("pruned", {"order": "random", "passes": 3})
+        'pruned (random, 3 passes)'
+    """
+    parts = []
+    if "order" in options:
+        parts.append(options["order"])
+    if options.get("by_layer"):
+        parts.append("by layer")
+    if "passes" in options:
+        parts.append(f"{options['passes']} pass" + ("es" if options["passes"] != 1 else ""))
+    if options.get("variant"):
+        parts.append(str(options["variant"]))
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def entry_label(entry: RecipeEntry) -> str:
+    """The entry's label, or one made from its recipe name and (validated) options."""
+    if entry.label:
+        return entry.label
+    return default_label(entry.name, get_recipe(entry.name).options(**entry.options()).model_dump())
+
+
+def slug(label: str) -> str:
+    """A file-name-safe form of a label.
+
+    Example:
+        >>> slug("greedy (sorted)")
+        'greedy-sorted'
+    """
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def _size(sizes: Sequence[int]) -> float:
+    return sizes[0] if len(set(sizes)) == 1 else statistics.fmean(sizes)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    if len(values) == 1:
+        return values[0], None
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -> list[RecipeEntry]:
+    entries: list[RecipeEntry] = []
+    given = [r if isinstance(r, RecipeEntry) else RecipeEntry(**r) for r in (recipes or [])]
+    if baselines:
+        names = {e.name for e in given}
+        for b in BASELINES:
+            if b not in names and (b != "ensemble" or has_logits):
+                entries.append(RecipeEntry(name=b))
+    entries.extend(given)
+    labels = set()
+    for e in entries:
+        label = entry_label(e)
+        if label in labels:
+            raise ConfigError(f"two recipes are both labelled '{label}'; give one a 'label'")
+        labels.add(label)
+    return entries
+
+
+def cook(
+    ingredients: Sequence[Any],
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    held_out: Evaluator | Callable,
+    *,
+    test: Evaluator | Callable | None = None,
+    recipes: Sequence[Mapping | RecipeEntry] | None = None,
+    output: str | Path | None = None,
+    device: str = "cpu",
+    accum_dtype: str = "float32",
+    int_policy: str = "strict",
+    journal: bool = True,
+    baselines: bool = True,
+    save: str = "all",
+    save_format: str | None = None,
+    out_dtype: str | None = None,
+    bootstrap_resamples: int = 2000,
+    seed: int = 0,
+    recalibrate: Callable[[torch.nn.Module], None] | None = None,
+    recalibrate_candidates: bool = False,
+    checkpoint_key: str | None = None,
+    progress: bool = True,
+) -> CookResult:
+    """Cook the given recipes (plus baselines) and report held-out and test scores.
+
+    ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
+    With ``output``, soups, the journal and the report are written there.
+
+    Example:
+        >>> import torch
+        >>> ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 0.0, 3.0)]
+        >>> score = lambda m: 1 - abs(float(m.weight.detach()) - 2.0)
+        >>> result = cook(ings, torch.nn.Linear(1, 1, bias=False), score,
+        ...               recipes=[{"name": "greedy"}], progress=False)
+        >>> [(m.label, m.size) for m in result.methods]
+        [('best_individual', 1), ('uniform', 3), ('greedy (sorted)', 2)]
+    """
+    started = time.perf_counter()
+    pool = open_ingredients(ingredients, key=checkpoint_key)
+    module = model if isinstance(model, torch.nn.Module) else model()
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
+    module.to(device)
+    held = as_evaluator(held_out)
+    test_ev = as_evaluator(test) if test is not None else None
+    out = Path(output) if output is not None else None
+    book = Journal(out / "journal.jsonl" if (out is not None and journal) else None)
+    taster = Taster(
+        pool,
+        module,
+        held,
+        journal=book,
+        accum_dtype=ACCUM_DTYPES[accum_dtype],
+        int_policy=int_policy,
+        recalibrate=recalibrate,
+        recalibrate_candidates=recalibrate_candidates,
+        progress=progress,
+    )
+    entries = _entries(recipes, baselines, hasattr(held, "logits"))
+    methods: list[MethodResult] = []
+    for entry in entries:
+        methods.append(_run_entry(taster, entry, test_ev, recalibrate, seed, progress))
+    individual = taster.individual_scores()
+    individual_test = None
+    if test_ev is not None:
+        individual_test = [taster.score_members([i], test_ev) for i in range(len(pool))]
+    result = CookResult(
+        methods,
+        pool,
+        individual,
+        individual_test,
+        held.name,
+        test_ev.name if test_ev else None,
+        held.higher_is_better,
+        taster.stats(),
+        time.perf_counter() - started,
+        out,
+    )
+    _warn_if_collapsed(result)
+    if out is not None:
+        from modelsoup.report import write_report
+
+        if save == "all":
+            _save_soups(result, out, save_format, out_dtype, progress)
+        write_report(result, out, bootstrap_resamples=bootstrap_resamples, seed=seed)
+    return result
+
+
+def _run_entry(
+    taster: Taster,
+    entry: RecipeEntry,
+    test: Evaluator | None,
+    recalibrate: Callable | None,
+    seed: int,
+    progress: bool,
+) -> MethodResult:
+    spec = get_recipe(entry.name)
+    options = spec.options(**entry.options()).model_dump()
+    runs = options.pop("runs", 1)
+    label = entry_label(entry)
+    before = (taster.evaluations, taster.reused)
+    start = time.perf_counter()
+    results: list[Soup | Ensemble] = []
+    for r in range(runs):
+        kwargs = dict(options)
+        if runs > 1 and "seed" in kwargs:
+            kwargs["seed"] = kwargs["seed"] + r
+        if progress:
+            print(f"cooking {label}" + (f" (run {r + 1}/{runs})" if runs > 1 else ""), flush=True)
+        results.append(spec.fn(taster, **kwargs))
+    held = [res.scores["held_out"] for res in results]
+    tests: list[float] = []
+    per_example = None
+    for k, res in enumerate(results):
+        if isinstance(res, Soup) and recalibrate is not None:
+            _recalibrate_soup(res, taster, recalibrate)
+        if test is None:
+            continue
+        if isinstance(res, Ensemble):
+            logits = res.logits(taster, test)
+        elif hasattr(test, "logits"):
+            logits = taster.soup_logits(res, test)
+        else:
+            logits = None
+        if logits is not None:
+            score = float(test.score_logits(logits))
+            if k == 0:
+                per_example = test.per_example(logits)
+        else:
+            score = taster.score_soup(res, test)
+        res.scores["test"] = score
+        tests.append(score)
+    held_mean, held_std = _mean_std(held)
+    test_mean, test_std = _mean_std(tests) if tests else (None, None)
+    return MethodResult(
+        label,
+        entry.name,
+        results,
+        held_mean,
+        test_mean,
+        held_std,
+        test_std,
+        _size([r.size for r in results]),
+        taster.evaluations - before[0],
+        taster.reused - before[1],
+        time.perf_counter() - start,
+        per_example,
+        tests,
+    )
+
+
+def _recalibrate_soup(soup: Soup, taster: Taster, recalibrate: Callable) -> None:
+    """Materialise a soup, re-estimate its BatchNorm statistics, keep them as overrides."""
+    soup.apply(taster.model)
+    recalibrate(taster.model)
+    state = taster.model.state_dict()
+    soup.overrides = {
+        name: state[name].detach().cpu().clone()
+        for name in state
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+    soup.options["bn_recalibrated"] = True
+    soup.scores["held_out_before_recalibration"] = soup.scores.get("held_out")
+    soup.scores["held_out"] = taster.score_soup(soup)
+
+
+def _warn_if_collapsed(result: CookResult) -> None:
+    try:
+        uniform = result.method("uniform")
+    except KeyError:
+        return
+    scores = result.individual_held_out
+    worst = min(scores) if result.higher_is_better else max(scores)
+    collapsed = uniform.held_out < worst if result.higher_is_better else uniform.held_out > worst
+    if collapsed and len(scores) > 1:
+        note = (
+            f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
+            f"ingredient (mean {statistics.fmean(scores):.4g}): these ingredients may not share "
+            "a loss basin; rely on greedy, or try align + recalibrate_bn (modelsoup diagnose)"
+        )
+        result.notes.append(note)
+        warnings.warn(note, SoupWarning, stacklevel=3)
+
+
+def _save_soups(
+    result: CookResult, out: Path, save_format: str | None, out_dtype: str | None, progress: bool
+) -> None:
+    first = result.ingredients[0]
+    fmt = save_format or (
+        "folder" if first.path is not None and first.path.is_dir() else "safetensors"
+    )
+    suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
+    for m in result.methods:
+        if not m.is_soup:
+            continue
+        soup = m.result
+        path = out / "soups" / f"{slug(m.label)}{suffix}"
+        soup.save(path, out_dtype=out_dtype, progress=progress)
+        m.saved = str(path.relative_to(out))
+
+
+def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
+    """Cook from a config file (or a validated :class:`CookConfig`).
+
+    Example:
+        >>> cook_config("missing.yaml")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: missing.yaml: config file not found
+    """
+    if not isinstance(config, CookConfig):
+        config = load_config(config)
+    base = Path(config.base_dir)
+    model = resolve(config.model, base)
+    held = resolve(config.held_out, base)
+    held = held() if not hasattr(held, "evaluate") else held
+    test = None
+    if config.test:
+        test = resolve(config.test, base)
+        test = test() if not hasattr(test, "evaluate") else test
+    recalibrate = None
+    if config.recalibrate_bn:
+        from modelsoup.repair import recalibrate_bn
+
+        loader_fn = resolve(config.recalibrate_bn, base)
+        data = loader_fn() if callable(loader_fn) else loader_fn
+        batches = config.recalibrate_batches
+
+        def recalibrate(module: torch.nn.Module) -> None:
+            recalibrate_bn(module, data, num_batches=batches)
+
+    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    output = Path(config.output)
+    if not output.is_absolute():
+        output = base / output
+    if config.align:
+        from modelsoup.repair.cook_align import align_pool
+
+        ingredients = align_pool(ingredients, model, output, checkpoint_key=config.checkpoint_key)
+    return cook(
+        ingredients,
+        model,
+        held,
+        test=test,
+        recipes=config.recipes,
+        output=output,
+        device=config.device,
+        accum_dtype=config.accum_dtype,
+        int_policy=config.int_policy,
+        journal=config.journal,
+        baselines=config.baselines,
+        save=config.save,
+        save_format=config.save_format,
+        out_dtype=config.out_dtype,
+        bootstrap_resamples=config.bootstrap_resamples,
+        seed=config.seed,
+        recalibrate=recalibrate,
+        recalibrate_candidates=config.recalibrate_candidates,
+        checkpoint_key=config.checkpoint_key,
+        progress=progress,
+    )

@@ -1,0 +1,334 @@
+"""Evaluators: how a recipe tastes a candidate soup.
+
+An evaluator scores a model. Anything with ``evaluate(model) -> float`` (and optionally
+``name`` and ``higher_is_better``) is one; so is a plain callable ``model -> float``
+wrapped by :func:`as_evaluator`. Recipes choose on a *held-out* evaluator only; the
+report also scores the chosen soups on a separate *test* evaluator.
+
+The built-in classifier evaluators fetch their data once, keep it in memory on the
+model's device, and run under ``torch.inference_mode()``. They also expose the model's
+logits and per-example results, which the ensemble baselines and the confidence
+intervals in the report need.
+
+Batches may be ``(inputs, labels)`` pairs or dicts with a ``labels`` entry (the rest is
+passed to the model as keyword arguments). The model may return logits, a tuple whose
+first item is the logits, or an object with a ``.logits`` attribute (Hugging Face).
+
+Example:
+    >>> import torch
+    >>> x, y = torch.eye(3), torch.tensor([0, 1, 2])
+    >>> Accuracy((x, y)).evaluate(torch.nn.Identity())
+    1.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from modelsoup.errors import ConfigError, EvaluationError
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What recipes need: a name, a direction, and ``evaluate(model) -> float``."""
+
+    name: str
+    higher_is_better: bool
+
+    def evaluate(self, model: torch.nn.Module) -> float: ...
+
+
+class FunctionEvaluator:
+    """A plain ``model -> float`` callable seen as an evaluator.
+
+    Example:
+        >>> ev = FunctionEvaluator(lambda m: 0.5, name="half")
+        >>> ev.evaluate(None), ev.higher_is_better
+        (0.5, True)
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[torch.nn.Module], float],
+        *,
+        name: str | None = None,
+        higher_is_better: bool = True,
+    ):
+        self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", type(fn).__name__)
+        self.higher_is_better = higher_is_better
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return self.fn(model)
+
+
+def as_evaluator(obj: Any, *, higher_is_better: bool | None = None) -> Evaluator:
+    """Accept an evaluator object or a callable; check it has what recipes need.
+
+    Example:
+        >>> as_evaluator(lambda m: 1.0).higher_is_better
+        True
+    """
+    if obj is None:
+        raise ConfigError("no evaluator given; pass held_out= an evaluator or a model->float")
+    if hasattr(obj, "evaluate"):
+        if higher_is_better is not None:
+            obj.higher_is_better = higher_is_better
+        if not hasattr(obj, "higher_is_better"):
+            obj.higher_is_better = True
+        if not hasattr(obj, "name"):
+            obj.name = type(obj).__name__
+        return obj
+    if callable(obj):
+        hib = True if higher_is_better is None else higher_is_better
+        return FunctionEvaluator(obj, higher_is_better=hib)
+    raise ConfigError(f"{obj!r} is not an evaluator: give it evaluate(model) or make it callable")
+
+
+def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
+    """Run an evaluator and insist on a finite float.
+
+    Example:
+        >>> checked_score(as_evaluator(lambda m: 2), None)
+        2.0
+    """
+    try:
+        value = evaluator.evaluate(model)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        raise EvaluationError(f"evaluator {evaluator.name} ran out of memory: {err}") from err
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise EvaluationError(
+            f"evaluator {evaluator.name} returned {value!r}; it must return a number"
+        ) from None
+    if not math.isfinite(value):
+        raise EvaluationError(
+            f"evaluator {evaluator.name} returned {value}; the candidate soup may have diverged"
+        )
+    return value
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (CPU for an empty model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def forward_logits(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    """Call ``model`` on one batch of inputs and return its logits tensor.
+
+    Example:
+        >>> import torch
+        >>> forward_logits(torch.nn.Identity(), torch.ones(1, 2)).shape
+        torch.Size([1, 2])
+    """
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, tuple | list):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise EvaluationError(f"the model returned {type(out).__name__}, not a logits tensor")
+    return out
+
+
+def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, dict):
+        if "labels" not in batch and "label" not in batch:
+            raise ConfigError("dict batches need a 'labels' entry")
+        rest = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+        return rest, batch.get("labels", batch.get("label"))
+    if isinstance(batch, tuple | list) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ConfigError("batches must be (inputs, labels) pairs or dicts with 'labels'")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _batches(data: Any, batch_size: int) -> list[tuple[Any, torch.Tensor]]:
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], torch.Tensor):
+        inputs, labels = data
+        n = len(labels)
+        out = []
+        for s in range(0, n, batch_size):
+            if isinstance(inputs, dict):
+                chunk = {k: v[s : s + batch_size] for k, v in inputs.items()}
+            else:
+                chunk = inputs[s : s + batch_size]
+            out.append((chunk, labels[s : s + batch_size]))
+        return out
+    if isinstance(data, Iterable):
+        return [_split(b) for b in data]
+    raise ConfigError("data must be (inputs, labels) tensors or an iterable of batches")
+
+
+class ClassifierEvaluator:
+    """Base of the built-in evaluators: logits over cached data, then a score.
+
+    Subclasses define :meth:`per_example` (one number per example) and may override
+    :meth:`score_logits` (the mean of ``per_example`` by default).
+    """
+
+    higher_is_better = True
+    kind = "classifier"
+
+    def __init__(self, data: Any, *, batch_size: int = 256, name: str | None = None):
+        self.data = data
+        self.batch_size = batch_size
+        self._name = name
+        self._cache: list[tuple[Any, torch.Tensor]] | None = None
+        self._device: torch.device | None = None
+        self._labels: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name or f"{self.kind}[{self.fingerprint()[:12]}]"
+
+    def batches(self, device: torch.device) -> list[tuple[Any, torch.Tensor]]:
+        """The data as batches on ``device``, fetched once and kept."""
+        if self._cache is None:
+            self._cache = _batches(self.data, self.batch_size)
+            if not self._cache:
+                raise ConfigError("the evaluation data is empty")
+        if self._device != device:
+            self._cache = [(_to(x, device), y.to(device)) for x, y in self._cache]
+            self._device = device
+        return self._cache
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """All labels, concatenated (on CPU)."""
+        if self._labels is None:
+            batches = self.batches(self._device or torch.device("cpu"))
+            self._labels = torch.cat([y.reshape(-1).cpu() for _, y in batches])
+        return self._labels
+
+    def fingerprint(self) -> str:
+        """A hash of the labels and inputs, so journals never mix different data."""
+        digest = hashlib.sha256()
+        for x, y in self.batches(self._device or torch.device("cpu")):
+            for t in [y, *(x.values() if isinstance(x, dict) else [x])]:
+                if isinstance(t, torch.Tensor):
+                    t = t.detach().cpu().contiguous().reshape(-1)
+                    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    def logits(self, model: torch.nn.Module) -> torch.Tensor:
+        """The model's logits on every example, in order, as float32 on CPU."""
+        device = model_device(model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                outs = [forward_logits(model, x).float().cpu() for x, _ in self.batches(device)]
+        finally:
+            model.train(was_training)
+        return torch.cat(outs)
+
+    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_logits(self, logits: torch.Tensor) -> float:
+        """The score of given logits (the ensemble baselines score averaged logits)."""
+        return float(self.per_example(logits).float().mean())
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return self.score_logits(self.logits(model))
+
+
+class Accuracy(ClassifierEvaluator):
+    """Top-k accuracy of a classifier.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]), torch.tensor([1, 2])
+        >>> Accuracy((x, y)).evaluate(torch.nn.Identity()), Accuracy((x, y), top_k=2).evaluate(
+        ...     torch.nn.Identity())
+        (0.5, 1.0)
+    """
+
+    kind = "accuracy"
+
+    def __init__(
+        self, data: Any, *, top_k: int = 1, batch_size: int = 256, name: str | None = None
+    ):
+        super().__init__(data, batch_size=batch_size, name=name)
+        if top_k < 1:
+            raise ConfigError(f"top_k={top_k} must be >= 1")
+        self.top_k = top_k
+        if top_k > 1:
+            self.kind = f"top{top_k}-accuracy"
+
+    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        labels = self.labels
+        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
+        return (top == labels[:, None]).any(dim=-1).float()
+
+
+class MeanLoss(ClassifierEvaluator):
+    """Mean cross-entropy of a classifier (lower is better).
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.zeros(2, 2), torch.tensor([0, 1])
+        >>> round(MeanLoss((x, y)).evaluate(torch.nn.Identity()), 4)
+        0.6931
+    """
+
+    kind = "loss"
+    higher_is_better = False
+
+    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, self.labels, reduction="none")
+
+
+class MetricEvaluator(ClassifierEvaluator):
+    """A user metric over all logits and labels, e.g. macro-F1.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.eye(2), torch.tensor([0, 1])
+        >>> exact = lambda logits, labels: float((logits.argmax(-1) == labels).all())
+        >>> MetricEvaluator((x, y), exact, name="exact").evaluate(torch.nn.Identity())
+        1.0
+    """
+
+    kind = "metric"
+
+    def __init__(
+        self,
+        data: Any,
+        metric: Callable[[torch.Tensor, torch.Tensor], float],
+        *,
+        higher_is_better: bool = True,
+        batch_size: int = 256,
+        name: str | None = None,
+    ):
+        super().__init__(data, batch_size=batch_size, name=name)
+        self.metric = metric
+        self.higher_is_better = higher_is_better
+        self.kind = getattr(metric, "__name__", "metric")
+
+    def per_example(self, logits: torch.Tensor) -> None:
+        # A metric over the whole set has no per-example results: the report then
+        # shows no bootstrap interval rather than one for a different metric.
+        return None
+
+    def score_logits(self, logits: torch.Tensor) -> float:
+        return float(self.metric(logits, self.labels))

@@ -1,0 +1,125 @@
+"""Ensembles: average the ingredients' outputs instead of their weights.
+
+Not a soup: an ensemble of k models costs k forward passes. It is the yardstick soups
+are judged against (Wortsman et al. 2022 report both). Each ingredient's logits on an
+evaluator's data are computed once and cached by the taster, so the greedy ensemble
+costs no forward passes beyond those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import PositiveInt
+
+from modelsoup.evaluators import Evaluator
+from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.tasting import Taster
+
+
+@dataclass
+class Ensemble:
+    """Ingredients whose logits are averaged at inference time.
+
+    Example:
+        >>> Ensemble("ensemble", [0, 2]).size
+        2
+    """
+
+    recipe: str
+    members: list[int]
+    trace: list[dict] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def chosen(self) -> list[int]:
+        return sorted(set(self.members))
+
+    def logits(self, taster: Taster, evaluator: Evaluator) -> torch.Tensor:
+        """Mean of the members' logits on the evaluator's data."""
+        return torch.stack([taster.outputs(i, evaluator) for i in self.members]).mean(0)
+
+    def score(self, taster: Taster, evaluator: Evaluator) -> float:
+        return float(evaluator.score_logits(self.logits(taster, evaluator)))
+
+
+class EnsembleOptions(RecipeOptions):
+    pass
+
+
+class GreedyEnsembleOptions(RecipeOptions):
+    strict: bool = False
+    max_ingredients: PositiveInt | None = None
+
+
+@register("ensemble", EnsembleOptions)
+def output_ensemble(taster: Taster) -> Ensemble:
+    """The ensemble of every ingredient: mean logits.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.evaluators import Accuracy
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> x, y = torch.eye(2), torch.tensor([0, 1])
+        >>> ings = open_ingredients([{"weight": torch.eye(2)}, {"weight": -torch.eye(2)}])
+        >>> t = Taster(ings, torch.nn.Linear(2, 2, bias=False), Accuracy((x, y)))
+        >>> output_ensemble(t).members
+        [0, 1]
+    """
+    ens = Ensemble("ensemble", list(range(len(taster.ingredients))))
+    ens.scores["held_out"] = ens.score(taster, taster.held_out)
+    return ens
+
+
+@register("greedy_ensemble", GreedyEnsembleOptions)
+def greedy_ensemble(
+    taster: Taster, *, strict: bool = False, max_ingredients: int | None = None
+) -> Ensemble:
+    """Greedy ensemble: ingredients in order of held-out score, kept if the ensemble holds up.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.evaluators import Accuracy
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> x, y = torch.eye(2), torch.tensor([0, 1])
+        >>> ings = open_ingredients([{"weight": torch.eye(2)}, {"weight": -torch.eye(2)}])
+        >>> t = Taster(ings, torch.nn.Linear(2, 2, bias=False), Accuracy((x, y)))
+        >>> greedy_ensemble(t).members
+        [0]
+    """
+    order = taster.order(taster.individual_scores())
+    members = [order[0]]
+    best = Ensemble("greedy_ensemble", members).score(taster, taster.held_out)
+    trace = [
+        {
+            "step": 1,
+            "tried": taster.ingredients[order[0]].label,
+            "score": best,
+            "accepted": True,
+            "size": 1,
+        }
+    ]
+    for step, i in enumerate(order[1:], start=2):
+        if max_ingredients is not None and len(members) >= max_ingredients:
+            break
+        score = Ensemble("greedy_ensemble", [*members, i]).score(taster, taster.held_out)
+        accepted = taster.better(score, best, strict=strict)
+        if accepted:
+            members, best = [*members, i], score
+        trace.append(
+            {
+                "step": step,
+                "tried": taster.ingredients[i].label,
+                "score": score,
+                "accepted": accepted,
+                "size": len(members),
+            }
+        )
+    options = {"strict": strict, "max_ingredients": max_ingredients}
+    return Ensemble("greedy_ensemble", members, trace, {"held_out": best}, options)

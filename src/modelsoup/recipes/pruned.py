@@ -1,0 +1,93 @@
+"""Pruned soup (the seed paper's Algorithm 2, Dansereau et al.).
+
+Start from the uniform soup of every ingredient. For each of ``passes`` passes, try
+removing each ingredient still in the soup, in order (by held-out score, best first,
+as the paper does, or at random); keep a removal when the soup's score does not drop
+(``>=``). The last ingredient is never removed. No subset is scored twice: repeated
+subsets in later passes come from the journal.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import NonNegativeInt, PositiveInt
+
+from modelsoup.recipes.forward import member_weights
+from modelsoup.recipes.greedy import ingredient_order
+from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.soup import Soup
+from modelsoup.tasting import Taster
+
+
+class PrunedOptions(RecipeOptions):
+    passes: NonNegativeInt = 1
+    order: Literal["sorted", "random"] = "sorted"
+    seed: int = 0
+    strict: bool = False
+    #: random orders to run (the report shows mean and std); the first run's soup is kept
+    runs: PositiveInt = 1
+
+
+@register("pruned", PrunedOptions)
+def pruned_soup(
+    taster: Taster, *, passes: int = 1, order: str = "sorted", seed: int = 0, strict: bool = False
+) -> Soup:
+    """Pruned soup: from the uniform soup, remove ingredients while held-out does not drop.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (2.0, 9.0, 2.2)])
+        >>> score = lambda m: -abs(float(m.weight.detach()) - 2.0)
+        >>> soup = pruned_soup(Taster(ings, torch.nn.Linear(1, 1, bias=False), score), passes=2)
+        >>> [ings[i].label for i in soup.chosen]
+        ['model0']
+    """
+    n = len(taster.ingredients)
+    members = list(range(n))
+    baseline = taster.score_members(members)
+    trace = [{"pass": 0, "score": baseline, "size": n}]
+    positions = ingredient_order(taster, order, seed) if passes else []
+    for p in range(1, passes + 1):
+        removed_any = False
+        for i in positions:
+            if i not in members or len(members) == 1:
+                continue
+            candidate = [m for m in members if m != i]
+            score = taster.score_members(candidate)
+            if taster.better(score, baseline, strict=strict):
+                members, baseline, removed_any = candidate, score, True
+                trace.append(
+                    {
+                        "pass": p,
+                        "removed": taster.ingredients[i].label,
+                        "score": score,
+                        "size": len(members),
+                    }
+                )
+        trace.append({"pass": p, "score": baseline, "size": len(members), "end_of_pass": True})
+        if not removed_any:
+            # A pass that removes nothing leaves the soup, and every later pass, unchanged.
+            for q in range(p + 1, passes + 1):
+                trace.append(
+                    {
+                        "pass": q,
+                        "score": baseline,
+                        "size": len(members),
+                        "end_of_pass": True,
+                        "skipped": True,
+                    }
+                )
+            break
+    options = {"passes": passes, "order": order, "seed": seed, "strict": strict}
+    return Soup(
+        taster.ingredients,
+        member_weights(n, members),
+        recipe="pruned",
+        options=options,
+        trace=trace,
+        scores={"held_out": baseline},
+        accum_dtype=taster.accumulator.accum_dtype,
+        int_policy=taster.int_policy,
+    )

@@ -1,0 +1,58 @@
+"""Where recipes are registered: adding a recipe is one file plus one decorator.
+
+Each recipe declares a frozen pydantic model of its options, so a bad config fails
+at the edge with the key named; :func:`get_recipe` finds a recipe by name.
+
+Example:
+    >>> from modelsoup.recipes import get_recipe
+    >>> get_recipe("greedy").options(order="random").order
+    'random'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+from modelsoup.errors import ConfigError
+
+
+class RecipeOptions(BaseModel):
+    """Base of every recipe's options: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    name: str
+    fn: Callable
+    options: type[RecipeOptions]
+    #: does it need a taster (held-out evaluations)? uniform and weighted do not
+    tastes: bool = True
+    summary: str = ""
+
+
+RECIPES: dict[str, RecipeSpec] = {}
+
+
+def register(name: str, options: type[RecipeOptions], *, tastes: bool = True):
+    """Register a recipe function under ``name`` with its options model."""
+
+    def wrap(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        RECIPES[name] = RecipeSpec(name, fn, options, tastes, doc[0] if doc else "")
+        return fn
+
+    return wrap
+
+
+def get_recipe(name: str) -> RecipeSpec:
+    """The registered recipe called ``name``; the error lists the known ones."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        known = ", ".join(sorted(RECIPES))
+        raise ConfigError(f"recipe '{name}' is unknown; known recipes: {known}") from None

@@ -1,0 +1,29 @@
+"""Repairs that make soups of BatchNorm or independently trained networks work.
+
+* :func:`recalibrate_bn` re-estimates BatchNorm statistics after averaging.
+* :func:`trace_permutation_spec`, :func:`weight_matching`, :func:`align_to`
+  permute hidden units so independently trained networks can be averaged
+  (Git Re-Basin weight matching, Ainsworth et al. 2023).
+
+Example:
+    >>> from modelsoup.repair import has_batchnorm
+    >>> from torch import nn
+    >>> has_batchnorm(nn.BatchNorm1d(3))
+    True
+"""
+
+from modelsoup.repair.batchnorm import has_batchnorm, recalibrate_bn
+from modelsoup.repair.matching import align_ingredients, align_to, weight_matching
+from modelsoup.repair.spec import PermutationSpec, permute_state_dict
+from modelsoup.repair.trace import trace_permutation_spec
+
+__all__ = [
+    "PermutationSpec",
+    "align_ingredients",
+    "align_to",
+    "has_batchnorm",
+    "permute_state_dict",
+    "recalibrate_bn",
+    "trace_permutation_spec",
+    "weight_matching",
+]

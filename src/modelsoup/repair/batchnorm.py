@@ -1,0 +1,143 @@
+"""Re-estimate BatchNorm running statistics after weights were averaged.
+
+Averaging weights does not average the activations they produce, so the
+averaged running mean/variance of a soup no longer describe its activations
+and a ResNet soup can drop to chance accuracy. Recomputing them from a few
+batches of unlabeled data repairs that (as ``torch.optim.swa_utils.update_bn``
+does for SWA; the REPAIR/Git Re-Basin papers report the same collapse).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> _ = recalibrate_bn(net, torch.randn(64, 3) * 5 + 2)
+    >>> int(net[1].num_batches_tracked), net.training
+    (1, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from modelsoup.errors import ConfigError
+
+__all__ = ["has_batchnorm", "recalibrate_bn"]
+
+TENSOR_BATCH_SIZE = 256
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """True if ``module`` contains a BatchNorm layer (1d, 2d, 3d, Sync or Lazy).
+
+    Example:
+        >>> from torch import nn
+        >>> has_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+        True
+        >>> has_batchnorm(nn.Linear(2, 2))
+        False
+    """
+    return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def _to(obj: Any, device: torch.device | str | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _forward(module: nn.Module, batch: Any, device: torch.device | str | None) -> None:
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ConfigError("recalibrate_bn: data yielded an empty tuple; yield inputs")
+        batch = batch[0]  # (inputs, labels): labels are not needed
+    if isinstance(batch, Mapping):
+        module(**_to(batch, device))
+    elif isinstance(batch, torch.Tensor):
+        module(_to(batch, device))
+    else:
+        raise ConfigError(
+            f"recalibrate_bn: data yielded a {type(batch).__name__}; yield tensors, "
+            "(inputs, labels) tuples or dicts of keyword inputs"
+        )
+
+
+def recalibrate_bn(
+    module: nn.Module,
+    data: Iterable[Any] | torch.Tensor,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Reset and re-estimate the running stats of every BatchNorm in ``module``.
+
+    Statistics are a cumulative (equal-weight) average over up to
+    ``num_batches`` batches of ``data``: a DataLoader or any iterable of
+    tensors, ``(inputs, labels)`` tuples or dicts of keyword inputs, or one
+    tensor of inputs (split into batches of 256). Inputs are moved to
+    ``device`` if given. Only BatchNorm layers run in train mode; the rest of
+    the network (e.g. Dropout) stays in eval mode so the statistics match the
+    activations seen at inference. Training flags and momenta are restored;
+    the module is modified in place and returned. A module without
+    BatchNorm is returned untouched.
+
+    Raises :class:`~modelsoup.errors.ConfigError` if ``data`` yields nothing
+    (the old statistics are then kept).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+        >>> loader = [(torch.randn(8, 3), torch.zeros(8)) for _ in range(5)]
+        >>> _ = recalibrate_bn(net, loader, num_batches=2)
+        >>> int(net[1].num_batches_tracked), net.training
+        (2, False)
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return module
+    if num_batches is not None and num_batches < 1:
+        raise ConfigError(f"recalibrate_bn: num_batches must be at least 1, got {num_batches}")
+    if isinstance(data, torch.Tensor):
+        data = data.split(TENSOR_BATCH_SIZE)
+    modes = {m: m.training for m in module.modules()}
+    momenta = {m: m.momentum for m in norms}
+    saved = {m: [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+             for m in norms}  # fmt: skip
+    seen = 0
+    try:
+        module.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # None = cumulative moving average over all batches
+            m.train()
+        with torch.no_grad():
+            for batch in data:
+                if num_batches is not None and seen >= num_batches:
+                    break
+                _forward(module, batch, device)
+                seen += 1
+        if seen == 0:
+            raise ConfigError(
+                "recalibrate_bn: data yielded no batches; pass a non-empty DataLoader, "
+                "iterable or tensor of inputs"
+            )
+    except BaseException:
+        for m, (mean, var, count) in saved.items():  # leave the model as it was
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+    return module

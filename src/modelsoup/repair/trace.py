@@ -1,0 +1,500 @@
+"""Derive a :class:`PermutationSpec` from a module by ``torch.fx`` tracing.
+
+Every ``Linear``/``Conv``/``Embedding`` output starts a new *unit group* (a set
+of hidden units that may be reordered freely). The walk over the traced graph
+follows where each group's units travel: elementwise ops, norms, pooling and
+flatten keep them, and every parameter they meet gets an axis tied to the
+group. Residual additions and gating products force their operands to share
+one permutation, so groups are merged with union-find -- the same constraint
+Git Re-Basin (Ainsworth et al. 2023, appendix on ResNets) writes by hand.
+Groups that reach the network output, or meet an unpermuted tensor, are
+merged into the ``FIXED`` group and never permuted.
+
+Anything the walker does not understand that touches a permuted axis raises
+:class:`~modelsoup.errors.AlignmentError`; after tracing, the spec is checked
+by running the model with random permutations applied, so a wrong spec is an
+error rather than a silently broken soup.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> trace_permutation_spec(mlp, torch.randn(3, 4)).axes_to_perm
+    {'0.weight': ('P_0', None), '0.bias': ('P_0',), '2.weight': (None, 'P_0')}
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from modelsoup.errors import AlignmentError, ConfigError
+from modelsoup.repair.spec import PermutationSpec, permute_state_dict
+
+__all__ = ["trace_permutation_spec"]
+
+FIXED = 0  # the group of units that must keep their order (inputs, outputs)
+HINT = "write a PermutationSpec by hand for this model (see modelsoup.repair.PermutationSpec)"
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax,
+)  # fmt: skip
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.ZeroPad1d,
+    nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.Upsample,
+)  # fmt: skip
+_LAYER_NORMS = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))  # RMSNorm: torch >= 2.4
+# call_function targets are callables and call_method targets are strings, so
+# one set per kind of op holds both.
+# Ops whose tensor operands combine entry by entry (with broadcasting).
+_ELEMENTWISE = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, operator.gt, operator.lt, operator.ge, operator.le,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_",
+}  # fmt: skip
+# Ops that act on one tensor entry by entry (or along an axis, equivariantly).
+_UNARY = {
+    operator.neg, torch.neg, torch.abs, torch.exp, torch.relu, torch.sigmoid, torch.tanh,
+    torch.clamp, torch.softmax, torch.log_softmax, F.relu, F.relu6, F.gelu, F.silu, F.elu,
+    F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish, F.softplus,
+    F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.softmax, F.log_softmax,
+    "relu", "relu_", "sigmoid", "tanh", "neg", "abs", "exp", "clamp", "clamp_", "softmax",
+    "log_softmax", "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as",
+}  # fmt: skip
+_RESHAPE = {
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
+}  # fmt: skip
+_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
+_TRANSPOSE = {torch.permute, torch.transpose, torch.t, "permute", "transpose", "t"}
+_EXPAND = {"expand", "expand_as"}  # only repeat size-1 axes (and may add leading ones)
+_POOL = {  # function -> number of trailing spatial axes it acts on
+    getattr(F, f"{kind}{n}d"): n
+    for kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool")
+    for n in (1, 2, 3)
+}
+_SIZE_QUERIES = {"size", "dim", "numel"}
+_SIZE_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
+# Methods whose extra tensor argument only lends its shape or dtype.
+_TEMPLATE_METHODS = {"to", "type_as", "view_as", "reshape_as", "expand_as"}
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Axis ``axis`` of a value holds the units of ``group`` in runs of ``block``."""
+
+    axis: int
+    group: int
+    block: int = 1
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent = [FIXED]
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> int:
+        # The smaller id becomes the root, so FIXED (0) always stays FIXED.
+        lo, hi = sorted((self.find(a), self.find(b)))
+        self.parent[hi] = lo
+        return lo
+
+
+def _nodes_in(*args: Any) -> Iterator[fx.Node]:
+    for arg in args:
+        if isinstance(arg, fx.Node):
+            yield arg
+        elif isinstance(arg, (tuple, list)):
+            yield from _nodes_in(*arg)
+        elif isinstance(arg, dict):
+            yield from _nodes_in(*arg.values())
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _reshape_units(u: _Units, shape_in: tuple, shape_out: tuple) -> _Units | None:
+    """Where the units of ``u`` land after a row-major reshape, or None if they get mixed.
+
+    Unit ``c`` owns one contiguous chunk of entries inside every slice of the
+    leading axes; the reshape keeps that iff some output axis has the same
+    leading size and splits evenly into those chunks (e.g. C x H x W -> C*H*W).
+    """
+    if shape_in == shape_out:
+        return u
+    units = shape_in[u.axis] // u.block
+    outer, chunk = math.prod(shape_in[: u.axis]), u.block * math.prod(shape_in[u.axis + 1 :])
+    for axis, length in enumerate(shape_out):
+        if (
+            math.prod(shape_out[:axis]) == outer
+            and length % units == 0
+            and length * math.prod(shape_out[axis + 1 :]) == units * chunk
+        ):
+            return _Units(axis, u.group, length // units)
+    return None
+
+
+class _Walker:
+    """Walks a traced graph once, recording unit groups and tensor-axis ties."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.uf = _UnionFind()
+        self.units: dict[fx.Node, _Units | None] = {}
+        state = {k: t for k, t in module.state_dict(keep_vars=True).items() if torch.is_tensor(t)}
+        self.ndims = {name: t.dim() for name, t in state.items()}
+        # Tied weights appear under several names; tie every name to the first one.
+        first: dict[int, str] = {}
+        self.canon = {name: first.setdefault(id(t), name) for name, t in state.items()}
+        self.ties: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def fail(self, node: fx.Node, why: str) -> AlignmentError:
+        if node.op == "call_module":
+            kind = type(self.module.get_submodule(node.target)).__name__
+            where = f"module '{node.target}' ({kind})"
+        else:
+            where = (
+                f"node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)})"
+            )
+        return AlignmentError(f"cannot trace permutations through {where}: {why}; {HINT}")
+
+    def tie(self, name: str, axis: int, u: _Units | None) -> None:
+        if u is None or name not in self.canon:
+            return
+        key = (self.canon[name], axis)
+        old = self.ties.setdefault(key, (u.group, u.block))
+        if old[1] != u.block:
+            raise AlignmentError(f"tensor {name!r} axis {axis} is used with two layouts; {HINT}")
+        self.uf.union(old[0], u.group)
+
+    def fresh(self, prefix: str, axis: int) -> _Units:
+        """A new group for the outputs of a Linear/Conv: weight rows and bias follow it."""
+        u = _Units(axis, self.uf.new())
+        self.tie(prefix + "weight", 0, u)
+        self.tie(prefix + "bias", 0, u)
+        return u
+
+    def visit(self, node: fx.Node) -> None:
+        if node.op == "output":
+            for n in _nodes_in(node.args):
+                if self.units.get(n) is not None:
+                    self.uf.union(self.units[n].group, FIXED)
+            return
+        if node.op in ("placeholder", "get_attr"):
+            result = None
+        elif node.op == "call_module":
+            result = self.call_module(node)
+        else:
+            result = self.call_op(node)
+        self.units[node] = result
+
+    def permuted(self, node: fx.Node) -> list[fx.Node]:
+        return [n for n in _nodes_in(node.args, node.kwargs) if self.units.get(n) is not None]
+
+    def call_module(self, node: fx.Node) -> _Units | None:
+        m = self.module.get_submodule(node.target)
+        p, moved = node.target + ".", self.permuted(node)
+        u = self.units.get(node.args[0]) if node.args else None
+        nd_in, out = len(_shape(node.args[0]) or ()), _shape(node)
+        if moved and (moved != [node.args[0]] or out is None):
+            raise self.fail(node, "unsupported layer on permuted hidden units")
+        if isinstance(m, nn.Linear):
+            if u is not None and u.axis != nd_in - 1:
+                # Linear maps each row independently, so units on another axis (e.g.
+                # token mixing) pass through; its own outputs then stay unpermuted.
+                return u
+            self.tie(p + "weight", 1, u)
+            return self.fresh(p, len(out) - 1)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            channel = nd_in - len(m.kernel_size) - 1
+            if u is not None and (u.axis != channel or u.block != 1):
+                raise self.fail(node, "permuted axis is not the channel axis")
+            if m.groups == 1:
+                self.tie(p + "weight", 1, u)
+                return self.fresh(p, channel)
+            if m.groups == m.in_channels == m.out_channels:  # depthwise: channels stay put
+                self.tie(p + "weight", 0, u)
+                self.tie(p + "bias", 0, u)
+                return u
+            raise self.fail(node, "grouped convolution mixes channel groups")
+        if isinstance(m, nn.Embedding):
+            if u is not None:
+                raise self.fail(node, "embedding indices cannot be permuted")
+            new = _Units(len(out) - 1, self.uf.new())
+            self.tie(p + "weight", 1, new)
+            return new
+        if u is None:  # everything below only passes units through
+            return None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if u.axis != 1:
+                raise self.fail(node, "permuted axis is not the channel axis")
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                self.tie(p + name, 0, u)
+            return u
+        if isinstance(m, _LAYER_NORMS):
+            first = nd_in - len(m.normalized_shape)  # norm is invariant over these axes
+            if u.axis >= first:
+                self.tie(p + "weight", u.axis - first, u)
+                self.tie(p + "bias", u.axis - first, u)
+            return u
+        if isinstance(m, nn.GroupNorm):
+            if u.axis != 1 or 1 < m.num_groups < m.num_channels:
+                raise self.fail(node, "GroupNorm with 1 < groups < channels mixes channel groups")
+            self.tie(p + "weight", 0, u)
+            self.tie(p + "bias", 0, u)
+            return u
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters > 1:
+                if u.axis != min(1, nd_in - 1):
+                    raise self.fail(node, "permuted axis is not the channel axis")
+                self.tie(p + "weight", 0, u)
+            return u
+        if isinstance(m, _ELEMENTWISE_MODULES):
+            return u
+        if isinstance(m, _SPATIAL_MODULES):
+            name = type(m).__name__
+            spatial = int(name[-2]) if name[-2].isdigit() else nd_in - 2
+            if u.axis >= len(out) - spatial:
+                raise self.fail(node, "permuted axis is a spatial axis")
+            return u
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return self.reshaped(node, u)
+        raise self.fail(node, "unsupported layer on permuted hidden units")
+
+    def reshaped(self, node: fx.Node, u: _Units) -> _Units:
+        moved = _reshape_units(u, _shape(node.args[0]), _shape(node))
+        if moved is None:
+            raise self.fail(node, "reshape mixes permuted units with other axes")
+        return moved
+
+    def call_op(self, node: fx.Node) -> _Units | None:
+        target, out = node.target, _shape(node)
+        if target in _ELEMENTWISE:
+            return self.elementwise(node)
+        x = node.args[0] if node.args else None
+        moved = self.permuted(node)
+        if node.op == "call_method" and target in _TEMPLATE_METHODS:
+            moved = [n for n in moved if n is x]
+        if not moved:
+            return None  # nothing permuted flows in, so nothing permuted flows out
+        if moved != [x]:
+            raise self.fail(node, "unsupported operation on permuted hidden units")
+        u, shape_in = self.units[x], _shape(x)
+        if target in _SIZE_QUERIES or (target is getattr and node.args[1] in _SIZE_ATTRIBUTES):
+            return None  # sizes are permutation invariant
+        if out is None:
+            raise self.fail(node, "unsupported operation on permuted hidden units")
+        if target in _UNARY:
+            return u
+        if target in _RESHAPE:
+            return self.reshaped(node, u)
+        if target in _EXPAND:
+            return _Units(u.axis + len(out) - len(shape_in), u.group, u.block)
+        if target in _REDUCE:
+            return self.reduced(node, u, len(shape_in))
+        if target in _TRANSPOSE:
+            return self.transposed(node, u, len(shape_in))
+        if target in _POOL or target is F.pad:
+            spatial = _POOL.get(target) or len(node.args[1]) // 2
+            if u.axis >= len(out) - spatial:
+                raise self.fail(node, "permuted axis is a spatial axis")
+            return u
+        raise self.fail(node, "unsupported operation on permuted hidden units")
+
+    def elementwise(self, node: fx.Node) -> _Units | None:
+        """Operands combine entry by entry: their units must line up (Git Re-Basin's
+        residual constraint). Parameters broadcast along the units get tied;
+        unpermuted tensors pin the group to FIXED."""
+        out = _shape(node)
+        if out is None:
+            if self.permuted(node):
+                raise self.fail(node, "unsupported operation on permuted hidden units")
+            return None
+        seen, params, pinned = [], [], False
+        for n in _nodes_in(node.args, node.kwargs):
+            shape, u = _shape(n), self.units.get(n)
+            if shape is None:
+                continue  # a Python number
+            offset = len(out) - len(shape)
+            if u is not None:
+                # a single unit broadcast over many is trivially permuted; skip it
+                if shape[u.axis] > 1 or out[u.axis + offset] == 1:
+                    seen.append(_Units(u.axis + offset, u.group, u.block))
+            elif n.op == "get_attr" and n.target in self.canon:
+                params.append((n.target, shape, offset))
+            else:
+                params.append((None, shape, offset))
+        if not seen:
+            return None
+        if len({(u.axis, u.block) for u in seen}) > 1:
+            raise self.fail(node, "operands carry permuted units on different axes")
+        group = seen[0].group
+        for u in seen[1:]:
+            group = self.uf.union(group, u.group)
+        result = _Units(seen[0].axis, group, seen[0].block)
+        for name, shape, offset in params:
+            axis = result.axis - offset
+            if axis < 0 or shape[axis] == 1:
+                continue  # broadcast along the units: same value for every unit
+            if name is None:
+                pinned = True
+            else:
+                self.tie(name, axis, result)
+        if pinned:
+            self.uf.union(group, FIXED)
+        return result
+
+    def reduced(self, node: fx.Node, u: _Units, ndim: int) -> _Units | None:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None:
+            return None  # a full reduction is invariant to any permutation
+        dims = [d % ndim for d in ([dims] if isinstance(dims, int) else dims)]
+        if u.axis in dims:
+            return None
+        return _Units(u.axis - (0 if keep else sum(d < u.axis for d in dims)), u.group, u.block)
+
+    def transposed(self, node: fx.Node, u: _Units, ndim: int) -> _Units:
+        args = list(node.args[1:]) or list(node.kwargs.values())
+        if node.target in ("permute", torch.permute):
+            order = list(args[0]) if len(args) == 1 else args
+        else:
+            a, b = (args[0] % ndim, args[1] % ndim) if args else (0, 1)
+            order = list(range(ndim))
+            order[a], order[b] = order[b], order[a]
+        return _Units([d % ndim for d in order].index(u.axis), u.group, u.block)
+
+    def spec(self) -> PermutationSpec:
+        aliases: dict[str, list[str]] = {}
+        for name, canon in self.canon.items():
+            aliases.setdefault(canon, []).append(name)
+        names: dict[int, str] = {}
+        axes: dict[str, list] = {}
+        blocks: dict[str, list] = {}
+        for (canon, axis), (group, block) in self.ties.items():
+            root = self.uf.find(group)
+            if root == FIXED:
+                continue
+            perm = names.setdefault(root, f"P_{len(names)}")
+            for name in aliases[canon]:
+                axes.setdefault(name, [None] * self.ndims[name])[axis] = perm
+                blocks.setdefault(name, [1] * self.ndims[name])[axis] = block
+        return PermutationSpec(axes, blocks)
+
+
+def _leaves(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _leaves(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _leaves(item)]
+    return []
+
+
+def _check_preserves_function(module: nn.Module, spec: PermutationSpec, inputs: tuple) -> None:
+    """Run the model with random permutations applied: outputs must not change."""
+    state = module.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    perms = {p: torch.randperm(n, generator=gen) for p, n in spec.sizes(state).items()}
+    if not perms:
+        return
+    permuted = permute_state_dict(state, spec, perms)
+    # functional_call wants one value per tied tensor; aliases follow it.
+    first: dict[int, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        first.setdefault(id(tensor), name)
+    permuted = {name: permuted[name] for name in first.values()}
+    with torch.no_grad():
+        before = _leaves(module(*inputs))
+        after = _leaves(torch.func.functional_call(module, permuted, inputs))
+    for a, b in zip(before, after, strict=True):
+        if a.shape != b.shape:
+            raise AlignmentError(f"the traced spec changes an output shape; {HINT}")
+        if a.numel() == 0:
+            continue
+        a, b = a.double(), b.double()
+        if (a - b).abs().max().item() > 1e-4 * (1.0 + a.abs().max().item()):
+            raise AlignmentError(
+                f"the traced permutation spec changes the output of {type(module).__name__} "
+                f"(an operation was handled wrongly); {HINT}"
+            )
+
+
+def trace_permutation_spec(module: nn.Module, example_input: Any) -> PermutationSpec:
+    """Find which weight axes can be permuted together without changing ``module``.
+
+    Supports MLPs, plain CNNs (incl. flattening conv maps into a ``Linear``)
+    and residual networks with BatchNorm / LayerNorm / GroupNorm (1 or C
+    groups), depthwise convs and squeeze-excitation gates. The network input
+    and final output are never permuted. ``example_input`` is a tensor or a
+    tuple of positional inputs; it is run through the model in eval mode.
+
+    Raises :class:`~modelsoup.errors.AlignmentError` naming the first module
+    or op that cannot be handled (e.g. attention, channel concatenation).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        ...                     nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+        >>> spec = trace_permutation_spec(cnn, torch.randn(2, 1, 4, 4))
+        >>> spec.axes_to_perm["4.weight"], spec.block("4.weight", 1)
+        ((None, 'P_0'), 4)
+    """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        graph = fx.symbolic_trace(module)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AlignmentError(
+            f"torch.fx cannot trace {type(module).__name__} ({first}); {HINT}"
+        ) from err
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # so BatchNorm running stats are not touched by the example run
+    try:
+        try:
+            with torch.no_grad():
+                ShapeProp(graph).propagate(*inputs)
+        except Exception as err:
+            raise ConfigError(
+                f"running {type(module).__name__} on example_input failed ({err}); pass an "
+                "input of the shape the model expects"
+            ) from err
+        walker = _Walker(module)
+        for node in graph.graph.nodes:
+            walker.visit(node)
+        spec = walker.spec()
+        _check_preserves_function(module, spec, inputs)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return spec

@@ -1,0 +1,289 @@
+"""The report: a table like the seed paper's Table 1, with honest uncertainty.
+
+For every method: held-out score (what chose it), test score (what judges it) with a
+95% bootstrap interval over test examples, and a paired comparison with the best
+individual model on the same examples ("+0.6 points, CI [0.1, 1.1]" or "no detectable
+difference"). Written as ``report.json`` and ``report.md`` with PNG figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from modelsoup.formats.safetensors_io import atomic_file
+from modelsoup.stats import bootstrap_ci, paired_difference
+
+
+def _fmt(x: float | None, std: float | None = None, scale: float = 1.0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    text = f"{x * scale:.2f}" if scale != 1 else f"{x:.4f}"
+    if std is not None:
+        text += f" ± {std * scale:.2f}" if scale != 1 else f" ± {std:.4f}"
+    return text
+
+
+def _scale(result) -> float:
+    """Show accuracies as percentages; anything outside [0, 1] as is."""
+    scores = list(result.individual_held_out) + (result.individual_test or [])
+    return 100.0 if all(0.0 <= s <= 1.0 for s in scores) else 1.0
+
+
+def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The report as plain data: rows, individual scores, verdict, notes.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.cook import cook
+        >>> ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)]
+        >>> r = cook(ings, torch.nn.Linear(1, 1, bias=False),
+        ...          lambda m: 1 - abs(float(m.weight.detach()) - 2), progress=False)
+        >>> [row["method"] for row in summarize(r)["rows"]]
+        ['best_individual', 'uniform']
+    """
+    scale = _scale(result)
+    unit = "points" if scale == 100 else ""
+    best = next((m for m in result.methods if m.recipe == "best_individual"), None)
+    rows = []
+    for m in result.methods:
+        row: dict[str, Any] = {
+            "method": m.label,
+            "recipe": m.recipe,
+            "kind": "soup" if m.is_soup else "ensemble",
+            "held_out": m.held_out,
+            "held_out_std": m.held_out_std,
+            "test": m.test,
+            "test_std": m.test_std,
+            "runs": len(m.runs),
+            "ingredients": m.size,
+            "chosen": [result.ingredients[i].label for i in m.result.chosen],
+            "evaluations": m.evaluations,
+            "reused_from_journal": m.reused,
+            "seconds": round(m.seconds, 3),
+            "saved": m.saved,
+        }
+        pe = m.test_per_example
+        if pe is not None:
+            ci = bootstrap_ci(pe.numpy(), n_resamples=bootstrap_resamples, seed=seed)
+            row["test_ci"] = [ci.low, ci.high]
+            if best is not None and best.test_per_example is not None and m is not best:
+                cmp = paired_difference(
+                    pe.numpy(),
+                    best.test_per_example.numpy(),
+                    n_resamples=bootstrap_resamples,
+                    seed=seed,
+                )
+                row["vs_best_individual"] = {
+                    "difference": cmp.difference,
+                    "ci": [cmp.low, cmp.high],
+                    "p_value": cmp.p_value,
+                    "significant": cmp.significant,
+                    "text": cmp.describe(scale=scale, unit=unit),
+                }
+        rows.append(row)
+    verdict = _verdict(result, rows, scale, unit)
+    return {
+        "format": "modelsoup.report/1",
+        "held_out_evaluator": result.held_out_name,
+        "test_evaluator": result.test_name,
+        "higher_is_better": result.higher_is_better,
+        "rows": rows,
+        "individuals": [
+            {
+                "label": ing.label,
+                "hyperparameters": ing.hyperparameters,
+                "held_out": h,
+                "test": (result.individual_test[i] if result.individual_test else None),
+            }
+            for i, (ing, h) in enumerate(zip(result.ingredients, result.individual_held_out))
+        ],
+        "verdict": verdict,
+        "notes": result.notes,
+        "evaluations": result.taster_stats,
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def _verdict(result, rows: list[dict], scale: float, unit: str) -> str:
+    """Name the soup the held-out data would pick, and say what the test set thinks of it."""
+    soups = [r for r in rows if r["kind"] == "soup" and r["recipe"] != "best_individual"]
+    if not soups:
+        return "no soup was cooked"
+    sign = 1 if result.higher_is_better else -1
+    pick = max(soups, key=lambda r: sign * r["held_out"])
+    text = (
+        f"On held-out data the best soup is {pick['method']} ({pick['ingredients']:g} ingredients)."
+    )
+    cmp = pick.get("vs_best_individual")
+    if cmp is not None:
+        text += f" On test, against the best individual model: {cmp['text']}."
+        if cmp["significant"] and sign * cmp["difference"] > 0:
+            text += " The soup helped."
+        elif cmp["significant"]:
+            text += " The soup is worse: keep the best individual model."
+        else:
+            text += " The test set cannot tell them apart."
+    elif pick["test"] is not None:
+        text += f" Its test score is {_fmt(pick['test'], scale=scale)}."
+    return text
+
+
+def write_report(
+    result, folder: str | Path, *, bootstrap_resamples: int = 2000, seed: int = 0
+) -> dict:
+    """Write ``report.json``, ``report.md`` and ``figures/*.png`` into ``folder``."""
+    folder = Path(folder)
+    data = summarize(result, bootstrap_resamples=bootstrap_resamples, seed=seed)
+    figures = write_figures(result, data, folder / "figures")
+    data["figures"] = [str(p.relative_to(folder)) for p in figures]
+    with atomic_file(folder / "report.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+    with atomic_file(folder / "report.md") as tmp:
+        tmp.write_text(render_markdown(data, _scale(result)))
+    return data
+
+
+def render_markdown(data: dict, scale: float = 100.0) -> str:
+    """The Markdown report: table, verdict, notes, figures.
+
+    Example:
+        >>> print(render_markdown({"rows": [], "verdict": "no soup was cooked", "notes": [],
+        ...     "held_out_evaluator": "acc", "test_evaluator": None, "seconds": 1,
+        ...     "evaluations": {}, "figures": []}).splitlines()[0])
+        # modelsoup report
+    """
+    pct = " (%)" if scale == 100 else ""
+    lines = [
+        "# modelsoup report",
+        "",
+        f"Held-out (selection) evaluator: `{data['held_out_evaluator']}`; "
+        f"test evaluator: `{data['test_evaluator'] or 'none'}`. "
+        "Recipes choose on held-out only; test scores are never used to choose.",
+        "",
+        f"**Verdict.** {data['verdict']}",
+        "",
+        f"| method | held-out{pct} | test{pct} | test 95% CI | vs best individual (test) "
+        "| ingredients | evaluations (reused) | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        ci = r.get("test_ci")
+        ci_text = f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]" if ci else "-"
+        vs = r.get("vs_best_individual", {}).get("text", "-")
+        size = f"{r['ingredients']:g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
+        lines.append(
+            f"| {r['method']} | {_fmt(r['held_out'], r['held_out_std'], scale)} "
+            f"| {_fmt(r['test'], r['test_std'], scale)} | {ci_text} | {vs} | {size} "
+            f"| {r['evaluations']} ({r['reused_from_journal']}) | {r['seconds']:.1f} |"
+        )
+    lines.append("")
+    if data["notes"]:
+        lines += ["## Warnings", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    ev = data.get("evaluations", {})
+    if ev:
+        lines.append(
+            f"Evaluator calls: {ev.get('evaluations')} run, {ev.get('reused')} reused from the "
+            f"journal; {ev.get('eval_seconds')} s evaluating, {ev.get('mix_seconds')} s mixing "
+            f"weights; {data['seconds']} s in all."
+        )
+        lines.append("")
+    for fig in data.get("figures", []):
+        lines += [f"![{Path(fig).stem}]({fig})", ""]
+    return "\n".join(lines)
+
+
+def _numeric_axes(result) -> tuple[str, str] | None:
+    """Two hyperparameters that vary over the ingredients (for the grid heatmap)."""
+    hps = [ing.hyperparameters for ing in result.ingredients]
+    if not hps or not all(hps):
+        return None
+    keys = [k for k in hps[0] if all(isinstance(h.get(k), int | float) for h in hps)]
+    varying = [k for k in keys if len({h[k] for h in hps}) > 1]
+    preferred = [k for k in ("lr", "learning_rate", "weight_decay", "wd") if k in varying]
+    axes = preferred + [k for k in varying if k not in preferred]
+    return (axes[0], axes[1]) if len(axes) >= 2 else None
+
+
+def write_figures(result, data: dict, folder: Path) -> list[Path]:
+    """The seed paper's figures for this cook (those that apply)."""
+    from modelsoup import plots
+
+    made: list[Path] = []
+    scale = _scale(result)
+    use_test = result.test_name is not None
+    key = "test" if use_test else "held_out"
+    ylabel = f"{'test' if use_test else 'held-out'} score" + (" (%)" if scale == 100 else "")
+    rows = [r for r in data["rows"] if r[key] is not None]
+    if rows:
+        lows = [r["test_ci"][0] * scale if r.get("test_ci") else math.nan for r in rows]
+        highs = [r["test_ci"][1] * scale if r.get("test_ci") else math.nan for r in rows]
+        made.append(
+            plots.plot_method_bars(
+                [r["method"] for r in rows],
+                [r[key] * scale for r in rows],
+                lows,
+                highs,
+                path=folder / "methods.png",
+                ylabel=ylabel,
+            )
+        )
+    curves: dict[str, list[list[float]]] = {}
+    for m in result.methods:
+        if m.recipe == "greedy":
+            curves[m.label] = [
+                [s["best"] * scale if "best" in s else s["score"] * scale for s in soup.trace]
+                for soup in m.runs
+            ]
+    if curves:
+        best = (
+            max(result.individual_held_out)
+            if result.higher_is_better
+            else min(result.individual_held_out)
+        )
+        made.append(
+            plots.plot_greedy_curve(
+                curves,
+                path=folder / "greedy.png",
+                ylabel="held-out score" + (" (%)" if scale == 100 else ""),
+                baselines={"best individual": best * scale},
+            )
+        )
+    for m in result.methods:
+        if m.recipe == "pruned":
+            ends = [s for s in m.result.trace if s.get("end_of_pass") or s.get("pass") == 0]
+            if len(ends) > 1:
+                made.append(
+                    plots.plot_pruned_passes(
+                        [s["pass"] for s in ends],
+                        [s["score"] * scale for s in ends],
+                        [s["size"] for s in ends],
+                        path=folder / f"pruned-{_slug(m.label)}.png",
+                    )
+                )
+    axes = _numeric_axes(result)
+    if axes:
+        scores_src = result.individual_test if use_test else result.individual_held_out
+        grid = {}
+        for ing, s in zip(result.ingredients, scores_src):
+            grid[(ing.hyperparameters[axes[0]], ing.hyperparameters[axes[1]])] = s * scale
+        soups = {r["method"]: r[key] * scale for r in rows if r["recipe"] != "best_individual"}
+        made.append(
+            plots.plot_grid_heatmap(
+                grid,
+                x_label=axes[0],
+                y_label=axes[1],
+                soups=soups,
+                path=folder / "grid.png",
+                title=f"individual {ylabel} over the grid",
+            )
+        )
+    return made
+
+
+def _slug(label: str) -> str:
+    from modelsoup.cook import slug
+
+    return slug(label)

@@ -1,0 +1,239 @@
+"""The taster: scores candidate soups on held-out data, as cheaply as possible.
+
+Every evaluation-guided recipe talks to one :class:`Taster`. It owns one module (the
+materialised soup) and one :class:`~modelsoup.accumulator.Accumulator`; moving from one
+candidate to the next adds or removes only the ingredients that change, writes the
+mean into the same module in place, and evaluates. Each score is looked up in the
+:class:`~modelsoup.journal.Journal` first and recorded there after, so no subset is
+ever scored twice, within a cook or across an interrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from modelsoup.accumulator import Accumulator
+from modelsoup.errors import ConfigError
+from modelsoup.evaluators import Evaluator, as_evaluator, checked_score
+from modelsoup.ingredients import Ingredient
+from modelsoup.journal import Journal
+from modelsoup.soup import Soup
+
+
+class Taster:
+    """Scores soups of ``ingredients`` with ``held_out``, through one module.
+
+    Args:
+        ingredients: the pool, by position.
+        model: a module of the ingredients' architecture; candidate soups are written
+            into it in place (its own weights are overwritten).
+        held_out: the evaluator recipes choose with.
+        journal: where scores are remembered (in memory if not given).
+        recalibrate: a function ``module -> None`` run after writing each candidate's
+            weights when ``recalibrate_candidates`` (e.g. BatchNorm re-estimation).
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> ings = open_ingredients([{"weight": torch.ones(1, 1)}, {"weight": torch.zeros(1, 1)}])
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> taster = Taster(ings, model, lambda m: float(m.weight.detach()))
+        >>> taster.individual_scores(), taster.score([1, 1])
+        ([1.0, 0.0], 0.5)
+    """
+
+    def __init__(
+        self,
+        ingredients: Sequence[Ingredient],
+        model: torch.nn.Module,
+        held_out: Evaluator | Callable,
+        *,
+        journal: Journal | None = None,
+        accum_dtype: torch.dtype = torch.float32,
+        int_policy: str = "strict",
+        recalibrate: Callable[[torch.nn.Module], None] | None = None,
+        recalibrate_candidates: bool = False,
+        progress: bool = False,
+    ):
+        if not ingredients:
+            raise ConfigError("no ingredients to taste")
+        self.ingredients = list(ingredients)
+        self.model = model
+        self.held_out = as_evaluator(held_out)
+        self.journal = journal or Journal(None)
+        self.accumulator = Accumulator(ingredients, accum_dtype=accum_dtype, int_policy=int_policy)
+        self.int_policy = int_policy
+        self.recalibrate = recalibrate
+        self.recalibrate_candidates = recalibrate_candidates and recalibrate is not None
+        self.progress = progress
+        self.evaluations = 0  # evaluator calls actually run
+        self.reused = 0  # scores found in the journal
+        self.eval_seconds = 0.0
+        self.mix_seconds = 0.0
+        self._individual: dict[str, list[float]] = {}
+        self._outputs: dict[tuple[str, int], torch.Tensor] = {}
+
+    # -- comparing ----------------------------------------------------------------
+    def better(self, a: float, b: float, *, strict: bool = False) -> bool:
+        """Is score ``a`` at least as good as ``b`` (strictly better if ``strict``)?"""
+        if self.held_out.higher_is_better:
+            return a > b if strict else a >= b
+        return a < b if strict else a <= b
+
+    def best(self, scores: Sequence[float]) -> int:
+        """Position of the best score (the first one on ties)."""
+        pick = max if self.held_out.higher_is_better else min
+        return scores.index(pick(scores))
+
+    def order(self, scores: Sequence[float]) -> list[int]:
+        """Positions from best to worst score (stable on ties)."""
+        sign = -1 if self.held_out.higher_is_better else 1
+        return sorted(range(len(scores)), key=lambda i: sign * scores[i])
+
+    # -- scoring ------------------------------------------------------------------
+    def _extra(self) -> dict:
+        return {"bn": "recalibrated"} if self.recalibrate_candidates else {}
+
+    def key(self, weights: Sequence[float], evaluator: Evaluator) -> str:
+        mixture = [(self.ingredients[i].sha256, w) for i, w in enumerate(weights) if w > 0]
+        return self.journal.key(evaluator.name, mixture, self._extra())
+
+    def materialise(self, weights: Sequence[float]) -> torch.nn.Module:
+        """Write the soup with these per-position weights into the model, in place."""
+        start = time.perf_counter()
+        self.accumulator.set_weights(weights)
+        self.accumulator.write_into(self.model)
+        if self.recalibrate_candidates:
+            self.recalibrate(self.model)
+        self.mix_seconds += time.perf_counter() - start
+        return self.model
+
+    def score(self, weights: Sequence[float], evaluator: Evaluator | None = None) -> float:
+        """Held-out score of the soup with per-position ``weights`` (journal first)."""
+        evaluator = evaluator or self.held_out
+        if len(weights) != len(self.ingredients):
+            raise ConfigError(f"{len(weights)} weights for {len(self.ingredients)} ingredients")
+        key = self.key(weights, evaluator)
+        found = self.journal.lookup(key)
+        if found is not None:
+            self.reused += 1
+            return found
+        self.materialise(weights)
+        start = time.perf_counter()
+        value = checked_score(evaluator, self.model)
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        members = [self.ingredients[i].label for i, w in enumerate(weights) if w > 0]
+        self.journal.record(key, value, {"evaluator": evaluator.name, "members": members})
+        return value
+
+    def score_members(self, members: Sequence[int], evaluator: Evaluator | None = None) -> float:
+        """Score of the uniform soup of the given positions (a position may repeat)."""
+        weights = [0.0] * len(self.ingredients)
+        for i in members:
+            weights[i] += 1.0
+        return self.score(weights, evaluator)
+
+    def individual_scores(self, evaluator: Evaluator | None = None) -> list[float]:
+        """Each ingredient's own score; computed once and shared by every recipe."""
+        evaluator = evaluator or self.held_out
+        if evaluator.name not in self._individual:
+            scores = []
+            bar = tqdm(self.ingredients, desc="tasting ingredients", disable=not self.progress)
+            for i, _ in enumerate(bar):
+                scores.append(self.score_members([i], evaluator))
+                bar.set_postfix(score=f"{scores[-1]:.4f}")
+            self._individual[evaluator.name] = scores
+        return list(self._individual[evaluator.name])
+
+    def score_soup(self, soup: Soup, evaluator: Evaluator | None = None) -> float:
+        """Score any soup, including per-tensor ones, by applying it to the model."""
+        evaluator = evaluator or self.held_out
+        if not soup.tensor_coefficients and not soup.overrides:
+            return self.score(soup.coefficients, evaluator)
+        import hashlib
+        import json
+
+        blob = json.dumps(
+            {"per_tensor": soup.tensor_coefficients, "override": sorted(soup.overrides)},
+            sort_keys=True,
+        )
+        extra = {**self._extra(), "per_tensor": hashlib.sha256(blob.encode()).hexdigest()}
+        mixture = [(self.ingredients[i].sha256, c) for i, c in enumerate(soup.coefficients)]
+        key = self.journal.key(evaluator.name, mixture, extra)
+        found = self.journal.lookup(key)
+        if found is not None:
+            self.reused += 1
+            return found
+        start = time.perf_counter()
+        soup.apply(self.model)
+        self.mix_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        value = checked_score(evaluator, self.model)
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        self.journal.record(key, value, {"evaluator": evaluator.name, "recipe": soup.recipe})
+        return value
+
+    # -- outputs, for ensembles ---------------------------------------------------
+    def outputs(self, position: int, evaluator: Evaluator) -> torch.Tensor:
+        """Logits of one ingredient on an evaluator's data; computed once, kept in memory."""
+        if not hasattr(evaluator, "logits"):
+            raise ConfigError(
+                f"evaluator {evaluator.name} gives no logits; ensembles need a built-in "
+                "classifier evaluator (Accuracy, MeanLoss, MetricEvaluator)"
+            )
+        key = (evaluator.name, position)
+        if key not in self._outputs:
+            weights = [0.0] * len(self.ingredients)
+            weights[position] = 1.0
+            disk_key = "outputs-" + self.key(weights, evaluator)
+            cached = self.journal.load_outputs(disk_key)
+            if cached is not None:
+                self.reused += 1
+                self._outputs[key] = cached
+                return cached
+            self.materialise(weights)
+            start = time.perf_counter()
+            self._outputs[key] = evaluator.logits(self.model)
+            self.eval_seconds += time.perf_counter() - start
+            self.evaluations += 1
+            self.journal.save_outputs(disk_key, self._outputs[key])
+        return self._outputs[key]
+
+    def soup_logits(self, soup: Soup, evaluator: Evaluator) -> torch.Tensor:
+        """Logits of a soup on an evaluator's data (cached on disk like ingredient outputs)."""
+        extra = {**self._extra(), "tensors": repr(sorted(soup.overrides))}
+        if soup.tensor_coefficients:
+            extra["per_tensor"] = repr(sorted(soup.tensor_coefficients.items()))
+        mixture = [(self.ingredients[i].sha256, c) for i, c in enumerate(soup.coefficients)]
+        disk_key = "outputs-" + self.journal.key(evaluator.name, mixture, extra)
+        cached = self.journal.load_outputs(disk_key)
+        if cached is not None:
+            self.reused += 1
+            return cached
+        start = time.perf_counter()
+        if soup.tensor_coefficients or soup.overrides:
+            soup.apply(self.model)
+        else:
+            self.materialise(soup.coefficients)
+        self.mix_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        logits = evaluator.logits(self.model)
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        self.journal.save_outputs(disk_key, logits)
+        return logits
+
+    def stats(self) -> dict:
+        """Counters for the report: evaluations run and reused, seconds spent."""
+        return {
+            "evaluations": self.evaluations,
+            "reused": self.reused,
+            "eval_seconds": round(self.eval_seconds, 3),
+            "mix_seconds": round(self.mix_seconds, 3),
+        }

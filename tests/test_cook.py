@@ -1,0 +1,183 @@
+"""`modelsoup cook`: config validation, the report, and resuming from the journal."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from digits_kit import DigitsMLP, held_out, on_test, splits
+from modelsoup.cli import main
+from modelsoup.cook import cook
+from modelsoup.errors import SoupWarning
+from modelsoup.evaluators import Accuracy
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(digits_ckpts):
+    return digits_ckpts
+
+
+CONFIG = """
+model: digits_kit:model
+ingredients: ["{ckpts}/*.safetensors"]
+held_out: digits_kit:held_out
+test: digits_kit:on_test
+recipes:
+  - {{name: greedy, order: sorted}}
+  - {{name: greedy, order: random, runs: 3}}
+  - {{name: forward}}
+  - {{name: pruned, passes: 2}}
+  - {{name: greedy_ensemble}}
+output: {out}
+bootstrap_resamples: 200
+"""
+
+
+def test_cook_from_yaml_writes_soups_report_and_figures(tmp_path, ckpt_dir, capsys):
+    cfg = tmp_path / "soup.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(CONFIG.format(ckpts=ckpt_dir, out=out))
+    assert main(["cook", str(cfg), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "greedy (sorted)" in printed and "report.md" in printed
+    report = json.loads((out / "report.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert methods[:3] == ["best_individual", "uniform", "ensemble"]
+    assert "greedy (random)" in methods and "pruned (sorted, 2 passes)" in methods
+    rnd = next(r for r in report["rows"] if r["method"] == "greedy (random)")
+    assert rnd["runs"] == 3 and rnd["held_out_std"] is not None
+    for row in report["rows"]:
+        assert row["test"] is not None and len(row["test_ci"]) == 2
+        assert row["test_ci"][0] <= row["test"] + 1e-9 or row["runs"] > 1
+        if row["method"] != "best_individual":
+            assert "vs_best_individual" in row
+        if row["kind"] == "soup":
+            assert (out / row["saved"]).exists()
+            card = json.loads((out / (row["saved"] + ".json")).read_text())
+            assert card["recipe"] == row["recipe"]
+            assert card["scores"]["test"] == pytest.approx(row["test"]) or row["runs"] > 1
+    md = (out / "report.md").read_text()
+    assert "| greedy (sorted) |" in md and "Verdict" in md
+    for fig in report["figures"]:
+        assert (out / fig).stat().st_size > 1000
+    assert any("grid" in f for f in report["figures"])  # lr x seed from the sidecars
+
+
+class Interrupting(Accuracy):
+    """Held-out accuracy that simulates Ctrl-C after ``limit`` evaluations."""
+
+    def __init__(self, limit=None):
+        super().__init__(splits()["held_out"], name="digits-held-out")
+        self.limit, self.calls = limit, 0
+
+    def logits(self, model):
+        self.calls += 1
+        if self.limit is not None and self.calls > self.limit:
+            raise KeyboardInterrupt
+        return super().logits(model)
+
+
+RECIPES = [{"name": "greedy"}, {"name": "pruned", "passes": 2}, {"name": "forward"}]
+
+
+def _cook(ckpt_dir, out, evaluator):
+    return cook(
+        [str(ckpt_dir)],
+        DigitsMLP,
+        evaluator,
+        test=on_test(),
+        recipes=RECIPES,
+        output=out,
+        progress=False,
+        save="none",
+        bootstrap_resamples=100,
+    )
+
+
+def test_journal_resumes_with_zero_repeated_evaluations(tmp_path, ckpt_dir):
+    reference = Interrupting()
+    _cook(ckpt_dir, tmp_path / "ref", reference)
+    total = reference.calls
+
+    first = Interrupting(limit=total // 2)
+    with pytest.raises(KeyboardInterrupt):
+        _cook(ckpt_dir, tmp_path / "run", first)
+    second = Interrupting()
+    result = _cook(ckpt_dir, tmp_path / "run", second)
+    assert (first.calls - 1) + second.calls == total  # the interrupted call is the only redo
+    third = Interrupting()
+    again = _cook(ckpt_dir, tmp_path / "run", third)
+    assert third.calls == 0 and again.taster_stats["evaluations"] == 0
+    assert [m.held_out for m in again.methods] == [m.held_out for m in result.methods]
+
+
+def test_corrupt_journal_lines_are_reported_and_ignored(tmp_path, ckpt_dir):
+    out = tmp_path / "out"
+    _cook(ckpt_dir, out, Interrupting())
+    journal = out / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]  # a line cut off by a crash
+    journal.write_text("\n".join(lines) + "\n")
+    ev = Interrupting()
+    with pytest.warns(SoupWarning, match="corrupt journal line"):
+        _cook(ckpt_dir, out, ev)
+    assert ev.calls == 1  # only the lost evaluation runs again
+
+
+def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "journal.jsonl").write_text('{"something": "else"}\n{"key": "x", "score": 1}\n')
+    with pytest.warns(SoupWarning, match="not a modelsoup journal"):
+        _cook(ckpt_dir, out, Interrupting())
+    assert list(out.glob("journal.jsonl.ignored-*"))
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        ("batch_size: 3\n", "'batch_size': unknown key"),
+        ("recipes: [{name: pruned, pases: 2}]\n", "'recipes.0.pases'"),
+        ("recipes: [{name: greedy, order: backwards}]\n", "'recipes.0.order'"),
+        ("recipes: [{name: souffle}]\n", "recipe 'souffle' is unknown"),
+        ("recipes: [{name: pruned, passes: many}]\n", "'recipes.0.passes'"),
+    ],
+)
+def test_bad_configs_name_the_bad_key(tmp_path, ckpt_dir, capsys, edit, needle):
+    base = CONFIG.format(ckpts=ckpt_dir, out=tmp_path / "out").split("recipes:")[0]
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(base + f"output: {tmp_path / 'out'}\n" + edit)
+    assert main(["cook", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_required_key(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: digits_kit:model\ningredients: [x]\noutput: o\n")
+    assert main(["cook", str(cfg)]) == 2
+    assert "'held_out': required key is missing" in capsys.readouterr().err
+
+
+def test_collapsed_uniform_soup_is_warned_about(tmp_path):
+    import torch
+
+    from digits_kit import _train
+
+    # Two unrelated random nets: their average is no better than chance.
+    states = []
+    for s in range(2):
+        torch.manual_seed(100 + s)
+        m = DigitsMLP()
+        _train(m, lr=0.1, epochs=3, seed=s)
+        states.append(m.state_dict())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = cook(states, DigitsMLP, held_out(), progress=False)
+    # independently trained from different inits, the plain average loses to both
+    assert result.method("uniform").held_out < min(result.individual_held_out)
+    assert any("may not share a loss basin" in str(w.message) for w in seen)
+    assert result.notes

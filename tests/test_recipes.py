@@ -1,0 +1,173 @@
+"""Evaluation-guided recipes on real small networks (digits MLPs fine-tuned from one start)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from digits_kit import DigitsMLP, held_out, on_test
+from modelsoup import average, open_ingredients
+from modelsoup.evaluators import Accuracy, FunctionEvaluator
+from modelsoup.recipes import (
+    best_individual,
+    forward_selection_soup,
+    greedy_ensemble,
+    greedy_soup,
+    output_ensemble,
+    pruned_soup,
+    uniform_soup,
+)
+from modelsoup.tasting import Taster
+
+
+@pytest.fixture(scope="module")
+def pool(digits_ckpts):
+    return open_ingredients([digits_ckpts])
+
+
+def _taster(pool, evaluator=None, **kw):
+    return Taster(pool, DigitsMLP(), evaluator or held_out(), **kw)
+
+
+@pytest.mark.parametrize("order,seed", [("sorted", 0), ("random", 0), ("random", 1), ("random", 7)])
+def test_greedy_never_below_its_first_ingredient(pool, order, seed):
+    taster = _taster(pool)
+    soup = greedy_soup(taster, order=order, seed=seed)
+    first = soup.trace[0]["score"]
+    assert soup.scores["held_out"] >= first
+    # the recorded score is the real score of the chosen soup
+    assert taster.score(soup.coefficients) == soup.scores["held_out"]
+    if order == "sorted":
+        assert first == max(taster.individual_scores())
+
+
+def test_ties_accept_with_ge_and_reject_with_gt(pool):
+    constant = FunctionEvaluator(lambda m: 0.5, name="constant")
+    assert greedy_soup(_taster(pool, constant)).size == len(pool)
+    assert greedy_soup(_taster(pool, constant), strict=True).size == 1
+
+
+def test_max_ingredients(pool):
+    constant = FunctionEvaluator(lambda m: 0.5, name="constant")
+    assert greedy_soup(_taster(pool, constant), max_ingredients=2).size == 2
+
+
+def test_random_orders_are_reproducible_from_the_seed(pool):
+    a = greedy_soup(_taster(pool), order="random", seed=3)
+    b = greedy_soup(_taster(pool), order="random", seed=3)
+    assert [s["tried"] for s in a.trace] == [s["tried"] for s in b.trace]
+    assert a.coefficients == b.coefficients
+    c = greedy_soup(_taster(pool), order="random", seed=4)
+    assert [s["tried"] for s in a.trace] != [s["tried"] for s in c.trace]
+
+
+def test_pruned_with_zero_passes_is_the_uniform_soup(pool):
+    taster = _taster(pool)
+    soup = pruned_soup(taster, passes=0)
+    assert soup.coefficients == [1.0] * len(pool)
+    assert soup.scores["held_out"] == uniform_soup(taster).scores["held_out"]
+    assert taster.evaluations == 1  # the uniform soup, scored once and reused
+
+
+def test_pruned_never_scores_a_subset_twice_and_never_empties(pool):
+    constant = FunctionEvaluator(lambda m: 0.5, name="constant")
+    taster = _taster(pool, constant)
+    soup = pruned_soup(taster, passes=3, order="random")
+    assert soup.size == 1  # every removal ties, so all but the last go
+    assert taster.evaluations == len(pool)  # uniform + one per removal, nothing repeated
+    taster2 = _taster(pool)
+    pruned = pruned_soup(taster2, passes=3)
+    assert pruned.size >= 1
+    assert pruned.scores["held_out"] >= pruned.trace[0]["score"]
+
+
+def test_forward_selection_picks_the_known_best_pair():
+    # Scalar ingredients; the score peaks where the soup's weight is 2. The best pair is
+    # (2.4, 1.6), whose mean is exactly 2; no third ingredient improves on it.
+    values = [2.4, 1.6, 0.0, 9.0]
+    ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in values])
+    score = FunctionEvaluator(lambda m: -abs(float(m.weight.detach()) - 2.0), name="peak")
+
+    def run(**kw):
+        return forward_selection_soup(Taster(ings, torch.nn.Linear(1, 1, bias=False), score), **kw)
+
+    soup = run()
+    assert sorted(values[i] for i in soup.chosen) == [1.6, 2.4]
+    assert soup.scores["held_out"] == pytest.approx(0.0, abs=1e-6)
+    assert run(max_ingredients=1).chosen == [0]
+
+
+def test_candidates_are_written_in_place_into_one_module(pool):
+    model = DigitsMLP()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    taster = Taster(pool, model, held_out())
+    soup = greedy_soup(taster)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    # the module holds the last candidate; applying the soup gives the chosen one
+    fresh = soup.apply(DigitsMLP())
+    expected = average([pool[i] for i in soup.chosen]).state_dict()
+    assert torch.allclose(fresh.fc1.weight, expected["fc1.weight"], atol=1e-6)
+
+
+def test_individual_scores_are_computed_once(pool):
+    taster = _taster(pool)
+    greedy_soup(taster)
+    n = taster.evaluations
+    best_individual(taster)
+    greedy_soup(taster, order="sorted")
+    assert taster.evaluations == n
+
+
+def test_ensemble_averages_logits(pool):
+    taster = _taster(pool)
+    ens = output_ensemble(taster)
+    ev = held_out()
+    logits = []
+    for ing in pool:
+        m = average([ing]).apply(DigitsMLP())
+        logits.append(ev.logits(m))
+    expected = ev.score_logits(torch.stack(logits).mean(0))
+    assert ens.scores["held_out"] == pytest.approx(expected)
+    greedy = greedy_ensemble(taster)
+    assert greedy.scores["held_out"] >= max(taster.individual_scores())
+
+
+def test_loss_evaluators_minimise(pool):
+    from digits_kit import splits
+    from modelsoup.evaluators import MeanLoss
+
+    taster = _taster(pool, MeanLoss(splits()["held_out"]))
+    soup = greedy_soup(taster)
+    assert soup.scores["held_out"] <= min(taster.individual_scores())
+    assert best_individual(taster).scores["held_out"] == min(taster.individual_scores())
+
+
+def test_on_test_is_never_used_to_choose(pool):
+    taster = _taster(pool)
+    soup = greedy_soup(taster)
+    poisoned = Taster(pool, DigitsMLP(), held_out())
+    poisoned_test = on_test()
+    # scoring on the test set after choosing does not change the choice
+    greedy_soup(poisoned)
+    poisoned.score(soup.coefficients, poisoned_test)
+    assert greedy_soup(poisoned).coefficients == soup.coefficients
+
+
+def test_evaluator_fetches_data_once():
+    class Counting:
+        def __init__(self, batches):
+            self.batches, self.iterations = batches, 0
+
+        def __iter__(self):
+            self.iterations += 1
+            return iter(self.batches)
+
+    x, y = torch.randn(20, 64), torch.randint(0, 10, (20,))
+    data = Counting([(x[:10], y[:10]), (x[10:], y[10:])])
+    ev = Accuracy(data)
+    model = DigitsMLP()
+    for _ in range(3):
+        ev.evaluate(model)
+    assert data.iterations == 1
+    top10 = Accuracy((x, y), top_k=10).evaluate(model)
+    assert top10 == 1.0
