@@ -96,3 +96,36 @@ def held_out() -> Accuracy:
 
 def on_test() -> Accuracy:
     return Accuracy(splits()["test"], name="digits-test")
+
+
+class DigitsBNNet(nn.Module):
+    """An MLP with BatchNorm: soups of these need fresh statistics."""
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.fc1(x)))
+        return self.head(torch.relu(self.bn2(self.fc2(x))))
+
+
+def bn_model() -> nn.Module:
+    return DigitsBNNet()
+
+
+def train_inputs() -> torch.Tensor:
+    """Unlabeled training inputs, for BatchNorm recalibration."""
+    return splits()["train"][0]
+
+
+def independent(seed: int, net=DigitsBNNet, epochs: int = 4) -> dict[str, torch.Tensor]:
+    """A network trained from its own random start (not a shared one)."""
+    torch.manual_seed(1000 + seed)
+    model = net()
+    _train(model, lr=0.05, epochs=epochs, seed=seed)
+    return model.state_dict()

@@ -12,15 +12,6 @@ from modelsoup.errors import ConfigError
 from modelsoup.repair import has_batchnorm, recalibrate_bn
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny nets run fastest on one thread, and do not stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, ...]:
     x, y = load_digits(return_X_y=True)

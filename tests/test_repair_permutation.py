@@ -21,15 +21,6 @@ from modelsoup.repair import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny nets run fastest on one thread, and do not stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_mlp() -> nn.Module:
     return nn.Sequential(
         nn.Linear(10, 32),

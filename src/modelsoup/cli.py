@@ -93,6 +93,79 @@ def cmd_cook(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from modelsoup.config import load_config, resolve, resolve_evaluator, resolve_recalibration
+    from modelsoup.diagnose import diagnose
+
+    config = load_config(args.config)
+    base = Path(config.base_dir)
+    out = Path(args.out) if args.out else Path(config.output) / "diagnosis"
+    if not out.is_absolute() and not args.out:
+        out = base / out
+    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    found = diagnose(
+        ingredients,
+        resolve(config.model, base),
+        resolve_evaluator(config.held_out, base),
+        recalibrate=resolve_recalibration(config),
+        output=out,
+        checkpoint_key=config.checkpoint_key,
+        progress=not args.quiet,
+    )
+    for key, value in found.barriers.items():
+        print(f"barrier {key}: {value:.4g}")
+    print(f"verdict: {found.verdict}")
+    for line in found.advice:
+        print(f"advice: {line}")
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from modelsoup.config import resolve
+    from modelsoup.repair.pool import align_pool
+
+    if not args.spec and not (args.model and args.input_shape):
+        raise ConfigError("give --spec spec.json, or --model and --input-shape to trace the model")
+    example = None
+    if args.input_shape:
+        try:
+            shape = [int(x) for x in args.input_shape.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--input-shape '{args.input_shape}' must be like 1,3,32,32"
+            ) from None
+        example = torch.randn(*shape)
+    model = resolve(args.model, Path.cwd()) if args.model else None
+    paths = align_pool(
+        args.sources,
+        model,
+        args.output,
+        example=example,
+        spec=args.spec,
+        reference=args.reference,
+        checkpoint_key=args.checkpoint_key,
+        progress=not args.quiet,
+    )
+    if args.write_spec and model is not None and example is not None:
+        from modelsoup.repair import trace_permutation_spec
+
+        spec = trace_permutation_spec(
+            model() if not isinstance(model, torch.nn.Module) else model, example
+        )
+        Path(args.write_spec).write_text(json.dumps(spec.to_dict(), indent=2))
+    for p in paths:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand.
 
@@ -143,13 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_cook)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("diagnose", help="can these ingredients be souped? similarity and barriers")
+    p.add_argument("config", help="a cook config (uses model, ingredients, held_out)")
+    p.add_argument("--out", help="folder for diagnosis.json and figures (default OUTPUT/diagnosis)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(run=cmd_diagnose)
+
+    p = sub.add_parser("align", help="permute hidden units of checkpoints to match a reference")
+    p.add_argument("sources", nargs="+", help="checkpoints; the reference is --reference")
+    p.add_argument("-o", "--output", required=True, help="folder; writes OUTPUT/aligned/*")
+    p.add_argument("--model", help="module:function returning the architecture (for tracing)")
+    p.add_argument("--input-shape", help="example input shape for tracing, e.g. 1,3,32,32")
+    p.add_argument("--spec", help="a permutation spec JSON instead of tracing")
+    p.add_argument("--write-spec", help="also save the traced spec as JSON here")
+    p.add_argument("--reference", type=int, default=0, help="position of the reference")
+    p.add_argument("--checkpoint-key")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(run=cmd_align)
     return parser
-
-
-#: later modules add subcommands here (cook, demo, diagnose, align)
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -174,3 +174,35 @@ def resolve(target: str, base_dir: str | Path = ".") -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"'{target}': {module_name} has no attribute '{attr}'") from None
+
+
+def resolve_evaluator(target: str | None, base_dir: str | Path = ".") -> Any:
+    """Resolve an evaluator import path; a factory (no ``evaluate``) is called once.
+
+    Example:
+        >>> resolve_evaluator(None) is None
+        True
+    """
+    if target is None:
+        return None
+    obj = resolve(target, base_dir)
+    return obj if hasattr(obj, "evaluate") else obj()
+
+
+def resolve_recalibration(config: CookConfig) -> Any:
+    """The BatchNorm recalibration hook a config asks for (``recalibrate_bn``), or ``None``.
+
+    The target is a function returning unlabeled batches (or a loader itself).
+    """
+    if not config.recalibrate_bn:
+        return None
+    from modelsoup.repair import recalibrate_bn
+
+    source = resolve(config.recalibrate_bn, config.base_dir)
+    data = source() if callable(source) and not hasattr(source, "__iter__") else source
+    batches = config.recalibrate_batches
+
+    def recalibrate(module: Any) -> None:
+        recalibrate_bn(module, data, num_batches=batches)
+
+    return recalibrate

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
-from modelsoup.config import CookConfig, RecipeEntry, load_config, resolve
+from modelsoup.config import (
+    CookConfig,
+    RecipeEntry,
+    load_config,
+    resolve,
+    resolve_evaluator,
+    resolve_recalibration,
+)
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -262,11 +269,11 @@ def _run_entry(
         if progress:
             print(f"cooking {label}" + (f" (run {r + 1}/{runs})" if runs > 1 else ""), flush=True)
         results.append(spec.fn(taster, **kwargs))
-    held = [res.scores["held_out"] for res in results]
     tests: list[float] = []
     per_example = None
     for k, res in enumerate(results):
-        if isinstance(res, Soup) and recalibrate is not None:
+        if isinstance(res, Soup) and recalibrate is not None and res.size > 1:
+            # A single ingredient keeps the statistics it was trained with.
             _recalibrate_soup(res, taster, recalibrate)
         if test is None:
             continue
@@ -284,7 +291,7 @@ def _run_entry(
             score = taster.score_soup(res, test)
         res.scores["test"] = score
         tests.append(score)
-    held_mean, held_std = _mean_std(held)
+    held_mean, held_std = _mean_std([res.scores["held_out"] for res in results])
     test_mean, test_std = _mean_std(tests) if tests else (None, None)
     return MethodResult(
         label,
@@ -307,6 +314,7 @@ def _recalibrate_soup(soup: Soup, taster: Taster, recalibrate: Callable) -> None
     """Materialise a soup, re-estimate its BatchNorm statistics, keep them as overrides."""
     soup.apply(taster.model)
     recalibrate(taster.model)
+    taster.recalibrations += 1
     state = taster.model.state_dict()
     soup.overrides = {
         name: state[name].detach().cpu().clone()
@@ -366,31 +374,19 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         config = load_config(config)
     base = Path(config.base_dir)
     model = resolve(config.model, base)
-    held = resolve(config.held_out, base)
-    held = held() if not hasattr(held, "evaluate") else held
-    test = None
-    if config.test:
-        test = resolve(config.test, base)
-        test = test() if not hasattr(test, "evaluate") else test
-    recalibrate = None
-    if config.recalibrate_bn:
-        from modelsoup.repair import recalibrate_bn
-
-        loader_fn = resolve(config.recalibrate_bn, base)
-        data = loader_fn() if callable(loader_fn) else loader_fn
-        batches = config.recalibrate_batches
-
-        def recalibrate(module: torch.nn.Module) -> None:
-            recalibrate_bn(module, data, num_batches=batches)
-
+    held = resolve_evaluator(config.held_out, base)
+    test = resolve_evaluator(config.test, base)
+    recalibrate = resolve_recalibration(config)
     ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
     if config.align:
-        from modelsoup.repair.cook_align import align_pool
+        from modelsoup.repair.pool import align_pool
 
-        ingredients = align_pool(ingredients, model, output, checkpoint_key=config.checkpoint_key)
+        ingredients = align_pool(
+            ingredients, model, output, checkpoint_key=config.checkpoint_key, example=held
+        )
     return cook(
         ingredients,
         model,

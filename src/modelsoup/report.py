@@ -189,6 +189,11 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
             f"journal; {ev.get('eval_seconds')} s evaluating, {ev.get('mix_seconds')} s mixing "
             f"weights; {data['seconds']} s in all."
         )
+        if ev.get("bn_recalibrations"):
+            lines.append(
+                f"BatchNorm statistics were re-estimated {ev['bn_recalibrations']} times, each "
+                "one extra pass over the recalibration data (included in the times above)."
+            )
         lines.append("")
     for fig in data.get("figures", []):
         lines += [f"![{Path(fig).stem}]({fig})", ""]

@@ -74,6 +74,7 @@ class Taster:
         self.reused = 0  # scores found in the journal
         self.eval_seconds = 0.0
         self.mix_seconds = 0.0
+        self.recalibrations = 0  # BatchNorm re-estimations (extra forward passes)
         self._individual: dict[str, list[float]] = {}
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -109,6 +110,7 @@ class Taster:
         self.accumulator.write_into(self.model)
         if self.recalibrate_candidates:
             self.recalibrate(self.model)
+            self.recalibrations += 1
         self.mix_seconds += time.perf_counter() - start
         return self.model
 
@@ -236,4 +238,5 @@ class Taster:
             "reused": self.reused,
             "eval_seconds": round(self.eval_seconds, 3),
             "mix_seconds": round(self.mix_seconds, 3),
+            "bn_recalibrations": self.recalibrations,
         }

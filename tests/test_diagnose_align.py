@@ -1,0 +1,150 @@
+"""Soupability check, alignment and BatchNorm recalibration wired into cook and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from digits_kit import DigitsBNNet, DigitsMLP, held_out, independent, on_test
+from modelsoup import average
+from modelsoup.cli import main
+from modelsoup.diagnose import diagnose, weight_similarity
+from modelsoup.ingredients import open_ingredients
+
+
+@pytest.fixture(scope="module")
+def strangers(tmp_path_factory):
+    """Three BatchNorm MLPs trained from different random starts, on disk."""
+    folder = tmp_path_factory.mktemp("strangers")
+    for s in range(3):
+        safetensors.torch.save_file(independent(s), str(folder / f"net{s}.safetensors"))
+    return folder
+
+
+def test_fine_tuned_pool_is_called_soupable(digits_ckpts, tmp_path):
+    d = diagnose([digits_ckpts], DigitsMLP, held_out(), output=tmp_path)
+    assert d.soupable and "soup away" in d.verdict
+    assert not d.has_batchnorm
+    assert all(row[i] == pytest.approx(1.0) for i, row in enumerate(d.similarity))
+    saved = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert saved["soupable"] is True
+    assert (tmp_path / "similarity.png").exists() and (tmp_path / "interpolation.png").exists()
+
+
+def test_independent_nets_are_called_independent_basins(strangers):
+    d = diagnose([strangers], DigitsBNNet, held_out())
+    assert not d.soupable and "independent basins" in d.verdict
+    assert d.has_batchnorm and any("BatchNorm" in a for a in d.advice)
+    assert max(d.barriers.values()) > 0.05
+
+
+def test_weight_similarity_matches_a_direct_computation(strangers):
+    ings = open_ingredients([strangers])
+    sim, _ = weight_similarity(ings)
+    flat = [
+        torch.cat(
+            [ing.tensor(n).reshape(-1).double() for n in ing.names() if ing.meta(n).is_floating]
+        )
+        for ing in ings
+    ]
+    direct = torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0).item()
+    assert sim[0][1] == pytest.approx(direct, abs=1e-6)
+
+
+def _plain_uniform(strangers, evaluator):
+    model = average([strangers]).apply(DigitsBNNet())
+    return evaluator.evaluate(model)
+
+
+def test_align_cli_keeps_functions_and_helps_the_average(strangers, tmp_path, capsys):
+    out = tmp_path / "aligned-out"
+    code = main(
+        [
+            "align",
+            str(strangers),
+            "-o",
+            str(out),
+            "--model",
+            "digits_kit:bn_model",
+            "--input-shape",
+            "8,64",
+            "-q",
+            "--write-spec",
+            str(tmp_path / "spec.json"),
+        ]
+    )
+    assert code == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 3 and paths[0].endswith("net0.safetensors")
+    x = torch.randn(16, 64)
+    for original, aligned in zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]):
+        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
+        a.load_state_dict(safetensors.torch.load_file(str(original)))
+        b.load_state_dict(safetensors.torch.load_file(aligned))
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+    ev = held_out()
+    aligned_score = ev.evaluate(average(paths).apply(DigitsBNNet()))
+    assert aligned_score > _plain_uniform(strangers, ev)
+    assert json.loads((tmp_path / "spec.json").read_text())["axes"]
+
+
+def test_align_without_model_or_spec_is_a_clear_error(strangers, tmp_path, capsys):
+    assert main(["align", str(strangers), "-o", str(tmp_path / "o")]) == 2
+    assert "--spec" in capsys.readouterr().err
+
+
+CONFIG = """
+model: digits_kit:bn_model
+ingredients: ["{src}"]
+held_out: digits_kit:held_out
+test: digits_kit:on_test
+recipes: [{{name: greedy}}]
+output: {out}
+bootstrap_resamples: 100
+save: none
+"""
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        "recalibrate_bn: digits_kit:train_inputs\n",
+        "align: true\nrecalibrate_bn: digits_kit:train_inputs\n",
+    ],
+)
+def test_cook_with_align_and_recalibration(strangers, tmp_path, extra):
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(CONFIG.format(src=strangers, out=tmp_path / "out") + extra)
+    assert main(["cook", str(cfg), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    uniform = next(r for r in report["rows"] if r["method"] == "uniform")
+    best = next(r for r in report["rows"] if r["method"] == "best_individual")
+    if "align" in extra:
+        # aligned + recalibrated: the uniform soup of strangers becomes usable
+        assert uniform["test"] > best["test"] - 0.15
+        assert report["evaluations"]["bn_recalibrations"] > 0
+    elif extra:
+        assert uniform["test"] > 0.6  # fresh BatchNorm statistics alone recover much
+    else:
+        assert uniform["test"] < best["test"] - 0.15  # the seed paper's collapse
+        assert report["notes"]
+
+
+def test_diagnose_cli(digits_ckpts, tmp_path, capsys):
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(
+        f"model: digits_kit:model\ningredients: ['{digits_ckpts}']\n"
+        f"held_out: digits_kit:held_out\noutput: {tmp_path / 'o'}\n"
+    )
+    assert main(["diagnose", str(cfg), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: these look fine-tuned from one start" in out
+    assert (tmp_path / "o" / "diagnosis" / "diagnosis.json").exists()
+
+
+def test_on_test_is_importable():
+    assert on_test().name == "digits-test"
