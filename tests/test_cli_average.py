@@ -92,6 +92,22 @@ def _neg_weight(tmp_path, ckpts):
     return [str(ckpts[0]), str(ckpts[1]), "--weights", "1,-2"], ">= 0"
 
 
+def _nan_tensor(tmp_path, ckpts):
+    p = tmp_path / "diverged.safetensors"
+    sd = tiny_state(0)
+    sd["fc2.bias"][1] = float("nan")
+    safetensors.torch.save_file(sd, str(p))
+    return [str(ckpts[0]), str(p)], "'fc2.bias' contains NaN"
+
+
+def _inf_tensor(tmp_path, ckpts):
+    p = tmp_path / "inf.pt"
+    sd = tiny_state(0)
+    sd["fc1.weight"][0, 0] = float("inf")
+    torch.save(sd, p)
+    return [str(p), str(ckpts[0])], "contains Inf"
+
+
 def _unknown_format(tmp_path, ckpts):
     p = tmp_path / "weights.npz"
     p.write_bytes(b"x")
@@ -100,7 +116,17 @@ def _unknown_format(tmp_path, ckpts):
 
 @pytest.mark.parametrize(
     "make",
-    [_truncated, _garbage, _missing, _shapes, _nan_weight, _neg_weight, _unknown_format],
+    [
+        _truncated,
+        _garbage,
+        _missing,
+        _shapes,
+        _nan_weight,
+        _neg_weight,
+        _nan_tensor,
+        _inf_tensor,
+        _unknown_format,
+    ],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, ckpts, make, capsys):

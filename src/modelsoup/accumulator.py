@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modelsoup.errors import ConfigError, IncompatibleIngredientsError
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
 from modelsoup.ingredients import Ingredient
 
 INT_POLICIES = ("strict", "first")
@@ -52,6 +52,23 @@ def check_same_ints(
             "are copied, not averaged: pass --int-policy first to take them from the first "
             "ingredient"
         )
+
+
+def checked_float(t: torch.Tensor, name: str, label: str) -> torch.Tensor:
+    """Refuse a tensor holding NaN or Inf: one such value would poison every soup it enters.
+
+    Example:
+        >>> import torch
+        >>> checked_float(torch.ones(2), "w", "a").sum().item()
+        2.0
+    """
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise IngredientError(
+            f"{label}: tensor '{name}' contains {bad} values (diverged training?); "
+            "remove this checkpoint from the soup"
+        )
+    return t
 
 
 class Accumulator:
@@ -114,7 +131,8 @@ class Accumulator:
         self._check_ints(position)
         ing = self.ingredients[position]
         for n in self.float_names:
-            self._sum[n].add_(ing.tensor(n).to(self.accum_dtype), alpha=weight)
+            t = checked_float(ing.tensor(n), n, ing.label)
+            self._sum[n].add_(t.to(self.accum_dtype), alpha=weight)
         self.weights[position] += weight
 
     def remove(self, position: int, weight: float | None = None) -> None:

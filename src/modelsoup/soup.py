@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from modelsoup.accumulator import check_int_policy, check_same_ints, write_state_into
+from modelsoup.accumulator import (
+    check_int_policy,
+    check_same_ints,
+    checked_float,
+    write_state_into,
+)
 from modelsoup.errors import ConfigError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.ingredients import Ingredient
@@ -159,7 +164,8 @@ class Soup:
         total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         for i, c in used:
-            acc.add_(self.ingredients[i].tensor(name).to(self.accum_dtype), alpha=c)
+            ing = self.ingredients[i]
+            acc.add_(checked_float(ing.tensor(name), name, ing.label).to(self.accum_dtype), alpha=c)
         if total != 1.0:
             acc.div_(total)  # sum first, divide once: one rounding instead of one per term
         return acc.to(parse_dtype(out_dtype) or meta.dtype)
