@@ -8,6 +8,8 @@ Example:
 """
 
 from modelsoup.accumulator import Accumulator
+from modelsoup.cook import cook, cook_config
+from modelsoup.diagnose import diagnose
 from modelsoup.errors import (
     AlignmentError,
     ConfigError,
@@ -19,15 +21,41 @@ from modelsoup.errors import (
     SoupWarning,
     WriteError,
 )
+from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, MetricEvaluator
 from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, open_ingredients
+from modelsoup.recipes import (
+    forward_selection_soup,
+    greedy_ensemble,
+    greedy_soup,
+    output_ensemble,
+    pruned_soup,
+)
 from modelsoup.recipes.uniform import average
+from modelsoup.repair import align_to, recalibrate_bn, trace_permutation_spec
 from modelsoup.soup import Soup
+from modelsoup.tasting import Taster
 from modelsoup.writer import save_soup
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Accumulator",
+    "Accuracy",
+    "Evaluator",
+    "MeanLoss",
+    "MetricEvaluator",
+    "Taster",
+    "align_to",
+    "cook",
+    "cook_config",
+    "diagnose",
+    "forward_selection_soup",
+    "greedy_ensemble",
+    "greedy_soup",
+    "output_ensemble",
+    "pruned_soup",
+    "recalibrate_bn",
+    "trace_permutation_spec",
     "AlignmentError",
     "ConfigError",
     "EvaluationError",
