@@ -156,3 +156,12 @@ def test_apply_writes_in_place():
     assert net.fc1.weight.data_ptr() == ptr
     ref = _reference(states, [1, 1])
     assert torch.allclose(net.fc1.weight.double(), ref["fc1.weight"], atol=1e-6)
+
+
+def test_accumulator_soup_of_one_is_exact_after_other_moves():
+    states = [tiny_state(s) for s in range(3)]
+    acc = Accumulator(open_ingredients(states))
+    acc.set_weights([1, 1, 1])
+    acc.set_weights([1, 0, 1])
+    acc.set_weights([0, 0, 1])
+    assert torch.equal(acc.mean("fc1.weight"), states[2]["fc1.weight"])

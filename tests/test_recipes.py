@@ -94,7 +94,7 @@ def test_forward_selection_picks_the_known_best_pair():
     soup = run()
     assert sorted(values[i] for i in soup.chosen) == [1.6, 2.4]
     assert soup.scores["held_out"] == pytest.approx(0.0, abs=1e-6)
-    assert run(max_ingredients=1).chosen == [0]
+    assert run(max_ingredients=1).chosen in ([0], [1])  # 2.4 and 1.6 tie as singles
 
 
 def test_candidates_are_written_in_place_into_one_module(pool):

@@ -168,6 +168,14 @@ class Accumulator:
             raise ConfigError(f"{len(target)} weights given for {len(self.weights)} ingredients")
         if not any(w > 0 for w in target):
             raise ConfigError("a soup needs at least one ingredient with a positive weight")
+        changes = sum(1 for i, w in enumerate(target) if w != self.weights[i])
+        members = sum(1 for w in target if w > 0)
+        if members <= changes:
+            # Rebuilding is no dearer than patching, and it is exact: no rounding residue
+            # from earlier additions and removals (a soup of one equals its ingredient).
+            for t in self._sum.values():
+                t.zero_()
+            self.weights = [0.0] * len(self.weights)
         # Additions first, so the sum never passes through an empty soup.
         for i, w in enumerate(target):
             if w > self.weights[i]:

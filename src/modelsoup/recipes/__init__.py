@@ -2,13 +2,16 @@
 
 Evaluation-free: :func:`average` (uniform or weighted). Evaluation-guided, each taking
 a :class:`~modelsoup.tasting.Taster`: ``greedy``, ``forward``, ``pruned``, the
-``ensemble`` and ``greedy_ensemble`` baselines, ``best_individual`` and ``uniform``.
+``ensemble`` and ``greedy_ensemble`` baselines, ``best_individual`` and ``uniform``;
+``learned`` (coefficients trained by gradient) and ``layerwise`` (per-group choices).
 """
 
 from modelsoup.recipes.baselines import best_individual, uniform_soup
 from modelsoup.recipes.ensemble import Ensemble, greedy_ensemble, output_ensemble
 from modelsoup.recipes.forward import forward_selection_soup
 from modelsoup.recipes.greedy import greedy_soup
+from modelsoup.recipes.layerwise import layerwise_soup
+from modelsoup.recipes.learned import learned_soup
 from modelsoup.recipes.pruned import pruned_soup
 from modelsoup.recipes.registry import RECIPES, get_recipe
 from modelsoup.recipes.uniform import average
@@ -22,6 +25,8 @@ __all__ = [
     "get_recipe",
     "greedy_ensemble",
     "greedy_soup",
+    "layerwise_soup",
+    "learned_soup",
     "output_ensemble",
     "pruned_soup",
     "uniform_soup",

@@ -1,0 +1,121 @@
+"""Memory budgets: estimate what a job needs from tensor headers, and refuse it early.
+
+Most of modelsoup streams one tensor at a time, so memory does not grow with the number
+of ingredients. The learned soup cannot: its weights are a differentiable function of
+every ingredient at once (Wortsman et al. 2022, Appendix, "learned soup"), so it holds
+``k`` model copies. These helpers estimate that from the ingredients' layout (shapes
+and dtypes only; no tensor is read) and raise
+:class:`~modelsoup.errors.MemoryBudgetError` before anything is loaded.
+
+Example:
+    >>> import torch
+    >>> from modelsoup.formats.base import TensorMeta
+    >>> layout = {"w": TensorMeta((1000, 1000), torch.float16)}
+    >>> format_bytes(learned_soup_bytes(layout, 4, batch_size=1))
+    '28.01 MB'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from modelsoup.errors import MemoryBudgetError
+from modelsoup.formats.base import TensorMeta
+from modelsoup.writer import parse_size
+
+FLOAT32_BYTES = 4
+
+
+def total_ram() -> int:
+    """Physical memory of this machine, in bytes (from ``os.sysconf``).
+
+    Example:
+        >>> total_ram() > 0
+        True
+    """
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        # Not every platform reports it; 8 GB is a conservative stand-in, and the user
+        # can always give ``max_memory`` explicitly.
+        return 8 * 10**9
+
+
+def memory_budget(max_memory: int | str | None = None) -> int:
+    """The budget in bytes: ``max_memory`` (``"8GB"``-style or bytes), else half the RAM.
+
+    Example:
+        >>> memory_budget("2GB")
+        2000000000
+        >>> memory_budget() == total_ram() // 2
+        True
+    """
+    if max_memory is None:
+        return total_ram() // 2
+    return parse_size(max_memory)
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in GB, MB or KB with two decimals, for messages.
+
+    Example:
+        >>> format_bytes(1_500_000_000), format_bytes(2_000_000), format_bytes(100)
+        ('1.50 GB', '2.00 MB', '0.10 KB')
+    """
+    for unit, size in (("GB", 10**9), ("MB", 10**6)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1e3:.2f} KB"
+
+
+def learned_soup_bytes(
+    layout: Mapping[str, TensorMeta],
+    k: int,
+    *,
+    batch_size: int,
+    rows: int = 1,
+) -> int:
+    """A rough upper estimate of the memory a learned soup of ``k`` ingredients needs.
+
+    It counts, in float32 (the mixing dtype): ``k`` stacked copies of every floating
+    tensor; the mixed weights, their gradients and one temporary of the same size
+    (3 model copies); the mixing logits with their gradient and two AdamW moments
+    (``rows * k`` numbers, ``rows`` = 1 or the number of tensors); and activations,
+    guessed as ``batch_size`` x the sum of every tensor's leading dimension (the
+    output width of a linear layer), twice for the backward pass. The activation
+    guess is a floor for convolutional models, whose activations grow with the image.
+
+    Example:
+        >>> import torch
+        >>> layout = {"w": TensorMeta((10, 10), torch.float32), "n": TensorMeta((), torch.int64)}
+        >>> learned_soup_bytes(layout, 2, batch_size=1)
+        2112
+    """
+    floats = [m for m in layout.values() if m.is_floating]
+    model = sum(m.numel for m in floats) * FLOAT32_BYTES
+    alphas = 4 * rows * k * FLOAT32_BYTES
+    width = sum(m.shape[0] if m.shape else 1 for m in floats)
+    activations = 2 * batch_size * width * FLOAT32_BYTES
+    return (k + 3) * model + alphas + activations
+
+
+def check_budget(needed: int, budget: int, what: str, advice: str, *, detail: str = "") -> None:
+    """Raise :class:`MemoryBudgetError` if ``needed`` bytes exceed ``budget``.
+
+    The message reads ``<what> needs ~X GB <detail>; budget is Y GB; <advice>``.
+
+    Example:
+        >>> check_budget(10, 100, "a job", "raise max_memory")
+        >>> check_budget(5 * 10**9, 10**9, "a soup", "raise max_memory", detail="for 3 ingredients")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.MemoryBudgetError: a soup needs ~5.00 GB for 3 ingredients; budget is \
+1.00 GB; raise max_memory
+    """
+    if needed > budget:
+        detail = f" {detail}" if detail else ""
+        raise MemoryBudgetError(
+            f"{what} needs ~{format_bytes(needed)}{detail}; budget is {format_bytes(budget)}; "
+            f"{advice}"
+        )
