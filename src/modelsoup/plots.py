@@ -58,7 +58,8 @@ def plot_grid_heatmap(
     ``scores`` maps ``(x, y)`` (e.g. ``(learning_rate, weight_decay)``) to a
     score; grid cells without a score (or with NaN) stay blank. Each soup is a
     line on the colour bar, listed with its score under the plot next to the
-    best individual model (outlined in the grid).
+    best cell of the grid (outlined; on test scores this is an oracle pick, not the
+    held-out choice).
 
     Example:
         >>> import tempfile, pathlib
@@ -113,7 +114,7 @@ def plot_grid_heatmap(
         best = grid[row, col]
         colourbar.ax.axhline(best, color="black", linestyle="--", linewidth=2)
         handles.append(
-            Line2D([], [], color="black", linestyle="--", label=f"best individual: {best:.4g}")
+            Line2D([], [], color="black", linestyle="--", label=f"best cell: {best:.4g}")
         )
     for colour, (name, score) in zip(itertools.cycle(_SOUP_COLOURS), soups.items()):
         colourbar.ax.axhline(score, color=colour, linewidth=2.5)

@@ -265,7 +265,7 @@ def write_figures(result, data: dict, folder: Path) -> list[Path]:
                         [s["pass"] for s in ends],
                         [s["score"] * scale for s in ends],
                         [s["size"] for s in ends],
-                        path=folder / f"pruned-{_slug(m.label)}.png",
+                        path=folder / f"{_slug(m.label)}.png",
                     )
                 )
     axes = _numeric_axes(result)
@@ -274,7 +274,7 @@ def write_figures(result, data: dict, folder: Path) -> list[Path]:
         grid = {}
         for ing, s in zip(result.ingredients, scores_src):
             grid[(ing.hyperparameters[axes[0]], ing.hyperparameters[axes[1]])] = s * scale
-        soups = {r["method"]: r[key] * scale for r in rows if r["recipe"] != "best_individual"}
+        soups = {r["method"]: r[key] * scale for r in rows}
         made.append(
             plots.plot_grid_heatmap(
                 grid,

@@ -114,8 +114,47 @@ class Taster:
         self.mix_seconds += time.perf_counter() - start
         return self.model
 
-    def score(self, weights: Sequence[float], evaluator: Evaluator | None = None) -> float:
-        """Held-out score of the soup with per-position ``weights`` (journal first)."""
+    # -- progress -----------------------------------------------------------------
+    def start_bar(self, label: str) -> None:
+        """Show a progress bar of candidates tasted for one recipe (if ``progress``)."""
+        self.close_bar()
+        if self.progress:
+            self._bar = tqdm(desc=f"tasting {label}", unit="soup", leave=False)
+
+    def close_bar(self) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.close()
+        self._bar = None
+
+    def _tick(self, weights: Sequence[float], score: float, to_beat: float | None) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is None:
+            return
+        size = sum(1 for w in weights if w > 0)
+        post = {"size": size, "score": f"{score:.4f}"}
+        if to_beat is not None:
+            post["to beat"] = f"{to_beat:.4f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update()
+
+    def score(
+        self,
+        weights: Sequence[float],
+        evaluator: Evaluator | None = None,
+        *,
+        to_beat: float | None = None,
+    ) -> float:
+        """Held-out score of the soup with per-position ``weights`` (journal first).
+
+        ``to_beat`` is only shown on the progress bar: the score the candidate must match.
+        """
+        value = self._score(weights, evaluator)
+        if evaluator is None or evaluator is self.held_out:
+            self._tick(weights, value, to_beat)
+        return value
+
+    def _score(self, weights: Sequence[float], evaluator: Evaluator | None) -> float:
         evaluator = evaluator or self.held_out
         if len(weights) != len(self.ingredients):
             raise ConfigError(f"{len(weights)} weights for {len(self.ingredients)} ingredients")
@@ -133,12 +172,18 @@ class Taster:
         self.journal.record(key, value, {"evaluator": evaluator.name, "members": members})
         return value
 
-    def score_members(self, members: Sequence[int], evaluator: Evaluator | None = None) -> float:
+    def score_members(
+        self,
+        members: Sequence[int],
+        evaluator: Evaluator | None = None,
+        *,
+        to_beat: float | None = None,
+    ) -> float:
         """Score of the uniform soup of the given positions (a position may repeat)."""
         weights = [0.0] * len(self.ingredients)
         for i in members:
             weights[i] += 1.0
-        return self.score(weights, evaluator)
+        return self.score(weights, evaluator, to_beat=to_beat)
 
     def individual_scores(self, evaluator: Evaluator | None = None) -> list[float]:
         """Each ingredient's own score; computed once and shared by every recipe."""

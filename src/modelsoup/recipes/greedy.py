@@ -77,7 +77,7 @@ def greedy_soup(
     for step, i in enumerate(positions[1:], start=2):
         if max_ingredients is not None and len(members) >= max_ingredients:
             break
-        score = taster.score_members([*members, i])
+        score = taster.score_members([*members, i], to_beat=best)
         accepted = taster.better(score, best, strict=strict)
         if accepted:
             members.append(i)
