@@ -144,3 +144,31 @@ def test_reader_is_lazy_one_tensor_at_a_time(tmp_path):
     # Reading a tensor returns a fresh buffer of exactly that tensor's size.
     t = src.tensor("t3")
     assert t.untyped_storage().nbytes() == 4000 and t[0].item() == 3.0
+
+
+def test_sha256_while_reading_equals_a_full_read(tmp_path, states):
+    import hashlib
+
+    path = tmp_path / "a.safetensors"
+    safetensors.torch.save_file(states[0], str(path))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    lazy = open_ingredient(path)
+    scratch = lazy.scratch()
+    for name in lazy.names():  # file order: each byte read once, front to back
+        lazy.tensor(name, scratch)
+    assert lazy.source._hash_file == 1  # hashed while reading, no second pass needed
+    assert lazy.sha256 == expected
+    cold = open_ingredient(path)
+    cold.tensor(cold.names()[-1])  # out of order: falls back to reading the file
+    assert cold.sha256 == expected
+
+
+def test_same_content_under_two_paths_is_warned_when_saved(tmp_path, states):
+    from modelsoup.errors import SoupWarning
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "copy.safetensors"
+    safetensors.torch.save_file(states[0], str(a))
+    b.write_bytes(a.read_bytes())
+    soup = average([a, b, states[1]])
+    with pytest.warns(SoupWarning, match="copy and a are the same checkpoint"):
+        soup.save(tmp_path / "soup.safetensors", progress=False)

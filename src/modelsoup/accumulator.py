@@ -54,6 +54,22 @@ def check_same_ints(
         )
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite, with one reduction in the common case.
+
+    A NaN or Inf anywhere makes the sum non-finite; only then (or if the sum merely
+    overflowed) is the tensor checked element by element.
+
+    Example:
+        >>> import torch
+        >>> is_finite(torch.ones(3)), is_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def checked_float(t: torch.Tensor, name: str, label: str) -> torch.Tensor:
     """Refuse a tensor holding NaN or Inf: one such value would poison every soup it enters.
 
@@ -62,7 +78,7 @@ def checked_float(t: torch.Tensor, name: str, label: str) -> torch.Tensor:
         >>> checked_float(torch.ones(2), "w", "a").sum().item()
         2.0
     """
-    if not bool(torch.isfinite(t).all()):
+    if not is_finite(t):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise IngredientError(
             f"{label}: tensor '{name}' contains {bad} values (diverged training?); "
@@ -106,6 +122,10 @@ class Accumulator:
         first = self.ingredients[0]
         self._ints = {n: first.tensor(n).clone() for n in self.int_names}
         self._checked = {0}
+        self._finite: set[int] = set()  # positions whose tensors were checked for NaN/Inf
+        self._scratch = torch.empty(
+            max((self.layout[n].nbytes for n in self.float_names), default=0), dtype=torch.uint8
+        )
         self.weights = [0.0] * len(self.ingredients)
 
     @property
@@ -130,9 +150,13 @@ class Accumulator:
             raise ConfigError(f"weight {weight} must be > 0")
         self._check_ints(position)
         ing = self.ingredients[position]
+        check = position not in self._finite
         for n in self.float_names:
-            t = checked_float(ing.tensor(n), n, ing.label)
-            self._sum[n].add_(t.to(self.accum_dtype), alpha=weight)
+            t = ing.tensor(n, self._scratch)
+            if check:
+                checked_float(t, n, ing.label)
+            self._sum[n].add_(t, alpha=weight)  # add_ promotes to the sum's dtype
+        self._finite.add(position)
         self.weights[position] += weight
 
     def remove(self, position: int, weight: float | None = None) -> None:
@@ -152,7 +176,7 @@ class Accumulator:
             return
         ing = self.ingredients[position]
         for n in self.float_names:
-            self._sum[n].sub_(ing.tensor(n).to(self.accum_dtype), alpha=weight)
+            self._sum[n].sub_(ing.tensor(n, self._scratch), alpha=weight)
 
     def set_weights(self, target: Sequence[float]) -> None:
         """Move to the soup with these per-position weights, touching only what changes.
@@ -205,11 +229,22 @@ class Accumulator:
             >>> acc.write_into(torch.nn.Linear(1, 1)).weight.data.equal(lin.weight.data)
             True
         """
-        write_state_into(module, self.mean, self.layout)
+        total = self.total
+        if total <= 0:
+            raise ConfigError("the soup is empty: add an ingredient first")
+
+        def into(name: str, dest: torch.Tensor) -> bool:
+            # Divide straight into the module's tensor: no model-sized temporary.
+            if name in self._sum and dest.dtype == self.accum_dtype:
+                torch.div(self._sum[name], total, out=dest)
+                return True
+            return False
+
+        write_state_into(module, self.mean, self.layout, direct=into)
         return module
 
 
-def write_state_into(module: torch.nn.Module, tensor_for, layout) -> None:
+def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -> None:
     """Copy ``tensor_for(name)`` into every parameter and buffer of ``module``, in place.
 
     Names must match the ingredients' exactly; the first difference is named.
@@ -236,6 +271,14 @@ def write_state_into(module: torch.nn.Module, tensor_for, layout) -> None:
             )
     with torch.no_grad():
         for name, dest in target.items():
+            meta = layout[name]
+            if meta is not None and tuple(dest.shape) != tuple(meta.shape):
+                raise IncompatibleIngredientsError(
+                    f"tensor '{name}' is {tuple(meta.shape)} in the ingredients but "
+                    f"{tuple(dest.shape)} in the model"
+                )
+            if direct is not None and direct(name, dest):
+                continue
             src = tensor_for(name)
             if tuple(dest.shape) != tuple(src.shape):
                 raise IncompatibleIngredientsError(

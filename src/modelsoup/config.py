@@ -14,6 +14,11 @@ Example config::
 
 Import paths are ``module:attribute``, or ``file.py:attribute`` relative to the config
 file. Every recipe entry is checked against that recipe's own options.
+
+Hugging Face classifiers need no code: ``model: hf`` builds the architecture from the
+first ingredient folder's ``config.json``, and ``held_out``/``test`` may name the
+built-in text evaluator, e.g. ``{hf_text_classification: held.csv, max_length: 64}``
+(see :mod:`modelsoup.hf`).
 """
 
 from __future__ import annotations
@@ -21,13 +26,23 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from modelsoup.errors import ConfigError
+from modelsoup.hf import TextClassificationData
 from modelsoup.recipes.registry import get_recipe
 
 DEFAULT_RECIPES = [
@@ -47,6 +62,27 @@ class RecipeEntry(BaseModel):
         return dict(self.model_extra or {})
 
 
+def _evaluator_form(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "import path"
+    if isinstance(value, dict | TextClassificationData):
+        return "built-in"
+    return None
+
+
+#: ``held_out`` and ``test``: an import path, or a mapping that names a built-in evaluator
+EvaluatorSpec = Annotated[
+    Annotated[str, Tag("import path")] | Annotated[TextClassificationData, Tag("built-in")],
+    Discriminator(
+        _evaluator_form,
+        custom_error_type="evaluator_form",
+        custom_error_message="give an import path (module:function) or a mapping such as "
+        "{hf_text_classification: held.csv}",
+    ),
+]
+_FORM_TAGS = {"import path", "built-in"}  # pydantic's union tags: not config keys
+
+
 class CookConfig(BaseModel):
     """Everything ``modelsoup cook`` needs; unknown keys are errors."""
 
@@ -54,8 +90,8 @@ class CookConfig(BaseModel):
 
     model: str
     ingredients: list[str] = Field(min_length=1)
-    held_out: str
-    test: str | None = None
+    held_out: EvaluatorSpec
+    test: EvaluatorSpec | None = None
     recipes: list[RecipeEntry] = Field(
         default_factory=lambda: [RecipeEntry(**r) for r in DEFAULT_RECIPES]
     )
@@ -75,6 +111,10 @@ class CookConfig(BaseModel):
     recalibrate_batches: int | None = Field(default=None, ge=1)
     recalibrate_candidates: bool = False
     align: bool = False
+    #: let transformers run code shipped in the ingredient folder (``model: hf``)
+    trust_remote_code: bool = False
+    #: under torchrun: seconds a collective may wait for the other ranks
+    dist_timeout_s: float = Field(default=600.0, gt=0)
     #: where relative paths are resolved (the config file's folder)
     base_dir: str = "."
 
@@ -86,7 +126,7 @@ class CookConfig(BaseModel):
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    loc = ".".join(str(x) for x in first["loc"] if x not in _FORM_TAGS) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key; check its spelling"
@@ -176,8 +216,17 @@ def resolve(target: str, base_dir: str | Path = ".") -> Any:
         raise ConfigError(f"'{target}': {module_name} has no attribute '{attr}'") from None
 
 
-def resolve_evaluator(target: str | None, base_dir: str | Path = ".") -> Any:
+def resolve_evaluator(
+    target: str | TextClassificationData | None,
+    base_dir: str | Path = ".",
+    ingredients: Sequence[str | Path] = (),
+    *,
+    trust_remote_code: bool = False,
+) -> Any:
     """Resolve an evaluator import path; a factory (no ``evaluate``) is called once.
+
+    A built-in form such as ``{hf_text_classification: held.csv}`` is built with the
+    tokenizer and labels of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
 
     Example:
         >>> resolve_evaluator(None) is None
@@ -185,6 +234,13 @@ def resolve_evaluator(target: str | None, base_dir: str | Path = ".") -> Any:
     """
     if target is None:
         return None
+    if isinstance(target, TextClassificationData):
+        from modelsoup.hf import model_folder, text_classification
+
+        folder = model_folder(ingredients)
+        return text_classification(
+            target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code
+        )
     obj = resolve(target, base_dir)
     return obj if hasattr(obj, "evaluate") else obj()
 

@@ -28,6 +28,7 @@ from modelsoup.config import (
     resolve_evaluator,
     resolve_recalibration,
 )
+from modelsoup.distributed import init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -109,6 +110,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append("by layer")
     if "passes" in options:
         parts.append(f"{options['passes']} pass" + ("es" if options["passes"] != 1 else ""))
+    if options.get("ingredients") not in (None, "all"):
+        parts.append(f"{options['ingredients']} ingredients")
     if options.get("variant"):
         parts.append(str(options["variant"]))
     return f"{name} ({', '.join(parts)})" if parts else name
@@ -181,11 +184,16 @@ def cook(
     recalibrate_candidates: bool = False,
     checkpoint_key: str | None = None,
     progress: bool = True,
+    dist_timeout_s: float = 600.0,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
     With ``output``, soups, the journal and the report are written there.
+
+    Under ``torchrun`` each rank evaluates a shard of the data and every rank returns
+    the same result; only rank 0 writes files (see :mod:`modelsoup.distributed`). A rank
+    that stops responding for ``dist_timeout_s`` seconds ends the run with an error.
 
     Example:
         >>> import torch
@@ -197,6 +205,9 @@ def cook(
         [('best_individual', 1), ('uniform', 3), ('greedy (sorted)', 2)]
     """
     started = time.perf_counter()
+    ranks = init_distributed(dist_timeout_s, device)  # None in a single process
+    if ranks is not None:
+        progress = progress and ranks.is_main
     pool = open_ingredients(ingredients, key=checkpoint_key)
     module = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(module, torch.nn.Module):
@@ -204,8 +215,12 @@ def cook(
     module.to(device)
     held = as_evaluator(held_out)
     test_ev = as_evaluator(test) if test is not None else None
+    if ranks is not None:
+        held = ranks.share(held)
+        test_ev = ranks.share(test_ev) if test_ev is not None else None
     out = Path(output) if output is not None else None
-    book = Journal(out / "journal.jsonl" if (out is not None and journal) else None)
+    journal_path = out / "journal.jsonl" if (out is not None and journal) else None
+    book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     taster = Taster(
         pool,
         module,
@@ -225,6 +240,8 @@ def cook(
     individual_test = None
     if test_ev is not None:
         individual_test = [taster.score_members([i], test_ev) for i in range(len(pool))]
+    if ranks is not None:
+        ranks.close()  # all evaluation is done: what is left is rank 0 writing files
     result = CookResult(
         methods,
         pool,
@@ -238,7 +255,7 @@ def cook(
         out,
     )
     _warn_if_collapsed(result)
-    if out is not None:
+    if out is not None and (ranks is None or ranks.is_main):
         from modelsoup.report import write_report
 
         if save == "all":
@@ -266,9 +283,11 @@ def _run_entry(
         kwargs = dict(options)
         if runs > 1 and "seed" in kwargs:
             kwargs["seed"] = kwargs["seed"] + r
-        if progress:
-            print(f"cooking {label}" + (f" (run {r + 1}/{runs})" if runs > 1 else ""), flush=True)
-        results.append(spec.fn(taster, **kwargs))
+        taster.start_bar(label + (f" (run {r + 1}/{runs})" if runs > 1 else ""))
+        try:
+            results.append(spec.fn(taster, **kwargs))
+        finally:
+            taster.close_bar()
     tests: list[float] = []
     per_example = None
     for k, res in enumerate(results):
@@ -373,14 +392,25 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
     if not isinstance(config, CookConfig):
         config = load_config(config)
     base = Path(config.base_dir)
-    model = resolve(config.model, base)
-    held = resolve_evaluator(config.held_out, base)
-    test = resolve_evaluator(config.test, base)
-    recalibrate = resolve_recalibration(config)
     ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    if config.model == "hf":  # the architecture from the first folder's config.json
+        from modelsoup.hf import model_factory
+
+        model = model_factory(ingredients, trust_remote_code=config.trust_remote_code)
+    else:
+        model = resolve(config.model, base)
+    trust = config.trust_remote_code
+    held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
+    test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+    recalibrate = resolve_recalibration(config)
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
+    if config.align and launched_distributed():
+        raise ConfigError(
+            "align: true cannot run under torchrun (every rank would write the aligned "
+            "checkpoints); align in one process first, then cook the aligned checkpoints"
+        )
     if config.align:
         from modelsoup.repair.pool import align_pool
 
@@ -408,4 +438,5 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         recalibrate_candidates=config.recalibrate_candidates,
         checkpoint_key=config.checkpoint_key,
         progress=progress,
+        dist_timeout_s=config.dist_timeout_s,
     )

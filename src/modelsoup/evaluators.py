@@ -187,6 +187,9 @@ class ClassifierEvaluator:
 
     higher_is_better = True
     kind = "classifier"
+    #: set by :mod:`modelsoup.distributed` under torchrun: this rank runs only its share
+    #: of the batches and ``sharding.gather`` puts every rank's logits back in order
+    sharding = None
 
     def __init__(self, data: Any, *, batch_size: int = 256, name: str | None = None):
         self.data = data
@@ -232,14 +235,20 @@ class ClassifierEvaluator:
     def logits(self, model: torch.nn.Module) -> torch.Tensor:
         """The model's logits on every example, in order, as float32 on CPU."""
         device = model_device(model)
+        batches = self.batches(device)
+        mine = (
+            range(len(batches)) if self.sharding is None else self.sharding.positions(len(batches))
+        )
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                outs = [forward_logits(model, x).float().cpu() for x, _ in self.batches(device)]
+                outs = {i: forward_logits(model, batches[i][0]).float().cpu() for i in mine}
         finally:
             model.train(was_training)
-        return torch.cat(outs)
+        if self.sharding is not None:
+            return self.sharding.gather(outs, len(batches))
+        return torch.cat(list(outs.values()))
 
     def per_example(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

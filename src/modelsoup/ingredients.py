@@ -73,9 +73,19 @@ class Ingredient:
         """Shape and dtype of one tensor, without reading it."""
         return self.source.meta(name)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (on CPU, in its stored dtype)."""
-        return self.source.tensor(name)
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (on CPU, in its stored dtype).
+
+        With a uint8 ``scratch`` buffer, file readers read into it instead of allocating:
+        the result is then valid only until the buffer is used again.
+        """
+        return self.source.tensor(name, scratch)
+
+    def scratch(self) -> torch.Tensor:
+        """A uint8 buffer big enough for any one of this ingredient's tensors."""
+        return torch.empty(
+            max((m.nbytes for m in self.layout().values()), default=0), dtype=torch.uint8
+        )
 
     def layout(self) -> dict[str, TensorMeta]:
         """Every tensor's name, shape and dtype."""
@@ -258,8 +268,12 @@ def check_compatible(ingredients: Sequence[Ingredient], *, warn_duplicates: bool
         warn_if_duplicated(ingredients)
 
 
-def warn_if_duplicated(ingredients: Sequence[Ingredient]) -> None:
+def warn_if_duplicated(ingredients: Sequence[Ingredient], *, by_content: bool = False) -> None:
     """Warn when the same checkpoint appears twice (legal: it then counts twice).
+
+    By default only the same path (or in-memory object) is caught, which costs nothing;
+    ``by_content=True`` also compares sha256 hashes (which reads every file unless it
+    has already been read in full).
 
     Example:
         >>> import torch, warnings
@@ -271,9 +285,15 @@ def warn_if_duplicated(ingredients: Sequence[Ingredient]) -> None:
         True
     """
     seen: dict[object, str] = {}
+    hashes: dict[str, str] = {}
     for ing in ingredients:
         key = ing.path.resolve() if ing.path is not None else id(ing.source)
-        other = seen[key] if key in seen else seen.get(ing.sha256)
+        if by_content:
+            # Same path was already reported when the ingredients were opened.
+            other = hashes.get(ing.sha256) if key not in seen else None
+            hashes.setdefault(ing.sha256, ing.label)
+        else:
+            other = seen.get(key)
         if other is not None:
             warnings.warn(
                 f"{ing.label} and {other} are the same checkpoint: it is used twice and "
@@ -281,8 +301,7 @@ def warn_if_duplicated(ingredients: Sequence[Ingredient]) -> None:
                 SoupWarning,
                 stacklevel=2,
             )
-        seen[key] = ing.label
-        seen.setdefault(ing.sha256, ing.label)
+        seen.setdefault(key, ing.label)
 
 
 def describe_ingredients(ingredients: Sequence[Ingredient]) -> dict:

@@ -23,6 +23,7 @@ from modelsoup.accumulator import (
     check_int_policy,
     check_same_ints,
     checked_float,
+    is_finite,
     write_state_into,
 )
 from modelsoup.errors import ConfigError
@@ -163,12 +164,29 @@ class Soup:
             return value.clone()
         total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
+        scratch = self._scratch(meta.nbytes)
         for i, c in used:
-            ing = self.ingredients[i]
-            acc.add_(checked_float(ing.tensor(name), name, ing.label).to(self.accum_dtype), alpha=c)
+            acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
+        if not is_finite(acc):
+            # Rare: find the ingredient to blame (the sum may also just have overflowed).
+            for i, _ in used:
+                ing = self.ingredients[i]
+                checked_float(ing.tensor(name), name, ing.label)
+            raise ConfigError(
+                f"tensor '{name}': the weighted sum overflows {self.accum_dtype}; "
+                "use accum_dtype float64"
+            )
         if total != 1.0:
             acc.div_(total)  # sum first, divide once: one rounding instead of one per term
         return acc.to(parse_dtype(out_dtype) or meta.dtype)
+
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        # One read buffer per soup, grown to the largest tensor: no allocation per read.
+        buf = self.__dict__.get("_read_buffer")
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            self.__dict__["_read_buffer"] = buf
+        return buf
 
     def state_dict(self, out_dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
         """All the soup's tensors in a dict (holds the whole soup in memory)."""

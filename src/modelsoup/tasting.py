@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Evaluator, as_evaluator, checked_score
-from modelsoup.ingredients import Ingredient
+from modelsoup.ingredients import Ingredient, warn_if_duplicated
 from modelsoup.journal import Journal
 from modelsoup.soup import Soup
 
@@ -62,6 +62,8 @@ class Taster:
         if not ingredients:
             raise ConfigError("no ingredients to taste")
         self.ingredients = list(ingredients)
+        # Journal keys hash every ingredient anyway, so duplicates by content are free to spot.
+        warn_if_duplicated(self.ingredients, by_content=True)
         self.model = model
         self.held_out = as_evaluator(held_out)
         self.journal = journal or Journal(None)

@@ -27,7 +27,7 @@ from modelsoup.errors import ConfigError, WriteError
 from modelsoup.formats.hf_folder import write_folder
 from modelsoup.formats.safetensors_io import atomic_file, write_safetensors
 from modelsoup.formats.torch_pickle import write_torch
-from modelsoup.ingredients import PICKLE_SUFFIXES
+from modelsoup.ingredients import PICKLE_SUFFIXES, warn_if_duplicated
 from modelsoup.soup import Soup, parse_dtype
 
 _UNITS = {
@@ -187,6 +187,8 @@ def save_soup(
             )
     finally:
         bar.close()
+    # Hashes are free now: streaming the soup read every chosen file front to back.
+    warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)
     with atomic_file(card_path(out)) as tmp:
         tmp.write_text(json.dumps(soup_card(soup, dtype), indent=2, default=str))
     return out

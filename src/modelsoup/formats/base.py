@@ -64,7 +64,9 @@ class TensorSource:
     def meta(self, name: str) -> TensorMeta:
         raise NotImplementedError
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor. Readers that copy from disk may read into a uint8 ``scratch``
+        buffer (the result is then valid only until the buffer is reused)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -105,7 +107,7 @@ class DictSource(TensorSource):
         t = self._tensors[name]
         return TensorMeta(tuple(t.shape), t.dtype)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name].detach().cpu()
 
     def fingerprint(self) -> str:

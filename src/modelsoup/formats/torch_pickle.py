@@ -151,7 +151,7 @@ class TorchSource(TensorSource):
         t = self._tensors[name]
         return TensorMeta(tuple(t.shape), t.dtype)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name]
 
 
