@@ -65,7 +65,8 @@ def is_finite(t: torch.Tensor) -> bool:
         >>> is_finite(torch.ones(3)), is_finite(torch.tensor([1.0, float("nan")]))
         (True, False)
     """
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=wide))):
         return True
     return bool(torch.isfinite(t).all())
 

@@ -138,8 +138,13 @@ class Soup:
             return lay
         return {n: TensorMeta(m.shape, out_dtype) if m.is_floating else m for n, m in lay.items()}
 
-    def tensor(self, name: str, out_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, out_dtype: torch.dtype | str | None = None, *, streaming: bool = False
+    ) -> torch.Tensor:
         """Mix one tensor: read it from each chosen ingredient, sum in float32, cast.
+
+        With ``streaming=True`` the sum lives in a buffer reused by the next streaming
+        call (how the writer keeps memory at about one tensor): use the result at once.
 
         Example:
             >>> import torch
@@ -163,8 +168,12 @@ class Soup:
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
         total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
-        acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
-        scratch = self._scratch(meta.nbytes)
+        if streaming:
+            acc = self._buffer("_sum_buffer", meta.numel, self.accum_dtype)[: meta.numel]
+            acc = acc.view(meta.shape).zero_()
+        else:
+            acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
+        scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
             acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
         if not is_finite(acc):
@@ -180,12 +189,13 @@ class Soup:
             acc.div_(total)  # sum first, divide once: one rounding instead of one per term
         return acc.to(parse_dtype(out_dtype) or meta.dtype)
 
-    def _scratch(self, nbytes: int) -> torch.Tensor:
-        # One read buffer per soup, grown to the largest tensor: no allocation per read.
-        buf = self.__dict__.get("_read_buffer")
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            self.__dict__["_read_buffer"] = buf
+    def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        # Buffers kept per soup and grown to the largest tensor: no allocation per tensor.
+        buf = self.__dict__.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            self.__dict__[key] = None  # free the old one before allocating the new
+            buf = torch.empty(numel, dtype=dtype)
+            self.__dict__[key] = buf
         return buf
 
     def state_dict(self, out_dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:

@@ -252,6 +252,7 @@ def write_safetensors(
                 )
             if t.numel():
                 fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            t = None  # drop it before the next tensor is made: one tensor in memory at a time
             if on_tensor:
                 on_tensor(name)
 
