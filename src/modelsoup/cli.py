@@ -7,6 +7,7 @@ exit code 2; warnings print as ``warning: ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -86,6 +87,8 @@ def cmd_cook(args: argparse.Namespace) -> int:
     from modelsoup.report import render_markdown, summarize
 
     result = cook_config(args.config, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
+        return 0
     data = summarize(result)
     table = render_markdown({**data, "figures": []}).split("**Verdict.**")[1]
     print("\nVerdict:" + table)
@@ -120,6 +123,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     for line in found.advice:
         print(f"advice: {line}")
     print(f"written: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from modelsoup.demo import format_summary, run_demo
+
+    result = run_demo(
+        quick=args.quick, output=args.output, workdir=args.workdir, progress=not args.quiet
+    )
+    print(format_summary(result))
     return 0
 
 
@@ -212,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("cook", help="evaluation-guided soups from a YAML config, with a report")
-    p.add_argument("config", help="the cook config (YAML); see docs/cook.md")
+    p.add_argument(
+        "config",
+        help="the cook config (YAML); see docs/cook.md (torchrun: docs/distributed-and-hf.md)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_cook)
 
@@ -233,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-key")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_align)
+
+    p = sub.add_parser("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")
+    p.add_argument("--quick", action="store_true", help="tiny digits variant (seconds)")
+    p.add_argument("--output", default="demo-output", help="report folder (default demo-output)")
+    p.add_argument(
+        "--workdir",
+        default=".modelsoup-work/demo",
+        help="cache of ingredients and journal (default .modelsoup-work/demo)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -233,13 +233,14 @@ def cook(
         progress=progress,
     )
     entries = _entries(recipes, baselines, hasattr(held, "logits"))
+    taster.share_outputs = any(e.name in ("ensemble", "greedy_ensemble") for e in entries)
     methods: list[MethodResult] = []
     for entry in entries:
         methods.append(_run_entry(taster, entry, test_ev, recalibrate, seed, progress))
     individual = taster.individual_scores()
     individual_test = None
     if test_ev is not None:
-        individual_test = [taster.score_members([i], test_ev) for i in range(len(pool))]
+        individual_test = taster.individual_scores(test_ev)
     if ranks is not None:
         ranks.close()  # all evaluation is done: what is left is rank 0 writing files
     result = CookResult(

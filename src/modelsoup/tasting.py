@@ -77,6 +77,8 @@ class Taster:
         self.eval_seconds = 0.0
         self.mix_seconds = 0.0
         self.recalibrations = 0  # BatchNorm re-estimations (extra forward passes)
+        #: score single ingredients from their cached logits (set when an ensemble is cooked)
+        self.share_outputs = False
         self._individual: dict[str, list[float]] = {}
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -194,10 +196,27 @@ class Taster:
             scores = []
             bar = tqdm(self.ingredients, desc="tasting ingredients", disable=not self.progress)
             for i, _ in enumerate(bar):
-                scores.append(self.score_members([i], evaluator))
+                scores.append(self._individual_score(i, evaluator))
                 bar.set_postfix(score=f"{scores[-1]:.4f}")
             self._individual[evaluator.name] = scores
         return list(self._individual[evaluator.name])
+
+    def _individual_score(self, position: int, evaluator: Evaluator) -> float:
+        if not (self.share_outputs and hasattr(evaluator, "logits")):
+            return self.score_members([position], evaluator)
+        # An ensemble will need this ingredient's logits anyway: score from them, so each
+        # ingredient costs one forward pass over the data, not two.
+        weights = [0.0] * len(self.ingredients)
+        weights[position] = 1.0
+        key = self.key(weights, evaluator)
+        found = self.journal.lookup(key)
+        if found is not None:
+            self.reused += 1
+            return found
+        value = float(evaluator.score_logits(self.outputs(position, evaluator)))
+        label = self.ingredients[position].label
+        self.journal.record(key, value, {"evaluator": evaluator.name, "members": [label]})
+        return value
 
     def score_soup(self, soup: Soup, evaluator: Evaluator | None = None) -> float:
         """Score any soup, including per-tensor ones, by applying it to the model."""

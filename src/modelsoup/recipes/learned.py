@@ -396,6 +396,23 @@ def learned_soup(
         needed, budget, "the learned soup", advice, detail=f"for {len(members)} ingredients"
     )
 
+    # The fit is the costly part: keep its result beside the journal, so a re-run of the
+    # same cook (same ingredients, held-out data and options) does not fit again.
+    cache_key = "learned-" + taster.journal.key(
+        f"learned:{taster.held_out.name}",
+        [(taster.ingredients[i].sha256, float(k + 1)) for k, i in enumerate(members)],
+        {k: repr(v) for k, v in options.items()},
+    )
+    cached = taster.journal.load_outputs(cache_key)
+    if cached is not None and cached.shape[-1] == len(members) + 1:
+        names = sorted(n for n, m in layout.items() if m.is_floating)
+        coefs, scales = cached[:, :-1], cached[:, -1]
+        per_tensor = {n: coefs[r].tolist() for r, n in enumerate(names)} if by_layer else {}
+        mean = coefs.mean(0).tolist()
+        scale = float(scales[0]) if temperature else None
+        trace.append({"reused": "coefficients fitted by an earlier run (journal)"})
+        return _finish(taster, members, mean, per_tensor, scale, options, trace, by_layer)
+
     model = taster.model
     was_training = model.training
     # Eval mode throughout: BatchNorm uses the mixed running statistics and does not
@@ -427,6 +444,24 @@ def learned_soup(
         del mix  # free the k stacked copies before scoring
     finally:
         model.train(was_training)
+    rows_out = [per_tensor[n] for n in sorted(per_tensor)] if by_layer else [mean]
+    table = torch.tensor([[*r, scale if scale is not None else 1.0] for r in rows_out])
+    taster.journal.save_outputs(cache_key, table)
+    mean = table[:, :-1].mean(0).tolist()  # as a re-run computes it from the cache
+    return _finish(taster, members, mean, per_tensor, scale, options, trace, by_layer)
+
+
+def _finish(
+    taster: Taster,
+    members: list[int],
+    mean: Sequence[float],
+    per_tensor: dict[str, list[float]],
+    scale: float | None,
+    options: dict,
+    trace: list[dict],
+    by_layer: bool,
+) -> Soup:
+    n = len(taster.ingredients)
 
     def spread(values: Sequence[float]) -> list[float]:
         # Back to pool positions; ingredients left out by greedy get exactly 0.
