@@ -171,3 +171,17 @@ def test_evaluator_fetches_data_once():
     assert data.iterations == 1
     top10 = Accuracy((x, y), top_k=10).evaluate(model)
     assert top10 == 1.0
+
+
+def test_candidate_with_one_more_ingredient_leaves_the_sum_alone(pool):
+    taster = _taster(pool)
+    taster.materialise([1, 0, 1, 0, 0])
+    before = list(taster.accumulator.weights)
+    model = taster.materialise([1, 0, 1, 1, 0])  # greedy's candidate: one more ingredient
+    assert taster.accumulator.weights == before  # the sum was not touched
+    expected = average([pool[0], pool[2], pool[3]]).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6)
+    model = taster.materialise([0, 0, 1, 1, 0])  # any other move goes through the sum
+    expected = average([pool[2], pool[3]]).state_dict()
+    assert torch.allclose(model.fc1.weight, expected["fc1.weight"], atol=1e-6)

@@ -209,6 +209,48 @@ class Accumulator:
             if w < self.weights[i]:
                 self.remove(i, self.weights[i] - w)
 
+    def write_into_with(
+        self, module: torch.nn.Module, position: int, weight: float = 1.0
+    ) -> torch.nn.Module:
+        """Write the mean of the current soup plus ``weight`` x ingredient ``position``,
+        leaving the sum itself unchanged.
+
+        A greedy candidate is usually rejected: tasting it this way reads the ingredient
+        once, where adding then removing it would read it twice.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.zeros(1, 1)}, {"weight": torch.eye(1)}])
+            >>> acc = Accumulator(ings); acc.add(0)
+            >>> lin = acc.write_into_with(torch.nn.Linear(1, 1, bias=False), 1)
+            >>> lin.weight.item(), acc.weights
+            (0.5, [1.0, 0.0])
+        """
+        if weight <= 0:
+            raise ConfigError(f"weight {weight} must be > 0")
+        self._check_ints(position)
+        ing = self.ingredients[position]
+        check = position not in self._finite
+        total = self.total + weight
+
+        def into(name: str, dest: torch.Tensor) -> bool:
+            if name not in self._sum:
+                return False
+            x = ing.tensor(name, self._scratch)
+            if check:
+                checked_float(x, name, ing.label)
+            if dest.dtype == self.accum_dtype:
+                torch.add(self._sum[name], x, alpha=weight, out=dest)
+                dest.div_(total)
+            else:
+                dest.copy_(torch.add(self._sum[name], x, alpha=weight).div_(total))
+            return True
+
+        write_state_into(module, self.mean, self.layout, direct=into)
+        self._finite.add(position)
+        return module
+
     def mean(self, name: str) -> torch.Tensor:
         """The current weighted mean of one tensor (accumulator dtype; ints as stored)."""
         if name in self._ints:

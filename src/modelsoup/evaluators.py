@@ -201,7 +201,10 @@ class ClassifierEvaluator:
 
     @property
     def name(self) -> str:
-        return self._name or f"{self.kind}[{self.fingerprint()[:12]}]"
+        if self._name is None:
+            # The data never changes once fetched, so its hash is computed once.
+            self._name = f"{self.kind}[{self.fingerprint()[:12]}]"
+        return self._name
 
     def batches(self, device: torch.device) -> list[tuple[Any, torch.Tensor]]:
         """The data as batches on ``device``, fetched once and kept."""

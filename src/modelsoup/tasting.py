@@ -110,8 +110,15 @@ class Taster:
     def materialise(self, weights: Sequence[float]) -> torch.nn.Module:
         """Write the soup with these per-position weights into the model, in place."""
         start = time.perf_counter()
-        self.accumulator.set_weights(weights)
-        self.accumulator.write_into(self.model)
+        acc = self.accumulator
+        extra = [i for i, w in enumerate(weights) if w != acc.weights[i]]
+        if len(extra) == 1 and acc.total > 0 and weights[extra[0]] > acc.weights[extra[0]]:
+            # The current soup plus one ingredient (greedy's candidate): leave the sum alone.
+            i = extra[0]
+            acc.write_into_with(self.model, i, weights[i] - acc.weights[i])
+        else:
+            acc.set_weights(weights)
+            acc.write_into(self.model)
         if self.recalibrate_candidates:
             self.recalibrate(self.model)
             self.recalibrations += 1

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from modelsoup.errors import AlignmentError, ConfigError
 from modelsoup.repair.spec import PermutationSpec, expand_index, permute_state_dict
@@ -70,6 +69,8 @@ def weight_matching(
         >>> weight_matching(spec, ref, {"w": ref["w"][[2, 0, 1]]})["P_0"]
         tensor([1, 2, 0])
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: scipy is slow to load
+
     if max_iter < 1:
         raise ConfigError(f"max_iter must be at least 1, got {max_iter}")
     sizes = spec.sizes(reference_sd)
