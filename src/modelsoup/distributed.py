@@ -211,6 +211,7 @@ class SharedJournal(Journal):
 
     def __init__(self, path: str | Path | None, ctx: DistContext):
         super().__init__(path if ctx.is_main else None)
+        self.persistent = path is not None  # the same on every rank, so keys agree
         self.ctx = ctx
 
     def lookup(self, key: str) -> float | None:

@@ -46,6 +46,8 @@ class Journal:
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path is not None else None
+        #: kept on disk across runs, so keys must name ingredients by content (sha256)
+        self.persistent = self.path is not None
         self.scores: dict[str, float] = {}
         self.reused = 0
         if self.path is not None and self.path.exists():

@@ -62,11 +62,12 @@ class Taster:
         if not ingredients:
             raise ConfigError("no ingredients to taste")
         self.ingredients = list(ingredients)
-        # Journal keys hash every ingredient anyway, so duplicates by content are free to spot.
-        warn_if_duplicated(self.ingredients, by_content=True)
         self.model = model
         self.held_out = as_evaluator(held_out)
         self.journal = journal or Journal(None)
+        if self.journal.persistent:
+            # Keys of a journal on disk hash every ingredient anyway: duplicates are free.
+            warn_if_duplicated(self.ingredients, by_content=True)
         self.accumulator = Accumulator(ingredients, accum_dtype=accum_dtype, int_policy=int_policy)
         self.int_policy = int_policy
         self.recalibrate = recalibrate
@@ -103,8 +104,16 @@ class Taster:
     def _extra(self) -> dict:
         return {"bn": "recalibrated"} if self.recalibrate_candidates else {}
 
+    def ident(self, position: int) -> str:
+        """How journal keys name an ingredient: by content (sha256) when the journal is
+        kept on disk, so a re-run recognises it; by position otherwise, which costs no
+        hashing."""
+        if self.journal.persistent:
+            return self.ingredients[position].sha256
+        return f"position-{position}"
+
     def key(self, weights: Sequence[float], evaluator: Evaluator) -> str:
-        mixture = [(self.ingredients[i].sha256, w) for i, w in enumerate(weights) if w > 0]
+        mixture = [(self.ident(i), w) for i, w in enumerate(weights) if w > 0]
         return self.journal.key(evaluator.name, mixture, self._extra())
 
     def materialise(self, weights: Sequence[float]) -> torch.nn.Module:
@@ -238,7 +247,7 @@ class Taster:
             sort_keys=True,
         )
         extra = {**self._extra(), "per_tensor": hashlib.sha256(blob.encode()).hexdigest()}
-        mixture = [(self.ingredients[i].sha256, c) for i, c in enumerate(soup.coefficients)]
+        mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients)]
         key = self.journal.key(evaluator.name, mixture, extra)
         found = self.journal.lookup(key)
         if found is not None:
@@ -285,7 +294,7 @@ class Taster:
         extra = {**self._extra(), "tensors": repr(sorted(soup.overrides))}
         if soup.tensor_coefficients:
             extra["per_tensor"] = repr(sorted(soup.tensor_coefficients.items()))
-        mixture = [(self.ingredients[i].sha256, c) for i, c in enumerate(soup.coefficients)]
+        mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients)]
         disk_key = "outputs-" + self.journal.key(evaluator.name, mixture, extra)
         cached = self.journal.load_outputs(disk_key)
         if cached is not None:

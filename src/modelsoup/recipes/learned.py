@@ -400,7 +400,7 @@ def learned_soup(
     # same cook (same ingredients, held-out data and options) does not fit again.
     cache_key = "learned-" + taster.journal.key(
         f"learned:{taster.held_out.name}",
-        [(taster.ingredients[i].sha256, float(k + 1)) for k, i in enumerate(members)],
+        [(taster.ident(i), float(k + 1)) for k, i in enumerate(members)],
         {k: repr(v) for k, v in options.items()},
     )
     cached = taster.journal.load_outputs(cache_key)
