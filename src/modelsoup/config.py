@@ -261,4 +261,5 @@ def resolve_recalibration(config: CookConfig) -> Any:
     def recalibrate(module: Any) -> None:
         recalibrate_bn(module, data, num_batches=batches)
 
+    recalibrate.tag = f"recalibrated on {config.recalibrate_bn}, batches={batches}"
     return recalibrate

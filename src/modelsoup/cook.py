@@ -290,8 +290,8 @@ def _run_entry(
         finally:
             taster.close_bar()
     tests: list[float] = []
-    per_example = None
-    for k, res in enumerate(results):
+    per_run: list[torch.Tensor] = []
+    for res in results:
         if isinstance(res, Soup) and recalibrate is not None and res.size > 1:
             # A single ingredient keeps the statistics it was trained with.
             _recalibrate_soup(res, taster, recalibrate)
@@ -305,12 +305,16 @@ def _run_entry(
             logits = None
         if logits is not None:
             score = float(test.score_logits(logits))
-            if k == 0:
-                per_example = test.per_example(logits)
+            found = test.per_example(logits)
+            if found is not None:
+                per_run.append(found.float())
         else:
             score = taster.score_soup(res, test)
         res.scores["test"] = score
         tests.append(score)
+    # Over several runs, each example's result is averaged across runs, so the interval
+    # and the paired comparison speak of the mean the row reports, not of one run.
+    per_example = torch.stack(per_run).mean(0) if len(per_run) == len(results) else None
     held_mean, held_std = _mean_std([res.scores["held_out"] for res in results])
     test_mean, test_std = _mean_std(tests) if tests else (None, None)
     return MethodResult(
@@ -342,6 +346,8 @@ def _recalibrate_soup(soup: Soup, taster: Taster, recalibrate: Callable) -> None
         if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
     }
     soup.options["bn_recalibrated"] = True
+    if taster.recalibrate_candidates:
+        return  # the recipe already chose with recalibrated scores: keep its score
     soup.scores["held_out_before_recalibration"] = soup.scores.get("held_out")
     soup.scores["held_out"] = taster.score_soup(soup)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
+from modelsoup.errors import SoupError, SoupWarning
 from modelsoup.formats.safetensors_io import atomic_file
 from modelsoup.stats import bootstrap_ci, paired_difference
 
@@ -213,7 +215,19 @@ def _numeric_axes(result) -> tuple[str, str] | None:
 
 
 def write_figures(result, data: dict, folder: Path) -> list[Path]:
-    """The seed paper's figures for this cook (those that apply)."""
+    """The seed paper's figures for this cook (those that apply).
+
+    A figure that cannot be drawn is skipped with a warning: the cook's results matter
+    more than any one picture of them.
+    """
+    try:
+        return _figures(result, data, folder)
+    except SoupError as err:
+        warnings.warn(f"figures not written: {err}", SoupWarning, stacklevel=2)
+        return sorted(folder.glob("*.png")) if folder.exists() else []
+
+
+def _figures(result, data: dict, folder: Path) -> list[Path]:
     from modelsoup import plots
 
     made: list[Path] = []

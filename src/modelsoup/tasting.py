@@ -102,7 +102,11 @@ class Taster:
 
     # -- scoring ------------------------------------------------------------------
     def _extra(self) -> dict:
-        return {"bn": "recalibrated"} if self.recalibrate_candidates else {}
+        if not self.recalibrate_candidates:
+            return {}
+        # The recalibration's own description (data, batches) when it has one, so scores
+        # taken with other recalibration settings are never reused.
+        return {"bn": getattr(self.recalibrate, "tag", "recalibrated")}
 
     def ident(self, position: int) -> str:
         """How journal keys name an ingredient: by content (sha256) when the journal is
