@@ -48,6 +48,7 @@ from pathlib import Path
 from benchlib import (
     WORK,
     drop_page_cache,
+    gpt2_shapes,
     machine,
     mib,
     parse_count,
@@ -71,29 +72,7 @@ def gpt2_layout(params: int) -> dict[str, tuple[int, ...]]:
     vocab, ctx = int(62.5 * d), 1024
     per_layer = 12 * d * d + 13 * d
     layers = max(1, round((params - 2 * vocab * d - ctx * d) / per_layer))
-    shapes: dict[str, tuple[int, ...]] = {
-        "transformer.wte.weight": (vocab, d),
-        "transformer.wpe.weight": (ctx, d),
-    }
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        shapes |= {
-            p + "ln_1.weight": (d,),
-            p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d),
-            p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d),
-            p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,),
-            p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, 4 * d),
-            p + "mlp.c_fc.bias": (4 * d,),
-            p + "mlp.c_proj.weight": (4 * d, d),
-            p + "mlp.c_proj.bias": (d,),
-        }
-    shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
-    shapes["lm_head.weight"] = (vocab, d)
-    return shapes
+    return gpt2_shapes(d, vocab, ctx, layers)
 
 
 def make_checkpoints(folder: Path, shapes: dict[str, tuple[int, ...]], count: int) -> list[Path]:

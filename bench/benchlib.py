@@ -129,3 +129,30 @@ def parse_count(text: str) -> int:
     text = text.strip().lower()
     scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:], 1)
     return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def gpt2_shapes(d: int, vocab: int, positions: int, layers: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of ``GPT2LMHeadModel.state_dict()`` (untied head) at a given size."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (vocab, d),
+        "transformer.wpe.weight": (positions, d),
+    }
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        shapes |= {
+            p + "ln_1.weight": (d,),
+            p + "ln_1.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d),
+            p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d),
+            p + "attn.c_proj.bias": (d,),
+            p + "ln_2.weight": (d,),
+            p + "ln_2.bias": (d,),
+            p + "mlp.c_fc.weight": (d, 4 * d),
+            p + "mlp.c_fc.bias": (4 * d,),
+            p + "mlp.c_proj.weight": (4 * d, d),
+            p + "mlp.c_proj.bias": (d,),
+        }
+    shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
+    shapes["lm_head.weight"] = (vocab, d)
+    return shapes

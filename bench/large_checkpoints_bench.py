@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import WORK, machine, mib, peak_rss_bytes, table
+from benchlib import WORK, gpt2_shapes, machine, mib, peak_rss_bytes, table
 
 ROOT = WORK / "large"
 K = 4
@@ -50,29 +50,7 @@ SHARD = 500 * 10**6
 def gpt2_medium_layout() -> dict[str, tuple[int, ...]]:
     """Names and shapes of ``GPT2LMHeadModel.state_dict()`` for GPT-2 medium."""
     d, vocab, positions, layers = 1024, 50257, 1024, 24
-    shapes: dict[str, tuple[int, ...]] = {
-        "transformer.wte.weight": (vocab, d),
-        "transformer.wpe.weight": (positions, d),
-    }
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        shapes |= {
-            p + "ln_1.weight": (d,),
-            p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d),
-            p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d),
-            p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,),
-            p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, 4 * d),
-            p + "mlp.c_fc.bias": (4 * d,),
-            p + "mlp.c_proj.weight": (4 * d, d),
-            p + "mlp.c_proj.bias": (d,),
-        }
-    shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
-    shapes["lm_head.weight"] = (vocab, d)
-    return shapes
+    return gpt2_shapes(d, vocab, positions, layers)
 
 
 def folders() -> list[Path]:
