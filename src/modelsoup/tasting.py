@@ -10,6 +10,8 @@ ever scored twice, within a cook or across an interrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 
@@ -120,6 +122,41 @@ class Taster:
         mixture = [(self.ident(i), w) for i, w in enumerate(weights) if w > 0]
         return self.journal.key(evaluator.name, mixture, self._extra())
 
+    def soup_key(self, soup: Soup, evaluator: Evaluator) -> str:
+        """The journal key of any soup; for a plain one it is :meth:`key` of its weights.
+
+        Per-tensor coefficients and override tensors (e.g. recalibrated BatchNorm
+        statistics) are hashed by value, so different overrides never share a score.
+        """
+        if not soup.tensor_coefficients and not soup.overrides:
+            return self.key(soup.coefficients, evaluator)
+        digest = hashlib.sha256(json.dumps(soup.tensor_coefficients, sort_keys=True).encode())
+        for name in sorted(soup.overrides):
+            t = soup.overrides[name].detach().cpu().contiguous().reshape(-1)
+            digest.update(name.encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        extra = {**self._extra(), "per_tensor": digest.hexdigest()}
+        mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
+        return self.journal.key(evaluator.name, mixture, extra)
+
+    def _journaled(self, key: str, detail: dict, run: Callable[[], float]) -> float:
+        """A recorded score, or ``run()`` recorded in the journal."""
+        found = self.journal.lookup(key)
+        if found is not None:
+            self.reused += 1
+            return found
+        value = run()
+        self.journal.record(key, value, detail)
+        return value
+
+    def _evaluate(self, evaluator: Evaluator) -> float:
+        """Score the model as it stands, counting the call and its time."""
+        start = time.perf_counter()
+        value = checked_score(evaluator, self.model)
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        return value
+
     def materialise(self, weights: Sequence[float]) -> torch.nn.Module:
         """Write the soup with these per-position weights into the model, in place."""
         start = time.perf_counter()
@@ -182,19 +219,14 @@ class Taster:
         evaluator = evaluator or self.held_out
         if len(weights) != len(self.ingredients):
             raise ConfigError(f"{len(weights)} weights for {len(self.ingredients)} ingredients")
-        key = self.key(weights, evaluator)
-        found = self.journal.lookup(key)
-        if found is not None:
-            self.reused += 1
-            return found
-        self.materialise(weights)
-        start = time.perf_counter()
-        value = checked_score(evaluator, self.model)
-        self.eval_seconds += time.perf_counter() - start
-        self.evaluations += 1
         members = [self.ingredients[i].label for i, w in enumerate(weights) if w > 0]
-        self.journal.record(key, value, {"evaluator": evaluator.name, "members": members})
-        return value
+
+        def run() -> float:
+            self.materialise(weights)
+            return self._evaluate(evaluator)
+
+        detail = {"evaluator": evaluator.name, "members": members}
+        return self._journaled(self.key(weights, evaluator), detail, run)
 
     def score_members(
         self,
@@ -228,44 +260,34 @@ class Taster:
         # ingredient costs one forward pass over the data, not two.
         weights = [0.0] * len(self.ingredients)
         weights[position] = 1.0
-        key = self.key(weights, evaluator)
-        found = self.journal.lookup(key)
-        if found is not None:
-            self.reused += 1
-            return found
-        value = float(evaluator.score_logits(self.outputs(position, evaluator)))
-        label = self.ingredients[position].label
-        self.journal.record(key, value, {"evaluator": evaluator.name, "members": [label]})
-        return value
+        detail = {"evaluator": evaluator.name, "members": [self.ingredients[position].label]}
+        return self._journaled(
+            self.key(weights, evaluator),
+            detail,
+            lambda: float(evaluator.score_logits(self.outputs(position, evaluator))),
+        )
 
     def score_soup(self, soup: Soup, evaluator: Evaluator | None = None) -> float:
         """Score any soup, including per-tensor ones, by applying it to the model."""
         evaluator = evaluator or self.held_out
         if not soup.tensor_coefficients and not soup.overrides:
             return self.score(soup.coefficients, evaluator)
-        import hashlib
-        import json
 
-        blob = json.dumps(
-            {"per_tensor": soup.tensor_coefficients, "override": sorted(soup.overrides)},
-            sort_keys=True,
-        )
-        extra = {**self._extra(), "per_tensor": hashlib.sha256(blob.encode()).hexdigest()}
-        mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients)]
-        key = self.journal.key(evaluator.name, mixture, extra)
-        found = self.journal.lookup(key)
-        if found is not None:
-            self.reused += 1
-            return found
-        start = time.perf_counter()
-        soup.apply(self.model)
-        self.mix_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        value = checked_score(evaluator, self.model)
-        self.eval_seconds += time.perf_counter() - start
-        self.evaluations += 1
-        self.journal.record(key, value, {"evaluator": evaluator.name, "recipe": soup.recipe})
-        return value
+        def run() -> float:
+            self._apply(soup)
+            return self._evaluate(evaluator)
+
+        detail = {"evaluator": evaluator.name, "recipe": soup.recipe}
+        return self._journaled(self.soup_key(soup, evaluator), detail, run)
+
+    def _apply(self, soup: Soup) -> None:
+        """Write any soup into the model: through the accumulator when it can."""
+        if soup.tensor_coefficients or soup.overrides:
+            start = time.perf_counter()
+            soup.apply(self.model)
+            self.mix_seconds += time.perf_counter() - start
+        else:
+            self.materialise(soup.coefficients)
 
     # -- outputs, for ensembles ---------------------------------------------------
     def outputs(self, position: int, evaluator: Evaluator) -> torch.Tensor:
@@ -295,21 +317,12 @@ class Taster:
 
     def soup_logits(self, soup: Soup, evaluator: Evaluator) -> torch.Tensor:
         """Logits of a soup on an evaluator's data (cached on disk like ingredient outputs)."""
-        extra = {**self._extra(), "tensors": repr(sorted(soup.overrides))}
-        if soup.tensor_coefficients:
-            extra["per_tensor"] = repr(sorted(soup.tensor_coefficients.items()))
-        mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients)]
-        disk_key = "outputs-" + self.journal.key(evaluator.name, mixture, extra)
+        disk_key = "outputs-" + self.soup_key(soup, evaluator)
         cached = self.journal.load_outputs(disk_key)
         if cached is not None:
             self.reused += 1
             return cached
-        start = time.perf_counter()
-        if soup.tensor_coefficients or soup.overrides:
-            soup.apply(self.model)
-        else:
-            self.materialise(soup.coefficients)
-        self.mix_seconds += time.perf_counter() - start
+        self._apply(soup)
         start = time.perf_counter()
         logits = evaluator.logits(self.model)
         self.eval_seconds += time.perf_counter() - start
