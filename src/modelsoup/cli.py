@@ -99,20 +99,18 @@ def cmd_cook(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from modelsoup.config import load_config, resolve, resolve_evaluator, resolve_recalibration
+    from modelsoup.config import load_config
+    from modelsoup.cook import resolve_parts
     from modelsoup.diagnose import diagnose
 
     config = load_config(args.config)
-    base = Path(config.base_dir)
-    out = Path(args.out) if args.out else Path(config.output) / "diagnosis"
-    if not out.is_absolute() and not args.out:
-        out = base / out
-    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    parts = resolve_parts(config)
+    out = Path(args.out) if args.out else parts.output / "diagnosis"
     found = diagnose(
-        ingredients,
-        resolve(config.model, base),
-        resolve_evaluator(config.held_out, base),
-        recalibrate=resolve_recalibration(config),
+        parts.ingredients,
+        parts.model,
+        parts.held_out,
+        recalibrate=parts.recalibrate,
         output=out,
         checkpoint_key=config.checkpoint_key,
         progress=not args.quiet,

@@ -387,17 +387,30 @@ def _save_soups(
         m.saved = str(path.relative_to(out))
 
 
-def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
-    """Cook from a config file (or a validated :class:`CookConfig`).
+@dataclass
+class ConfigParts:
+    """What a cook config names, resolved: paths made absolute, factories imported."""
+
+    ingredients: list[str]
+    model: Any
+    held_out: Any
+    test: Any
+    recalibrate: Callable | None
+    output: Path
+
+
+def resolve_parts(config: CookConfig) -> ConfigParts:
+    """Resolve a config's paths (relative to the config file) and import paths.
+
+    Shared by ``cook`` and ``diagnose``, so both read a config the same way (``model: hf``
+    and the built-in text evaluator included).
 
     Example:
-        >>> cook_config("missing.yaml")
-        Traceback (most recent call last):
-        ...
-        modelsoup.errors.ConfigError: missing.yaml: config file not found
+        >>> cfg = CookConfig(model="math:sqrt", ingredients=["a"], held_out="builtins:dict",
+        ...                  output="o", base_dir="/tmp")
+        >>> resolve_parts(cfg).ingredients
+        ['/tmp/a']
     """
-    if not isinstance(config, CookConfig):
-        config = load_config(config)
     base = Path(config.base_dir)
     ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
     if config.model == "hf":  # the architecture from the first folder's config.json
@@ -409,10 +422,26 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
     trust = config.trust_remote_code
     held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
     test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
-    recalibrate = resolve_recalibration(config)
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
+    return ConfigParts(ingredients, model, held, test, resolve_recalibration(config), output)
+
+
+def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
+    """Cook from a config file (or a validated :class:`CookConfig`).
+
+    Example:
+        >>> cook_config("missing.yaml")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: missing.yaml: config file not found
+    """
+    if not isinstance(config, CookConfig):
+        config = load_config(config)
+    parts = resolve_parts(config)
+    ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
+    test, recalibrate = parts.test, parts.recalibrate
     if config.align and launched_distributed():
         raise ConfigError(
             "align: true cannot run under torchrun (every rank would write the aligned "
