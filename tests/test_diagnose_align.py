@@ -91,6 +91,30 @@ def test_align_cli_keeps_functions_and_helps_the_average(strangers, tmp_path, ca
     assert json.loads((tmp_path / "spec.json").read_text())["axes"]
 
 
+def test_align_cli_merge_many_writes_every_ingredient_and_reuses_them(strangers, tmp_path, capsys):
+    out = tmp_path / "mm"
+    args = ["align", str(strangers), "-o", str(out), "--model", "digits_kit:bn_model"]
+    args += ["--input-shape", "8,64", "--method", "merge_many", "-q"]
+    assert main(args) == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 3 and all("/aligned/" in p for p in paths)
+    x = torch.randn(16, 64)
+    for original, aligned in zip(sorted(strangers.glob("*.safetensors")), paths):
+        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
+        a.load_state_dict(safetensors.torch.load_file(str(original)))
+        b.load_state_dict(safetensors.torch.load_file(aligned))
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+    sidecar = json.loads((out / "aligned" / (paths[1].split("/")[-1][:-12] + ".json")).read_text())
+    assert sidecar["alignment"]["method"] == "merge_many"
+    stamps = [(out / "aligned" / p.split("/")[-1]).stat().st_mtime_ns for p in paths]
+    assert main(args) == 0  # a re-run finds the aligned copies and keeps them
+    assert stamps == [(out / "aligned" / p.split("/")[-1]).stat().st_mtime_ns for p in paths]
+    with pytest.raises(SystemExit) as exit_:
+        main(args[:-3] + ["--method", "nearest"])
+    assert exit_.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_align_without_model_or_spec_is_a_clear_error(strangers, tmp_path, capsys):
     assert main(["align", str(strangers), "-o", str(tmp_path / "o")]) == 2
     assert "--spec" in capsys.readouterr().err
@@ -114,6 +138,7 @@ save: none
         "",
         "recalibrate_bn: digits_kit:train_inputs\n",
         "align: true\nrecalibrate_bn: digits_kit:train_inputs\n",
+        "align: merge_many\nrecalibrate_bn: digits_kit:train_inputs\n",
     ],
 )
 def test_cook_with_align_and_recalibration(strangers, tmp_path, extra):

@@ -49,6 +49,39 @@ def test_grid_heatmap(tmp_path: Path) -> None:
     assert_valid_png(out)
 
 
+def test_grid_heatmap_legend_with_many_soups_stays_inside_the_figure(tmp_path, monkeypatch):
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    soups = {
+        f"{name} x10 runs, mean over random orders": 0.78 + 0.003 * i
+        for i, name in enumerate(
+            [
+                "uniform",
+                "greedy (sorted)",
+                "greedy (random)",
+                "pruned",
+                "pruned (random)",
+                "ensemble",
+                "learned",
+                "layer-wise",
+            ]
+        )
+    }
+    out = plots.plot_grid_heatmap(
+        grid_scores(), x_label="lr", y_label="wd", soups=soups, path=tmp_path / "g.png"
+    )
+    assert_valid_png(out)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures[0]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = fig.legends[0].get_window_extent(renderer)
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+
+
 def test_grid_heatmap_with_nan_and_missing_cells(tmp_path: Path) -> None:
     scores = grid_scores()
     scores[(1e-4, 0.1)] = NAN

@@ -15,6 +15,7 @@ from modelsoup.repair import (
     PermutationSpec,
     align_ingredients,
     align_to,
+    merge_many,
     permute_state_dict,
     trace_permutation_spec,
     weight_matching,
@@ -167,6 +168,50 @@ def test_weight_matching_recovers_inverse_permutation():
         assert torch.equal(found[name], torch.argsort(perm)), name
     aligned = align_to(ref, other, spec)
     assert all(torch.equal(aligned[k], ref[k]) for k in ref)
+
+
+def test_merge_many_lines_up_permuted_copies_exactly():
+    model = randomized(ResNet)
+    ref = model.state_dict()
+    spec = trace_permutation_spec(model, torch.randn(2, 3, 8, 8))
+    copies = [permute_state_dict(ref, spec, random_perms(spec, ref, seed=s)) for s in (1, 2, 3)]
+    merged = merge_many([ref, *copies], spec)
+    x = torch.randn(4, 3, 8, 8)
+    for sd in merged:  # all four end up as one state dict, still the same function
+        assert all(torch.equal(sd[k], merged[0][k]) for k in ref)
+        assert torch.allclose(outputs_with(model, sd, x), outputs_with(model, ref, x), atol=1e-5)
+
+
+def test_merge_many_of_strangers_keeps_functions_and_pulls_them_together():
+    nets = [randomized(make_mlp, s) for s in range(4)]
+    x = torch.randn(8, 10)
+    spec = trace_permutation_spec(nets[0], x)
+    states = [n.state_dict() for n in nets]
+    merged = merge_many(states, spec, seed=1)
+
+    def spread(pool: list[dict]) -> float:
+        return sum(
+            (a[k] - b[k]).pow(2).sum().item()
+            for i, a in enumerate(pool)
+            for b in pool[i + 1 :]
+            for k in spec.axes_to_perm
+        )
+
+    assert spread(merged) < spread(align_ingredients(states[0], states[1:], spec) + states[:1])
+    for net, sd in zip(nets, merged):
+        with torch.no_grad():
+            assert torch.allclose(outputs_with(net, sd, x), net(x), atol=1e-5)
+    again = merge_many(states, spec, seed=1)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(merged, again) for k in a)
+
+
+def test_merge_many_refuses_a_single_model_and_warns_when_cut_short():
+    nets = [randomized(make_mlp, s) for s in range(3)]
+    spec = trace_permutation_spec(nets[0], torch.randn(2, 10))
+    with pytest.raises(ConfigError, match="at least 2"):
+        merge_many([nets[0].state_dict()], spec)
+    with pytest.warns(UserWarning, match="max_rounds"):
+        merge_many([n.state_dict() for n in nets], spec, max_rounds=1)
 
 
 def test_matching_independent_nets_preserves_function_and_reduces_distance():

@@ -105,15 +105,27 @@ def main() -> None:
             print(f"trained seed {seed} in {train_seconds[-1]:.0f} s", flush=True)
         paths.append(str(path))
 
-    # 2. weight matching: permute models 1..k-1 onto model 0
+    # 2. weight matching: permute models 1..k-1 onto model 0; and MergeMany (each
+    #    model onto the mean of the others, repeated until nothing changes)
     t = time.perf_counter()
     aligned = align_pool(paths, factory, work, example=train[0][:8], progress=False)
     align_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    merged = align_pool(
+        paths,
+        factory,
+        work / "merge_many",
+        example=train[0][:8],
+        method="merge_many",
+        progress=False,
+    )
+    merge_many_seconds = time.perf_counter() - t
 
     # 3. score every treatment on the test set (never used for any choice here)
     pools = {
         "plain": open_ingredients(paths),
         "aligned": open_ingredients(aligned),
+        "merge_many": open_ingredients(merged),
     }
     tasters = {
         (pool, recal): Taster(
@@ -140,12 +152,16 @@ def main() -> None:
     }
     soups = {name: score(list(range(k)), *how) for name, how in treatments.items()}
     pair = {name: score([0, 1], *how) for name, how in treatments.items()}
+    merge_many_name = "+ MergeMany alignment + BN recalibration"
+    soups[merge_many_name] = score(list(range(k)), "merge_many", True)
+    pair[merge_many_name] = score([0, 1], "merge_many", True)
     print("endpoints", endpoints, "\nsoups", soups, "\npair", pair, flush=True)
 
-    # 4. every subset size of the aligned + recalibrated pool: does a k-soup beat the mean?
-    by_size = {}
-    for size in range(2, k + 1):
-        by_size[size] = score(list(range(size)), "aligned", True)
+    # 4. every subset size of the aligned + recalibrated pools: does a k-soup beat the mean?
+    by_size = {
+        "reference": {n: score(list(range(n)), "aligned", True) for n in range(2, k + 1)},
+        "merge_many": {n: score(list(range(n)), "merge_many", True) for n in range(2, k + 1)},
+    }
 
     # 5. interpolation barriers on held-out, best model -> each other one
     barriers = {}
@@ -192,6 +208,7 @@ def main() -> None:
         "seconds": {
             "training": train_seconds,
             "alignment": align_seconds,
+            "merge_many": merge_many_seconds,
             "total": time.perf_counter() - started,
         },
     }
@@ -227,8 +244,12 @@ def markdown(r: dict, k: int) -> str:
         + ", ".join(f"{e:.2f}" for e in ends)
         + f" (mean {acc['mean_endpoint']:.2f}, best {max(ends):.2f}).",
         "",
-        "Aligned + recalibrated uniform soup of models 0..n-1: "
-        + ", ".join(f"n={n}: {v:.2f}" for n, v in acc["aligned_recalibrated_soup_by_size"].items()),
+        "Aligned + recalibrated uniform soup of models 0..n-1 (weight matching onto model 0 / "
+        "MergeMany): "
+        + ", ".join(
+            f"n={n}: {v:.2f} / {acc['aligned_recalibrated_soup_by_size']['merge_many'][n]:.2f}"
+            for n, v in acc["aligned_recalibrated_soup_by_size"]["reference"].items()
+        ),
         "",
         "Interpolation barrier on held-out (percentage points, best model to each other one, "
         "5 points on the line):",
@@ -243,7 +264,7 @@ def markdown(r: dict, k: int) -> str:
     lines += [
         "",
         f"Wall time: training {sum(s['training']):.0f} s (this run), alignment "
-        f"{s['alignment']:.0f} s, total {s['total']:.0f} s.",
+        f"{s['alignment']:.0f} s, MergeMany {s['merge_many']:.0f} s, total {s['total']:.0f} s.",
         "",
     ]
     return "\n".join(lines)

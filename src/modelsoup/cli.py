@@ -162,6 +162,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         example=example,
         spec=args.spec,
         reference=args.reference,
+        method=args.method,
         checkpoint_key=args.checkpoint_key,
         progress=not args.quiet,
     )
@@ -244,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help="a permutation spec JSON instead of tracing")
     p.add_argument("--write-spec", help="also save the traced spec as JSON here")
     p.add_argument("--reference", type=int, default=0, help="position of the reference")
+    p.add_argument(
+        "--method",
+        choices=["reference", "merge_many"],
+        default="reference",
+        help="align onto the reference (default), or each onto the mean of the others "
+        "(MergeMany; better for soups of more than two)",
+    )
     p.add_argument("--checkpoint-key")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_align)

@@ -110,7 +110,9 @@ class CookConfig(BaseModel):
     recalibrate_bn: str | None = None
     recalibrate_batches: int | None = Field(default=None, ge=1)
     recalibrate_candidates: bool = False
-    align: bool = False
+    #: permutation alignment before cooking: true (= "reference": onto the first
+    #: ingredient) or "merge_many" (each onto the mean of the others)
+    align: bool | Literal["reference", "merge_many"] = False
     #: let transformers run code shipped in the ingredient folder (``model: hf``)
     trust_remote_code: bool = False
     #: under torchrun: seconds a collective may wait for the other ranks

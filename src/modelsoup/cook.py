@@ -450,8 +450,15 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
     if config.align:
         from modelsoup.repair.pool import align_pool
 
+        method = "reference" if config.align is True else config.align
         ingredients = align_pool(
-            ingredients, model, output, checkpoint_key=config.checkpoint_key, example=held
+            ingredients,
+            model,
+            output,
+            checkpoint_key=config.checkpoint_key,
+            example=held,
+            method=method,
+            seed=config.seed,
         )
     return cook(
         ingredients,

@@ -40,7 +40,16 @@ __all__ = [
 
 # Marker colours for soups on a viridis colour bar: none of them is in viridis.
 # Black is kept for the best individual model.
-_SOUP_COLOURS = ["#d62728", "#ff7f0e", "#e377c2", "#17becf", "#8c564b", "#7f7f7f"]
+_SOUP_COLOURS = [
+    "#d62728",
+    "#ff7f0e",
+    "#e377c2",
+    "#17becf",
+    "#8c564b",
+    "#7f7f7f",
+    "#bcbd22",
+    "#9467bd",
+]
 _MAX_ANNOTATED_CELLS = 400
 
 
@@ -91,7 +100,13 @@ def plot_grid_heatmap(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    fig = _figure(max(6.0, 0.9 * len(xs) + 3.5), max(4.5, 0.55 * len(ys) + 3.0))
+    width = max(6.0, 0.9 * len(xs) + 3.5)
+    # the legend below lists every soup: columns as wide as the longest label
+    # fits, and extra height for its rows, so nothing is cut at the edges
+    longest = max((len(f"{name}: 0.0000") for name in soups), default=20)
+    ncols = max(1, min(3, int(width / (0.085 * longest + 0.7))))
+    legend_rows = -(-(len(soups) + 1) // ncols)
+    fig = _figure(width, max(4.5, 0.55 * len(ys) + 3.0) + 0.25 * legend_rows)
     ax = fig.add_subplot()
     # Soups are usually better than every ingredient: widen the colour range so
     # their marks land on the colour bar instead of off its end.
@@ -120,7 +135,7 @@ def plot_grid_heatmap(
         colourbar.ax.axhline(score, color=colour, linewidth=2.5)
         handles.append(Line2D([], [], color=colour, linewidth=2.5, label=f"{name}: {score:.4g}"))
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)))
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(ncols, len(handles)))
     return _save(fig, path)
 
 

@@ -3,7 +3,8 @@
 * :func:`recalibrate_bn` re-estimates BatchNorm statistics after averaging.
 * :func:`trace_permutation_spec`, :func:`weight_matching`, :func:`align_to`
   permute hidden units so independently trained networks can be averaged
-  (Git Re-Basin weight matching, Ainsworth et al. 2023).
+  (Git Re-Basin weight matching, Ainsworth et al. 2023); :func:`merge_many`
+  aligns k networks to each other rather than to one reference.
 
 Example:
     >>> from modelsoup.repair import has_batchnorm
@@ -13,7 +14,7 @@ Example:
 """
 
 from modelsoup.repair.batchnorm import has_batchnorm, recalibrate_bn
-from modelsoup.repair.matching import align_ingredients, align_to, weight_matching
+from modelsoup.repair.matching import align_ingredients, align_to, merge_many, weight_matching
 from modelsoup.repair.spec import PermutationSpec, permute_state_dict
 from modelsoup.repair.trace import trace_permutation_spec
 
@@ -22,6 +23,7 @@ __all__ = [
     "align_ingredients",
     "align_to",
     "has_batchnorm",
+    "merge_many",
     "permute_state_dict",
     "recalibrate_bn",
     "trace_permutation_spec",

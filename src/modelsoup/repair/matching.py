@@ -21,15 +21,16 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from modelsoup.errors import AlignmentError, ConfigError
+from modelsoup.errors import AlignmentError, ConfigError, SoupWarning
 from modelsoup.repair.spec import PermutationSpec, expand_index, permute_state_dict
 
-__all__ = ["align_ingredients", "align_to", "weight_matching"]
+__all__ = ["align_ingredients", "align_to", "merge_many", "weight_matching"]
 
 
 def _unit_rows(tensor: torch.Tensor, axis: int, units: int) -> torch.Tensor:
@@ -147,3 +148,62 @@ def align_ingredients(
         [{'w': tensor([1., 2.])}, {'w': tensor([1., 2.])}]
     """
     return [align_to(reference_sd, sd, spec, max_iter=max_iter, seed=seed) for sd in others]
+
+
+def merge_many(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    spec: PermutationSpec,
+    max_rounds: int = 20,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Align k networks to each other: Git Re-Basin's MergeMany (Ainsworth et al. 2023).
+
+    Aligning every model to one reference suits a two-model average, but in a
+    k-model soup each model should line up with the *others*. Each round visits
+    the models in a random (seeded) order and re-permutes each one to match the
+    mean of all the others (:func:`weight_matching` against that mean); rounds
+    repeat until no model changes, or ``max_rounds`` (then a :class:`SoupWarning`
+    says it stopped early). Every result computes the same function as its input.
+    Holds the k state dicts and one float64 running sum in memory.
+
+    Example:
+        >>> import torch
+        >>> spec = PermutationSpec({"w": ("P_0", None)})
+        >>> w = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+        >>> out = merge_many([{"w": w}, {"w": w[[2, 0, 1]]}, {"w": w[[1, 2, 0]]}], spec)
+        >>> all(torch.equal(o["w"], out[0]["w"]) for o in out)
+        True
+    """
+    k = len(states)
+    if k < 2:
+        raise ConfigError(f"MergeMany needs at least 2 models, got {k}")
+    if max_rounds < 1:
+        raise ConfigError(f"max_rounds must be at least 1, got {max_rounds}")
+    pool = [dict(s) for s in states]
+    floats = [n for n, t in pool[0].items() if t.is_floating_point()]
+    total = {n: sum(s[n].to(torch.float64) for s in pool) for n in floats}
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(max_rounds):
+        changed = False
+        for i in torch.randperm(k, generator=order).tolist():
+            others = dict(pool[i])  # non-float tensors (e.g. counters) pass through
+            for n in floats:
+                others[n] = (total[n] - pool[i][n].to(torch.float64)) / (k - 1)
+            perms = weight_matching(spec, others, pool[i], max_iter=max_iter, seed=seed)
+            if all(torch.equal(p, torch.arange(len(p))) for p in perms.values()):
+                continue
+            new = permute_state_dict(pool[i], spec, perms)
+            for n in floats:
+                total[n] += new[n].to(torch.float64) - pool[i][n].to(torch.float64)
+            pool[i] = new
+            changed = True
+        if not changed:
+            return pool
+    warnings.warn(
+        f"MergeMany stopped after max_rounds={max_rounds} rounds with models still changing; "
+        "the alignment is usable but not a fixed point (raise max_rounds to go on)",
+        SoupWarning,
+        stacklevel=2,
+    )
+    return pool

@@ -1,13 +1,14 @@
-"""Align a pool of checkpoints to one reference, writing aligned checkpoints to disk.
+"""Align a pool of checkpoints, writing aligned checkpoints to disk.
 
 This is what ``align: true`` in a cook config and ``modelsoup align`` do: derive the
 permutation spec (by tracing the model, or from a hand-written JSON spec), then permute
-every ingredient's hidden units to line up with the reference ingredient (weight
-matching, Ainsworth et al. 2023). Aligned checkpoints compute the same functions as
-the originals; they are written as safetensors beside a ``<name>.json`` sidecar that
-records what they were aligned to, so a re-run skips work already done.
-
-Holds two models in memory at a time (the reference and the one being aligned).
+every ingredient's hidden units (weight matching, Ainsworth et al. 2023), either to line
+up with one reference ingredient (``method="reference"``: holds two models in memory at
+a time) or with each other (``method="merge_many"``: every model matched to the mean of
+the others until nothing changes; holds all of them in memory, and suits k-model soups
+better). Aligned checkpoints compute the same functions as the originals; they are
+written as safetensors beside a ``<name>.json`` sidecar that records what they were
+aligned to, so a re-run skips work already done.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import atomic_file, write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
-from modelsoup.repair.matching import align_to
+from modelsoup.repair.matching import align_to, merge_many
 from modelsoup.repair.spec import PermutationSpec
 from modelsoup.repair.trace import trace_permutation_spec
 
@@ -78,14 +79,19 @@ def align_pool(
     example: Any = None,
     spec: PermutationSpec | str | Path | None = None,
     reference: int = 0,
+    method: Literal["reference", "merge_many"] = "reference",
     checkpoint_key: str | None = None,
     max_iter: int = 100,
+    max_rounds: int = 20,
     seed: int = 0,
     progress: bool = True,
 ) -> list[str]:
-    """Align every ingredient to ``sources[reference]``; return paths to feed any recipe.
+    """Align the ingredients to each other; return paths to feed any recipe.
 
-    Aligned copies go to ``<output>/aligned/``; the reference is returned as given.
+    ``method="reference"`` permutes every ingredient onto ``sources[reference]``,
+    which is returned as given; ``method="merge_many"`` re-aligns each one to the
+    mean of the others for up to ``max_rounds`` rounds (:func:`merge_many`), and
+    every ingredient gets an aligned copy. Aligned copies go to ``<output>/aligned/``.
 
     Example:
         >>> import tempfile, torch
@@ -99,6 +105,8 @@ def align_pool(
         >>> len(paths)
         2
     """
+    if method not in ("reference", "merge_many"):
+        raise ConfigError(f"alignment method must be 'reference' or 'merge_many', not {method!r}")
     pool = open_ingredients(sources, key=checkpoint_key)
     if not 0 <= reference < len(pool):
         raise ConfigError(f"reference {reference} is not one of the {len(pool)} ingredients")
@@ -109,6 +117,8 @@ def align_pool(
         spec = trace_permutation_spec(module.cpu().eval(), example_input(example))
     spec = load_spec(spec)
     folder = Path(output) / "aligned"
+    if method == "merge_many":
+        return _align_merge_many(pool, spec, folder, max_iter, max_rounds, seed, progress)
     ref = pool[reference]
     ref_sd = _full(ref)
     spec.sizes(ref_sd)  # checks the spec names real tensors of the right sizes
@@ -118,32 +128,68 @@ def align_pool(
         if i == reference:
             out.append(_as_source(ing))
             continue
-        path = folder / f"{i:03d}-{ing.label}.safetensors"
-        side = path.with_suffix(".json")
+        path = _aligned_path(folder, i, ing)
         record = {"source_sha256": ing.sha256, "reference_sha256": ref.sha256}
-        if path.exists() and side.exists():
-            try:
-                if json.loads(side.read_text()).get("alignment") == record:
-                    out.append(str(path))
-                    continue
-            except ValueError:
-                pass
+        if _already_aligned(path, record):
+            out.append(str(path))
+            continue
         aligned = align_to(ref_sd, _full(ing), spec, max_iter=max_iter, seed=seed)
-        layout = ing.layout()
-        write_safetensors(path, layout, lambda n, a=aligned: a[n].contiguous())
-        with atomic_file(side) as tmp:
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "hyperparameters": ing.hyperparameters,
-                        "alignment": record,
-                        "aligned_to": ref.label,
-                    },
-                    indent=2,
-                )
-            )
+        _write_aligned(path, ing, aligned, record, ref.label)
         out.append(str(path))
     return out
+
+
+def _aligned_path(folder: Path, i: int, ing: Ingredient) -> Path:
+    return folder / f"{i:03d}-{ing.label}.safetensors"
+
+
+def _already_aligned(path: Path, record: dict) -> bool:
+    side = path.with_suffix(".json")
+    if not (path.exists() and side.exists()):
+        return False
+    try:
+        return json.loads(side.read_text()).get("alignment") == record
+    except ValueError:
+        return False
+
+
+def _write_aligned(
+    path: Path, ing: Ingredient, aligned: dict[str, torch.Tensor], record: dict, to: str
+) -> None:
+    write_safetensors(path, ing.layout(), lambda n: aligned[n].contiguous())
+    with atomic_file(path.with_suffix(".json")) as tmp:
+        tmp.write_text(
+            json.dumps(
+                {"hyperparameters": ing.hyperparameters, "alignment": record, "aligned_to": to},
+                indent=2,
+            )
+        )
+
+
+def _align_merge_many(
+    pool: list[Ingredient],
+    spec: PermutationSpec,
+    folder: Path,
+    max_iter: int,
+    max_rounds: int,
+    seed: int,
+    progress: bool,
+) -> list[str]:
+    members = [ing.sha256 for ing in pool]
+    paths = [_aligned_path(folder, i, ing) for i, ing in enumerate(pool)]
+    records = [
+        {"method": "merge_many", "source_sha256": ing.sha256, "pool_sha256": members, "seed": seed}
+        for ing in pool
+    ]
+    if all(_already_aligned(p, r) for p, r in zip(paths, records, strict=True)):
+        return [str(p) for p in paths]
+    states = [_full(ing) for ing in pool]
+    spec.sizes(states[0])  # checks the spec names real tensors of the right sizes
+    aligned = merge_many(states, spec, max_rounds=max_rounds, max_iter=max_iter, seed=seed)
+    bar = tqdm(pool, desc="writing aligned", unit="ingredient", disable=not progress)
+    for i, ing in enumerate(bar):
+        _write_aligned(paths[i], ing, aligned[i], records[i], "the mean of the others")
+    return [str(p) for p in paths]
 
 
 def _as_source(ing: Ingredient) -> Any:
