@@ -20,6 +20,10 @@ from typing import Any
 import torch
 
 from modelsoup.cook import CookResult, cook
+from modelsoup.ingredients import open_ingredients
+from modelsoup.plots import plot_greedy_curve, plot_pruned_passes
+from modelsoup.report import write_report
+from modelsoup.tasting import Taster
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "bench/_work/reproduce"
@@ -50,12 +54,15 @@ def machine() -> str:
 def run_cook(
     study: str, ingredients: list, factory, held, test, *, passes: int, runs: int, **kwargs: Any
 ) -> tuple[CookResult, dict]:
-    """Cook the seed's recipes; copy report and figures to ``results/<study>``; summarize."""
+    """Cook the seed's recipes; copy report and figures to ``results/<study>``; summarize.
+
+    Also scores on test the soups met along every greedy and pruned path (the seed's
+    Figures 4-6, see :func:`test_ablation`); its figures go to the same folder.
+    """
     work = WORK / study / "cook"
     if work.exists():
         shutil.rmtree(work)  # a fresh journal: wall times must be real, not cached
     start = time.perf_counter()
-    # Reports are written below rather than by cook(output=...): see write_report_safely.
     result = cook(
         ingredients,
         factory,
@@ -67,7 +74,7 @@ def run_cook(
         **kwargs,
     )
     work.mkdir(parents=True)
-    write_report_safely(result, work)
+    write_report(result, work)
     seconds = time.perf_counter() - start
     out = RESULTS / study
     if out.exists():
@@ -77,28 +84,95 @@ def run_cook(
         shutil.copy(work / name, out / name)
     for fig in (work / "figures").glob("*.png"):
         shutil.copy(fig, out / "figures" / fig.name)
-    return result, summarize(result, seconds)
+    summary = summarize(result, seconds)
+    start = time.perf_counter()
+    summary["test_ablation"] = test_ablation(result, ingredients, factory, held, test, **kwargs)
+    summary["test_ablation"]["seconds"] = time.perf_counter() - start
+    plot_ablation(summary["test_ablation"], out / "figures", summary["rows"])
+    return result, summary
 
 
-def write_report_safely(result: CookResult, folder: Path) -> None:
-    """``write_report``, working around a modelsoup bug with multi-run methods.
+def test_ablation(
+    result: CookResult, ingredients: list, factory, held, test, **kwargs: Any
+) -> dict[str, Any]:
+    """Test scores along the greedy and pruned paths: the seed paper's Figures 4-6.
 
-    For a recipe with several random-order runs, the report's bar is the mean test score
-    over runs but its bootstrap interval comes from the first run's per-example scores
-    (``cook._run_entry`` keeps only ``k == 0``), so the interval can exclude the bar and
-    ``plots.plot_method_bars`` raises ConfigError. Then drop those intervals and retry.
+    Greedy: for every run, the test score of the soup after the first n ingredients were
+    considered (n = 1..k). Pruned: for every run, the test score and size of the soup
+    left after pass p (p = 0..passes; pass 0 is the uniform soup). Soups are rebuilt
+    from the traces and scored as cook would (``recalibrate`` and
+    ``recalibrate_candidates`` as given); each distinct soup is scored once.
     """
-    from modelsoup.errors import ConfigError
-    from modelsoup.report import write_report
+    pool = open_ingredients(ingredients)
+    taster = Taster(
+        pool,
+        factory(),
+        held,
+        recalibrate=kwargs.get("recalibrate"),
+        recalibrate_candidates=kwargs.get("recalibrate_candidates", False),
+    )
+    position = {ing.label: i for i, ing in enumerate(pool)}
+    cache: dict[frozenset, float] = {}
 
-    try:
-        write_report(result, folder)
-    except ConfigError as err:
-        print(f"report: {err}; dropping the first-run intervals of multi-run methods")
-        for m in result.methods:
-            if len(m.runs) > 1:
-                m.test_per_example = None
-        write_report(result, folder)
+    def score(labels: set[str]) -> float:
+        key = frozenset(labels)
+        if key not in cache:
+            cache[key] = 100 * taster.score_members(sorted(position[x] for x in key), test)
+        return cache[key]
+
+    greedy: dict[str, list[list[float]]] = {}
+    pruned: dict[str, dict[str, list[list[float]]]] = {}
+    for m in result.methods:
+        if m.recipe == "greedy":
+            curves = greedy.setdefault(m.label, [])
+            for soup in m.runs:
+                members: set[str] = set()
+                curve = []
+                for step in soup.trace:
+                    if step["accepted"]:
+                        members.add(step["tried"])
+                    curve.append(score(members))
+                curves.append(curve)
+        elif m.recipe == "pruned":
+            runs = pruned.setdefault(m.label, {"test": [], "size": []})
+            for soup in m.runs:
+                members = set(position)
+                tests, sizes = [score(members)], [len(members)]
+                for step in soup.trace[1:]:
+                    if "removed" in step:
+                        members.discard(step["removed"])
+                    elif step.get("end_of_pass"):
+                        tests.append(score(members))
+                        sizes.append(len(members))
+                runs["test"].append(tests)
+                runs["size"].append(sizes)
+    return {
+        "greedy_test_by_considered": greedy,
+        "pruned_by_pass": pruned,
+        "soups_scored": len(cache),
+    }
+
+
+def plot_ablation(ablation: dict, folder: Path, rows: list[dict]) -> None:
+    """Figure 4 (greedy, test) and Figures 5-6 (pruned score and size per pass, test)."""
+    best = next(r["test"] for r in rows if r["method"] == "best_individual")
+    curves = {label: runs for label, runs in ablation["greedy_test_by_considered"].items()}
+    if curves:
+        plot_greedy_curve(
+            curves,
+            path=folder / "test_greedy_by_ingredients.png",
+            ylabel="test accuracy (%)",
+            baselines={"best individual": best},
+        )
+    for label, runs in ablation["pruned_by_pass"].items():
+        passes = list(range(len(runs["test"][0])))
+        name = "test_" + label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+        plot_pruned_passes(
+            passes,
+            [statistics.fmean(r[p] for r in runs["test"]) for p in passes],
+            [statistics.fmean(r[p] for r in runs["size"]) for p in passes],
+            path=folder / f"{name}.png",
+        )
 
 
 def summarize(result: CookResult, seconds: float) -> dict:

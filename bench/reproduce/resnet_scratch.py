@@ -1,9 +1,16 @@
 """Study (c): the seed's ResNet case with from-scratch networks (Table 2), repaired or not.
 
-Reuses the independently trained ResNet-8 x4 networks of ``bench/batchnorm/run.py``
-(run that first) and cooks the seed's recipes three times: as the seed did (plain
-averages), with BatchNorm recalibration of every candidate, and with weight matching
-(:func:`modelsoup.repair.pool.align_pool`) plus recalibration.
+Two pools of ResNet-8 networks trained from scratch on Fashion-MNIST, each network
+from its own random init (its own seed) and batch order:
+
+* ``--pool grid`` (default): the seed's 6x6 lr x weight-decay grid, 36 networks of
+  width ``--grid-width`` (x1 by default, to fit the CPU budget), trained here;
+* ``--pool seeds``: the four ResNet-8 x4 of ``bench/batchnorm/run.py`` (run that first).
+
+Each pool is cooked with the seed's recipes three times: as the seed did (plain
+averages), with BatchNorm recalibration of every candidate, and with MergeMany
+permutation alignment (:func:`modelsoup.repair.pool.align_pool`,
+``method="merge_many"``) plus recalibration.
 
     nice -n 10 .venv/bin/python bench/reproduce/resnet_scratch.py
 """
@@ -11,16 +18,19 @@ averages), with BatchNorm recalibration of every candidate, and with weight matc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from modelsoup.datasets import load_fashion_mnist
 from modelsoup.evaluators import Accuracy
 from modelsoup.repair import recalibrate_bn
 from modelsoup.repair.pool import align_pool
+from modelsoup.training import train_ingredient
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -31,7 +41,10 @@ from resnet import ResNet  # noqa: E402
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # Must match bench/batchnorm/run.py's defaults (same split, same networks).
+    p.add_argument("--pool", choices=["grid", "seeds"], default="grid")
+    p.add_argument("--grid-width", type=int, default=1, help="width of the grid's networks")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs (grid)")
+    # --pool seeds must match bench/batchnorm/run.py's defaults (same split, same networks).
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--blocks", type=int, default=1)
     p.add_argument("--train", type=int, default=15000)
@@ -48,11 +61,8 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tag = f"resnet{6 * args.blocks + 2}x{args.width}"
-    work = common.ROOT / "bench/_work/batchnorm" / tag
-    paths = sorted(str(p) for p in work.glob("seed*.safetensors"))
-    if not paths:
-        sys.exit(f"no networks in {work}: run bench/batchnorm/run.py first")
+    width = args.grid_width if args.pool == "grid" else args.width
+    tag = f"resnet{6 * args.blocks + 2}x{width}"
     split = load_fashion_mnist(seed=0, heldout=args.heldout, train=args.train, test=args.test)
     x_train = split.train.x
     held = Accuracy(split.heldout.as_tuple(), name="heldout")
@@ -60,19 +70,43 @@ def main() -> None:
     recal_data = x_train[: 256 * args.recal_batches]
 
     def factory() -> torch.nn.Module:
-        return ResNet(blocks=args.blocks, width=args.width)
+        return ResNet(blocks=args.blocks, width=width)
+
+    train_seconds = 0.0
+    if args.pool == "seeds":
+        study = "resnet_scratch"
+        work = common.ROOT / "bench/_work/batchnorm" / tag
+        paths = sorted(str(p) for p in work.glob("seed*.safetensors"))
+        if not paths:
+            sys.exit(f"no networks in {work}: run bench/batchnorm/run.py first")
+    else:
+        study = "resnet_scratch_grid"
+        work = common.WORK / study / tag
+        t = time.perf_counter()
+        paths = train_from_scratch(factory, split.train.as_tuple(), work, args.epochs)
+        train_seconds = time.perf_counter() - t
 
     def recalibrate(module: torch.nn.Module) -> None:
         recalibrate_bn(module, recal_data, num_batches=args.recal_batches)
 
-    aligned = align_pool(paths, factory, work, example=x_train[:8], progress=False)
+    t = time.perf_counter()
+    aligned = align_pool(
+        paths,
+        factory,
+        work / "merge_many",
+        example=x_train[:8],
+        method="merge_many",
+        progress=False,
+    )
+    align_seconds = time.perf_counter() - t
     repair = {"recalibrate": recalibrate, "recalibrate_candidates": True}
     record = {
-        "study": f"{tag} trained from scratch on Fashion-MNIST ({len(paths)} seeds)",
+        "study": f"{tag} trained from scratch on Fashion-MNIST ({len(paths)} networks, "
+        f"pool {args.pool})",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": common.machine(),
-        "setup": vars(args),
-        "seconds": {},
+        "setup": vars(args) | {"width": width},
+        "seconds": {"training": train_seconds, "merge_many_alignment": align_seconds},
     }
     for variant, pool, kwargs in (
         ("plain", paths, {}),
@@ -80,7 +114,7 @@ def main() -> None:
         ("aligned_bn_recalibration", aligned, repair),
     ):
         _, summary = common.run_cook(
-            f"resnet_scratch/{variant}",
+            f"{study}/{variant}",
             pool,
             factory,
             held,
@@ -93,7 +127,38 @@ def main() -> None:
         record["seconds"][variant] = summary["cook_seconds"]
         print(variant, "\n" + common.table(summary), flush=True)
     record["seconds"]["total"] = time.perf_counter() - started
-    common.write("resnet_scratch", record)
+    common.write(study, record)
+
+
+def train_from_scratch(factory, train, work: Path, epochs: int) -> list[str]:
+    """The seed's lr x wd grid, every cell its own init and batch order (seed = cell index)."""
+    work.mkdir(parents=True, exist_ok=True)
+    paths = []
+    cells = [(lr, wd) for lr in common.SEED_LRS for wd in common.SEED_WDS]
+    for seed, (lr, wd) in enumerate(cells):
+        path = work / f"lr{lr:g}_wd{wd:g}_seed{seed}.safetensors"
+        if not path.exists():
+            t = time.perf_counter()
+            state = train_ingredient(
+                factory,
+                train,
+                lr=lr,
+                weight_decay=wd,
+                epochs=epochs,
+                batch_size=128,
+                seed=seed,
+                optimizer="sgd",
+                momentum=0.9,
+                schedule="cosine",
+                warmup_frac=0.05,
+                max_grad_norm=None,
+            )
+            save_file(state, str(path))
+            hyper = {"lr": lr, "weight_decay": wd, "seed": seed}
+            path.with_suffix(".json").write_text(json.dumps({"hyperparameters": hyper}))
+            print(f"trained {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
+        paths.append(str(path))
+    return paths
 
 
 if __name__ == "__main__":

@@ -80,11 +80,37 @@ def pass_table(summary: dict) -> str:
     return "\n".join(out)
 
 
+def ablation_table(summary: dict) -> str:
+    """The seed's Figures 4-6 on test: greedy by ingredients considered, pruned by pass."""
+    ab = summary.get("test_ablation")
+    if not ab:
+        return "(no test ablation in this run)"
+    out = ["| greedy | after n ingredients considered: test % (mean over runs) |", "|---|---|"]
+    for label, runs in ab["greedy_test_by_considered"].items():
+        k = len(runs[0])
+        points = sorted({1, 2, 3, 5, 10, k} & set(range(1, k + 1)))
+        means = [sum(r[n - 1] for r in runs) / len(runs) for n in points]
+        out.append(
+            f"| {label} | " + ", ".join(f"n={n}: {m:.2f}" for n, m in zip(points, means)) + " |"
+        )
+    out += ["", "| pruned | pass | test % (mean) | ingredients (mean) |", "|---|---|---|---|"]
+    for label, runs in ab["pruned_by_pass"].items():
+        for p in range(len(runs["test"][0])):
+            t = sum(r[p] for r in runs["test"]) / len(runs["test"])
+            n = sum(r[p] for r in runs["size"]) / len(runs["size"])
+            out.append(f"| {label} | {p} | {t:.2f} | {n:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     studies = {
         "minilm_tweets": ("ViT (Table 1)", None),
         "effnet_fashion": ("EfficientNet (Table 2)", ("no_recalibration", "bn_recalibration")),
         "resnet_scratch": (
+            "ResNet (Table 2)",
+            ("plain", "bn_recalibration", "aligned_bn_recalibration"),
+        ),
+        "resnet_scratch_grid": (
             "ResNet (Table 2)",
             ("plain", "bn_recalibration", "aligned_bn_recalibration"),
         ),
@@ -105,6 +131,7 @@ def main() -> None:
                 f"max {max(ind):.2f}; notes: {c['notes']}\n"
             )
             print(pass_table(c), "\n")
+            print(ablation_table(c), "\n")
         print("seconds:", json.dumps(s["seconds"]), "\n")
 
 
