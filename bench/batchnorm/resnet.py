@@ -9,8 +9,12 @@ plain modules and ``torch.relu`` so ``torch.fx`` can trace it for permutation al
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from modelsoup.training import train_ingredient
 
 
 class BasicBlock(nn.Module):
@@ -65,3 +69,30 @@ class ResNet(nn.Module):
         x = self.layers(x)
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.head(x)
+
+
+def train_from_scratch(
+    factory: Callable[[], nn.Module],
+    train: tuple[torch.Tensor, torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """One network from its own init and batch order (both from ``seed``): SGD momentum
+    0.9, batch 128, cosine schedule with 5% warm-up, no gradient clipping."""
+    return train_ingredient(
+        factory,
+        train,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        batch_size=128,
+        seed=seed,
+        optimizer="sgd",
+        momentum=0.9,
+        schedule="cosine",
+        warmup_frac=0.05,
+        max_grad_norm=None,
+    )

@@ -36,10 +36,9 @@ from modelsoup.ingredients import open_ingredients
 from modelsoup.repair import recalibrate_bn
 from modelsoup.repair.pool import align_pool
 from modelsoup.tasting import Taster
-from modelsoup.training import train_ingredient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resnet import ResNet  # noqa: E402
+from resnet import ResNet, train_from_scratch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,19 +85,8 @@ def main() -> None:
         path = work / f"seed{seed}.safetensors"
         if not path.exists():
             t = time.perf_counter()
-            state = train_ingredient(
-                factory,
-                train,
-                lr=args.lr,
-                weight_decay=5e-4,
-                epochs=args.epochs,
-                batch_size=128,
-                seed=seed,
-                optimizer="sgd",
-                momentum=0.9,
-                schedule="cosine",
-                warmup_frac=0.05,
-                max_grad_norm=None,
+            state = train_from_scratch(
+                factory, train, lr=args.lr, weight_decay=5e-4, epochs=args.epochs, seed=seed
             )
             save_file(state, str(path))
             train_seconds.append(time.perf_counter() - t)

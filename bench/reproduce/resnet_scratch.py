@@ -30,13 +30,12 @@ from modelsoup.datasets import load_fashion_mnist
 from modelsoup.evaluators import Accuracy
 from modelsoup.repair import recalibrate_bn
 from modelsoup.repair.pool import align_pool
-from modelsoup.training import train_ingredient
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "batchnorm"))
 import common  # noqa: E402
-from resnet import ResNet  # noqa: E402
+from resnet import ResNet, train_from_scratch  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -83,7 +82,7 @@ def main() -> None:
         study = "resnet_scratch_grid"
         work = common.WORK / study / tag
         t = time.perf_counter()
-        paths = train_from_scratch(factory, split.train.as_tuple(), work, args.epochs)
+        paths = train_grid_from_scratch(factory, split.train.as_tuple(), work, args.epochs)
         train_seconds = time.perf_counter() - t
 
     def recalibrate(module: torch.nn.Module) -> None:
@@ -130,7 +129,7 @@ def main() -> None:
     common.write(study, record)
 
 
-def train_from_scratch(factory, train, work: Path, epochs: int) -> list[str]:
+def train_grid_from_scratch(factory, train, work: Path, epochs: int) -> list[str]:
     """The seed's lr x wd grid, every cell its own init and batch order (seed = cell index)."""
     work.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -139,19 +138,8 @@ def train_from_scratch(factory, train, work: Path, epochs: int) -> list[str]:
         path = work / f"lr{lr:g}_wd{wd:g}_seed{seed}.safetensors"
         if not path.exists():
             t = time.perf_counter()
-            state = train_ingredient(
-                factory,
-                train,
-                lr=lr,
-                weight_decay=wd,
-                epochs=epochs,
-                batch_size=128,
-                seed=seed,
-                optimizer="sgd",
-                momentum=0.9,
-                schedule="cosine",
-                warmup_frac=0.05,
-                max_grad_norm=None,
+            state = train_from_scratch(
+                factory, train, lr=lr, weight_decay=wd, epochs=epochs, seed=seed
             )
             save_file(state, str(path))
             hyper = {"lr": lr, "weight_decay": wd, "seed": seed}
