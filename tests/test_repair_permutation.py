@@ -13,6 +13,8 @@ from torch import nn
 from modelsoup.errors import AlignmentError, ConfigError
 from modelsoup.repair import (
     PermutationSpec,
+    activation_align,
+    activation_matching,
     align_ingredients,
     align_to,
     merge_many,
@@ -168,6 +170,38 @@ def test_weight_matching_recovers_inverse_permutation():
         assert torch.equal(found[name], torch.argsort(perm)), name
     aligned = align_to(ref, other, spec)
     assert all(torch.equal(aligned[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("factory,shape", CASES, ids=["mlp", "cnn", "resnet"])
+def test_activation_matching_recovers_inverse_permutation(factory, shape):
+    model = randomized(factory)
+    ref = model.state_dict()
+    x = torch.randn(*shape)
+    spec = trace_permutation_spec(model, x[:2])
+    perms = random_perms(spec, ref, seed=4)
+    other = permute_state_dict(ref, spec, perms)
+    data = torch.randn(64, *shape[1:])
+    found = activation_matching(model, ref, other, spec, data)
+    for name, perm in perms.items():
+        assert torch.equal(found[name], torch.argsort(perm)), name
+    back = activation_align(model, ref, other, spec, [(data[:32], None), (data[32:], None)])
+    assert all(torch.equal(back[k], ref[k]) for k in ref)
+
+
+def test_activation_matching_errors_are_clear():
+    model = randomized(make_mlp)
+    spec = trace_permutation_spec(model, torch.randn(2, 10))
+    sd = model.state_dict()
+    with pytest.raises(ConfigError, match="no batches"):
+        activation_matching(model, sd, sd, spec, [])
+    with pytest.raises(ConfigError, match="at least 1"):
+        activation_matching(model, sd, sd, spec, torch.randn(8, 10), num_batches=0)
+    only_bias = PermutationSpec({"0.bias": ("P_0",), "3.weight": (None, "P_0")})
+    with pytest.raises(AlignmentError, match="P_0.*weight matching"):
+        activation_matching(model, sd, sd, only_bias, torch.randn(8, 10))
+    with pytest.raises(AlignmentError, match="do not fit"):
+        wrong = randomized(make_cnn).state_dict()
+        activation_matching(model, sd, wrong, PermutationSpec({}), torch.randn(8, 10))
 
 
 def test_merge_many_lines_up_permuted_copies_exactly():

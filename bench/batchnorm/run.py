@@ -3,10 +3,11 @@
 Trains ``--models`` ResNet-8 (x``--width``) networks from scratch on a Fashion-MNIST
 subset, each from its own random init (seeds 0..k-1), then scores on the official test
 images: every endpoint; the uniform soup of all k; the same soup with BatchNorm
-recalibration (:func:`modelsoup.repair.recalibrate_bn`); with weight matching
-(:func:`modelsoup.repair.pool.align_pool`, Ainsworth et al. 2023); with both; the
-two-model average of models 0 and 1 under the same four treatments; and the
-interpolation barriers (:func:`modelsoup.diagnose.diagnose`) before and after alignment.
+recalibration (:func:`modelsoup.repair.recalibrate_bn`); with permutation alignment
+(:func:`modelsoup.repair.pool.align_pool`: weight matching, activation matching and
+MergeMany, Ainsworth et al. 2023), alone or with recalibration; the two-model average of
+models 0 and 1 under the same treatments; the aligned soups of the first n models; and
+the interpolation barriers (:func:`modelsoup.diagnose.diagnose`) for every treatment.
 
 Run from the repo root (about 15 minutes on 2 CPU cores at the defaults):
 
@@ -93,37 +94,34 @@ def main() -> None:
             print(f"trained seed {seed} in {train_seconds[-1]:.0f} s", flush=True)
         paths.append(str(path))
 
-    # 2. weight matching: permute models 1..k-1 onto model 0; and MergeMany (each
-    #    model onto the mean of the others, repeated until nothing changes)
-    t = time.perf_counter()
-    aligned = align_pool(paths, factory, work, example=train[0][:8], progress=False)
-    align_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    merged = align_pool(
-        paths,
-        factory,
-        work / "merge_many",
-        example=train[0][:8],
-        method="merge_many",
-        progress=False,
-    )
-    merge_many_seconds = time.perf_counter() - t
+    # 2. alignment, three ways: weight matching of models 1..k-1 onto model 0; activation
+    #    matching onto model 0 (on the recalibration images, no labels); MergeMany (each
+    #    model weight-matched to the mean of the others, repeated until nothing changes)
+    example = train[0][:8]
+    align_seconds = {}
+    aligned_paths = {}
+    for pool, kwargs in (
+        ("weights", {}),
+        ("activations", {"method": "activations", "data": recal_data}),
+        ("merge_many", {"method": "merge_many"}),
+    ):
+        t = time.perf_counter()
+        aligned_paths[pool] = align_pool(
+            paths, factory, work / pool, example=example, progress=False, **kwargs
+        )
+        align_seconds[pool] = time.perf_counter() - t
+    pool_paths = {"plain": paths} | aligned_paths
 
     # 3. score every treatment on the test set (never used for any choice here)
-    pools = {
-        "plain": open_ingredients(paths),
-        "aligned": open_ingredients(aligned),
-        "merge_many": open_ingredients(merged),
-    }
     tasters = {
         (pool, recal): Taster(
-            pools[pool],
+            open_ingredients(pool_paths[pool]),
             factory(),
             held,
             recalibrate=recalibrate if recal else None,
             recalibrate_candidates=recal,
         )
-        for pool in pools
+        for pool in pool_paths
         for recal in (False, True)
     }
     k = args.models
@@ -135,20 +133,19 @@ def main() -> None:
     treatments = {
         "plain": ("plain", False),
         "+ BN recalibration": ("plain", True),
-        "+ alignment": ("aligned", False),
-        "+ alignment + BN recalibration": ("aligned", True),
+        "+ weight matching": ("weights", False),
+        "+ weight matching + BN recalibration": ("weights", True),
+        "+ activation matching + BN recalibration": ("activations", True),
+        "+ MergeMany + BN recalibration": ("merge_many", True),
     }
     soups = {name: score(list(range(k)), *how) for name, how in treatments.items()}
     pair = {name: score([0, 1], *how) for name, how in treatments.items()}
-    merge_many_name = "+ MergeMany alignment + BN recalibration"
-    soups[merge_many_name] = score(list(range(k)), "merge_many", True)
-    pair[merge_many_name] = score([0, 1], "merge_many", True)
     print("endpoints", endpoints, "\nsoups", soups, "\npair", pair, flush=True)
 
     # 4. every subset size of the aligned + recalibrated pools: does a k-soup beat the mean?
     by_size = {
-        "reference": {n: score(list(range(n)), "aligned", True) for n in range(2, k + 1)},
-        "merge_many": {n: score(list(range(n)), "merge_many", True) for n in range(2, k + 1)},
+        pool: {n: score(list(range(n)), pool, True) for n in range(2, k + 1)}
+        for pool in aligned_paths
     }
 
     # 5. interpolation barriers on held-out, best model -> each other one
@@ -156,12 +153,12 @@ def main() -> None:
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
     for name, (pool, recal) in treatments.items():
         d = diagnose(
-            aligned if pool == "aligned" else paths,
+            pool_paths[pool],
             factory,
             held,
             alphas=alphas,
             recalibrate=recalibrate if recal else None,
-            output=Path(args.results) / "diagnose" / name.replace("+ ", "").replace(" ", "_"),
+            output=Path(args.results) / "diagnose" / tag / name.replace("+ ", "").replace(" ", "_"),
         )
         barriers[name] = {
             "barriers": {key: 100 * v for key, v in d.barriers.items()},
@@ -196,7 +193,6 @@ def main() -> None:
         "seconds": {
             "training": train_seconds,
             "alignment": align_seconds,
-            "merge_many": merge_many_seconds,
             "total": time.perf_counter() - started,
         },
     }
@@ -232,11 +228,11 @@ def markdown(r: dict, k: int) -> str:
         + ", ".join(f"{e:.2f}" for e in ends)
         + f" (mean {acc['mean_endpoint']:.2f}, best {max(ends):.2f}).",
         "",
-        "Aligned + recalibrated uniform soup of models 0..n-1 (weight matching onto model 0 / "
-        "MergeMany): "
-        + ", ".join(
-            f"n={n}: {v:.2f} / {acc['aligned_recalibrated_soup_by_size']['merge_many'][n]:.2f}"
-            for n, v in acc["aligned_recalibrated_soup_by_size"]["reference"].items()
+        "Aligned + recalibrated uniform soup of models 0..n-1:",
+        "",
+        *(
+            f"- {pool}: " + ", ".join(f"n={n}: {v:.2f}" for n, v in sizes.items())
+            for pool, sizes in acc["aligned_recalibrated_soup_by_size"].items()
         ),
         "",
         "Interpolation barrier on held-out (percentage points, best model to each other one, "
@@ -252,7 +248,8 @@ def markdown(r: dict, k: int) -> str:
     lines += [
         "",
         f"Wall time: training {sum(s['training']):.0f} s (this run), alignment "
-        f"{s['alignment']:.0f} s, MergeMany {s['merge_many']:.0f} s, total {s['total']:.0f} s.",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in s["alignment"].items())
+        + f", total {s['total']:.0f} s.",
         "",
     ]
     return "\n".join(lines)

@@ -140,7 +140,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 
     import torch
 
-    from modelsoup.config import resolve
+    from modelsoup.config import resolve, resolve_unlabeled
     from modelsoup.repair.pool import align_pool
 
     if not args.spec and not (args.model and args.input_shape):
@@ -155,6 +155,11 @@ def cmd_align(args: argparse.Namespace) -> int:
             ) from None
         example = torch.randn(*shape)
     model = resolve(args.model, Path.cwd()) if args.model else None
+    data = None
+    if args.method == "activations":
+        if not (args.data and args.model):
+            raise ConfigError("--method activations needs --model and --data (unlabeled inputs)")
+        data = resolve_unlabeled(args.data, str(Path.cwd()))
     paths = align_pool(
         args.sources,
         model,
@@ -163,6 +168,8 @@ def cmd_align(args: argparse.Namespace) -> int:
         spec=args.spec,
         reference=args.reference,
         method=args.method,
+        data=data,
+        num_batches=args.batches,
         checkpoint_key=args.checkpoint_key,
         progress=not args.quiet,
     )
@@ -247,11 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=int, default=0, help="position of the reference")
     p.add_argument(
         "--method",
-        choices=["reference", "merge_many"],
+        choices=["reference", "activations", "merge_many"],
         default="reference",
-        help="align onto the reference (default), or each onto the mean of the others "
-        "(MergeMany; better for soups of more than two)",
+        help="weight matching onto the reference (default); activation matching onto it "
+        "(needs --data; better after short training); or each onto the mean of the others "
+        "(MergeMany weight matching)",
     )
+    p.add_argument("--data", help="module:function returning unlabeled inputs (activations)")
+    p.add_argument("--batches", type=int, help="use at most this many batches of --data")
     p.add_argument("--checkpoint-key")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_align)

@@ -110,9 +110,13 @@ class CookConfig(BaseModel):
     recalibrate_bn: str | None = None
     recalibrate_batches: int | None = Field(default=None, ge=1)
     recalibrate_candidates: bool = False
-    #: permutation alignment before cooking: true (= "reference": onto the first
-    #: ingredient) or "merge_many" (each onto the mean of the others)
-    align: bool | Literal["reference", "merge_many"] = False
+    #: permutation alignment before cooking: true (= "reference": weight matching onto
+    #: the first ingredient), "activations" (activation matching onto the first, on
+    #: align_data) or "merge_many" (weight matching, each onto the mean of the others)
+    align: bool | Literal["reference", "activations", "merge_many"] = False
+    #: unlabeled inputs for align: activations (default: the recalibrate_bn data)
+    align_data: str | None = None
+    align_batches: int | None = Field(default=None, ge=1)
     #: let transformers run code shipped in the ingredient folder (``model: hf``)
     trust_remote_code: bool = False
     #: under torchrun: seconds a collective may wait for the other ranks
@@ -247,6 +251,30 @@ def resolve_evaluator(
     return obj if hasattr(obj, "evaluate") else obj()
 
 
+def resolve_unlabeled(reference: str, base_dir: str) -> Any:
+    """Unlabeled inputs named by a config: a function returning batches, or a loader itself.
+
+    Example:
+        >>> resolve_unlabeled("math:pi", ".")
+        3.141592653589793
+    """
+    source = resolve(reference, base_dir)
+    return source() if callable(source) and not hasattr(source, "__iter__") else source
+
+
+def resolve_alignment_data(config: CookConfig) -> Any:
+    """The unlabeled inputs ``align: activations`` matches units on, or ``None`` otherwise."""
+    if config.align != "activations":
+        return None
+    reference = config.align_data or config.recalibrate_bn
+    if not reference:
+        raise ConfigError(
+            "align: activations needs unlabeled inputs: set align_data (or recalibrate_bn) "
+            "to a function returning them"
+        )
+    return resolve_unlabeled(reference, config.base_dir)
+
+
 def resolve_recalibration(config: CookConfig) -> Any:
     """The BatchNorm recalibration hook a config asks for (``recalibrate_bn``), or ``None``.
 
@@ -256,8 +284,7 @@ def resolve_recalibration(config: CookConfig) -> Any:
         return None
     from modelsoup.repair import recalibrate_bn
 
-    source = resolve(config.recalibrate_bn, config.base_dir)
-    data = source() if callable(source) and not hasattr(source, "__iter__") else source
+    data = resolve_unlabeled(config.recalibrate_bn, config.base_dir)
     batches = config.recalibrate_batches
 
     def recalibrate(module: Any) -> None:

@@ -25,6 +25,7 @@ from modelsoup.config import (
     RecipeEntry,
     load_config,
     resolve,
+    resolve_alignment_data,
     resolve_evaluator,
     resolve_recalibration,
 )
@@ -458,6 +459,8 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
             checkpoint_key=config.checkpoint_key,
             example=held,
             method=method,
+            data=resolve_alignment_data(config),
+            num_batches=config.align_batches,
             seed=config.seed,
         )
     return cook(

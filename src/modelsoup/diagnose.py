@@ -171,7 +171,10 @@ def diagnose(
             f"independent basins: a uniform soup will collapse ({facts}); "
             "use align + recalibrate_bn, or greedy (which keeps only what helps)"
         )
-        advice.append("align: true in the cook config (or modelsoup align) to permute hidden units")
+        advice.append(
+            "align: true in the cook config (or modelsoup align) to permute hidden units"
+            + ("; align: merge_many for a soup of more than two" if len(pool) > 2 else "")
+        )
     if bn:
         advice.append(
             "the model has BatchNorm: averaged weights need fresh statistics; "

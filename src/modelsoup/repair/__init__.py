@@ -4,7 +4,8 @@
 * :func:`trace_permutation_spec`, :func:`weight_matching`, :func:`align_to`
   permute hidden units so independently trained networks can be averaged
   (Git Re-Basin weight matching, Ainsworth et al. 2023); :func:`merge_many`
-  aligns k networks to each other rather than to one reference.
+  aligns k networks to each other rather than to one reference;
+  :func:`activation_align` matches units by what they compute on real inputs.
 
 Example:
     >>> from modelsoup.repair import has_batchnorm
@@ -13,6 +14,7 @@ Example:
     True
 """
 
+from modelsoup.repair.activations import activation_align, activation_matching
 from modelsoup.repair.batchnorm import has_batchnorm, recalibrate_bn
 from modelsoup.repair.matching import align_ingredients, align_to, merge_many, weight_matching
 from modelsoup.repair.spec import PermutationSpec, permute_state_dict
@@ -20,6 +22,8 @@ from modelsoup.repair.trace import trace_permutation_spec
 
 __all__ = [
     "PermutationSpec",
+    "activation_align",
+    "activation_matching",
     "align_ingredients",
     "align_to",
     "has_batchnorm",

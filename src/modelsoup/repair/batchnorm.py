@@ -54,10 +54,19 @@ def _to(obj: Any, device: torch.device | str | None) -> Any:
     return obj
 
 
-def _forward(module: nn.Module, batch: Any, device: torch.device | str | None) -> None:
+def forward_batch(
+    module: nn.Module, batch: Any, device: torch.device | str | None, what: str = "recalibrate_bn"
+) -> None:
+    """Run ``module`` on one batch of unlabeled data: a tensor, an ``(inputs, labels)``
+    tuple (labels ignored) or a dict of keyword inputs; ``what`` names the caller in errors.
+
+    Example:
+        >>> import torch
+        >>> forward_batch(torch.nn.Linear(2, 1), (torch.zeros(3, 2), torch.zeros(3)), None)
+    """
     if isinstance(batch, (tuple, list)):
         if not batch:
-            raise ConfigError("recalibrate_bn: data yielded an empty tuple; yield inputs")
+            raise ConfigError(f"{what}: data yielded an empty tuple; yield inputs")
         batch = batch[0]  # (inputs, labels): labels are not needed
     if isinstance(batch, Mapping):
         module(**_to(batch, device))
@@ -65,7 +74,7 @@ def _forward(module: nn.Module, batch: Any, device: torch.device | str | None) -
         module(_to(batch, device))
     else:
         raise ConfigError(
-            f"recalibrate_bn: data yielded a {type(batch).__name__}; yield tensors, "
+            f"{what}: data yielded a {type(batch).__name__}; yield tensors, "
             "(inputs, labels) tuples or dicts of keyword inputs"
         )
 
@@ -122,7 +131,7 @@ def recalibrate_bn(
             for batch in data:
                 if num_batches is not None and seen >= num_batches:
                     break
-                _forward(module, batch, device)
+                forward_batch(module, batch, device)
                 seen += 1
         if seen == 0:
             raise ConfigError(

@@ -2,13 +2,14 @@
 
 This is what ``align: true`` in a cook config and ``modelsoup align`` do: derive the
 permutation spec (by tracing the model, or from a hand-written JSON spec), then permute
-every ingredient's hidden units (weight matching, Ainsworth et al. 2023), either to line
-up with one reference ingredient (``method="reference"``: holds two models in memory at
-a time) or with each other (``method="merge_many"``: every model matched to the mean of
-the others until nothing changes; holds all of them in memory, and suits k-model soups
-better). Aligned checkpoints compute the same functions as the originals; they are
-written as safetensors beside a ``<name>.json`` sidecar that records what they were
-aligned to, so a re-run skips work already done.
+every ingredient's hidden units (Ainsworth et al. 2023), either to line up with one
+reference ingredient by weight matching (``method="reference"``: holds two models in
+memory at a time) or by activation matching on unlabeled inputs
+(``method="activations"``: better when training was short), or with each other
+(``method="merge_many"``: every model weight-matched to the mean of the others until
+nothing changes; holds all of them in memory). Aligned checkpoints compute the same
+functions as the originals; they are written as safetensors beside a ``<name>.json``
+sidecar that records what they were aligned to, so a re-run skips work already done.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import atomic_file, write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.repair.activations import activation_align
 from modelsoup.repair.matching import align_to, merge_many
 from modelsoup.repair.spec import PermutationSpec
 from modelsoup.repair.trace import trace_permutation_spec
@@ -79,7 +81,9 @@ def align_pool(
     example: Any = None,
     spec: PermutationSpec | str | Path | None = None,
     reference: int = 0,
-    method: Literal["reference", "merge_many"] = "reference",
+    method: Literal["reference", "activations", "merge_many"] = "reference",
+    data: Any = None,
+    num_batches: int | None = None,
     checkpoint_key: str | None = None,
     max_iter: int = 100,
     max_rounds: int = 20,
@@ -89,7 +93,10 @@ def align_pool(
     """Align the ingredients to each other; return paths to feed any recipe.
 
     ``method="reference"`` permutes every ingredient onto ``sources[reference]``,
-    which is returned as given; ``method="merge_many"`` re-aligns each one to the
+    which is returned as given; ``method="activations"`` does the same by matching
+    activations on ``num_batches`` batches of ``data`` (unlabeled inputs: a tensor or
+    an iterable of batches, see :func:`~modelsoup.repair.activation_matching`);
+    ``method="merge_many"`` re-aligns each one to the
     mean of the others for up to ``max_rounds`` rounds (:func:`merge_many`), and
     every ingredient gets an aligned copy. Aligned copies go to ``<output>/aligned/``.
 
@@ -105,8 +112,12 @@ def align_pool(
         >>> len(paths)
         2
     """
-    if method not in ("reference", "merge_many"):
-        raise ConfigError(f"alignment method must be 'reference' or 'merge_many', not {method!r}")
+    if method not in ("reference", "activations", "merge_many"):
+        raise ConfigError(
+            f"alignment method must be 'reference', 'activations' or 'merge_many', not {method!r}"
+        )
+    if method == "activations" and (data is None or model is None):
+        raise ConfigError("activation matching needs the model and unlabeled input data")
     pool = open_ingredients(sources, key=checkpoint_key)
     if not 0 <= reference < len(pool):
         raise ConfigError(f"reference {reference} is not one of the {len(pool)} ingredients")
@@ -122,6 +133,10 @@ def align_pool(
     ref = pool[reference]
     ref_sd = _full(ref)
     spec.sizes(ref_sd)  # checks the spec names real tensors of the right sizes
+    template = None
+    if method == "activations":
+        template = model if isinstance(model, torch.nn.Module) else model()
+    data_key = _data_fingerprint(data, num_batches) if method == "activations" else None
     out: list[str] = []
     bar = tqdm(pool, desc="aligning", unit="ingredient", disable=not progress)
     for i, ing in enumerate(bar):
@@ -130,13 +145,30 @@ def align_pool(
             continue
         path = _aligned_path(folder, i, ing)
         record = {"source_sha256": ing.sha256, "reference_sha256": ref.sha256}
-        if _already_aligned(path, record):
+        if method == "activations":
+            record |= {"method": "activations", "data": data_key}
+        if data_key != "unhashed" and _already_aligned(path, record):
             out.append(str(path))
             continue
-        aligned = align_to(ref_sd, _full(ing), spec, max_iter=max_iter, seed=seed)
+        if method == "activations":
+            aligned = activation_align(template, ref_sd, _full(ing), spec, data, num_batches)
+        else:
+            aligned = align_to(ref_sd, _full(ing), spec, max_iter=max_iter, seed=seed)
         _write_aligned(path, ing, aligned, record, ref.label)
         out.append(str(path))
     return out
+
+
+def _data_fingerprint(data: Any, num_batches: int | None) -> str:
+    """sha256 of input data given as one tensor; iterables cannot be identified cheaply
+    (``"unhashed"``: alignments made from them are redone on every run)."""
+    if not isinstance(data, torch.Tensor):
+        return "unhashed"
+    import hashlib
+
+    digest = hashlib.sha256(str((tuple(data.shape), str(data.dtype), num_batches)).encode())
+    digest.update(data.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _aligned_path(folder: Path, i: int, ing: Ingredient) -> Path:
