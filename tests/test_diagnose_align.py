@@ -24,6 +24,16 @@ def strangers(tmp_path_factory):
     return folder
 
 
+def assert_same_functions(pairs) -> None:
+    """Each aligned checkpoint computes what its original did."""
+    x = torch.randn(16, 64)
+    for original, aligned in pairs:
+        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
+        a.load_state_dict(safetensors.torch.load_file(str(original)))
+        b.load_state_dict(safetensors.torch.load_file(str(aligned)))
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
 def test_fine_tuned_pool_is_called_soupable(digits_ckpts, tmp_path):
     d = diagnose([digits_ckpts], DigitsMLP, held_out(), output=tmp_path)
     assert d.soupable and "soup away" in d.verdict
@@ -79,12 +89,7 @@ def test_align_cli_keeps_functions_and_helps_the_average(strangers, tmp_path, ca
     assert code == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == 3 and paths[0].endswith("net0.safetensors")
-    x = torch.randn(16, 64)
-    for original, aligned in zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]):
-        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
-        a.load_state_dict(safetensors.torch.load_file(str(original)))
-        b.load_state_dict(safetensors.torch.load_file(aligned))
-        assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert_same_functions(zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]))
     ev = held_out()
     aligned_score = ev.evaluate(average(paths).apply(DigitsBNNet()))
     assert aligned_score > _plain_uniform(strangers, ev)
@@ -98,12 +103,7 @@ def test_align_cli_merge_many_writes_every_ingredient_and_reuses_them(strangers,
     assert main(args) == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == 3 and all("/aligned/" in p for p in paths)
-    x = torch.randn(16, 64)
-    for original, aligned in zip(sorted(strangers.glob("*.safetensors")), paths):
-        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
-        a.load_state_dict(safetensors.torch.load_file(str(original)))
-        b.load_state_dict(safetensors.torch.load_file(aligned))
-        assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert_same_functions(zip(sorted(strangers.glob("*.safetensors")), paths))
     sidecar = json.loads((out / "aligned" / (paths[1].split("/")[-1][:-12] + ".json")).read_text())
     assert sidecar["alignment"]["method"] == "merge_many"
     stamps = [(out / "aligned" / p.split("/")[-1]).stat().st_mtime_ns for p in paths]
@@ -126,12 +126,7 @@ def test_align_cli_activation_matching_keeps_functions_and_helps_the_average(
     assert main([*args, "--data", "digits_kit:train_inputs", "--batches", "4"]) == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == 3
-    x = torch.randn(16, 64)
-    for original, aligned in zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]):
-        a, b = DigitsBNNet().eval(), DigitsBNNet().eval()
-        a.load_state_dict(safetensors.torch.load_file(str(original)))
-        b.load_state_dict(safetensors.torch.load_file(aligned))
-        assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert_same_functions(zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]))
     ev = held_out()
     assert ev.evaluate(average(paths).apply(DigitsBNNet())) > _plain_uniform(strangers, ev)
 
