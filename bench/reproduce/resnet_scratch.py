@@ -8,9 +8,9 @@ from its own random init (its own seed) and batch order:
 * ``--pool seeds``: the four ResNet-8 x4 of ``bench/batchnorm/run.py`` (run that first).
 
 Each pool is cooked with the seed's recipes three times: as the seed did (plain
-averages), with BatchNorm recalibration of every candidate, and with MergeMany
-permutation alignment (:func:`modelsoup.repair.pool.align_pool`,
-``method="merge_many"``) plus recalibration.
+averages), with BatchNorm recalibration of every candidate, and with activation-matching
+permutation alignment onto the first network (:func:`modelsoup.repair.pool.align_pool`,
+``method="activations"``, on the recalibration images) plus recalibration.
 
     nice -n 10 .venv/bin/python bench/reproduce/resnet_scratch.py
 """
@@ -92,9 +92,10 @@ def main() -> None:
     aligned = align_pool(
         paths,
         factory,
-        work / "merge_many",
+        work / "activations",
         example=x_train[:8],
-        method="merge_many",
+        method="activations",
+        data=recal_data,
         progress=False,
     )
     align_seconds = time.perf_counter() - t
@@ -105,7 +106,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": common.machine(),
         "setup": vars(args) | {"width": width},
-        "seconds": {"training": train_seconds, "merge_many_alignment": align_seconds},
+        "seconds": {"training": train_seconds, "activation_alignment": align_seconds},
     }
     for variant, pool, kwargs in (
         ("plain", paths, {}),
