@@ -105,6 +105,7 @@ def ablation_table(summary: dict) -> str:
 def main() -> None:
     studies = {
         "minilm_tweets": ("ViT (Table 1)", None),
+        "minilm_tweets_full": ("ViT (Table 1)", None),
         "effnet_fashion": ("EfficientNet (Table 2)", ("no_recalibration", "bn_recalibration")),
         "resnet_scratch": (
             "ResNet (Table 2)",
