@@ -192,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "a.safetensors"]).command
         'inspect'
     """
-    parser = _Parser(prog="modelsoup", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="modelsoup",
+        description="Model soups: average fine-tuned checkpoints of one model into one "
+        "model, choose ingredients on held-out data and report on test data.",
+        epilog="Bad input ends with one line 'error: ...' and exit code 2. Docs: README.md, docs/.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 

@@ -43,6 +43,7 @@ for _name, _attr in (
         _DTYPES[_name] = getattr(torch, _attr)
 _CODES = {v: k for k, v in _DTYPES.items()}
 
+_RESAVE = "; re-copy or re-save the checkpoint"
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
@@ -76,19 +77,19 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
-                raise IngredientError(f"{path}: truncated safetensors file (no header)")
+                raise IngredientError(f"{path}: truncated safetensors file (no header)" + _RESAVE)
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
-                raise IngredientError(f"{path}: corrupt or truncated safetensors header")
+                raise IngredientError(f"{path}: corrupt or truncated safetensors header" + _RESAVE)
             header_bytes = fh.read(n)
     except OSError as err:
         raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
     try:
         header = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IngredientError(f"{path}: corrupt safetensors header ({err})") from err
+        raise IngredientError(f"{path}: corrupt safetensors header ({err})" + _RESAVE) from err
     if not isinstance(header, dict):
-        raise IngredientError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise IngredientError(f"{path}: corrupt safetensors header (not a JSON object)" + _RESAVE)
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     data_len = size - data_start
@@ -99,14 +100,16 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
             shape = tuple(int(d) for d in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
-            raise IngredientError(f"{path}: corrupt header entry for tensor '{name}'") from err
+            raise IngredientError(
+                f"{path}: corrupt header entry for tensor '{name}'" + _RESAVE
+            ) from err
         meta = TensorMeta(shape, dtype)
         if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != meta.nbytes:
-            raise IngredientError(f"{path}: corrupt offsets for tensor '{name}'")
+            raise IngredientError(f"{path}: corrupt offsets for tensor '{name}'" + _RESAVE)
         if end > data_len:
             raise IngredientError(
                 f"{path}: truncated file: tensor '{name}' ends at byte {data_start + end} "
-                f"but the file has {size}; re-copy or re-save the checkpoint"
+                f"but the file has {size}" + _RESAVE
             )
         entries[name] = _Entry(meta, start, end)
     return entries, metadata, data_start, raw + header_bytes

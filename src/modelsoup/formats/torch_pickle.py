@@ -65,10 +65,14 @@ def load_pickle(path: Path) -> object:
                 f"{path}: refused to unpickle: the file asks to import code outside torch's "
                 "safe list; re-save it as a plain state dict or as safetensors"
             ) from err
-        raise IngredientError(f"{path}: corrupt pickle ({first})") from err
+        raise IngredientError(
+            f"{path}: corrupt pickle ({first}); re-copy or re-save the checkpoint"
+        ) from err
     except Exception as err:  # any failure to parse untrusted bytes means a bad file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise IngredientError(f"{path}: corrupt or truncated checkpoint ({first})") from err
+        raise IngredientError(
+            f"{path}: corrupt or truncated checkpoint ({first}); re-copy or re-save the checkpoint"
+        ) from err
 
 
 def _is_tensor_dict(obj: object) -> bool:
