@@ -142,7 +142,11 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
     "edit,needle",
     [
         ("batch_size: 3\n", "'batch_size': unknown key"),
-        ("recipes: [{name: pruned, pases: 2}]\n", "'recipes.0.pases'"),
+        (
+            "recipes: [{name: pruned, pases: 2}]\n",
+            "'recipes.0.pases' (pruned): unknown option; did you mean 'passes'?",
+        ),
+        ("recipies: [{name: greedy}]\n", "'recipies': unknown key; did you mean 'recipes'?"),
         ("recipes: [{name: greedy, order: backwards}]\n", "'recipes.0.order'"),
         ("recipes: [{name: souffle}]\n", "recipe 'souffle' is unknown"),
         ("recipes: [{name: pruned, passes: many}]\n", "'recipes.0.passes'"),

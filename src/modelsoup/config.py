@@ -23,10 +23,11 @@ built-in text evaluator, e.g. ``{hf_text_classification: held.csv, max_length: 6
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -130,12 +131,20 @@ class CookConfig(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
+def _spelling_hint(key: object, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else "; check its spelling"
+
+
 def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    # a misspelt key also makes the real one "missing": report the misspelling first
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     loc = ".".join(str(x) for x in first["loc"] if x not in _FORM_TAGS) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key; check its spelling"
+        known = CookConfig.model_fields if len(first["loc"]) == 1 else ()
+        msg = "unknown key" + _spelling_hint(first["loc"][-1], known)
     elif first["type"] == "missing":
         msg = "required key is missing"
     return f"{source}: config key '{loc}': {msg}"
@@ -149,9 +158,11 @@ def check_recipes(config: CookConfig, source: str = "config") -> None:
         try:
             spec.options(**opts)
         except ValidationError as err:
-            first = err.errors()[0]
+            first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
             key = ".".join(str(x) for x in first["loc"])
-            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+            msg = first["msg"]
+            if first["type"] == "extra_forbidden":
+                msg = "unknown option" + _spelling_hint(key, spec.options.model_fields)
             raise ConfigError(
                 f"{source}: config key 'recipes.{i}.{key}' ({entry.name}): {msg}"
             ) from None
