@@ -79,9 +79,11 @@ def train_from_scratch(
     weight_decay: float,
     epochs: int,
     seed: int,
+    start_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One network from its own init and batch order (both from ``seed``): SGD momentum
-    0.9, batch 128, cosine schedule with 5% warm-up, no gradient clipping."""
+    """One network from its own init and batch order (both from ``seed``), or from
+    ``start_state`` with its own batch order: SGD momentum 0.9, batch 128, cosine schedule
+    with 5% warm-up, no gradient clipping."""
     return train_ingredient(
         factory,
         train,
@@ -95,4 +97,5 @@ def train_from_scratch(
         schedule="cosine",
         warmup_frac=0.05,
         max_grad_norm=None,
+        start_state=start_state,
     )

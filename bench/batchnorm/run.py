@@ -34,6 +34,7 @@ from modelsoup.datasets import load_fashion_mnist
 from modelsoup.diagnose import diagnose
 from modelsoup.evaluators import Accuracy
 from modelsoup.ingredients import open_ingredients
+from modelsoup.recipes.greedy import greedy_soup
 from modelsoup.repair import recalibrate_bn
 from modelsoup.repair.pool import align_pool
 from modelsoup.tasting import Taster
@@ -55,6 +56,20 @@ def parse() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--recal-batches", type=int, default=10, help="batches of 256 train images")
+    p.add_argument(
+        "--init",
+        choices=("own", "shared"),
+        default="own",
+        help="own: each seed is its own init (default); shared: one init, seeds change only "
+        "the batch order",
+    )
+    p.add_argument(
+        "--spawn-epochs",
+        type=int,
+        default=0,
+        help="with --init shared: train the shared init this many epochs first (its own "
+        "schedule), then every seed continues from there",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=str(ROOT / "bench/_work/batchnorm"))
     p.add_argument("--results", default=str(ROOT / "bench/batchnorm/results"))
@@ -65,7 +80,11 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    if args.spawn_epochs and args.init != "shared":
+        sys.exit("--spawn-epochs needs --init shared")
     tag = f"resnet{6 * args.blocks + 2}x{args.width}"
+    if args.init == "shared":
+        tag += f"_spawn{args.spawn_epochs}" if args.spawn_epochs else "_shared_init"
     work = Path(args.work) / tag
     work.mkdir(parents=True, exist_ok=True)
     split = load_fashion_mnist(seed=0, heldout=args.heldout, train=args.train, test=args.test)
@@ -80,14 +99,26 @@ def main() -> None:
     def recalibrate(module: torch.nn.Module) -> None:
         recalibrate_bn(module, recal_data, num_batches=args.recal_batches)
 
-    # 1. independent training: each seed is its own init and its own batch order
+    # 1. training: by default each seed is its own init and its own batch order; with
+    #    --init shared every seed starts from one init (trained --spawn-epochs first)
     paths, train_seconds = [], []
+    start = None
+    if args.init == "shared":
+        t = time.perf_counter()
+        start = shared_start(factory, train, args)
+        train_seconds.append(time.perf_counter() - t)
     for seed in range(args.models):
         path = work / f"seed{seed}.safetensors"
         if not path.exists():
             t = time.perf_counter()
             state = train_from_scratch(
-                factory, train, lr=args.lr, weight_decay=5e-4, epochs=args.epochs, seed=seed
+                factory,
+                train,
+                lr=args.lr,
+                weight_decay=5e-4,
+                epochs=args.epochs,
+                seed=seed,
+                start_state=start,
             )
             save_file(state, str(path))
             train_seconds.append(time.perf_counter() - t)
@@ -148,6 +179,15 @@ def main() -> None:
         for pool in aligned_paths
     }
 
+    # 4b. what a user gets from the greedy recipe (held-out guided) on each recalibrated pool
+    greedy = {}
+    for pool in pool_paths:
+        soup = greedy_soup(tasters[(pool, True)])
+        greedy[pool] = {
+            "size": len(soup.chosen),
+            "test": 100 * tasters[(pool, True)].score(soup.coefficients, test),
+        }
+
     # 5. interpolation barriers on held-out, best model -> each other one
     barriers = {}
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -181,6 +221,14 @@ def main() -> None:
             "optimizer": "SGD momentum 0.9, wd 5e-4, cosine, batch 128",
             "recalibration": f"{args.recal_batches} batches of 256 train images",
             "seeds": list(range(k)),
+            "init": "own init per seed"
+            if args.init == "own"
+            else "one shared init (seed 1000)"
+            + (
+                f", trained {args.spawn_epochs} epoch(s) before the seeds split"
+                if args.spawn_epochs
+                else ""
+            ),
         },
         "test_accuracy": {
             "endpoints": endpoints,
@@ -188,6 +236,7 @@ def main() -> None:
             f"uniform_soup_{k}": soups,
             "two_model_average_0_1": pair,
             "aligned_recalibrated_soup_by_size": by_size,
+            "greedy_recalibrated": greedy,
         },
         "barriers_heldout": barriers,
         "seconds": {
@@ -203,12 +252,24 @@ def main() -> None:
     print(markdown(result, k))
 
 
+def shared_start(factory, train, args) -> dict[str, torch.Tensor]:
+    """The one starting point of ``--init shared``: a fresh init from seed 1000, trained
+    ``--spawn-epochs`` epochs (batch order from seed 1000) when asked."""
+    torch.manual_seed(1000)
+    if not args.spawn_epochs:
+        return factory().state_dict()
+    return train_from_scratch(
+        factory, train, lr=args.lr, weight_decay=5e-4, epochs=args.spawn_epochs, seed=1000
+    )
+
+
 def markdown(r: dict, k: int) -> str:
     acc = r["test_accuracy"]
     ends = acc["endpoints"]
     pair_ends = ends[:2]
     lines = [
-        f"# {r['setup']['model']} on Fashion-MNIST: soups of independently trained networks",
+        f"# {r['setup']['model']} on Fashion-MNIST: soups of networks trained with "
+        f"different seeds ({r['setup'].get('init', 'own init per seed')})",
         "",
         f"{r['date']}; {r['machine']}. Setup: {json.dumps(r['setup'])}",
         "",
@@ -233,6 +294,12 @@ def markdown(r: dict, k: int) -> str:
         *(
             f"- {pool}: " + ", ".join(f"n={n}: {v:.2f}" for n, v in sizes.items())
             for pool, sizes in acc["aligned_recalibrated_soup_by_size"].items()
+        ),
+        "",
+        "Greedy soup (sorted, held-out guided, candidates recalibrated): "
+        + ", ".join(
+            f"{pool}: {g['size']} of {k} kept, {g['test']:.2f}"
+            for pool, g in acc.get("greedy_recalibrated", {}).items()
         ),
         "",
         "Interpolation barrier on held-out (percentage points, best model to each other one, "
