@@ -175,7 +175,7 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
         ci = r.get("test_ci")
         ci_text = f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]" if ci else "-"
         vs = r.get("vs_best_individual", {}).get("text", "-")
-        size = f"{r['ingredients']:g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
+        size = f"{r['ingredients']:.3g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
         lines.append(
             f"| {r['method']} | {_fmt(r['held_out'], r['held_out_std'], scale)} "
             f"| {_fmt(r['test'], r['test_std'], scale)} | {ci_text} | {vs} | {size} "
