@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import tiny_state
 from modelsoup import average, open_ingredient
 from modelsoup.formats.safetensors_io import SafetensorsSource
+from modelsoup.ingredients import find_checkpoints
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -58,6 +60,34 @@ def test_torch_pickles_unwrap(tmp_path, wrap, suffix):
     path = tmp_path / f"ckpt{suffix}"
     torch.save(wrap(sd), path)
     assert _equal(_read(open_ingredient(path)), sd)
+
+
+def test_timm_training_checkpoints_are_found_and_read(tmp_path):
+    # timm's train.py saves checkpoint-<epoch>.pth.tar with its argparse arguments inside
+    raw, ema = tiny_state(0), tiny_state(1)
+    runs = tmp_path / "output"
+    runs.mkdir()
+    for name in ("checkpoint-9.pth.tar", "model_best.pth.tar"):
+        torch.save(
+            {
+                "epoch": 9,
+                "arch": "resnet50",
+                "state_dict": raw,
+                "state_dict_ema": ema,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+                "version": 2,
+                "args": argparse.Namespace(model="resnet50", lr=0.1),
+                "metric": 77.5,
+            },
+            runs / name,
+        )
+    (runs / "summary.csv").write_text("epoch,loss\n")
+    found = find_checkpoints([runs])
+    assert [p.name for p in found] == ["checkpoint-9.pth.tar", "model_best.pth.tar"]
+    ingredient = open_ingredient(found[0])
+    assert ingredient.label == "checkpoint-9"
+    assert _equal(_read(ingredient), raw)
+    assert _equal(_read(open_ingredient(found[1], key="state_dict_ema")), ema)
 
 
 def test_raw_weights_win_over_ema_unless_asked(tmp_path):

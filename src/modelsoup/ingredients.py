@@ -29,8 +29,32 @@ from modelsoup.formats.hf_folder import is_model_folder, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource
 from modelsoup.formats.torch_pickle import TorchSource
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+#: torch pickles; ``.pth.tar`` is what timm's training script saves
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def is_pickle_name(path: Path) -> bool:
+    """Whether a file name says torch pickle (``.pt .pth .bin .ckpt .pth.tar``).
+
+    Example:
+        >>> is_pickle_name(Path("model_best.pth.tar")), is_pickle_name(Path("a.tar"))
+        (True, False)
+    """
+    return path.name.endswith(PICKLE_SUFFIXES)
+
+
+def checkpoint_stem(path: Path) -> str:
+    """A checkpoint file's name without its format suffix: the default label.
+
+    Example:
+        >>> checkpoint_stem(Path("runs/checkpoint-9.pth.tar")), checkpoint_stem(Path("a.pt"))
+        ('checkpoint-9', 'a')
+    """
+    for suffix in CHECKPOINT_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
 
 
 class Ingredient:
@@ -144,7 +168,7 @@ def open_ingredient(
         source = open_folder(path, key=key)
     elif path.suffix == ".safetensors":
         source = SafetensorsSource([path])
-    elif path.suffix in PICKLE_SUFFIXES:
+    elif is_pickle_name(path):
         source = TorchSource([path], key=key)
     else:
         raise IngredientError(
@@ -153,7 +177,7 @@ def open_ingredient(
         )
     if not source.names():
         raise IngredientError(f"{path}: the checkpoint holds no tensors")
-    stem = path.name if path.is_dir() else path.stem
+    stem = path.name if path.is_dir() else checkpoint_stem(path)
     return Ingredient(source, label or stem, path=path, hyperparameters=_sidecar(path))
 
 
@@ -182,10 +206,13 @@ def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
             inside = sorted(
                 p
                 for p in path.iterdir()
-                if (p.suffix in CHECKPOINT_SUFFIXES and p.is_file()) or is_model_folder(p)
+                if (p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file()) or is_model_folder(p)
             )
             if not inside:
-                raise IngredientError(f"{path}: the folder holds no checkpoints")
+                raise IngredientError(
+                    f"{path}: the folder holds no checkpoints (looked for "
+                    f"{', '.join(CHECKPOINT_SUFFIXES)} files and Hugging Face model folders)"
+                )
             found.extend(inside)
         else:
             found.append(path)

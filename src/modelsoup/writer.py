@@ -27,7 +27,7 @@ from modelsoup.errors import ConfigError, WriteError
 from modelsoup.formats.hf_folder import write_folder
 from modelsoup.formats.safetensors_io import atomic_file, write_safetensors
 from modelsoup.formats.torch_pickle import write_torch
-from modelsoup.ingredients import PICKLE_SUFFIXES, warn_if_duplicated
+from modelsoup.ingredients import is_pickle_name, warn_if_duplicated
 from modelsoup.soup import Soup, parse_dtype
 
 _UNITS = {
@@ -167,7 +167,7 @@ def save_soup(
                 {"format": "pt", "modelsoup.recipe": soup.recipe},
                 on_tensor=lambda n: bar.update(),
             )
-        elif out.suffix in PICKLE_SUFFIXES:
+        elif is_pickle_name(out):
             state = {}
             for name in layout:
                 state[name] = soup.tensor(name, dtype)

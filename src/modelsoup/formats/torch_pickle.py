@@ -1,7 +1,8 @@
-"""torch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): safe loading and unwrapping.
+"""torch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``): safe loading and unwrapping.
 
 Loading always uses ``weights_only=True``: a pickle that asks to import anything
-outside torch's safe list is refused, never run. Zip-format files are memory-mapped
+outside torch's safe list is refused, never run. ``argparse.Namespace`` is added to that
+list, because timm's training script stores its arguments as one. Zip-format files are memory-mapped
 so tensors are paged in only when read.
 
 Which tensors count as the weights (first match wins):
@@ -17,6 +18,7 @@ Which tensors count as the weights (first match wins):
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,9 @@ import torch
 from modelsoup.errors import IngredientError
 from modelsoup.formats.base import TensorMeta, TensorSource
 from modelsoup.formats.safetensors_io import atomic_file
+
+#: harmless classes that common training scripts pickle beside the weights
+_SAFE_EXTRAS = [argparse.Namespace]
 
 WRAPPER_KEYS = (
     "state_dict",
@@ -50,12 +55,14 @@ def load_pickle(path: Path) -> object:
     """
     try:
         try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as err:
             # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
             if "mmap" not in str(err) and "zipfile" not in str(err):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except pickle.UnpicklingError as err:
