@@ -166,6 +166,23 @@ def test_folder_output_shards_and_copies_config(tmp_path, states):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_trainer_output_folder_in_step_order_without_training_state(tmp_path, states):
+    # transformers' Trainer: output_dir/checkpoint-<step>/ with weights, config and state
+    runs = tmp_path / "output_dir"
+    for step, sd in zip((1000, 500, 50), states):
+        ckpt = runs / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        safetensors.torch.save_file(sd, str(ckpt / "model.safetensors"))
+        (ckpt / "config.json").write_text('{"model_type": "tiny"}')
+        (ckpt / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        (ckpt / "training_args.bin").write_bytes(b"not weights")
+        torch.save({"state": {}}, ckpt / "optimizer.pt")
+    found = find_checkpoints([runs])
+    assert [p.name for p in found] == ["checkpoint-50", "checkpoint-500", "checkpoint-1000"]
+    out = average(found).save(tmp_path / "soup", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_reader_is_lazy_one_tensor_at_a_time(tmp_path):
     sd = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}
     path = tmp_path / "big.safetensors"

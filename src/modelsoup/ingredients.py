@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
@@ -181,11 +182,24 @@ def open_ingredient(
     return Ingredient(source, label or stem, path=path, hyperparameters=_sidecar(path))
 
 
+def natural_order(path: Path) -> tuple:
+    """Sort key that reads runs of digits as numbers, so step 500 comes before step 1000.
+
+    Example:
+        >>> names = ["checkpoint-1000", "checkpoint-500", "checkpoint-50"]
+        >>> sorted(names, key=lambda n: natural_order(Path(n)))
+        ['checkpoint-50', 'checkpoint-500', 'checkpoint-1000']
+    """
+    parts = re.split(r"(\d+)", str(path))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
 def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
     """Expand paths, globs and folders of checkpoints into a list, in the order given.
 
     A folder that is itself an HF model counts as one ingredient; any other folder
-    contributes its checkpoint files (sorted). Each glob is expanded in sorted order.
+    contributes its checkpoint files, and each glob its matches, in natural order
+    (:func:`natural_order`: checkpoint-500 before checkpoint-1000).
     The same path given twice stays twice: ingredients are kept by position.
 
     Example:
@@ -196,7 +210,7 @@ def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
     for pattern in patterns:
         text = str(pattern)
         if glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(text))
+            matches = sorted((Path(p) for p in glob.glob(text)), key=natural_order)
             if not matches:
                 raise IngredientError(f"{text}: the pattern matches no file")
             found.extend(matches)
@@ -204,9 +218,12 @@ def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
         path = Path(text)
         if path.is_dir() and not is_model_folder(path):
             inside = sorted(
-                p
-                for p in path.iterdir()
-                if (p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file()) or is_model_folder(p)
+                (
+                    p
+                    for p in path.iterdir()
+                    if (p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file()) or is_model_folder(p)
+                ),
+                key=natural_order,
             )
             if not inside:
                 raise IngredientError(

@@ -21,6 +21,17 @@ from modelsoup.formats.base import TensorMeta, TensorSource
 from modelsoup.formats.safetensors_io import SafetensorsSource, atomic_file, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 
+#: files of one training run that do not describe a soup (transformers' Trainer writes
+#: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
+TRAINING_STATE = frozenset(
+    {
+        "trainer_state.json",
+        "training_args.bin",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
+    }
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _LAYOUTS = (
     ("model.safetensors.index.json", SafetensorsSource),
@@ -128,7 +139,8 @@ def write_folder(
                 is_weights = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(
                     ".index.json"
                 )
-                if item.is_file() and not is_weights and not item.name.startswith("."):
+                skip = is_weights or item.name in TRAINING_STATE or item.name.startswith(".")
+                if item.is_file() and not skip:
                     shutil.copy2(item, tmp / item.name)
         shards = plan_shards(layout, max_shard_size)
         if len(shards) == 1:

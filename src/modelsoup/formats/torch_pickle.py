@@ -1,4 +1,4 @@
-"""torch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``): safe loading and unwrapping.
+"""torch pickles (``.pt .pth .bin .ckpt .pth.tar``): safe loading and unwrapping.
 
 Loading always uses ``weights_only=True``: a pickle that asks to import anything
 outside torch's safe list is refused, never run. ``argparse.Namespace`` is added to that
