@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from modelsoup.formats import hashcache
+
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -70,12 +72,17 @@ class TensorSource:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """sha256 of the files on disk, in order (or of the tensors for in-memory sources)."""
+        """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
+        remembered across runs while the files are unchanged (:mod:`.hashcache`)."""
+        known = hashcache.recall(self.files)
+        if known is not None:
+            return known
         digest = hashlib.sha256()
         for path in self.files:
             with open(path, "rb") as fh:
                 while chunk := fh.read(1 << 22):
                     digest.update(chunk)
+        hashcache.remember(self.files, digest.hexdigest())
         return digest.hexdigest()
 
     def close(self) -> None:  # noqa: B027 - optional hook

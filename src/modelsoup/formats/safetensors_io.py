@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from modelsoup.errors import IngredientError, WriteError
+from modelsoup.formats import hashcache
 from modelsoup.formats.base import TensorMeta, TensorSource
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -152,9 +153,13 @@ class SafetensorsSource(TensorSource):
             self._where, key=lambda n: (self._where[n][0], self._where[n][1].start)
         )
         self._handles: dict[int, object] = {}
-        # Hash-while-reading state: the file being hashed and the next byte it expects.
+        # Hash-while-reading state: the file being hashed and the next byte it expects;
+        # nothing to hash when an earlier run remembered the hash of these very files.
+        self._known = hashcache.recall(self.files)
         self._hasher = hashlib.sha256(self._headers[0])
         self._hash_file, self._hash_pos = 0, self._starts[0]
+        if self._known is not None:
+            self._hash_file = len(self.files)
         self._advance_hash()
 
     def names(self) -> list[str]:
@@ -195,9 +200,13 @@ class SafetensorsSource(TensorSource):
                 self._hash_pos = self._starts[self._hash_file]
 
     def fingerprint(self) -> str:
-        if self._hash_file >= len(self.files):
-            return self._hasher.hexdigest()  # every byte was already read, in order
-        return super().fingerprint()
+        if self._known is None:
+            if self._hash_file >= len(self.files):
+                self._known = self._hasher.hexdigest()  # every byte was read, in order
+                hashcache.remember(self.files, self._known)
+            else:
+                self._known = super().fingerprint()
+        return self._known
 
     def close(self) -> None:
         for fh in self._handles.values():

@@ -1,0 +1,84 @@
+"""The sha256 of a checkpoint is remembered while the file is unchanged, and only then."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import safetensors.torch
+import torch
+
+from conftest import tiny_state
+from modelsoup import average, open_ingredient
+from modelsoup.formats import hashcache
+
+
+def _write(tmp_path, name, seed):
+    path = tmp_path / name
+    safetensors.torch.save_file(tiny_state(seed), str(path))
+    return path
+
+
+def _card_hashes(out):
+    card = json.loads(out.with_name(out.name + ".json").read_text())
+    return [row["sha256"] for row in card["ingredients"]]
+
+
+def test_remembered_hash_is_used_until_the_file_changes(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "sha256.jsonl"
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(cache))
+    a, b = _write(tmp_path, "a.safetensors", 0), _write(tmp_path, "b.safetensors", 1)
+    true = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)]
+
+    average([a, b]).save(tmp_path / "s1.safetensors", progress=False)
+    assert _card_hashes(tmp_path / "s1.safetensors") == true
+    assert len(cache.read_text().splitlines()) == 2
+
+    # A planted (wrong) digest for a's exact identity is believed: proof the cache is read.
+    hashcache.remember([a], "0" * 64, cache)
+    average([a, b]).save(tmp_path / "s2.safetensors", progress=False)
+    assert _card_hashes(tmp_path / "s2.safetensors") == ["0" * 64, true[1]]
+
+    # Touching the file changes its identity: the hash is computed again, and right.
+    os.utime(a)
+    assert open_ingredient(a).sha256 == true[0]
+
+
+def test_rewritten_file_is_hashed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "sha256.jsonl"))
+    path = _write(tmp_path, "w.safetensors", 0)
+    first = open_ingredient(path).sha256
+    safetensors.torch.save_file(tiny_state(5), str(path))
+    second = open_ingredient(path).sha256
+    assert second != first
+    assert second == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pickles_and_folders_are_remembered_too(tmp_path, monkeypatch):
+    cache = tmp_path / "sha256.jsonl"
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(cache))
+    path = tmp_path / "w.pt"
+    torch.save(tiny_state(0), path)
+    digest = open_ingredient(path).sha256
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashcache.recall([path], cache) == digest
+
+
+def test_cache_off_corrupt_or_unwritable_never_gets_in_the_way(tmp_path, monkeypatch):
+    path = _write(tmp_path, "w.safetensors", 0)
+    true = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", "off")
+    assert open_ingredient(path).sha256 == true
+
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"files": 3\nnot json at all\n{"sha256": "x"}\n')
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(corrupt))
+    assert open_ingredient(path).sha256 == true
+    assert hashcache.recall([path], corrupt) == true
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(blocker / "sha256.jsonl"))
+    assert open_ingredient(path).sha256 == true
