@@ -106,6 +106,13 @@ class Ingredient:
         """
         return self.source.tensor(name, scratch)
 
+    def tensor_range(
+        self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``start`` to ``start + count`` of one tensor, flattened; file readers
+        read only those bytes (into a uint8 ``scratch`` when given, valid until reused)."""
+        return self.source.tensor_range(name, start, count, scratch)
+
     def scratch(self) -> torch.Tensor:
         """A uint8 buffer big enough for any one of this ingredient's tensors."""
         return torch.empty(

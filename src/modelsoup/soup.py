@@ -13,7 +13,7 @@ scores. Weights are made on demand, tensor by tensor:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,9 @@ from modelsoup.accumulator import (
 from modelsoup.errors import ConfigError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.ingredients import Ingredient
+
+#: elements mixed at a time when a soup is written (4 Mi: 16 MiB of float32 sum)
+PIECE_ELEMENTS = 1 << 22
 
 DTYPE_NAMES = {
     "fp32": torch.float32,
@@ -144,7 +147,7 @@ class Soup:
         """Mix one tensor: read it from each chosen ingredient, sum in float32, cast.
 
         With ``streaming=True`` the sum lives in a buffer reused by the next streaming
-        call (how the writer keeps memory at about one tensor): use the result at once.
+        call: use the result at once. (Writers use :meth:`pieces`, which holds less.)
 
         Example:
             >>> import torch
@@ -157,8 +160,7 @@ class Soup:
         if name in self.overrides:
             value = self.overrides[name]
             return value.to(parse_dtype(out_dtype) or meta.dtype) if meta.is_floating else value
-        coefs = self.coefficients_for(name)
-        used = [(i, c) for i, c in enumerate(coefs) if c > 0]
+        used, total = self._mix_plan(name)
         if not meta.is_floating:
             first = self.ingredients[used[0][0]]
             value = first.tensor(name)
@@ -167,7 +169,6 @@ class Soup:
                     other = self.ingredients[i]
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
-        total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
         if streaming:
             acc = self._buffer("_sum_buffer", meta.numel, self.accum_dtype)[: meta.numel]
             acc = acc.view(meta.shape).zero_()
@@ -176,6 +177,53 @@ class Soup:
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
             acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
+        return self._finish(name, acc, used, total).to(parse_dtype(out_dtype) or meta.dtype)
+
+    def pieces(
+        self,
+        name: str,
+        out_dtype: torch.dtype | str | None = None,
+        *,
+        max_elements: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Mix one tensor piece by piece: flat slices, in order, of ``max_elements`` or
+        fewer (default :data:`PIECE_ELEMENTS`), so that writing a soup holds a few
+        pieces, not its largest tensor.
+
+        Each piece lives in buffers that the next one reuses: write it before asking for
+        the next. Integer tensors and overrides come whole, as one flat piece.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"w": torch.zeros(5)}, {"w": torch.ones(5)}])
+            >>> [p.tolist() for p in Soup(ings, [1, 1]).pieces("w", max_elements=2)]
+            [[0.5, 0.5], [0.5, 0.5], [0.5]]
+        """
+        meta = self.ingredients[0].meta(name)
+        if name in self.overrides or not meta.is_floating:
+            yield self.tensor(name, out_dtype).reshape(-1)
+            return
+        used, total = self._mix_plan(name)
+        dtype = parse_dtype(out_dtype) or meta.dtype
+        step = max(1, int(max_elements or PIECE_ELEMENTS))
+        for start in range(0, meta.numel, step):
+            count = min(step, meta.numel - start)
+            acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
+            scratch = self._buffer("_read_buffer", count * meta.dtype.itemsize, torch.uint8)
+            for i, c in used:
+                acc.add_(self.ingredients[i].tensor_range(name, start, count, scratch), alpha=c)
+            yield self._finish(name, acc, used, total).to(dtype)
+
+    def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
+        # (position, coefficient) of every ingredient in this tensor, and what to divide by
+        used = [(i, c) for i, c in enumerate(self.coefficients_for(name)) if c > 0]
+        total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
+        return used, total
+
+    def _finish(
+        self, name: str, acc: torch.Tensor, used: list[tuple[int, float]], total: float
+    ) -> torch.Tensor:
         if not is_finite(acc):
             # Rare: find the ingredient to blame (the sum may also just have overflowed).
             for i, _ in used:
@@ -187,7 +235,7 @@ class Soup:
             )
         if total != 1.0:
             acc.div_(total)  # sum first, divide once: one rounding instead of one per term
-        return acc.to(parse_dtype(out_dtype) or meta.dtype)
+        return acc
 
     def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         # Buffers kept per soup and grown to the largest tensor: no allocation per tensor.

@@ -163,7 +163,7 @@ def save_soup(
             write_safetensors(
                 out,
                 layout,
-                lambda n: soup.tensor(n, dtype, streaming=True),
+                lambda n: soup.pieces(n, dtype),
                 {"format": "pt", "modelsoup.recipe": soup.recipe},
                 on_tensor=lambda n: bar.update(),
             )
@@ -179,7 +179,7 @@ def save_soup(
             write_folder(
                 out,
                 layout,
-                lambda n: soup.tensor(n, dtype, streaming=True),
+                lambda n: soup.pieces(n, dtype),
                 max_shard_size=shard,
                 copy_from=copy_from,
                 metadata={"format": "pt"},

@@ -71,6 +71,21 @@ class TensorSource:
         buffer (the result is then valid only until the buffer is reused)."""
         raise NotImplementedError
 
+    def tensor_range(
+        self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``start`` to ``start + count`` of one tensor, flattened (row-major).
+
+        Readers that copy from disk read only those bytes (into ``scratch`` when given);
+        this default slices :meth:`tensor`, which costs nothing for memory-mapped tensors.
+
+        Example:
+            >>> import torch
+            >>> DictSource({"w": torch.arange(6.0).reshape(2, 3)}).tensor_range("w", 2, 3)
+            tensor([2., 3., 4.])
+        """
+        return self.tensor(name).reshape(-1)[start : start + count]
+
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
         remembered across runs while the files are unchanged (:mod:`.hashcache`)."""
@@ -116,6 +131,12 @@ class DictSource(TensorSource):
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name].detach().cpu()
+
+    def tensor_range(
+        self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # slice before moving, so a tensor on a GPU is copied one piece at a time
+        return self._tensors[name].detach().reshape(-1)[start : start + count].cpu()
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -112,7 +112,7 @@ def plan_shards(layout: Mapping[str, TensorMeta], max_shard_size: int) -> list[l
 def write_folder(
     path: Path,
     layout: Mapping[str, TensorMeta],
-    tensor_for: Callable[[str], torch.Tensor],
+    tensor_for: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     *,
     max_shard_size: int,
     copy_from: Path | None = None,

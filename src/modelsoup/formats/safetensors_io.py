@@ -173,8 +173,25 @@ class SafetensorsSource(TensorSource):
 
         A tensor read into ``scratch`` is only valid until the buffer is reused.
         """
+        entry = self._where[name][1]
+        out = self._read(name, 0, entry.end - entry.start, scratch)
+        return out.view(entry.meta.dtype).reshape(entry.meta.shape)
+
+    def tensor_range(
+        self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``start`` to ``start + count`` of one tensor, flattened: only their
+        bytes are read (into ``scratch`` when it is large enough)."""
+        entry = self._where[name][1]
+        size = entry.meta.dtype.itemsize
+        count = max(0, min(count, entry.meta.numel - start))
+        return self._read(name, start * size, count * size, scratch).view(entry.meta.dtype)
+
+    def _read(
+        self, name: str, offset: int, nbytes: int, scratch: torch.Tensor | None
+    ) -> torch.Tensor:
+        # bytes offset..offset+nbytes of one tensor's data, hashed if they come next in line
         index, entry = self._where[name]
-        nbytes = entry.end - entry.start
         if scratch is not None and scratch.numel() >= nbytes:
             out = scratch[:nbytes]
         else:
@@ -182,15 +199,16 @@ class SafetensorsSource(TensorSource):
         fh = self._handles.get(index)
         if fh is None:
             fh = self._handles[index] = open(self.files[index], "rb")  # noqa: SIM115
-        fh.seek(self._starts[index] + entry.start)
+        where = self._starts[index] + entry.start + offset
+        fh.seek(where)
         got = fh.readinto(memoryview(out.numpy())) if nbytes else 0
         if got != nbytes:
             raise IngredientError(f"{self.files[index]}: truncated while reading tensor '{name}'")
-        if index == self._hash_file and self._starts[index] + entry.start == self._hash_pos:
+        if index == self._hash_file and where == self._hash_pos:
             self._hasher.update(memoryview(out.numpy()))
             self._hash_pos += nbytes
             self._advance_hash()
-        return out.view(entry.meta.dtype).reshape(entry.meta.shape)
+        return out
 
     def _advance_hash(self) -> None:
         while self._hash_file < len(self.files) and self._hash_pos >= self._sizes[self._hash_file]:
@@ -217,15 +235,17 @@ class SafetensorsSource(TensorSource):
 def write_safetensors(
     path: Path,
     layout: Mapping[str, TensorMeta],
-    tensor_for: Callable[[str], torch.Tensor],
+    tensor_for: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> None:
-    """Stream tensors into one safetensors file; memory holds one tensor at a time.
+    """Stream tensors into one safetensors file; memory holds one tensor (or piece) at a time.
 
     The header is known from ``layout`` before any data is made, so each tensor is
-    produced by ``tensor_for(name)`` and written straight away. The file appears only
-    when complete (written under a temporary name, then renamed).
+    produced by ``tensor_for(name)`` and written straight away: a tensor of the layout's
+    shape and dtype, or an iterable of flat pieces of that dtype that together make it,
+    in row-major order (:meth:`modelsoup.soup.Soup.pieces`). The file appears only when
+    complete (written under a temporary name, then renamed).
 
     Example:
         >>> import tempfile, torch
@@ -256,15 +276,30 @@ def write_safetensors(
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for name, meta in layout.items():
-            t = tensor_for(name)
-            if tuple(t.shape) != meta.shape or t.dtype != meta.dtype:
+            made = tensor_for(name)
+            if isinstance(made, torch.Tensor):
+                if tuple(made.shape) != meta.shape or made.dtype != meta.dtype:
+                    raise WriteError(
+                        f"{path}: tensor '{name}' is {tuple(made.shape)} {made.dtype}, "
+                        f"expected {meta.shape} {meta.dtype}"
+                    )
+                made = [made]
+            written = 0
+            for piece in made:
+                if piece.dtype != meta.dtype:
+                    raise WriteError(
+                        f"{path}: tensor '{name}' came as {piece.dtype}, not {meta.dtype}"
+                    )
+                if piece.numel():
+                    flat = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                    fh.write(flat.numpy().data)
+                    written += flat.numel()
+                piece = flat = None  # drop it before the next is made: one piece in memory
+            made = None
+            if written != meta.nbytes:
                 raise WriteError(
-                    f"{path}: tensor '{name}' is {tuple(t.shape)} {t.dtype}, "
-                    f"expected {meta.shape} {meta.dtype}"
+                    f"{path}: tensor '{name}' came as {written} bytes, expected {meta.nbytes}"
                 )
-            if t.numel():
-                fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            t = None  # drop it before the next tensor is made: one tensor in memory at a time
             if on_tensor:
                 on_tensor(name)
 
