@@ -48,14 +48,36 @@ def cmd_average(args: argparse.Namespace) -> int:
         int_policy=args.int_policy,
         key=args.checkpoint_key,
     )
+    note = ""
+    if args.recalibrate_bn:
+        note = _recalibrate_average(soup, args)
     out = soup.save(
         args.output,
         out_dtype=args.out_dtype,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
     )
-    print(f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients) and {out}.json")
+    print(f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}) and {out}.json")
     return 0
+
+
+def _recalibrate_average(soup, args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    import torch
+
+    from modelsoup.config import resolve, resolve_unlabeled
+    from modelsoup.repair.batchnorm import recalibrate_soup
+
+    if not args.model:
+        raise ConfigError(
+            "--recalibrate-bn needs --model module:function returning the architecture"
+        )
+    model = resolve(args.model, Path.cwd())
+    module = model if isinstance(model, torch.nn.Module) else model()
+    data = resolve_unlabeled(args.recalibrate_bn, str(Path.cwd()))
+    recalibrate_soup(soup, module, data, num_batches=args.recalibrate_batches)
+    return ", BatchNorm statistics re-estimated"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -226,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
+    p.add_argument(
+        "--recalibrate-bn",
+        metavar="DATA",
+        help="module:function returning unlabeled batches: re-estimate the soup's BatchNorm "
+        "statistics on them before saving (needs --model)",
+    )
+    p.add_argument("--model", help="module:function returning the architecture")
+    p.add_argument("--recalibrate-batches", type=int, help="use at most this many batches of DATA")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_average)
 

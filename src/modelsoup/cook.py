@@ -36,6 +36,7 @@ from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
+from modelsoup.repair.batchnorm import keep_bn_statistics
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
@@ -340,13 +341,7 @@ def _recalibrate_soup(soup: Soup, taster: Taster, recalibrate: Callable) -> None
     soup.apply(taster.model)
     recalibrate(taster.model)
     taster.recalibrations += 1
-    state = taster.model.state_dict()
-    soup.overrides = {
-        name: state[name].detach().cpu().clone()
-        for name in state
-        if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
-    }
-    soup.options["bn_recalibrated"] = True
+    keep_bn_statistics(soup, taster.model)
     if taster.recalibrate_candidates:
         return  # the recipe already chose with recalibrated scores: keep its score
     soup.scores["held_out_before_recalibration"] = soup.scores.get("held_out")

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,7 +26,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from modelsoup.errors import ConfigError
 
-__all__ = ["has_batchnorm", "recalibrate_bn"]
+if TYPE_CHECKING:
+    from modelsoup.soup import Soup
+
+__all__ = ["has_batchnorm", "keep_bn_statistics", "recalibrate_bn", "recalibrate_soup"]
+
+#: the buffers of a BatchNorm layer that recalibration re-estimates
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 TENSOR_BATCH_SIZE = 256
 
@@ -150,3 +156,57 @@ def recalibrate_bn(
         for m, momentum in momenta.items():
             m.momentum = momentum
     return module
+
+
+def keep_bn_statistics(soup: Soup, module: nn.Module) -> Soup:
+    """Store ``module``'s BatchNorm statistics in ``soup`` (as overrides of the averaged
+    ones), so that saving or applying the soup uses them; returns the soup.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modelsoup import average
+        >>> nets = [nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)) for _ in range(2)]
+        >>> soup = average(nets)
+        >>> net = soup.apply(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+        >>> _ = recalibrate_bn(net, torch.randn(64, 3))
+        >>> sorted(keep_bn_statistics(soup, net).overrides)
+        ['1.num_batches_tracked', '1.running_mean', '1.running_var']
+    """
+    state = module.state_dict()
+    soup.overrides = {
+        name: state[name].detach().cpu().clone() for name in state if name.endswith(BN_STATISTICS)
+    }
+    soup.options["bn_recalibrated"] = True
+    return soup
+
+
+def recalibrate_soup(
+    soup: Soup,
+    module: nn.Module,
+    data: Iterable[Any] | torch.Tensor,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> Soup:
+    """Write ``soup`` into ``module``, re-estimate its BatchNorm statistics on ``data``
+    (:func:`recalibrate_bn`) and keep them in the soup, so that ``soup.save`` writes them.
+
+    Raises :class:`~modelsoup.errors.ConfigError` if ``module`` has no BatchNorm layer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modelsoup import average
+        >>> nets = [nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)) for _ in range(2)]
+        >>> template = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> soup = recalibrate_soup(average(nets), template, torch.randn(64, 3) + 5)
+        >>> bool(soup.state_dict()["1.running_mean"].abs().sum() > 0)
+        True
+    """
+    if not has_batchnorm(module):
+        raise ConfigError(
+            f"{type(module).__name__} has no BatchNorm layer to recalibrate; drop the option"
+        )
+    soup.apply(module)
+    recalibrate_bn(module, data, num_batches, device)
+    return keep_bn_statistics(soup, module)
