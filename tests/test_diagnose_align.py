@@ -198,3 +198,18 @@ def test_diagnose_cli(digits_ckpts, tmp_path, capsys):
 
 def test_on_test_is_importable():
     assert on_test().name == "digits-test"
+
+
+def test_cook_in_python_takes_the_recalibration_data_itself(strangers):
+    from digits_kit import train_inputs
+    from modelsoup.cook import cook
+    from modelsoup.errors import SoupWarning
+
+    paths = sorted(strangers.glob("*.safetensors"))
+    ev = held_out()
+    # unaligned strangers: both uniform soups fall below every ingredient, and cook says so
+    with pytest.warns(SoupWarning, match="worse than every ingredient"):
+        plain = cook(paths, DigitsBNNet, ev, recipes=[], progress=False)
+    with pytest.warns(SoupWarning, match="worse than every ingredient"):
+        fresh = cook(paths, DigitsBNNet, ev, recipes=[], recalibrate=train_inputs(), progress=False)
+    assert fresh.method("uniform").held_out > plain.method("uniform").held_out + 0.15

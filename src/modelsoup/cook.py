@@ -36,7 +36,7 @@ from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
-from modelsoup.repair.batchnorm import keep_bn_statistics
+from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
@@ -191,7 +191,9 @@ def cook(
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
-    With ``output``, soups, the journal and the report are written there.
+    With ``output``, soups, the journal and the report are written there. ``recalibrate``
+    re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
+    unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
 
     Under ``torchrun`` each rank evaluates a shard of the data and every rank returns
     the same result; only rank 0 writes files (see :mod:`modelsoup.distributed`). A rank
@@ -207,6 +209,7 @@ def cook(
         [('best_individual', 1), ('uniform', 3), ('greedy (sorted)', 2)]
     """
     started = time.perf_counter()
+    recalibrate = as_recalibration(recalibrate)  # a hook, or the unlabeled data itself
     ranks = init_distributed(dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main

@@ -23,6 +23,7 @@ from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Evaluator, as_evaluator, checked_score
 from modelsoup.ingredients import Ingredient, warn_if_duplicated
 from modelsoup.journal import Journal
+from modelsoup.repair.batchnorm import as_recalibration
 from modelsoup.soup import Soup
 
 
@@ -36,7 +37,9 @@ class Taster:
         held_out: the evaluator recipes choose with.
         journal: where scores are remembered (in memory if not given).
         recalibrate: a function ``module -> None`` run after writing each candidate's
-            weights when ``recalibrate_candidates`` (e.g. BatchNorm re-estimation).
+            weights when ``recalibrate_candidates`` (e.g. BatchNorm re-estimation), or
+            unlabeled data to re-estimate BatchNorm statistics on
+            (:func:`~modelsoup.repair.batchnorm.as_recalibration`).
 
     Example:
         >>> import torch
@@ -72,7 +75,7 @@ class Taster:
             warn_if_duplicated(self.ingredients, by_content=True)
         self.accumulator = Accumulator(ingredients, accum_dtype=accum_dtype, int_policy=int_policy)
         self.int_policy = int_policy
-        self.recalibrate = recalibrate
+        self.recalibrate = as_recalibration(recalibrate)
         self.recalibrate_candidates = recalibrate_candidates and recalibrate is not None
         self.progress = progress
         self.evaluations = 0  # evaluator calls actually run

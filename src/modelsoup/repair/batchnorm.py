@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +29,13 @@ from modelsoup.errors import ConfigError
 if TYPE_CHECKING:
     from modelsoup.soup import Soup
 
-__all__ = ["has_batchnorm", "keep_bn_statistics", "recalibrate_bn", "recalibrate_soup"]
+__all__ = [
+    "as_recalibration",
+    "has_batchnorm",
+    "keep_bn_statistics",
+    "recalibrate_bn",
+    "recalibrate_soup",
+]
 
 #: the buffers of a BatchNorm layer that recalibration re-estimates
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -210,3 +216,29 @@ def recalibrate_soup(
     soup.apply(module)
     recalibrate_bn(module, data, num_batches, device)
     return keep_bn_statistics(soup, module)
+
+
+def as_recalibration(
+    recalibrate: Callable[[nn.Module], Any] | Iterable[Any] | torch.Tensor | None,
+    num_batches: int | None = None,
+) -> Callable[[nn.Module], Any] | None:
+    """What ``recalibrate=`` may be: a function ``module -> None``, or the unlabeled data
+    itself (a DataLoader, an iterable of batches, a tensor of inputs), which becomes
+    ``lambda m: recalibrate_bn(m, data, num_batches)``; ``None`` stays ``None``.
+
+    Example:
+        >>> import torch
+        >>> hook = as_recalibration(torch.randn(64, 3))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> hook(net) is net, hook.tag
+        (True, 'recalibrated on Tensor, batches=all')
+    """
+    if recalibrate is None or callable(recalibrate):
+        return recalibrate
+    data = recalibrate
+
+    def hook(module: nn.Module) -> nn.Module:
+        return recalibrate_bn(module, data, num_batches=num_batches)
+
+    hook.tag = f"recalibrated on {type(data).__name__}, batches={num_batches or 'all'}"
+    return hook
