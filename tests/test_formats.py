@@ -219,3 +219,18 @@ def test_same_content_under_two_paths_is_warned_when_saved(tmp_path, states):
     soup = average([a, b, states[1]])
     with pytest.warns(SoupWarning, match="copy and a are the same checkpoint"):
         soup.save(tmp_path / "soup.safetensors", progress=False)
+
+
+def test_folder_output_config_names_the_saved_dtype(tmp_path, states):
+    src = tmp_path / "ft0"
+    src.mkdir()
+    safetensors.torch.save_file(states[0], str(src / "model.safetensors"))
+    original = '{"model_type": "tiny", "torch_dtype": "float32"}'
+    (src / "config.json").write_text(original)
+    soup = average([src, states[1]])
+    cast = soup.save(tmp_path / "bf16", out_dtype="bf16", progress=False)
+    assert json.loads((cast / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert open_ingredient(cast).layout()["fc1.weight"].dtype == torch.bfloat16
+    kept = soup.save(tmp_path / "as-is", progress=False)
+    assert (kept / "config.json").read_text() == original
+    assert (src / "config.json").read_text() == original  # the input is never touched

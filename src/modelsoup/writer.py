@@ -184,6 +184,7 @@ def save_soup(
                 copy_from=copy_from,
                 metadata={"format": "pt"},
                 on_tensor=lambda n: bar.update(),
+                torch_dtype=dtype,
             )
     finally:
         bar.close()

@@ -109,6 +109,20 @@ def plan_shards(layout: Mapping[str, TensorMeta], max_shard_size: int) -> list[l
     return shards
 
 
+def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
+    try:
+        data = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return  # not ours to repair: copied as it was
+    if not isinstance(data, dict):
+        return
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(data.get(k), str)]
+    if keys and any(data[k] != name for k in keys):
+        data.update({k: name for k in keys})
+        config.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def write_folder(
     path: Path,
     layout: Mapping[str, TensorMeta],
@@ -118,8 +132,13 @@ def write_folder(
     copy_from: Path | None = None,
     metadata: Mapping[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> None:
     """Write an HF-style model folder; the folder appears only once complete.
+
+    Files other than weights and training state are copied from ``copy_from``; with
+    ``torch_dtype`` (the soup was cast), a copied ``config.json`` that names a dtype
+    (``torch_dtype``, or ``dtype`` in newer transformers) is updated to it.
 
     Example:
         >>> import tempfile, torch
@@ -142,6 +161,8 @@ def write_folder(
                 skip = is_weights or item.name in TRAINING_STATE or item.name.startswith(".")
                 if item.is_file() and not skip:
                     shutil.copy2(item, tmp / item.name)
+            if torch_dtype is not None and (tmp / "config.json").is_file():
+                _set_config_dtype(tmp / "config.json", torch_dtype)
         shards = plan_shards(layout, max_shard_size)
         if len(shards) == 1:
             write_safetensors(tmp / "model.safetensors", layout, tensor_for, metadata, on_tensor)
