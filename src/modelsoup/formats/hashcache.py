@@ -44,7 +44,12 @@ def cache_file() -> Path | None:
     setting = os.environ.get("MODELSOUP_HASH_CACHE")
     if setting is not None:
         return None if setting.strip().lower() in ("", "0", "off", "no", "false") else Path(setting)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home directory to be found: no cache
+            return None
     return Path(base) / "modelsoup" / "sha256.jsonl"
 
 
