@@ -66,3 +66,15 @@ def test_tensor_range_reads_exactly_the_asked_elements(tmp_path):
     ingredient = open_ingredient(path)
     assert torch.equal(ingredient.tensor_range("w", 5, 9), w.reshape(-1)[5:14])
     assert torch.equal(ingredient.tensor_range("w", 20, 10), w.reshape(-1)[20:])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "memory"])
+def test_apply_writes_pieces_straight_into_the_module(tmp_path, small_pieces, kind):
+    from conftest import TinyNet
+
+    soup = average(_inputs(tmp_path, kind), weights=[3, 1, 1])
+    net = soup.apply(TinyNet())
+    whole = soup.state_dict()
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, whole[name]), name
+    assert soup._sum_buffer.numel() <= 7

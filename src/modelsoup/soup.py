@@ -263,7 +263,18 @@ class Soup:
             True
         """
         lay = self.ingredients[0].layout()
-        write_state_into(module, lambda n: self.tensor(n), lay)
+
+        def in_pieces(name: str, dest: torch.Tensor) -> bool:
+            # mixed piece by piece straight into the module: no whole-tensor sum in memory
+            if not dest.is_contiguous():
+                return False
+            flat, at = dest.view(-1), 0
+            for piece in self.pieces(name):
+                flat[at : at + piece.numel()].copy_(piece)
+                at += piece.numel()
+            return True
+
+        write_state_into(module, self.tensor, lay, direct=in_pieces)
         return module
 
     def save(self, out: str | Path, **kwargs) -> Path:
