@@ -78,3 +78,13 @@ def test_apply_writes_pieces_straight_into_the_module(tmp_path, small_pieces, ki
     for name, value in net.state_dict().items():
         assert torch.equal(value, whole[name]), name
     assert soup._sum_buffer.numel() <= 7
+
+
+def test_strided_tensors_read_in_pieces(tmp_path, small_pieces):
+    # a pickled transposed view stays strided after loading: pieces must follow row-major order
+    a = torch.arange(30.0).reshape(5, 6)
+    path = tmp_path / "t.pt"
+    torch.save({"w": a.t()}, path)
+    soup = average([path, {"w": a.t().contiguous()}])
+    out = soup.save(tmp_path / "soup.safetensors", progress=False)
+    assert torch.equal(safetensors.torch.load_file(str(out))["w"], a.t())

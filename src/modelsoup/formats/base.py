@@ -84,7 +84,7 @@ class TensorSource:
             >>> DictSource({"w": torch.arange(6.0).reshape(2, 3)}).tensor_range("w", 2, 3)
             tensor([2., 3., 4.])
         """
-        return self.tensor(name).reshape(-1)[start : start + count]
+        return _flat(self, name, self.tensor(name))[start : start + count]
 
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
@@ -136,7 +136,7 @@ class DictSource(TensorSource):
         self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
     ) -> torch.Tensor:
         # slice before moving, so a tensor on a GPU is copied one piece at a time
-        return self._tensors[name].detach().reshape(-1)[start : start + count].cpu()
+        return _flat(self, name, self._tensors[name].detach())[start : start + count].cpu()
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -145,3 +145,15 @@ class DictSource(TensorSource):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
+
+
+def _flat(source: TensorSource, name: str, t: torch.Tensor) -> torch.Tensor:
+    # A contiguous tensor flattens for free. A strided one (a view that was pickled as
+    # such) is copied once and kept until another tensor is asked for, so reading it in
+    # pieces does not copy it once per piece.
+    if t.is_contiguous():
+        return t.view(-1)
+    kept = getattr(source, "_flat_copy", None)
+    if kept is None or kept[0] != name:
+        kept = source._flat_copy = (name, t.reshape(-1))
+    return kept[1]
