@@ -141,13 +141,10 @@ class Soup:
             return lay
         return {n: TensorMeta(m.shape, out_dtype) if m.is_floating else m for n, m in lay.items()}
 
-    def tensor(
-        self, name: str, out_dtype: torch.dtype | str | None = None, *, streaming: bool = False
-    ) -> torch.Tensor:
+    def tensor(self, name: str, out_dtype: torch.dtype | str | None = None) -> torch.Tensor:
         """Mix one tensor: read it from each chosen ingredient, sum in float32, cast.
 
-        With ``streaming=True`` the sum lives in a buffer reused by the next streaming
-        call: use the result at once. (Writers use :meth:`pieces`, which holds less.)
+        Writers use :meth:`pieces` instead, which holds a piece, not the whole tensor.
 
         Example:
             >>> import torch
@@ -169,11 +166,7 @@ class Soup:
                     other = self.ingredients[i]
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
-        if streaming:
-            acc = self._buffer("_sum_buffer", meta.numel, self.accum_dtype)[: meta.numel]
-            acc = acc.view(meta.shape).zero_()
-        else:
-            acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
+        acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
             acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
