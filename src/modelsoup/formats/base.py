@@ -41,6 +41,10 @@ class TensorMeta:
         return self.dtype.is_floating_point or self.dtype.is_complex
 
 
+#: what an error about a damaged checkpoint file tells the user to do
+RESAVE_HINT = "; re-copy or re-save the checkpoint"
+
+
 class TensorSource:
     """A checkpoint opened for lazy, one-tensor-at-a-time reading.
 

@@ -19,7 +19,7 @@ import torch
 
 from modelsoup.errors import IngredientError, WriteError
 from modelsoup.formats import hashcache
-from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -44,7 +44,6 @@ for _name, _attr in (
         _DTYPES[_name] = getattr(torch, _attr)
 _CODES = {v: k for k, v in _DTYPES.items()}
 
-_RESAVE = "; re-copy or re-save the checkpoint"
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
@@ -78,19 +77,25 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
-                raise IngredientError(f"{path}: truncated safetensors file (no header)" + _RESAVE)
+                raise IngredientError(
+                    f"{path}: truncated safetensors file (no header)" + RESAVE_HINT
+                )
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
-                raise IngredientError(f"{path}: corrupt or truncated safetensors header" + _RESAVE)
+                raise IngredientError(
+                    f"{path}: corrupt or truncated safetensors header" + RESAVE_HINT
+                )
             header_bytes = fh.read(n)
     except OSError as err:
         raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
     try:
         header = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IngredientError(f"{path}: corrupt safetensors header ({err})" + _RESAVE) from err
+        raise IngredientError(f"{path}: corrupt safetensors header ({err})" + RESAVE_HINT) from err
     if not isinstance(header, dict):
-        raise IngredientError(f"{path}: corrupt safetensors header (not a JSON object)" + _RESAVE)
+        raise IngredientError(
+            f"{path}: corrupt safetensors header (not a JSON object)" + RESAVE_HINT
+        )
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     data_len = size - data_start
@@ -102,15 +107,15 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise IngredientError(
-                f"{path}: corrupt header entry for tensor '{name}'" + _RESAVE
+                f"{path}: corrupt header entry for tensor '{name}'" + RESAVE_HINT
             ) from err
         meta = TensorMeta(shape, dtype)
         if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != meta.nbytes:
-            raise IngredientError(f"{path}: corrupt offsets for tensor '{name}'" + _RESAVE)
+            raise IngredientError(f"{path}: corrupt offsets for tensor '{name}'" + RESAVE_HINT)
         if end > data_len:
             raise IngredientError(
                 f"{path}: truncated file: tensor '{name}' ends at byte {data_start + end} "
-                f"but the file has {size}" + _RESAVE
+                f"but the file has {size}" + RESAVE_HINT
             )
         entries[name] = _Entry(meta, start, end)
     return entries, metadata, data_start, raw + header_bytes

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
 from modelsoup.formats.safetensors_io import atomic_file
 
 #: harmless classes that common training scripts pickle beside the weights
@@ -72,13 +72,11 @@ def load_pickle(path: Path) -> object:
                 f"{path}: refused to unpickle: the file asks to import code outside torch's "
                 "safe list; re-save it as a plain state dict or as safetensors"
             ) from err
-        raise IngredientError(
-            f"{path}: corrupt pickle ({first}); re-copy or re-save the checkpoint"
-        ) from err
+        raise IngredientError(f"{path}: corrupt pickle ({first})" + RESAVE_HINT) from err
     except Exception as err:  # any failure to parse untrusted bytes means a bad file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IngredientError(
-            f"{path}: corrupt or truncated checkpoint ({first}); re-copy or re-save the checkpoint"
+            f"{path}: corrupt or truncated checkpoint ({first})" + RESAVE_HINT
         ) from err
 
 
