@@ -43,7 +43,6 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ from benchlib import (
     parse_count,
     peak_rss_bytes,
     rss_bytes,
+    run_with_hash_cache,
     table,
     warm_page_cache,
 )
@@ -173,17 +173,9 @@ def run_method(method: str, out: Path, paths: list[Path], cold: bool, threads: i
         warm_page_cache(paths)
     cmd = [sys.executable, __file__, "--child", method, "--out", str(out)]
     cmd += ["--threads", str(threads), *map(str, paths)]
-    # modelsoup's sha256 cache: a kept one (primed by the driver), or a new empty one
-    cache = out.parent / "sha256-cache.jsonl"
-    if method == "modelsoup-first":
-        cache = out.parent / f"sha256-empty-{time.time_ns()}.jsonl"
-    env = {**os.environ, "MODELSOUP_HASH_CACHE": str(cache)}
-    try:
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    finally:
-        if method == "modelsoup-first":
-            cache.unlink(missing_ok=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # the kept sha256 cache is primed by the driver; "modelsoup-first" starts empty
+    out_text = run_with_hash_cache(cmd, out.parent, first_contact=method == "modelsoup-first")
+    return json.loads(out_text.strip().splitlines()[-1])
 
 
 def max_difference(a: Path, b: Path) -> float:

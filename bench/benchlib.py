@@ -9,6 +9,8 @@ import datetime
 import os
 import platform
 import resource
+import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -156,3 +158,18 @@ def gpt2_shapes(d: int, vocab: int, positions: int, layers: int) -> dict[str, tu
     shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
     shapes["lm_head.weight"] = (vocab, d)
     return shapes
+
+
+def run_with_hash_cache(cmd: list[str], folder: Path, *, first_contact: bool) -> str:
+    """Run a benchmark child with modelsoup's sha256 cache in ``folder``: the kept one
+    (``sha256-cache.jsonl``, so inputs seen before are not hashed again), or, for
+    ``first_contact``, a new empty one deleted afterwards. Returns the child's stdout."""
+    cache = folder / "sha256-cache.jsonl"
+    if first_contact:
+        cache = folder / f"sha256-empty-{time.time_ns()}.jsonl"
+    env = {**os.environ, "MODELSOUP_HASH_CACHE": str(cache)}
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    finally:
+        if first_contact:
+            cache.unlink(missing_ok=True)

@@ -38,12 +38,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchlib import WORK, gpt2_shapes, machine, mib, peak_rss_bytes, table
+from benchlib import (
+    WORK,
+    gpt2_shapes,
+    machine,
+    mib,
+    peak_rss_bytes,
+    run_with_hash_cache,
+    table,
+)
 
 ROOT = WORK / "large"
 K = 4
@@ -175,17 +182,9 @@ def run_child(method: str, cold: bool) -> dict:
     if cold:
         evict(input_files())
     cmd = [sys.executable, __file__, "--child", method]
-    # modelsoup's sha256 cache: kept across rows (filled by "hash"), or empty for "average"
-    cache = ROOT / "sha256-cache.jsonl"
-    if method == "average":
-        cache = ROOT / f"sha256-empty-{time.time_ns()}.jsonl"
-    env = {**os.environ, "MODELSOUP_HASH_CACHE": str(cache)}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    finally:
-        if method == "average":
-            cache.unlink(missing_ok=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # the kept sha256 cache is filled by the "hash" row; "average" starts empty
+    out_text = run_with_hash_cache(cmd, ROOT, first_contact=method == "average")
+    return json.loads(out_text.strip().splitlines()[-1])
 
 
 def main() -> None:
