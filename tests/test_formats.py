@@ -13,6 +13,7 @@ from conftest import tiny_state
 from modelsoup import average, open_ingredient
 from modelsoup.formats.safetensors_io import SafetensorsSource
 from modelsoup.ingredients import find_checkpoints
+from modelsoup.soup import card_path
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -142,7 +143,8 @@ def test_outputs_round_trip(tmp_path, states, out_name):
     expected = soup.state_dict()
     got = _read(back)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
-    card = json.loads((tmp_path / (out_name + ".json")).read_text())
+    card = json.loads(card_path(out).read_text())  # inside a folder, beside a file
+    assert card_path(out).parent == (out if out.is_dir() else tmp_path)
     assert card["recipe"] == "uniform" and len(card["ingredients"]) == 3
     assert all(len(row["sha256"]) == 64 for row in card["ingredients"])
     assert card["versions"]["torch"] == torch.__version__
@@ -180,7 +182,11 @@ def test_trainer_output_folder_in_step_order_without_training_state(tmp_path, st
     found = find_checkpoints([runs])
     assert [p.name for p in found] == ["checkpoint-50", "checkpoint-500", "checkpoint-1000"]
     out = average(found).save(tmp_path / "soup", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "soup_card.json",
+    ]
 
 
 def test_reader_is_lazy_one_tensor_at_a_time(tmp_path):

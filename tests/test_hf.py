@@ -140,7 +140,7 @@ def test_cook_hf_folders_from_yaml_and_load_the_soup(tmp_path, hf_pool, capsys):
         assert tok("good film")["input_ids"] == [2, ids["good"], ids["film"], 3]
 
         # The soup materialised from its card gives the same logits as the saved folder.
-        card = json.loads((folder.parent / (folder.name + ".json")).read_text())
+        card = json.loads((folder / "soup_card.json").read_text())
         paths = [c["path"] for c in card["ingredients"]]
         soup = average(paths, weights=[c["coefficient"] for c in card["ingredients"]])
         assert soup.size == len(row["chosen"])

@@ -1,5 +1,8 @@
 """modelsoup: average fine-tuned checkpoints into one better model, and say whether it helped.
 
+This module only re-exports the public API; each name lives in its layer (see the
+README's Layout section).
+
 Example:
     >>> import torch, modelsoup
     >>> soup = modelsoup.average([{"w": torch.zeros(1)}, {"w": torch.ones(1)}])
@@ -7,9 +10,12 @@ Example:
     tensor([0.5000])
 """
 
+import logging
+
+from modelsoup import _compat
 from modelsoup.accumulator import Accumulator
 from modelsoup.cook import cook, cook_config
-from modelsoup.diagnose import diagnose
+from modelsoup.cook.diagnose import diagnose
 from modelsoup.errors import (
     AlignmentError,
     ConfigError,
@@ -21,7 +27,13 @@ from modelsoup.errors import (
     SoupWarning,
     WriteError,
 )
-from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, MetricEvaluator
+from modelsoup.evaluators import (
+    Accuracy,
+    Evaluator,
+    LogitsEvaluator,
+    MeanLoss,
+    MetricEvaluator,
+)
 from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, open_ingredients
 from modelsoup.recipes import (
     forward_selection_soup,
@@ -32,16 +44,19 @@ from modelsoup.recipes import (
 )
 from modelsoup.recipes.uniform import average
 from modelsoup.repair import align_to, recalibrate_bn, trace_permutation_spec
-from modelsoup.soup import Soup
+from modelsoup.soup import Soup, library_version, save_soup
 from modelsoup.tasting import Taster
-from modelsoup.writer import save_soup
 
-__version__ = "0.1.0"
+__version__ = library_version()
+
+_compat.install()
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "Accumulator",
     "Accuracy",
     "Evaluator",
+    "LogitsEvaluator",
     "MeanLoss",
     "MetricEvaluator",
     "Taster",

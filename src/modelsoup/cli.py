@@ -7,11 +7,14 @@ exit code 2; warnings print as ``warning: ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from modelsoup._util import format_bytes
 from modelsoup.errors import ConfigError, SoupError
 
 
@@ -19,14 +22,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other bad input
         sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
         sys.exit(2)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
 
 
 def _floats(text: str) -> list[float]:
@@ -57,7 +52,11 @@ def cmd_average(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
     )
-    print(f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}) and {out}.json")
+    from modelsoup.soup import card_path
+
+    print(
+        f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}); card {card_path(out)}"
+    )
     return 0
 
 
@@ -66,7 +65,7 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
 
     import torch
 
-    from modelsoup.config import resolve, resolve_unlabeled
+    from modelsoup.cook.config import resolve, resolve_unlabeled
     from modelsoup.repair.batchnorm import recalibrate_soup
 
     if not args.model:
@@ -96,7 +95,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             note = f"  [{row['note']}]" if row["note"] else ""
             print(
                 f"{row['path']}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
-                f"{_human(row['bytes'])} ({dtypes}){note}"
+                f"{format_bytes(row['bytes'])} ({dtypes}){note}"
             )
         if len(ingredients) > 1:
             verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
@@ -105,8 +104,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cook(args: argparse.Namespace) -> int:
-    from modelsoup.cook import cook_config
-    from modelsoup.report import render_markdown, summarize
+    from modelsoup.cook.report import render_markdown, summarize
+    from modelsoup.cook.run import cook_config
 
     result = cook_config(args.config, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
@@ -121,9 +120,9 @@ def cmd_cook(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from modelsoup.config import load_config
-    from modelsoup.cook import resolve_parts
-    from modelsoup.diagnose import diagnose
+    from modelsoup.cook.config import load_config
+    from modelsoup.cook.diagnose import diagnose
+    from modelsoup.cook.run import resolve_parts
 
     config = load_config(args.config)
     parts = resolve_parts(config)
@@ -162,7 +161,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 
     import torch
 
-    from modelsoup.config import resolve, resolve_unlabeled
+    from modelsoup.cook.config import resolve, resolve_unlabeled
     from modelsoup.repair.pool import align_pool
 
     if not args.spec and not (args.model and args.input_shape):
@@ -221,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Bad input ends with one line 'error: ...' and exit code 2. Docs: README.md, docs/.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("average", help="uniform or weighted soup of checkpoints")
@@ -314,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "quiet", False):
+        return logging.WARNING
+    return {0: logging.INFO, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+
+
+@contextlib.contextmanager
+def _cli_output(level: int) -> Iterator[None]:
+    """Warnings as ``warning: ...`` lines and library logs on stderr, for this run only."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("modelsoup")
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(f"warning: {message}\n")
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
@@ -324,26 +355,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from modelsoup import __version__
+        from modelsoup.soup import library_version
 
-        print(f"modelsoup {__version__}")
+        print(f"modelsoup {library_version()}")
         return 0
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        sys.stderr.write(f"warning: {message}\n")
-
-    warnings.showwarning = show
-    try:
-        return args.run(args)
-    except SoupError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; nothing half-written was left behind\n")
-        return 130
+    with _cli_output(_log_level(args)):
+        try:
+            return args.run(args)
+        except SoupError as err:
+            sys.stderr.write(f"error: {err}\n")
+            return 2
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                "error: interrupted; nothing half-written was left behind. "
+                "Run the same command again to resume: finished work is kept\n"
+            )
+            return 130
 
 
 if __name__ == "__main__":

@@ -44,6 +44,50 @@ class Evaluator(Protocol):
     def evaluate(self, model: torch.nn.Module) -> float: ...
 
 
+@runtime_checkable
+class LogitsEvaluator(Evaluator, Protocol):
+    """An evaluator that also gives the model's logits and scores them: what the
+    ensemble baselines, shared outputs and per-example intervals need.
+
+    The built-in classifier evaluators (:class:`Accuracy`, :class:`MeanLoss`,
+    :class:`MetricEvaluator`) are ones.
+    """
+
+    def logits(self, model: torch.nn.Module) -> torch.Tensor: ...
+
+    def score_logits(self, logits: torch.Tensor) -> float: ...
+
+    def per_example(self, logits: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class NamedEvaluator:
+    """A user's evaluator object with the name or direction it lacks, left unmodified.
+
+    Every other attribute is the wrapped object's own.
+
+    Example:
+        >>> class Score:
+        ...     def evaluate(self, model):
+        ...         return 1.0
+        >>> ev = NamedEvaluator(Score(), name="Score", higher_is_better=False)
+        >>> ev.name, ev.higher_is_better, ev.evaluate(None)
+        ('Score', False, 1.0)
+    """
+
+    def __init__(self, inner: Any, *, name: str, higher_is_better: bool):
+        self.inner = inner
+        self.name = name
+        self.higher_is_better = higher_is_better
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return self.inner.evaluate(model)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "inner":  # not set yet (e.g. while unpickling)
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+
 class FunctionEvaluator:
     """A plain ``model -> float`` callable seen as an evaluator.
 
@@ -78,13 +122,14 @@ def as_evaluator(obj: Any, *, higher_is_better: bool | None = None) -> Evaluator
     if obj is None:
         raise ConfigError("no evaluator given; pass held_out= an evaluator or a model->float")
     if hasattr(obj, "evaluate"):
-        if higher_is_better is not None:
-            obj.higher_is_better = higher_is_better
-        if not hasattr(obj, "higher_is_better"):
-            obj.higher_is_better = True
-        if not hasattr(obj, "name"):
-            obj.name = type(obj).__name__
-        return obj
+        hib = higher_is_better
+        if hib is None:
+            hib = getattr(obj, "higher_is_better", True)
+        name = getattr(obj, "name", None) or type(obj).__name__
+        complete = hasattr(obj, "name") and hasattr(obj, "higher_is_better")
+        if complete and hib == obj.higher_is_better:
+            return obj  # already complete: used as it is
+        return NamedEvaluator(obj, name=name, higher_is_better=hib)
     if callable(obj):
         hib = True if higher_is_better is None else higher_is_better
         return FunctionEvaluator(obj, higher_is_better=hib)

@@ -26,36 +26,12 @@ import torch
 
 from modelsoup.errors import IncompatibleIngredientsError, IngredientError, SoupWarning
 from modelsoup.formats.base import DictSource, TensorMeta, TensorSource
-from modelsoup.formats.hf_folder import is_model_folder, open_folder
-from modelsoup.formats.safetensors_io import SafetensorsSource
-from modelsoup.formats.torch_pickle import TorchSource
-
-#: torch pickles; ``.pth.tar`` is what timm's training script saves
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
-CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
-def is_pickle_name(path: Path) -> bool:
-    """Whether a file name says torch pickle (``.pt .pth .bin .ckpt .pth.tar``).
-
-    Example:
-        >>> is_pickle_name(Path("model_best.pth.tar")), is_pickle_name(Path("a.tar"))
-        (True, False)
-    """
-    return path.name.endswith(PICKLE_SUFFIXES)
-
-
-def checkpoint_stem(path: Path) -> str:
-    """A checkpoint file's name without its format suffix: the default label.
-
-    Example:
-        >>> checkpoint_stem(Path("runs/checkpoint-9.pth.tar")), checkpoint_stem(Path("a.pt"))
-        ('checkpoint-9', 'a')
-    """
-    for suffix in CHECKPOINT_SUFFIXES:
-        if path.name.endswith(suffix) and len(path.name) > len(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
+from modelsoup.formats.dispatch import (
+    CHECKPOINT_SUFFIXES,
+    checkpoint_stem,
+    is_model_folder,
+    open_source,
+)
 
 
 class Ingredient:
@@ -172,17 +148,7 @@ def open_ingredient(
     path = Path(obj)
     if not path.exists():
         raise IngredientError(f"{path}: file not found; check the path")
-    if path.is_dir():
-        source = open_folder(path, key=key)
-    elif path.suffix == ".safetensors":
-        source = SafetensorsSource([path])
-    elif is_pickle_name(path):
-        source = TorchSource([path], key=key)
-    else:
-        raise IngredientError(
-            f"{path}: unknown checkpoint format; expected .safetensors, "
-            f"{', '.join(PICKLE_SUFFIXES)} or a Hugging Face model folder"
-        )
+    source = open_source(path, key=key)
     if not source.names():
         raise IngredientError(f"{path}: the checkpoint holds no tensors")
     stem = path.name if path.is_dir() else checkpoint_stem(path)

@@ -133,7 +133,7 @@ class Journal:
         """Keep a tensor of model outputs (e.g. an ingredient's logits) for later runs."""
         if self.outputs_dir is None:
             return
-        from modelsoup.formats.safetensors_io import atomic_file
+        from modelsoup._util import atomic_file
 
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.outputs_dir / f"{key}.safetensors") as tmp:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from modelsoup._util import parse_size
 from modelsoup.errors import MemoryBudgetError
 from modelsoup.formats.base import TensorMeta
-from modelsoup.writer import parse_size
 
 FLOAT32_BYTES = 4
 

@@ -12,6 +12,9 @@ scores. Weights are made on demand, tensor by tensor:
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from modelsoup._util import clean_stale_temps, output_lock, parse_dtype
 from modelsoup.accumulator import (
     check_int_policy,
     check_same_ints,
@@ -26,38 +30,15 @@ from modelsoup.accumulator import (
     is_finite,
     write_state_into,
 )
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, WriteError
 from modelsoup.formats.base import TensorMeta
-from modelsoup.ingredients import Ingredient
+from modelsoup.ingredients import Ingredient, warn_if_duplicated
+from modelsoup.writer import sidecar_path, write_tensors
+
+_logger = logging.getLogger(__name__)
 
 #: elements mixed at a time when a soup is written (4 Mi: 16 MiB of float32 sum)
 PIECE_ELEMENTS = 1 << 22
-
-DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """Turn ``"bf16"``-style names into a torch dtype (``None`` stays ``None``).
-
-    Example:
-        >>> parse_dtype("bf16")
-        torch.bfloat16
-    """
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPE_NAMES[name.lower()]
-    except KeyError:
-        raise ConfigError(f"dtype '{name}' is unknown; use one of fp32, fp16, bf16, fp64") from None
 
 
 def check_coefficients(values: Sequence[float], count: int) -> list[float]:
@@ -271,9 +252,7 @@ class Soup:
         return module
 
     def save(self, out: str | Path, **kwargs) -> Path:
-        """Stream the soup to ``out`` with its card; see :func:`modelsoup.writer.save_soup`."""
-        from modelsoup.writer import save_soup
-
+        """Stream the soup to ``out`` with its card; see :func:`save_soup`."""
         return save_soup(self, out, **kwargs)
 
     def describe_coefficients(self) -> list[dict]:
@@ -296,3 +275,138 @@ class Soup:
         """Record scores (e.g. ``held_out``, ``test``) and return the soup."""
         self.scores.update(scores)
         return self
+
+
+def card_path(out: str | Path) -> Path:
+    """Where the soup card of ``out`` goes: ``<out>.json`` beside a file, or
+    ``soup_card.json`` inside a folder output (so copying the folder keeps it).
+
+    Example:
+        >>> card_path(Path("soups/greedy.safetensors"))
+        PosixPath('soups/greedy.safetensors.json')
+    """
+    return sidecar_path(Path(out))
+
+
+def protected_paths(soup: Soup) -> set[Path]:
+    """Input files (and their hyperparameter sidecars) that no output may replace."""
+    paths: set[Path] = set()
+    for ing in soup.ingredients:
+        for f in ing.files:
+            paths.add(f.resolve())
+            paths.add(f.with_suffix(".json").resolve())
+        if ing.path is not None:
+            paths.add(ing.path.resolve())
+    return paths
+
+
+def check_not_input(soup: Soup, out: Path) -> None:
+    """Refuse an output path that would overwrite, replace or sit inside any ingredient.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> check_not_input(Soup(open_ingredients([{"w": torch.ones(1)}]), [1]), Path("x.pt"))
+    """
+    protected = protected_paths(soup)
+    targets = [out.resolve(), card_path(out).resolve()]
+    for target in targets:
+        for p in protected:
+            if target == p or target in p.parents or p in target.parents:
+                raise WriteError(
+                    f"{out}: writing there would overwrite the input {p}; choose another output"
+                )
+
+
+def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
+    """The soup card: everything needed to know, and redo, how the soup was made.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> card = soup_card(Soup(open_ingredients([{"w": torch.ones(1)}]), [1]))
+        >>> card["recipe"], card["ingredients"][0]["coefficient"]
+        ('weighted', 1.0)
+    """
+    card = {
+        "format": "modelsoup.card/1",
+        "recipe": soup.recipe,
+        "options": soup.options,
+        "ingredients": soup.describe_coefficients(),
+        "chosen": [soup.ingredients[i].label for i in soup.chosen],
+        "dtype_policy": {
+            "accumulate": str(soup.accum_dtype).replace("torch.", ""),
+            "output": str(out_dtype).replace("torch.", "") if out_dtype else "as ingredient",
+            "integers": f"copied from the first ingredient ({soup.int_policy})",
+        },
+        "scores": soup.scores,
+        "trace": soup.trace,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"modelsoup": library_version(), "torch": torch.__version__},
+    }
+    if soup.tensor_coefficients:
+        card["tensor_coefficients"] = soup.tensor_coefficients
+    return card
+
+
+def library_version() -> str:
+    """modelsoup's installed version (from the package metadata).
+
+    Example:
+        >>> library_version().count(".") >= 1
+        True
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelsoup")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def save_soup(
+    soup: Soup,
+    out: str | Path,
+    *,
+    out_dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = True,
+) -> Path:
+    """Stream ``soup`` to ``out`` (format from the suffix) with its soup card.
+
+    While it writes, ``out`` is locked (:func:`modelsoup._util.output_lock`): a second
+    process writing the same output fails at once with a clear error.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> soup = Soup(open_ingredients([{"w": torch.zeros(1)}, {"w": torch.ones(1)}]), [1, 1])
+        >>> out = save_soup(soup, Path(tempfile.mkdtemp()) / "s.safetensors", progress=False)
+        >>> card_path(out).exists()
+        True
+    """
+    out = Path(out)
+    dtype = parse_dtype(out_dtype)
+    check_not_input(soup, out)
+    first = soup.ingredients[soup.chosen[0]]
+    copy_from = first.path if first.path is not None and first.path.is_dir() else None
+    with output_lock(out):
+        clean_stale_temps(out.parent)
+
+        def card_text() -> str:  # after the weights: their reads computed the hashes
+            return json.dumps(soup_card(soup, dtype), indent=2, default=str)
+
+        write_tensors(
+            out,
+            soup.layout(dtype),
+            lambda n: soup.pieces(n, dtype),
+            sidecar=card_text,
+            metadata={"modelsoup.recipe": soup.recipe},
+            max_shard_size=max_shard_size,
+            copy_from=copy_from,
+            torch_dtype=dtype,
+            progress=progress,
+        )
+    # Hashes are free now: streaming the soup read every chosen file front to back.
+    warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)
+    return out

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
-from modelsoup.evaluators import Evaluator, as_evaluator, checked_score
+from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator, checked_score
 from modelsoup.ingredients import Ingredient, warn_if_duplicated
 from modelsoup.journal import Journal
-from modelsoup.repair.batchnorm import as_recalibration
+from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
 
 
@@ -40,6 +40,8 @@ class Taster:
             weights when ``recalibrate_candidates`` (e.g. BatchNorm re-estimation), or
             unlabeled data to re-estimate BatchNorm statistics on
             (:func:`~modelsoup.repair.batchnorm.as_recalibration`).
+        share_outputs: score single ingredients from their cached logits, which an
+            ensemble computes anyway.
 
     Example:
         >>> import torch
@@ -62,6 +64,7 @@ class Taster:
         int_policy: str = "strict",
         recalibrate: Callable[[torch.nn.Module], None] | None = None,
         recalibrate_candidates: bool = False,
+        share_outputs: bool = False,
         progress: bool = False,
     ):
         if not ingredients:
@@ -83,8 +86,8 @@ class Taster:
         self.eval_seconds = 0.0
         self.mix_seconds = 0.0
         self.recalibrations = 0  # BatchNorm re-estimations (extra forward passes)
-        #: score single ingredients from their cached logits (set when an ensemble is cooked)
-        self.share_outputs = False
+        #: score single ingredients from their cached logits (when an ensemble is cooked)
+        self.share_outputs = share_outputs
         self._individual: dict[str, list[float]] = {}
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -257,7 +260,7 @@ class Taster:
         return list(self._individual[evaluator.name])
 
     def _individual_score(self, position: int, evaluator: Evaluator) -> float:
-        if not (self.share_outputs and hasattr(evaluator, "logits")):
+        if not (self.share_outputs and isinstance(evaluator, LogitsEvaluator)):
             return self.score_members([position], evaluator)
         # An ensemble will need this ingredient's logits anyway: score from them, so each
         # ingredient costs one forward pass over the data, not two.
@@ -292,10 +295,60 @@ class Taster:
         else:
             self.materialise(soup.coefficients)
 
+    def soup(
+        self,
+        coefficients: Sequence[float],
+        *,
+        recipe: str,
+        options: dict | None = None,
+        trace: list[dict] | None = None,
+        scores: dict[str, float] | None = None,
+        tensor_coefficients: dict[str, list[float]] | None = None,
+    ) -> Soup:
+        """A recipe's answer as a :class:`Soup` of this pool, mixed as this taster mixes.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"w": torch.ones(1, 1)}, {"w": torch.zeros(1, 1)}])
+            >>> taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0)
+            >>> taster.soup([1, 1], recipe="uniform").state_dict()["w"]
+            tensor([[0.5000]])
+        """
+        return Soup(
+            self.ingredients,
+            list(coefficients),
+            recipe=recipe,
+            options=dict(options or {}),
+            trace=list(trace or []),
+            scores=dict(scores or {}),
+            tensor_coefficients=tensor_coefficients,
+            accum_dtype=self.accumulator.accum_dtype,
+            int_policy=self.int_policy,
+        )
+
+    def recalibrate_soup(self, soup: Soup, recalibrate: Callable | None = None) -> None:
+        """Materialise ``soup``, re-estimate its BatchNorm statistics, keep them as overrides.
+
+        Unless candidates were already scored recalibrated, the held-out score is
+        re-measured (the old one is kept as ``held_out_before_recalibration``).
+        """
+        recalibrate = as_recalibration(recalibrate) or self.recalibrate
+        if recalibrate is None:
+            raise ConfigError("no recalibration: give recalibrate= to the Taster or here")
+        soup.apply(self.model)
+        recalibrate(self.model)
+        self.recalibrations += 1
+        keep_bn_statistics(soup, self.model)
+        if self.recalibrate_candidates:
+            return  # the recipe already chose with recalibrated scores: keep its score
+        soup.scores["held_out_before_recalibration"] = soup.scores.get("held_out")
+        soup.scores["held_out"] = self.score_soup(soup)
+
     # -- outputs, for ensembles ---------------------------------------------------
     def outputs(self, position: int, evaluator: Evaluator) -> torch.Tensor:
         """Logits of one ingredient on an evaluator's data; computed once, kept in memory."""
-        if not hasattr(evaluator, "logits"):
+        if not isinstance(evaluator, LogitsEvaluator):
             raise ConfigError(
                 f"evaluator {evaluator.name} gives no logits; ensembles need a built-in "
                 "classifier evaluator (Accuracy, MeanLoss, MetricEvaluator)"

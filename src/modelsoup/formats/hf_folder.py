@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 
+from modelsoup._util import atomic_file, old_sibling, temp_sibling
 from modelsoup.errors import IngredientError, WriteError
 from modelsoup.formats.base import TensorMeta, TensorSource
-from modelsoup.formats.safetensors_io import SafetensorsSource, atomic_file, write_safetensors
+from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 
 #: files of one training run that do not describe a soup (transformers' Trainer writes
 #: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
 TRAINING_STATE = frozenset(
     {
+        "soup_card.json",  # a soup used as an ingredient: its card is not the next soup's
         "trainer_state.json",
         "training_args.bin",
         "all_results.json",
@@ -133,8 +135,13 @@ def write_folder(
     metadata: Mapping[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
     torch_dtype: torch.dtype | None = None,
+    extra_files: Mapping[str, str | Callable[[], str]] | None = None,
 ) -> None:
     """Write an HF-style model folder; the folder appears only once complete.
+
+    ``extra_files`` (name to text, or to a function giving it once the weights are
+    written, e.g. the soup card) are written inside it before it appears, so they
+    stand or fall with the weights.
 
     Files other than weights and training state are copied from ``copy_from``; with
     ``torch_dtype`` (the soup was cast), a copied ``config.json`` that names a dtype
@@ -149,7 +156,7 @@ def write_folder(
         ['model.safetensors']
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -177,6 +184,8 @@ def write_folder(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             with atomic_file(tmp / "model.safetensors.index.json") as t:
                 t.write_text(json.dumps(index, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text() if callable(text) else text)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,7 +198,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         if target.exists():
             if not target.is_dir():
                 raise WriteError(f"{target}: exists and is not a folder; choose another output")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = old_sibling(target)
             os.replace(target, old)
         os.replace(new, target)
     except OSError as err:

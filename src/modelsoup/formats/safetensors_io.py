@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
+from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError, WriteError
 from modelsoup.formats import hashcache
 from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
@@ -307,36 +307,3 @@ def write_safetensors(
                 )
             if on_tensor:
                 on_tensor(name)
-
-
-class atomic_file:  # noqa: N801 - used as a context manager, reads like a function
-    """Write to a temporary sibling and rename it over ``path`` only on success.
-
-    Example:
-        >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "a.txt"
-        >>> with atomic_file(p) as tmp:
-        ...     _ = tmp.write_text("done")
-        >>> p.read_text()
-        'done'
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                with open(self.tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(self.tmp, self.path)
-            except OSError as err:
-                self.tmp.unlink(missing_ok=True)
-                raise WriteError(f"{self.path}: cannot write ({err.strerror})") from err
-        else:
-            self.tmp.unlink(missing_ok=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
 from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
-from modelsoup.formats.safetensors_io import atomic_file
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]

@@ -6,7 +6,7 @@ a :class:`~modelsoup.tasting.Taster`: ``greedy``, ``forward``, ``pruned``, the
 ``learned`` (coefficients trained by gradient) and ``layerwise`` (per-group choices).
 """
 
-from modelsoup.recipes.baselines import best_individual, uniform_soup
+from modelsoup.recipes.baselines import best_individual
 from modelsoup.recipes.ensemble import Ensemble, greedy_ensemble, output_ensemble
 from modelsoup.recipes.forward import forward_selection_soup
 from modelsoup.recipes.greedy import greedy_soup
@@ -14,7 +14,7 @@ from modelsoup.recipes.layerwise import layerwise_soup
 from modelsoup.recipes.learned import learned_soup
 from modelsoup.recipes.pruned import pruned_soup
 from modelsoup.recipes.registry import RECIPES, get_recipe
-from modelsoup.recipes.uniform import average
+from modelsoup.recipes.uniform import average, uniform_soup
 
 __all__ = [
     "RECIPES",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import PositiveInt
 
+from modelsoup.recipes._common import member_weights
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
@@ -17,19 +18,6 @@ from modelsoup.tasting import Taster
 
 class ForwardOptions(RecipeOptions):
     max_ingredients: PositiveInt | None = None
-
-
-def member_weights(n: int, members: list[int]) -> list[float]:
-    """Uniform weights over ``members`` (positions may repeat) for a pool of ``n``.
-
-    Example:
-        >>> member_weights(3, [0, 2])
-        [1.0, 0.0, 1.0]
-    """
-    w = [0.0] * n
-    for i in members:
-        w[i] += 1.0
-    return w
 
 
 @register("forward", ForwardOptions)
@@ -87,13 +75,10 @@ def forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None
                 "tried": len(remaining),
             }
         )
-    return Soup(
-        taster.ingredients,
+    return taster.soup(
         member_weights(n, members),
         recipe="forward",
         options={"max_ingredients": max_ingredients},
         trace=trace,
         scores={"held_out": best},
-        accum_dtype=taster.accumulator.accum_dtype,
-        int_policy=taster.int_policy,
     )

@@ -8,12 +8,11 @@ and keep it if the candidate soup scores at least as well (``>=``, the paper's r
 
 from __future__ import annotations
 
-import random
 from typing import Literal
 
 from pydantic import PositiveInt
 
-from modelsoup.recipes.forward import member_weights
+from modelsoup.recipes._common import ingredient_order, member_weights
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
@@ -26,24 +25,6 @@ class GreedyOptions(RecipeOptions):
     max_ingredients: PositiveInt | None = None
     #: random orders to run (the report shows mean and std); the first run's soup is kept
     runs: PositiveInt = 1
-
-
-def ingredient_order(taster: Taster, order: str, seed: int) -> list[int]:
-    """Positions in the order a recipe should try them.
-
-    Example:
-        >>> import torch
-        >>> from modelsoup.ingredients import open_ingredients
-        >>> ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (0.2, 0.9, 0.5)])
-        >>> t = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: float(m.weight.detach()))
-        >>> ingredient_order(t, "sorted", 0)
-        [1, 2, 0]
-    """
-    if order == "sorted":
-        return taster.order(taster.individual_scores())
-    positions = list(range(len(taster.ingredients)))
-    random.Random(seed).shuffle(positions)
-    return positions
 
 
 @register("greedy", GreedyOptions)
@@ -93,13 +74,10 @@ def greedy_soup(
             }
         )
     options = {"order": order, "seed": seed, "strict": strict, "max_ingredients": max_ingredients}
-    return Soup(
-        taster.ingredients,
+    return taster.soup(
         member_weights(n, members),
         recipe="greedy",
         options=options,
         trace=trace,
         scores={"held_out": best},
-        accum_dtype=taster.accumulator.accum_dtype,
-        int_policy=taster.int_policy,
     )

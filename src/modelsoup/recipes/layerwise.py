@@ -160,13 +160,10 @@ def layerwise_soup_of(
         for name in names:
             per_tensor[name] = list(uniform if group in averaged else one_hot)
     mean = [sum(c[i] for c in per_tensor.values()) / len(per_tensor) for i in range(n)]
-    return Soup(
-        taster.ingredients,
+    return taster.soup(
         mean,
         recipe="layerwise",
         tensor_coefficients=per_tensor,
-        accum_dtype=taster.accumulator.accum_dtype,
-        int_policy=taster.int_policy,
     )
 
 

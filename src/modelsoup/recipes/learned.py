@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
+from modelsoup._util import parse_size
 from modelsoup.errors import ConfigError, SoupError
 from modelsoup.evaluators import forward_logits, model_device
 from modelsoup.ingredients import Ingredient
@@ -39,7 +40,6 @@ from modelsoup.recipes.greedy import greedy_soup
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
-from modelsoup.writer import parse_size
 
 
 class LearnedOptions(RecipeOptions):
@@ -472,15 +472,12 @@ def _finish(
 
     if scale is not None:
         options["learned_temperature_scale"] = scale
-    soup = Soup(
-        taster.ingredients,
+    soup = taster.soup(
         spread(mean),
         recipe="learned",
         options=options,
         trace=trace,
         tensor_coefficients={k: spread(v) for k, v in per_tensor.items()} if by_layer else None,
-        accum_dtype=taster.accumulator.accum_dtype,
-        int_policy=taster.int_policy,
     )
     # Scored on the whole held-out set, as the other recipes are, so rows compare.
     score = taster.score_soup(soup) if by_layer else taster.score(soup.coefficients)

@@ -13,8 +13,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveInt
 
-from modelsoup.recipes.forward import member_weights
-from modelsoup.recipes.greedy import ingredient_order
+from modelsoup.recipes._common import ingredient_order, member_weights
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
@@ -81,13 +80,10 @@ def pruned_soup(
                 )
             break
     options = {"passes": passes, "order": order, "seed": seed, "strict": strict}
-    return Soup(
-        taster.ingredients,
+    return taster.soup(
         member_weights(n, members),
         recipe="pruned",
         options=options,
         trace=trace,
         scores={"held_out": baseline},
-        accum_dtype=taster.accumulator.accum_dtype,
-        int_policy=taster.int_policy,
     )

@@ -1,4 +1,5 @@
-"""Uniform and weighted soups: averages that need no evaluation."""
+"""Uniform and weighted soups: :func:`average` needs no evaluation; the ``uniform`` recipe
+scores the same soup on held-out for the report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.errors import ConfigError
 from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.recipes.baselines import NoOptions
+from modelsoup.recipes.registry import register
 from modelsoup.soup import Soup, check_coefficients
+from modelsoup.tasting import Taster
 
 
 def _accum(dtype: str | torch.dtype) -> torch.dtype:
@@ -56,4 +60,25 @@ def average(
         options={"normalize": normalize},
         accum_dtype=_accum(accum_dtype),
         int_policy=int_policy,
+    )
+
+
+@register("uniform", NoOptions)
+def uniform_soup(taster: Taster) -> Soup:
+    """The uniform soup of every ingredient, with its held-out score.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (0.0, 1.0)])
+        >>> t = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: float(m.weight.detach()))
+        >>> uniform_soup(t).scores["held_out"]
+        0.5
+    """
+    n = len(taster.ingredients)
+    score = taster.score_members(list(range(n)))
+    return taster.soup(
+        [1.0] * n,
+        recipe="uniform",
+        scores={"held_out": score},
     )

@@ -22,8 +22,9 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from modelsoup._util import atomic_file
 from modelsoup.errors import ConfigError
-from modelsoup.formats.safetensors_io import atomic_file, write_safetensors
+from modelsoup.formats.safetensors_io import write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.repair.activations import activation_align
 from modelsoup.repair.matching import align_to, merge_many

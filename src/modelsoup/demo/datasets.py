@@ -14,7 +14,7 @@ Nothing here touches the network. The text corpora ship inside pip packages
 package ``dataset-fashion-mnist``.
 
 Example:
-    >>> from modelsoup.datasets import load_digits_split
+    >>> from modelsoup.demo.datasets import load_digits_split
     >>> split = load_digits_split(seed=0)
     >>> split.train.x.shape[1], len(split.classes)
     (64, 10)

@@ -12,7 +12,7 @@ called as ``model(x)``) or a dict of tensors such as
 
 Example:
     >>> import torch
-    >>> from modelsoup.models import digits_mlp
+    >>> from modelsoup.demo.models import digits_mlp
     >>> x, y = torch.rand(64, 64), torch.randint(0, 10, (64,))
     >>> state = train_ingredient(digits_mlp, (x, y), lr=1e-2, epochs=1, batch_size=32, seed=0)
     >>> sorted(state)[:2]
@@ -154,7 +154,7 @@ def train_ingredient(
 
     Example:
         >>> import torch
-        >>> from modelsoup.models import digits_mlp
+        >>> from modelsoup.demo.models import digits_mlp
         >>> data = (torch.rand(32, 64), torch.randint(0, 10, (32,)))
         >>> a = train_ingredient(digits_mlp, data, lr=0.1, optimizer="sgd", seed=3)
         >>> b = train_ingredient(digits_mlp, data, lr=0.1, optimizer="sgd", seed=3)
@@ -333,7 +333,7 @@ def train_grid(
 
     Example:
         >>> import torch, tempfile
-        >>> from modelsoup.models import digits_mlp
+        >>> from modelsoup.demo.models import digits_mlp
         >>> data = (torch.rand(64, 64), torch.randint(0, 10, (64,)))
         >>> paths = train_grid(digits_mlp, data, {"lr": [1e-3, 1e-2]}, tempfile.mkdtemp(),
         ...                    epochs=1, progress=False)

@@ -23,11 +23,14 @@ built-in text evaluator, e.g. ``{hf_text_classification: held.csv, max_length: 6
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -84,19 +87,17 @@ EvaluatorSpec = Annotated[
 _FORM_TAGS = {"import path", "built-in"}  # pydantic's union tags: not config keys
 
 
-class CookConfig(BaseModel):
-    """Everything ``modelsoup cook`` needs; unknown keys are errors."""
+class CookOptions(BaseModel):
+    """How a cook runs, apart from what it cooks: the keyword options of
+    :func:`modelsoup.cook.cook` and the matching keys of a cook config.
+
+    Example:
+        >>> CookOptions(seed=3).bootstrap_resamples
+        2000
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str
-    ingredients: list[str] = Field(min_length=1)
-    held_out: EvaluatorSpec
-    test: EvaluatorSpec | None = None
-    recipes: list[RecipeEntry] = Field(
-        default_factory=lambda: [RecipeEntry(**r) for r in DEFAULT_RECIPES]
-    )
-    output: str
     device: str = "cpu"
     checkpoint_key: str | None = None
     accum_dtype: Literal["float32", "float64"] = "float32"
@@ -106,11 +107,32 @@ class CookConfig(BaseModel):
     out_dtype: Literal["fp32", "fp16", "bf16"] | None = None
     journal: bool = True
     baselines: bool = True
-    bootstrap_resamples: int = Field(default=2000, ge=100)
+    bootstrap_resamples: int = Field(default=2000, ge=1)
     seed: int = 0
+    recalibrate_candidates: bool = False
+    #: under torchrun: seconds a collective may wait for the other ranks
+    dist_timeout_s: float = Field(default=600.0, gt=0)
+
+    def options(self) -> CookOptions:
+        """Only the cook options of this object (a config's other keys dropped)."""
+        return CookOptions(**{k: getattr(self, k) for k in CookOptions.model_fields})
+
+
+class CookConfig(CookOptions):
+    """Everything ``modelsoup cook`` needs; unknown keys are errors."""
+
+    model: str
+    ingredients: list[str] = Field(min_length=1)
+    held_out: EvaluatorSpec
+    test: EvaluatorSpec | None = None
+    recipes: list[RecipeEntry] = Field(
+        default_factory=lambda: [RecipeEntry(**r) for r in DEFAULT_RECIPES]
+    )
+    output: str
+    #: a config asks for intervals worth reading; the API allows fewer (quick tests)
+    bootstrap_resamples: int = Field(default=2000, ge=100)
     recalibrate_bn: str | None = None
     recalibrate_batches: int | None = Field(default=None, ge=1)
-    recalibrate_candidates: bool = False
     #: permutation alignment before cooking: true (= "reference": weight matching onto
     #: the first ingredient), "activations" (activation matching onto the first, on
     #: align_data) or "merge_many" (weight matching, each onto the mean of the others)
@@ -120,8 +142,6 @@ class CookConfig(BaseModel):
     align_batches: int | None = Field(default=None, ge=1)
     #: let transformers run code shipped in the ingredient folder (``model: hf``)
     trust_remote_code: bool = False
-    #: under torchrun: seconds a collective may wait for the other ranks
-    dist_timeout_s: float = Field(default=600.0, gt=0)
     #: where relative paths are resolved (the config file's folder)
     base_dir: str = "."
 
@@ -136,7 +156,8 @@ def _spelling_hint(key: object, known: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; check its spelling"
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_error(err: ValidationError, source: str) -> str:
+    """One line for a pydantic error: the key, and a spelling suggestion for unknown keys."""
     # a misspelt key also makes the real one "missing": report the misspelling first
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
@@ -196,13 +217,57 @@ def load_config(path: str | Path) -> CookConfig:
     try:
         config = CookConfig(**raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, str(path))) from None
+        raise ConfigError(format_error(err, str(path))) from None
     check_recipes(config, str(path))
     return config
 
 
+def _load_file(file: Path) -> Any:
+    """Import a user's ``.py`` file under a name unique to its full path.
+
+    Two configs' ``kitchen.py`` in different folders are two modules, and ``sys.path``
+    is only extended (by the file's own folder, so it can import its neighbours) while
+    the file runs.
+    """
+    file = file.resolve()
+    digest = hashlib.sha1(str(file).encode()).hexdigest()[:12]
+    name = f"_modelsoup_user_{file.stem}_{digest}"
+    stamp = file.stat().st_mtime_ns
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "_modelsoup_mtime", None) == stamp:
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    module._modelsoup_mtime = stamp
+    sys.modules[name] = module
+    with _on_path(file.parent):
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
+@contextlib.contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    entry = str(folder)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
 def resolve(target: str, base_dir: str | Path = ".") -> Any:
     """Import ``module:attr`` or ``file.py:attr`` (relative to ``base_dir``).
+
+    A top-level module that is a file in ``base_dir`` is loaded from there, under a name unique to
+    its path; other modules are imported as usual, with ``base_dir`` on ``sys.path``
+    only while importing.
 
     Example:
         >>> resolve("math:sqrt")(4.0)
@@ -211,22 +276,21 @@ def resolve(target: str, base_dir: str | Path = ".") -> Any:
     if ":" not in target:
         raise ConfigError(f"'{target}' is not an import path; write module:function")
     module_name, attr = target.rsplit(":", 1)
+    base = Path(base_dir)
+    local = base / f"{module_name}.py"
     if module_name.endswith(".py"):
-        file = Path(base_dir) / module_name
+        file = base / module_name
         if not file.exists():
             raise ConfigError(f"'{target}': {file} not found")
-        name = f"_modelsoup_user_{file.stem}"
-        spec = importlib.util.spec_from_file_location(name, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        module = _load_file(file)
+    elif "." not in module_name and local.is_file():
+        module = _load_file(local)
     else:
-        if str(base_dir) not in sys.path:
-            sys.path.insert(0, str(base_dir))
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(f"'{target}': cannot import {module_name} ({err})") from None
+        with _on_path(base.resolve()):
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as err:
+                raise ConfigError(f"'{target}': cannot import {module_name} ({err})") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -303,3 +367,44 @@ def resolve_recalibration(config: CookConfig) -> Any:
 
     recalibrate.tag = f"recalibrated on {config.recalibrate_bn}, batches={batches}"
     return recalibrate
+
+
+@dataclass
+class ConfigParts:
+    """What a cook config names, resolved: paths made absolute, factories imported."""
+
+    ingredients: list[str]
+    model: Any
+    held_out: Any
+    test: Any
+    recalibrate: Callable | None
+    output: Path
+
+
+def resolve_parts(config: CookConfig) -> ConfigParts:
+    """Resolve a config's paths (relative to the config file) and import paths.
+
+    Shared by ``cook`` and ``diagnose``, so both read a config the same way (``model: hf``
+    and the built-in text evaluator included).
+
+    Example:
+        >>> cfg = CookConfig(model="math:sqrt", ingredients=["a"], held_out="builtins:dict",
+        ...                  output="o", base_dir="/tmp")
+        >>> resolve_parts(cfg).ingredients
+        ['/tmp/a']
+    """
+    base = Path(config.base_dir)
+    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    if config.model == "hf":  # the architecture from the first folder's config.json
+        from modelsoup.hf import model_factory
+
+        model = model_factory(ingredients, trust_remote_code=config.trust_remote_code)
+    else:
+        model = resolve(config.model, base)
+    trust = config.trust_remote_code
+    held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
+    test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+    output = Path(config.output)
+    if not output.is_absolute():
+        output = base / output
+    return ConfigParts(ingredients, model, held, test, resolve_recalibration(config), output)

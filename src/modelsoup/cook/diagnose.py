@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from modelsoup._util import atomic_file
 from modelsoup.evaluators import Evaluator, as_evaluator
-from modelsoup.formats.safetensors_io import atomic_file
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.tasting import Taster
 
@@ -200,7 +200,7 @@ def diagnose(
 
 def write_diagnosis(d: Diagnosis, folder: Path) -> list[Path]:
     """Write ``diagnosis.json`` and the two figures into ``folder``."""
-    from modelsoup import plots
+    from modelsoup.cook import plots
 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(folder / "diagnosis.json") as tmp:

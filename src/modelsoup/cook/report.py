@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from modelsoup._util import atomic_file, slug
+from modelsoup.cook.stats import bootstrap_ci, paired_difference
 from modelsoup.errors import SoupError, SoupWarning
-from modelsoup.formats.safetensors_io import atomic_file
-from modelsoup.stats import bootstrap_ci, paired_difference
 
 
 def _fmt(x: float | None, std: float | None = None, scale: float = 1.0) -> str:
@@ -28,8 +28,8 @@ def _fmt(x: float | None, std: float | None = None, scale: float = 1.0) -> str:
     return text
 
 
-def _scale(result) -> float:
-    """Show accuracies as percentages; anything outside [0, 1] as is."""
+def report_scale(result) -> float:
+    """Show accuracies as percentages (100); anything outside [0, 1] as is (1)."""
     scores = list(result.individual_held_out) + (result.individual_test or [])
     return 100.0 if all(0.0 <= s <= 1.0 for s in scores) else 1.0
 
@@ -39,14 +39,14 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
 
     Example:
         >>> import torch
-        >>> from modelsoup.cook import cook
+        >>> from modelsoup.cook.run import cook
         >>> ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)]
         >>> r = cook(ings, torch.nn.Linear(1, 1, bias=False),
         ...          lambda m: 1 - abs(float(m.weight.detach()) - 2), progress=False)
         >>> [row["method"] for row in summarize(r)["rows"]]
         ['best_individual', 'uniform']
     """
-    scale = _scale(result)
+    scale = report_scale(result)
     unit = "points" if scale == 100 else ""
     best = next((m for m in result.methods if m.recipe == "best_individual"), None)
     rows = []
@@ -144,7 +144,7 @@ def write_report(
     with atomic_file(folder / "report.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))
     with atomic_file(folder / "report.md") as tmp:
-        tmp.write_text(render_markdown(data, _scale(result)))
+        tmp.write_text(render_markdown(data, report_scale(result)))
     return data
 
 
@@ -157,7 +157,6 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
         ...     "evaluations": {}, "figures": []}).splitlines()[0])
         # modelsoup report
     """
-    pct = " (%)" if scale == 100 else ""
     lines = [
         "# modelsoup report",
         "",
@@ -165,7 +164,29 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
         f"test evaluator: `{data['test_evaluator'] or 'none'}`. "
         "Recipes choose on held-out only; test scores are never used to choose.",
         "",
-        f"**Verdict.** {data['verdict']}",
+        f"**Verdict.** {render_verdict(data, scale)}",
+    ]
+    for fig in data.get("figures", []):
+        lines += [f"![{Path(fig).stem}]({fig})", ""]
+    return "\n".join(lines)
+
+
+def render_verdict(data: dict, scale: float = 100.0) -> str:
+    """The verdict, the table, warnings and costs: what ``modelsoup cook`` prints.
+
+    ``report.md`` holds the same text, so the terminal and the file never disagree.
+
+    Example:
+        >>> print(render_verdict({"rows": [], "verdict": "no soup was cooked", "notes": []}))
+        no soup was cooked
+        <BLANKLINE>
+        | method | held-out (%) | test (%) | test 95% CI | vs best individual (test) | ingredients | evaluations (reused) | seconds |
+        |---|---|---|---|---|---|---|---|
+        <BLANKLINE>
+    """  # noqa: E501
+    pct = " (%)" if scale == 100 else ""
+    lines = [
+        data["verdict"],
         "",
         f"| method | held-out{pct} | test{pct} | test 95% CI | vs best individual (test) "
         "| ingredients | evaluations (reused) | seconds |",
@@ -197,8 +218,6 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
                 "one extra pass over the recalibration data (included in the times above)."
             )
         lines.append("")
-    for fig in data.get("figures", []):
-        lines += [f"![{Path(fig).stem}]({fig})", ""]
     return "\n".join(lines)
 
 
@@ -228,10 +247,10 @@ def write_figures(result, data: dict, folder: Path) -> list[Path]:
 
 
 def _figures(result, data: dict, folder: Path) -> list[Path]:
-    from modelsoup import plots
+    from modelsoup.cook import plots
 
     made: list[Path] = []
-    scale = _scale(result)
+    scale = report_scale(result)
     use_test = result.test_name is not None
     key = "test" if use_test else "held_out"
     ylabel = f"{'test' if use_test else 'held-out'} score" + (" (%)" if scale == 100 else "")
@@ -279,7 +298,7 @@ def _figures(result, data: dict, folder: Path) -> list[Path]:
                         [s["pass"] for s in ends],
                         [s["score"] * scale for s in ends],
                         [s["size"] for s in ends],
-                        path=folder / f"{_slug(m.label)}.png",
+                        path=folder / f"{slug(m.label)}.png",
                     )
                 )
     axes = _numeric_axes(result)
@@ -300,9 +319,3 @@ def _figures(result, data: dict, folder: Path) -> list[Path]:
             )
         )
     return made
-
-
-def _slug(label: str) -> str:
-    from modelsoup.cook import slug
-
-    return slug(label)

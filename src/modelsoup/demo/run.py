@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from modelsoup.cook import CookResult, cook
+from modelsoup.cook.run import CookResult, cook
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Accuracy
 
@@ -183,8 +183,8 @@ def _by_length(
 
 
 def _tweets_kitchen(settings: DemoSettings) -> _Kitchen:
-    from modelsoup.datasets import load_tweet_sentiment
-    from modelsoup.models import minilm_classifier, tokenize
+    from modelsoup.demo.datasets import load_tweet_sentiment
+    from modelsoup.demo.models import minilm_classifier, tokenize
 
     split = load_tweet_sentiment(
         settings.split_seed, train=settings.train, heldout=settings.heldout, test=settings.test
@@ -211,9 +211,9 @@ def _tweets_kitchen(settings: DemoSettings) -> _Kitchen:
 
 
 def _digits_kitchen(settings: DemoSettings) -> _Kitchen:
-    from modelsoup.datasets import load_digits_split
-    from modelsoup.models import digits_mlp
-    from modelsoup.training import train_ingredient
+    from modelsoup.demo.datasets import load_digits_split
+    from modelsoup.demo.models import digits_mlp
+    from modelsoup.demo.training import train_ingredient
 
     split = load_digits_split(
         settings.split_seed, train=settings.train, heldout=settings.heldout, test=settings.test
@@ -329,7 +329,7 @@ def run_demo(
 
 
 def _run(settings: DemoSettings, output: Path, workdir: Path, progress: bool) -> DemoResult:
-    from modelsoup.training import train_grid
+    from modelsoup.demo.training import train_grid
 
     started = time.perf_counter()
     work = workdir / settings.name

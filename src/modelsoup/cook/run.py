@@ -8,94 +8,45 @@ each soup with its card, and writes ``report.json``, ``report.md`` and figures.
 
 from __future__ import annotations
 
-import re
+import logging
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from modelsoup._util import check_device, slug
 from modelsoup.accumulator import ACCUM_DTYPES
-from modelsoup.config import (
+from modelsoup.cook.config import (
     CookConfig,
+    CookOptions,
     RecipeEntry,
+    format_error,
     load_config,
-    resolve,
     resolve_alignment_data,
-    resolve_evaluator,
-    resolve_recalibration,
+    resolve_parts,
 )
+from modelsoup.cook.report import write_report
+from modelsoup.cook.results import CookResult, MethodResult
 from modelsoup.distributed import init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import Evaluator, as_evaluator
-from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator
+from modelsoup.ingredients import open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
-from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
+from modelsoup.repair.batchnorm import as_recalibration
+from modelsoup.repair.pool import align_pool
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
+_logger = logging.getLogger(__name__)
+
 BASELINES = ("best_individual", "uniform", "ensemble")
-
-
-@dataclass
-class MethodResult:
-    """One row of the report: a recipe's result(s) and their scores.
-
-    ``runs`` holds one result per run (several for random orders); the first is the
-    one saved. Scores are means over runs; ``*_std`` their standard deviation.
-    """
-
-    label: str
-    recipe: str
-    runs: list[Soup | Ensemble]
-    held_out: float
-    test: float | None = None
-    held_out_std: float | None = None
-    test_std: float | None = None
-    size: float = 0
-    evaluations: int = 0
-    reused: int = 0
-    seconds: float = 0.0
-    test_per_example: Any = None
-    test_runs: list[float] = field(default_factory=list)
-    saved: str | None = None
-
-    @property
-    def result(self) -> Soup | Ensemble:
-        return self.runs[0]
-
-    @property
-    def is_soup(self) -> bool:
-        return isinstance(self.result, Soup)
-
-
-@dataclass
-class CookResult:
-    """Everything a cook produced; :mod:`modelsoup.report` turns it into files."""
-
-    methods: list[MethodResult]
-    ingredients: list[Ingredient]
-    individual_held_out: list[float]
-    individual_test: list[float] | None
-    held_out_name: str
-    test_name: str | None
-    higher_is_better: bool
-    taster_stats: dict
-    seconds: float
-    output: Path | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def method(self, label: str) -> MethodResult:
-        for m in self.methods:
-            if m.label == label:
-                return m
-        raise KeyError(label)
 
 
 def default_label(name: str, options: Mapping[str, Any]) -> str:
@@ -124,16 +75,6 @@ def entry_label(entry: RecipeEntry) -> str:
     if entry.label:
         return entry.label
     return default_label(entry.name, get_recipe(entry.name).options(**entry.options()).model_dump())
-
-
-def slug(label: str) -> str:
-    """A file-name-safe form of a label.
-
-    Example:
-        >>> slug("greedy (sorted)")
-        'greedy-sorted'
-    """
-    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
 
 
 def _size(sizes: Sequence[int]) -> float:
@@ -172,21 +113,10 @@ def cook(
     test: Evaluator | Callable | None = None,
     recipes: Sequence[Mapping | RecipeEntry] | None = None,
     output: str | Path | None = None,
-    device: str = "cpu",
-    accum_dtype: str = "float32",
-    int_policy: str = "strict",
-    journal: bool = True,
-    baselines: bool = True,
-    save: str = "all",
-    save_format: str | None = None,
-    out_dtype: str | None = None,
-    bootstrap_resamples: int = 2000,
-    seed: int = 0,
-    recalibrate: Callable[[torch.nn.Module], None] | None = None,
-    recalibrate_candidates: bool = False,
-    checkpoint_key: str | None = None,
+    recalibrate: Callable[[torch.nn.Module], None] | Any = None,
+    options: CookOptions | None = None,
     progress: bool = True,
-    dist_timeout_s: float = 600.0,
+    **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
@@ -194,6 +124,9 @@ def cook(
     With ``output``, soups, the journal and the report are written there. ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
+    How the cook runs (``device``, ``seed``, ``bootstrap_resamples``, ``save``, ...) is
+    a :class:`~modelsoup.cook.config.CookOptions`, given whole as ``options`` or key by
+    key as keyword arguments; an unknown key is a :class:`ConfigError`.
 
     Under ``torchrun`` each rank evaluates a shard of the data and every rank returns
     the same result; only rank 0 writes files (see :mod:`modelsoup.distributed`). A rank
@@ -208,12 +141,14 @@ def cook(
         >>> [(m.label, m.size) for m in result.methods]
         [('best_individual', 1), ('uniform', 3), ('greedy (sorted)', 2)]
     """
+    opts = _options(options, settings)
     started = time.perf_counter()
     recalibrate = as_recalibration(recalibrate)  # a hook, or the unlabeled data itself
-    ranks = init_distributed(dist_timeout_s, device)  # None in a single process
+    device = check_device(opts.device)
+    ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
-    pool = open_ingredients(ingredients, key=checkpoint_key)
+    pool = open_ingredients(ingredients, key=opts.checkpoint_key)
     module = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
@@ -224,24 +159,24 @@ def cook(
         held = ranks.share(held)
         test_ev = ranks.share(test_ev) if test_ev is not None else None
     out = Path(output) if output is not None else None
-    journal_path = out / "journal.jsonl" if (out is not None and journal) else None
+    journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
+    entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
     taster = Taster(
         pool,
         module,
         held,
         journal=book,
-        accum_dtype=ACCUM_DTYPES[accum_dtype],
-        int_policy=int_policy,
+        accum_dtype=ACCUM_DTYPES[opts.accum_dtype],
+        int_policy=opts.int_policy,
         recalibrate=recalibrate,
-        recalibrate_candidates=recalibrate_candidates,
+        recalibrate_candidates=opts.recalibrate_candidates,
+        share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
         progress=progress,
     )
-    entries = _entries(recipes, baselines, hasattr(held, "logits"))
-    taster.share_outputs = any(e.name in ("ensemble", "greedy_ensemble") for e in entries)
     methods: list[MethodResult] = []
     for entry in entries:
-        methods.append(_run_entry(taster, entry, test_ev, recalibrate, seed, progress))
+        methods.append(_run_entry(taster, entry, test_ev, recalibrate, opts.seed))
     individual = taster.individual_scores()
     individual_test = None
     if test_ev is not None:
@@ -262,12 +197,23 @@ def cook(
     )
     _warn_if_collapsed(result)
     if out is not None and (ranks is None or ranks.is_main):
-        from modelsoup.report import write_report
-
-        if save == "all":
-            _save_soups(result, out, save_format, out_dtype, progress)
-        write_report(result, out, bootstrap_resamples=bootstrap_resamples, seed=seed)
+        if opts.save == "all":
+            _save_soups(result, out, opts.save_format, opts.out_dtype, progress)
+        result.summary = write_report(
+            result, out, bootstrap_resamples=opts.bootstrap_resamples, seed=opts.seed
+        )
     return result
+
+
+def _options(options: CookOptions | None, settings: Mapping[str, Any]) -> CookOptions:
+    if options is not None and settings:
+        raise ConfigError("give cook options either as options= or as keywords, not both")
+    if options is not None:
+        return options.options()
+    try:
+        return CookOptions(**settings)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, "cook()")) from None
 
 
 def _run_entry(
@@ -276,7 +222,6 @@ def _run_entry(
     test: Evaluator | None,
     recalibrate: Callable | None,
     seed: int,
-    progress: bool,
 ) -> MethodResult:
     spec = get_recipe(entry.name)
     options = spec.options(**entry.options()).model_dump()
@@ -299,12 +244,12 @@ def _run_entry(
     for res in results:
         if isinstance(res, Soup) and recalibrate is not None and res.size > 1:
             # A single ingredient keeps the statistics it was trained with.
-            _recalibrate_soup(res, taster, recalibrate)
+            taster.recalibrate_soup(res, recalibrate)
         if test is None:
             continue
         if isinstance(res, Ensemble):
             logits = res.logits(taster, test)
-        elif hasattr(test, "logits"):
+        elif isinstance(test, LogitsEvaluator):
             logits = taster.soup_logits(res, test)
         else:
             logits = None
@@ -337,18 +282,6 @@ def _run_entry(
         per_example,
         tests,
     )
-
-
-def _recalibrate_soup(soup: Soup, taster: Taster, recalibrate: Callable) -> None:
-    """Materialise a soup, re-estimate its BatchNorm statistics, keep them as overrides."""
-    soup.apply(taster.model)
-    recalibrate(taster.model)
-    taster.recalibrations += 1
-    keep_bn_statistics(soup, taster.model)
-    if taster.recalibrate_candidates:
-        return  # the recipe already chose with recalibrated scores: keep its score
-    soup.scores["held_out_before_recalibration"] = soup.scores.get("held_out")
-    soup.scores["held_out"] = taster.score_soup(soup)
 
 
 def _warn_if_collapsed(result: CookResult) -> None:
@@ -386,47 +319,6 @@ def _save_soups(
         m.saved = str(path.relative_to(out))
 
 
-@dataclass
-class ConfigParts:
-    """What a cook config names, resolved: paths made absolute, factories imported."""
-
-    ingredients: list[str]
-    model: Any
-    held_out: Any
-    test: Any
-    recalibrate: Callable | None
-    output: Path
-
-
-def resolve_parts(config: CookConfig) -> ConfigParts:
-    """Resolve a config's paths (relative to the config file) and import paths.
-
-    Shared by ``cook`` and ``diagnose``, so both read a config the same way (``model: hf``
-    and the built-in text evaluator included).
-
-    Example:
-        >>> cfg = CookConfig(model="math:sqrt", ingredients=["a"], held_out="builtins:dict",
-        ...                  output="o", base_dir="/tmp")
-        >>> resolve_parts(cfg).ingredients
-        ['/tmp/a']
-    """
-    base = Path(config.base_dir)
-    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
-    if config.model == "hf":  # the architecture from the first folder's config.json
-        from modelsoup.hf import model_factory
-
-        model = model_factory(ingredients, trust_remote_code=config.trust_remote_code)
-    else:
-        model = resolve(config.model, base)
-    trust = config.trust_remote_code
-    held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
-    test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
-    output = Path(config.output)
-    if not output.is_absolute():
-        output = base / output
-    return ConfigParts(ingredients, model, held, test, resolve_recalibration(config), output)
-
-
 def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
     """Cook from a config file (or a validated :class:`CookConfig`).
 
@@ -447,8 +339,6 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
             "checkpoints); align in one process first, then cook the aligned checkpoints"
         )
     if config.align:
-        from modelsoup.repair.pool import align_pool
-
         method = "reference" if config.align is True else config.align
         ingredients = align_pool(
             ingredients,
@@ -468,19 +358,7 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         test=test,
         recipes=config.recipes,
         output=output,
-        device=config.device,
-        accum_dtype=config.accum_dtype,
-        int_policy=config.int_policy,
-        journal=config.journal,
-        baselines=config.baselines,
-        save=config.save,
-        save_format=config.save_format,
-        out_dtype=config.out_dtype,
-        bootstrap_resamples=config.bootstrap_resamples,
-        seed=config.seed,
         recalibrate=recalibrate,
-        recalibrate_candidates=config.recalibrate_candidates,
-        checkpoint_key=config.checkpoint_key,
+        options=config.options(),
         progress=progress,
-        dist_timeout_s=config.dist_timeout_s,
     )

@@ -6,7 +6,7 @@ or any per-example score) and say how sure we can be. Everything is seeded and
 deterministic: the same inputs and seed always give the same interval.
 
 Example:
-    >>> from modelsoup.stats import paired_difference
+    >>> from modelsoup.cook.stats import paired_difference
     >>> soup = [1] * 90 + [0] * 10
     >>> best = [1] * 80 + [0] * 20
     >>> paired_difference(soup, best).describe()

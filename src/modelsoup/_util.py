@@ -1,0 +1,358 @@
+"""Small helpers with one home each: atomic files, byte sizes, dtype names, slugs.
+
+Every layer may import from here; this module imports nothing of modelsoup but
+:mod:`modelsoup.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from modelsoup.errors import ConfigError, WriteError
+
+_logger = logging.getLogger(__name__)
+
+#: the marker in every temporary name we write: ``.<name>.tmp-<pid>``
+TMP_MARK = ".tmp-"
+#: the marker of an output moved aside while its replacement is renamed in
+OLD_MARK = ".old-"
+
+
+def temp_sibling(path: Path) -> Path:
+    """The hidden temporary sibling of ``path`` that this process writes before renaming.
+
+    The process id is in the name, so a later run can tell a dead writer's leftovers
+    (:func:`clean_stale_temps`).
+
+    Example:
+        >>> temp_sibling(Path("out/soup.safetensors")).name.startswith(".soup.safetensors.tmp-")
+        True
+    """
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def old_sibling(path: Path) -> Path:
+    """Where an existing output is moved aside, for a moment, while its replacement
+    is renamed in (``.<name>.old-<pid>``).
+
+    Example:
+        >>> old_sibling(Path("soup")).name.startswith(".soup.old-")
+        True
+    """
+    return path.with_name(f".{path.name}{OLD_MARK}{os.getpid()}")
+
+
+def write_error(path: Path, err: OSError, what: str = "cannot write") -> WriteError:
+    """A :class:`WriteError` for an ``OSError``, saying what to do about a full disk.
+
+    Example:
+        >>> import errno
+        >>> str(write_error(Path("x"), OSError(errno.ENOSPC, "No space left on device")))
+        'x: cannot write (No space left on device); free some space, or write elsewhere'
+    """
+    reason = err.strerror or str(err)
+    hint = ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; free some space, or write elsewhere"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a folder you can write to"
+    return WriteError(f"{path}: {what} ({reason}){hint}")
+
+
+class atomic_file:  # noqa: N801 - used as a context manager, reads like a function
+    """Write to a temporary sibling and rename it over ``path`` only on success.
+
+    The temporary is a file, or a folder if the block makes one. On any error it is
+    removed, and an ``OSError`` (a full disk, say) becomes a :class:`WriteError`.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.txt"
+        >>> with atomic_file(p) as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> p.read_text()
+        'done'
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = temp_sibling(self.path)
+
+    def __enter__(self) -> Path:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(self.path.parent, err, "cannot create the folder") from err
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                if self.tmp.is_file():
+                    with open(self.tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                os.replace(self.tmp, self.path)
+            except OSError as err:
+                remove_path(self.tmp)
+                raise write_error(self.path, err) from err
+            return
+        remove_path(self.tmp)
+        if isinstance(exc, OSError):
+            raise write_error(self.path, exc) from exc
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on an output while it is written.
+
+    A second process that asks for the same output fails at once with a clear
+    :class:`WriteError` instead of racing the first: run one at a time, or choose another
+    output. The lock is the hidden file ``.<name>.lock`` beside the output.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "soup.safetensors"
+        >>> with output_lock(out):
+        ...     pass
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "a+")
+    except OSError as err:
+        raise write_error(lock, err, "cannot create the lock") from err
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise WriteError(
+                f"{path}: another modelsoup run (process {holder}) is writing this output; "
+                "wait for it to finish, or choose another output"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or folder if it exists; never raises for a missing one.
+
+    Example:
+        >>> remove_path(Path("/nonexistent/x"))
+    """
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Tidy what a writer killed mid-write left in ``folder``, when that process is dead.
+
+    A ``kill -9`` cannot clean up after itself; the next run does, and says so in one
+    log line each. ``.<name>.tmp-<pid>`` (a half-written output) is removed;
+    ``.<name>.old-<pid>`` (an output moved aside for its replacement) is put back when
+    nothing took its place, else removed. Leftovers of live processes are left alone.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / ".soup.safetensors.tmp-999999999").write_text("half")
+        >>> [p.name for p in clean_stale_temps(d)]
+        ['.soup.safetensors.tmp-999999999']
+    """
+    removed: list[Path] = []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        mark = TMP_MARK if TMP_MARK in name else OLD_MARK if OLD_MARK in name else None
+        if not name.startswith(".") or mark is None:
+            continue
+        stem, pid_text = name[1:].rsplit(mark, 1)
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        target = entry.with_name(stem)
+        if mark == OLD_MARK and not target.exists():
+            try:
+                os.replace(entry, target)
+            except OSError:
+                continue
+            _logger.warning("restored %s, moved aside by an interrupted run", target)
+            continue
+        size = _size_of(entry)
+        remove_path(entry)
+        removed.append(entry)
+        _logger.warning(
+            "removed %s (%s) left by an interrupted run (process %s)",
+            entry,
+            format_bytes(size),
+            pid_text,
+        )
+    return removed
+
+
+def _size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000``.
+
+    Example:
+        >>> parse_size("2GB"), parse_size("1KiB"), parse_size(10)
+        (2000000000, 1024, 10)
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(size))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConfigError(f"size '{size}' is not understood; write e.g. 5GB or 500MB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ConfigError(f"size {size} must be positive")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for people, in decimal units.
+
+    Example:
+        >>> format_bytes(512), format_bytes(1_500_000)
+        ('512 B', '1.5 MB')
+    """
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn ``"bf16"``-style names into a torch dtype (``None`` stays ``None``).
+
+    Example:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPE_NAMES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"dtype '{name}' is unknown; use one of fp32, fp16, bf16, fp64") from None
+
+
+def slug(label: str) -> str:
+    """A file-name-safe form of a label.
+
+    Example:
+        >>> slug("greedy (sorted)")
+        'greedy-sorted'
+    """
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def check_device(name: str | torch.device) -> str:
+    """Check a device name at the edge: known to torch, and present on this machine.
+
+    Example:
+        >>> check_device("cpu")
+        'cpu'
+        >>> check_device("gpu")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: device 'gpu' is unknown; use cpu, cuda, cuda:N or mps
+    """
+    text = str(name)
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device '{text}' is unknown; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device '{text}': CUDA is not available on this machine; use device: cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device '{text}': this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device '{text}': MPS is not available here; use device: cpu")
+    elif device.type != "cpu":
+        raise ConfigError(f"device '{text}' is not supported; use cpu, cuda, cuda:N or mps")
+    return text

@@ -1,0 +1,25 @@
+"""The example kitchen: fine-tuning, offline datasets and small models for the demo.
+
+A user of the API, not part of it: nothing above this package imports it. It needs
+the ``demo`` extras (scikit-learn, tokenizers) and the offline data packages.
+"""
+
+from modelsoup.demo.run import (
+    DIGITS,
+    TWEETS,
+    DemoResult,
+    DemoSettings,
+    demo_recipes,
+    format_summary,
+    run_demo,
+)
+
+__all__ = [
+    "DIGITS",
+    "TWEETS",
+    "DemoResult",
+    "DemoSettings",
+    "demo_recipes",
+    "format_summary",
+    "run_demo",
+]

@@ -1,0 +1,111 @@
+"""The one table from a path to its reader and writer.
+
+Adding a format means adding its reader/writer module and one row here: nothing
+above :mod:`modelsoup.formats` looks at suffixes.
+
+Example:
+    >>> from pathlib import Path
+    >>> output_format(Path("soup.safetensors")), output_format(Path("soup/"))
+    ('safetensors', 'folder')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelsoup.errors import IngredientError
+from modelsoup.formats.base import TensorSource
+from modelsoup.formats.hf_folder import is_model_folder, open_folder
+from modelsoup.formats.safetensors_io import SafetensorsSource
+from modelsoup.formats.torch_pickle import TorchSource
+
+#: torch pickles; ``.pth.tar`` is what timm's training script saves
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+CHECKPOINT_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES)
+#: the file suffix each output format is saved with (folders have none)
+FORMAT_SUFFIXES = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "FORMAT_SUFFIXES",
+    "PICKLE_SUFFIXES",
+    "checkpoint_stem",
+    "is_checkpoint_name",
+    "is_model_folder",
+    "is_pickle_name",
+    "open_source",
+    "output_format",
+]
+
+
+def is_pickle_name(path: Path) -> bool:
+    """Whether a file name says torch pickle (``.pt .pth .bin .ckpt .pth.tar``).
+
+    Example:
+        >>> is_pickle_name(Path("model_best.pth.tar")), is_pickle_name(Path("a.tar"))
+        (True, False)
+    """
+    return path.name.endswith(PICKLE_SUFFIXES)
+
+
+def is_checkpoint_name(path: Path) -> bool:
+    """Whether a file name is one of the checkpoint formats we read.
+
+    Example:
+        >>> is_checkpoint_name(Path("a.safetensors")), is_checkpoint_name(Path("a.json"))
+        (True, False)
+    """
+    return path.name.endswith(CHECKPOINT_SUFFIXES)
+
+
+def checkpoint_stem(path: Path) -> str:
+    """A checkpoint file's name without its format suffix: the default label.
+
+    Example:
+        >>> checkpoint_stem(Path("runs/checkpoint-9.pth.tar")), checkpoint_stem(Path("a.pt"))
+        ('checkpoint-9', 'a')
+    """
+    for suffix in CHECKPOINT_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def open_source(path: Path, *, key: str | None = None) -> TensorSource:
+    """The lazy reader for a checkpoint file or model folder, chosen by its name.
+
+    ``key`` picks a wrapper key in a pickled checkpoint (e.g. ``"state_dict_ema"``).
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> p = Path(tempfile.mkdtemp()) / "a.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.ones(1)}, str(p))
+        >>> open_source(p).names()
+        ['w']
+    """
+    if path.is_dir():
+        return open_folder(path, key=key)
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        return SafetensorsSource([path])
+    if is_pickle_name(path):
+        return TorchSource([path], key=key)
+    raise IngredientError(
+        f"{path}: unknown checkpoint format; expected .safetensors, "
+        f"{', '.join(PICKLE_SUFFIXES)} or a Hugging Face model folder"
+    )
+
+
+def output_format(path: Path) -> str:
+    """The format an output path asks for: ``safetensors``, ``pt`` (a torch pickle) or
+    ``folder`` (anything else: a Hugging Face style folder).
+
+    Example:
+        >>> output_format(Path("soup.ckpt"))
+        'pt'
+    """
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        return "safetensors"
+    if is_pickle_name(path):
+        return "pt"
+    return "folder"
