@@ -7,6 +7,12 @@ place. Greedy and pruned soups move from one candidate to the next this way, nev
 re-averaging or building a new model. Memory: one model-sized float32 sum, whatever
 the number of ingredients.
 
+LoRA adapters over one base (:mod:`modelsoup.formats.peft_adapter`) are summed as weight
+changes: only the tensors some adapter changes have a sum, of ΔW, and the base is added
+when the mean is written. The base is never accumulated into, so tasting any number of
+candidates leaves no drift in it: every tensor no adapter changes is written as the
+base's, bit for bit.
+
 Integer and bool tensors (``num_batches_tracked``, ``position_ids``) are never
 averaged: they are taken from the first ingredient, and with ``int_policy="strict"``
 (the default) an ingredient whose integer tensors differ is refused.
@@ -19,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
+from modelsoup.formats.peft_adapter import shared_base
 from modelsoup.ingredients import Ingredient
 
 INT_POLICIES = ("strict", "first")
@@ -116,6 +123,11 @@ class Accumulator:
         self.int_policy = check_int_policy(int_policy)
         self.layout = self.ingredients[0].layout()
         self.float_names = [n for n, m in self.layout.items() if m.is_floating]
+        #: adapters over one base: their changes are summed, and the base added on writing
+        self.base = shared_base([ing.source for ing in self.ingredients])
+        if self.base is not None:
+            srcs = [ing.source for ing in self.ingredients]
+            self.float_names = [n for n in self.float_names if any(s.changed(n) for s in srcs)]
         self.int_names = [n for n, m in self.layout.items() if not m.is_floating]
         self._sum = {
             n: torch.zeros(self.layout[n].shape, dtype=accum_dtype) for n in self.float_names
@@ -138,6 +150,12 @@ class Accumulator:
         """Positions with a non-zero weight."""
         return [i for i, w in enumerate(self.weights) if w > 0]
 
+    def _read(self, ing: Ingredient, name: str) -> torch.Tensor:
+        # what is summed: the tensor, or an adapter's change to it
+        if self.base is not None:
+            return ing.source.delta(name, self.accum_dtype)
+        return ing.tensor(name, self._scratch)
+
     def _check_ints(self, position: int) -> None:
         if self.int_policy == "strict" and position not in self._checked:
             ing, first = self.ingredients[position], self.ingredients[0]
@@ -153,7 +171,7 @@ class Accumulator:
         ing = self.ingredients[position]
         check = position not in self._finite
         for n in self.float_names:
-            t = ing.tensor(n, self._scratch)
+            t = self._read(ing, n)
             if check:
                 checked_float(t, n, ing.label)
             self._sum[n].add_(t, alpha=weight)  # add_ promotes to the sum's dtype
@@ -177,7 +195,7 @@ class Accumulator:
             return
         ing = self.ingredients[position]
         for n in self.float_names:
-            self._sum[n].sub_(ing.tensor(n, self._scratch), alpha=weight)
+            self._sum[n].sub_(self._read(ing, n), alpha=weight)
 
     def set_weights(self, target: Sequence[float]) -> None:
         """Move to the soup with these per-position weights, touching only what changes.
@@ -237,10 +255,13 @@ class Accumulator:
         def into(name: str, dest: torch.Tensor) -> bool:
             if name not in self._sum:
                 return False
-            x = ing.tensor(name, self._scratch)
+            x = self._read(ing, name)
             if check:
                 checked_float(x, name, ing.label)
-            if dest.dtype == self.accum_dtype:
+            if self.base is not None:
+                mixed = torch.add(self._sum[name], x, alpha=weight).div_(total)
+                dest.copy_(mixed.add_(self.base.tensor(name)))
+            elif dest.dtype == self.accum_dtype:
                 torch.add(self._sum[name], x, alpha=weight, out=dest)
                 dest.div_(total)
             else:
@@ -255,9 +276,13 @@ class Accumulator:
         """The current weighted mean of one tensor (accumulator dtype; ints as stored)."""
         if name in self._ints:
             return self._ints[name]
+        if self.base is not None and name not in self._sum:
+            return self.base.tensor(name)  # no adapter changes it: the base, as it is
         total = self.total
         if total <= 0:
             raise ConfigError("the soup is empty: add an ingredient first")
+        if self.base is not None:
+            return (self._sum[name] / total).add_(self.base.tensor(name))
         return self._sum[name] / total
 
     def write_into(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -278,7 +303,7 @@ class Accumulator:
 
         def into(name: str, dest: torch.Tensor) -> bool:
             # Divide straight into the module's tensor: no model-sized temporary.
-            if name in self._sum and dest.dtype == self.accum_dtype:
+            if self.base is None and name in self._sum and dest.dtype == self.accum_dtype:
                 torch.div(self._sum[name], total, out=dest)
                 return True
             return False

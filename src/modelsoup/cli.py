@@ -42,6 +42,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         accum_dtype=args.accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
+        base=args.base,
     )
     note = ""
     if args.recalibrate_bn:
@@ -51,8 +52,13 @@ def cmd_average(args: argparse.Namespace) -> int:
         out_dtype=args.out_dtype,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
+        adapter_rank=args.adapter_rank,
+        merge_into_base=args.merge_into_base,
     )
     from modelsoup.soup import card_path
+
+    if soup.base() is not None and not args.merge_into_base:
+        note += " as a LoRA adapter"
 
     print(
         f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}); card {card_path(out)}"
@@ -255,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help="module:function returning unlabeled batches: re-estimate the soup's BatchNorm "
         "statistics on them before saving (needs --model)",
+    )
+    p.add_argument(
+        "--base",
+        help="LoRA adapter inputs: the base model folder (default: the local folder named by "
+        "base_model_name_or_path in adapter_config.json; nothing is downloaded)",
+    )
+    p.add_argument(
+        "--adapter-rank",
+        type=int,
+        help="LoRA adapter inputs: rank of the output adapter, re-factored from the mixed "
+        "weight change by truncated SVD (default: the adapters' rank)",
+    )
+    p.add_argument(
+        "--merge-into-base",
+        action="store_true",
+        help="LoRA adapter inputs: write the merged full model instead of an adapter",
     )
     p.add_argument("--model", help="module:function returning the architecture")
     p.add_argument("--recalibrate-batches", type=int, help="use at most this many batches of DATA")

@@ -29,9 +29,11 @@ from modelsoup.formats.base import DictSource, TensorMeta, TensorSource
 from modelsoup.formats.dispatch import (
     CHECKPOINT_SUFFIXES,
     checkpoint_stem,
+    is_adapter_folder,
     is_model_folder,
     open_source,
 )
+from modelsoup.formats.peft_adapter import check_adapters
 
 
 class Ingredient:
@@ -130,11 +132,15 @@ def open_ingredient(
     *,
     label: str | None = None,
     key: str | None = None,
+    base: str | Path | None = None,
 ) -> Ingredient:
-    """Open one ingredient from a path, an HF folder, a state dict or a module.
+    """Open one ingredient from a path, an HF folder, a LoRA adapter folder, a state dict
+    or a module.
 
     ``key`` picks a wrapper key in a pickled checkpoint (e.g. ``"state_dict_ema"``);
-    by default the rules in :mod:`modelsoup.formats.torch_pickle` apply.
+    by default the rules in :mod:`modelsoup.formats.torch_pickle` apply. ``base`` is the
+    base model of a LoRA adapter (default: the local folder its config names); the
+    adapter is read as the merged model (:mod:`modelsoup.formats.peft_adapter`).
 
     Example:
         >>> import torch
@@ -148,7 +154,7 @@ def open_ingredient(
     path = Path(obj)
     if not path.exists():
         raise IngredientError(f"{path}: file not found; check the path")
-    source = open_source(path, key=key)
+    source = open_source(path, key=key, base=base)
     if not source.names():
         raise IngredientError(f"{path}: the checkpoint holds no tensors")
     stem = path.name if path.is_dir() else checkpoint_stem(path)
@@ -167,10 +173,14 @@ def natural_order(path: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
+def _is_one_model(path: Path) -> bool:
+    return is_model_folder(path) or is_adapter_folder(path)
+
+
 def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
     """Expand paths, globs and folders of checkpoints into a list, in the order given.
 
-    A folder that is itself an HF model counts as one ingredient; any other folder
+    A folder that is itself an HF model or a LoRA adapter counts as one ingredient; any other folder
     contributes its checkpoint files, and each glob its matches, in natural order
     (:func:`natural_order`: checkpoint-500 before checkpoint-1000).
     The same path given twice stays twice: ingredients are kept by position.
@@ -189,12 +199,12 @@ def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
             found.extend(matches)
             continue
         path = Path(text)
-        if path.is_dir() and not is_model_folder(path):
+        if path.is_dir() and not _is_one_model(path):
             inside = sorted(
                 (
                     p
                     for p in path.iterdir()
-                    if (p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file()) or is_model_folder(p)
+                    if (p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file()) or _is_one_model(p)
                 ),
                 key=natural_order,
             )
@@ -214,8 +224,12 @@ def open_ingredients(
     *,
     key: str | None = None,
     check: bool = True,
+    base: str | Path | None = None,
 ) -> list[Ingredient]:
     """Open many ingredients (expanding globs and folders) and check they can be souped.
+
+    ``base`` is the base model of LoRA adapter folders among them (see
+    :func:`open_ingredient`).
 
     Example:
         >>> import torch
@@ -235,7 +249,9 @@ def open_ingredients(
     for i, item in enumerate(items):
         if not isinstance(item, str | Path | Ingredient):
             labels[i] = f"model{i}"
-    ingredients = [open_ingredient(x, label=lab, key=key) for x, lab in zip(items, labels)]
+    ingredients = [
+        open_ingredient(x, label=lab, key=key, base=base) for x, lab in zip(items, labels)
+    ]
     if check:
         check_compatible(ingredients)
     return ingredients
@@ -255,6 +271,7 @@ def check_compatible(ingredients: Sequence[Ingredient], *, warn_duplicates: bool
     """
     if not ingredients:
         raise IncompatibleIngredientsError("no ingredients to check")
+    check_adapters([ing.source for ing in ingredients])
     first = ingredients[0]
     ref = first.layout()
     for other in ingredients[1:]:

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,19 @@ from modelsoup.accumulator import (
     is_finite,
     write_state_into,
 )
-from modelsoup.errors import ConfigError, WriteError
-from modelsoup.formats.base import TensorMeta
+from modelsoup.errors import ConfigError, SoupWarning, WriteError
+from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.dispatch import output_format
+from modelsoup.formats.peft_adapter import (
+    KEY_PREFIX,
+    AdapterSource,
+    lora_keys,
+    refactor,
+    shared_base,
+    write_adapter,
+)
 from modelsoup.ingredients import Ingredient, warn_if_duplicated
-from modelsoup.writer import sidecar_path, write_tensors
+from modelsoup.writer import FOLDER_CARD, sidecar_path, write_tensors
 
 _logger = logging.getLogger(__name__)
 
@@ -147,6 +157,10 @@ class Soup:
                     other = self.ingredients[i]
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
+        base = self.base()
+        if base is not None:
+            flat = self._mix_changes(base, name, 0, meta.numel, used, total, buffer=False)
+            return flat.reshape(meta.shape).to(parse_dtype(out_dtype) or meta.dtype)
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
@@ -181,13 +195,78 @@ class Soup:
         used, total = self._mix_plan(name)
         dtype = parse_dtype(out_dtype) or meta.dtype
         step = max(1, int(max_elements or PIECE_ELEMENTS))
+        base = self.base()
         for start in range(0, meta.numel, step):
             count = min(step, meta.numel - start)
+            if base is not None:
+                yield self._mix_changes(base, name, start, count, used, total).to(dtype)
+                continue
             acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
             scratch = self._buffer("_read_buffer", count * meta.dtype.itemsize, torch.uint8)
             for i, c in used:
                 acc.add_(self.ingredients[i].tensor_range(name, start, count, scratch), alpha=c)
             yield self._finish(name, acc, used, total).to(dtype)
+
+    def base(self) -> TensorSource | None:
+        """The one base of a soup of LoRA adapters (mixed as weight changes), else ``None``."""
+        if "_base" not in self.__dict__:
+            self.__dict__["_base"] = shared_base([ing.source for ing in self.ingredients])
+        return self.__dict__["_base"]
+
+    def changes(self, name: str) -> torch.Tensor:
+        """The mixed weight change of tensor ``name`` in a soup of adapters over one base:
+        ``sum_i c_i ΔW_i / sum_i c_i`` (accumulation dtype), never built from merged weights.
+
+        Example:
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> soup = Soup(open_ingredients([{"w": torch.ones(1)}]), [1])
+            >>> try:
+            ...     soup.changes("w")
+            ... except ConfigError as err:
+            ...     print(str(err)[:42])
+            the soup's ingredients are not LoRA adapte
+        """
+        base = self.base()
+        if base is None:
+            raise ConfigError(
+                "the soup's ingredients are not LoRA adapters over one base: they have no "
+                "weight changes to mix"
+            )
+        meta = self.ingredients[0].meta(name)
+        used, total = self._mix_plan(name)
+        acc = torch.zeros(meta.numel, dtype=self.accum_dtype)
+        for i, c in used:
+            source = self.ingredients[i].source
+            if source.changed(name):
+                acc.add_(source.delta_range(name, 0, meta.numel, self.accum_dtype), alpha=c)
+        return self._finish(name, acc, used, total).reshape(meta.shape)
+
+    def _mix_changes(
+        self,
+        base: TensorSource,
+        name: str,
+        start: int,
+        count: int,
+        used: list[tuple[int, float]],
+        total: float,
+        *,
+        buffer: bool = True,
+    ) -> torch.Tensor:
+        # Adapters over one base: the base plus the mixed changes, so the soup is the soup
+        # of the merged models; a tensor no chosen adapter changes is the base's, exactly.
+        share = sum(c for _, c in used) / total  # 1 unless normalize=False
+        changed = [(i, c) for i, c in used if self.ingredients[i].source.changed(name)]
+        if not changed and share == 1.0:
+            return base.tensor_range(name, start, count).clone()
+        if buffer:
+            acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
+        else:
+            acc = torch.zeros(count, dtype=self.accum_dtype)
+        for i, c in changed:
+            delta = self.ingredients[i].source.delta_range(name, start, count, self.accum_dtype)
+            acc.add_(delta, alpha=c)
+        acc = self._finish(name, acc, used, total)
+        return acc.add_(base.tensor_range(name, start, count), alpha=share)
 
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
@@ -371,8 +450,14 @@ def save_soup(
     out_dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     progress: bool = True,
+    adapter_rank: int | None = None,
+    merge_into_base: bool = False,
 ) -> Path:
     """Stream ``soup`` to ``out`` (format from the suffix) with its soup card.
+
+    A soup of LoRA adapters over one base is written as an adapter folder (see
+    :func:`save_adapter_soup`, ``adapter_rank``), or with ``merge_into_base=True`` as
+    the merged full model, in the base's format and with the base's config files.
 
     While it writes, ``out`` is locked (:func:`modelsoup._util.output_lock`): a second
     process writing the same output fails at once with a clear error.
@@ -386,10 +471,17 @@ def save_soup(
         True
     """
     out = Path(out)
+    if soup.base() is not None and not merge_into_base:
+        return save_adapter_soup(soup, out, rank=adapter_rank, out_dtype=out_dtype)
+    if adapter_rank is not None:
+        raise ConfigError(
+            "--adapter-rank applies only to a soup of LoRA adapters written as an adapter"
+        )
     dtype = parse_dtype(out_dtype)
     check_not_input(soup, out)
     first = soup.ingredients[soup.chosen[0]]
-    copy_from = first.path if first.path is not None and first.path.is_dir() else None
+    home = first.source.base_path if isinstance(first.source, AdapterSource) else first.path
+    copy_from = home if home is not None and home.is_dir() else None
     with output_lock(out):
         clean_stale_temps(out.parent)
 
@@ -409,4 +501,140 @@ def save_soup(
         )
     # Hashes are free now: streaming the soup read every chosen file front to back.
     warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)
+    return out
+
+
+def _base_name(adapters: Sequence[AdapterSource]) -> str:
+    # The hub name the adapters agree on (their base was given locally with --base), or
+    # the local base folder, absolute, so the adapter loads from anywhere on this machine.
+    named = adapters[0].base_name
+    local = named is not None and Path(named).expanduser().exists()
+    if named and not local and all(a.base_name == named for a in adapters):
+        return named
+    return str(adapters[0].base_path.resolve())
+
+
+def save_adapter_soup(
+    soup: Soup,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    out_dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write a soup of LoRA adapters as a PEFT adapter folder that ``PeftModel.from_pretrained``
+    loads over the same base.
+
+    Each target module's mixed weight change (:meth:`Soup.changes`) is re-factored by
+    truncated SVD to ``rank`` (default: the largest rank of the ingredients) with
+    ``lora_alpha = rank``, so the factors carry the scale themselves. Tensors an adapter
+    saves in full (``modules_to_save``) are written in full. The relative reconstruction
+    error ``||ΔW - B A||_F / ||ΔW||_F`` over all target modules is logged and kept in the
+    soup card (``adapter.relative_error``); a rank of at least the sum of the ingredients'
+    ranks makes it zero (up to rounding).
+
+    Example:
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> try:
+        ...     save_adapter_soup(Soup(open_ingredients([{"w": torch.ones(1)}]), [1]), "x")
+        ... except ConfigError as err:
+        ...     print(str(err)[:42])
+        the soup's ingredients are not LoRA adapte
+    """
+    out = Path(out)
+    base = soup.base()
+    if base is None:
+        soup.changes("")  # raises the error that says why
+    if output_format(out) != "folder":
+        raise ConfigError(
+            f"{out}: a soup of LoRA adapters is written as an adapter folder; give a folder "
+            "path, or --merge-into-base to write the merged model there"
+        )
+    if not soup.options.get("normalize", True) or soup.overrides:
+        what = "replaced tensors" if soup.overrides else "unnormalised weights"
+        raise ConfigError(
+            f"a soup of adapters with {what} is not base + a weight change: write it with "
+            "--merge-into-base"
+        )
+    check_not_input(soup, out)
+    chosen = [soup.ingredients[i].source for i in soup.chosen]
+    rank = int(rank) if rank is not None else max(r for s in chosen for r in s.ranks() or {1})
+    if rank < 1:
+        raise ConfigError(f"adapter rank {rank} must be a positive integer")
+    dtype = parse_dtype(out_dtype)
+    lora: dict[str, object] = {}
+    full: set[str] = set()
+    for source in chosen:
+        full.update(source.full)
+        for name, mod in source.lora.items():
+            seen = lora.setdefault(name, mod)
+            if (seen.transposed, seen.kind) != (mod.transposed, mod.kind):
+                raise ConfigError(
+                    f"'{name}' is a {mod.kind} LoRA module in {source.label} but a "
+                    f"{seen.kind} one (or with another fan_in_fan_out) in another adapter"
+                )
+    tensors: dict[str, torch.Tensor] = {}
+    cut = whole = 0.0
+    for name in base.names():
+        if name in full:
+            factor_dtype = dtype or base.meta(name).dtype
+            tensors[KEY_PREFIX + name] = soup.tensor(name, factor_dtype)
+        elif name in lora:
+            mod = lora[name]
+            change = soup.changes(name)
+            a, b, lost, total = refactor(change.T if mod.transposed else change, rank)
+            cut, whole = cut + lost, whole + total
+            owner = next(s for s in chosen if name in s.lora)
+            factor_dtype = dtype or owner.factors.meta(mod.key_a).dtype
+            key_a, key_b = lora_keys(name.removesuffix(".weight"), mod.kind)
+            tensors[key_a], tensors[key_b] = a.to(factor_dtype), b.to(factor_dtype)
+    error = math.sqrt(cut / whole) if whole > 0 else 0.0
+    targets = sorted(n.removesuffix(".weight") for n in lora if n not in full)
+    first = chosen[0]
+    inputs = [s.config.get("target_modules") for s in chosen]
+    same = all(t == inputs[0] for t in inputs) and not (full & set(lora))
+    config = {
+        **first.config,
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_modules": inputs[0] if same and inputs[0] else targets,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in full}) or None,
+        "fan_in_fan_out": any(m.transposed and m.kind == "linear" for m in lora.values()),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": _base_name(chosen),
+    }
+    _logger.info(
+        "adapter soup re-factored to rank %d: relative reconstruction error %.3g "
+        "(Frobenius, over %d target modules)",
+        rank,
+        error,
+        len(targets),
+    )
+    if error > 0.05:
+        warnings.warn(
+            f"the adapter soup at rank {rank} misses {error:.1%} of the mixed weight change; "
+            f"a higher --adapter-rank (up to {sum(max(s.ranks() or {0}) for s in chosen)} "
+            "loses nothing) or --merge-into-base keeps it",
+            SoupWarning,
+            stacklevel=2,
+        )
+    card = soup_card(soup, dtype)
+    card["adapter"] = {
+        "rank": rank,
+        "lora_alpha": rank,
+        "relative_error": error,
+        "target_modules": len(targets),
+        "full_tensors": sorted(full),
+        "base": str(first.base_path),
+    }
+    with output_lock(out):
+        clean_stale_temps(out.parent)
+        write_adapter(out, config, tensors, {FOLDER_CARD: json.dumps(card, indent=2, default=str)})
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,19 +93,29 @@ class TensorSource:
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
         remembered across runs while the files are unchanged (:mod:`.hashcache`)."""
-        known = hashcache.recall(self.files)
-        if known is not None:
-            return known
-        digest = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    digest.update(chunk)
-        hashcache.remember(self.files, digest.hexdigest())
-        return digest.hexdigest()
+        return files_sha256(self.files)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles; reading again reopens them."""
+
+
+def files_sha256(files: Sequence[Path]) -> str:
+    """sha256 of files read in order, remembered across runs while they are unchanged.
+
+    Example:
+        >>> files_sha256([]) == hashlib.sha256().hexdigest()
+        True
+    """
+    known = hashcache.recall(files)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    hashcache.remember(files, digest.hexdigest())
+    return digest.hexdigest()
 
 
 class DictSource(TensorSource):

@@ -16,6 +16,7 @@ from pathlib import Path
 from modelsoup.errors import IngredientError
 from modelsoup.formats.base import TensorSource
 from modelsoup.formats.hf_folder import is_model_folder, open_folder
+from modelsoup.formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource
 from modelsoup.formats.safetensors_io import SafetensorsSource
 from modelsoup.formats.torch_pickle import TorchSource
 
@@ -31,6 +32,7 @@ __all__ = [
     "FORMAT_SUFFIXES",
     "PICKLE_SUFFIXES",
     "checkpoint_stem",
+    "is_adapter_folder",
     "is_checkpoint_name",
     "is_model_folder",
     "is_pickle_name",
@@ -72,10 +74,30 @@ def checkpoint_stem(path: Path) -> str:
     return path.stem
 
 
-def open_source(path: Path, *, key: str | None = None) -> TensorSource:
-    """The lazy reader for a checkpoint file or model folder, chosen by its name.
+def is_adapter_folder(path: Path) -> bool:
+    """True when ``path`` is a PEFT adapter folder (``adapter_config.json`` and
+    ``adapter_model.safetensors`` or ``.bin``), read as the model it stands for.
 
-    ``key`` picks a wrapper key in a pickled checkpoint (e.g. ``"state_dict_ema"``).
+    Example:
+        >>> is_adapter_folder(Path("/nonexistent"))
+        False
+    """
+    return (
+        path.is_dir()
+        and (path / ADAPTER_CONFIG).is_file()
+        and any((path / name).is_file() for name in ADAPTER_WEIGHTS)
+    )
+
+
+def open_source(
+    path: Path, *, key: str | None = None, base: str | Path | None = None
+) -> TensorSource:
+    """The lazy reader for a checkpoint file, model folder or LoRA adapter folder, chosen
+    by its name.
+
+    ``key`` picks a wrapper key in a pickled checkpoint (e.g. ``"state_dict_ema"``);
+    ``base`` is the base model of an adapter folder (default: the one its config names,
+    when that is a local path).
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -84,6 +106,8 @@ def open_source(path: Path, *, key: str | None = None) -> TensorSource:
         >>> open_source(p).names()
         ['w']
     """
+    if is_adapter_folder(path):
+        return AdapterSource(path, base=base)
     if path.is_dir():
         return open_folder(path, key=key)
     if path.name.endswith(SAFETENSORS_SUFFIXES):

@@ -33,12 +33,14 @@ def average(
     accum_dtype: str | torch.dtype = "float32",
     int_policy: str = "strict",
     key: str | None = None,
+    base: str | Path | None = None,
 ) -> Soup:
     """The uniform soup of ``sources``, or their weighted average with ``weights``.
 
     Weights must be finite and >= 0; they are normalised to sum to 1 unless
     ``normalize=False``. Checkpoints are opened lazily and checked for compatible
-    names and shapes before any arithmetic.
+    names and shapes before any arithmetic. LoRA adapter folders are mixed as weight
+    changes over their base (``base``, or the local folder their config names).
 
     Example:
         >>> import torch
@@ -46,7 +48,7 @@ def average(
         >>> soup.state_dict()["w"]
         tensor([0.7500])
     """
-    ingredients = open_ingredients(sources, key=key)
+    ingredients = open_ingredients(sources, key=key, base=base)
     if weights is None:
         coefs = [1.0] * len(ingredients)
         recipe = "uniform"
