@@ -51,6 +51,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 #: PEFT's prefix of every saved key: the PeftModel's ``base_model.model``
 KEY_PREFIX = "base_model.model."
+#: rows of B @ A are computed in blocks of about this many elements
+_BLOCK_ELEMENTS = 1 << 20
 _MERGE_HINT = "merge it into its base with PEFT's merge_and_unload() and soup the merged models"
 
 
@@ -401,8 +403,14 @@ class AdapterSource(TensorSource):
     def _lora_range(self, name: str, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         left, right = self._lora_factors(name, dtype)
         cols = right.shape[1]
-        first, last = start // cols, -(-(start + count) // cols)
-        block = torch.mm(left[first:last], right).mul_(self.lora[name].scaling)
+        # Rows are computed in blocks of a fixed grid, whatever the range asked for: a
+        # matrix product's rounding may depend on its shape, and this way every window
+        # of ΔW, and the whole of it, has the same bits.
+        step = max(1, _BLOCK_ELEMENTS // cols)
+        first = start // cols // step * step
+        last = -(-(start + count) // cols)
+        blocks = [torch.mm(left[row : row + step], right) for row in range(first, last, step)]
+        block = (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).mul_(self.lora[name].scaling)
         offset = start - first * cols
         return block.reshape(-1)[offset : offset + count]
 

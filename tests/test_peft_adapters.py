@@ -1,0 +1,280 @@
+"""LoRA adapters (PEFT folders) as ingredients: soups are made in weight-change space.
+
+Every test builds a tiny random Llama base and real PEFT adapters in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+import modelsoup  # noqa: E402
+from modelsoup.cli import main  # noqa: E402
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError  # noqa: E402
+from modelsoup.formats.peft_adapter import AdapterSource  # noqa: E402
+from modelsoup.ingredients import find_checkpoints, open_ingredients  # noqa: E402
+from modelsoup.tasting import Taster  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, **lora) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) factors, as a fine-tune leaves them."""
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    options = {"r": 2, "lora_alpha": 4, "target_modules": TARGETS, **lora}
+    torch.manual_seed(seed)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **options))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kitchen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base_dir = root / "base"
+    tiny_llama().save_pretrained(base_dir)
+    adapters = [make_adapter(base_dir, root / "runs" / f"ad{i}", seed=i) for i in range(3)]
+    return root, base_dir, adapters
+
+
+def base_state(base_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(base_dir / "model.safetensors"))
+
+
+def changes64(adapter: Path) -> dict[str, torch.Tensor]:
+    """Each target weight's (alpha/r) B @ A in float64, straight from the files."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, a in factors.items():
+        if ".lora_A." not in key:
+            continue
+        b = factors[key.replace(".lora_A.", ".lora_B.")]
+        name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        r = a.shape[0]
+        scale = config["lora_alpha"] / (r**0.5 if config.get("use_rslora") else r)
+        out[name] = scale * b.double() @ a.double()
+    return out
+
+
+def test_soup_of_adapters_is_base_plus_the_mean_of_their_changes(kitchen):
+    _, base_dir, adapters = kitchen
+    base = base_state(base_dir)
+    weights = [1.0, 2.0, 1.0]
+    soup = modelsoup.average(adapters, weights, accum_dtype="float64")
+    deltas = [changes64(a) for a in adapters]
+    assert set(deltas[0]) and all(set(d) == set(deltas[0]) for d in deltas)
+    for name, w in base.items():
+        got = soup.tensor(name)
+        if name not in deltas[0]:
+            assert torch.equal(got, w), name  # untouched tensors are the base, bit for bit
+            continue
+        mean = sum(c * d[name] for c, d in zip(weights, deltas)) / sum(weights)
+        torch.testing.assert_close(soup.changes(name), mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.double(), w.double() + mean, rtol=0, atol=1e-6)
+        # averaging the factors instead is not the same soup at all
+        factors = [load_file(str(a / "adapter_model.safetensors")) for a in adapters]
+        key = "base_model.model." + name.removesuffix(".weight")
+        mean_a = sum(c * f[key + ".lora_A.weight"] for c, f in zip(weights, factors)) / 4
+        mean_b = sum(c * f[key + ".lora_B.weight"] for c, f in zip(weights, factors)) / 4
+        wrong = 2.0 * mean_b.double() @ mean_a.double()
+        assert (wrong - mean).norm() > 0.1 * mean.norm()
+
+
+def test_merged_view_matches_peft_merge_and_unload(kitchen, tmp_path):
+    _, base_dir, _ = kitchen
+    adapter = make_adapter(
+        base_dir,
+        tmp_path / "ad",
+        seed=7,
+        r=3,
+        use_rslora=True,
+        alpha_pattern={"v_proj": 9},
+        modules_to_save=["lm_head"],
+    )
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    source = AdapterSource(adapter, base=base_dir)
+    assert "lm_head.weight" in source.full
+    for name, want in merged.items():
+        torch.testing.assert_close(source.tensor(name), want, rtol=0, atol=1e-6)
+        # any window of the flat tensor, computed from the rows of B @ A it lies in
+        flat = want.reshape(-1)
+        for start, count in ((0, 1), (5, 29), (flat.numel() - 3, 3)):
+            if start >= 0 and start + count <= flat.numel():
+                window = source.tensor_range(name, start, count)
+                torch.testing.assert_close(window, flat[start : start + count], atol=1e-6, rtol=0)
+
+
+def test_pieces_of_an_adapter_soup_make_the_whole_tensor(kitchen):
+    _, _, adapters = kitchen
+    soup = modelsoup.average(adapters)
+    name = "model.layers.1.self_attn.v_proj.weight"
+    whole = soup.tensor(name).reshape(-1)
+    pieces = torch.cat([p.clone() for p in soup.pieces(name, max_elements=7)])
+    assert torch.equal(pieces, whole)
+
+
+def test_adapters_of_other_ranks_and_targets_are_mixed_as_changes(kitchen, tmp_path):
+    _, base_dir, adapters = kitchen
+    other = make_adapter(base_dir, tmp_path / "wide", seed=11, r=4, target_modules=["o_proj"])
+    soup = modelsoup.average([adapters[0], other], accum_dtype="float64")
+    d0, d1 = changes64(adapters[0]), changes64(other)
+    base = base_state(base_dir)
+    for name in (*d0, *d1):
+        want = base[name].double() + (d0.get(name, 0) + d1.get(name, 0)) / 2
+        torch.testing.assert_close(soup.tensor(name).double(), want, rtol=0, atol=1e-6)
+    out = soup.save(tmp_path / "soup", progress=False)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4  # the largest rank
+    assert len(config["target_modules"]) == 6  # q, v and o of both layers
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_adapter_output_refactors_the_mixed_change_and_loads_in_peft(kitchen, tmp_path):
+    _, base_dir, adapters = kitchen
+    soup = modelsoup.average(adapters, [1, 2, 3])
+    ids = torch.randint(0, 48, (2, 9))
+    merged = soup.apply(transformers.LlamaForCausalLM.from_pretrained(base_dir))
+    for rank, exact in ((6, True), (2, False)):
+        if exact:
+            out = soup.save(tmp_path / f"rank{rank}", adapter_rank=rank, progress=False)
+        else:
+            with pytest.warns(modelsoup.SoupWarning, match="misses"):
+                out = soup.save(tmp_path / f"rank{rank}", adapter_rank=rank, progress=False)
+        card = json.loads((out / "soup_card.json").read_text())
+        error = card["adapter"]["relative_error"]
+        refactored = AdapterSource(out, base=base_dir)
+        names = sorted(refactored.lora)
+        cut = sum((refactored.delta(n) - soup.changes(n)).norm() ** 2 for n in names)
+        whole = sum(soup.changes(n).norm() ** 2 for n in names)
+        assert abs(float((cut / whole) ** 0.5) - error) < 1e-4
+        model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+        loaded = peft.PeftModel.from_pretrained(model, out)
+        close = torch.allclose(_logits(loaded, ids), _logits(merged, ids), atol=1e-4)
+        if exact:  # rank 6 = the sum of the ranks: nothing is lost
+            assert error < 1e-5 and close
+        else:
+            assert error > 0.01 and not close
+
+
+def test_taster_on_adapters_keeps_the_base_exact_after_100_candidates(kitchen):
+    _, base_dir, adapters = kitchen
+    base = base_state(base_dir)
+    ingredients = open_ingredients(adapters)
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    taster = Taster(ingredients, model, lambda m: 0.0)
+    rng = random.Random(0)
+    for _ in range(100):
+        weights = [rng.choice([0.0, 0.0, 1.0, 2.5]) for _ in adapters]
+        if not any(weights):
+            weights[rng.randrange(3)] = 1.0
+        taster.materialise(weights)
+    deltas = [changes64(a) for a in adapters]
+    state = model.state_dict()
+    for name, w in base.items():
+        if name not in deltas[0]:
+            assert torch.equal(state[name], w), name
+    # no drift: one adapter alone is base + its change, as if it were the first candidate
+    for weights in ([0.0, 1.0, 0.0], [1.0, 1.0, 1.0]):
+        taster.materialise(weights)
+        fresh = Taster(open_ingredients(adapters), tiny_llama(), lambda m: 0.0)
+        fresh.materialise(weights)
+        for name in deltas[0]:
+            want = base[name].double() + sum(c * d[name] for c, d in zip(weights, deltas)) / sum(
+                weights
+            )
+            got = model.state_dict()[name]
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got, fresh.model.state_dict()[name], rtol=0, atol=1e-6)
+    assert torch.equal(
+        load_file(str(base_dir / "model.safetensors"))["lm_head.weight"], base["lm_head.weight"]
+    )
+
+
+def test_cli_average_adapters_end_to_end(kitchen, tmp_path, capsys):
+    root, base_dir, adapters = kitchen
+    # a Trainer-style folder of adapter folders: each is one ingredient
+    assert find_checkpoints([root / "runs"]) == adapters
+    out = tmp_path / "soup"
+    assert main(["average", str(root / "runs"), "--base", str(base_dir), "-o", str(out)]) == 0
+    assert "as a LoRA adapter" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "soup_card.json",
+    ]
+    card = json.loads((out / "soup_card.json").read_text())
+    assert card["adapter"]["rank"] == 2 and 0 < card["adapter"]["relative_error"] < 1
+    merged = tmp_path / "merged"
+    assert main(["average", *map(str, adapters), "--merge-into-base", "-o", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+    model = transformers.LlamaForCausalLM.from_pretrained(merged)
+    soup = modelsoup.average(adapters)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, soup.tensor(name), rtol=0, atol=0)
+
+
+def test_adapters_that_cannot_be_souped_are_refused(kitchen, tmp_path, capsys):
+    root, base_dir, adapters = kitchen
+    other_base = tmp_path / "other-base"
+    tiny_llama(seed=1).save_pretrained(other_base)
+    stranger = make_adapter(other_base, tmp_path / "stranger", seed=3)
+    with pytest.raises(IncompatibleIngredientsError, match="only over one base"):
+        open_ingredients([adapters[0], stranger])
+    # a hub name is never downloaded
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "org/some-llm"})
+    )
+    (hub / "adapter_model.safetensors").write_bytes(
+        (adapters[0] / "adapter_model.safetensors").read_bytes()
+    )
+    capsys.readouterr()
+    assert main(["average", str(hub), str(adapters[1]), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--base" in err and err.count("\n") == 1
+    assert open_ingredients([hub], base=base_dir)[0].source.base_path == base_dir
+    # DoRA is not B @ A
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    (dora / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(IngredientError, match="DoRA"):
+        open_ingredients([dora])
+    # an adapter soup is a folder unless merged
+    with pytest.raises(ConfigError, match="adapter folder"):
+        modelsoup.average(adapters).save(tmp_path / "soup.safetensors", progress=False)
+    assert not (tmp_path / "soup.safetensors").exists()
