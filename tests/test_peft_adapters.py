@@ -278,3 +278,47 @@ def test_adapters_that_cannot_be_souped_are_refused(kitchen, tmp_path, capsys):
     with pytest.raises(ConfigError, match="adapter folder"):
         modelsoup.average(adapters).save(tmp_path / "soup.safetensors", progress=False)
     assert not (tmp_path / "soup.safetensors").exists()
+
+
+def test_cook_greedy_on_adapters_saves_adapter_soups(kitchen, tmp_path):
+    from modelsoup.cook.run import cook
+
+    _, base_dir, adapters = kitchen
+    ids = torch.randint(0, 48, (4, 12))
+
+    def held_out(model) -> float:  # mean next-token loss on fixed random tokens
+        with torch.no_grad():
+            return -float(model(ids, labels=ids).loss)
+
+    result = cook(
+        adapters,
+        lambda: transformers.LlamaForCausalLM.from_pretrained(base_dir),
+        held_out,
+        recipes=[{"name": "greedy"}],
+        output=tmp_path / "cooked",
+        base=str(base_dir),
+        adapter_rank=6,  # the sum of the ranks: the saved adapters lose nothing
+        bootstrap_resamples=10,
+        progress=False,
+    )
+    greedy = next(m for m in result.methods if m.label.startswith("greedy"))
+    saved = tmp_path / "cooked" / greedy.saved
+    assert (saved / "adapter_config.json").is_file()
+    # the saved adapter, loaded by PEFT, scores what the Taster measured
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    loaded = peft.PeftModel.from_pretrained(model, saved)
+    card = json.loads((saved / "soup_card.json").read_text())
+    assert card["adapter"]["relative_error"] < 1e-5
+    assert held_out(loaded) == pytest.approx(greedy.result.scores["held_out"], abs=1e-4)
+
+
+def test_the_language_model_docs_example_runs(tmp_path, monkeypatch):
+    import re
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "language-models.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], str(doc), "exec"), {})
+    assert (tmp_path / "soup-adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "soup-merged" / "config.json").is_file()

@@ -91,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from modelsoup.ingredients import describe_ingredients, find_checkpoints, open_ingredient
 
     paths = find_checkpoints(args.sources)
-    ingredients = [open_ingredient(p, key=args.checkpoint_key) for p in paths]
+    ingredients = [open_ingredient(p, key=args.checkpoint_key, base=args.base) for p in paths]
     info = describe_ingredients(ingredients)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
+    p.add_argument("--base", help="LoRA adapter inputs: the base model folder")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("cook", help="evaluation-guided soups from a YAML config, with a report")

@@ -100,6 +100,12 @@ class CookOptions(BaseModel):
 
     device: str = "cpu"
     checkpoint_key: str | None = None
+    #: LoRA adapter ingredients: their base model folder (default: the one they name)
+    base: str | None = None
+    #: LoRA adapter ingredients: save soups as merged full models instead of adapters
+    merge_into_base: bool = False
+    #: LoRA adapter ingredients: rank of saved adapter soups (default: the adapters')
+    adapter_rank: int | None = Field(default=None, ge=1)
     accum_dtype: Literal["float32", "float64"] = "float32"
     int_policy: Literal["strict", "first"] = "strict"
     save: Literal["all", "none"] = "all"

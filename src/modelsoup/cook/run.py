@@ -148,7 +148,7 @@ def cook(
     ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
-    pool = open_ingredients(ingredients, key=opts.checkpoint_key)
+    pool = open_ingredients(ingredients, key=opts.checkpoint_key, base=opts.base)
     module = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
@@ -198,7 +198,7 @@ def cook(
     _warn_if_collapsed(result)
     if out is not None and (ranks is None or ranks.is_main):
         if opts.save == "all":
-            _save_soups(result, out, opts.save_format, opts.out_dtype, progress)
+            _save_soups(result, out, opts, progress)
         result.summary = write_report(
             result, out, bootstrap_resamples=opts.bootstrap_resamples, seed=opts.seed
         )
@@ -302,11 +302,9 @@ def _warn_if_collapsed(result: CookResult) -> None:
         warnings.warn(note, SoupWarning, stacklevel=3)
 
 
-def _save_soups(
-    result: CookResult, out: Path, save_format: str | None, out_dtype: str | None, progress: bool
-) -> None:
+def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool) -> None:
     first = result.ingredients[0]
-    fmt = save_format or (
+    fmt = opts.save_format or (
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
@@ -315,7 +313,13 @@ def _save_soups(
             continue
         soup = m.result
         path = out / "soups" / f"{slug(m.label)}{suffix}"
-        soup.save(path, out_dtype=out_dtype, progress=progress)
+        soup.save(
+            path,
+            out_dtype=opts.out_dtype,
+            progress=progress,
+            adapter_rank=opts.adapter_rank if soup.base() is not None else None,
+            merge_into_base=opts.merge_into_base,
+        )
         m.saved = str(path.relative_to(out))
 
 
@@ -359,6 +363,14 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         recipes=config.recipes,
         output=output,
         recalibrate=recalibrate,
-        options=config.options(),
+        options=_based(config),
         progress=progress,
     )
+
+
+def _based(config: CookConfig) -> CookOptions:
+    # a relative ``base:`` is read from the config file's folder, as ingredients are
+    options = config.options()
+    if options.base is None or Path(options.base).is_absolute():
+        return options
+    return options.model_copy(update={"base": str(Path(config.base_dir) / options.base)})
