@@ -322,3 +322,39 @@ def test_the_language_model_docs_example_runs(tmp_path, monkeypatch):
     exec(compile(blocks[0], str(doc), "exec"), {})
     assert (tmp_path / "soup-adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "soup-merged" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("arch", ["gpt2-conv1d", "llama-embedding"])
+def test_transposed_changes_match_peft(arch, tmp_path):
+    # GPT-2's Conv1D stores W as (in, out): fan_in_fan_out; embeddings store (B @ A).T
+    if arch == "gpt2-conv1d":
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40)
+        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+        load = transformers.GPT2LMHeadModel.from_pretrained
+        lora = {"target_modules": ["c_attn"], "fan_in_fan_out": True}
+    else:
+        tiny_llama().save_pretrained(tmp_path / "base")
+        load = transformers.LlamaForCausalLM.from_pretrained
+        lora = {"target_modules": ["embed_tokens", "q_proj"]}
+    model = load(tmp_path / "base")
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **lora)
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "ad")
+    merged = peft_model.merge_and_unload().state_dict()
+    source = AdapterSource(tmp_path / "ad", base=tmp_path / "base")
+    assert any(m.transposed for m in source.lora.values())
+    for name in source.names():
+        torch.testing.assert_close(source.tensor(name), merged[name], rtol=0, atol=1e-6)
+    # written back as an adapter, PEFT reads the same change
+    soup = modelsoup.average([tmp_path / "ad"], base=tmp_path / "base")
+    out = soup.save(tmp_path / "soup", progress=False)
+    again = peft.PeftModel.from_pretrained(load(tmp_path / "base"), out).merge_and_unload()
+    for name, value in again.state_dict().items():
+        torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-5)
