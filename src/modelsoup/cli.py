@@ -58,7 +58,13 @@ def cmd_average(args: argparse.Namespace) -> int:
     from modelsoup.soup import card_path
 
     if soup.base() is not None and not args.merge_into_base:
-        note += " as a LoRA adapter"
+        import json
+
+        adapter = json.loads(card_path(out).read_text())["adapter"]
+        note += (
+            f" as a LoRA adapter of rank {adapter['rank']}, relative reconstruction error "
+            f"{adapter['relative_error']:.2%}"
+        )
 
     print(
         f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}); card {card_path(out)}"

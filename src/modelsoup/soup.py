@@ -620,8 +620,8 @@ def save_adapter_soup(
     if error > 0.05:
         warnings.warn(
             f"the adapter soup at rank {rank} misses {error:.1%} of the mixed weight change; "
-            f"a higher --adapter-rank (up to {sum(max(s.ranks() or {0}) for s in chosen)} "
-            "loses nothing) or --merge-into-base keeps it",
+            f"--adapter-rank {sum(max(s.ranks() or {0}) for s in chosen)} (the sum of the "
+            "adapters' ranks) loses nothing, and --merge-into-base writes the merged model",
             SoupWarning,
             stacklevel=2,
         )
