@@ -504,6 +504,20 @@ def save_soup(
     return out
 
 
+def _stacked_factors(soup: Soup, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # The mixed change of one LoRA module as one product: sum_i w_i s_i B_i @ A_i is
+    # [w_1 s_1 B_1, ..., w_k s_k B_k] @ [A_1; ...; A_k]
+    used, total = soup._mix_plan(name)
+    lefts, rights = [], []
+    for i, c in used:
+        source = soup.ingredients[i].source
+        if name in source.lora:
+            a, b = source.lora_factors(name, soup.accum_dtype)
+            lefts.append(b * (c / total * source.lora[name].scaling))
+            rights.append(a)
+    return torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+
+
 def _base_name(adapters: Sequence[AdapterSource]) -> str:
     # The hub name the adapters agree on (their base was given locally with --base), or
     # the local base folder, absolute, so the adapter loads from anywhere on this machine.
@@ -525,7 +539,9 @@ def save_adapter_soup(
     loads over the same base.
 
     Each target module's mixed weight change (:meth:`Soup.changes`) is re-factored by
-    truncated SVD to ``rank`` (default: the largest rank of the ingredients) with
+    truncated SVD to ``rank`` (default: the largest rank of the ingredients), exactly and
+    without forming it, from the adapters' stacked factors
+    (:func:`~modelsoup.formats.peft_adapter.refactor`), with
     ``lora_alpha = rank``, so the factors carry the scale themselves. Tensors an adapter
     saves in full (``modules_to_save``) are written in full. The relative reconstruction
     error ``||ΔW - B A||_F / ||ΔW||_F`` over all target modules is logged and kept in the
@@ -580,8 +596,7 @@ def save_adapter_soup(
             tensors[KEY_PREFIX + name] = soup.tensor(name, factor_dtype)
         elif name in lora:
             mod = lora[name]
-            change = soup.changes(name)
-            a, b, lost, total = refactor(change.T if mod.transposed else change, rank)
+            a, b, lost, total = refactor(*_stacked_factors(soup, name), rank)
             cut, whole = cut + lost, whole + total
             owner = next(s for s in chosen if name in s.lora)
             factor_dtype = dtype or owner.factors.meta(mod.key_a).dtype

@@ -298,9 +298,15 @@ class AdapterSource(TensorSource):
         patterns = self.config.get("alpha_pattern") or {}
         hit = _pattern_key(patterns, module)
         if hit is not None:
-            alpha = float(patterns[hit])
+            alpha = patterns[hit]
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+                raise IngredientError(
+                    f"{self.folder / ADAPTER_CONFIG}: alpha_pattern['{hit}'] is {alpha!r}; "
+                    "expected a positive number"
+                )
         root = math.sqrt(rank) if self.config.get("use_rslora") else rank
-        self.lora[name] = LoraModule(keys["A"], keys["B"], alpha / root, transposed, keys["kind"])
+        scaling = float(alpha) / root
+        self.lora[name] = LoraModule(keys["A"], keys["B"], scaling, transposed, keys["kind"])
 
     def _check_shape(self, name: str, shape: tuple, key: str) -> None:
         have = tuple(self.base.meta(name).shape)
@@ -309,6 +315,12 @@ class AdapterSource(TensorSource):
                 f"{self.folder}: '{key}' changes a {shape} tensor but '{name}' is {have} in "
                 f"the base {self.base_path}; pass the base it was trained on with --base"
             )
+
+    def lora_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the module changing tensor ``name``, as saved (its change, in PEFT's
+        orientation, is ``scaling · B @ A``)."""
+        mod = self.lora[name]
+        return self.factors.tensor(mod.key_a).to(dtype), self.factors.tensor(mod.key_b).to(dtype)
 
     def ranks(self) -> set[int]:
         """The ranks of the adapter's LoRA modules."""
@@ -360,10 +372,8 @@ class AdapterSource(TensorSource):
         # the factors of the module being read are kept, so reading its ΔW in pieces
         # reads them once
         if self._kept is None or self._kept[:2] != (name, dtype):
-            mod = self.lora[name]
-            a = self.factors.tensor(mod.key_a).to(dtype)
-            b = self.factors.tensor(mod.key_b).to(dtype)
-            left, right = (a.T, b.T) if mod.transposed else (b, a)
+            a, b = self.lora_factors(name, dtype)
+            left, right = (a.T, b.T) if self.lora[name].transposed else (b, a)
             self._kept = (name, dtype, left.contiguous(), right.contiguous())
         return self._kept[2], self._kept[3]
 
@@ -517,28 +527,36 @@ def write_adapter(
         raise
 
 
-def refactor(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Factor a weight change ``change`` (out x in, as ``B @ A``) into LoRA factors of
-    ``rank`` by truncated SVD (Eckart-Young: the best rank-``rank`` approximation in the
-    Frobenius norm), split evenly: ``B = U √S``, ``A = √S Vᵀ``, zero-padded when the
-    matrix is smaller than the rank.
+def refactor(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Factor the weight change ``left @ right`` (out x K times K x in, e.g. the stacked
+    ``c_i · scaling_i · B_i`` and ``A_i`` of a soup of adapters) into LoRA factors of
+    ``rank`` by truncated SVD: the best rank-``rank`` approximation in the Frobenius norm
+    (Eckart-Young), split evenly as ``B = U √S``, ``A = √S Vᵀ`` and zero-padded when the
+    change has lower rank.
+
+    The change is never formed: QR of both sides leaves a K x K core to decompose, so the
+    cost is O((out + in) K²) and the SVD is exact.
 
     Returns ``(A, B, discarded, total)``: the squared Frobenius norms of what was cut and
     of the whole change, so errors over many modules can be summed.
 
     Example:
-        >>> change = torch.outer(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0, 4.0]))
-        >>> a, b, cut, whole = refactor(change, 1)
-        >>> torch.allclose(b @ a, change), cut < 1e-9, round(whole, 3)
-        (True, True, 125.0)
+        >>> left, right = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0, 0.0, 4.0]])
+        >>> a, b, cut, whole = refactor(torch.cat([left, left], 1), torch.cat([right, right]), 1)
+        >>> torch.allclose(b @ a, 2 * left @ right), cut < 1e-9, round(whole, 3)
+        (True, True, 500.0)
     """
-    u, s, vh = torch.linalg.svd(change, full_matrices=False)
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
     keep = min(rank, s.numel())
     root = s[:keep].sqrt()
-    b = torch.zeros(change.shape[0], rank, dtype=change.dtype)
-    a = torch.zeros(rank, change.shape[1], dtype=change.dtype)
-    b[:, :keep] = u[:, :keep] * root
-    a[:keep] = root[:, None] * vh[:keep]
+    b = torch.zeros(left.shape[0], rank, dtype=left.dtype)
+    a = torch.zeros(rank, right.shape[1], dtype=left.dtype)
+    b[:, :keep] = (q_left @ u[:, :keep]) * root
+    a[:keep] = root[:, None] * (vh[:keep] @ q_right.T)
     squares = s.double().square()
     return a, b, float(squares[keep:].sum()), float(squares.sum())
 
