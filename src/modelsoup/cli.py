@@ -146,6 +146,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         recalibrate=parts.recalibrate,
         output=out,
         checkpoint_key=config.checkpoint_key,
+        base=Path(config.base_dir) / config.base if config.base else None,
         progress=not args.quiet,
     )
     for key, value in found.barriers.items():

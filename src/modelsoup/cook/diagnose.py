@@ -108,12 +108,14 @@ def diagnose(
     recalibrate: Callable[[torch.nn.Module], None] | None = None,
     output: str | Path | None = None,
     checkpoint_key: str | None = None,
+    base: str | Path | None = None,
     progress: bool = False,
 ) -> Diagnosis:
     """Measure similarity and interpolation barriers; say whether a soup can work.
 
     ``tolerance`` is the largest barrier still called one basin (default: 5% of the
-    best ingredient's score). With ``output``, writes ``diagnosis.json``,
+    best ingredient's score). ``base`` is the base of LoRA adapter ingredients. With
+    ``output``, writes ``diagnosis.json``,
     ``similarity.png`` and ``interpolation.png`` there.
 
     Example:
@@ -126,7 +128,7 @@ def diagnose(
     """
     from modelsoup.repair.batchnorm import has_batchnorm
 
-    pool = open_ingredients(ingredients, key=checkpoint_key)
+    pool = open_ingredients(ingredients, key=checkpoint_key, base=base)
     module = model if isinstance(model, torch.nn.Module) else model()
     evaluator = as_evaluator(held_out)
     taster = Taster(
