@@ -110,22 +110,31 @@ class Accumulator:
         *,
         accum_dtype: torch.dtype = torch.float32,
         int_policy: str = "strict",
+        device: str | torch.device | None = None,
     ):
         self.ingredients = list(ingredients)
         self.accum_dtype = accum_dtype
+        #: where the running sum lives: the evaluated module's device, so candidates are
+        #: mixed where the model is and written into it without a host round trip
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.int_policy = check_int_policy(int_policy)
         self.layout = self.ingredients[0].layout()
         self.float_names = [n for n, m in self.layout.items() if m.is_floating]
         self.int_names = [n for n, m in self.layout.items() if not m.is_floating]
         self._sum = {
-            n: torch.zeros(self.layout[n].shape, dtype=accum_dtype) for n in self.float_names
+            n: torch.zeros(self.layout[n].shape, dtype=accum_dtype, device=self.device)
+            for n in self.float_names
         }
         first = self.ingredients[0]
         self._ints = {n: first.tensor(n).clone() for n in self.int_names}
         self._checked = {0}
         self._finite: set[int] = set()  # positions whose tensors were checked for NaN/Inf
+        # ingredients are read into one host buffer, pinned when the sum is on a GPU (a
+        # faster copy to the device)
         self._scratch = torch.empty(
-            max((self.layout[n].nbytes for n in self.float_names), default=0), dtype=torch.uint8
+            max((self.layout[n].nbytes for n in self.float_names), default=0),
+            dtype=torch.uint8,
+            pin_memory=self.device.type == "cuda",
         )
         self.weights = [0.0] * len(self.ingredients)
 
@@ -156,7 +165,7 @@ class Accumulator:
             t = ing.tensor(n, self._scratch)
             if check:
                 checked_float(t, n, ing.label)
-            self._sum[n].add_(t, alpha=weight)  # add_ promotes to the sum's dtype
+            self._sum[n].add_(self._here(t), alpha=weight)  # add_ promotes to the sum's dtype
         self._finite.add(position)
         self.weights[position] += weight
 
@@ -177,7 +186,15 @@ class Accumulator:
             return
         ing = self.ingredients[position]
         for n in self.float_names:
-            self._sum[n].sub_(ing.tensor(n, self._scratch), alpha=weight)
+            self._sum[n].sub_(self._here(ing.tensor(n, self._scratch)), alpha=weight)
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        """An ingredient tensor (read into the host buffer) on the sum's device."""
+        if t.device == self.device:
+            return t
+        # A blocking copy: the next read overwrites the host buffer from the CPU side,
+        # which no CUDA stream orders after an asynchronous copy.
+        return t.to(self.device)
 
     def set_weights(self, target: Sequence[float]) -> None:
         """Move to the soup with these per-position weights, touching only what changes.
@@ -240,10 +257,11 @@ class Accumulator:
             x = ing.tensor(name, self._scratch)
             if check:
                 checked_float(x, name, ing.label)
-            if dest.dtype == self.accum_dtype:
+            x = self._here(x)
+            if _same_place(dest, self._sum[name]):
                 torch.add(self._sum[name], x, alpha=weight, out=dest)
                 dest.div_(total)
-            else:
+            else:  # another dtype or device: mix where the sum is, then copy across
                 dest.copy_(torch.add(self._sum[name], x, alpha=weight).div_(total))
             return True
 
@@ -278,13 +296,18 @@ class Accumulator:
 
         def into(name: str, dest: torch.Tensor) -> bool:
             # Divide straight into the module's tensor: no model-sized temporary.
-            if name in self._sum and dest.dtype == self.accum_dtype:
+            if name in self._sum and _same_place(dest, self._sum[name]):
                 torch.div(self._sum[name], total, out=dest)
                 return True
             return False
 
         write_state_into(module, self.mean, self.layout, direct=into)
         return module
+
+
+def _same_place(dest: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``out=dest`` may take a result computed from ``source`` (same dtype, device)."""
+    return dest.dtype == source.dtype and dest.device == source.device
 
 
 def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -> None:

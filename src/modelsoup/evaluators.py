@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -147,6 +148,16 @@ def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
         value = evaluator.evaluate(model)
     except (torch.cuda.OutOfMemoryError, MemoryError) as err:
         raise EvaluationError(f"evaluator {evaluator.name} ran out of memory: {err}") from err
+    return checked_value(evaluator, value)
+
+
+def checked_value(evaluator: Evaluator, value: Any) -> float:
+    """Insist that an evaluator's result is a finite float.
+
+    Example:
+        >>> checked_value(as_evaluator(lambda m: 0), 0.5)
+        0.5
+    """
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -223,15 +234,43 @@ def _batches(data: Any, batch_size: int) -> list[tuple[Any, torch.Tensor]]:
     raise ConfigError("data must be (inputs, labels) tensors or an iterable of batches")
 
 
+@dataclass(frozen=True)
+class Race:
+    """The outcome of :meth:`ClassifierEvaluator.race`: a full score, or a proof of loss.
+
+    ``score`` is the full-pass score when the candidate was evaluated to the end, else
+    ``None``; then ``bound`` is the best score it could still have reached after
+    ``seen`` of ``total`` examples, and it cannot meet the score to beat.
+    """
+
+    score: float | None
+    bound: float
+    seen: int
+    total: int
+
+    @property
+    def rejected(self) -> bool:
+        return self.score is None
+
+
+#: how far a bound must fall short of the score to beat before a race stops: more than
+#: any float32 rounding of a mean, so the decision is the full evaluation's
+RACE_MARGIN = 1e-6
+
+
 class ClassifierEvaluator:
     """Base of the built-in evaluators: logits over cached data, then a score.
 
     Subclasses define :meth:`per_example` (one number per example) and may override
-    :meth:`score_logits` (the mean of ``per_example`` by default).
+    :meth:`score_logits` (the mean of ``per_example`` by default). Those whose score is
+    the mean of per-example values within known limits set ``bounds = (low, high)``;
+    they can be raced (:meth:`race`).
     """
 
     higher_is_better = True
     kind = "classifier"
+    #: (low, high) of every per-example value when the score is their mean, else None
+    bounds: tuple[float, float] | None = None
     #: set by :mod:`modelsoup.distributed` under torchrun: this rank runs only its share
     #: of the batches and ``sharding.gather`` puts every rank's logits back in order
     sharding = None
@@ -299,7 +338,63 @@ class ClassifierEvaluator:
         return torch.cat(list(outs.values()))
 
     def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.per_example_of(logits, self.labels)
+
+    def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-example values of given logits against given labels."""
         raise NotImplementedError
+
+    def race(self, model: torch.nn.Module, to_beat: float, *, strict: bool = False) -> Race:
+        """Evaluate batch by batch; stop as soon as the candidate provably cannot meet
+        ``to_beat`` (``>=``, or ``>`` with ``strict``; the direction is
+        ``higher_is_better``). Exact: the decision is the full evaluation's.
+
+        After each batch the best reachable mean is the running sum plus the best
+        per-example value (``bounds``) for every example not yet seen.
+
+        Example:
+            >>> import torch
+            >>> x = torch.eye(4).repeat(25, 1)
+            >>> y = torch.tensor([1, 2, 3, 0]).repeat(25)  # every prediction wrong
+            >>> r = Accuracy((x, y), batch_size=10).race(torch.nn.Identity(), 0.9)
+            >>> r.rejected, r.seen, r.total
+            (True, 20, 100)
+        """
+        if self.bounds is None or self.sharding is not None:
+            score = self.evaluate(model)
+            return Race(score, score, -1, -1)
+        low, high = self.bounds
+        best_value = high if self.higher_is_better else low
+        device = model_device(model)
+        batches = self.batches(device)
+        total = sum(len(y.reshape(-1)) for _, y in batches)
+        outs: list[torch.Tensor] = []
+        running, seen = 0.0, 0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for inputs, labels in batches:
+                    logits = forward_logits(model, inputs).float().cpu()
+                    outs.append(logits)
+                    values = self.per_example_of(logits, labels.reshape(-1).cpu())
+                    running += float(values.double().sum())
+                    seen += values.numel()
+                    if seen == total:
+                        break
+                    bound = (running + best_value * (total - seen)) / total
+                    if self._cannot_meet(bound, to_beat, strict):
+                        return Race(None, bound, seen, total)
+        finally:
+            model.train(was_training)
+        score = self.score_logits(torch.cat(outs))  # exactly as a full evaluation scores
+        return Race(score, score, total, total)
+
+    def _cannot_meet(self, bound: float, to_beat: float, strict: bool) -> bool:
+        # the bound is exact arithmetic; the margin covers the float32 mean of a full pass
+        if self.higher_is_better:
+            return bound < to_beat - RACE_MARGIN
+        return bound > to_beat + RACE_MARGIN
 
     def score_logits(self, logits: torch.Tensor) -> float:
         """The score of given logits (the ensemble baselines score averaged logits)."""
@@ -321,6 +416,7 @@ class Accuracy(ClassifierEvaluator):
     """
 
     kind = "accuracy"
+    bounds = (0.0, 1.0)
 
     def __init__(
         self, data: Any, *, top_k: int = 1, batch_size: int = 256, name: str | None = None
@@ -332,8 +428,7 @@ class Accuracy(ClassifierEvaluator):
         if top_k > 1:
             self.kind = f"top{top_k}-accuracy"
 
-    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
-        labels = self.labels
+    def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
         return (top == labels[:, None]).any(dim=-1).float()
 
@@ -351,8 +446,8 @@ class MeanLoss(ClassifierEvaluator):
     kind = "loss"
     higher_is_better = False
 
-    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, self.labels, reduction="none")
+    def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, reduction="none")
 
 
 class MetricEvaluator(ClassifierEvaluator):

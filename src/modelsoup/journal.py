@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -34,6 +35,7 @@ import safetensors.torch
 import torch
 
 from modelsoup.errors import SoupWarning
+from modelsoup.evaluators import RACE_MARGIN
 
 FORMAT = "modelsoup.journal/1"
 
@@ -49,6 +51,9 @@ class Journal:
         #: kept on disk across runs, so keys must name ingredients by content (sha256)
         self.persistent = self.path is not None
         self.scores: dict[str, float] = {}
+        #: candidates stopped early (exact racing): key -> {"bound", "seen", "total",
+        #: "to_beat", "strict"}; never a score
+        self.rejections: dict[str, dict] = {}
         self.reused = 0
         if self.path is not None and self.path.exists():
             self._load()
@@ -74,9 +79,13 @@ class Journal:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                key, score = entry["key"], float(entry["score"])
+                key = entry["key"]
                 if not isinstance(key, str):
                     raise ValueError
+                if "rejected" in entry:
+                    self.rejections[key] = _checked_rejection(entry["rejected"])
+                    continue
+                score = float(entry["score"])
             except (ValueError, KeyError, TypeError):
                 bad += 1
                 continue
@@ -152,9 +161,48 @@ class Journal:
             warnings.warn(f"{path}: unreadable cached outputs ignored", SoupWarning, stacklevel=2)
             return None
 
+    def rejection(self, key: str, to_beat: float, strict: bool, higher: bool) -> dict | None:
+        """A recorded early rejection that still proves this candidate loses against
+        ``to_beat``, or ``None``. It is never a score: a recipe that needs the
+        candidate's score evaluates it in full.
+
+        Example:
+            >>> j = Journal(None)
+            >>> j.record_rejection("k", bound=0.4, seen=10, total=100, to_beat=0.9, strict=False)
+            >>> j.rejection("k", 0.8, False, True)["bound"], j.rejection("k", 0.3, False, True)
+            (0.4, None)
+        """
+        found = self.rejections.get(key)
+        if found is None:
+            return None
+        bound = found["bound"]
+        still = bound < to_beat - RACE_MARGIN if higher else bound > to_beat + RACE_MARGIN
+        return found if still else None
+
+    def record_rejection(
+        self,
+        key: str,
+        *,
+        bound: float,
+        seen: int,
+        total: int,
+        to_beat: float,
+        strict: bool,
+        detail: Mapping | None = None,
+    ) -> None:
+        """Remember that a candidate was stopped early, and why (no score is recorded)."""
+        entry = {"bound": bound, "seen": seen, "total": total, "to_beat": to_beat}
+        entry["strict"] = strict
+        self.rejections[key] = entry
+        self._append({"key": key, "rejected": entry}, detail)
+
     def record(self, key: str, score: float, detail: Mapping | None = None) -> None:
         """Remember a score and append it to the file, flushed to disk."""
         self.scores[key] = score
+        self.rejections.pop(key, None)
+        self._append({"key": key, "score": score}, detail)
+
+    def _append(self, entry: dict, detail: Mapping | None) -> None:
         if self.path is None:
             return
         new = not self.path.exists() or self.path.stat().st_size == 0
@@ -162,9 +210,30 @@ class Journal:
         with open(self.path, "a", encoding="utf-8") as fh:
             if new:
                 fh.write(json.dumps({"format": FORMAT}) + "\n")
-            entry = {"key": key, "score": score, "time": round(time.time(), 3)}
+            entry = {**entry, "time": round(time.time(), 3)}
             if detail:
                 entry["detail"] = dict(detail)
             fh.write(json.dumps(entry, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _checked_rejection(value: object) -> dict:
+    """A journal line's rejection record, checked like a score is (finite numbers)."""
+    if not isinstance(value, dict):
+        raise ValueError
+    out = {}
+    for name in ("bound", "to_beat"):
+        number = value[name]
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError
+        if not math.isfinite(number):
+            raise ValueError
+        out[name] = float(number)
+    for name in ("seen", "total"):
+        count = value[name]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError
+        out[name] = count
+    out["strict"] = bool(value.get("strict", False))
+    return out

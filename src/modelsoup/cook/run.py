@@ -172,6 +172,7 @@ def cook(
         recalibrate=recalibrate,
         recalibrate_candidates=opts.recalibrate_candidates,
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
+        racing=opts.racing,
         progress=progress,
     )
     methods: list[MethodResult] = []
@@ -319,8 +320,11 @@ def _save_soups(
         m.saved = str(path.relative_to(out))
 
 
-def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
-    """Cook from a config file (or a validated :class:`CookConfig`).
+def cook_config(
+    config: CookConfig | str | Path, *, progress: bool = True, device: str | None = None
+) -> CookResult:
+    """Cook from a config file (or a validated :class:`CookConfig`); ``device``, if
+    given, overrides the config's.
 
     Example:
         >>> cook_config("missing.yaml")
@@ -330,6 +334,8 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
     """
     if not isinstance(config, CookConfig):
         config = load_config(config)
+    if device is not None:
+        config = config.model_copy(update={"device": check_device(device)})
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
     test, recalibrate = parts.test, parts.recalibrate
