@@ -24,7 +24,7 @@ import atexit
 import datetime
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,6 +141,12 @@ class DistContext:
                 "the same evaluation data"
             )
         return torch.cat(pieces)
+
+    def sum_all(self, values: Sequence[float], what: str) -> list[float]:
+        """Element-wise sums of ``values`` over every rank (float64)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._collective(what, lambda: dist.all_reduce(t))
+        return t.cpu().tolist()
 
     def broadcast(self, obj: T, what: str) -> T:
         """Rank 0's ``obj`` on every rank (any picklable object)."""

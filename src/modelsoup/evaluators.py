@@ -360,7 +360,7 @@ class ClassifierEvaluator:
             >>> r.rejected, r.seen, r.total
             (True, 20, 100)
         """
-        if self.bounds is None or self.sharding is not None:
+        if self.bounds is None:
             score = self.evaluate(model)
             return Race(score, score, -1, -1)
         low, high = self.bounds
@@ -368,26 +368,44 @@ class ClassifierEvaluator:
         device = model_device(model)
         batches = self.batches(device)
         total = sum(len(y.reshape(-1)) for _, y in batches)
-        outs: list[torch.Tensor] = []
+        # Under torchrun each rank takes its share of every round of batches; the running
+        # sums are added over ranks after each round, so every rank stops at the same one.
+        ranks = self.sharding
+        width = 1 if ranks is None else ranks.world_size
+        mine = set(range(len(batches)) if ranks is None else ranks.positions(len(batches)))
+        outs: dict[int, torch.Tensor] = {}
         running, seen = 0.0, 0
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                for inputs, labels in batches:
-                    logits = forward_logits(model, inputs).float().cpu()
-                    outs.append(logits)
-                    values = self.per_example_of(logits, labels.reshape(-1).cpu())
-                    running += float(values.double().sum())
-                    seen += values.numel()
-                    if seen == total:
+                for start in range(0, len(batches), width):
+                    part_sum, part_seen = 0.0, 0
+                    for i in range(start, min(start + width, len(batches))):
+                        if i not in mine:
+                            continue
+                        inputs, labels = batches[i]
+                        logits = forward_logits(model, inputs).float().cpu()
+                        outs[i] = logits
+                        values = self.per_example_of(logits, labels.reshape(-1).cpu())
+                        part_sum += float(values.double().sum())
+                        part_seen += values.numel()
+                    if ranks is not None:
+                        part_sum, part_seen = ranks.sum_all([part_sum, part_seen], "racing")
+                    running += part_sum
+                    seen += int(part_seen)
+                    if seen >= total:
                         break
                     bound = (running + best_value * (total - seen)) / total
                     if self._cannot_meet(bound, to_beat, strict):
                         return Race(None, bound, seen, total)
         finally:
             model.train(was_training)
-        score = self.score_logits(torch.cat(outs))  # exactly as a full evaluation scores
+        if ranks is not None:
+            logits = ranks.gather(outs, len(batches))
+        else:
+            logits = torch.cat([outs[i] for i in sorted(outs)])
+        score = self.score_logits(logits)  # exactly as a full evaluation scores
         return Race(score, score, total, total)
 
     def _cannot_meet(self, bound: float, to_beat: float, strict: bool) -> bool:

@@ -116,6 +116,12 @@ class CookOptions(BaseModel):
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
 
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false and `on` as true
+        return {False: "off", True: "exact"}.get(v, v) if isinstance(v, bool) else v
+
     def options(self) -> CookOptions:
         """Only the cook options of this object (a config's other keys dropped)."""
         return CookOptions(**{k: getattr(self, k) for k in CookOptions.model_fields})
