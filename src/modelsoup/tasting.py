@@ -75,6 +75,8 @@ class Taster:
             provably cannot meet the score to beat, for evaluators with per-example
             bounds (accuracy); decisions equal a full evaluation's. ``"off"`` always
             evaluates in full.
+        sum_device: where the accumulator's running sum lives (default: the model's
+            device, so candidates are mixed where they are evaluated).
 
     Example:
         >>> import torch
@@ -99,6 +101,7 @@ class Taster:
         recalibrate_candidates: bool = False,
         share_outputs: bool = False,
         racing: str = "exact",
+        sum_device: str | torch.device | None = None,
         progress: bool = False,
     ):
         if not ingredients:
@@ -114,7 +117,10 @@ class Taster:
             # Keys of a journal on disk hash every ingredient anyway: duplicates are free.
             warn_if_duplicated(self.ingredients, by_content=True)
         self.accumulator = Accumulator(
-            ingredients, accum_dtype=accum_dtype, int_policy=int_policy, device=model_device(model)
+            ingredients,
+            accum_dtype=accum_dtype,
+            int_policy=int_policy,
+            device=sum_device if sum_device is not None else model_device(model),
         )
         self.int_policy = int_policy
         self.recalibrate = as_recalibration(recalibrate)
