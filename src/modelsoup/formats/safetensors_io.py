@@ -104,8 +104,8 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
                 )
             if 8 + n > size:
                 raise IngredientError(
-                    f"{path}: corrupt or truncated safetensors file (the header length field "
-                    f"says {n} bytes, but the file has {size})" + RESAVE_HINT
+                    f"{path}: corrupt or truncated safetensors file (its header length field "
+                    f"says {n} bytes, but only {size - 8} follow it)" + RESAVE_HINT
                 )
             header_bytes = fh.read(n)
     except OSError as err:
@@ -162,10 +162,10 @@ def _check_metadata(path: Path, metadata: object) -> dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise _corrupt(path, f"__metadata__ is a {type(metadata).__name__}, not an object")
+        raise _corrupt(path, f"__metadata__ is {_kind(metadata)}, not an object")
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise _corrupt(path, f"__metadata__['{key}'] is a {type(value).__name__}, not a string")
+            raise _corrupt(path, f"__metadata__['{key}'] is {_kind(value)}, not a string")
     return metadata
 
 
@@ -177,7 +177,7 @@ def _is_index(value: object) -> bool:
 def _check_entry(path: Path, name: str, info: object) -> _Entry:
     where = f"tensor '{name}'"
     if not isinstance(info, dict):
-        raise _corrupt(path, f"{where} is described by a {type(info).__name__}, not an object")
+        raise _corrupt(path, f"{where} is described by {_kind(info)}, not an object")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
     if missing:
         raise _corrupt(path, f"{where} has no {missing[0]}")
@@ -197,8 +197,8 @@ def _check_entry(path: Path, name: str, info: object) -> _Entry:
     if end - start != meta.nbytes:
         raise _corrupt(
             path,
-            f"{where} spans bytes {start}..{end} ({end - start} bytes) but a {code} tensor of "
-            f"shape {list(shape)} takes {meta.nbytes}",
+            f"{where} spans bytes {start}..{end} ({end - start} bytes), but dtype {code} and "
+            f"shape {list(shape)} take {meta.nbytes}",
         )
     return _Entry(meta, start, end)
 
@@ -223,6 +223,15 @@ def _check_tiling(path: Path, entries: Mapping[str, _Entry], data_len: int) -> N
         )
     if at < data_len:
         raise _corrupt(path, f"{data_len - at} bytes after the last tensor")
+
+
+def _kind(value: object) -> str:
+    # the JSON name of a parsed value's type, for messages
+    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"))
+    kinds += ((list, "an array"), (dict, "an object"))
+    if value is None:
+        return "null"
+    return next(name for t, name in kinds if isinstance(value, t))
 
 
 def _short(value: object) -> str:
