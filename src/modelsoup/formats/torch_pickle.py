@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,15 +55,19 @@ def load_pickle(path: Path) -> object:
         {'w': tensor([1.])}
     """
     try:
-        try:
-            with torch.serialization.safe_globals(_SAFE_EXTRAS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as err:
-            # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
-            if "mmap" not in str(err) and "zipfile" not in str(err):
-                raise
-            with torch.serialization.safe_globals(_SAFE_EXTRAS):
-                return torch.load(path, map_location="cpu", weights_only=True)
+        # torch's own warnings while loading (deprecated storages, pickle protocols, beta
+        # layouts) are about torch, not about the checkpoint: what matters is refused below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as err:
+                # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
+                if "mmap" not in str(err) and "zipfile" not in str(err):
+                    raise
+                with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                    return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except pickle.UnpicklingError as err:
