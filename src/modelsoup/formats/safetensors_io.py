@@ -9,6 +9,7 @@ Every offset in the header is checked before it is trusted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -53,7 +54,9 @@ _MAX_HEADER = 100_000_000
 _MAX_DEPTH = 16
 #: shapes and offsets must fit torch's int64 sizes
 _MAX_INT = 2**63 - 1
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 class _Entry:
@@ -122,33 +125,23 @@ def _corrupt(path: Path, what: str) -> IngredientError:
     return IngredientError(f"{path}: corrupt safetensors header ({what})" + RESAVE_HINT)
 
 
+def _nesting(text: bytes) -> int:
+    # How deep the JSON nests, without parsing it: drop the strings, keep the brackets.
+    brackets = _STRINGS.sub(b"", text).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(_STEP[c] for c in brackets), default=0)
+
+
 def _parse_json(path: Path, header_bytes: bytes) -> dict:
-    depth = deepest = 0
-    for token in _TOKENS.finditer(header_bytes):
-        c = token.group()
-        if c in (b"{", b"["):
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > _MAX_DEPTH:
-                raise _corrupt(path, f"JSON nested more than {_MAX_DEPTH} deep")
-        elif c in (b"}", b"]"):
-            depth -= 1
+    if _nesting(header_bytes) > _MAX_DEPTH:
+        raise _corrupt(path, f"JSON nested more than {_MAX_DEPTH} deep")
 
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
-    def unique(pairs: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for key, value in pairs:
-            if key in out:  # which of the two is meant? refuse rather than guess
-                raise ValueError(f"key '{key}' appears twice")
-            out[key] = value
-        return out
-
+    # A tensor named twice needs no check of its own: json keeps the last entry, so the
+    # first one's bytes are left uncovered (refused below) unless both entries are one.
     try:
-        header = json.loads(
-            header_bytes.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique
-        )
+        header = json.loads(header_bytes.decode("utf-8"), parse_constant=no_constant)
     except UnicodeDecodeError as err:
         raise _corrupt(path, f"not UTF-8 at byte {8 + err.start}") from err
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
@@ -191,14 +184,15 @@ def _check_entry(path: Path, name: str, info: object) -> _Entry:
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets)):
         raise _corrupt(path, f"{where} has data_offsets {_short(offsets)}, not two integers >= 0")
     meta = TensorMeta(tuple(shape), _DTYPES[code])
-    if math.prod(max(d, 1) for d in shape) * meta.dtype.itemsize > _MAX_INT:
+    numel = math.prod(shape)
+    if numel == 0 and math.prod(d for d in shape if d) > _MAX_INT:
         raise _corrupt(path, f"{where} has shape {_short(shape)}, too large for any file")
     start, end = offsets
-    if end - start != meta.nbytes:
+    if end - start != numel * meta.dtype.itemsize:
         raise _corrupt(
             path,
             f"{where} spans bytes {start}..{end} ({end - start} bytes), but dtype {code} and "
-            f"shape {list(shape)} take {meta.nbytes}",
+            f"shape {list(shape)} take {numel * meta.dtype.itemsize}",
         )
     return _Entry(meta, start, end)
 
