@@ -35,6 +35,8 @@ TRAINING_STATE = frozenset(
     }
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+#: what an error about a broken model folder tells the user to do
+_REDO = "; re-download or re-save the model folder"
 _LAYOUTS = (
     ("model.safetensors.index.json", SafetensorsSource),
     ("model.safetensors", SafetensorsSource),
@@ -69,7 +71,7 @@ def read_index(index_path: Path) -> dict[str, str]:
         >>> read_index(d / "i.json")
         {'w': 'model-1.safetensors'}
     """
-    what = "; re-download or re-save the model folder"
+    what = _REDO
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except OSError as err:
@@ -94,16 +96,17 @@ def read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _check_shard_path(index_path: Path, shard: str) -> Path:
+def _check_shard_path(index_path: Path, shard: str) -> None:
     folder = index_path.parent.resolve()
     path = index_path.parent / shard
     if Path(shard).is_absolute() or ".." in Path(shard).parts:
         raise IngredientError(
             f"{index_path}: the shard '{shard}' is outside the model folder; an index may "
-            "only name files inside its own folder"
+            "only name files inside its own folder: put the shard there and name it by its "
+            "file name"
         )
     if not path.is_file():
-        raise IngredientError(f"{index_path}: shard '{shard}' is missing (or not a file)")
+        raise IngredientError(f"{index_path}: shard '{shard}' is missing (or not a file)" + _REDO)
     target = path.resolve()
     in_cache = folder.parent.name == "snapshots" and target.parent == folder.parent.parent / "blobs"
     if not (target.is_relative_to(folder) or in_cache):
@@ -111,12 +114,11 @@ def _check_shard_path(index_path: Path, shard: str) -> Path:
             f"{index_path}: the shard '{shard}' is a link to {target}, outside the model "
             "folder; copy the shard into the folder instead of linking it"
         )
-    return path
 
 
 def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source) -> None:
     # both ways: the index names no tensor its shard lacks, the shards hold none it omits
-    what = "; re-download or re-save the model folder"
+    what = _REDO
     folder = index_path.parent
     stored = {name: source.file_of(name) for name in source.names()}
     for name, shard in weight_map.items():

@@ -323,7 +323,10 @@ class SafetensorsSource(TensorSource):
         fh.seek(where)
         got = fh.readinto(memoryview(out.numpy())) if nbytes else 0
         if got != nbytes:
-            raise IngredientError(f"{self.files[index]}: truncated while reading tensor '{name}'")
+            raise IngredientError(
+                f"{self.files[index]}: truncated while reading tensor '{name}' (the file "
+                "shrank after it was opened?)" + RESAVE_HINT
+            )
         if index == self._hash_file and where == self._hash_pos:
             self._hasher.update(memoryview(out.numpy()))
             self._hash_pos += nbytes
