@@ -71,25 +71,24 @@ def read_index(index_path: Path) -> dict[str, str]:
         >>> read_index(d / "i.json")
         {'w': 'model-1.safetensors'}
     """
-    what = _REDO
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except OSError as err:
         raise IngredientError(f"{index_path}: cannot read ({err.strerror})") from err
     except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
-        raise IngredientError(f"{index_path}: corrupt shard index ({err})" + what) from err
+        raise IngredientError(f"{index_path}: corrupt shard index ({err})" + _REDO) from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         found = "nothing" if weight_map is None else json.dumps(weight_map)[:40]
         raise IngredientError(
             f"{index_path}: corrupt shard index: 'weight_map' must map each tensor name to its "
-            f"shard file, but it is {found}" + what
+            f"shard file, but it is {found}" + _REDO
         )
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
             raise IngredientError(
                 f"{index_path}: corrupt shard index: tensor '{name}' is mapped to "
-                f"{json.dumps(shard)}, not a shard file name" + what
+                f"{json.dumps(shard)}, not a shard file name" + _REDO
             )
     for shard in sorted(set(weight_map.values())):
         _check_shard_path(index_path, shard)
@@ -118,25 +117,24 @@ def _check_shard_path(index_path: Path, shard: str) -> None:
 
 def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source) -> None:
     # both ways: the index names no tensor its shard lacks, the shards hold none it omits
-    what = _REDO
     folder = index_path.parent
     stored = {name: source.file_of(name) for name in source.names()}
     for name, shard in weight_map.items():
         if name not in stored:
             raise IngredientError(
                 f"{index_path}: the index puts tensor '{name}' in {shard}, but no shard "
-                "holds it" + what
+                "holds it" + _REDO
             )
         if stored[name] != folder / shard:
             raise IngredientError(
                 f"{index_path}: the index puts tensor '{name}' in {shard}, but it is stored "
-                f"in {stored[name].relative_to(folder)}" + what
+                f"in {stored[name].relative_to(folder)}" + _REDO
             )
     for name, path in stored.items():
         if name not in weight_map:
             raise IngredientError(
                 f"{index_path}: shard {path.relative_to(folder)} holds tensor '{name}', which "
-                "the index does not list" + what
+                "the index does not list" + _REDO
             )
 
 
