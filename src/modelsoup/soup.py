@@ -28,6 +28,8 @@ from modelsoup.accumulator import (
     check_same_ints,
     checked_float,
     is_finite,
+    saturating_cast,
+    widened,
     write_state_into,
 )
 from modelsoup.errors import ConfigError, WriteError
@@ -137,7 +139,9 @@ class Soup:
         meta = self.ingredients[0].meta(name)
         if name in self.overrides:
             value = self.overrides[name]
-            return value.to(parse_dtype(out_dtype) or meta.dtype) if meta.is_floating else value
+            if not meta.is_floating:
+                return value
+            return saturating_cast(value, parse_dtype(out_dtype) or meta.dtype)
         used, total = self._mix_plan(name)
         if not meta.is_floating:
             first = self.ingredients[used[0][0]]
@@ -150,8 +154,10 @@ class Soup:
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
-            acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
-        return self._finish(name, acc, used, total).to(parse_dtype(out_dtype) or meta.dtype)
+            acc.add_(widened(self.ingredients[i].tensor(name, scratch)), alpha=c)
+        return saturating_cast(
+            self._finish(name, acc, used, total), parse_dtype(out_dtype) or meta.dtype
+        )
 
     def pieces(
         self,
@@ -186,8 +192,9 @@ class Soup:
             acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
             scratch = self._buffer("_read_buffer", count * meta.dtype.itemsize, torch.uint8)
             for i, c in used:
-                acc.add_(self.ingredients[i].tensor_range(name, start, count, scratch), alpha=c)
-            yield self._finish(name, acc, used, total).to(dtype)
+                piece = self.ingredients[i].tensor_range(name, start, count, scratch)
+                acc.add_(widened(piece), alpha=c)
+            yield saturating_cast(self._finish(name, acc, used, total), dtype)
 
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
