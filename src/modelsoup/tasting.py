@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
-from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator, checked_score
+from modelsoup.evaluators import (
+    Evaluator,
+    LogitsEvaluator,
+    as_evaluator,
+    checked_score,
+    score_range,
+)
 from modelsoup.ingredients import Ingredient, warn_if_duplicated
 from modelsoup.journal import Journal
 from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
@@ -145,9 +151,11 @@ class Taster:
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
         return self.journal.key(evaluator.name, mixture, extra)
 
-    def _journaled(self, key: str, detail: dict, run: Callable[[], float]) -> float:
-        """A recorded score, or ``run()`` recorded in the journal."""
-        found = self.journal.lookup(key)
+    def _journaled(
+        self, key: str, detail: dict, run: Callable[[], float], evaluator: Evaluator
+    ) -> float:
+        """A recorded score within the evaluator's range, or ``run()`` recorded in the journal."""
+        found = self.journal.lookup(key, score_range(evaluator))
         if found is not None:
             self.reused += 1
             return found
@@ -232,7 +240,7 @@ class Taster:
             return self._evaluate(evaluator)
 
         detail = {"evaluator": evaluator.name, "members": members}
-        return self._journaled(self.key(weights, evaluator), detail, run)
+        return self._journaled(self.key(weights, evaluator), detail, run, evaluator)
 
     def score_members(
         self,
@@ -271,6 +279,7 @@ class Taster:
             self.key(weights, evaluator),
             detail,
             lambda: float(evaluator.score_logits(self.outputs(position, evaluator))),
+            evaluator,
         )
 
     def score_soup(self, soup: Soup, evaluator: Evaluator | None = None) -> float:
@@ -284,7 +293,7 @@ class Taster:
             return self._evaluate(evaluator)
 
         detail = {"evaluator": evaluator.name, "recipe": soup.recipe}
-        return self._journaled(self.soup_key(soup, evaluator), detail, run)
+        return self._journaled(self.soup_key(soup, evaluator), detail, run, evaluator)
 
     def _apply(self, soup: Soup) -> None:
         """Write any soup into the model: through the accumulator when it can."""
