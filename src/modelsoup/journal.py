@@ -159,9 +159,11 @@ class Journal:
         """Keep a tensor of model outputs (e.g. an ingredient's logits) for later runs."""
         if self.outputs_dir is None:
             return
-        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        # Bytes written by us, not by save_file: a full disk is then an OSError, which
+        # atomic_file turns into one clear WriteError (and removes the half-written file).
+        data = safetensors.torch.save({"outputs": tensor.contiguous()})
         with atomic_file(self.outputs_dir / f"{key}.safetensors") as tmp:
-            safetensors.torch.save_file({"outputs": tensor.contiguous()}, str(tmp))
+            tmp.write_bytes(data)
 
     def load_outputs(self, key: str) -> torch.Tensor | None:
         """Cached outputs saved by :meth:`save_outputs`, or ``None`` (also if unreadable)."""

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modelsoup._util import parse_size, remove_path, temp_sibling, write_error
+from modelsoup.errors import WriteError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.dispatch import output_format
 from modelsoup.formats.hf_folder import write_folder
@@ -113,6 +114,8 @@ def write_tensors(
                     bar.update()
                 write_torch(staged, state)
             _publish(staged, out, sidecar)
+        except WriteError as err:  # name the output, not its hidden temporary
+            raise WriteError(str(err).replace(str(staged), str(out))) from err.__cause__
         finally:
             remove_path(staged)
     finally:
