@@ -381,8 +381,10 @@ def check_device(name: str | torch.device) -> str:
                 f"device '{text}': CUDA is not available on this machine; use device: cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
             raise ConfigError(
-                f"device '{text}': this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"device '{text}': this machine has {count} CUDA device(s); "
+                f"use cuda:0 to cuda:{count - 1}, or cpu"
             )
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)

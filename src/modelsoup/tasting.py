@@ -24,6 +24,7 @@ from modelsoup.evaluators import (
     Evaluator,
     LogitsEvaluator,
     as_evaluator,
+    check_score,
     checked_score,
     score_range,
 )
@@ -159,7 +160,7 @@ class Taster:
         if found is not None:
             self.reused += 1
             return found
-        value = run()
+        value = check_score(run(), evaluator.name, score_range(evaluator))
         self.journal.record(key, value, detail)
         return value
 
