@@ -122,7 +122,10 @@ def cook(
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
-    With ``output``, soups, the journal and the report are written there. ``recalibrate``
+    With ``output``, soups, the journal and the report are written there; the folder
+    must not be, contain or lie inside an ingredient, and it is held for the whole cook
+    (:func:`~modelsoup._util.output_lock`: a second cook on it fails at once) after what
+    a killed run left in it is tidied (:func:`tidy_output`). ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
     How the cook runs (``device``, ``seed``, ``bootstrap_resamples``, ``save``, ...) is
