@@ -125,10 +125,11 @@ def test_unbounded_evaluators_are_evaluated_in_full():
 def test_a_malformed_rejection_line_is_reported_and_ignored(tmp_path):
     path = tmp_path / "journal.jsonl"
     j = Journal(path)
-    j.record_rejection("k1", bound=0.2, seen=10, total=100, to_beat=0.9, strict=False)
+    k1, k2 = "a" * 64, "b" * 64
+    j.record_rejection(k1, bound=0.2, seen=10, total=100, to_beat=0.9, strict=False)
     with open(path, "a") as fh:
-        fh.write(json.dumps({"key": "k2", "rejected": {"bound": "0.2"}}) + "\n")
+        fh.write(json.dumps({"key": k2, "rejected": {"bound": "0.2"}}) + "\n")
     with pytest.warns(Warning, match="ignored"):
         back = Journal(path)
-    assert "k1" in back.rejections and "k2" not in back.rejections
-    assert back.lookup("k1") is None
+    assert k1 in back.rejections and k2 not in back.rejections
+    assert back.lookup(k1) is None

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from modelsoup._util import format_bytes
-from modelsoup.errors import ConfigError, SoupError
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError, SoupError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +104,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if len(ingredients) > 1:
             verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
             print(f"soup-compatible: {verdict}")
-    return 0 if info["compatible"] else 1
+    if not info["compatible"]:  # exit 2 and one error line, as `average` would end
+        sys.stdout.flush()
+        raise IncompatibleIngredientsError(f"not soup-compatible: {info['problem']}")
+    return 0
 
 
 def cmd_cook(args: argparse.Namespace) -> int:

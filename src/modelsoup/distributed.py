@@ -220,8 +220,8 @@ class SharedJournal(Journal):
         self.persistent = path is not None  # the same on every rank, so keys agree
         self.ctx = ctx
 
-    def lookup(self, key: str) -> float | None:
-        found = super().lookup(key) if self.ctx.is_main else None
+    def lookup(self, key: str, bounds: tuple[float, float] | None = None) -> float | None:
+        found = super().lookup(key, bounds) if self.ctx.is_main else None
         return self.ctx.broadcast(found, "looking up the journal")
 
     def load_outputs(self, key: str) -> torch.Tensor | None:

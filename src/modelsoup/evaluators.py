@@ -137,8 +137,50 @@ def as_evaluator(obj: Any, *, higher_is_better: bool | None = None) -> Evaluator
     raise ConfigError(f"{obj!r} is not an evaluator: give it evaluate(model) or make it callable")
 
 
+def score_range(evaluator: Any) -> tuple[float, float] | None:
+    """The scores an evaluator can give (``score_range`` attribute), or ``None`` if unknown.
+
+    Example:
+        >>> score_range(Accuracy(([], []))), score_range(as_evaluator(lambda m: 1.0))
+        ((0.0, 1.0), None)
+    """
+    found = getattr(evaluator, "score_range", None)
+    return (float(found[0]), float(found[1])) if found is not None else None
+
+
+def check_score(value: Any, name: str, bounds: tuple[float, float] | None = None) -> float:
+    """The checks every score passes, whether just measured or read back from a journal:
+    a real number (not a string, not a boolean), finite, and within ``bounds`` if known.
+
+    Example:
+        >>> check_score(0.5, "acc", (0.0, 1.0))
+        0.5
+        >>> check_score("0.5", "acc")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.EvaluationError: evaluator acc returned '0.5'; it must return a number
+    """
+    if isinstance(value, bool | str | bytes):
+        raise EvaluationError(f"evaluator {name} returned {value!r}; it must return a number")
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise EvaluationError(
+            f"evaluator {name} returned {value!r}; it must return a number"
+        ) from None
+    if not math.isfinite(value):
+        raise EvaluationError(
+            f"evaluator {name} returned {value}; the candidate soup may have diverged"
+        )
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise EvaluationError(
+            f"evaluator {name} returned {value}, outside its range [{bounds[0]}, {bounds[1]}]"
+        )
+    return value
+
+
 def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
-    """Run an evaluator and insist on a finite float.
+    """Run an evaluator and insist on a finite float within its range (:func:`check_score`).
 
     Example:
         >>> checked_score(as_evaluator(lambda m: 2), None)
@@ -152,23 +194,13 @@ def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
 
 
 def checked_value(evaluator: Evaluator, value: Any) -> float:
-    """Insist that an evaluator's result is a finite float.
+    """Insist that an evaluator's result is a finite float within its known range.
 
     Example:
         >>> checked_value(as_evaluator(lambda m: 0), 0.5)
         0.5
     """
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise EvaluationError(
-            f"evaluator {evaluator.name} returned {value!r}; it must return a number"
-        ) from None
-    if not math.isfinite(value):
-        raise EvaluationError(
-            f"evaluator {evaluator.name} returned {value}; the candidate soup may have diverged"
-        )
-    return value
+    return check_score(value, evaluator.name, score_range(evaluator))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -271,6 +303,8 @@ class ClassifierEvaluator:
     kind = "classifier"
     #: (low, high) of every per-example value when the score is their mean, else None
     bounds: tuple[float, float] | None = None
+    #: the scores it can give, when known (a journal score outside it is not trusted)
+    score_range: tuple[float, float] | None = None
     #: set by :mod:`modelsoup.distributed` under torchrun: this rank runs only its share
     #: of the batches and ``sharding.gather`` puts every rank's logits back in order
     sharding = None
@@ -360,7 +394,8 @@ class ClassifierEvaluator:
             >>> r.rejected, r.seen, r.total
             (True, 20, 100)
         """
-        if self.bounds is None:
+        overridden = type(self).logits is not ClassifierEvaluator.logits
+        if self.bounds is None or overridden:  # a subclass's own logits(): call it, in full
             score = self.evaluate(model)
             return Race(score, score, -1, -1)
         low, high = self.bounds
@@ -435,6 +470,7 @@ class Accuracy(ClassifierEvaluator):
 
     kind = "accuracy"
     bounds = (0.0, 1.0)
+    score_range = (0.0, 1.0)
 
     def __init__(
         self, data: Any, *, top_k: int = 1, batch_size: int = 256, name: str | None = None
@@ -463,6 +499,7 @@ class MeanLoss(ClassifierEvaluator):
 
     kind = "loss"
     higher_is_better = False
+    score_range = (0.0, math.inf)
 
     def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, reduction="none")

@@ -295,10 +295,11 @@ def card_path(out: str | Path) -> Path:
     return sidecar_path(Path(out))
 
 
-def protected_paths(soup: Soup) -> set[Path]:
-    """Input files (and their hyperparameter sidecars) that no output may replace."""
+def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:
+    """Input files and folders (and hyperparameter sidecars) of a soup, or of a pool of
+    ingredients, that no output may replace."""
     paths: set[Path] = set()
-    for ing in soup.ingredients:
+    for ing in soup.ingredients if isinstance(soup, Soup) else soup:
         for f in ing.files:
             paths.add(f.resolve())
             paths.add(f.with_suffix(".json").resolve())
@@ -307,8 +308,9 @@ def protected_paths(soup: Soup) -> set[Path]:
     return paths
 
 
-def check_not_input(soup: Soup, out: Path) -> None:
-    """Refuse an output path that would overwrite, replace or sit inside any ingredient.
+def check_not_input(soup: Soup | Sequence[Ingredient], out: Path) -> None:
+    """Refuse an output path that is, contains or sits inside any ingredient (of a soup,
+    or of a pool of ingredients: a cook's output folder is checked before it starts).
 
     Example:
         >>> import torch

@@ -24,9 +24,11 @@ from modelsoup.evaluators import (
     Evaluator,
     LogitsEvaluator,
     as_evaluator,
+    check_score,
     checked_score,
     checked_value,
     model_device,
+    score_range,
 )
 from modelsoup.ingredients import Ingredient, warn_if_duplicated
 from modelsoup.journal import Journal
@@ -194,13 +196,15 @@ class Taster:
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
         return self.journal.key(evaluator.name, mixture, extra)
 
-    def _journaled(self, key: str, detail: dict, run: Callable[[], float]) -> float:
-        """A recorded score, or ``run()`` recorded in the journal."""
-        found = self.journal.lookup(key)
+    def _journaled(
+        self, key: str, detail: dict, run: Callable[[], float], evaluator: Evaluator
+    ) -> float:
+        """A recorded score within the evaluator's range, or ``run()`` recorded in the journal."""
+        found = self.journal.lookup(key, score_range(evaluator))
         if found is not None:
             self.reused += 1
             return found
-        value = run()
+        value = check_score(run(), evaluator.name, score_range(evaluator))
         self.journal.record(key, value, detail)
         return value
 
@@ -296,7 +300,7 @@ class Taster:
             self.materialise(weights)
             return self._evaluate(evaluator)
 
-        return self._journaled(key, detail, run)
+        return self._journaled(key, detail, run, evaluator)
 
     def _can_race(self, evaluator: Evaluator) -> bool:
         return (
@@ -315,7 +319,7 @@ class Taster:
         strict: bool,
     ) -> float:
         """Score a candidate batch by batch, stopping once it cannot meet ``to_beat``."""
-        found = self.journal.lookup(key)
+        found = self.journal.lookup(key, score_range(evaluator))
         if found is not None:
             self.reused += 1
             return found
@@ -385,6 +389,7 @@ class Taster:
             self.key(weights, evaluator),
             detail,
             lambda: float(evaluator.score_logits(self.outputs(position, evaluator))),
+            evaluator,
         )
 
     def score_soup(self, soup: Soup, evaluator: Evaluator | None = None) -> float:
@@ -398,7 +403,7 @@ class Taster:
             return self._evaluate(evaluator)
 
         detail = {"evaluator": evaluator.name, "recipe": soup.recipe}
-        return self._journaled(self.soup_key(soup, evaluator), detail, run)
+        return self._journaled(self.soup_key(soup, evaluator), detail, run, evaluator)
 
     def _apply(self, soup: Soup) -> None:
         """Write any soup into the model: through the accumulator when it can."""

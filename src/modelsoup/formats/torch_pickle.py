@@ -233,5 +233,12 @@ def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
         >>> torch.load(p, weights_only=True)
         {'w': tensor([0.])}
     """
-    with atomic_file(path) as tmp:
-        torch.save(dict(state), tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(dict(state), fh)
+        except RuntimeError as err:
+            # torch.save reports a failed write (a full disk) as a RuntimeError; given a
+            # file object, the OSError behind it is kept as the context: raise that.
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
