@@ -20,14 +20,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup._util import atomic_file
+from modelsoup.errors import ConfigError
 
 __all__ = [
     "plot_greedy_curve",
@@ -454,18 +454,8 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"{target}: plots are written as PNG; use a path ending in .png")
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as handle:
-            fig.savefig(handle, format="png")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        raise WriteError(f"{target}: cannot write plot ({err.strerror or err})") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(target) as tmp:
+        fig.savefig(tmp, format="png")
     return target
 
 

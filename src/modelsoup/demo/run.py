@@ -43,16 +43,6 @@ from modelsoup.cook.run import CookResult, cook
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Accuracy
 
-__all__ = [
-    "DIGITS",
-    "TWEETS",
-    "DemoResult",
-    "DemoSettings",
-    "demo_recipes",
-    "format_summary",
-    "run_demo",
-]
-
 
 @dataclass(frozen=True)
 class DemoSettings:

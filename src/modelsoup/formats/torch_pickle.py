@@ -27,7 +27,7 @@ import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, HeldSource
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -127,7 +127,7 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
     return state, ", ".join(notes)
 
 
-class TorchSource(TensorSource):
+class TorchSource(HeldSource):
     """A torch pickle, or the ``pytorch_model-*.bin`` shards of one checkpoint.
 
     Example:
@@ -152,13 +152,6 @@ class TorchSource(TensorSource):
                     raise IngredientError(f"{self.label}: tensor '{name}' is stored in two shards")
                 self._tensors[name] = t
         self.note = notes[0] if notes else ""
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, name: str) -> TensorMeta:
-        t = self._tensors[name]
-        return TensorMeta(tuple(t.shape), t.dtype)
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name]
