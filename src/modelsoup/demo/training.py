@@ -7,7 +7,7 @@ RNG (dropout) and the generator that shuffles the batches.
 
 Training data is ``(inputs, labels)``: ``inputs`` is a tensor (the model is
 called as ``model(x)``) or a dict of tensors such as
-:func:`modelsoup.models.tokenize` returns (called as ``model(**batch)``);
+:func:`modelsoup.demo.models.tokenize` returns (called as ``model(**batch)``);
 ``labels`` is an int64 tensor of class indices.
 
 Example:
@@ -66,7 +66,7 @@ def _check_data(data: TrainData) -> tuple[Inputs, torch.Tensor, int]:
         if not isinstance(t, torch.Tensor):
             raise ConfigError(
                 "inputs must be a tensor or a dict of tensors; tokenize texts first "
-                "(modelsoup.models.tokenize)"
+                "(modelsoup.demo.models.tokenize)"
             )
         if t.shape[0] != n:
             raise ConfigError(f"inputs have {t.shape[0]} rows but there are {n} labels")
