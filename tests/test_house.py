@@ -168,3 +168,22 @@ def test_no_print_in_the_library():
         found += [f"{rel}:{line}" for line in _prints(ast.parse(path.read_text()))]
     assert not found, f"print() outside cli.py and demo/: {', '.join(found)}"
     assert _prints(ast.parse("def f():\n    print('x')\n")) == [2]  # the walk does see one
+
+
+def test_one_logger_per_module():
+    # A module that logs names its logger once, after itself: `_logger = getLogger(__name__)`.
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel in (Path("cli.py"), Path("__init__.py")):  # the CLI's handler; the package face
+            continue
+        calls = [
+            node
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "logging.getLogger"
+        ]
+        if any(ast.unparse(call) != "logging.getLogger(__name__)" for call in calls):
+            bad.append(f"{rel}: a logger not named after the module")
+        if len(calls) > 1:
+            bad.append(f"{rel}: {len(calls)} loggers")
+    assert not bad, "; ".join(bad)
