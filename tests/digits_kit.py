@@ -22,8 +22,6 @@ from modelsoup.demo.digits import (
     write_fine_tunes,
 )
 
-__all__ = ["DigitsBNNet", "DigitsMLP"]
-
 KITCHEN = DigitsKitchen(
     split="shuffled",
     n_held_out=400,

@@ -3,6 +3,7 @@ written verdict, user code loaded without global state, no prints in the library
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import logging
@@ -13,7 +14,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from modelsoup.cli import main
+from modelsoup.cli import build_parser, main
 from modelsoup.distributed import DistContext
 from modelsoup.evaluators import Accuracy, as_evaluator
 
@@ -113,6 +114,18 @@ def test_cli_restores_warnings_and_logging(tmp_path):
     assert main(["-v", "inspect", missing]) == 2
     assert warnings.showwarning is shown
     assert logger.handlers == handlers and logger.level == level
+
+
+def test_quiet_and_verbose_on_every_subcommand():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        options = {s for action in sub._actions for s in action.option_strings}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= options, name
+    # before or after the subcommand, the same meaning; the subcommand does not reset it
+    assert parser.parse_args(["-q", "inspect", "x"]).quiet
+    assert parser.parse_args(["inspect", "x", "-vv"]).verbose == 2
+    assert parser.parse_args(["-v", "inspect", "x"]).verbose == 1
 
 
 class _UserEvaluator:
