@@ -111,15 +111,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cook(args: argparse.Namespace) -> int:
-    from modelsoup.cook.report import render_markdown, summarize
+    from modelsoup.cook.report import render_verdict, report_scale
     from modelsoup.cook.run import cook_config
 
     result = cook_config(args.config, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
         return 0
-    data = summarize(result)
-    table = render_markdown({**data, "figures": []}).split("**Verdict.**")[1]
-    print("\nVerdict:" + table)
+    # The summary report.md was written from (the config's seed and bootstrap resamples),
+    # so the printed verdict and the report's cannot differ.
+    print("\nVerdict: " + render_verdict(result.summary, report_scale(result)))
     print(f"report: {result.output / 'report.md'}")
     return 0
 
@@ -214,6 +214,26 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    # A subcommand's options have no default of their own (SUPPRESS), so that one
+    # given before the subcommand is not reset by the subparser.
+    unset = argparse.SUPPRESS
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if top else unset,
+        help="no progress output; warnings and errors only",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if top else unset,
+        help="more log lines (-vv: debug)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand.
 
@@ -228,12 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Bad input ends with one line 'error: ...' and exit code 2. Docs: README.md, docs/.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)"
-    )
+    _output_options(parser, top=True)
+    # -q and -v are taken before the subcommand or after it, the same on every one.
+    common = argparse.ArgumentParser(add_help=False)
+    _output_options(common, top=False)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    p = sub.add_parser("average", help="uniform or weighted soup of checkpoints")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("average", help="uniform or weighted soup of checkpoints")
     p.add_argument("sources", nargs="+", help="checkpoint files, HF folders, folders or globs")
     p.add_argument(
         "-o", "--output", required=True, help="output: .safetensors, .pt, or a folder (HF layout)"
@@ -271,16 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: cpu)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_average)
 
-    p = sub.add_parser("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
+    p = command("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("cook", help="evaluation-guided soups from a YAML config, with a report")
+    p = command("cook", help="evaluation-guided soups from a YAML config, with a report")
     p.add_argument(
         "config",
         help="the cook config (YAML); see docs/cook.md (torchrun: docs/distributed-and-hf.md)",
@@ -289,20 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_cook)
 
-    p = sub.add_parser("diagnose", help="can these ingredients be souped? similarity and barriers")
+    p = command("diagnose", help="can these ingredients be souped? similarity and barriers")
     p.add_argument("config", help="a cook config (uses model, ingredients, held_out)")
     p.add_argument("--out", help="folder for diagnosis.json and figures (default OUTPUT/diagnosis)")
     p.add_argument(
         "--device",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_diagnose)
 
-    p = sub.add_parser("align", help="permute hidden units of checkpoints to match a reference")
+    p = command("align", help="permute hidden units of checkpoints to match a reference")
     p.add_argument("sources", nargs="+", help="checkpoints; the reference is --reference")
     p.add_argument("-o", "--output", required=True, help="folder; writes OUTPUT/aligned/*")
     p.add_argument("--model", help="module:function returning the architecture (for tracing)")
@@ -321,10 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="module:function returning unlabeled inputs (activations)")
     p.add_argument("--batches", type=int, help="use at most this many batches of --data")
     p.add_argument("--checkpoint-key")
-    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_align)
 
-    p = sub.add_parser("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")
+    p = command("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")
     p.add_argument("--quick", action="store_true", help="tiny digits variant (seconds)")
     p.add_argument("--output", default="demo-output", help="report folder (default demo-output)")
     p.add_argument(
@@ -332,7 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=".modelsoup-work/demo",
         help="cache of ingredients and journal (default .modelsoup-work/demo)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_demo)
     return parser
 

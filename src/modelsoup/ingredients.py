@@ -42,7 +42,7 @@ class Ingredient:
         source: the reader behind it.
         path: where it lives on disk, or ``None`` for an in-memory model.
         hyperparameters: read from a ``<stem>.json`` sidecar when one exists
-            (as written by :func:`modelsoup.training.train_grid`).
+            (as written by :func:`modelsoup.demo.training.train_grid`).
 
     Example:
         >>> import torch

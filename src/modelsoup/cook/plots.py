@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from modelsoup._util import temp_sibling
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup._util import atomic_file
+from modelsoup.errors import ConfigError
 
 __all__ = [
     "plot_greedy_curve",
@@ -179,12 +179,9 @@ def plot_greedy_curve(
         ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
     _draw_baselines(ax, baselines)
     _integer_axis(ax.xaxis)
-    ax.set_xlabel("ingredients tried")
-    ax.set_ylabel(ylabel)
-    ax.set_title("greedy soup: score as ingredients are tried")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return _save_line_plot(
+        fig, ax, path, "ingredients tried", ylabel, "greedy soup: score as ingredients are tried"
+    )
 
 
 def plot_pruned_passes(
@@ -368,12 +365,14 @@ def plot_interpolation(
         ax.plot(a[order], s[order], marker="o", markersize=3, label=name)
     for end in (0.0, 1.0):
         ax.axvline(end, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("interpolation weight α  (0 = first model, 1 = second model)")
-    ax.set_ylabel(ylabel)
-    ax.set_title("score along the line between two models")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return _save_line_plot(
+        fig,
+        ax,
+        path,
+        "interpolation weight α  (0 = first model, 1 = second model)",
+        ylabel,
+        "score along the line between two models",
+    )
 
 
 # --- shared drawing helpers -------------------------------------------------
@@ -449,23 +448,25 @@ def _integer_axis(axis: Any) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _save_line_plot(
+    fig: Any, ax: Any, path: str | os.PathLike[str], xlabel: str, ylabel: str, title: str
+) -> Path:
+    """Label, grid and legend a plot of lines, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically; a reader never sees half a file."""
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"{target}: plots are written as PNG; use a path ending in .png")
-    tmp = temp_sibling(target)  # named by pid: a killed run's is tidied by the next
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
-            fig.savefig(handle, format="png")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        raise WriteError(f"{target}: cannot write plot ({err.strerror or err})") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(target) as tmp:
+        fig.savefig(tmp, format="png")
     return target
 
 

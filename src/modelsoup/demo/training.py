@@ -7,7 +7,7 @@ RNG (dropout) and the generator that shuffles the batches.
 
 Training data is ``(inputs, labels)``: ``inputs`` is a tensor (the model is
 called as ``model(x)``) or a dict of tensors such as
-:func:`modelsoup.models.tokenize` returns (called as ``model(**batch)``);
+:func:`modelsoup.demo.models.tokenize` returns (called as ``model(**batch)``);
 ``labels`` is an int64 tensor of class indices.
 
 Example:
@@ -28,8 +28,6 @@ import inspect
 import itertools
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup._util import atomic_file
+from modelsoup.errors import ConfigError
 
 __all__ = ["ingredient_name", "train_grid", "train_ingredient"]
 
@@ -67,7 +66,7 @@ def _check_data(data: TrainData) -> tuple[Inputs, torch.Tensor, int]:
         if not isinstance(t, torch.Tensor):
             raise ConfigError(
                 "inputs must be a tensor or a dict of tensors; tokenize texts first "
-                "(modelsoup.models.tokenize)"
+                "(modelsoup.demo.models.tokenize)"
             )
         if t.shape[0] != n:
             raise ConfigError(f"inputs have {t.shape[0]} rows but there are {n} labels")
@@ -281,23 +280,6 @@ def _fingerprint_data(data: TrainData) -> str:
     return _fingerprint_tensors(tensors)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename over ``path``.
-
-    A crash mid-write leaves the old file (or none), never a truncated one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise WriteError(f"{path}: cannot write ({err})") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _cached(meta_path: Path, weights_path: Path, record: Mapping[str, Any]) -> bool:
     if not (meta_path.is_file() and weights_path.is_file()):
         return False
@@ -410,9 +392,10 @@ def _save(
     # The record also goes into the safetensors header, so a copied weights file
     # still says how it was trained. The JSON is written last: it marks completion.
     metadata = {"modelsoup": json.dumps(record, sort_keys=True)}
-    _atomic_write(weights_path, lambda tmp: save_file(state, tmp, metadata=metadata))
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
+    with atomic_file(weights_path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    with atomic_file(meta_path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _build_start(model_factory: ModelFactory, start_seed: int) -> nn.Module:

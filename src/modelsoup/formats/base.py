@@ -119,7 +119,27 @@ class TensorSource:
         """Release file handles; reading again reopens them."""
 
 
-class DictSource(TensorSource):
+class HeldSource(TensorSource):
+    """A source whose tensors are all in memory already, in ``self._tensors`` (name order
+    is the checkpoint's): an in-memory state dict, or a torch pickle once loaded.
+
+    Example:
+        >>> import torch
+        >>> DictSource({"w": torch.zeros(2, 3)}).meta("w").shape
+        (2, 3)
+    """
+
+    _tensors: dict[str, torch.Tensor]
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        t = self._tensors[name]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+
+class DictSource(HeldSource):
     """An in-memory state dict or ``nn.Module`` seen as a checkpoint.
 
     Non-tensor entries are ignored. Tensors are detached and moved to CPU lazily.
@@ -136,13 +156,6 @@ class DictSource(TensorSource):
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         self.label = label
         self.files = ()
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, name: str) -> TensorMeta:
-        t = self._tensors[name]
-        return TensorMeta(tuple(t.shape), t.dtype)
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name].detach().cpu()

@@ -28,7 +28,7 @@ import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, HeldSource
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -179,7 +179,7 @@ def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
         )
 
 
-class TorchSource(TensorSource):
+class TorchSource(HeldSource):
     """A torch pickle, or the ``pytorch_model-*.bin`` shards of one checkpoint.
 
     Example:
@@ -206,13 +206,6 @@ class TorchSource(TensorSource):
                 self._tensors[name] = t
                 self._shard[name] = index
         self.note = notes[0] if notes else ""
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, name: str) -> TensorMeta:
-        t = self._tensors[name]
-        return TensorMeta(tuple(t.shape), t.dtype)
 
     def file_of(self, name: str) -> Path:
         return self.files[self._shard[name]]

@@ -153,7 +153,9 @@ def align_pool(
             out.append(str(path))
             continue
         if method == "activations":
-            aligned = activation_align(template, ref_sd, _full(ing), spec, data, num_batches)
+            aligned = activation_align(
+                template, ref_sd, _full(ing), spec, data, num_batches=num_batches
+            )
         else:
             aligned = align_to(ref_sd, _full(ing), spec, max_iter=max_iter, seed=seed)
         _write_aligned(path, ing, aligned, record, ref.label)
