@@ -107,6 +107,11 @@ def cmd_cook(args: argparse.Namespace) -> int:
     from modelsoup.cook.report import render_markdown, summarize
     from modelsoup.cook.run import cook_config
 
+    if args.dry_run:
+        from modelsoup.cook.plan import plan_cook
+
+        print(plan_cook(args.config).describe())
+        return 0
     result = cook_config(args.config, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
         return 0
@@ -127,6 +132,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     parts = resolve_parts(config)
     out = Path(args.out) if args.out else parts.output / "diagnosis"
+    journal = parts.output / "journal.jsonl" if config.journal else None  # cook's own
     found = diagnose(
         parts.ingredients,
         parts.model,
@@ -134,6 +140,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         recalibrate=parts.recalibrate,
         output=out,
         checkpoint_key=config.checkpoint_key,
+        journal=journal,
         progress=not args.quiet,
     )
     for key, value in found.barriers.items():
@@ -273,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cook config (YAML); see docs/cook.md (torchrun: docs/distributed-and-hf.md)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, list the ingredients, recipes and the most evaluations "
+        "planned, then exit without evaluating or writing anything",
+    )
     p.set_defaults(run=cmd_cook)
 
     p = sub.add_parser("diagnose", help="can these ingredients be souped? similarity and barriers")
