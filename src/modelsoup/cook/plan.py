@@ -73,8 +73,8 @@ class CookPlan:
             >>> plan = CookPlan(open_ingredients([{"w": torch.ones(1)}, {"w": torch.zeros(1)}]),
             ...                 [PlannedRecipe("uniform", "uniform", {}, 1, 1, 1)], True,
             ...                 Path("out"))
-            >>> print(plan.describe().splitlines()[-3])
-            evaluations planned: at most 5 on held-out and 3 on test
+            >>> [line for line in plan.describe().splitlines() if line.startswith("evaluations")]
+            ['evaluations planned: at most 5 on held-out and 3 on test']
         """
         n = len(self.ingredients)
         lines = [f"ingredients ({n}):"]
