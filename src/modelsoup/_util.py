@@ -426,6 +426,7 @@ class StageLog:
 
 def _interactive() -> bool:
     """Can progress be drawn in place: a terminal on stderr, or a notebook's widgets?"""
+    import tqdm.auto  # first: it imports autonotebook without its notebook-mode warning
     import tqdm.autonotebook
     import tqdm.std
 
