@@ -114,6 +114,11 @@ def cmd_cook(args: argparse.Namespace) -> int:
     from modelsoup.cook.report import render_verdict, report_scale
     from modelsoup.cook.run import cook_config
 
+    if args.dry_run:
+        from modelsoup.cook.plan import plan_cook
+
+        print(plan_cook(args.config).describe())
+        return 0
     result = cook_config(args.config, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
         return 0
@@ -134,6 +139,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     parts = resolve_parts(config)
     out = Path(args.out) if args.out else parts.output / "diagnosis"
+    journal = parts.output / "journal.jsonl" if config.journal else None  # cook's own
     found = diagnose(
         parts.ingredients,
         parts.model,
@@ -141,6 +147,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         recalibrate=parts.recalibrate,
         output=out,
         checkpoint_key=config.checkpoint_key,
+        journal=journal,
         progress=not args.quiet,
         device=args.device or config.device,
     )
@@ -311,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, list the ingredients, recipes and the most evaluations "
+        "planned, then exit without evaluating or writing anything",
     )
     p.set_defaults(run=cmd_cook)
 

@@ -179,6 +179,40 @@ def check_score(value: Any, name: str, bounds: tuple[float, float] | None = None
     return value
 
 
+def same_data(a: Any, b: Any) -> bool:
+    """Do two evaluators score the same examples? Then a test score is no honest check.
+
+    True for one object given twice (or one function, or one wrapped object), and for
+    built-in classifier evaluators whose labels and inputs are identical.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.eye(2), torch.tensor([0, 1])
+        >>> same_data(Accuracy((x, y)), Accuracy((x.clone(), y.clone()))), same_data(
+        ...     Accuracy((x, y)), Accuracy((x, 1 - y)))
+        (True, False)
+    """
+    a, b = (_unwrapped(e) for e in (a, b))
+    if a is b:
+        return True
+    if not (isinstance(a, ClassifierEvaluator) and isinstance(b, ClassifierEvaluator)):
+        return False
+    if a.data is b.data:
+        return True
+    # labels first: cheap, and different for nearly every pair of distinct data sets
+    if a.labels.shape != b.labels.shape or not torch.equal(a.labels, b.labels):
+        return False
+    return a.fingerprint() == b.fingerprint()
+
+
+def _unwrapped(evaluator: Any) -> Any:
+    if isinstance(evaluator, NamedEvaluator):
+        return evaluator.inner
+    if isinstance(evaluator, FunctionEvaluator):
+        return evaluator.fn
+    return evaluator
+
+
 def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
     """Run an evaluator and insist on a finite float within its range (:func:`check_score`).
 

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ from modelsoup.accumulator import (
     widened,
     write_state_into,
 )
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup.errors import ConfigError, SoupWarning, WriteError
 from modelsoup.formats.base import TensorMeta
+from modelsoup.formats.dispatch import output_format
 from modelsoup.ingredients import Ingredient, warn_if_duplicated
 from modelsoup.writer import sidecar_path, write_tensors
 
@@ -415,6 +417,14 @@ def save_soup(
             copy_from=copy_from,
             torch_dtype=dtype,
             progress=progress,
+        )
+    if output_format(out) == "folder" and not (copy_from and (copy_from / "config.json").is_file()):
+        warnings.warn(
+            f"{out}: written as a Hugging Face style folder without config.json ("
+            f"{first.label} has none), so from_pretrained cannot load it; copy the base "
+            "model's config.json into it, or write a .safetensors file instead",
+            SoupWarning,
+            stacklevel=2,
         )
     # Hashes are free now: streaming the soup read every chosen file front to back.
     warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from modelsoup._util import progress
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import (
@@ -239,7 +239,7 @@ class Taster:
         """Show a progress bar of candidates tasted for one recipe (if ``progress``)."""
         self.close_bar()
         if self.progress:
-            self._bar = tqdm(desc=f"tasting {label}", unit="soup", leave=False)
+            self._bar = progress(desc=f"tasting {label}", unit="soup", leave=False)
 
     def close_bar(self) -> None:
         bar = getattr(self, "_bar", None)
@@ -370,7 +370,12 @@ class Taster:
         evaluator = evaluator or self.held_out
         if evaluator.name not in self._individual:
             scores = []
-            bar = tqdm(self.ingredients, desc="tasting ingredients", disable=not self.progress)
+            bar = progress(
+                self.ingredients,
+                desc=f"tasting ingredients on {evaluator.name}",
+                unit="ingredient",
+                enabled=self.progress,
+            )
             for i, _ in enumerate(bar):
                 scores.append(self._individual_score(i, evaluator))
                 bar.set_postfix(score=f"{scores[-1]:.4f}")

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from modelsoup._util import parse_size, remove_path, temp_sibling, write_error
+from modelsoup._util import progress as stage_progress
 from modelsoup.errors import WriteError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.dispatch import output_format
@@ -83,7 +83,9 @@ def write_tensors(
     out = Path(out)
     fmt = output_format(out)
     shard = parse_size(max_shard_size)
-    bar = tqdm(total=len(layout), desc=f"writing {out.name}", unit="tensor", disable=not progress)
+    bar = stage_progress(
+        total=len(layout), desc=f"writing {out.name}", unit="tensor", enabled=progress
+    )
     meta = {"format": "pt", **(metadata or {})}
     try:
         if fmt == "folder":

@@ -29,6 +29,8 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,8 @@ from pydantic import (
     field_validator,
 )
 
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
+from modelsoup.evaluators import same_data
 from modelsoup.hf import TextClassificationData
 from modelsoup.recipes.registry import get_recipe
 
@@ -159,6 +162,21 @@ class CookConfig(CookOptions):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, v: str) -> str:
+        if v == "hf" or ":" in v:
+            return v
+        if v.strip().lower() == "hf":
+            raise ValueError(
+                f"'{v}' is not understood; did you mean 'hf' (the architecture from the "
+                "first ingredient's config.json)?"
+            )
+        raise ValueError(
+            f"'{v}' is neither hf nor an import path; write module:function (a function "
+            "returning the architecture), or hf"
+        )
+
 
 def _spelling_hint(key: object, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(key), list(known), n=1)
@@ -173,11 +191,32 @@ def format_error(err: ValidationError, source: str) -> str:
     loc = ".".join(str(x) for x in first["loc"] if x not in _FORM_TAGS) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        known = CookConfig.model_fields if len(first["loc"]) == 1 else ()
+        known = _keys_at(CookConfig, first["loc"][:-1])
         msg = "unknown key" + _spelling_hint(first["loc"][-1], known)
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{source}: config key '{loc}': {msg}"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The keys known at a place in a config (``("held_out",)`` for a built-in evaluator's
+    mapping), found by following the models' fields; none if the place is not a model."""
+    models = [model]
+    for part in loc:
+        if part in _FORM_TAGS or isinstance(part, int):
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for f in fields for m in _models_in(f.annotation)]
+    return [name for m in models for name in m.model_fields]
 
 
 def check_recipes(config: CookConfig, source: str = "config") -> None:
@@ -378,6 +417,52 @@ def resolve_recalibration(config: CookConfig) -> Any:
     return recalibrate
 
 
+def _same_file(held: Any, test: Any, base: Path) -> Path | None:
+    """The data file two built-in evaluator specs both read (other options may differ)."""
+    if not (isinstance(held, TextClassificationData) and isinstance(test, TextClassificationData)):
+        return None
+    files = []
+    for spec in (held, test):
+        path = Path(spec.hf_text_classification)
+        files.append((path if path.is_absolute() else base / path).resolve())
+    return files[0] if files[0] == files[1] else None
+
+
+def check_test_data(held: Any, test: Any) -> None:
+    """Warn if the test evaluator scores the same examples as the held-out one.
+
+    Example:
+        >>> import warnings
+        >>> score = lambda m: 1.0
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     check_test_data(score, score)
+        >>> len(seen)
+        1
+    """
+    if test is not None and same_data(held, test):
+        warn_test_is_held_out("the test evaluator scores the same examples as held_out")
+
+
+def warn_test_is_held_out(what: str) -> None:
+    """Warn that test scores come from the held-out data, which chose the soups.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_test_is_held_out("held_out and test both read held.csv")
+        >>> "not an honest test" in str(seen[0].message)
+        True
+    """
+    warnings.warn(
+        f"{what}: the recipes chose on these examples, so their test scores are not an "
+        "honest test of the soups; give test a separate data set",
+        SoupWarning,
+        stacklevel=3,
+    )
+
+
 @dataclass
 class ConfigParts:
     """What a cook config names, resolved: paths made absolute, factories imported."""
@@ -412,7 +497,13 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
         model = resolve(config.model, base)
     trust = config.trust_remote_code
     held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
-    test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+    if config.test is not None and config.test == config.held_out:
+        test = held  # one evaluator: cook warns that test then proves nothing
+    else:
+        test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+        same = _same_file(config.held_out, config.test, base)
+        if same is not None and not same_data(held, test):  # if same_data, cook warns
+            warn_test_is_held_out(f"held_out and test both read {same}")
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output

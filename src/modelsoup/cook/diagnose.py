@@ -28,6 +28,7 @@ import torch
 from modelsoup._util import atomic_file, check_device
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.journal import Journal
 from modelsoup.tasting import Taster
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -108,6 +109,7 @@ def diagnose(
     recalibrate: Callable[[torch.nn.Module], None] | None = None,
     output: str | Path | None = None,
     checkpoint_key: str | None = None,
+    journal: Journal | str | Path | None = None,
     progress: bool = False,
     device: str = "cpu",
 ) -> Diagnosis:
@@ -115,7 +117,10 @@ def diagnose(
 
     ``tolerance`` is the largest barrier still called one basin (default: 5% of the
     best ingredient's score). With ``output``, writes ``diagnosis.json``,
-    ``similarity.png`` and ``interpolation.png`` there.
+    ``similarity.png`` and ``interpolation.png`` there. With ``journal`` (a cook's
+    ``journal.jsonl``, or a :class:`~modelsoup.journal.Journal`), scores the cook
+    already recorded (each ingredient's own, and any soup on the paths) are reused, and
+    new ones are recorded for the next cook.
 
     Example:
         >>> import torch
@@ -131,10 +136,13 @@ def diagnose(
     module = model if isinstance(model, torch.nn.Module) else model()
     module.to(check_device(device))
     evaluator = as_evaluator(held_out)
+    if journal is not None and not isinstance(journal, Journal):
+        journal = Journal(journal)
     taster = Taster(
         pool,
         module,
         evaluator,
+        journal=journal,
         recalibrate=recalibrate,
         recalibrate_candidates=recalibrate is not None,
         progress=progress,

@@ -26,6 +26,7 @@ from modelsoup.cook.config import (
     CookConfig,
     CookOptions,
     RecipeEntry,
+    check_test_data,
     format_error,
     load_config,
     resolve_alignment_data,
@@ -33,14 +34,15 @@ from modelsoup.cook.config import (
 )
 from modelsoup.cook.report import write_report
 from modelsoup.cook.results import CookResult, MethodResult
+from modelsoup.cook.stats import paired_difference
 from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator
+from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
-from modelsoup.repair.batchnorm import as_recalibration
+from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
 from modelsoup.repair.pool import align_pool
 from modelsoup.soup import Soup, check_not_input
 from modelsoup.tasting import Taster
@@ -187,6 +189,7 @@ def _cook(
     module.to(device)
     held = as_evaluator(held_out)
     test_ev = as_evaluator(test) if test is not None else None
+    check_test_data(held, test_ev)
     if ranks is not None:
         held = ranks.share(held)
         test_ev = ranks.share(test_ev) if test_ev is not None else None
@@ -213,6 +216,7 @@ def _cook(
     individual_test = None
     if test_ev is not None:
         individual_test = taster.individual_scores(test_ev)
+    collapsed = _collapse_note(taster, methods, recalibrate is not None, opts)
     if ranks is not None:
         ranks.close()  # all evaluation is done: what is left is rank 0 writing files
     result = CookResult(
@@ -227,7 +231,9 @@ def _cook(
         time.perf_counter() - started,
         out,
     )
-    _warn_if_collapsed(result)
+    if collapsed:
+        result.notes.append(collapsed)
+        warnings.warn(collapsed, SoupWarning, stacklevel=2)
     if out is not None and (ranks is None or ranks.is_main):
         if opts.save == "all":
             _save_soups(result, out, opts.save_format, opts.out_dtype, progress)
@@ -342,22 +348,60 @@ def _run_entry(
     )
 
 
-def _warn_if_collapsed(result: CookResult) -> None:
-    try:
-        uniform = result.method("uniform")
-    except KeyError:
-        return
-    scores = result.individual_held_out
-    worst = min(scores) if result.higher_is_better else max(scores)
-    collapsed = uniform.held_out < worst if result.higher_is_better else uniform.held_out > worst
-    if collapsed and len(scores) > 1:
-        note = (
-            f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
-            f"ingredient (mean {statistics.fmean(scores):.4g}): these ingredients may not share "
-            "a loss basin; rely on greedy, or try align + recalibrate_bn (modelsoup diagnose)"
+def _collapse_note(
+    taster: Taster, methods: Sequence[MethodResult], recalibrated: bool, opts: CookOptions
+) -> str | None:
+    """The warning for a uniform soup worse than every ingredient, or ``None``.
+
+    Below the worst ingredient is said only when the gap is more than noise: with
+    per-example results, a paired comparison of the soup and the worst ingredient on the
+    held-out examples (cook/stats.py) must exclude zero. Its two forward passes are run
+    only for a soup already below the worst, and are kept in the journal. BatchNorm
+    repairs are suggested only for a model that has BatchNorm.
+    """
+    uniform = next((m for m in methods if m.label == "uniform"), None)
+    scores = taster.individual_scores()
+    if uniform is None or len(scores) < 2:
+        return None
+    order = taster.order(scores)
+    worst = order[-1]
+    if taster.better(uniform.held_out, scores[worst]):
+        return None
+    held = taster.held_out
+    evidence = "no per-example results to tell this gap from noise"
+    if isinstance(held, LogitsEvaluator) and isinstance(uniform.result, Soup):
+        soup_results = held.per_example(taster.soup_logits(uniform.result, held))
+        worst_results = held.per_example(taster.outputs(worst, held))
+        if soup_results is not None and worst_results is not None:
+            cmp = paired_difference(
+                soup_results.float().numpy(),
+                worst_results.float().numpy(),
+                n_resamples=opts.bootstrap_resamples,
+                seed=opts.seed,
+            )
+            scale = 100 if isinstance(held, Accuracy) else 1
+            unit = "points" if scale == 100 else ""
+            if not cmp.significant:
+                _logger.info(
+                    "the uniform soup scores below the worst ingredient on held-out, within "
+                    "noise (%s)",
+                    cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4),
+                )
+                return None
+            gap = cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4)
+            evidence = f"{gap} vs the worst ingredient on {cmp.n} held-out examples"
+    repair = "try align (modelsoup diagnose measures the barrier)"
+    if has_batchnorm(taster.model) and not recalibrated:
+        repair = (
+            "the model has BatchNorm: set recalibrate_bn to re-estimate its statistics, "
+            "and try align (modelsoup diagnose measures the barrier)"
         )
-        result.notes.append(note)
-        warnings.warn(note, SoupWarning, stacklevel=3)
+    return (
+        f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
+        f"ingredient (worst {taster.ingredients[worst].label}: {scores[worst]:.4g}; "
+        f"{evidence}): these ingredients may not share a loss basin; rely on greedy, or "
+        f"{repair}"
+    )
 
 
 def _save_soups(

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from modelsoup._util import atomic_file
+from modelsoup._util import progress as stage_progress
 from modelsoup.errors import ConfigError
 
 __all__ = ["ingredient_name", "train_grid", "train_ingredient"]
@@ -192,7 +193,7 @@ def train_ingredient(
     total = steps_per_epoch * epochs
     warmup = int(warmup_frac * total)
     shuffle = torch.Generator().manual_seed(seed)
-    bar = _progress_bar(total, progress, desc="steps")
+    bar = _progress_bar(total, progress, desc="training")
     model.train()
     step = 0
     for _ in range(epochs):
@@ -223,14 +224,10 @@ def train_ingredient(
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _progress_bar(total: int, enabled: bool, desc: str):
+def _progress_bar(total: int, enabled: bool, desc: str, unit: str = "step"):
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
+    return stage_progress(total=total, desc=desc, unit=unit, leave=False)
 
 
 # --------------------------------------------------------------------------- grid
@@ -357,7 +354,7 @@ def train_grid(
         for name, p in inspect.signature(train_ingredient).parameters.items()
         if name in _TRAIN_KEYS and p.default is not inspect.Parameter.empty
     }
-    bar = _progress_bar(len(points), progress, desc="ingredients")
+    bar = _progress_bar(len(points), progress, desc="ingredients", unit="ingredient")
     paths: list[Path] = []
     for point, name in zip(points, names):
         hparams = {**defaults, **fixed, **point}

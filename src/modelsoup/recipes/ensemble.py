@@ -59,7 +59,8 @@ class GreedyEnsembleOptions(RecipeOptions):
     max_ingredients: PositiveInt | None = None
 
 
-@register("ensemble", EnsembleOptions)
+# Both score averaged logits: each ingredient's forward pass, shared with its own score.
+@register("ensemble", EnsembleOptions, bound=lambda pool, o: 0)
 def output_ensemble(taster: Taster) -> Ensemble:
     """The ensemble of every ingredient: mean logits.
 
@@ -78,7 +79,7 @@ def output_ensemble(taster: Taster) -> Ensemble:
     return ens
 
 
-@register("greedy_ensemble", GreedyEnsembleOptions)
+@register("greedy_ensemble", GreedyEnsembleOptions, bound=lambda pool, o: 0)
 def greedy_ensemble(
     taster: Taster, *, strict: bool = False, max_ingredients: int | None = None
 ) -> Ensemble:

@@ -27,7 +27,8 @@ class GreedyOptions(RecipeOptions):
     runs: PositiveInt = 1
 
 
-@register("greedy", GreedyOptions)
+# the first ingredient's score is its own; each other one is tried once
+@register("greedy", GreedyOptions, bound=lambda pool, o: len(pool) - 1)
 def greedy_soup(
     taster: Taster,
     *,

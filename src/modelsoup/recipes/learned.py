@@ -325,7 +325,13 @@ def _held_out_batches(taster: Taster) -> list[tuple[Any, torch.Tensor]]:
     return held.batches(model_device(taster.model))
 
 
-@register("learned", LearnedOptions)
+# the learned soup's one score (its training passes over held-out batches are not
+# evaluations), after a greedy soup's with ingredients: greedy
+@register(
+    "learned",
+    LearnedOptions,
+    bound=lambda pool, o: 1 + (len(pool) - 1 if o.ingredients == "greedy" else 0),
+)
 def learned_soup(
     taster: Taster,
     *,

@@ -28,7 +28,8 @@ class PrunedOptions(RecipeOptions):
     runs: PositiveInt = 1
 
 
-@register("pruned", PrunedOptions)
+# the uniform soup, then at most one removal per ingredient per pass
+@register("pruned", PrunedOptions, bound=lambda pool, o: 1 + o.passes * len(pool))
 def pruned_soup(
     taster: Taster, *, passes: int = 1, order: str = "sorted", seed: int = 0, strict: bool = False
 ) -> Soup:

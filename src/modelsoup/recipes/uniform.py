@@ -3,13 +3,14 @@ scores the same soup on held-out for the report."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
@@ -53,6 +54,15 @@ def average(
     else:
         coefs = check_coefficients(weights, len(ingredients))
         recipe = "weighted"
+    members = [ing.label for ing, c in zip(ingredients, coefs) if c > 0]
+    if len(members) == 1:
+        why = "it is the only ingredient" if len(ingredients) == 1 else "only it has weight > 0"
+        warnings.warn(
+            f"this soup is a copy of {members[0]}, not an average ({why}); give two or "
+            "more ingredients to average",
+            SoupWarning,
+            stacklevel=2,
+        )
     return Soup(
         ingredients,
         coefs,
@@ -63,7 +73,7 @@ def average(
     )
 
 
-@register("uniform", NoOptions)
+@register("uniform", NoOptions, bound=lambda pool, o: 1)
 def uniform_soup(taster: Taster) -> Soup:
     """The uniform soup of every ingredient, with its held-out score.
 
