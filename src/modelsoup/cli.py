@@ -42,6 +42,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         accum_dtype=args.accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
+        strict=args.strict,
     )
     note = ""
     if args.recalibrate_bn:
@@ -82,21 +83,26 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from modelsoup.ingredients import describe_ingredients, find_checkpoints, open_ingredient
+    from modelsoup.ingredients import describe_ingredients, open_ingredients
 
-    paths = find_checkpoints(args.sources)
-    ingredients = [open_ingredient(p, key=args.checkpoint_key) for p in paths]
-    info = describe_ingredients(ingredients)
+    # opened and checked as `average` opens and checks them: same pool, same verdict
+    ingredients = open_ingredients(args.sources, key=args.checkpoint_key, check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # listed below as part of the answer
+        info = describe_ingredients(ingredients, int_policy=args.int_policy, strict=args.strict)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for row in info["ingredients"]:
             dtypes = ", ".join(f"{k}x{v}" for k, v in sorted(row["dtypes"].items()))
             note = f"  [{row['note']}]" if row["note"] else ""
+            where = f" ({row['path']})" if row["path"] and row["path"] != row["label"] else ""
             print(
-                f"{row['path']}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
-                f"{format_bytes(row['bytes'])} ({dtypes}){note}"
+                f"{row['label']}{where}: {row['tensors']} tensors, {row['parameters']:,} "
+                f"parameters, {format_bytes(row['bytes'])} ({dtypes}){note}"
             )
+        for line in info["warnings"]:
+            print(f"warning: {line}")
         if len(ingredients) > 1:
             verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
             print(f"soup-compatible: {verdict}")
@@ -135,6 +141,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         output=out,
         checkpoint_key=config.checkpoint_key,
         progress=not args.quiet,
+        labels=parts.labels,
     )
     for key, value in found.barriers.items():
         print(f"barrier {key}: {value:.4g}")
@@ -206,6 +213,12 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+_STRICT_HELP = (
+    "refuse ingredients whose checkpoints describe different architectures "
+    "(config.json, timm args, Lightning hyper_parameters) instead of warning"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand.
 
@@ -250,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.add_argument(
         "--recalibrate-bn",
         metavar="DATA",
@@ -265,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
+    p.add_argument(
+        "--int-policy",
+        default="strict",
+        choices=["strict", "first"],
+        help="check as average would with this --int-policy",
+    )
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("cook", help="evaluation-guided soups from a YAML config, with a report")

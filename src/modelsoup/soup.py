@@ -405,6 +405,7 @@ def save_soup(
             max_shard_size=max_shard_size,
             copy_from=copy_from,
             torch_dtype=dtype,
+            lightning=getattr(first.source, "lightning", None),
             progress=progress,
         )
     # Hashes are free now: streaming the soup read every chosen file front to back.

@@ -109,12 +109,14 @@ def diagnose(
     output: str | Path | None = None,
     checkpoint_key: str | None = None,
     progress: bool = False,
+    labels: Sequence[str | None] | None = None,
 ) -> Diagnosis:
     """Measure similarity and interpolation barriers; say whether a soup can work.
 
     ``tolerance`` is the largest barrier still called one basin (default: 5% of the
     best ingredient's score). With ``output``, writes ``diagnosis.json``,
-    ``similarity.png`` and ``interpolation.png`` there.
+    ``similarity.png`` and ``interpolation.png`` there. ``labels`` names the
+    ingredients, one per entry (as in :func:`~modelsoup.cook.run.cook`).
 
     Example:
         >>> import torch
@@ -126,7 +128,7 @@ def diagnose(
     """
     from modelsoup.repair.batchnorm import has_batchnorm
 
-    pool = open_ingredients(ingredients, key=checkpoint_key)
+    pool = open_ingredients(ingredients, key=checkpoint_key, labels=labels)
     module = model if isinstance(model, torch.nn.Module) else model()
     evaluator = as_evaluator(held_out)
     taster = Taster(

@@ -116,11 +116,14 @@ def cook(
     recalibrate: Callable[[torch.nn.Module], None] | Any = None,
     options: CookOptions | None = None,
     progress: bool = True,
+    labels: Sequence[str | None] | None = None,
     **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
+    ``labels`` names the ingredients, one per entry of ``ingredients`` (``None`` keeps
+    the default: the shortest path suffix that tells them apart).
     With ``output``, soups, the journal and the report are written there. ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
@@ -148,7 +151,13 @@ def cook(
     ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
-    pool = open_ingredients(ingredients, key=opts.checkpoint_key)
+    pool = open_ingredients(
+        ingredients,
+        key=opts.checkpoint_key,
+        labels=labels,
+        int_policy=opts.int_policy,
+        strict=opts.strict,
+    )
     module = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
@@ -310,6 +319,8 @@ def _save_soups(
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
+    if fmt == "pt" and getattr(first.source, "lightning", None) is not None:
+        suffix = ".ckpt"  # in Lightning's layout, for load_from_checkpoint
     for m in result.methods:
         if not m.is_soup:
             continue
@@ -332,7 +343,7 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         config = load_config(config)
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
-    test, recalibrate = parts.test, parts.recalibrate
+    test, recalibrate, labels = parts.test, parts.recalibrate, parts.labels
     if config.align and launched_distributed():
         raise ConfigError(
             "align: true cannot run under torchrun (every rank would write the aligned "
@@ -340,8 +351,11 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         )
     if config.align:
         method = "reference" if config.align is True else config.align
+        # opened once here, so the aligned copies keep the labels of what they came from
+        pool = open_ingredients(ingredients, key=config.checkpoint_key, labels=labels, check=False)
+        labels = [ing.label for ing in pool]
         ingredients = align_pool(
-            ingredients,
+            pool,
             model,
             output,
             checkpoint_key=config.checkpoint_key,
@@ -361,4 +375,5 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         recalibrate=recalibrate,
         options=config.options(),
         progress=progress,
+        labels=labels,
     )

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from modelsoup._util import atomic_file
+from modelsoup._util import atomic_file, slug
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -173,7 +173,7 @@ def _data_fingerprint(data: Any, num_batches: int | None) -> str:
 
 
 def _aligned_path(folder: Path, i: int, ing: Ingredient) -> Path:
-    return folder / f"{i:03d}-{ing.label}.safetensors"
+    return folder / f"{i:03d}-{slug(ing.label)}.safetensors"
 
 
 def _already_aligned(path: Path, record: dict) -> bool:
