@@ -343,6 +343,13 @@ def find_checkpoints(patterns: Iterable[str | Path], *, dedupe: bool = True) -> 
     return found
 
 
+def _path_parts(path: Path) -> list[str]:
+    """The folders of an absolute path, and the checkpoint's stem (or folder name) last."""
+    whole = list(Path(os.path.abspath(path)).parts[1:]) or [str(path)]
+    whole[-1] = path.name if path.is_dir() else checkpoint_stem(Path(whole[-1]))
+    return whole
+
+
 def unique_labels(paths: Sequence[Path | None], given: Sequence[str | None]) -> list[str]:
     """Labels for a pool: ``given`` where set, else each file's stem (a folder's name),
     lengthened by parent folders where two would be the same, until they differ
@@ -356,12 +363,13 @@ def unique_labels(paths: Sequence[Path | None], given: Sequence[str | None]) -> 
         ['run1/checkpoint-26', 'run2/checkpoint-26', 'final']
     """
     parts: list[list[str] | None] = []
-    for p in paths:
-        if p is None:
-            parts.append(None)
-            continue
-        whole = list(Path(os.path.abspath(p)).parts[1:]) or [str(p)]
-        whole[-1] = p.name if p.is_dir() else checkpoint_stem(Path(whole[-1]))
+    first_at: dict[tuple, int] = {}
+    for i, p in enumerate(paths):
+        whole = None
+        if p is not None:
+            whole = _path_parts(p)
+            if given[i] is None and first_at.setdefault(tuple(whole), i) != i:
+                whole = None  # the same path again: labelled like its first, then numbered
         parts.append(whole)
     depth = [1] * len(paths)
     labels = [
@@ -384,6 +392,9 @@ def unique_labels(paths: Sequence[Path | None], given: Sequence[str | None]) -> 
                     grown = True
         if not grown:
             break
+    for i, p in enumerate(paths):
+        if p is not None and parts[i] is None and given[i] is None:
+            labels[i] = labels[first_at[tuple(_path_parts(p))]]
     seen: dict[str, int] = {}
     for i, lab in enumerate(labels):
         seen[lab] = seen.get(lab, 0) + 1

@@ -66,8 +66,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _plain(value: object) -> object:
-    """A plain value, or an enum's value (``IntervalStrategy('steps')`` is ``'steps'``)."""
-    if isinstance(value, _Inert) and len(value.args) == 1:
+    """A plain value, or the value of one of transformers' enums
+    (``SchedulerType('linear')`` is ``'linear'``)."""
+    if (
+        isinstance(value, _Inert)
+        and value._global.startswith("transformers.")
+        and len(value.args) == 1
+    ):
         value = value.args[0]
     if isinstance(value, bool | int | float | str) or value is None:
         return value
