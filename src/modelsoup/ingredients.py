@@ -205,7 +205,7 @@ def _names(names: Sequence[str], most: int = 4) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _folder_checkpoints(folder: Path) -> list[Path]:
+def _folder_checkpoints(folder: Path, quiet: bool = False) -> list[Path]:
     """The ingredients in a folder: its checkpoints and model folders, and those of its
     run folders (sub-folders that are not models but hold some), in natural order."""
     found: list[Path] = []
@@ -243,7 +243,8 @@ def _folder_checkpoints(folder: Path) -> list[Path]:
             f"; not used: {_names(unused)} inside model folders (name them, e.g. with a "
             "glob, to soup them)"
         )
-    _logger.info(line)
+    if not quiet:
+        _logger.info(line)
     return found
 
 
@@ -301,7 +302,9 @@ def _drop_same_content(paths: list[Path], where: str) -> list[Path]:
     return [p for p in paths if p not in same]
 
 
-def find_checkpoints(patterns: Iterable[str | Path], *, dedupe: bool = True) -> list[Path]:
+def find_checkpoints(
+    patterns: Iterable[str | Path], *, dedupe: bool = True, quiet: bool = False
+) -> list[Path]:
     """Expand paths, globs and folders of checkpoints into a list, in the order given.
 
     A folder that is itself an HF model counts as one ingredient; any other folder
@@ -309,9 +312,9 @@ def find_checkpoints(patterns: Iterable[str | Path], *, dedupe: bool = True) -> 
     (sub-folders holding checkpoints, e.g. one Trainer ``output_dir`` per run), in natural
     order (:func:`natural_order`: checkpoint-500 before checkpoint-1000); each glob
     contributes its matches. What a folder gave, and what it skipped, is logged in one
-    line. Within one folder or glob, byte-identical copies (timm's ``last`` and
-    ``model_best``) count once, with a warning, unless ``dedupe=False``. A path given
-    twice stays twice: ingredients are kept by position.
+    line (unless ``quiet``). Within one folder or glob, byte-identical copies (timm's
+    ``last`` and ``model_best``) count once, with a warning, unless ``dedupe=False``. A
+    path given twice stays twice: ingredients are kept by position.
 
     Example:
         >>> find_checkpoints([])
@@ -328,10 +331,10 @@ def find_checkpoints(patterns: Iterable[str | Path], *, dedupe: bool = True) -> 
             continue
         path = Path(text)
         if path.is_dir() and not _is_ingredient(path):
-            inside = _folder_checkpoints(path)
+            inside = _folder_checkpoints(path, quiet)
             found.extend(_drop_same_content(inside, text) if dedupe else inside)
         else:
-            if path.is_dir() and is_model_folder(path) and _nested_checkpoints(path):
+            if not quiet and is_model_folder(path) and _nested_checkpoints(path):
                 _logger.info(
                     "%s: a model folder: its own weights are the ingredient; not used: %s "
                     "inside it (name them, e.g. %s/checkpoint-*, to soup them)",
@@ -547,6 +550,15 @@ def check_compatible(
                 f"{first.label} and {other.label} are different architectures ({differ}); "
                 f"their weights do not match either ({err})"
             ) from None
+        if bool(first.architecture) != bool(other.architecture):
+            said, silent = (first, other) if first.architecture else (other, first)
+            _logger.info(
+                "%s describes its architecture (%s) but %s does not: they cannot be checked "
+                "to be the same model beyond their tensor names and shapes",
+                said.label,
+                ", ".join(f"{k} {_show(v)}" for k, v in said.architecture.items()),
+                silent.label,
+            )
         if differ is not None:
             text = (
                 f"{first.label} and {other.label} describe different architectures ({differ}) "
