@@ -254,7 +254,9 @@ def test_architecture_differences_are_named_warned_and_refused_when_strict(tmp_p
     big = {**small, "hidden_size": 384}
     a = _trainer_checkpoint(tmp_path / "a", 0, small)
     b = _trainer_checkpoint(tmp_path / "b", 1, big)
-    with pytest.warns(SoupWarning, match="hidden_size 64 vs 384"):
+    with pytest.warns(
+        SoupWarning, match="b describes a different architecture from a .hidden_size 64 vs 384"
+    ):
         average([a, b])
     with pytest.raises(IncompatibleIngredientsError, match="hidden_size 64 vs 384"):
         average([a, b], strict=True)

@@ -539,6 +539,7 @@ def check_compatible(
         raise IncompatibleIngredientsError("no ingredients to check")
     first = ingredients[0]
     ref = first.layout()
+    differing: dict[str, list[str]] = {}  # architecture difference -> who differs so
     for other in ingredients[1:]:
         differ = architecture_difference(first, other)
         try:
@@ -550,27 +551,29 @@ def check_compatible(
                 f"{first.label} and {other.label} are different architectures ({differ}); "
                 f"their weights do not match either ({err})"
             ) from None
-        if bool(first.architecture) != bool(other.architecture):
-            said, silent = (first, other) if first.architecture else (other, first)
-            _logger.info(
-                "%s describes its architecture (%s) but %s does not: they cannot be checked "
-                "to be the same model beyond their tensor names and shapes",
-                said.label,
-                ", ".join(f"{k} {_show(v)}" for k, v in said.architecture.items()),
-                silent.label,
-            )
         if differ is not None:
-            text = (
-                f"{first.label} and {other.label} describe different architectures ({differ}) "
-                "although their tensor names and shapes match"
-            )
-            if strict:
-                raise IncompatibleIngredientsError(text + "; refused because of --strict")
-            warnings.warn(
-                text + ": are they fine-tunes of one model? (--strict refuses this)",
-                SoupWarning,
-                stacklevel=2,
-            )
+            differing.setdefault(differ, []).append(other.label)
+    silent = [ing.label for ing in ingredients if not ing.architecture]
+    if 0 < len(silent) < len(ingredients):
+        _logger.info(
+            "%s carr%s no architecture metadata: only tensor names and shapes show that "
+            "it is the same model as the others",
+            _names(silent),
+            "ies" if len(silent) == 1 else "y",
+        )
+    for differ, others in differing.items():
+        text = (
+            f"{_names(others)} describe{'s' if len(others) == 1 else ''} a different "
+            f"architecture from {first.label} ({differ}) although the tensor names and shapes "
+            "match"
+        )
+        if strict:
+            raise IncompatibleIngredientsError(text + "; refused because of --strict")
+        warnings.warn(
+            text + ": are they fine-tunes of one model? (--strict refuses this)",
+            SoupWarning,
+            stacklevel=2,
+        )
     if int_policy == "strict":
         ints = [n for n, m in ref.items() if not m.is_floating]
         kept = {n: first.tensor(n).clone() for n in ints}
