@@ -275,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_average)
 
-    p = sub.add_parser("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
+    p = sub.add_parser(
+        "inspect",
+        help="tensor counts, sizes, dtypes and soup-compatibility",
+        description="Open the ingredients as `average` would and run its checks. Exit 0: "
+        "they can be souped; 1: answered no (the reason is printed); 2: bad input.",
+    )
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
