@@ -89,7 +89,9 @@ def _pickle_bytes(path: Path) -> list[bytes]:
     if zipfile.is_zipfile(io.BytesIO(data)):
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            return [archive.read(names[0])] if names else []
+            if not names or archive.getinfo(names[0]).file_size > _MAX_BYTES:
+                return []  # no arguments in it, or a pickle far too large to be them
+            return [archive.read(names[0])]
     return [data]
 
 
