@@ -180,7 +180,7 @@ def _scalars(mapping: object) -> dict[str, object]:
     }
 
 
-def _described(obj: Mapping, note: str) -> tuple[dict, dict, LightningLayout | None]:
+def _described(obj: Mapping, state: Mapping) -> tuple[dict, dict, LightningLayout | None]:
     """Architecture, hyperparameters and Lightning layout of an unpickled checkpoint."""
     hyper = _scalars(obj.get("args"))  # timm's train.py: its argparse arguments
     arch = architecture_of(hyper)
@@ -190,7 +190,9 @@ def _described(obj: Mapping, note: str) -> tuple[dict, dict, LightningLayout | N
     if "pytorch-lightning_version" in obj:
         hyper = _scalars(obj.get("hyper_parameters"))
         arch = architecture_of(hyper)
-        prefix = "model." if "prefix 'model.' removed" in note else ""
+        raw = obj.get("state_dict")
+        stripped = isinstance(raw, Mapping) and all(f"model.{k}" in raw for k in state)
+        prefix = "model." if state and stripped else ""
         lightning = LightningLayout(prefix, {k: obj[k] for k in LIGHTNING_KEYS if k in obj})
     return arch, hyper, lightning
 
@@ -218,7 +220,7 @@ class TorchSource(TensorSource):
             obj = load_pickle(path)
             state, note = unwrap(obj, key, str(path))
             if not notes:
-                self.architecture, self.hyperparameters, self.lightning = _described(obj, note)
+                self.architecture, self.hyperparameters, self.lightning = _described(obj, state)
             notes.append(note)
             for name, t in state.items():
                 if name in self._tensors:
