@@ -23,7 +23,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "modelsoup"
 
 def _md_verdict(report_md: str) -> str:
     section = report_md.split("**Verdict.** ", 1)[1]
-    return section.split("\n![", 1)[0].strip()
+    # the verdict section ends where the ingredients table or the figures begin
+    return section.split("\n![", 1)[0].split("\n## Ingredients", 1)[0].strip()
 
 
 def test_printed_verdict_is_the_report_verdict(tmp_path, digits_ckpts, capsys):

@@ -42,6 +42,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         accum_dtype=args.accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
+        strict=args.strict,
     )
     note = ""
     if args.recalibrate_bn:
@@ -86,21 +87,26 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from modelsoup.ingredients import describe_ingredients, find_checkpoints, open_ingredient
+    from modelsoup.ingredients import describe_ingredients, open_ingredients
 
-    paths = find_checkpoints(args.sources)
-    ingredients = [open_ingredient(p, key=args.checkpoint_key) for p in paths]
-    info = describe_ingredients(ingredients)
+    # opened and checked as `average` opens and checks them: same pool, same verdict
+    ingredients = open_ingredients(args.sources, key=args.checkpoint_key, check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # listed below as part of the answer
+        info = describe_ingredients(ingredients, int_policy=args.int_policy, strict=args.strict)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for row in info["ingredients"]:
             dtypes = ", ".join(f"{k}x{v}" for k, v in sorted(row["dtypes"].items()))
             note = f"  [{row['note']}]" if row["note"] else ""
+            where = f" ({row['path']})" if row["path"] and row["path"] != row["label"] else ""
             print(
-                f"{row['path']}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
-                f"{format_bytes(row['bytes'])} ({dtypes}){note}"
+                f"{row['label']}{where}: {row['tensors']} tensors, {row['parameters']:,} "
+                f"parameters, {format_bytes(row['bytes'])} ({dtypes}){note}"
             )
+        for line in info["warnings"]:
+            print(f"warning: {line}")
         if len(ingredients) > 1:
             verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
             print(f"soup-compatible: {verdict}")
@@ -150,6 +156,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         journal=journal,
         progress=not args.quiet,
         device=args.device or config.device,
+        labels=parts.labels,
     )
     for key, value in found.barriers.items():
         print(f"barrier {key}: {value:.4g}")
@@ -221,6 +228,12 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+_STRICT_HELP = (
+    "refuse ingredients whose checkpoints describe different architectures "
+    "(config.json, timm args, Lightning hyper_parameters) instead of warning"
+)
+
+
 def _output_options(parser: argparse.ArgumentParser, top: bool) -> None:
     # A subcommand's options have no default of their own (SUPPRESS), so that one
     # given before the subcommand is not reset by the subparser.
@@ -261,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(common, top=False)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common], **kwargs)
 
     p = command("average", help="uniform or weighted soup of checkpoints")
     p.add_argument("sources", nargs="+", help="checkpoint files, HF folders, folders or globs")
@@ -289,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.add_argument(
         "--recalibrate-bn",
         metavar="DATA",
@@ -304,10 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_average)
 
-    p = command("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
+    p = command(
+        "inspect",
+        help="tensor counts, sizes, dtypes and soup-compatibility",
+        description="Open the ingredients as `average` would and run its checks. Exit 0: "
+        "they can be souped; 2: they cannot (the reason is the error line), or bad input.",
+    )
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
+    p.add_argument(
+        "--int-policy",
+        default="strict",
+        choices=["strict", "first"],
+        help="check as average would with this --int-policy",
+    )
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(run=cmd_inspect)
 
     p = command("cook", help="evaluation-guided soups from a YAML config, with a report")

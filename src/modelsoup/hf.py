@@ -88,7 +88,8 @@ def model_folder(ingredients: Sequence[str | Path]) -> Path:
         ...
         modelsoup.errors.ConfigError: model: hf needs Hugging Face model folders as ingredients...
     """
-    found = find_checkpoints(ingredients) if ingredients else []
+    # the first ingredient only; open_ingredients says what the whole pool holds
+    found = find_checkpoints(ingredients[:1], dedupe=False, quiet=True) if ingredients else []
     first = found[0] if found else Path(str(ingredients[0]) if ingredients else ".")
     if not is_model_folder(first) or not (first / "config.json").is_file():
         raise ConfigError(

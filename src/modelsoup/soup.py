@@ -416,6 +416,7 @@ def save_soup(
             max_shard_size=max_shard_size,
             copy_from=copy_from,
             torch_dtype=dtype,
+            lightning=getattr(first.source, "lightning", None),
             progress=progress,
         )
     if output_format(out) == "folder" and not (copy_from and (copy_from / "config.json").is_file()):

@@ -3,7 +3,7 @@
 Example config::
 
     model: mypkg.models:build            # returns the architecture (an nn.Module)
-    ingredients: [runs/*.safetensors]    # paths, folders or globs
+    ingredients: [runs/*.safetensors]    # paths, folders or globs, or {path:, label:}
     held_out: mypkg.data:held_out        # returns an evaluator (chooses the soups)
     test: mypkg.data:test                # optional: returns an evaluator (reports only)
     recipes:
@@ -58,6 +58,15 @@ DEFAULT_RECIPES = [
 ]
 
 
+class IngredientEntry(BaseModel):
+    """One ``ingredients:`` entry: a path, folder or glob, and an optional label for the
+    one checkpoint it names (written as a plain string when it has no label)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1)
+    label: str | None = Field(default=None, min_length=1)
+
+
 class RecipeEntry(BaseModel):
     """One recipe to cook: its registered name, an optional label, and its options."""
 
@@ -103,6 +112,8 @@ class CookOptions(BaseModel):
 
     device: str = "cpu"
     checkpoint_key: str | None = None
+    #: refuse ingredients whose checkpoints describe different architectures
+    strict: bool = False
     accum_dtype: Literal["float32", "float64"] = "float32"
     int_policy: Literal["strict", "first"] = "strict"
     save: Literal["all", "none"] = "all"
@@ -134,7 +145,7 @@ class CookConfig(CookOptions):
     """Everything ``modelsoup cook`` needs; unknown keys are errors."""
 
     model: str
-    ingredients: list[str] = Field(min_length=1)
+    ingredients: list[IngredientEntry] = Field(min_length=1)
     held_out: EvaluatorSpec
     test: EvaluatorSpec | None = None
     recipes: list[RecipeEntry] = Field(
@@ -160,7 +171,19 @@ class CookConfig(CookOptions):
     @field_validator("ingredients", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str | dict) else v
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("ingredients")
+    @classmethod
+    def _labels_differ(cls, v: list[IngredientEntry]) -> list[IngredientEntry]:
+        labels = [e.label for e in v if e.label is not None]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"two ingredients are both labelled '{twice[0]}'; labels must differ")
+        return v
 
     @field_validator("model")
     @classmethod
@@ -473,6 +496,8 @@ class ConfigParts:
     test: Any
     recalibrate: Callable | None
     output: Path
+    #: one per entry of ``ingredients``: the config's label, or ``None``
+    labels: list[str | None]
 
 
 def resolve_parts(config: CookConfig) -> ConfigParts:
@@ -488,7 +513,8 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
         ['/tmp/a']
     """
     base = Path(config.base_dir)
-    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    paths = [e.path for e in config.ingredients]
+    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in paths]
     if config.model == "hf":  # the architecture from the first folder's config.json
         from modelsoup.hf import model_factory
 
@@ -507,4 +533,6 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
-    return ConfigParts(ingredients, model, held, test, resolve_recalibration(config), output)
+    labels = [e.label for e in config.ingredients]
+    recalibrate = resolve_recalibration(config)
+    return ConfigParts(ingredients, model, held, test, recalibrate, output, labels)

@@ -112,6 +112,7 @@ def diagnose(
     journal: Journal | str | Path | None = None,
     progress: bool = False,
     device: str = "cpu",
+    labels: Sequence[str | None] | None = None,
 ) -> Diagnosis:
     """Measure similarity and interpolation barriers; say whether a soup can work.
 
@@ -120,7 +121,8 @@ def diagnose(
     ``similarity.png`` and ``interpolation.png`` there. With ``journal`` (a cook's
     ``journal.jsonl``, or a :class:`~modelsoup.journal.Journal`), scores the cook
     already recorded (each ingredient's own, and any soup on the paths) are reused, and
-    new ones are recorded for the next cook.
+    new ones are recorded for the next cook. ``labels`` names the
+    ingredients, one per entry (as in :func:`~modelsoup.cook.run.cook`).
 
     Example:
         >>> import torch
@@ -132,7 +134,7 @@ def diagnose(
     """
     from modelsoup.repair.batchnorm import has_batchnorm
 
-    pool = open_ingredients(ingredients, key=checkpoint_key)
+    pool = open_ingredients(ingredients, key=checkpoint_key, labels=labels)
     module = model if isinstance(model, torch.nn.Module) else model()
     module.to(check_device(device))
     evaluator = as_evaluator(held_out)

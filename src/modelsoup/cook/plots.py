@@ -237,8 +237,13 @@ def plot_method_bars(
     *,
     path: str | os.PathLike[str],
     ylabel: str,
+    title: str | None = None,
 ) -> Path:
     """Methods side by side with confidence intervals (Table 1 as a figure).
+
+    ``title`` replaces the default ("methods compared"), e.g. for the ingredients
+    scored one by one; the PNG's ``Title`` and ``Description`` text entries carry the
+    title and the row names, so tools can tell figures apart without looking.
 
     Drawn as points with error bars on a zoomed axis rather than bars from
     zero, so small but real gaps stay visible. A NaN low/high means "no
@@ -287,10 +292,9 @@ def plot_method_bars(
     ax.set_ylim(-0.7, len(methods) - 0.3)
     ax.margins(x=0.25)  # room for the value labels on the right
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(
-        "methods compared" + (" (error bars: confidence interval)" if has_ci.any() else "")
-    )
-    return _save(fig, path)
+    heading = title or "methods compared"
+    ax.set_title(heading + (" (error bars: confidence interval)" if has_ci.any() else ""))
+    return _save(fig, path, {"Title": heading, "Description": "; ".join(map(str, methods))})
 
 
 def plot_similarity_heatmap(
@@ -460,13 +464,17 @@ def _save_line_plot(
     return _save(fig, path)
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically; a reader never sees half a file."""
+def _save(
+    fig: Any, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically; a reader never sees half a file.
+
+    ``metadata`` becomes PNG text entries (``Title``, ``Description``, ...)."""
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"{target}: plots are written as PNG; use a path ending in .png")
     with atomic_file(target) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=dict(metadata or {}))
     return target
 
 

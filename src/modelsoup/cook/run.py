@@ -119,11 +119,14 @@ def cook(
     recalibrate: Callable[[torch.nn.Module], None] | Any = None,
     options: CookOptions | None = None,
     progress: bool = True,
+    labels: Sequence[str | None] | None = None,
     **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
+    ``labels`` names the ingredients, one per entry of ``ingredients`` (``None`` keeps
+    the default: the shortest path suffix that tells them apart).
     With ``output``, soups, the journal and the report are written there; the folder
     must not be, contain or lie inside an ingredient, and it is held for the whole cook
     (:func:`~modelsoup._util.output_lock`: a second cook on it fails at once) after what
@@ -154,7 +157,13 @@ def cook(
     ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
-    pool = open_ingredients(ingredients, key=opts.checkpoint_key)
+    pool = open_ingredients(
+        ingredients,
+        key=opts.checkpoint_key,
+        labels=labels,
+        int_policy=opts.int_policy,
+        strict=opts.strict,
+    )
     out = Path(output) if output is not None else None
     if out is not None:
         check_output(pool, out)
@@ -412,6 +421,8 @@ def _save_soups(
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
+    if fmt == "pt" and getattr(first.source, "lightning", None) is not None:
+        suffix = ".ckpt"  # in Lightning's layout, for load_from_checkpoint
     for m in result.methods:
         if not m.is_soup:
             continue
@@ -440,21 +451,24 @@ def cook_config(
     check_device(config.device)  # before any model or data is built
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
-    test, recalibrate = parts.test, parts.recalibrate
+    test, recalibrate, labels = parts.test, parts.recalibrate, parts.labels
     if config.align and launched_distributed():
         raise ConfigError(
             "align: true cannot run under torchrun (every rank would write the aligned "
             "checkpoints); align in one process first, then cook the aligned checkpoints"
         )
     if config.align:  # aligned copies are written into the output: check it first
-        check_output(open_ingredients(ingredients, key=config.checkpoint_key), output)
+        # opened once here, so the aligned copies keep the labels of what they came from
+        pool = open_ingredients(ingredients, key=config.checkpoint_key, labels=labels, check=False)
+        check_output(pool, output)
+        labels = [ing.label for ing in pool]
     # Aligning is part of the cook: it holds the output, and cook() takes the lock again.
     with output_lock(output) if config.align else contextlib.nullcontext():
         if config.align:
             tidy_output(output)
             method = "reference" if config.align is True else config.align
             ingredients = align_pool(
-                ingredients,
+                pool,
                 model,
                 output,
                 checkpoint_key=config.checkpoint_key,
@@ -474,4 +488,5 @@ def cook_config(
             recalibrate=recalibrate,
             options=config.options(),
             progress=progress,
+            labels=labels,
         )

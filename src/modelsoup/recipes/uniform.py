@@ -34,12 +34,15 @@ def average(
     accum_dtype: str | torch.dtype = "float32",
     int_policy: str = "strict",
     key: str | None = None,
+    strict: bool = False,
 ) -> Soup:
     """The uniform soup of ``sources``, or their weighted average with ``weights``.
 
     Weights must be finite and >= 0; they are normalised to sum to 1 unless
     ``normalize=False``. Checkpoints are opened lazily and checked for compatible
-    names and shapes before any arithmetic.
+    names and shapes, and for equal integer tensors under ``int_policy="strict"``,
+    before any arithmetic (:func:`~modelsoup.ingredients.check_compatible`); checkpoints
+    that describe different architectures are warned about, or refused with ``strict``.
 
     Example:
         >>> import torch
@@ -47,7 +50,7 @@ def average(
         >>> soup.state_dict()["w"]
         tensor([0.7500])
     """
-    ingredients = open_ingredients(sources, key=key)
+    ingredients = open_ingredients(sources, key=key, int_policy=int_policy, strict=strict)
     if weights is None:
         coefs = [1.0] * len(ingredients)
         recipe = "uniform"

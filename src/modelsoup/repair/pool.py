@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelsoup._util import atomic_file, clean_stale_temps
+from modelsoup._util import atomic_file, clean_stale_temps, slug
 from modelsoup._util import progress as stage_progress
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import write_safetensors
@@ -176,7 +176,7 @@ def _data_fingerprint(data: Any, num_batches: int | None) -> str:
 
 
 def _aligned_path(folder: Path, i: int, ing: Ingredient) -> Path:
-    return folder / f"{i:03d}-{ing.label}.safetensors"
+    return folder / f"{i:03d}-{slug(ing.label)}.safetensors"
 
 
 def _already_aligned(path: Path, record: dict) -> bool:
