@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelsoup.datasets import (
+from modelsoup.demo.datasets import (
     FASHION_MNIST_ROOT,
     load_bbc_news,
     load_digits_split,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelsoup.datasets import load_digits_split
+from modelsoup.demo.datasets import load_digits_split
+from modelsoup.demo.models import digits_mlp
+from modelsoup.demo.training import ingredient_name, train_grid, train_ingredient
 from modelsoup.errors import ConfigError
-from modelsoup.models import digits_mlp
-from modelsoup.training import ingredient_name, train_grid, train_ingredient
 
 GRID = {"lr": [3e-3, 1e-2], "weight_decay": [0.0, 0.1]}
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from modelsoup.training import train_ingredient
+from modelsoup.demo.training import train_ingredient
 
 
 class BasicBlock(nn.Module):

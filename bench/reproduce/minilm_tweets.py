@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelsoup.datasets import load_tweet_sentiment
+from modelsoup.demo.datasets import load_tweet_sentiment
+from modelsoup.demo.models import MiniLMClassifier, minilm_classifier, tokenize
+from modelsoup.demo.training import train_grid
 from modelsoup.evaluators import Accuracy
-from modelsoup.models import MiniLMClassifier, minilm_classifier, tokenize
-from modelsoup.training import train_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402

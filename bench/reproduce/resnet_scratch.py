@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from modelsoup.datasets import load_fashion_mnist
+from modelsoup.demo.datasets import load_fashion_mnist
 from modelsoup.evaluators import Accuracy
 from modelsoup.repair import recalibrate_bn
 from modelsoup.repair.pool import align_pool

@@ -1,4 +1,4 @@
-"""Small helpers with one home each: atomic files, byte sizes, dtype names, slugs.
+"""Small helpers with one home each: atomic files, byte sizes, dtype names, slugs, progress.
 
 Every layer may import from here; this module imports nothing of modelsoup but
 :mod:`modelsoup.errors`.
@@ -13,8 +13,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,49 +114,84 @@ class atomic_file:  # noqa: N801 - used as a context manager, reads like a funct
             raise write_error(self.path, exc) from exc
 
 
+#: locks this process holds, by lock file, with how many times each was taken
+_HELD: dict[str, int] = {}
+
+
 @contextlib.contextmanager
 def output_lock(path: Path) -> Iterator[None]:
     """Hold an advisory lock (``fcntl.flock``) on an output while it is written.
 
     A second process that asks for the same output fails at once with a clear
     :class:`WriteError` instead of racing the first: run one at a time, or choose another
-    output. The lock is the hidden file ``.<name>.lock`` beside the output.
+    output. The lock is the hidden file ``.<name>.lock`` beside the output. Within one
+    process the lock may be taken again (a cook holds its output folder and then saves
+    into it).
 
     Example:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp()) / "soup.safetensors"
-        >>> with output_lock(out):
+        >>> with output_lock(out), output_lock(out):
         ...     pass
     """
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
+    held = str(lock.absolute())
+    if held in _HELD:
+        _HELD[held] += 1
+        try:
+            yield
+        finally:
+            _HELD[held] -= 1
+        return
+    fh = _acquire(lock, path)
+    _HELD[held] = 1
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock, "a+")
-    except OSError as err:
-        raise write_error(lock, err, "cannot create the lock") from err
-    try:
+        yield
+    finally:
+        del _HELD[held]
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def _acquire(lock: Path, path: Path):
+    """Open and lock ``lock``; the open file holds the lock until closed."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lock, "a+")
+        except OSError as err:
+            raise write_error(lock, err, "cannot create the lock") from err
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise WriteError(
                 f"{path}: another modelsoup run (process {holder}) is writing this output; "
                 "wait for it to finish, or choose another output"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
         try:
-            yield
-        finally:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
+        except OSError:
+            same = False
+        if not same:  # the holder removed the file as we opened it: lock the new one
+            fh.close()
+            continue
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+        except OSError as err:
+            fh.close()
             with contextlib.suppress(OSError):
                 lock.unlink()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    finally:
-        fh.close()
+            raise write_error(lock, err, "cannot write the lock") from err
+        return fh
 
 
 def remove_path(path: Path) -> None:
@@ -346,8 +384,10 @@ def check_device(name: str | torch.device) -> str:
                 f"device '{text}': CUDA is not available on this machine; use device: cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
             raise ConfigError(
-                f"device '{text}': this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"device '{text}': this machine has {count} CUDA device(s); "
+                f"use cuda:0 to cuda:{count - 1}, or cpu"
             )
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -356,3 +396,106 @@ def check_device(name: str | torch.device) -> str:
     elif device.type != "cpu":
         raise ConfigError(f"device '{text}' is not supported; use cpu, cuda, cuda:N or mps")
     return text
+
+
+class StageLog:
+    """What :func:`progress` gives when stderr is not a terminal: no bar, one log line
+    when the stage finishes (how many items, how long); a stage that did nothing (every
+    score came from the journal, say) says nothing.
+
+    It answers the calls a tqdm bar is given (iteration, ``update``, ``set_postfix``,
+    ``close``), so code that shows progress needs no second path.
+
+    Example:
+        >>> stage = StageLog(range(3), desc="tasting", unit="soup")
+        >>> [i for i in stage], stage.n
+        ([0, 1, 2], 3)
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        *,
+        desc: str = "",
+        unit: str = "it",
+        log: bool = True,
+    ):
+        self.iterable = iterable
+        self.log = log
+        self.desc = desc
+        self.unit = unit
+        self.n = 0
+        self._start = time.perf_counter()
+        self._closed = False
+
+    def __iter__(self) -> Iterator:
+        try:
+            for item in self.iterable or ():
+                yield item
+                self.n += 1
+        finally:
+            self.close()
+
+    def __enter__(self) -> StageLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        """A bar's live status (the current score): not worth a line of its own."""
+
+    def close(self) -> None:
+        """Log the stage's one line (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.log or not self.n:
+            return
+        unit = self.unit if self.n == 1 else f"{self.unit}s"
+        _logger.info(
+            "%s: %d %s in %.1f s", self.desc, self.n, unit, time.perf_counter() - self._start
+        )
+
+
+def _interactive() -> bool:
+    """Can progress be drawn in place: a terminal on stderr, or a notebook's widgets?"""
+    import tqdm.auto  # first: it imports autonotebook without its notebook-mode warning
+    import tqdm.autonotebook
+    import tqdm.std
+
+    if tqdm.autonotebook.tqdm is not tqdm.std.tqdm:  # a Jupyter notebook
+        return True
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    desc: str,
+    unit: str = "it",
+    total: int | None = None,
+    enabled: bool = True,
+    leave: bool = True,
+) -> Any:
+    """A progress display for one stage: a tqdm bar on a terminal, one log line otherwise.
+
+    Bars redraw themselves with ``\\r`` and cursor moves, which flood a log file or a
+    CI log; when stderr is not a terminal the stage is logged once, as it finishes
+    (:class:`StageLog`). With ``enabled=False`` nothing is shown at all. ``total`` and
+    ``leave`` are the bar's (a count it can show before the end; keep it when done).
+
+    Example:
+        >>> bar = progress(range(2), desc="writing", unit="tensor")  # no terminal here
+        >>> type(bar).__name__, sum(bar)
+        ('StageLog', 1)
+    """
+    if enabled and _interactive():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave)
+    return StageLog(iterable, desc=desc, unit=unit, log=enabled)

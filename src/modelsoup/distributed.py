@@ -21,10 +21,11 @@ rather than a hang.
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,6 +143,12 @@ class DistContext:
             )
         return torch.cat(pieces)
 
+    def sum_all(self, values: Sequence[float], what: str) -> list[float]:
+        """Element-wise sums of ``values`` over every rank (float64)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._collective(what, lambda: dist.all_reduce(t))
+        return t.cpu().tolist()
+
     def broadcast(self, obj: T, what: str) -> T:
         """Rank 0's ``obj`` on every rank (any picklable object)."""
         box = [obj if self.is_main else None]
@@ -152,15 +159,24 @@ class DistContext:
     def share(self, evaluator: Evaluator) -> Evaluator:
         """The evaluator to use on this rank: sharded if built in, else rank 0's scores.
 
+        A built-in evaluator is copied (its cached data is shared, not duplicated) and the
+        copy is sharded: the user's own object is left as it was.
+
         Example:
-            >>> from modelsoup.evaluators import as_evaluator
+            >>> import torch
+            >>> from modelsoup.evaluators import Accuracy, as_evaluator
             >>> type(DistContext(0, 2).share(as_evaluator(lambda m: 1.0))).__name__
             'RankZeroScores'
+            >>> mine = Accuracy((torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
+            >>> ctx = DistContext(0, 2)
+            >>> ctx.share(mine).sharding is ctx, mine.sharding
+            (True, None)
         """
         if isinstance(evaluator, ClassifierEvaluator):
-            evaluator.sharding = self
-            self._shared.append(evaluator)
-            return evaluator
+            sharded = copy.copy(evaluator)
+            sharded.sharding = self
+            self._shared.append(sharded)
+            return sharded
         return RankZeroScores(evaluator, self)
 
     def journal(self, path: str | Path | None) -> Journal:
@@ -214,8 +230,8 @@ class SharedJournal(Journal):
         self.persistent = path is not None  # the same on every rank, so keys agree
         self.ctx = ctx
 
-    def lookup(self, key: str) -> float | None:
-        found = super().lookup(key) if self.ctx.is_main else None
+    def lookup(self, key: str, bounds: tuple[float, float] | None = None) -> float | None:
+        found = super().lookup(key, bounds) if self.ctx.is_main else None
         return self.ctx.broadcast(found, "looking up the journal")
 
     def load_outputs(self, key: str) -> torch.Tensor | None:

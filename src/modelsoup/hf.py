@@ -88,7 +88,8 @@ def model_folder(ingredients: Sequence[str | Path]) -> Path:
         ...
         modelsoup.errors.ConfigError: model: hf needs Hugging Face model folders as ingredients...
     """
-    found = find_checkpoints(ingredients) if ingredients else []
+    # the first ingredient only; open_ingredients says what the whole pool holds
+    found = find_checkpoints(ingredients[:1], dedupe=False, quiet=True) if ingredients else []
     first = found[0] if found else Path(str(ingredients[0]) if ingredients else ".")
     if not is_model_folder(first) or not (first / "config.json").is_file():
         raise ConfigError(
@@ -204,8 +205,7 @@ def read_examples(path: str | Path, columns: Sequence[str]) -> list[dict[str, An
     suffix = path.suffix.lower()
     rows: list[dict[str, Any]] = []
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+        rows = _read_table(path, "\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".json", ".ndjson"):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -222,12 +222,41 @@ def read_examples(path: str | Path, columns: Sequence[str]) -> list[dict[str, An
     if not rows:
         raise ConfigError(f"{path}: no examples")
     for number, row in enumerate(rows, 1):
-        missing = [c for c in columns if row.get(c) is None]
+        missing = [c for c in columns if c not in row]
         if missing:
             raise ConfigError(
                 f"{path} example {number}: no '{missing[0]}' column (it has: "
                 f"{', '.join(sorted(str(k) for k in row))}); set text_column/label_column"
             )
+        empty = [c for c in columns if row[c] is None]
+        if empty:
+            raise ConfigError(f"{path} example {number}: '{empty[0]}' is null; give it a value")
+    return rows
+
+
+def _read_table(path: Path, delimiter: str) -> list[dict[str, str]]:
+    """Rows of a CSV/TSV file with a header row, each checked to have one field per column.
+
+    A short or long row is reported as such, with its line: read as a mapping it would
+    lack a column the header has, or put a value under no column.
+    """
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        rows = []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                sign = "comma" if delimiter == "," else "tab"
+                raise ConfigError(
+                    f"{path} line {reader.line_num}: {len(fields)} field(s) where the header "
+                    f"has {len(header)} ({', '.join(header)}); give every row one value per "
+                    f"column, and quote values that contain a {sign}"
+                )
+            rows.append(dict(zip(header, fields)))
     return rows
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import clean_stale_temps, output_lock, parse_dtype
+from modelsoup._util import clean_stale_temps, output_lock, parse_dtype, write_error
 from modelsoup.accumulator import (
     check_int_policy,
     check_same_ints,
     checked_float,
     is_finite,
+    saturating_cast,
+    widened,
     write_state_into,
 )
 from modelsoup.errors import ConfigError, SoupWarning, WriteError
@@ -147,7 +149,9 @@ class Soup:
         meta = self.ingredients[0].meta(name)
         if name in self.overrides:
             value = self.overrides[name]
-            return value.to(parse_dtype(out_dtype) or meta.dtype) if meta.is_floating else value
+            if not meta.is_floating:
+                return value
+            return saturating_cast(value, parse_dtype(out_dtype) or meta.dtype)
         used, total = self._mix_plan(name)
         if not meta.is_floating:
             first = self.ingredients[used[0][0]]
@@ -160,12 +164,14 @@ class Soup:
         base = self.base()
         if base is not None:
             flat = self._mix_changes(base, name, 0, meta.numel, used, total, buffer=False)
-            return flat.reshape(meta.shape).to(parse_dtype(out_dtype) or meta.dtype)
+            return saturating_cast(flat.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
-            acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
-        return self._finish(name, acc, used, total).to(parse_dtype(out_dtype) or meta.dtype)
+            acc.add_(widened(self.ingredients[i].tensor(name, scratch)), alpha=c)
+        return saturating_cast(
+            self._finish(name, acc, used, total), parse_dtype(out_dtype) or meta.dtype
+        )
 
     def pieces(
         self,
@@ -199,13 +205,16 @@ class Soup:
         for start in range(0, meta.numel, step):
             count = min(step, meta.numel - start)
             if base is not None:
-                yield self._mix_changes(base, name, start, count, used, total).to(dtype)
+                yield saturating_cast(
+                    self._mix_changes(base, name, start, count, used, total), dtype
+                )
                 continue
             acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
             scratch = self._buffer("_read_buffer", count * meta.dtype.itemsize, torch.uint8)
             for i, c in used:
-                acc.add_(self.ingredients[i].tensor_range(name, start, count, scratch), alpha=c)
-            yield self._finish(name, acc, used, total).to(dtype)
+                piece = self.ingredients[i].tensor_range(name, start, count, scratch)
+                acc.add_(widened(piece), alpha=c)
+            yield saturating_cast(self._finish(name, acc, used, total), dtype)
 
     def base(self) -> TensorSource | None:
         """The one base of a soup of LoRA adapters (mixed as weight changes), else ``None``."""
@@ -266,7 +275,7 @@ class Soup:
             delta = self.ingredients[i].source.delta_range(name, start, count, self.accum_dtype)
             acc.add_(delta, alpha=c)
         acc = self._finish(name, acc, used, total)
-        return acc.add_(base.tensor_range(name, start, count), alpha=share)
+        return acc.add_(widened(base.tensor_range(name, start, count)), alpha=share)
 
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
@@ -367,10 +376,11 @@ def card_path(out: str | Path) -> Path:
     return sidecar_path(Path(out))
 
 
-def protected_paths(soup: Soup) -> set[Path]:
-    """Input files (and their hyperparameter sidecars) that no output may replace."""
+def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:
+    """Input files and folders (and hyperparameter sidecars) of a soup, or of a pool of
+    ingredients, that no output may replace."""
     paths: set[Path] = set()
-    for ing in soup.ingredients:
+    for ing in soup.ingredients if isinstance(soup, Soup) else soup:
         for f in ing.files:
             paths.add(f.resolve())
             paths.add(f.with_suffix(".json").resolve())
@@ -379,8 +389,9 @@ def protected_paths(soup: Soup) -> set[Path]:
     return paths
 
 
-def check_not_input(soup: Soup, out: Path) -> None:
-    """Refuse an output path that would overwrite, replace or sit inside any ingredient.
+def check_not_input(soup: Soup | Sequence[Ingredient], out: Path) -> None:
+    """Refuse an output path that is, contains or sits inside any ingredient (of a soup,
+    or of a pool of ingredients: a cook's output folder is checked before it starts).
 
     Example:
         >>> import torch
@@ -497,7 +508,16 @@ def save_soup(
             max_shard_size=max_shard_size,
             copy_from=copy_from,
             torch_dtype=dtype,
+            lightning=getattr(first.source, "lightning", None),
             progress=progress,
+        )
+    if output_format(out) == "folder" and not (copy_from and (copy_from / "config.json").is_file()):
+        warnings.warn(
+            f"{out}: written as a Hugging Face style folder without config.json ("
+            f"{first.label} has none), so from_pretrained cannot load it; copy the base "
+            "model's config.json into it, or write a .safetensors file instead",
+            SoupWarning,
+            stacklevel=2,
         )
     # Hashes are free now: streaming the soup read every chosen file front to back.
     warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)
@@ -651,5 +671,9 @@ def save_adapter_soup(
     }
     with output_lock(out):
         clean_stale_temps(out.parent)
-        write_adapter(out, config, tensors, {FOLDER_CARD: json.dumps(card, indent=2, default=str)})
+        try:
+            card_text = json.dumps(card, indent=2, default=str)
+            write_adapter(out, config, tensors, {FOLDER_CARD: card_text})
+        except OSError as err:  # a full disk while writing the weights or the card
+            raise write_error(out, err) from err
     return out

@@ -4,7 +4,7 @@ The output format follows the path (:func:`modelsoup.formats.dispatch.output_for
 
 - ``*.safetensors``: one safetensors file (streamed: memory holds one piece);
 - ``*.pt``, ``*.pth``, ``*.bin``, ``*.ckpt``: a torch pickle (needs the whole state in
-  memory);
+  memory); a ``.ckpt`` given a Lightning layout is written the way Lightning saves it;
 - anything else: a Hugging Face style folder, ``model.safetensors`` or shards of at most
   ``max_shard_size`` bytes with ``model.safetensors.index.json``; the non-weight files of
   ``copy_from`` (config, tokenizer) are copied in.
@@ -23,14 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from modelsoup._util import atomic_file, parse_size, remove_path, temp_sibling, write_error
+from modelsoup._util import parse_size, remove_path, temp_sibling, write_error
+from modelsoup._util import progress as stage_progress
+from modelsoup.errors import WriteError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.dispatch import output_format
 from modelsoup.formats.hf_folder import write_folder
 from modelsoup.formats.safetensors_io import write_safetensors
-from modelsoup.formats.torch_pickle import write_torch
+from modelsoup.formats.torch_pickle import LightningLayout, write_torch
 
 _logger = logging.getLogger(__name__)
 
@@ -62,9 +63,14 @@ def write_tensors(
     max_shard_size: int | str = "5GB",
     copy_from: Path | None = None,
     torch_dtype: torch.dtype | None = None,
+    lightning: LightningLayout | None = None,
     progress: bool = True,
 ) -> Path:
     """Stream the tensors of ``layout`` to ``out``, each made by ``pieces(name)``.
+
+    With ``lightning`` (the first ingredient's layout), a ``.ckpt`` output is written
+    in Lightning's layout, so ``LightningModule.load_from_checkpoint`` reads it; other
+    outputs ignore it.
 
     ``pieces(name)`` returns the tensor, or flat pieces of it in row-major order
     (see :meth:`modelsoup.soup.Soup.pieces`). ``sidecar`` is the text, or a function
@@ -82,22 +88,27 @@ def write_tensors(
     out = Path(out)
     fmt = output_format(out)
     shard = parse_size(max_shard_size)
-    bar = tqdm(total=len(layout), desc=f"writing {out.name}", unit="tensor", disable=not progress)
+    bar = stage_progress(
+        total=len(layout), desc=f"writing {out.name}", unit="tensor", enabled=progress
+    )
     meta = {"format": "pt", **(metadata or {})}
     try:
         if fmt == "folder":
             extra = {FOLDER_CARD: sidecar} if sidecar is not None else None
-            write_folder(
-                out,
-                layout,
-                pieces,
-                max_shard_size=shard,
-                copy_from=copy_from,
-                metadata={"format": "pt"},
-                on_tensor=lambda n: bar.update(),
-                torch_dtype=torch_dtype,
-                extra_files=extra,
-            )
+            try:
+                write_folder(
+                    out,
+                    layout,
+                    pieces,
+                    max_shard_size=shard,
+                    copy_from=copy_from,
+                    metadata={"format": "pt"},
+                    on_tensor=lambda n: bar.update(),
+                    torch_dtype=torch_dtype,
+                    extra_files=extra,
+                )
+            except OSError as err:  # a full disk while copying or writing the card
+                raise write_error(out, err) from err
             return out
         staged = temp_sibling(out)
         try:
@@ -108,8 +119,11 @@ def write_tensors(
                 for name, m in layout.items():
                     state[name] = _whole(pieces(name), m)
                     bar.update()
-                write_torch(staged, state)
+                wrap = lightning if out.name.endswith(".ckpt") else None
+                write_torch(staged, state, lightning=wrap)
             _publish(staged, out, sidecar)
+        except WriteError as err:  # name the output, not its hidden temporary
+            raise WriteError(str(err).replace(str(staged), str(out))) from err.__cause__
         finally:
             remove_path(staged)
     finally:
@@ -129,20 +143,27 @@ def _whole(made: torch.Tensor | Iterable[torch.Tensor], meta: TensorMeta) -> tor
 def _publish(staged: Path, out: Path, sidecar: str | Callable[[], str] | None) -> None:
     """Rename a complete single-file output into place with its sidecar.
 
-    Order matters for a crash at any step: the old output goes first, then the new
-    sidecar appears, then the new weights. Whatever stands at ``out`` is never beside
-    a sidecar of another output.
+    Order matters for a crash at any step: the new sidecar is complete on disk first
+    (a full disk stops here, and the old output stands as it was), then the old output
+    goes, then the new sidecar appears, then the new weights. Whatever stands at
+    ``out`` is never beside a sidecar of another output.
     """
     card = sidecar_path(out)
+    card_tmp = temp_sibling(card)
     try:
         if sidecar is not None:
             text = sidecar() if callable(sidecar) else sidecar
-            with atomic_file(temp_sibling(card)) as tmp:  # complete on disk before any rename
-                tmp.write_text(text)
+            try:
+                with open(card_tmp, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as err:
+                raise write_error(card, err) from err
             out.unlink(missing_ok=True)
-            os.replace(temp_sibling(card), card)
+            os.replace(card_tmp, card)
         os.replace(staged, out)
     except OSError as err:
         raise write_error(out, err) from err
     finally:
-        remove_path(temp_sibling(card))
+        remove_path(card_tmp)

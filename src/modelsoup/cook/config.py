@@ -3,7 +3,7 @@
 Example config::
 
     model: mypkg.models:build            # returns the architecture (an nn.Module)
-    ingredients: [runs/*.safetensors]    # paths, folders or globs
+    ingredients: [runs/*.safetensors]    # paths, folders or globs, or {path:, label:}
     held_out: mypkg.data:held_out        # returns an evaluator (chooses the soups)
     test: mypkg.data:test                # optional: returns an evaluator (reports only)
     recipes:
@@ -29,6 +29,8 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,8 @@ from pydantic import (
     field_validator,
 )
 
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
+from modelsoup.evaluators import same_data
 from modelsoup.hf import TextClassificationData
 from modelsoup.recipes.registry import get_recipe
 
@@ -53,6 +56,15 @@ DEFAULT_RECIPES = [
     {"name": "greedy", "order": "sorted"},
     {"name": "pruned", "passes": 1},
 ]
+
+
+class IngredientEntry(BaseModel):
+    """One ``ingredients:`` entry: a path, folder or glob, and an optional label for the
+    one checkpoint it names (written as a plain string when it has no label)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1)
+    label: str | None = Field(default=None, min_length=1)
 
 
 class RecipeEntry(BaseModel):
@@ -106,6 +118,8 @@ class CookOptions(BaseModel):
     merge_into_base: bool = False
     #: LoRA adapter ingredients: rank of saved adapter soups (default: the adapters')
     adapter_rank: int | None = Field(default=None, ge=1)
+    #: refuse ingredients whose checkpoints describe different architectures
+    strict: bool = False
     accum_dtype: Literal["float32", "float64"] = "float32"
     int_policy: Literal["strict", "first"] = "strict"
     save: Literal["all", "none"] = "all"
@@ -116,8 +130,17 @@ class CookOptions(BaseModel):
     bootstrap_resamples: int = Field(default=2000, ge=1)
     seed: int = 0
     recalibrate_candidates: bool = False
+    #: stop a candidate's evaluation once it provably cannot meet the score to beat
+    #: (bounded evaluators such as accuracy; decisions equal a full evaluation's)
+    racing: Literal["exact", "off"] = "exact"
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false and `on` as true
+        return {False: "off", True: "exact"}.get(v, v) if isinstance(v, bool) else v
 
     def options(self) -> CookOptions:
         """Only the cook options of this object (a config's other keys dropped)."""
@@ -128,7 +151,7 @@ class CookConfig(CookOptions):
     """Everything ``modelsoup cook`` needs; unknown keys are errors."""
 
     model: str
-    ingredients: list[str] = Field(min_length=1)
+    ingredients: list[IngredientEntry] = Field(min_length=1)
     held_out: EvaluatorSpec
     test: EvaluatorSpec | None = None
     recipes: list[RecipeEntry] = Field(
@@ -151,10 +174,52 @@ class CookConfig(CookOptions):
     #: where relative paths are resolved (the config file's folder)
     base_dir: str = "."
 
+    def options(self) -> CookOptions:
+        """The cook options of this config, a relative ``base:`` read from the config
+        file's folder (as ingredients are).
+
+        Example:
+            >>> cfg = CookConfig(model="math:sqrt", ingredients=["a"], held_out="m:f",
+            ...                  output="o", base="llm", base_dir="/tmp")
+            >>> cfg.options().base
+            '/tmp/llm'
+        """
+        options = super().options()
+        if options.base is None or Path(options.base).is_absolute():
+            return options
+        return options.model_copy(update={"base": str(Path(self.base_dir) / options.base)})
+
     @field_validator("ingredients", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str | dict) else v
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("ingredients")
+    @classmethod
+    def _labels_differ(cls, v: list[IngredientEntry]) -> list[IngredientEntry]:
+        labels = [e.label for e in v if e.label is not None]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"two ingredients are both labelled '{twice[0]}'; labels must differ")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, v: str) -> str:
+        if v == "hf" or ":" in v:
+            return v
+        if v.strip().lower() == "hf":
+            raise ValueError(
+                f"'{v}' is not understood; did you mean 'hf' (the architecture from the "
+                "first ingredient's config.json)?"
+            )
+        raise ValueError(
+            f"'{v}' is neither hf nor an import path; write module:function (a function "
+            "returning the architecture), or hf"
+        )
 
 
 def _spelling_hint(key: object, known: Iterable[str]) -> str:
@@ -170,11 +235,32 @@ def format_error(err: ValidationError, source: str) -> str:
     loc = ".".join(str(x) for x in first["loc"] if x not in _FORM_TAGS) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        known = CookConfig.model_fields if len(first["loc"]) == 1 else ()
+        known = _keys_at(CookConfig, first["loc"][:-1])
         msg = "unknown key" + _spelling_hint(first["loc"][-1], known)
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{source}: config key '{loc}': {msg}"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The keys known at a place in a config (``("held_out",)`` for a built-in evaluator's
+    mapping), found by following the models' fields; none if the place is not a model."""
+    models = [model]
+    for part in loc:
+        if part in _FORM_TAGS or isinstance(part, int):
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for f in fields for m in _models_in(f.annotation)]
+    return [name for m in models for name in m.model_fields]
 
 
 def check_recipes(config: CookConfig, source: str = "config") -> None:
@@ -375,6 +461,52 @@ def resolve_recalibration(config: CookConfig) -> Any:
     return recalibrate
 
 
+def _same_file(held: Any, test: Any, base: Path) -> Path | None:
+    """The data file two built-in evaluator specs both read (other options may differ)."""
+    if not (isinstance(held, TextClassificationData) and isinstance(test, TextClassificationData)):
+        return None
+    files = []
+    for spec in (held, test):
+        path = Path(spec.hf_text_classification)
+        files.append((path if path.is_absolute() else base / path).resolve())
+    return files[0] if files[0] == files[1] else None
+
+
+def check_test_data(held: Any, test: Any) -> None:
+    """Warn if the test evaluator scores the same examples as the held-out one.
+
+    Example:
+        >>> import warnings
+        >>> score = lambda m: 1.0
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     check_test_data(score, score)
+        >>> len(seen)
+        1
+    """
+    if test is not None and same_data(held, test):
+        warn_test_is_held_out("the test evaluator scores the same examples as held_out")
+
+
+def warn_test_is_held_out(what: str) -> None:
+    """Warn that test scores come from the held-out data, which chose the soups.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_test_is_held_out("held_out and test both read held.csv")
+        >>> "not an honest test" in str(seen[0].message)
+        True
+    """
+    warnings.warn(
+        f"{what}: the recipes chose on these examples, so their test scores are not an "
+        "honest test of the soups; give test a separate data set",
+        SoupWarning,
+        stacklevel=3,
+    )
+
+
 @dataclass
 class ConfigParts:
     """What a cook config names, resolved: paths made absolute, factories imported."""
@@ -385,6 +517,8 @@ class ConfigParts:
     test: Any
     recalibrate: Callable | None
     output: Path
+    #: one per entry of ``ingredients``: the config's label, or ``None``
+    labels: list[str | None]
 
 
 def resolve_parts(config: CookConfig) -> ConfigParts:
@@ -400,7 +534,8 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
         ['/tmp/a']
     """
     base = Path(config.base_dir)
-    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    paths = [e.path for e in config.ingredients]
+    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in paths]
     if config.model == "hf":  # the architecture from the first folder's config.json
         from modelsoup.hf import model_factory
 
@@ -409,8 +544,16 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
         model = resolve(config.model, base)
     trust = config.trust_remote_code
     held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
-    test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+    if config.test is not None and config.test == config.held_out:
+        test = held  # one evaluator: cook warns that test then proves nothing
+    else:
+        test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+        same = _same_file(config.held_out, config.test, base)
+        if same is not None and not same_data(held, test):  # if same_data, cook warns
+            warn_test_is_held_out(f"held_out and test both read {same}")
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
-    return ConfigParts(ingredients, model, held, test, resolve_recalibration(config), output)
+    labels = [e.label for e in config.ingredients]
+    recalibrate = resolve_recalibration(config)
+    return ConfigParts(ingredients, model, held, test, recalibrate, output, labels)

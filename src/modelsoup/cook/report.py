@@ -96,6 +96,8 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
         "individuals": [
             {
                 "label": ing.label,
+                "path": str(ing.path) if ing.path is not None else None,
+                "sha256": ing.sha256,
                 "hyperparameters": ing.hyperparameters,
                 "held_out": h,
                 "test": (result.individual_test[i] if result.individual_test else None),
@@ -166,9 +168,40 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
         "",
         f"**Verdict.** {render_verdict(data, scale)}",
     ]
+    lines += render_individuals(data, scale)
     for fig in data.get("figures", []):
         lines += [f"![{Path(fig).stem}]({fig})", ""]
     return "\n".join(lines)
+
+
+def render_individuals(data: dict, scale: float = 100.0) -> list[str]:
+    """The ingredients table of ``report.md``: label, scores, hyperparameters and path.
+
+    Example:
+        >>> rows = render_individuals({"individuals": [{"label": "run1/checkpoint-26",
+        ...     "path": "/runs/run1/checkpoint-26", "held_out": 0.8, "test": None,
+        ...     "hyperparameters": {"learning_rate": 3e-4, "seed": 1}}]})
+        >>> rows[4]
+        '| run1/checkpoint-26 | 80.00 | - | learning_rate=0.0003, seed=1 | `/runs/run1/checkpoint-26` |'
+    """  # noqa: E501
+    individuals = data.get("individuals") or []
+    if not individuals:
+        return []
+    pct = " (%)" if scale == 100 else ""
+    lines = [
+        "## Ingredients",
+        "",
+        f"| ingredient | held-out{pct} | test{pct} | hyperparameters | path |",
+        "|---|---|---|---|---|",
+    ]
+    for ing in individuals:
+        hyper = ", ".join(f"{k}={v}" for k, v in (ing.get("hyperparameters") or {}).items())
+        path = f"`{ing['path']}`" if ing.get("path") else "(in memory)"
+        lines.append(
+            f"| {ing['label']} | {_fmt(ing['held_out'], scale=scale)} "
+            f"| {_fmt(ing['test'], scale=scale)} | {hyper or '-'} | {path} |"
+        )
+    return [*lines, ""]
 
 
 def render_verdict(data: dict, scale: float = 100.0) -> str:
@@ -212,6 +245,14 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
             f"journal; {ev.get('eval_seconds')} s evaluating, {ev.get('mix_seconds')} s mixing "
             f"weights; {data['seconds']} s in all."
         )
+        if ev.get("races"):
+            seen, full = ev.get("race_examples", 0), ev.get("race_full_examples", 0)
+            ratio = f"{full / seen:.2f}x fewer" if seen else "none"
+            lines.append(
+                f"Exact racing: {ev['rejected_early']} of {ev['races']} raced candidates were "
+                f"stopped early, {seen} of {full} examples evaluated ({ratio}); every "
+                "decision is the one a full evaluation gives."
+            )
         if ev.get("bn_recalibrations"):
             lines.append(
                 f"BatchNorm statistics were re-estimated {ev['bn_recalibrations']} times, each "
@@ -230,7 +271,13 @@ def _numeric_axes(result) -> tuple[str, str] | None:
     varying = [k for k in keys if len({h[k] for h in hps}) > 1]
     preferred = [k for k in ("lr", "learning_rate", "weight_decay", "wd") if k in varying]
     axes = preferred + [k for k in varying if k not in preferred]
-    return (axes[0], axes[1]) if len(axes) >= 2 else None
+    # the first pair that gives each ingredient a cell of its own (checkpoints of one run
+    # share their learning rate and seed: one cell would hide the others)
+    for i, x in enumerate(axes):
+        for y in axes[i + 1 :]:
+            if len({(h[x], h[y]) for h in hps}) == len(hps):
+                return x, y
+    return None
 
 
 def write_figures(result, data: dict, folder: Path) -> list[Path]:
@@ -266,6 +313,19 @@ def _figures(result, data: dict, folder: Path) -> list[Path]:
                 highs,
                 path=folder / "methods.png",
                 ylabel=ylabel,
+            )
+        )
+    individual = result.individual_test if use_test else result.individual_held_out
+    if individual and len(result.ingredients) > 1:
+        made.append(
+            plots.plot_method_bars(
+                [ing.label for ing in result.ingredients],
+                [s * scale for s in individual],
+                None,
+                None,
+                path=folder / "ingredients.png",
+                ylabel=ylabel,
+                title=f"the ingredients, each on its own ({'test' if use_test else 'held-out'})",
             )
         )
     curves: dict[str, list[list[float]]] = {}

@@ -8,6 +8,7 @@ each soup with its card, and writes ``report.json``, ``report.md`` and figures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -19,12 +20,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from modelsoup._util import check_device, slug
+from modelsoup._util import check_device, clean_stale_temps, output_lock, slug
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.cook.config import (
     CookConfig,
     CookOptions,
     RecipeEntry,
+    check_test_data,
     format_error,
     load_config,
     resolve_alignment_data,
@@ -32,16 +34,17 @@ from modelsoup.cook.config import (
 )
 from modelsoup.cook.report import write_report
 from modelsoup.cook.results import CookResult, MethodResult
-from modelsoup.distributed import init_distributed, launched_distributed
+from modelsoup.cook.stats import paired_difference
+from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator
-from modelsoup.ingredients import open_ingredients
+from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
+from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
-from modelsoup.repair.batchnorm import as_recalibration
+from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
 from modelsoup.repair.pool import align_pool
-from modelsoup.soup import Soup
+from modelsoup.soup import Soup, check_not_input
 from modelsoup.tasting import Taster
 
 _logger = logging.getLogger(__name__)
@@ -116,12 +119,18 @@ def cook(
     recalibrate: Callable[[torch.nn.Module], None] | Any = None,
     options: CookOptions | None = None,
     progress: bool = True,
+    labels: Sequence[str | None] | None = None,
     **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
-    With ``output``, soups, the journal and the report are written there. ``recalibrate``
+    ``labels`` names the ingredients, one per entry of ``ingredients`` (``None`` keeps
+    the default: the shortest path suffix that tells them apart).
+    With ``output``, soups, the journal and the report are written there; the folder
+    must not be, contain or lie inside an ingredient, and it is held for the whole cook
+    (:func:`~modelsoup._util.output_lock`: a second cook on it fails at once) after what
+    a killed run left in it is tidied (:func:`tidy_output`). ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
     How the cook runs (``device``, ``seed``, ``bootstrap_resamples``, ``save``, ...) is
@@ -148,17 +157,52 @@ def cook(
     ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
-    pool = open_ingredients(ingredients, key=opts.checkpoint_key, base=opts.base)
+    pool = open_ingredients(
+        ingredients,
+        key=opts.checkpoint_key,
+        labels=labels,
+        int_policy=opts.int_policy,
+        strict=opts.strict,
+        base=opts.base,
+    )
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_output(pool, out)
+    writes = out is not None and (ranks is None or ranks.is_main)
+    # The whole cook holds its output folder: a second cook on it fails at once.
+    with output_lock(out) if writes else contextlib.nullcontext():
+        if writes:
+            tidy_output(out)
+        return _cook(
+            pool, model, held_out, test, recipes, out, recalibrate, opts, progress, ranks, started
+        )
+
+
+def _cook(
+    pool: Sequence[Ingredient],
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    held_out: Evaluator | Callable,
+    test: Evaluator | Callable | None,
+    recipes: Sequence[Mapping | RecipeEntry] | None,
+    out: Path | None,
+    recalibrate: Callable[[torch.nn.Module], None] | None,
+    opts: CookOptions,
+    progress: bool,
+    ranks: DistContext | None,
+    started: float,
+) -> CookResult:
+    """The cook itself, once its inputs are checked and its output is held."""
+    device = opts.device
     module = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
     module.to(device)
     held = as_evaluator(held_out)
     test_ev = as_evaluator(test) if test is not None else None
+    check_test_data(held, test_ev)
     if ranks is not None:
         held = ranks.share(held)
         test_ev = ranks.share(test_ev) if test_ev is not None else None
-    out = Path(output) if output is not None else None
     journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
@@ -172,6 +216,7 @@ def cook(
         recalibrate=recalibrate,
         recalibrate_candidates=opts.recalibrate_candidates,
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
+        racing=opts.racing,
         progress=progress,
     )
     methods: list[MethodResult] = []
@@ -181,6 +226,7 @@ def cook(
     individual_test = None
     if test_ev is not None:
         individual_test = taster.individual_scores(test_ev)
+    collapsed = _collapse_note(taster, methods, recalibrate is not None, opts)
     if ranks is not None:
         ranks.close()  # all evaluation is done: what is left is rank 0 writing files
     result = CookResult(
@@ -195,7 +241,9 @@ def cook(
         time.perf_counter() - started,
         out,
     )
-    _warn_if_collapsed(result)
+    if collapsed:
+        result.notes.append(collapsed)
+        warnings.warn(collapsed, SoupWarning, stacklevel=2)
     if out is not None and (ranks is None or ranks.is_main):
         if opts.save == "all":
             _save_soups(result, out, opts, progress)
@@ -203,6 +251,32 @@ def cook(
             result, out, bootstrap_resamples=opts.bootstrap_resamples, seed=opts.seed
         )
     return result
+
+
+def check_output(pool: Sequence[Any], out: Path) -> None:
+    """Refuse a cook output folder that is, contains or lies inside an ingredient's file
+    or folder: the journal, reports and soups must never land among the inputs. Aligned
+    copies in ``<out>/aligned`` are the cook's own and allowed.
+
+    Example:
+        >>> from modelsoup.ingredients import Ingredient, open_ingredients
+        >>> check_output(open_ingredients([{"w": torch.ones(1)}]), Path("out"))
+    """
+    own = (out / "aligned").resolve()
+    theirs = [ing for ing in pool if ing.path is None or own not in ing.path.resolve().parents]
+    check_not_input(theirs, out)
+
+
+def tidy_output(out: Path) -> None:
+    """Remove what a killed run left in a cook's output folder (half-written soups,
+    reports, figures and cached outputs of dead processes; see
+    :func:`~modelsoup._util.clean_stale_temps`), and put back a soup folder moved aside.
+
+    Example:
+        >>> tidy_output(Path("/nonexistent"))
+    """
+    for folder in (out, out / "soups", out / "figures", out / "journal.jsonl.outputs"):
+        clean_stale_temps(folder)
 
 
 def _options(options: CookOptions | None, settings: Mapping[str, Any]) -> CookOptions:
@@ -284,22 +358,60 @@ def _run_entry(
     )
 
 
-def _warn_if_collapsed(result: CookResult) -> None:
-    try:
-        uniform = result.method("uniform")
-    except KeyError:
-        return
-    scores = result.individual_held_out
-    worst = min(scores) if result.higher_is_better else max(scores)
-    collapsed = uniform.held_out < worst if result.higher_is_better else uniform.held_out > worst
-    if collapsed and len(scores) > 1:
-        note = (
-            f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
-            f"ingredient (mean {statistics.fmean(scores):.4g}): these ingredients may not share "
-            "a loss basin; rely on greedy, or try align + recalibrate_bn (modelsoup diagnose)"
+def _collapse_note(
+    taster: Taster, methods: Sequence[MethodResult], recalibrated: bool, opts: CookOptions
+) -> str | None:
+    """The warning for a uniform soup worse than every ingredient, or ``None``.
+
+    Below the worst ingredient is said only when the gap is more than noise: with
+    per-example results, a paired comparison of the soup and the worst ingredient on the
+    held-out examples (cook/stats.py) must exclude zero. Its two forward passes are run
+    only for a soup already below the worst, and are kept in the journal. BatchNorm
+    repairs are suggested only for a model that has BatchNorm.
+    """
+    uniform = next((m for m in methods if m.label == "uniform"), None)
+    scores = taster.individual_scores()
+    if uniform is None or len(scores) < 2:
+        return None
+    order = taster.order(scores)
+    worst = order[-1]
+    if taster.better(uniform.held_out, scores[worst]):
+        return None
+    held = taster.held_out
+    evidence = "no per-example results to tell this gap from noise"
+    if isinstance(held, LogitsEvaluator) and isinstance(uniform.result, Soup):
+        soup_results = held.per_example(taster.soup_logits(uniform.result, held))
+        worst_results = held.per_example(taster.outputs(worst, held))
+        if soup_results is not None and worst_results is not None:
+            cmp = paired_difference(
+                soup_results.float().numpy(),
+                worst_results.float().numpy(),
+                n_resamples=opts.bootstrap_resamples,
+                seed=opts.seed,
+            )
+            scale = 100 if isinstance(held, Accuracy) else 1
+            unit = "points" if scale == 100 else ""
+            if not cmp.significant:
+                _logger.info(
+                    "the uniform soup scores below the worst ingredient on held-out, within "
+                    "noise (%s)",
+                    cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4),
+                )
+                return None
+            gap = cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4)
+            evidence = f"{gap} vs the worst ingredient on {cmp.n} held-out examples"
+    repair = "try align (modelsoup diagnose measures the barrier)"
+    if has_batchnorm(taster.model) and not recalibrated:
+        repair = (
+            "the model has BatchNorm: set recalibrate_bn to re-estimate its statistics, "
+            "and try align (modelsoup diagnose measures the barrier)"
         )
-        result.notes.append(note)
-        warnings.warn(note, SoupWarning, stacklevel=3)
+    return (
+        f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
+        f"ingredient (worst {taster.ingredients[worst].label}: {scores[worst]:.4g}; "
+        f"{evidence}): these ingredients may not share a loss basin; rely on greedy, or "
+        f"{repair}"
+    )
 
 
 def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool) -> None:
@@ -308,6 +420,8 @@ def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
+    if fmt == "pt" and getattr(first.source, "lightning", None) is not None:
+        suffix = ".ckpt"  # in Lightning's layout, for load_from_checkpoint
     for m in result.methods:
         if not m.is_soup:
             continue
@@ -323,8 +437,11 @@ def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool
         m.saved = str(path.relative_to(out))
 
 
-def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
-    """Cook from a config file (or a validated :class:`CookConfig`).
+def cook_config(
+    config: CookConfig | str | Path, *, progress: bool = True, device: str | None = None
+) -> CookResult:
+    """Cook from a config file (or a validated :class:`CookConfig`); ``device``, if
+    given, overrides the config's.
 
     Example:
         >>> cook_config("missing.yaml")
@@ -334,43 +451,53 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
     """
     if not isinstance(config, CookConfig):
         config = load_config(config)
+    if device is not None:
+        config = config.model_copy(update={"device": device})
+    check_device(config.device)  # before any model or data is built
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
-    test, recalibrate = parts.test, parts.recalibrate
+    test, recalibrate, labels = parts.test, parts.recalibrate, parts.labels
     if config.align and launched_distributed():
         raise ConfigError(
             "align: true cannot run under torchrun (every rank would write the aligned "
             "checkpoints); align in one process first, then cook the aligned checkpoints"
         )
-    if config.align:
-        method = "reference" if config.align is True else config.align
-        ingredients = align_pool(
+    if config.align:  # aligned copies are written into the output: check it first
+        # opened once here, so the aligned copies keep the labels of what they came from
+        pool = open_ingredients(
+            ingredients,
+            key=config.checkpoint_key,
+            labels=labels,
+            check=False,
+            base=config.options().base,
+        )
+        check_output(pool, output)
+        labels = [ing.label for ing in pool]
+    # Aligning is part of the cook: it holds the output, and cook() takes the lock again.
+    with output_lock(output) if config.align else contextlib.nullcontext():
+        if config.align:
+            tidy_output(output)
+            method = "reference" if config.align is True else config.align
+            ingredients = align_pool(
+                pool,
+                model,
+                output,
+                checkpoint_key=config.checkpoint_key,
+                example=held,
+                method=method,
+                data=resolve_alignment_data(config),
+                num_batches=config.align_batches,
+                seed=config.seed,
+            )
+        return cook(
             ingredients,
             model,
-            output,
-            checkpoint_key=config.checkpoint_key,
-            example=held,
-            method=method,
-            data=resolve_alignment_data(config),
-            num_batches=config.align_batches,
-            seed=config.seed,
+            held,
+            test=test,
+            recipes=config.recipes,
+            output=output,
+            recalibrate=recalibrate,
+            options=config.options(),
+            progress=progress,
+            labels=labels,
         )
-    return cook(
-        ingredients,
-        model,
-        held,
-        test=test,
-        recipes=config.recipes,
-        output=output,
-        recalibrate=recalibrate,
-        options=_based(config),
-        progress=progress,
-    )
-
-
-def _based(config: CookConfig) -> CookOptions:
-    # a relative ``base:`` is read from the config file's folder, as ingredients are
-    options = config.options()
-    if options.base is None or Path(options.base).is_absolute():
-        return options
-    return options.model_copy(update={"base": str(Path(config.base_dir) / options.base)})

@@ -75,17 +75,27 @@ def checkpoint_stem(path: Path) -> str:
 
 
 def is_adapter_folder(path: Path) -> bool:
-    """True when ``path`` is a PEFT adapter folder (``adapter_config.json`` and
-    ``adapter_model.safetensors`` or ``.bin``), read as the model it stands for.
+    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json`` with
+    ``adapter_model.safetensors`` or ``.bin``) rather than a whole model: it is read as
+    the model it stands for, over its base
+    (:class:`~modelsoup.formats.peft_adapter.AdapterSource`).
+
+    A folder that also holds a full model's weights (``model.safetensors``, ...) is a
+    model folder: its full weights are what is read.
 
     Example:
-        >>> is_adapter_folder(Path("/nonexistent"))
-        False
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "adapter_config.json").write_text("{}")
+        >>> _ = (d / "adapter_model.safetensors").write_bytes(b"")
+        >>> is_adapter_folder(d), is_adapter_folder(d.parent)
+        (True, False)
     """
     return (
         path.is_dir()
         and (path / ADAPTER_CONFIG).is_file()
         and any((path / name).is_file() for name in ADAPTER_WEIGHTS)
+        and not is_model_folder(path)
     )
 
 
@@ -108,6 +118,13 @@ def open_source(
     """
     if is_adapter_folder(path):
         return AdapterSource(path, base=base)
+    if path.name in ADAPTER_WEIGHTS and is_adapter_folder(path.parent):
+        # the factors alone are not a model: read as one, they would be souped factor by factor
+        raise IngredientError(
+            f"{path}: the lora_A/lora_B factors of a PEFT adapter, not a model; give the "
+            f"adapter folder {path.parent} instead (with its base model as --base), and it "
+            "is read as the merged model"
+        )
     if path.is_dir():
         return open_folder(path, key=key)
     if path.name.endswith(SAFETENSORS_SUFFIXES):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 
 from modelsoup._util import atomic_file, old_sibling, temp_sibling
 from modelsoup.errors import IngredientError, WriteError
-from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
+from modelsoup.formats.training_args import read_training_args
 
 #: files of one training run that do not describe a soup (transformers' Trainer writes
 #: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
@@ -34,7 +36,25 @@ TRAINING_STATE = frozenset(
         "eval_results.json",
     }
 )
+#: the rest of a Trainer checkpoint: weight-suffixed, but not weights of a model
+_TRAINER_STATE_FILE = re.compile(r"(optimizer|scheduler|scaler|rng_state(_\d+)?)\.(pt|pth|bin)")
+
+
+def is_training_state(name: str) -> bool:
+    """Whether a file name is a training run's state rather than model weights.
+
+    Example:
+        >>> is_training_state("training_args.bin"), is_training_state("rng_state_3.pth")
+        (True, True)
+        >>> is_training_state("pytorch_model.bin")
+        False
+    """
+    return name in TRAINING_STATE or _TRAINER_STATE_FILE.fullmatch(name) is not None
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+#: what an error about a broken model folder tells the user to do
+_REDO = "; re-download or re-save the model folder"
 _LAYOUTS = (
     ("model.safetensors.index.json", SafetensorsSource),
     ("model.safetensors", SafetensorsSource),
@@ -53,40 +73,160 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name, _ in _LAYOUTS)
 
 
-def _shards(index_path: Path) -> list[Path]:
+def read_index(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file), checked.
+
+    It must map strings to strings, and every shard it names must be a file in the
+    index's folder: a path that leaves it (``../x``, ``/etc/x``, a symlink to elsewhere)
+    is refused. The one symlink allowed out is the Hugging Face hub cache's, from
+    ``snapshots/<revision>/`` to the ``blobs/`` of the same repository.
+
+    Example:
+        >>> import json, tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "model-1.safetensors").write_bytes(b"")
+        >>> _ = (d / "i.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+        >>> read_index(d / "i.json")
+        {'w': 'model-1.safetensors'}
+    """
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise IngredientError(f"{index_path}: corrupt shard index ({err})") from err
-    files = sorted(set(weight_map.values()))
-    paths = [index_path.parent / f for f in files]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise IngredientError(f"{index_path}: shard {missing[0].name} is missing")
-    return paths
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise IngredientError(f"{index_path}: cannot read ({err.strerror})") from err
+    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
+        raise IngredientError(f"{index_path}: corrupt shard index ({err})" + _REDO) from err
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "nothing" if weight_map is None else json.dumps(weight_map)[:40]
+        raise IngredientError(
+            f"{index_path}: corrupt shard index: 'weight_map' must map each tensor name to its "
+            f"shard file, but it is {found}" + _REDO
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise IngredientError(
+                f"{index_path}: corrupt shard index: tensor '{name}' is mapped to "
+                f"{json.dumps(shard)}, not a shard file name" + _REDO
+            )
+    for shard in sorted(set(weight_map.values())):
+        _check_shard_path(index_path, shard)
+    return weight_map
 
 
-def open_folder(path: Path, key: str | None = None) -> TensorSource:
-    """Open an HF model folder lazily.
+def _check_shard_path(index_path: Path, shard: str) -> None:
+    folder = index_path.parent.resolve()
+    path = index_path.parent / shard
+    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise IngredientError(
+            f"{index_path}: the shard '{shard}' is outside the model folder; an index may "
+            "only name files inside its own folder: put the shard there and name it by its "
+            "file name"
+        )
+    if not path.is_file():
+        raise IngredientError(f"{index_path}: shard '{shard}' is missing (or not a file)" + _REDO)
+    target = path.resolve()
+    in_cache = folder.parent.name == "snapshots" and target.parent == folder.parent.parent / "blobs"
+    if not (target.is_relative_to(folder) or in_cache):
+        raise IngredientError(
+            f"{index_path}: the shard '{shard}' is a link to {target}, outside the model "
+            "folder; copy the shard into the folder instead of linking it"
+        )
+
+
+def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source) -> None:
+    # both ways: the index names no tensor its shard lacks, the shards hold none it omits
+    folder = index_path.parent
+    stored = {name: source.file_of(name) for name in source.names()}
+    for name, shard in weight_map.items():
+        if name not in stored:
+            raise IngredientError(
+                f"{index_path}: the index puts tensor '{name}' in {shard}, but no shard "
+                "holds it" + _REDO
+            )
+        if stored[name] != folder / shard:
+            raise IngredientError(
+                f"{index_path}: the index puts tensor '{name}' in {shard}, but it is stored "
+                f"in {stored[name].relative_to(folder)}" + _REDO
+            )
+    for name, path in stored.items():
+        if name not in weight_map:
+            raise IngredientError(
+                f"{index_path}: shard {path.relative_to(folder)} holds tensor '{name}', which "
+                "the index does not list" + _REDO
+            )
+
+
+def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
+    """The weight files of an HF model folder (safetensors preferred) and their reader.
+
+    A shard index is checked first (:func:`read_index`): a mapping of names to files
+    inside the folder.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
         >>> d = Path(tempfile.mkdtemp())
         >>> safetensors.torch.save_file({"w": torch.ones(1)}, str(d / "model.safetensors"))
-        >>> open_folder(d).names()
-        ['w']
+        >>> [p.name for p in weight_files(d)[0]]
+        ['model.safetensors']
     """
     for name, reader in _LAYOUTS:
         candidate = path / name
         if candidate.exists():
-            files = _shards(candidate) if name.endswith(".index.json") else [candidate]
-            if reader is TorchSource:
-                return TorchSource(files, label=str(path), key=key)
-            return SafetensorsSource(files, label=str(path))
+            if not name.endswith(".index.json"):
+                return [candidate], reader
+            return sorted({path / shard for shard in read_index(candidate).values()}), reader
     raise IngredientError(
         f"{path}: no model weights found (expected model.safetensors, a shard index or "
         "pytorch_model.bin)"
     )
+
+
+def read_config(path: Path) -> dict:
+    """A folder's ``config.json`` as a dict; ``{}`` when absent or not a JSON object.
+
+    Example:
+        >>> read_config(Path("/nonexistent"))
+        {}
+    """
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def open_folder(path: Path, key: str | None = None) -> TensorSource:
+    """Open an HF model folder lazily.
+
+    The folder's ``config.json`` gives the source's ``architecture`` (``architectures``,
+    ``model_type``, sizes), and a Trainer's ``training_args.bin`` its
+    ``hyperparameters`` (read without unpickling code:
+    :func:`~modelsoup.formats.training_args.read_training_args`). A sharded folder's
+    index is checked against its shards both ways: a tensor the index names but no
+    shard holds, or one a shard holds but the index does not name, means the folder is
+    incomplete or mixed up, and is refused.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> d = Path(tempfile.mkdtemp())
+        >>> safetensors.torch.save_file({"w": torch.ones(1)}, str(d / "model.safetensors"))
+        >>> _ = (d / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+        >>> src = open_folder(d)
+        >>> src.names(), src.architecture
+        (['w'], {'model_type': 'bert', 'hidden_size': 8})
+    """
+    files, reader = weight_files(path)
+    if reader is TorchSource:
+        source: TensorSource = TorchSource(files, label=str(path), key=key)
+    else:
+        source = SafetensorsSource(files, label=str(path))
+    index = next((path / n for n, _ in _LAYOUTS if (path / n).exists()), None)
+    if index is not None and index.name.endswith(".index.json"):
+        _check_against_index(index, read_index(index), source)
+    source.architecture = architecture_of(read_config(path))
+    if (path / "training_args.bin").is_file():
+        source.hyperparameters = read_training_args(path / "training_args.bin")
+    return source
 
 
 def plan_shards(layout: Mapping[str, TensorMeta], max_shard_size: int) -> list[list[str]]:

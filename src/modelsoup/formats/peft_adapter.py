@@ -39,7 +39,7 @@ import torch
 
 from modelsoup._util import temp_sibling
 from modelsoup.errors import IncompatibleIngredientsError, IngredientError
-from modelsoup.formats.base import TensorMeta, TensorSource, files_sha256
+from modelsoup.formats.base import TensorMeta, TensorSource, hash_files
 from modelsoup.formats.hf_folder import _replace_dir, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
@@ -431,7 +431,7 @@ class AdapterSource(TensorSource):
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(b"lora-adapter|")
-        digest.update(files_sha256(self.adapter_files).encode())
+        digest.update(hash_files(self.adapter_files).encode())
         digest.update(self.base.fingerprint().encode())
         return digest.hexdigest()
 

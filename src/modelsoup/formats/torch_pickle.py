@@ -14,20 +14,27 @@ Which tensors count as the weights (first match wins):
 3. DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are removed when every
    name has them; Lightning's ``model.`` prefix is removed when the checkpoint is a
    Lightning one (``pytorch-lightning_version`` present) and every name has it.
+
+What else the checkpoint carries is kept for later: timm's ``args`` and ``arch`` and
+Lightning's ``hyper_parameters`` give the source's ``architecture`` and
+``hyperparameters``; a Lightning checkpoint's layout (:class:`LightningLayout`) lets a
+soup saved as ``.ckpt`` go back into Lightning (:func:`write_torch`).
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -54,15 +61,19 @@ def load_pickle(path: Path) -> object:
         {'w': tensor([1.])}
     """
     try:
-        try:
-            with torch.serialization.safe_globals(_SAFE_EXTRAS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as err:
-            # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
-            if "mmap" not in str(err) and "zipfile" not in str(err):
-                raise
-            with torch.serialization.safe_globals(_SAFE_EXTRAS):
-                return torch.load(path, map_location="cpu", weights_only=True)
+        # torch's own warnings while loading (deprecated storages, pickle protocols, beta
+        # layouts) are about torch, not about the checkpoint: what matters is refused below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as err:
+                # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
+                if "mmap" not in str(err) and "zipfile" not in str(err):
+                    raise
+                with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                    return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except pickle.UnpicklingError as err:
@@ -117,6 +128,8 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
         else:
             state, notes = obj[found], [f"key '{found}'"]
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for name, t in state.items():
+        check_tensor(name, t, label)
     prefixes = ["module.", "_orig_mod."]
     if "pytorch-lightning_version" in obj:
         prefixes.append("model.")
@@ -127,7 +140,116 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
     return state, ", ".join(notes)
 
 
-class TorchSource(TensorSource):
+def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
+    """Refuse a state-dict entry that is not a named, dense, real tensor holding data.
+
+    A pickle may hold anything torch can rebuild, not only what a soup can average:
+    a meta tensor has no values (it would average as zeros), sparse and nested tensors
+    have no fixed element layout, complex and quantized values are not averaged here.
+
+    Example:
+        >>> import torch
+        >>> check_tensor("w", torch.ones(2))
+        >>> try:
+        ...     check_tensor("w", torch.empty(2, device="meta"), "a.pt")
+        ... except IngredientError as err:
+        ...     print(str(err)[:44])
+        a.pt: tensor 'w' is a meta tensor: it has no
+    """
+    if not isinstance(name, str):
+        raise IngredientError(
+            f"{label}: the state dict has the key {name!r} ({type(name).__name__}), not a "
+            "tensor name; re-save it as a dict of name -> tensor (model.state_dict())"
+        )
+    where = f"{label}: tensor '{name}'"
+    if t.is_meta:
+        raise IngredientError(
+            f"{where} is a meta tensor: it has no values (saved from a model built on the "
+            "meta device, e.g. with init_empty_weights, before its weights were loaded); "
+            "re-save it after loading the real weights"
+        )
+    if t.is_nested:
+        raise IngredientError(
+            f"{where} is a nested tensor, which has no fixed shape to average; "
+            "re-save it as ordinary tensors"
+        )
+    if t.layout != torch.strided:
+        raise IngredientError(
+            f"{where} has the {str(t.layout).removeprefix('torch.')} layout; soups average "
+            "dense tensors: re-save it with .to_dense()"
+        )
+    if t.is_quantized or t.is_complex():
+        raise IngredientError(
+            f"{where} is {str(t.dtype).removeprefix('torch.')}, which modelsoup does not "
+            "average; re-save the checkpoint in a real floating dtype (e.g. float32)"
+        )
+
+
+#: what a Lightning checkpoint needs besides its weights to load with
+#: ``LightningModule.load_from_checkpoint`` (training state such as optimizer states,
+#: loops and callbacks is left out: a soup was not trained)
+LIGHTNING_KEYS = (
+    "pytorch-lightning_version",
+    "hyper_parameters",
+    "hparams_name",
+    "hparams_type",
+    "epoch",
+    "global_step",
+)
+
+
+@dataclass(frozen=True)
+class LightningLayout:
+    """How a Lightning checkpoint wraps its weights: the ``state_dict`` key, the name
+    prefix the reader removed (``model.``), and the entries Lightning reads on load.
+
+    Example:
+        >>> import torch
+        >>> layout = LightningLayout("model.", {"pytorch-lightning_version": "2.4.0"})
+        >>> sorted(layout.wrap({"w": torch.ones(1)}))
+        ['pytorch-lightning_version', 'state_dict']
+        >>> list(layout.wrap({"w": torch.ones(1)})["state_dict"])
+        ['model.w']
+    """
+
+    prefix: str
+    extras: Mapping[str, object] = field(default_factory=dict)
+
+    def wrap(self, state: Mapping[str, torch.Tensor]) -> dict:
+        """The checkpoint dict to save: the extras, and the weights under ``state_dict``
+        with the prefix restored."""
+        return {**self.extras, "state_dict": {self.prefix + k: v for k, v in state.items()}}
+
+
+def _scalars(mapping: object) -> dict[str, object]:
+    items = vars(mapping) if isinstance(mapping, argparse.Namespace) else mapping
+    if not isinstance(items, Mapping):
+        return {}
+    return {
+        str(k): v
+        for k, v in items.items()
+        if isinstance(v, bool | int | float | str) and isinstance(k, str)
+    }
+
+
+def _described(obj: Mapping, state: Mapping) -> tuple[dict, dict, LightningLayout | None]:
+    """Architecture, hyperparameters and Lightning layout of an unpickled checkpoint."""
+    hyper = _scalars(obj.get("args"))  # timm's train.py: its argparse arguments
+    arch = architecture_of(hyper)
+    if isinstance(obj.get("arch"), str):
+        arch.setdefault("arch", obj["arch"])
+    lightning = None
+    if "pytorch-lightning_version" in obj:
+        hyper = _scalars(obj.get("hyper_parameters"))
+        arch = architecture_of(hyper)
+        raw = obj.get("state_dict")
+        stripped = isinstance(raw, Mapping) and all(f"model.{k}" in raw for k in state)
+        prefix = "model." if state and stripped else ""
+        lightning = LightningLayout(prefix, {k: obj[k] for k in LIGHTNING_KEYS if k in obj})
+    return arch, hyper, lightning
+
+
+class TorchSource(HeldSource):
     """A torch pickle, or the ``pytorch_model-*.bin`` shards of one checkpoint.
 
     Example:
@@ -143,29 +265,36 @@ class TorchSource(TensorSource):
         self.files = tuple(Path(f) for f in files)
         self.label = label or str(self.files[0])
         self._tensors: dict[str, torch.Tensor] = {}
+        self._shard: dict[str, int] = {}
+        #: set when the (first) file is a Lightning checkpoint
+        self.lightning: LightningLayout | None = None
         notes = []
-        for path in self.files:
-            state, note = unwrap(load_pickle(path), key, str(path))
+        for index, path in enumerate(self.files):
+            obj = load_pickle(path)
+            state, note = unwrap(obj, key, str(path))
+            if not notes:
+                self.architecture, self.hyperparameters, self.lightning = _described(obj, state)
             notes.append(note)
             for name, t in state.items():
                 if name in self._tensors:
                     raise IngredientError(f"{self.label}: tensor '{name}' is stored in two shards")
                 self._tensors[name] = t
+                self._shard[name] = index
         self.note = notes[0] if notes else ""
 
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, name: str) -> TensorMeta:
-        t = self._tensors[name]
-        return TensorMeta(tuple(t.shape), t.dtype)
+    def file_of(self, name: str) -> Path:
+        return self.files[self._shard[name]]
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name]
 
 
-def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
-    """Save a plain state dict with ``torch.save``, atomically.
+def write_torch(
+    path: Path, state: Mapping[str, torch.Tensor], lightning: LightningLayout | None = None
+) -> None:
+    """Save a plain state dict with ``torch.save``, atomically; with ``lightning``, in
+    Lightning's layout (weights under ``state_dict`` with their prefix restored, the
+    version and hyperparameters beside them), so ``load_from_checkpoint`` reads it.
 
     Unlike safetensors output this needs the whole soup in memory at once.
 
@@ -176,5 +305,12 @@ def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
         >>> torch.load(p, weights_only=True)
         {'w': tensor([0.])}
     """
-    with atomic_file(path) as tmp:
-        torch.save(dict(state), tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(lightning.wrap(state) if lightning is not None else dict(state), fh)
+        except RuntimeError as err:
+            # torch.save reports a failed write (a full disk) as a RuntimeError; given a
+            # file object, the OSError behind it is kept as the context: raise that.
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise

@@ -8,6 +8,9 @@ evaluations where greedy costs k, and can find pairs that greedy's fixed order m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from pydantic import PositiveInt
 
 from modelsoup.recipes._common import member_weights
@@ -20,7 +23,14 @@ class ForwardOptions(RecipeOptions):
     max_ingredients: PositiveInt | None = None
 
 
-@register("forward", ForwardOptions)
+def _bound(pool: Sequence[Any], options: ForwardOptions) -> int:
+    """Step k tries every ingredient not yet in: n-1, n-2, ... up to ``max_ingredients``."""
+    n = len(pool)
+    size = min(n, options.max_ingredients or n)
+    return sum(n - k for k in range(1, size))
+
+
+@register("forward", ForwardOptions, bound=_bound)
 def forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None) -> Soup:
     """Forward selection: repeatedly add the ingredient that helps most, until none helps.
 
@@ -51,7 +61,8 @@ def forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None
         remaining = [i for i in range(n) if i not in members]
         if not remaining:
             break
-        scores = [taster.score_members([*members, i], to_beat=best) for i in remaining]
+        # a candidate must beat the soup strictly; one that provably cannot may stop early
+        scores = [taster.score_members([*members, i], to_beat=best, strict=True) for i in remaining]
         pick = taster.best(scores)
         if not taster.better(scores[pick], best, strict=True):
             trace.append(

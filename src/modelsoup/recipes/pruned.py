@@ -28,7 +28,8 @@ class PrunedOptions(RecipeOptions):
     runs: PositiveInt = 1
 
 
-@register("pruned", PrunedOptions)
+# the uniform soup, then at most one removal per ingredient per pass
+@register("pruned", PrunedOptions, bound=lambda pool, o: 1 + o.passes * len(pool))
 def pruned_soup(
     taster: Taster, *, passes: int = 1, order: str = "sorted", seed: int = 0, strict: bool = False
 ) -> Soup:
@@ -54,7 +55,7 @@ def pruned_soup(
             if i not in members or len(members) == 1:
                 continue
             candidate = [m for m in members if m != i]
-            score = taster.score_members(candidate, to_beat=baseline)
+            score = taster.score_members(candidate, to_beat=baseline, strict=strict)
             if taster.better(score, baseline, strict=strict):
                 members, baseline, removed_any = candidate, score, True
                 trace.append(

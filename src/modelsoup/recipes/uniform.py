@@ -3,13 +3,14 @@ scores the same soup on held-out for the report."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
@@ -34,13 +35,17 @@ def average(
     int_policy: str = "strict",
     key: str | None = None,
     base: str | Path | None = None,
+    strict: bool = False,
 ) -> Soup:
     """The uniform soup of ``sources``, or their weighted average with ``weights``.
 
     Weights must be finite and >= 0; they are normalised to sum to 1 unless
     ``normalize=False``. Checkpoints are opened lazily and checked for compatible
-    names and shapes before any arithmetic. LoRA adapter folders are mixed as weight
-    changes over their base (``base``, or the local folder their config names).
+    names and shapes, and for equal integer tensors under ``int_policy="strict"``,
+    before any arithmetic (:func:`~modelsoup.ingredients.check_compatible`); checkpoints
+    that describe different architectures are warned about, or refused with ``strict``.
+    LoRA adapter folders are mixed as weight changes over their base (``base``, or the
+    local folder their config names).
 
     Example:
         >>> import torch
@@ -48,13 +53,24 @@ def average(
         >>> soup.state_dict()["w"]
         tensor([0.7500])
     """
-    ingredients = open_ingredients(sources, key=key, base=base)
+    ingredients = open_ingredients(
+        sources, key=key, int_policy=int_policy, strict=strict, base=base
+    )
     if weights is None:
         coefs = [1.0] * len(ingredients)
         recipe = "uniform"
     else:
         coefs = check_coefficients(weights, len(ingredients))
         recipe = "weighted"
+    members = [ing.label for ing, c in zip(ingredients, coefs) if c > 0]
+    if len(members) == 1:
+        why = "it is the only ingredient" if len(ingredients) == 1 else "only it has weight > 0"
+        warnings.warn(
+            f"this soup is a copy of {members[0]}, not an average ({why}); give two or "
+            "more ingredients to average",
+            SoupWarning,
+            stacklevel=2,
+        )
     return Soup(
         ingredients,
         coefs,
@@ -65,7 +81,7 @@ def average(
     )
 
 
-@register("uniform", NoOptions)
+@register("uniform", NoOptions, bound=lambda pool, o: 1)
 def uniform_soup(taster: Taster) -> Soup:
     """The uniform soup of every ingredient, with its held-out score.
 
