@@ -30,7 +30,7 @@ LAYERS = [
     ["modelsoup.tasting"],
     ["modelsoup.distributed"],
     ["modelsoup.recipes."],
-    ["modelsoup.hf"],
+    ["modelsoup.hf."],
     ["modelsoup.cook."],
     ["modelsoup.demo."],
     ["modelsoup.cli"],
