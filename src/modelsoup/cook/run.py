@@ -195,6 +195,11 @@ def cook(
         time.perf_counter() - started,
         out,
     )
+    result.perplexity_columns = [
+        column
+        for column, ev in (("held_out", held), ("test", test_ev))
+        if getattr(ev, "reports_perplexity", False)
+    ]
     _warn_if_collapsed(result)
     if out is not None and (ranks is None or ranks.is_main):
         if opts.save == "all":
