@@ -267,6 +267,10 @@ class TokenScorer(ClassifierEvaluator):
         picked = logits[scored].double().log_softmax(-1)
         return picked.gather(-1, target[scored][:, None])[:, 0].cpu()
 
+    def score_logits(self, logits: torch.Tensor) -> float:
+        """The mean of :meth:`per_example`, in float64."""
+        return float(self.per_example(logits).double().mean())
+
     def sequence_sums(self, values: torch.Tensor) -> torch.Tensor:
         """Per-sequence sums of per-token ``values`` (one entry per scored token)."""
         if values.shape[0] != self.owner.shape[0]:
