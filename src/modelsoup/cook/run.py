@@ -65,6 +65,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append(f"{options['passes']} pass" + ("es" if options["passes"] != 1 else ""))
     if options.get("ingredients") not in (None, "all"):
         parts.append(f"{options['ingredients']} ingredients")
+    if options.get("last"):
+        parts.append(f"last {options['last']}")
     if options.get("variant"):
         parts.append(str(options["variant"]))
     return f"{name} ({', '.join(parts)})" if parts else name

@@ -208,7 +208,9 @@ def windows(length: int, first: int, max_length: int, stride: int) -> list[tuple
 class TokenScorer(ClassifierEvaluator):
     """Base of the language-model evaluators: log-probabilities of chosen tokens.
 
-    ``sequences`` are ``(token ids, first scored position)`` pairs; they are cut into
+    ``sequences`` are ``(token ids, first scored position)`` pairs, or ``(token ids,
+    first scored position, labels)`` where labels (one per token, ``-100`` for context)
+    say which tokens to score, as transformers' unshifted ``labels`` do; they are cut into
     windows of at most ``max_length`` tokens, batched and padded on the right. Its
     :meth:`~modelsoup.evaluators.ClassifierEvaluator.logits` give each scored token's
     log-probability (float64), in order; :attr:`owner` names the sequence of each.
@@ -229,11 +231,12 @@ class TokenScorer(ClassifierEvaluator):
     ):
         stride = stride if stride is not None else max(1, max_length // 2)
         items, owner = [], []
-        for index, (ids, first) in enumerate(sequences):
+        for index, (ids, first, *given) in enumerate(sequences):
+            targets = list(given[0]) if given else list(ids)
             for start, scored, end in windows(len(ids), first, max_length, stride):
-                labels = [IGNORE] * (scored - start) + list(ids[scored:end])
+                labels = [IGNORE] * (scored - start) + targets[scored:end]
                 items.append((list(ids[start:end]), labels))
-                owner += [index] * (end - scored)
+                owner += [index] * sum(t != IGNORE for t in targets[scored:end])
         if not items:
             raise ConfigError("no token to score: every text is shorter than two tokens")
         batches = []
@@ -286,6 +289,38 @@ class TokenScorer(ClassifierEvaluator):
         return torch.bincount(self.owner, minlength=self.num_sequences).double()
 
 
+def _scored(sequence: tuple) -> int:
+    """How many tokens of a sequence are scored."""
+    ids, first, *given = sequence
+    return sum(t != IGNORE for t in (given[0] if given else ids)[first:])
+
+
+def sequences_from_batches(batches: Sequence[dict[str, torch.Tensor]]) -> list[tuple]:
+    """``(ids, first, labels)`` sequences from batches of ``input_ids``/``labels`` rows.
+
+    ``labels`` follow transformers' causal-LM convention: unshifted, ``-100`` where a
+    token is not scored; padding (``attention_mask`` 0) is dropped.
+
+    Example:
+        >>> import torch
+        >>> batch = {"input_ids": torch.tensor([[5, 6, 7, 0]]),
+        ...          "attention_mask": torch.tensor([[1, 1, 1, 0]]),
+        ...          "labels": torch.tensor([[-100, 6, 7, -100]])}
+        >>> sequences_from_batches([batch])
+        [([5, 6, 7], 1, [-100, 6, 7])]
+    """
+    out = []
+    for batch in batches:
+        ids_rows, label_rows = batch["input_ids"], batch.get("labels", batch["input_ids"])
+        masks = batch.get("attention_mask", torch.ones_like(ids_rows))
+        for ids, labels, mask in zip(ids_rows, label_rows, masks):
+            keep = mask.bool()
+            ids, labels = ids[keep].tolist(), labels[keep].tolist()
+            scored = [t for t, label in enumerate(labels) if label != IGNORE and t > 0]
+            out.append((ids, scored[0] if scored else len(ids), labels))
+    return out
+
+
 class CausalLMLoss(TokenScorer):
     """Mean negative log-likelihood of documents' tokens, in nats (lower is better).
 
@@ -315,7 +350,7 @@ class CausalLMLoss(TokenScorer):
         average: Literal["tokens", "documents"] = "tokens",
         **kwargs: Any,
     ):
-        kept = [s for s in sequences if len(s[0]) > s[1]]
+        kept = [s for s in sequences if _scored(s)]
         if len(kept) < len(sequences):
             warnings.warn(
                 f"{len(sequences) - len(kept)} of {len(sequences)} documents have no token to "
