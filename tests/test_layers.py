@@ -32,6 +32,7 @@ LAYERS = [
     ["modelsoup.recipes."],
     ["modelsoup.hf."],
     ["modelsoup.cook."],
+    ["modelsoup.integrations."],
     ["modelsoup.demo."],
     ["modelsoup.cli"],
     ["modelsoup", "modelsoup._compat"],  # the package face: re-exports only

@@ -102,12 +102,24 @@ def auto_class_name(task: str) -> str:
     )
 
 
-def _keep_stored_names_only(model: torch.nn.Module, stored: set[str]) -> None:
+def keep_stored_names_only(model: torch.nn.Module, stored: set[str]) -> Any:
     """Hide tied copies (e.g. an LM head tied to the embeddings) from ``state_dict``.
 
     ``save_pretrained`` stores a tied tensor once; the module still lists every alias.
     Writing a soup into the module copies into the stored name, which the alias
-    shares, so the alias is simply left out of the names modelsoup compares.
+    shares, so the alias is simply left out of the names modelsoup compares. Returns
+    the hook's handle (``handle.remove()`` undoes it), or ``None`` when nothing is tied.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> m[1].weight = m[0].weight
+        >>> handle = keep_stored_names_only(m, {"0.weight", "0.bias", "1.bias"})
+        >>> sorted(m.state_dict())
+        ['0.bias', '0.weight', '1.bias']
+        >>> handle.remove()
+        >>> len(m.state_dict())
+        4
     """
     state = model.state_dict(keep_vars=True)
     owners = {
@@ -119,13 +131,13 @@ def _keep_stored_names_only(model: torch.nn.Module, stored: set[str]) -> None:
         if n not in stored and t.numel() and (t.data_ptr(), tuple(t.shape)) in owners
     }
     if not aliases:
-        return
+        return None
 
     def drop_aliases(module, state_dict, prefix, local_metadata) -> None:
         for name in aliases:
             state_dict.pop(prefix + name, None)
 
-    model.register_state_dict_post_hook(drop_aliases)
+    return model.register_state_dict_post_hook(drop_aliases)
 
 
 def _architectures(folder: Path) -> list[str]:
@@ -219,7 +231,7 @@ def load_architecture(
             else ""
         )
         raise ConfigError(f"{folder}/config.json: cannot build the model ({err}){hint}") from None
-    _keep_stored_names_only(model, set(open_folder(folder).names()))
+    keep_stored_names_only(model, set(open_folder(folder).names()))
     return model
 
 
