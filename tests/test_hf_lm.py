@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +190,7 @@ ingredients: ["{lm_pool}/ft-*"]
 held_out: {{perplexity: held.txt, max_length: 8, stride: 4, batch_size: 3}}
 test: {{hf_causal_lm_loss: test.jsonl}}
 recipes: [{{name: greedy}}]
+task: causal_lm
 output: {out}
 bootstrap_resamples: 200
 """
@@ -351,3 +354,12 @@ def test_bad_lm_data_is_refused_with_the_example_named(lm_pool, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match="no documents"):
         causal_lm_loss(empty, folder)
+
+
+def test_the_language_models_doc_example_runs(tmp_path, monkeypatch, capsys):
+    doc = Path(__file__).resolve().parents[1] / "docs" / "language-models.md"
+    block = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(doc), "exec"), {})
+    assert "On held-out data the best soup is" in capsys.readouterr().out
+    assert (tmp_path / "lm-kitchen" / "soups" / "report.md").is_file()
