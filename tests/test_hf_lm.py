@@ -18,10 +18,12 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from modelsoup.cli import main  # noqa: E402
-from modelsoup.cook.config import load_config  # noqa: E402
+from modelsoup.cook.config import load_config, resolve_parts  # noqa: E402
 from modelsoup.errors import ConfigError  # noqa: E402
 from modelsoup.hf import (  # noqa: E402
+    CausalLMLoss,
     CausalLMLossData,
+    MultipleChoice,
     MultipleChoiceData,
     causal_lm_loss,
     load_architecture,
@@ -363,3 +365,19 @@ def test_the_language_models_doc_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(block, str(doc), "exec"), {})
     assert "On held-out data the best soup is" in capsys.readouterr().out
     assert (tmp_path / "lm-kitchen" / "soups" / "report.md").is_file()
+
+
+def test_a_config_names_the_lm_evaluators_and_the_task(lm_pool, tmp_path):
+    row = {"question": "the sky is", "choices": ["blue", "green"], "answer": 0}
+    (tmp_path / "mc.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(
+        f"model: hf\ningredients: [{lm_pool}/ft-*]\ntask: causal_lm\noutput: out\n"
+        f"held_out: {{perplexity: {lm_pool}/held.txt, average: documents}}\n"
+        "test: {hf_multiple_choice: mc.jsonl, normalize: characters}\n"
+    )
+    parts = resolve_parts(load_config(cfg))
+    assert isinstance(parts.held_out, CausalLMLoss) and parts.held_out.average == "documents"
+    assert isinstance(parts.test, MultipleChoice) and parts.test.answers.tolist() == [0]
+    assert parts.test.divisors.tolist() == [5.0, 6.0]  # " blue", " green"
+    assert type(parts.model()).__name__ == "LlamaForCausalLM"

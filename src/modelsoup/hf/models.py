@@ -140,6 +140,9 @@ def keep_stored_names_only(model: torch.nn.Module, stored: set[str]) -> Any:
     return model.register_state_dict_post_hook(drop_aliases)
 
 
+_keep_stored_names_only = keep_stored_names_only  # its name before hf became a package
+
+
 def _architectures(folder: Path) -> list[str]:
     try:
         raw = json.loads((folder / "config.json").read_text())
