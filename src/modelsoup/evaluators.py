@@ -398,12 +398,22 @@ class ClassifierEvaluator:
         model.eval()
         try:
             with torch.inference_mode():
-                outs = {i: forward_logits(model, batches[i][0]).float().cpu() for i in mine}
+                outs = {i: self.batch_outputs(model, *batches[i]) for i in mine}
         finally:
             model.train(was_training)
         if self.sharding is not None:
             return self.sharding.gather(outs, len(batches))
         return torch.cat(list(outs.values()))
+
+    def batch_outputs(
+        self, model: torch.nn.Module, inputs: Any, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """What :meth:`logits` keeps of one batch: the model's logits, float32 on CPU.
+
+        An evaluator that needs less of each batch (a language model's probability of
+        each scored token, not its logits over the whole vocabulary) overrides this.
+        """
+        return forward_logits(model, inputs).float().cpu()
 
     def per_example(self, logits: torch.Tensor) -> torch.Tensor:
         return self.per_example_of(logits, self.labels)

@@ -15,10 +15,11 @@ Example config::
 Import paths are ``module:attribute``, or ``file.py:attribute`` relative to the config
 file. Every recipe entry is checked against that recipe's own options.
 
-Hugging Face classifiers need no code: ``model: hf`` builds the architecture from the
-first ingredient folder's ``config.json``, and ``held_out``/``test`` may name the
-built-in text evaluator, e.g. ``{hf_text_classification: held.csv, max_length: 64}``
-(see :mod:`modelsoup.hf`).
+Hugging Face models need no code: ``model: hf`` builds the architecture from the
+first ingredient folder's ``config.json`` (the head from ``architectures``, or from
+``task:``), and ``held_out``/``test`` may name a built-in evaluator, e.g.
+``{hf_text_classification: held.csv, max_length: 64}``, ``{hf_causal_lm_loss: held.txt}``
+(alias ``perplexity``) or ``{hf_multiple_choice: mc.jsonl}`` (see :mod:`modelsoup.hf`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import same_data
-from modelsoup.hf import TextClassificationData
+from modelsoup.hf import CausalLMLossData, MultipleChoiceData, TextClassificationData
 from modelsoup.recipes.registry import get_recipe
 
 DEFAULT_RECIPES = [
@@ -78,25 +80,44 @@ class RecipeEntry(BaseModel):
         return dict(self.model_extra or {})
 
 
+#: the built-in evaluators: the config key that names each, and its options model
+BUILT_IN_EVALUATORS = {
+    "hf_text_classification": TextClassificationData,
+    "hf_causal_lm_loss": CausalLMLossData,
+    "perplexity": CausalLMLossData,
+    "hf_multiple_choice": MultipleChoiceData,
+}
+BuiltInEvaluator = TextClassificationData | CausalLMLossData | MultipleChoiceData
+
+
 def _evaluator_form(value: Any) -> str | None:
     if isinstance(value, str):
         return "import path"
-    if isinstance(value, dict | TextClassificationData):
-        return "built-in"
+    if isinstance(value, BaseModel) and type(value) in BUILT_IN_EVALUATORS.values():
+        return type(value).__name__
+    if isinstance(value, dict):
+        for key, form in BUILT_IN_EVALUATORS.items():
+            if key in value:
+                return form.__name__
+        return TextClassificationData.__name__  # the first built-in: its error names the key
     return None
 
 
 #: ``held_out`` and ``test``: an import path, or a mapping that names a built-in evaluator
 EvaluatorSpec = Annotated[
-    Annotated[str, Tag("import path")] | Annotated[TextClassificationData, Tag("built-in")],
+    Annotated[str, Tag("import path")]
+    | Annotated[TextClassificationData, Tag(TextClassificationData.__name__)]
+    | Annotated[CausalLMLossData, Tag(CausalLMLossData.__name__)]
+    | Annotated[MultipleChoiceData, Tag(MultipleChoiceData.__name__)],
     Discriminator(
         _evaluator_form,
         custom_error_type="evaluator_form",
         custom_error_message="give an import path (module:function) or a mapping such as "
-        "{hf_text_classification: held.csv}",
+        "{hf_text_classification: held.csv} or {hf_causal_lm_loss: held.txt}",
     ),
 ]
-_FORM_TAGS = {"import path", "built-in"}  # pydantic's union tags: not config keys
+#: pydantic's union tags: not config keys
+_FORM_TAGS = {"import path"} | {form.__name__ for form in BUILT_IN_EVALUATORS.values()}
 
 
 class CookOptions(BaseModel):
@@ -171,6 +192,10 @@ class CookConfig(CookOptions):
     align_batches: int | None = Field(default=None, ge=1)
     #: let transformers run code shipped in the ingredient folder (``model: hf``)
     trust_remote_code: bool = False
+    #: ``model: hf`` only: the head to build (causal_lm, sequence_classification,
+    #: token_classification, masked_lm, ... or an Auto class name); by default the class
+    #: config.json's ``architectures`` names
+    task: str | None = None
     #: where relative paths are resolved (the config file's folder)
     base_dir: str = "."
 
@@ -220,6 +245,12 @@ class CookConfig(CookOptions):
             f"'{v}' is neither hf nor an import path; write module:function (a function "
             "returning the architecture), or hf"
         )
+
+    @model_validator(mode="after")
+    def _task_needs_hf(self) -> CookConfig:
+        if self.task is not None and self.model != "hf":
+            raise ValueError("task: applies to model: hf only; your model function builds the head")
+        return self
 
 
 def _spelling_hint(key: object, known: Iterable[str]) -> str:
@@ -390,7 +421,7 @@ def resolve(target: str, base_dir: str | Path = ".") -> Any:
 
 
 def resolve_evaluator(
-    target: str | TextClassificationData | None,
+    target: str | BuiltInEvaluator | None,
     base_dir: str | Path = ".",
     ingredients: Sequence[str | Path] = (),
     *,
@@ -399,7 +430,7 @@ def resolve_evaluator(
     """Resolve an evaluator import path; a factory (no ``evaluate``) is called once.
 
     A built-in form such as ``{hf_text_classification: held.csv}`` is built with the
-    tokenizer and labels of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
+    tokenizer (and labels) of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
 
     Example:
         >>> resolve_evaluator(None) is None
@@ -407,13 +438,16 @@ def resolve_evaluator(
     """
     if target is None:
         return None
-    if isinstance(target, TextClassificationData):
-        from modelsoup.hf import model_folder, text_classification
+    if isinstance(target, BaseModel):
+        from modelsoup import hf
 
-        folder = model_folder(ingredients)
-        return text_classification(
-            target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code
-        )
+        build = {
+            TextClassificationData: hf.text_classification,
+            CausalLMLossData: hf.causal_lm_loss,
+            MultipleChoiceData: hf.multiple_choice,
+        }[type(target)]
+        folder = hf.model_folder(ingredients)
+        return build(target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code)
     obj = resolve(target, base_dir)
     return obj if hasattr(obj, "evaluate") else obj()
 
@@ -539,7 +573,9 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     if config.model == "hf":  # the architecture from the first folder's config.json
         from modelsoup.hf import model_factory
 
-        model = model_factory(ingredients, trust_remote_code=config.trust_remote_code)
+        model = model_factory(
+            ingredients, task=config.task, trust_remote_code=config.trust_remote_code
+        )
     else:
         model = resolve(config.model, base)
     trust = config.trust_remote_code

@@ -28,8 +28,14 @@ def _fmt(x: float | None, std: float | None = None, scale: float = 1.0) -> str:
     return text
 
 
+def _perplexity(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else math.inf
+
+
 def report_scale(result) -> float:
-    """Show accuracies as percentages (100); anything outside [0, 1] as is (1)."""
+    """Show accuracies as percentages (100); losses and anything outside [0, 1] as is (1)."""
+    if getattr(result, "perplexity_columns", None):
+        return 1.0  # a language model's loss in nats, however small, is no percentage
     scores = list(result.individual_held_out) + (result.individual_test or [])
     return 100.0 if all(0.0 <= s <= 1.0 for s in scores) else 1.0
 
@@ -67,6 +73,9 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
             "seconds": round(m.seconds, 3),
             "saved": m.saved,
         }
+        for column in getattr(result, "perplexity_columns", []):
+            if row[column] is not None:
+                row[f"{column}_perplexity"] = _perplexity(row[column])
         pe = m.test_per_example
         if pe is not None:
             ci = bootstrap_ci(pe.numpy(), n_resamples=bootstrap_resamples, seed=seed)
@@ -230,9 +239,14 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
         ci_text = f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]" if ci else "-"
         vs = r.get("vs_best_individual", {}).get("text", "-")
         size = f"{r['ingredients']:.3g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
+        held = _fmt(r["held_out"], r["held_out_std"], scale)
+        test = _fmt(r["test"], r["test_std"], scale)
+        if "held_out_perplexity" in r:
+            held += f" (perplexity {r['held_out_perplexity']:.2f})"
+        if "test_perplexity" in r:
+            test += f" (perplexity {r['test_perplexity']:.2f})"
         lines.append(
-            f"| {r['method']} | {_fmt(r['held_out'], r['held_out_std'], scale)} "
-            f"| {_fmt(r['test'], r['test_std'], scale)} | {ci_text} | {vs} | {size} "
+            f"| {r['method']} | {held} | {test} | {ci_text} | {vs} | {size} "
             f"| {r['evaluations']} ({r['reused_from_journal']}) | {r['seconds']:.1f} |"
         )
     lines.append("")

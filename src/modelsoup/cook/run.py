@@ -68,6 +68,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append(f"{options['passes']} pass" + ("es" if options["passes"] != 1 else ""))
     if options.get("ingredients") not in (None, "all"):
         parts.append(f"{options['ingredients']} ingredients")
+    if options.get("last"):
+        parts.append(f"last {options['last']}")
     if options.get("variant"):
         parts.append(str(options["variant"]))
     return f"{name} ({', '.join(parts)})" if parts else name
@@ -241,6 +243,11 @@ def _cook(
         time.perf_counter() - started,
         out,
     )
+    result.perplexity_columns = [
+        column
+        for column, ev in (("held_out", held), ("test", test_ev))
+        if getattr(ev, "reports_perplexity", False)
+    ]
     if collapsed:
         result.notes.append(collapsed)
         warnings.warn(collapsed, SoupWarning, stacklevel=2)
