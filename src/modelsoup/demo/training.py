@@ -8,7 +8,10 @@ RNG (dropout) and the generator that shuffles the batches.
 Training data is ``(inputs, labels)``: ``inputs`` is a tensor (the model is
 called as ``model(x)``) or a dict of tensors such as
 :func:`modelsoup.demo.models.tokenize` returns (called as ``model(**batch)``);
-``labels`` is an int64 tensor of class indices.
+``labels`` is an int64 tensor of class indices. With ``objective="causal_lm"`` the
+model is a language model and ``labels`` are its token targets, one row per sequence
+(unshifted, ``-100`` where a token is not scored, as transformers' causal-LM labels):
+each token is predicted from the ones before it.
 
 Example:
     >>> import torch
@@ -21,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -39,6 +43,7 @@ from torch import nn
 from modelsoup._util import atomic_file
 from modelsoup._util import progress as stage_progress
 from modelsoup.errors import ConfigError
+from modelsoup.evaluators import forward_logits
 
 __all__ = ["ingredient_name", "train_grid", "train_ingredient"]
 
@@ -50,16 +55,27 @@ ModelFactory = Callable[[], nn.Module]
 _FORMAT = 1
 _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("linear", "cosine", "constant")
+_OBJECTIVES = ("classification", "causal_lm")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_IGNORE = -100  # a token label that is not scored (transformers' convention)
 
 
 # --------------------------------------------------------------------------- one run
 
 
-def _check_data(data: TrainData) -> tuple[Inputs, torch.Tensor, int]:
+def _check_data(
+    data: TrainData, objective: str = "classification"
+) -> tuple[Inputs, torch.Tensor, int]:
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise ConfigError("training data must be a pair (inputs, labels)")
     inputs, labels = data
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+    if objective == "causal_lm":
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+            raise ConfigError(
+                "causal_lm labels must be a 2-D tensor of token ids (-100: not scored), "
+                "one row per sequence"
+            )
+    elif not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         raise ConfigError("labels must be a 1-D tensor of class indices")
     n = labels.shape[0]
     tensors = inputs.values() if isinstance(inputs, Mapping) else [inputs]
@@ -82,8 +98,35 @@ def _rows(inputs: Inputs, index: torch.Tensor) -> Inputs:
     return inputs[index]
 
 
-def _call(model: nn.Module, batch: Inputs) -> torch.Tensor:
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+def _loss(
+    objective: str, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy in float32: of the classes, or of each next token (``causal_lm``)."""
+    if objective == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        logits = logits.reshape(-1, logits.shape[-1])
+        labels = labels.reshape(-1)
+    return nn.functional.cross_entropy(
+        logits.float(), labels, ignore_index=_IGNORE, label_smoothing=label_smoothing
+    )
+
+
+def _load_start(model: nn.Module, start_state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``start_state`` strictly against the names ``model.state_dict()`` lists.
+
+    A tied copy (an LM head tied to the embeddings) is hidden from ``state_dict`` by
+    :func:`modelsoup.hf.models.keep_stored_names_only` and shares the stored tensor, so
+    it is neither expected in ``start_state`` nor left behind when it is absent.
+    """
+    names = set(model.state_dict())
+    missing, unexpected = sorted(names - set(start_state)), sorted(set(start_state) - names)
+    if missing or unexpected:
+        raise ConfigError(
+            "start_state does not match the model: "
+            f"missing {', '.join(missing[:5]) or 'nothing'}; "
+            f"unexpected {', '.join(unexpected[:5]) or 'nothing'}"
+        )
+    model.load_state_dict(start_state, strict=False)
 
 
 def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
@@ -141,6 +184,8 @@ def train_ingredient(
     warmup_frac: float = 0.0,
     label_smoothing: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    objective: str = "classification",
+    autocast: str | None = None,
     start_state: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -150,7 +195,10 @@ def train_ingredient(
     model (it is deep-copied, never modified). ``start_state`` is loaded before
     training; pass the same one to every ingredient of a soup. Only parameters
     with ``requires_grad`` are trained. The learning rate warms up linearly for
-    ``warmup_frac`` of the steps, then follows ``schedule``.
+    ``warmup_frac`` of the steps, then follows ``schedule``. ``objective`` is
+    ``classification`` (labels are class indices) or ``causal_lm`` (labels are each
+    sequence's token targets). ``autocast="bf16"`` (or ``"fp16"``) runs the forward
+    and backward passes under CPU autocast; the weights and optimizer stay float32.
 
     Example:
         >>> import torch
@@ -173,7 +221,11 @@ def train_ingredient(
         raise ConfigError(f"epochs={epochs}, batch_size={batch_size}: both must be at least 1")
     if not 0.0 <= warmup_frac < 1.0:
         raise ConfigError(f"warmup_frac={warmup_frac}: must be in [0, 1)")
-    inputs, labels, n = _check_data(train_data)
+    if objective not in _OBJECTIVES:
+        raise ConfigError(f"objective={objective!r}: choose one of {', '.join(_OBJECTIVES)}")
+    if autocast is not None and autocast not in _AUTOCAST:
+        raise ConfigError(f"autocast={autocast!r}: choose one of {', '.join(_AUTOCAST)} or None")
+    inputs, labels, n = _check_data(train_data, objective)
 
     # The seed covers model construction too, so a factory that initializes
     # randomly still gives the same weights for the same seed.
@@ -183,11 +235,16 @@ def train_ingredient(
     else:
         model = model_factory()
     if start_state is not None:
-        model.load_state_dict(start_state)
+        _load_start(model, start_state)
     opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
     base_lrs = [g["lr"] for g in opt.param_groups]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    # only the forward and backward passes are cast; the weights stay float32
+    cast = (
+        functools.partial(torch.autocast, "cpu", dtype=_AUTOCAST[autocast])
+        if autocast is not None
+        else contextlib.nullcontext
+    )
 
     steps_per_epoch = math.ceil(n / batch_size)
     total = steps_per_epoch * epochs
@@ -203,7 +260,9 @@ def train_ingredient(
             factor = _lr_factor(schedule, step, total, warmup)
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * factor
-            loss = loss_fn(_call(model, _rows(inputs, index)), labels[index])
+            with cast():
+                logits = forward_logits(model, _rows(inputs, index))
+            loss = _loss(objective, logits, labels[index], label_smoothing)
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"training diverged at step {step} (loss {loss.item()}); lower lr={lr}"
@@ -333,7 +392,7 @@ def train_grid(
     for key, values in grid.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ConfigError(f"grid[{key!r}] must be a non-empty list of values")
-    _check_data(train_data)
+    _check_data(train_data, fixed.get("objective", "classification"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
