@@ -86,7 +86,8 @@ def _nll(model, tokenizer, texts, max_len) -> float:
 def test_lm_demo_cooks_by_held_out_loss_then_reruns_from_cache(tiny_start, tmp_path):
     settings = _settings(tiny_start)
     out, work = tmp_path / "out", tmp_path / "work"
-    result = run_demo(settings=settings, output=out, workdir=work, progress=False)
+    # progress on, without a terminal (as under make or CI): one log line per stage
+    result = run_demo(settings=settings, output=out, workdir=work, progress=True)
     report = result.report
 
     assert [r["method"] for r in report["rows"]] == [
