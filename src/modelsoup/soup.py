@@ -2,8 +2,9 @@
 
 A soup is a recipe's answer, not a tensor blob: it keeps the ingredients (lazily
 opened), one coefficient per ingredient (or per tensor and ingredient, for layer-wise
-and learned-by-layer soups), the recipe's options, a trace of every step and its
-scores. Weights are made on demand, tensor by tensor:
+and learned-by-layer soups), the merge rule that mixes them (the weighted average by
+default; see :mod:`modelsoup.merge`) with its base model, the recipe's options, a trace
+of every step and its scores. Weights are made on demand, tensor by tensor:
 
 - :meth:`Soup.apply` writes them into an existing module, in place;
 - :meth:`Soup.state_dict` returns them as a dict;
@@ -32,7 +33,8 @@ from modelsoup.accumulator import (
 )
 from modelsoup.errors import ConfigError, WriteError
 from modelsoup.formats.base import TensorMeta
-from modelsoup.ingredients import Ingredient, warn_if_duplicated
+from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, warn_if_duplicated
+from modelsoup.merge import MergeSpec, as_merge, check_base, check_members, merged_pieces
 from modelsoup.writer import sidecar_path, write_tensors
 
 _logger = logging.getLogger(__name__)
@@ -86,10 +88,20 @@ class Soup:
     int_policy: str = "strict"
     #: tensors that replace the mix, e.g. BatchNorm statistics re-estimated after averaging
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the merge rule and its options (a name, a mapping ``{rule: ..., ...}`` or a spec)
+    merge: MergeSpec | str | Mapping | None = None
+    #: the base model (pretrained start) that task vectors are taken from
+    base: Ingredient | None = None
 
     def __post_init__(self) -> None:
         self.coefficients = check_coefficients(self.coefficients, len(self.ingredients))
         check_int_policy(self.int_policy)
+        self.merge = as_merge(self.merge)
+        if self.base is not None:
+            self.base = open_ingredient(self.base, label="base")
+            check_compatible([self.base, self.ingredients[0]], warn_duplicates=False)
+        check_base(self.merge, self.base)
+        check_members(self.merge, len(self.chosen))
 
     @property
     def chosen(self) -> list[int]:
@@ -147,6 +159,9 @@ class Soup:
                     other = self.ingredients[i]
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
+        if not self.merge.is_average:
+            (whole,) = self._merged(name, max(1, meta.numel)) or [torch.empty(0)]
+            return whole.reshape(meta.shape).to(parse_dtype(out_dtype) or meta.dtype)
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
@@ -178,9 +193,13 @@ class Soup:
         if name in self.overrides or not meta.is_floating:
             yield self.tensor(name, out_dtype).reshape(-1)
             return
-        used, total = self._mix_plan(name)
         dtype = parse_dtype(out_dtype) or meta.dtype
         step = max(1, int(max_elements or PIECE_ELEMENTS))
+        if not self.merge.is_average:
+            for piece in self._merged(name, step):
+                yield piece.to(dtype)
+            return
+        used, total = self._mix_plan(name)
         for start in range(0, meta.numel, step):
             count = min(step, meta.numel - start)
             acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
@@ -188,6 +207,23 @@ class Soup:
             for i, c in used:
                 acc.add_(self.ingredients[i].tensor_range(name, start, count, scratch), alpha=c)
             yield self._finish(name, acc, used, total).to(dtype)
+
+    def _merged(self, name: str, step: int) -> Iterator[torch.Tensor] | list[torch.Tensor]:
+        # a merge rule other than the plain average: members' pieces, mixed by the rule
+        used, total = self._mix_plan(name)
+        meta = self.ingredients[0].meta(name)
+        if meta.numel == 0:
+            return []
+        members = [(i, self.ingredients[i], c / total) for i, c in used]
+        return merged_pieces(
+            self.merge,
+            name,
+            meta,
+            members,
+            self.base,
+            step=step,
+            accum_dtype=self.accum_dtype,
+        )
 
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
@@ -289,9 +325,10 @@ def card_path(out: str | Path) -> Path:
 
 
 def protected_paths(soup: Soup) -> set[Path]:
-    """Input files (and their hyperparameter sidecars) that no output may replace."""
+    """Input files (and their hyperparameter sidecars), the base's included, that no
+    output may replace."""
     paths: set[Path] = set()
-    for ing in soup.ingredients:
+    for ing in [*soup.ingredients, *([soup.base] if soup.base is not None else [])]:
         for f in ing.files:
             paths.add(f.resolve())
             paths.add(f.with_suffix(".json").resolve())
@@ -346,6 +383,14 @@ def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
     }
     if soup.tensor_coefficients:
         card["tensor_coefficients"] = soup.tensor_coefficients
+    card["merge"] = soup.merge.canonical()
+    if soup.base is not None:
+        base = soup.base
+        card["base"] = {
+            "label": base.label,
+            "path": str(base.path) if base.path is not None else None,
+            "sha256": base.sha256,
+        }
     return card
 
 

@@ -10,7 +10,8 @@ import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.errors import ConfigError
-from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
+from modelsoup.merge import MergeSpec
 from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
 from modelsoup.soup import Soup, check_coefficients
@@ -33,20 +34,31 @@ def average(
     accum_dtype: str | torch.dtype = "float32",
     int_policy: str = "strict",
     key: str | None = None,
+    base: str | Path | Mapping | torch.nn.Module | Ingredient | None = None,
+    merge: str | Mapping | MergeSpec | None = None,
 ) -> Soup:
     """The uniform soup of ``sources``, or their weighted average with ``weights``.
 
     Weights must be finite and >= 0; they are normalised to sum to 1 unless
     ``normalize=False``. Checkpoints are opened lazily and checked for compatible
-    names and shapes before any arithmetic.
+    names and shapes before any arithmetic. ``merge`` picks another merge rule than the
+    weighted average, e.g. ``{"rule": "ties", "density": 0.3}`` (see
+    :mod:`modelsoup.merge`); ``base`` is the pretrained start that task vectors are
+    taken from, checked for compatibility like an ingredient.
 
     Example:
         >>> import torch
         >>> soup = average([{"w": torch.zeros(1)}, {"w": torch.ones(1)}], weights=[1, 3])
         >>> soup.state_dict()["w"]
         tensor([0.7500])
+        >>> ta = average([{"w": torch.full((1,), 3.0)}], base={"w": torch.ones(1)},
+        ...              merge={"rule": "task_arithmetic", "lambda": 0.5})
+        >>> ta.state_dict()["w"]
+        tensor([2.])
     """
     ingredients = open_ingredients(sources, key=key)
+    if base is not None:
+        base = open_ingredient(base, label="base", key=key)
     if weights is None:
         coefs = [1.0] * len(ingredients)
         recipe = "uniform"
@@ -60,6 +72,8 @@ def average(
         options={"normalize": normalize},
         accum_dtype=_accum(accum_dtype),
         int_policy=int_policy,
+        merge=merge,
+        base=base,
     )
 
 
