@@ -55,6 +55,10 @@ def disjoint_merge(taus: list[torch.Tensor], weights: list[float]) -> torch.Tens
         >>> disjoint_merge([torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])], [0.5, 0.5])
         tensor([2., 2.])
     """
+    # Sign and disjoint mean do not change when every weight is scaled: scaled so the
+    # largest is 1, equal weights are exactly 1 and a tied vote sums to exactly 0.
+    top = max(weights)
+    weights = [w / top for w in weights]
     vote = torch.zeros_like(taus[0])
     for tau, w in zip(taus, weights):
         vote.add_(tau, alpha=w)
