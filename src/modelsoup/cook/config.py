@@ -6,8 +6,10 @@ Example config::
     ingredients: [runs/*.safetensors]    # paths, folders or globs
     held_out: mypkg.data:held_out        # returns an evaluator (chooses the soups)
     test: mypkg.data:test                # optional: returns an evaluator (reports only)
+    base: runs/pretrained.safetensors    # optional: the start, for merge rules that need it
     recipes:
       - {name: greedy, order: sorted}
+      - {name: greedy, merge: {rule: ties, density: 0.3}}
       - {name: greedy, order: random, runs: 5}
       - {name: pruned, passes: 3}
     output: soups/
@@ -123,6 +125,9 @@ class CookConfig(CookOptions):
 
     model: str
     ingredients: list[str] = Field(min_length=1)
+    #: the pretrained start the ingredients were fine-tuned from (merge rules on task
+    #: vectors need it: a recipe's ``merge: {rule: ties, density: 0.3}``)
+    base: str | None = None
     held_out: EvaluatorSpec
     test: EvaluatorSpec | None = None
     recipes: list[RecipeEntry] = Field(
@@ -379,6 +384,7 @@ class ConfigParts:
     test: Any
     recalibrate: Callable | None
     output: Path
+    base: str | None = None
 
 
 def resolve_parts(config: CookConfig) -> ConfigParts:
@@ -407,4 +413,8 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
-    return ConfigParts(ingredients, model, held, test, resolve_recalibration(config), output)
+    base_model = None
+    if config.base is not None:
+        base_model = config.base if Path(config.base).is_absolute() else str(base / config.base)
+    recalibrate = resolve_recalibration(config)
+    return ConfigParts(ingredients, model, held, test, recalibrate, output, base_model)

@@ -35,8 +35,9 @@ from modelsoup.cook.results import CookResult, MethodResult
 from modelsoup.distributed import init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator
-from modelsoup.ingredients import open_ingredients
+from modelsoup.ingredients import open_ingredient, open_ingredients
 from modelsoup.journal import Journal
+from modelsoup.merge import as_merge, check_base
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
 from modelsoup.repair.batchnorm import as_recalibration
@@ -67,6 +68,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append(f"{options['ingredients']} ingredients")
     if options.get("variant"):
         parts.append(str(options["variant"]))
+    if options.get("merge") and as_merge(options["merge"]).rule != "linear":
+        parts.append(as_merge(options["merge"]).describe())
     return f"{name} ({', '.join(parts)})" if parts else name
 
 
@@ -116,6 +119,7 @@ def cook(
     recalibrate: Callable[[torch.nn.Module], None] | Any = None,
     options: CookOptions | None = None,
     progress: bool = True,
+    base: Any = None,
     **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
@@ -124,7 +128,9 @@ def cook(
     With ``output``, soups, the journal and the report are written there. ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
-    How the cook runs (``device``, ``seed``, ``bootstrap_resamples``, ``save``, ...) is
+    ``base`` is the pretrained start that merge rules on task vectors need (a recipe's
+    ``merge: {rule: ties, ...}``). How the cook runs (``device``, ``seed``,
+    ``bootstrap_resamples``, ``save``, ...) is
     a :class:`~modelsoup.cook.config.CookOptions`, given whole as ``options`` or key by
     key as keyword arguments; an unknown key is a :class:`ConfigError`.
 
@@ -162,6 +168,11 @@ def cook(
     journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
+    if base is not None:
+        base = open_ingredient(base, label="base", key=opts.checkpoint_key)
+    for entry in entries:  # before any evaluation: a rule that needs the base names itself
+        if entry.options().get("merge") is not None:
+            check_base(as_merge(entry.options()["merge"]), base)
     taster = Taster(
         pool,
         module,
@@ -173,6 +184,7 @@ def cook(
         recalibrate_candidates=opts.recalibrate_candidates,
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
         progress=progress,
+        base=base,
     )
     methods: list[MethodResult] = []
     for entry in entries:
@@ -338,6 +350,11 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
             "align: true cannot run under torchrun (every rank would write the aligned "
             "checkpoints); align in one process first, then cook the aligned checkpoints"
         )
+    if config.align and parts.base is not None:
+        raise ConfigError(
+            "align and base cannot be combined: task vectors need the ingredients in the "
+            "base's own unit order; fine-tunes of one base need no alignment"
+        )
     if config.align:
         method = "reference" if config.align is True else config.align
         ingredients = align_pool(
@@ -361,4 +378,5 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
         recalibrate=recalibrate,
         options=config.options(),
         progress=progress,
+        base=parts.base,
     )

@@ -17,12 +17,21 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from modelsoup.errors import ConfigError
+from modelsoup.merge import MergeSpec
 
 
 class RecipeOptions(BaseModel):
     """Base of every recipe's options: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MergingOptions(RecipeOptions):
+    """Options of a recipe whose candidates may be mixed with any merge rule."""
+
+    #: the merge rule and its options, e.g. ``{rule: ties, density: 0.3}``; default: the
+    #: weighted average (the accumulator's fast path)
+    merge: MergeSpec | None = None
 
 
 @dataclass(frozen=True)
