@@ -8,8 +8,10 @@ Jang et al. 2024, Eq. 5; task arithmetic: Ilharco et al. 2023; WiSE-FT: Wortsman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -17,6 +19,7 @@ import torch
 
 from conftest import tiny_state
 from modelsoup import average
+from modelsoup.cli import main
 from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
 from modelsoup.merge import RULES, as_merge
 from modelsoup.merge.dare import BLOCK
@@ -355,3 +358,70 @@ def test_the_base_is_never_overwritten(tmp_path):
     soup = average([tiny_state(1)], base=base, merge="model_stock")
     with pytest.raises(Exception, match="would overwrite the input"):
         soup.save(base, progress=False)
+
+
+# -- the command line ----------------------------------------------------------
+
+
+def _files(tmp_path, count=3):
+    paths = []
+    for s in range(count):
+        path = tmp_path / f"ft{s}.safetensors"
+        safetensors.torch.save_file(tiny_state(s), str(path))
+        paths.append(str(path))
+    base = tmp_path / "base.safetensors"
+    safetensors.torch.save_file(tiny_state(10), str(base))
+    return paths, str(base)
+
+
+def test_cli_average_with_a_base_and_a_merge_rule(tmp_path, capsys):
+    paths, base = _files(tmp_path)
+    out = tmp_path / "ties.safetensors"
+    args = ["average", *paths, "--base", base, "--merge", "ties", "--density", "0.3"]
+    assert main([*args, "--lambda", "0.9", "-o", str(out), "-q"]) == 0
+    assert "merged with ties density=0.3, lambda=0.9" in capsys.readouterr().out
+    expected = average(
+        paths, base=base, merge={"rule": "ties", "density": 0.3, "lambda": 0.9}
+    ).state_dict()
+    written = safetensors.torch.load_file(str(out))
+    for name, value in expected.items():
+        assert torch.equal(written[name], value), name
+    card = json.loads(card_path(out).read_text())
+    assert card["merge"] == {"rule": "ties", "density": 0.3, "lambda": 0.9}
+    assert card["base"]["sha256"] == hashlib.sha256(Path(base).read_bytes()).hexdigest()
+
+
+def test_cli_average_slerp_dare_and_wise_ft(tmp_path):
+    paths, base = _files(tmp_path)
+    out = tmp_path / "s.safetensors"
+    assert (
+        main(["average", *paths[:2], "--merge", "slerp", "--t", "0.4", "-o", str(out), "-q"]) == 0
+    )
+    out = tmp_path / "d.safetensors"
+    dare = ["--merge", "dare_ties", "--density", "0.5", "--seed", "4"]
+    assert main(["average", *paths, "--base", base, *dare, "-o", str(out), "-q"]) == 0
+    assert json.loads(card_path(out).read_text())["merge"]["seed"] == 4
+    out = tmp_path / "w.safetensors"
+    assert main(["average", *paths, "--base", base, "--alpha", "0.5", "-o", str(out), "-q"]) == 0
+    assert json.loads(card_path(out).read_text())["merge"] == {"rule": "linear", "alpha": 0.5}
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--merge", "ties", "--density", "0.3"], "merge rule 'ties' works on task vectors"),
+        (["--merge", "ties", "--density", "0"], "option 'density'"),
+        (["--merge", "ties"], "option 'density': required"),
+        (["--merge", "slerp", "--t", "0.5"], "'slerp' merges exactly 2 members; this soup has 3"),
+        (["--merge", "ties", "--density", "0.3", "--t", "0.5"], "option 't'"),
+        (["--merge", "tie"], "merge rule 'tie' is unknown"),
+        (["--density", "0.5"], "rule 'linear' has no such option"),
+    ],
+)
+def test_cli_average_bad_merge_flags_are_one_error_line(tmp_path, capsys, extra, needle):
+    paths, _ = _files(tmp_path)
+    out = tmp_path / "x.safetensors"
+    assert main(["average", *paths, *extra, "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()

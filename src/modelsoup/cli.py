@@ -42,10 +42,12 @@ def cmd_average(args: argparse.Namespace) -> int:
         accum_dtype=args.accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
+        base=args.base,
+        merge=_merge_flags(args),
     )
-    note = ""
+    note = "" if soup.merge.is_average else f", merged with {soup.merge.describe()}"
     if args.recalibrate_bn:
-        note = _recalibrate_average(soup, args)
+        note += _recalibrate_average(soup, args)
     out = soup.save(
         args.output,
         out_dtype=args.out_dtype,
@@ -58,6 +60,24 @@ def cmd_average(args: argparse.Namespace) -> int:
         f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}); card {card_path(out)}"
     )
     return 0
+
+
+#: ``average`` flags that are options of a merge rule, by option name
+MERGE_FLAGS = {
+    "density": "density",
+    "lambda": "lambda_",
+    "t": "t",
+    "alpha": "alpha",
+    "seed": "seed",
+}
+
+
+def _merge_flags(args: argparse.Namespace) -> dict:
+    merge = {"rule": args.merge or "linear"}
+    for option, dest in MERGE_FLAGS.items():
+        if getattr(args, dest) is not None:
+            merge[option] = getattr(args, dest)
+    return merge
 
 
 def _recalibrate_average(soup, args: argparse.Namespace) -> str:
@@ -248,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["strict", "first"],
         help="integer tensors: refuse if they differ, or take the first's",
     )
+    p.add_argument(
+        "--base",
+        metavar="B",
+        help="the pretrained start the sources were fine-tuned from (rules on task vectors)",
+    )
+    p.add_argument(
+        "--merge",
+        metavar="RULE",
+        help="merge rule: linear (default), task_arithmetic, ties, dare_linear, dare_ties, "
+        "slerp, model_stock, wise_ft (docs/merge-rules.md)",
+    )
+    p.add_argument("--density", type=float, help="ties, dare_*: share of each task vector kept")
+    p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector")
+    p.add_argument("--t", type=float, help="slerp: where between the two members, in [0, 1]")
+    p.add_argument(
+        "--alpha", type=float, help="WiSE-FT on top: (1 - alpha) base + alpha soup, in [0, 1]"
+    )
+    p.add_argument("--seed", type=int, help="dare_*: seed of the drop masks (recorded)")
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
     p.add_argument(
