@@ -186,12 +186,11 @@ def check_recipes(config: CookConfig, source: str = "config") -> None:
         except ValidationError as err:
             first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
             key = ".".join(str(x) for x in first["loc"])
-            msg = first["msg"]
+            msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 msg = "unknown option" + _spelling_hint(key, spec.options.model_fields)
-            raise ConfigError(
-                f"{source}: config key 'recipes.{i}.{key}' ({entry.name}): {msg}"
-            ) from None
+            where = f"recipes.{i}.{key}" if key else f"recipes.{i}"
+            raise ConfigError(f"{source}: config key '{where}' ({entry.name}): {msg}") from None
 
 
 def load_config(path: str | Path) -> CookConfig:

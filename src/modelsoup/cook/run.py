@@ -68,7 +68,9 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append(f"{options['ingredients']} ingredients")
     if options.get("variant"):
         parts.append(str(options["variant"]))
-    if options.get("merge") and as_merge(options["merge"]).rule != "linear":
+    if "option" in options and options.get("merge"):  # search: the rule and what it tunes
+        parts.append(f"{options['merge']['rule']} {options['option']}")
+    elif options.get("merge") and as_merge(options["merge"]).rule != "linear":
         parts.append(as_merge(options["merge"]).describe())
     return f"{name} ({', '.join(parts)})" if parts else name
 
@@ -171,8 +173,7 @@ def cook(
     if base is not None:
         base = open_ingredient(base, label="base", key=opts.checkpoint_key)
     for entry in entries:  # before any evaluation: a rule that needs the base names itself
-        if entry.options().get("merge") is not None:
-            check_base(as_merge(entry.options()["merge"]), base)
+        check_base(as_merge(get_recipe(entry.name).options(**entry.options()).merge_rule()), base)
     taster = Taster(
         pool,
         module,

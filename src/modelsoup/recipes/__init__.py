@@ -3,7 +3,9 @@
 Evaluation-free: :func:`average` (uniform or weighted). Evaluation-guided, each taking
 a :class:`~modelsoup.tasting.Taster`: ``greedy``, ``forward``, ``pruned``, the
 ``ensemble`` and ``greedy_ensemble`` baselines, ``best_individual`` and ``uniform``;
-``learned`` (coefficients trained by gradient) and ``layerwise`` (per-group choices).
+``learned`` (coefficients trained by gradient), ``layerwise`` (per-group choices) and
+``search`` (a merge rule's option chosen on held-out). ``greedy``, ``forward``,
+``pruned`` and ``layerwise`` take ``merge:``, the rule that mixes their candidates.
 """
 
 from modelsoup.recipes.baselines import best_individual
@@ -14,6 +16,7 @@ from modelsoup.recipes.layerwise import layerwise_soup
 from modelsoup.recipes.learned import learned_soup
 from modelsoup.recipes.pruned import pruned_soup
 from modelsoup.recipes.registry import RECIPES, get_recipe
+from modelsoup.recipes.search import search_soup
 from modelsoup.recipes.uniform import average, uniform_soup
 
 __all__ = [
@@ -29,5 +32,6 @@ __all__ = [
     "learned_soup",
     "output_ensemble",
     "pruned_soup",
+    "search_soup",
     "uniform_soup",
 ]

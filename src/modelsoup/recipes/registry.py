@@ -25,6 +25,10 @@ class RecipeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def merge_rule(self) -> MergeSpec | None:
+        """The merge rule the recipe mixes its candidates with (``None``: the average)."""
+        return None
+
 
 class MergingOptions(RecipeOptions):
     """Options of a recipe whose candidates may be mixed with any merge rule."""
@@ -32,6 +36,9 @@ class MergingOptions(RecipeOptions):
     #: the merge rule and its options, e.g. ``{rule: ties, density: 0.3}``; default: the
     #: weighted average (the accumulator's fast path)
     merge: MergeSpec | None = None
+
+    def merge_rule(self) -> MergeSpec | None:
+        return self.merge
 
 
 @dataclass(frozen=True)
