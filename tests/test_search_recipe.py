@@ -127,3 +127,24 @@ bootstrap_resamples: 100
     card = json.loads((out / (row["saved"] + ".json")).read_text())
     assert card["merge"]["rule"] == "task_arithmetic"
     assert card["merge"]["lambda"] == card["options"]["chosen"]
+
+
+def test_slerp_is_searched_over_exactly_two_ingredients_and_refused_in_greedy():
+    two = open_ingredients([{"weight": torch.zeros(1, 1)}, {"weight": torch.ones(1, 1)}])
+    taster = Taster(two, torch.nn.Linear(1, 1, bias=False), lambda m: -abs(m.weight.item() - 0.3))
+    soup = search_soup(taster, merge={"rule": "slerp"}, option="t", grid=[0.1, 0.3, 0.5])
+    assert soup.options["chosen"] == 0.3  # a zero member: slerp falls back to linear
+    three = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (0.0, 1.0, 2.0)])
+    taster = Taster(three, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0)
+    with pytest.raises(ConfigError, match="'slerp' merges exactly 2 members; this soup has 3"):
+        search_soup(taster, merge={"rule": "slerp"}, option="t", grid=[0.5])
+    assert taster.evaluations == 0
+    config = CookConfig(
+        model="m:f",
+        ingredients=["a"],
+        held_out="m:e",
+        output="o",
+        recipes=[{"name": "greedy", "merge": {"rule": "slerp", "t": 0.5}}],
+    )
+    with pytest.raises(ConfigError, match="recipes.0.merge.*candidates change in size"):
+        check_recipes(config)

@@ -69,7 +69,7 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
     if options.get("variant"):
         parts.append(str(options["variant"]))
     if "option" in options and options.get("merge"):  # search: the rule and what it tunes
-        parts.append(f"{options['merge']['rule']} {options['option']}")
+        parts.append(f"{options['merge'].get('rule', 'linear')} {options['option']}")
     elif options.get("merge") and as_merge(options["merge"]).rule != "linear":
         parts.append(as_merge(options["merge"]).describe())
     return f"{name} ({', '.join(parts)})" if parts else name

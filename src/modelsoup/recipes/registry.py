@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec
@@ -36,6 +36,17 @@ class MergingOptions(RecipeOptions):
     #: the merge rule and its options, e.g. ``{rule: ties, density: 0.3}``; default: the
     #: weighted average (the accumulator's fast path)
     merge: MergeSpec | None = None
+
+    @field_validator("merge")
+    @classmethod
+    def _any_size(cls, v: MergeSpec | None) -> MergeSpec | None:
+        if v is not None and v.spec.members is not None:
+            raise ValueError(
+                f"merge rule '{v.rule}' merges exactly {v.spec.members} members, but this "
+                "recipe's candidates change in size; use the search recipe on two ingredients, "
+                "or modelsoup average"
+            )
+        return v
 
     def merge_rule(self) -> MergeSpec | None:
         return self.merge

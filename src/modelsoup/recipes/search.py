@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import PositiveInt, model_validator
 
 from modelsoup.errors import ConfigError
-from modelsoup.merge import MergeSpec, as_merge
+from modelsoup.merge import MergeSpec, as_merge, check_members
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
@@ -145,6 +145,7 @@ def search_soup(
         bounds=tuple(bounds) if bounds is not None else None,
         iterations=iterations,
     )
+    check_members(opts.merge_rule(), len(taster.ingredients))  # slerp: two, before any work
     weights = [1.0] * len(taster.ingredients)
     scores: dict[float, float] = {}
     trace: list[dict] = []
