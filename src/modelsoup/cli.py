@@ -35,15 +35,20 @@ def cmd_average(args: argparse.Namespace) -> int:
     from modelsoup.recipes.uniform import average
 
     weights = _floats(args.weights) if args.weights else None
+    sources, base, merge, normalize = args.sources, args.base, _merge_flags(args), True
+    if args.from_mergekit:
+        sources, weights, base, merge, normalize = _from_mergekit(args)
+    elif not sources:
+        raise ConfigError("give the checkpoints to average, or --from-mergekit merge.yaml")
     soup = average(
-        args.sources,
+        sources,
         weights,
-        normalize=not args.no_normalize,
+        normalize=normalize and not args.no_normalize,
         accum_dtype=args.accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
-        base=args.base,
-        merge=_merge_flags(args),
+        base=base,
+        merge=merge,
     )
     note = "" if soup.merge.is_average else f", merged with {soup.merge.describe()}"
     if args.recalibrate_bn:
@@ -78,6 +83,49 @@ def _merge_flags(args: argparse.Namespace) -> dict:
         if getattr(args, dest) is not None:
             merge[option] = getattr(args, dest)
     return merge
+
+
+def _from_mergekit(args: argparse.Namespace) -> tuple:
+    import yaml
+
+    from modelsoup.merge.mergekit import mergekit_to_average
+
+    given = [f"--{k}" for k, d in MERGE_FLAGS.items() if getattr(args, d) is not None]
+    given += ["SRC"] * bool(args.sources) + ["--base"] * bool(args.base)
+    given += ["--merge"] * bool(args.merge) + ["--weights"] * bool(args.weights)
+    if given:
+        raise ConfigError(f"--from-mergekit reads the whole merge from its file; drop {given[0]}")
+    try:
+        config = yaml.safe_load(open(args.from_mergekit, encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{args.from_mergekit}: cannot be read ({err.strerror})") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{args.from_mergekit}: not valid YAML") from None
+    plan = mergekit_to_average(config, args.from_mergekit)
+    return plan.sources, plan.weights, plan.base, plan.merge, plan.normalize
+
+
+def cmd_export_mergekit(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from modelsoup._util import atomic_file
+    from modelsoup.merge.mergekit import card_to_mergekit
+
+    try:
+        card = json.loads(open(args.card, encoding="utf-8").read())
+    except OSError as err:
+        raise ConfigError(f"{args.card}: cannot be read ({err.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{args.card}: not a soup card (not JSON)") from None
+    if not isinstance(card, dict) or card.get("format") != "modelsoup.card/1":
+        raise ConfigError(f"{args.card}: not a soup card (no format modelsoup.card/1)")
+    config = card_to_mergekit(card)
+    with atomic_file(args.output) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"wrote {args.output} (mergekit {config['merge_method']} of {len(config['models'])})")
+    return 0
 
 
 def _recalibrate_average(soup, args: argparse.Namespace) -> str:
@@ -246,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("average", help="uniform or weighted soup of checkpoints")
-    p.add_argument("sources", nargs="+", help="checkpoint files, HF folders, folders or globs")
+    p.add_argument("sources", nargs="*", help="checkpoint files, HF folders, folders or globs")
     p.add_argument(
         "-o", "--output", required=True, help="output: .safetensors, .pt, or a folder (HF layout)"
+    )
+    p.add_argument(
+        "--from-mergekit",
+        metavar="YAML",
+        help="redo a mergekit config (whole-model models: lists; see docs/merge-rules.md)",
     )
     p.add_argument("--weights", help="comma-separated weights, one per ingredient (e.g. 1,2,1)")
     p.add_argument(
@@ -298,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate-batches", type=int, help="use at most this many batches of DATA")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_average)
+
+    p = sub.add_parser("export-mergekit", help="write a soup card as a mergekit config")
+    p.add_argument("card", help="the soup card (<soup>.json, or soup_card.json in a folder)")
+    p.add_argument("-o", "--output", required=True, help="the mergekit YAML to write")
+    p.set_defaults(run=cmd_export_mergekit)
 
     p = sub.add_parser("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
     p.add_argument("sources", nargs="+")

@@ -3,8 +3,9 @@ models", Sec. 3 and Algorithm 1).
 
 For each tensor, with task vectors ``tau_i = theta_i - theta_base``:
 
-1. **trim**: keep the ``ceil(density n)`` largest magnitudes of each ``tau_i`` (entries
-   tied with the smallest kept magnitude are kept too), zero the rest;
+1. **trim**: keep the ``floor(density n)`` largest magnitudes (at least one) of each
+   ``tau_i``, as mergekit does (entries tied with the smallest kept magnitude are kept
+   too), zero the rest;
 2. **elect**: the sign of each entry is ``sgn(sum_i w_i trimmed_i)``: the side with the
    greater total (weighted) magnitude. A tie in this vote elects no sign (``sgn(0) =
    0``, as in the paper's equation), so no member agrees and the entry stays at the
@@ -30,7 +31,7 @@ from modelsoup.merge.task_arithmetic import add_scaled
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ``ceil(density n)`` largest magnitudes of ``tau`` (in place).
+    """Zero all but the ``floor(density n)`` largest magnitudes of ``tau`` (in place).
 
     Example:
         >>> import torch
@@ -38,7 +39,7 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
         tensor([ 0., -3.,  2.,  0.])
     """
     n = tau.numel()
-    keep = max(1, math.ceil(round(density * n, 6)))
+    keep = max(1, math.floor(round(density * n, 6)))  # rounded: 0.29 * 100 is 29, not 28
     if keep >= n:
         return tau
     magnitude = tau.abs()
