@@ -213,7 +213,7 @@ def main() -> None:
                 "modelsoup RSS",
                 "mergekit RSS",
                 "RSS ratio",
-                "max |diff|",
+                "max abs diff",
                 "rel. L2 diff",
             ],
             rows,
