@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from modelsoup.datasets import (
     FASHION_MNIST_ROOT,
     load_bbc_news,
@@ -18,7 +19,6 @@ from modelsoup.datasets import (
     load_tweet_sentiment,
     split_indices,
 )
-
 from modelsoup.errors import ConfigError
 
 
