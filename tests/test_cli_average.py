@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,8 +57,17 @@ def test_inspect_reports_compatibility(tmp_path, ckpts, capsys):
     sd = tiny_state(0)
     sd["fc2.weight"] = torch.zeros(4, 16)
     safetensors.torch.save_file(sd, str(bad))
-    assert main(["inspect", str(ckpts[0]), str(bad)]) == 1
-    assert "fc2.weight" in capsys.readouterr().out
+    # Incompatible inputs end as `average` would: the table first, then one error line, exit 2.
+    assert main(["inspect", str(ckpts[0]), str(bad)]) == 2
+    printed = capsys.readouterr()
+    assert "soup-compatible: no" in printed.out and "parameters" in printed.out
+    errors = printed.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: not soup-compatible: ")
+    assert "fc2.weight" in errors[0]
+    assert main(["inspect", "--json", str(ckpts[0]), str(bad)]) == 2
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["compatible"] is False
+    assert printed.err.startswith("error: not soup-compatible: ")
 
 
 def _truncated(tmp_path, ckpts):

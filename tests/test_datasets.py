@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from modelsoup.datasets import (
     FASHION_MNIST_ROOT,
     load_bbc_news,
@@ -19,6 +18,7 @@ from modelsoup.datasets import (
     load_tweet_sentiment,
     split_indices,
 )
+
 from modelsoup.errors import ConfigError
 
 

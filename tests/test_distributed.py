@@ -91,14 +91,19 @@ recipes:
 output: {out}
 bootstrap_resamples: 100
 dist_timeout_s: {timeout}
+racing: {racing}
 """
 
 
-def _config(tmp_path: Path, ckpts: Path, name: str, held: str = "held_out", timeout=20) -> Path:
+def _config(
+    tmp_path: Path, ckpts: Path, name: str, held: str = "held_out", timeout=20, racing="off"
+) -> Path:
+    # racing off: these tests count the examples each rank evaluates
     (tmp_path / "kit.py").write_text(KIT)
     cfg = tmp_path / f"{name}.yaml"
     out = tmp_path / name
-    cfg.write_text(CONFIG.format(ckpts=ckpts, held=held, out=out, timeout=timeout))
+    text = CONFIG.format(ckpts=ckpts, held=held, out=out, timeout=timeout, racing=racing)
+    cfg.write_text(text)
     return cfg
 
 
@@ -134,7 +139,8 @@ def _summary(out: Path) -> dict:
         data = json.loads(card.read_text())
         chosen[card.name] = (data["chosen"], data["scores"])
     lines = (out / "journal.jsonl").read_text().splitlines()[1:]
-    journal = sorted((e["key"], e["score"]) for e in map(json.loads, lines))
+    entries = [json.loads(line) for line in lines]
+    journal = sorted((e["key"], e["score"]) for e in entries if "score" in e)
     return {"rows": rows, "chosen": chosen, "journal": journal}
 
 
@@ -167,6 +173,16 @@ def test_two_ranks_choose_exactly_what_one_process_chooses(tmp_path, digits_ckpt
     assert _summary(tmp_path / "ranks") == two
     lines = (tmp_path / "ranks" / "journal.jsonl").read_text().splitlines()
     assert len(lines) == 1 + len(one["journal"])  # nothing evaluated (or journalled) again
+
+
+def test_racing_ranks_stop_together_and_choose_what_one_process_chooses(tmp_path, digits_ckpts):
+    single = cook_config(_config(tmp_path, digits_ckpts, "single", racing="exact"), progress=False)
+    assert single.taster_stats["races"] > 0
+    run = _torchrun(_config(tmp_path, digits_ckpts, "ranks", racing="exact"))
+    # ranks that stopped at different batches would wait on each other and time out
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = _summary(tmp_path / "single"), _summary(tmp_path / "ranks")
+    assert two["rows"] == one["rows"] and two["chosen"] == one["chosen"]
 
 
 def test_a_hanging_rank_ends_the_run_with_a_clear_error(tmp_path, digits_ckpts):

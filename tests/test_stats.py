@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from modelsoup.stats import bootstrap_ci, mcnemar_p_value, paired_difference
 
 from modelsoup import stats
 from modelsoup.errors import ConfigError
-from modelsoup.stats import bootstrap_ci, mcnemar_p_value, paired_difference
 
 
 def bernoulli(p: float, n: int, seed: int) -> np.ndarray:

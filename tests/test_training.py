@@ -7,12 +7,12 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from modelsoup.datasets import load_digits_split
-from modelsoup.errors import ConfigError
 from modelsoup.models import digits_mlp
 from modelsoup.training import ingredient_name, train_grid, train_ingredient
+from safetensors.torch import load_file
+
+from modelsoup.errors import ConfigError
 
 GRID = {"lr": [3e-3, 1e-2], "weight_decay": [0.0, 0.1]}
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
-
 from modelsoup.training import train_ingredient
+from torch import nn
 
 
 class BasicBlock(nn.Module):

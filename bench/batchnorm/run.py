@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from modelsoup.datasets import load_fashion_mnist
 from modelsoup.diagnose import diagnose
+from safetensors.torch import save_file
+
 from modelsoup.evaluators import Accuracy
 from modelsoup.ingredients import open_ingredients
 from modelsoup.recipes.greedy import greedy_soup

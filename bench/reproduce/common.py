@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from modelsoup.plots import plot_greedy_curve, plot_pruned_passes
+from modelsoup.report import write_report
 
 from modelsoup.cook import CookResult, cook
 from modelsoup.ingredients import open_ingredients
-from modelsoup.plots import plot_greedy_curve, plot_pruned_passes
-from modelsoup.report import write_report
 from modelsoup.tasting import Taster
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from modelsoup.datasets import load_fashion_mnist
+from modelsoup.training import train_grid
 from torch import nn
 
-from modelsoup.datasets import load_fashion_mnist
 from modelsoup.evaluators import Accuracy
 from modelsoup.repair import recalibrate_bn
-from modelsoup.training import train_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402

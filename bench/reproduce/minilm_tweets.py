@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from modelsoup.datasets import load_tweet_sentiment
-from modelsoup.evaluators import Accuracy
 from modelsoup.models import MiniLMClassifier, minilm_classifier, tokenize
 from modelsoup.training import train_grid
+from torch import nn
+
+from modelsoup.evaluators import Accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402

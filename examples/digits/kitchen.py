@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-
 from modelsoup.datasets import load_digits_split
-from modelsoup.evaluators import Accuracy
 from modelsoup.models import digits_mlp
 from modelsoup.training import train_grid
+
+from modelsoup.evaluators import Accuracy
 
 HERE = Path(__file__).resolve().parent
 #: one fixed split: train (fine-tuning), held-out (chooses the soup), test (judges it)

@@ -111,49 +111,84 @@ class atomic_file:  # noqa: N801 - used as a context manager, reads like a funct
             raise write_error(self.path, exc) from exc
 
 
+#: locks this process holds, by lock file, with how many times each was taken
+_HELD: dict[str, int] = {}
+
+
 @contextlib.contextmanager
 def output_lock(path: Path) -> Iterator[None]:
     """Hold an advisory lock (``fcntl.flock``) on an output while it is written.
 
     A second process that asks for the same output fails at once with a clear
     :class:`WriteError` instead of racing the first: run one at a time, or choose another
-    output. The lock is the hidden file ``.<name>.lock`` beside the output.
+    output. The lock is the hidden file ``.<name>.lock`` beside the output. Within one
+    process the lock may be taken again (a cook holds its output folder and then saves
+    into it).
 
     Example:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp()) / "soup.safetensors"
-        >>> with output_lock(out):
+        >>> with output_lock(out), output_lock(out):
         ...     pass
     """
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
+    held = str(lock.absolute())
+    if held in _HELD:
+        _HELD[held] += 1
+        try:
+            yield
+        finally:
+            _HELD[held] -= 1
+        return
+    fh = _acquire(lock, path)
+    _HELD[held] = 1
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock, "a+")
-    except OSError as err:
-        raise write_error(lock, err, "cannot create the lock") from err
-    try:
+        yield
+    finally:
+        del _HELD[held]
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def _acquire(lock: Path, path: Path):
+    """Open and lock ``lock``; the open file holds the lock until closed."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lock, "a+")
+        except OSError as err:
+            raise write_error(lock, err, "cannot create the lock") from err
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise WriteError(
                 f"{path}: another modelsoup run (process {holder}) is writing this output; "
                 "wait for it to finish, or choose another output"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
         try:
-            yield
-        finally:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
+        except OSError:
+            same = False
+        if not same:  # the holder removed the file as we opened it: lock the new one
+            fh.close()
+            continue
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+        except OSError as err:
+            fh.close()
             with contextlib.suppress(OSError):
                 lock.unlink()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    finally:
-        fh.close()
+            raise write_error(lock, err, "cannot write the lock") from err
+        return fh
 
 
 def remove_path(path: Path) -> None:
@@ -346,8 +381,10 @@ def check_device(name: str | torch.device) -> str:
                 f"device '{text}': CUDA is not available on this machine; use device: cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
             raise ConfigError(
-                f"device '{text}': this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"device '{text}': this machine has {count} CUDA device(s); "
+                f"use cuda:0 to cuda:{count - 1}, or cpu"
             )
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)

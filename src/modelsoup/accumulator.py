@@ -54,6 +54,46 @@ def check_same_ints(
         )
 
 
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is one of the 8-bit floats (``float8_e4m3fn``, ``float8_e5m2``, ...).
+
+    Example:
+        >>> import torch
+        >>> is_fp8(torch.float8_e4m3fn), is_fp8(torch.bfloat16), is_fp8(torch.uint8)
+        (True, False, False)
+    """
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ready for arithmetic: fp8 tensors, which torch does not promote, as float32;
+    any other tensor as it is.
+
+    Example:
+        >>> import torch
+        >>> widened(torch.tensor([1.5]).to(torch.float8_e4m3fn))
+        tensor([1.5000])
+    """
+    return t.float() if is_fp8(t.dtype) else t
+
+
+def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``dtype``; to an fp8 dtype, clamped to its finite range first.
+
+    fp8 ranges are narrow (448 for ``float8_e4m3fn``): a mean just above the largest
+    value, or a sum that is not divided back, would otherwise cast to Inf or NaN.
+
+    Example:
+        >>> import torch
+        >>> saturating_cast(torch.tensor([1e6, -1.0]), torch.float8_e5m2).tolist()
+        [57344.0, -1.0]
+    """
+    if is_fp8(dtype) and t.dtype != dtype:
+        top = torch.finfo(dtype).max
+        t = t.clamp(-top, top)
+    return t.to(dtype)
+
+
 def is_finite(t: torch.Tensor) -> bool:
     """Whether every value is finite, with one reduction in the common case.
 
@@ -65,6 +105,7 @@ def is_finite(t: torch.Tensor) -> bool:
         >>> is_finite(torch.ones(3)), is_finite(torch.tensor([1.0, float("nan")]))
         (True, False)
     """
+    t = widened(t)
     wide = torch.float64 if t.dtype == torch.float64 else torch.float32
     if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=wide))):
         return True
@@ -80,7 +121,7 @@ def checked_float(t: torch.Tensor, name: str, label: str) -> torch.Tensor:
         2.0
     """
     if not is_finite(t):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        bad = "NaN" if bool(torch.isnan(widened(t)).any()) else "Inf"
         raise IngredientError(
             f"{label}: tensor '{name}' contains {bad} values (diverged training?); "
             "remove this checkpoint from the soup"
@@ -110,22 +151,31 @@ class Accumulator:
         *,
         accum_dtype: torch.dtype = torch.float32,
         int_policy: str = "strict",
+        device: str | torch.device | None = None,
     ):
         self.ingredients = list(ingredients)
         self.accum_dtype = accum_dtype
+        #: where the running sum lives: the evaluated module's device, so candidates are
+        #: mixed where the model is and written into it without a host round trip
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.int_policy = check_int_policy(int_policy)
         self.layout = self.ingredients[0].layout()
         self.float_names = [n for n, m in self.layout.items() if m.is_floating]
         self.int_names = [n for n, m in self.layout.items() if not m.is_floating]
         self._sum = {
-            n: torch.zeros(self.layout[n].shape, dtype=accum_dtype) for n in self.float_names
+            n: torch.zeros(self.layout[n].shape, dtype=accum_dtype, device=self.device)
+            for n in self.float_names
         }
         first = self.ingredients[0]
         self._ints = {n: first.tensor(n).clone() for n in self.int_names}
         self._checked = {0}
         self._finite: set[int] = set()  # positions whose tensors were checked for NaN/Inf
+        # ingredients are read into one host buffer, pinned when the sum is on a GPU (a
+        # faster copy to the device)
         self._scratch = torch.empty(
-            max((self.layout[n].nbytes for n in self.float_names), default=0), dtype=torch.uint8
+            max((self.layout[n].nbytes for n in self.float_names), default=0),
+            dtype=torch.uint8,
+            pin_memory=self.device.type == "cuda",
         )
         self.weights = [0.0] * len(self.ingredients)
 
@@ -156,7 +206,7 @@ class Accumulator:
             t = ing.tensor(n, self._scratch)
             if check:
                 checked_float(t, n, ing.label)
-            self._sum[n].add_(t, alpha=weight)  # add_ promotes to the sum's dtype
+            self._sum[n].add_(self._here(widened(t)), alpha=weight)  # promotes to the sum's dtype
         self._finite.add(position)
         self.weights[position] += weight
 
@@ -177,7 +227,15 @@ class Accumulator:
             return
         ing = self.ingredients[position]
         for n in self.float_names:
-            self._sum[n].sub_(ing.tensor(n, self._scratch), alpha=weight)
+            self._sum[n].sub_(self._here(widened(ing.tensor(n, self._scratch))), alpha=weight)
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        """An ingredient tensor (read into the host buffer) on the sum's device."""
+        if t.device == self.device:
+            return t
+        # A blocking copy: the next read overwrites the host buffer from the CPU side,
+        # which no CUDA stream orders after an asynchronous copy.
+        return t.to(self.device)
 
     def set_weights(self, target: Sequence[float]) -> None:
         """Move to the soup with these per-position weights, touching only what changes.
@@ -237,14 +295,16 @@ class Accumulator:
         def into(name: str, dest: torch.Tensor) -> bool:
             if name not in self._sum:
                 return False
-            x = ing.tensor(name, self._scratch)
+            x = widened(ing.tensor(name, self._scratch))
             if check:
                 checked_float(x, name, ing.label)
-            if dest.dtype == self.accum_dtype:
+            x = self._here(x)
+            if _same_place(dest, self._sum[name]):
                 torch.add(self._sum[name], x, alpha=weight, out=dest)
                 dest.div_(total)
-            else:
-                dest.copy_(torch.add(self._sum[name], x, alpha=weight).div_(total))
+            else:  # another dtype or device: mix where the sum is, then copy across
+                mixed = torch.add(self._sum[name], x, alpha=weight).div_(total)
+                dest.copy_(saturating_cast(mixed, dest.dtype))
             return True
 
         write_state_into(module, self.mean, self.layout, direct=into)
@@ -278,13 +338,18 @@ class Accumulator:
 
         def into(name: str, dest: torch.Tensor) -> bool:
             # Divide straight into the module's tensor: no model-sized temporary.
-            if name in self._sum and dest.dtype == self.accum_dtype:
+            if name in self._sum and _same_place(dest, self._sum[name]):
                 torch.div(self._sum[name], total, out=dest)
                 return True
             return False
 
         write_state_into(module, self.mean, self.layout, direct=into)
         return module
+
+
+def _same_place(dest: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``out=dest`` may take a result computed from ``source`` (same dtype, device)."""
+    return dest.dtype == source.dtype and dest.device == source.device
 
 
 def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -> None:
@@ -328,4 +393,4 @@ def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -
                     f"tensor '{name}' is {tuple(src.shape)} in the ingredients but "
                     f"{tuple(dest.shape)} in the model"
                 )
-            dest.copy_(src)
+            dest.copy_(saturating_cast(src, dest.dtype))

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from modelsoup._util import format_bytes
-from modelsoup.errors import ConfigError, SoupError
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError, SoupError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,10 +140,14 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
         raise ConfigError(
             "--recalibrate-bn needs --model module:function returning the architecture"
         )
+    from modelsoup._util import check_device
+
+    device = check_device(args.device)
     model = resolve(args.model, Path.cwd())
     module = model if isinstance(model, torch.nn.Module) else model()
+    module.to(device)
     data = resolve_unlabeled(args.recalibrate_bn, str(Path.cwd()))
-    recalibrate_soup(soup, module, data, num_batches=args.recalibrate_batches)
+    recalibrate_soup(soup, module, data, num_batches=args.recalibrate_batches, device=device)
     return ", BatchNorm statistics re-estimated"
 
 
@@ -168,14 +172,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if len(ingredients) > 1:
             verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
             print(f"soup-compatible: {verdict}")
-    return 0 if info["compatible"] else 1
+    if not info["compatible"]:  # exit 2 and one error line, as `average` would end
+        sys.stdout.flush()
+        raise IncompatibleIngredientsError(f"not soup-compatible: {info['problem']}")
+    return 0
 
 
 def cmd_cook(args: argparse.Namespace) -> int:
     from modelsoup.cook.report import render_markdown, summarize
     from modelsoup.cook.run import cook_config
 
-    result = cook_config(args.config, progress=not args.quiet)
+    result = cook_config(args.config, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
         return 0
     data = summarize(result)
@@ -203,6 +210,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         output=out,
         checkpoint_key=config.checkpoint_key,
         progress=not args.quiet,
+        device=args.device or config.device,
     )
     for key, value in found.barriers.items():
         print(f"barrier {key}: {value:.4g}")
@@ -349,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="module:function returning the architecture")
     p.add_argument("--recalibrate-batches", type=int, help="use at most this many batches of DATA")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu, cuda, cuda:N or mps (default: cpu)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_average)
 
@@ -368,12 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="the cook config (YAML); see docs/cook.md (torchrun: docs/distributed-and-hf.md)",
     )
+    p.add_argument(
+        "--device",
+        help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_cook)
 
     p = sub.add_parser("diagnose", help="can these ingredients be souped? similarity and barriers")
     p.add_argument("config", help="a cook config (uses model, ingredients, held_out)")
     p.add_argument("--out", help="folder for diagnosis.json and figures (default OUTPUT/diagnosis)")
+    p.add_argument(
+        "--device",
+        help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_diagnose)
 

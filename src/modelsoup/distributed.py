@@ -24,7 +24,7 @@ import atexit
 import datetime
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,6 +142,12 @@ class DistContext:
             )
         return torch.cat(pieces)
 
+    def sum_all(self, values: Sequence[float], what: str) -> list[float]:
+        """Element-wise sums of ``values`` over every rank (float64)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._collective(what, lambda: dist.all_reduce(t))
+        return t.cpu().tolist()
+
     def broadcast(self, obj: T, what: str) -> T:
         """Rank 0's ``obj`` on every rank (any picklable object)."""
         box = [obj if self.is_main else None]
@@ -214,8 +220,8 @@ class SharedJournal(Journal):
         self.persistent = path is not None  # the same on every rank, so keys agree
         self.ctx = ctx
 
-    def lookup(self, key: str) -> float | None:
-        found = super().lookup(key) if self.ctx.is_main else None
+    def lookup(self, key: str, bounds: tuple[float, float] | None = None) -> float | None:
+        found = super().lookup(key, bounds) if self.ctx.is_main else None
         return self.ctx.broadcast(found, "looking up the journal")
 
     def load_outputs(self, key: str) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -136,8 +137,50 @@ def as_evaluator(obj: Any, *, higher_is_better: bool | None = None) -> Evaluator
     raise ConfigError(f"{obj!r} is not an evaluator: give it evaluate(model) or make it callable")
 
 
+def score_range(evaluator: Any) -> tuple[float, float] | None:
+    """The scores an evaluator can give (``score_range`` attribute), or ``None`` if unknown.
+
+    Example:
+        >>> score_range(Accuracy(([], []))), score_range(as_evaluator(lambda m: 1.0))
+        ((0.0, 1.0), None)
+    """
+    found = getattr(evaluator, "score_range", None)
+    return (float(found[0]), float(found[1])) if found is not None else None
+
+
+def check_score(value: Any, name: str, bounds: tuple[float, float] | None = None) -> float:
+    """The checks every score passes, whether just measured or read back from a journal:
+    a real number (not a string, not a boolean), finite, and within ``bounds`` if known.
+
+    Example:
+        >>> check_score(0.5, "acc", (0.0, 1.0))
+        0.5
+        >>> check_score("0.5", "acc")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.EvaluationError: evaluator acc returned '0.5'; it must return a number
+    """
+    if isinstance(value, bool | str | bytes):
+        raise EvaluationError(f"evaluator {name} returned {value!r}; it must return a number")
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise EvaluationError(
+            f"evaluator {name} returned {value!r}; it must return a number"
+        ) from None
+    if not math.isfinite(value):
+        raise EvaluationError(
+            f"evaluator {name} returned {value}; the candidate soup may have diverged"
+        )
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise EvaluationError(
+            f"evaluator {name} returned {value}, outside its range [{bounds[0]}, {bounds[1]}]"
+        )
+    return value
+
+
 def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
-    """Run an evaluator and insist on a finite float.
+    """Run an evaluator and insist on a finite float within its range (:func:`check_score`).
 
     Example:
         >>> checked_score(as_evaluator(lambda m: 2), None)
@@ -147,17 +190,17 @@ def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
         value = evaluator.evaluate(model)
     except (torch.cuda.OutOfMemoryError, MemoryError) as err:
         raise EvaluationError(f"evaluator {evaluator.name} ran out of memory: {err}") from err
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise EvaluationError(
-            f"evaluator {evaluator.name} returned {value!r}; it must return a number"
-        ) from None
-    if not math.isfinite(value):
-        raise EvaluationError(
-            f"evaluator {evaluator.name} returned {value}; the candidate soup may have diverged"
-        )
-    return value
+    return checked_value(evaluator, value)
+
+
+def checked_value(evaluator: Evaluator, value: Any) -> float:
+    """Insist that an evaluator's result is a finite float within its known range.
+
+    Example:
+        >>> checked_value(as_evaluator(lambda m: 0), 0.5)
+        0.5
+    """
+    return check_score(value, evaluator.name, score_range(evaluator))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -223,15 +266,45 @@ def _batches(data: Any, batch_size: int) -> list[tuple[Any, torch.Tensor]]:
     raise ConfigError("data must be (inputs, labels) tensors or an iterable of batches")
 
 
+@dataclass(frozen=True)
+class Race:
+    """The outcome of :meth:`ClassifierEvaluator.race`: a full score, or a proof of loss.
+
+    ``score`` is the full-pass score when the candidate was evaluated to the end, else
+    ``None``; then ``bound`` is the best score it could still have reached after
+    ``seen`` of ``total`` examples, and it cannot meet the score to beat.
+    """
+
+    score: float | None
+    bound: float
+    seen: int
+    total: int
+
+    @property
+    def rejected(self) -> bool:
+        return self.score is None
+
+
+#: how far a bound must fall short of the score to beat before a race stops: more than
+#: any float32 rounding of a mean, so the decision is the full evaluation's
+RACE_MARGIN = 1e-6
+
+
 class ClassifierEvaluator:
     """Base of the built-in evaluators: logits over cached data, then a score.
 
     Subclasses define :meth:`per_example` (one number per example) and may override
-    :meth:`score_logits` (the mean of ``per_example`` by default).
+    :meth:`score_logits` (the mean of ``per_example`` by default). Those whose score is
+    the mean of per-example values within known limits set ``bounds = (low, high)``;
+    they can be raced (:meth:`race`).
     """
 
     higher_is_better = True
     kind = "classifier"
+    #: (low, high) of every per-example value when the score is their mean, else None
+    bounds: tuple[float, float] | None = None
+    #: the scores it can give, when known (a journal score outside it is not trusted)
+    score_range: tuple[float, float] | None = None
     #: set by :mod:`modelsoup.distributed` under torchrun: this rank runs only its share
     #: of the batches and ``sharding.gather`` puts every rank's logits back in order
     sharding = None
@@ -299,7 +372,82 @@ class ClassifierEvaluator:
         return torch.cat(list(outs.values()))
 
     def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.per_example_of(logits, self.labels)
+
+    def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-example values of given logits against given labels."""
         raise NotImplementedError
+
+    def race(self, model: torch.nn.Module, to_beat: float, *, strict: bool = False) -> Race:
+        """Evaluate batch by batch; stop as soon as the candidate provably cannot meet
+        ``to_beat`` (``>=``, or ``>`` with ``strict``; the direction is
+        ``higher_is_better``). Exact: the decision is the full evaluation's.
+
+        After each batch the best reachable mean is the running sum plus the best
+        per-example value (``bounds``) for every example not yet seen.
+
+        Example:
+            >>> import torch
+            >>> x = torch.eye(4).repeat(25, 1)
+            >>> y = torch.tensor([1, 2, 3, 0]).repeat(25)  # every prediction wrong
+            >>> r = Accuracy((x, y), batch_size=10).race(torch.nn.Identity(), 0.9)
+            >>> r.rejected, r.seen, r.total
+            (True, 20, 100)
+        """
+        overridden = type(self).logits is not ClassifierEvaluator.logits
+        if self.bounds is None or overridden:  # a subclass's own logits(): call it, in full
+            score = self.evaluate(model)
+            return Race(score, score, -1, -1)
+        low, high = self.bounds
+        best_value = high if self.higher_is_better else low
+        device = model_device(model)
+        batches = self.batches(device)
+        total = sum(len(y.reshape(-1)) for _, y in batches)
+        # Under torchrun each rank takes its share of every round of batches; the running
+        # sums are added over ranks after each round, so every rank stops at the same one.
+        ranks = self.sharding
+        width = 1 if ranks is None else ranks.world_size
+        mine = set(range(len(batches)) if ranks is None else ranks.positions(len(batches)))
+        outs: dict[int, torch.Tensor] = {}
+        running, seen = 0.0, 0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(batches), width):
+                    part_sum, part_seen = 0.0, 0
+                    for i in range(start, min(start + width, len(batches))):
+                        if i not in mine:
+                            continue
+                        inputs, labels = batches[i]
+                        logits = forward_logits(model, inputs).float().cpu()
+                        outs[i] = logits
+                        values = self.per_example_of(logits, labels.reshape(-1).cpu())
+                        part_sum += float(values.double().sum())
+                        part_seen += values.numel()
+                    if ranks is not None:
+                        part_sum, part_seen = ranks.sum_all([part_sum, part_seen], "racing")
+                    running += part_sum
+                    seen += int(part_seen)
+                    if seen >= total:
+                        break
+                    bound = (running + best_value * (total - seen)) / total
+                    if self._cannot_meet(bound, to_beat, strict):
+                        return Race(None, bound, seen, total)
+        finally:
+            model.train(was_training)
+        if ranks is not None:
+            logits = ranks.gather(outs, len(batches))
+        else:
+            logits = torch.cat([outs[i] for i in sorted(outs)])
+        score = self.score_logits(logits)  # exactly as a full evaluation scores
+        return Race(score, score, total, total)
+
+    def _cannot_meet(self, bound: float, to_beat: float, strict: bool) -> bool:
+        # the bound is exact arithmetic; the margin covers the float32 mean of a full pass
+        if self.higher_is_better:
+            return bound < to_beat - RACE_MARGIN
+        return bound > to_beat + RACE_MARGIN
 
     def score_logits(self, logits: torch.Tensor) -> float:
         """The score of given logits (the ensemble baselines score averaged logits)."""
@@ -321,6 +469,8 @@ class Accuracy(ClassifierEvaluator):
     """
 
     kind = "accuracy"
+    bounds = (0.0, 1.0)
+    score_range = (0.0, 1.0)
 
     def __init__(
         self, data: Any, *, top_k: int = 1, batch_size: int = 256, name: str | None = None
@@ -332,8 +482,7 @@ class Accuracy(ClassifierEvaluator):
         if top_k > 1:
             self.kind = f"top{top_k}-accuracy"
 
-    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
-        labels = self.labels
+    def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
         return (top == labels[:, None]).any(dim=-1).float()
 
@@ -350,9 +499,10 @@ class MeanLoss(ClassifierEvaluator):
 
     kind = "loss"
     higher_is_better = False
+    score_range = (0.0, math.inf)
 
-    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, self.labels, reduction="none")
+    def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, reduction="none")
 
 
 class MetricEvaluator(ClassifierEvaluator):

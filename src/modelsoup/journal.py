@@ -7,8 +7,11 @@ sha256 hashes with their coefficients, and anything else that changes the weight
 score instead of evaluating again. The key does not depend on the recipe, so a
 subset scored by greedy is not scored again by pruned.
 
-A line that does not parse, or a file written by another format version, is reported
-with a warning and ignored: a journal is never trusted silently.
+A journal is never trusted silently. Each line read back passes the checks a score
+passes when recorded (a finite number, not a string or a boolean; within the
+evaluator's range when it has one); a line that fails, or that is not UTF-8 or not
+JSON, is named in one warning and ignored, and only its evaluation runs again. A file
+written by another format version is set aside whole.
 
 Example:
     >>> import tempfile, pathlib
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -33,7 +38,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from modelsoup._util import atomic_file, write_error
 from modelsoup.errors import SoupWarning
+from modelsoup.evaluators import RACE_MARGIN, check_score
 
 FORMAT = "modelsoup.journal/1"
 
@@ -49,6 +56,11 @@ class Journal:
         #: kept on disk across runs, so keys must name ingredients by content (sha256)
         self.persistent = self.path is not None
         self.scores: dict[str, float] = {}
+        #: candidates stopped early (exact racing): key -> {"bound", "seen", "total",
+        #: "to_beat", "strict"}; never a score
+        self.rejections: dict[str, dict] = {}
+        #: the line of the file each loaded score came from (to name it in warnings)
+        self.lines: dict[str, int] = {}
         self.reused = 0
         if self.path is not None and self.path.exists():
             self._load()
@@ -56,34 +68,38 @@ class Journal:
     def _load(self) -> None:
         assert self.path is not None
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            self._set_aside(f"cannot be read ({err})")
+            raw = self.path.read_bytes()
+        except OSError as err:
+            self._set_aside(f"cannot be read ({err.strerror or err})")
             return
+        lines = raw.splitlines()
         if not lines:
             return
         try:
-            header = json.loads(lines[0])
+            header = json.loads(lines[0].decode("utf-8"))
             ok = isinstance(header, dict) and header.get("format") == FORMAT
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError is one
             ok = False
         if not ok:
             self._set_aside("is not a modelsoup journal of this version")
             return
-        bad = 0
-        for line in lines[1:]:
+        bad: list[tuple[int, str]] = []
+        for number, line in enumerate(lines[1:], start=2):
             try:
-                entry = json.loads(line)
-                key, score = entry["key"], float(entry["score"])
-                if not isinstance(key, str):
-                    raise ValueError
-            except (ValueError, KeyError, TypeError):
-                bad += 1
+                key, score, rejected = _parse_entry(line)
+            except ValueError as err:
+                bad.append((number, str(err)))
+                continue
+            if rejected is not None:
+                self.rejections[key] = rejected
                 continue
             self.scores[key] = score
+            self.lines[key] = number
         if bad:
+            shown = "; ".join(f"line {n}: {why}" for n, why in bad[:_SHOWN])
+            more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
             warnings.warn(
-                f"{self.path}: {bad} corrupt journal line(s) ignored (e.g. cut off by a crash); "
+                f"{self.path}: {len(bad)} corrupt journal line(s) ignored ({shown}{more}); "
                 "those evaluations will run again",
                 SoupWarning,
                 stacklevel=3,
@@ -120,9 +136,25 @@ class Journal:
         }
         return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
 
-    def lookup(self, key: str) -> float | None:
-        """The recorded score, or ``None``."""
-        return self.scores.get(key)
+    def lookup(self, key: str, bounds: tuple[float, float] | None = None) -> float | None:
+        """The recorded score, or ``None``.
+
+        With ``bounds`` (the evaluator's :func:`~modelsoup.evaluators.score_range`), a
+        recorded score outside them is reported, forgotten and ``None`` returned, so the
+        evaluation runs again rather than a corrupt score being trusted.
+        """
+        found = self.scores.get(key)
+        if found is None or bounds is None or bounds[0] <= found <= bounds[1]:
+            return found
+        del self.scores[key]
+        where = f"line {self.lines[key]}" if key in self.lines else "a score"
+        warnings.warn(
+            f"{self.path}: {where} ignored: score {found} is outside the evaluator's range "
+            f"[{bounds[0]}, {bounds[1]}]; that evaluation will run again",
+            SoupWarning,
+            stacklevel=3,
+        )
+        return None
 
     @property
     def outputs_dir(self) -> Path | None:
@@ -133,11 +165,11 @@ class Journal:
         """Keep a tensor of model outputs (e.g. an ingredient's logits) for later runs."""
         if self.outputs_dir is None:
             return
-        from modelsoup._util import atomic_file
-
-        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        # Bytes written by us, not by save_file: a full disk is then an OSError, which
+        # atomic_file turns into one clear WriteError (and removes the half-written file).
+        data = safetensors.torch.save({"outputs": tensor.contiguous()})
         with atomic_file(self.outputs_dir / f"{key}.safetensors") as tmp:
-            safetensors.torch.save_file({"outputs": tensor.contiguous()}, str(tmp))
+            tmp.write_bytes(data)
 
     def load_outputs(self, key: str) -> torch.Tensor | None:
         """Cached outputs saved by :meth:`save_outputs`, or ``None`` (also if unreadable)."""
@@ -152,19 +184,141 @@ class Journal:
             warnings.warn(f"{path}: unreadable cached outputs ignored", SoupWarning, stacklevel=2)
             return None
 
+    def rejection(self, key: str, to_beat: float, strict: bool, higher: bool) -> dict | None:
+        """A recorded early rejection that still proves this candidate loses against
+        ``to_beat``, or ``None``. It is never a score: a recipe that needs the
+        candidate's score evaluates it in full.
+
+        Example:
+            >>> j = Journal(None)
+            >>> j.record_rejection("k", bound=0.4, seen=10, total=100, to_beat=0.9, strict=False)
+            >>> j.rejection("k", 0.8, False, True)["bound"], j.rejection("k", 0.3, False, True)
+            (0.4, None)
+        """
+        found = self.rejections.get(key)
+        if found is None:
+            return None
+        bound = found["bound"]
+        still = bound < to_beat - RACE_MARGIN if higher else bound > to_beat + RACE_MARGIN
+        return found if still else None
+
+    def record_rejection(
+        self,
+        key: str,
+        *,
+        bound: float,
+        seen: int,
+        total: int,
+        to_beat: float,
+        strict: bool,
+        detail: Mapping | None = None,
+    ) -> None:
+        """Remember that a candidate was stopped early, and why (no score is recorded)."""
+        entry = {"bound": bound, "seen": seen, "total": total, "to_beat": to_beat}
+        entry["strict"] = strict
+        self.rejections[key] = entry
+        self._append({"key": key, "rejected": entry}, detail)
+
     def record(self, key: str, score: float, detail: Mapping | None = None) -> None:
-        """Remember a score and append it to the file, flushed to disk."""
+        """Remember a score and append it to the file, flushed to disk.
+
+        The score passes the checks a loaded one must (:func:`_parse_entry`): a score
+        that could not be read back is never written.
+        """
+        what = str((detail or {}).get("evaluator", "score"))
+        score = check_score(score, what)
         self.scores[key] = score
+        self.rejections.pop(key, None)
+        self._append({"key": key, "score": score}, detail)
+
+    def _append(self, entry: dict, detail: Mapping | None) -> None:
         if self.path is None:
             return
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            if new:
-                fh.write(json.dumps({"format": FORMAT}) + "\n")
-            entry = {"key": key, "score": score, "time": round(time.time(), 3)}
-            if detail:
-                entry["detail"] = dict(detail)
-            fh.write(json.dumps(entry, default=str) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        entry = {**entry, "time": round(time.time(), 3)}
+        if detail:
+            entry["detail"] = dict(detail)
+        try:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                if new:
+                    fh.write(json.dumps({"format": FORMAT}) + "\n")
+                fh.write(json.dumps(entry, default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise write_error(self.path, err, "cannot record in the journal") from err
+
+
+#: bad journal lines named one by one in the warning before "and N more"
+_SHOWN = 8
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _parse_entry(line: bytes) -> tuple[str, float | None, dict | None]:
+    """The (key, score, rejection) of one journal line, checked as a score is on record;
+    a ``ValueError`` saying what is wrong otherwise. A score line has no rejection; an
+    early-rejection line (racing) has no score.
+
+    Example:
+        >>> _parse_entry(b'{"key": "%s", "score": 0.5}' % (b"a" * 64))[1]
+        0.5
+        >>> _parse_entry(b'{"key": "%s", "score": NaN}' % (b"a" * 64))
+        Traceback (most recent call last):
+        ...
+        ValueError: score nan is not a finite number
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        raise ValueError("not JSON (cut off by a crash?)") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+    key, score = entry.get("key"), entry.get("score")
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"key {key!r} is not a sha256 hex digest")
+    if "rejected" in entry and score is None:
+        try:
+            return key, None, _checked_rejection(entry["rejected"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("an early rejection that is not well formed") from None
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise ValueError(f"score {score!r} is a {type(score).__name__}, not a number")
+    try:
+        value = float(score)
+    except OverflowError:
+        raise ValueError(f"score {score} is out of range") from None
+    if not math.isfinite(value):
+        raise ValueError(f"score {value} is not a finite number")
+    if not isinstance(entry.get("time", 0), int | float) or isinstance(entry.get("time"), bool):
+        raise ValueError(f"time {entry.get('time')!r} is not a number")
+    if not isinstance(entry.get("detail", {}), dict):
+        raise ValueError(f"detail {entry.get('detail')!r} is not an object")
+    return key, value, None
+
+
+def _checked_rejection(value: object) -> dict:
+    """A journal line's rejection record, checked like a score is (finite numbers)."""
+    if not isinstance(value, dict):
+        raise ValueError
+    out = {}
+    for name in ("bound", "to_beat"):
+        number = value[name]
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError
+        if not math.isfinite(number):
+            raise ValueError
+        out[name] = float(number)
+    for name in ("seen", "total"):
+        count = value[name]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError
+        out[name] = count
+    out["strict"] = bool(value.get("strict", False))
+    return out

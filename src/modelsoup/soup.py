@@ -29,6 +29,8 @@ from modelsoup.accumulator import (
     check_same_ints,
     checked_float,
     is_finite,
+    saturating_cast,
+    widened,
     write_state_into,
 )
 from modelsoup.errors import ConfigError, WriteError
@@ -149,7 +151,9 @@ class Soup:
         meta = self.ingredients[0].meta(name)
         if name in self.overrides:
             value = self.overrides[name]
-            return value.to(parse_dtype(out_dtype) or meta.dtype) if meta.is_floating else value
+            if not meta.is_floating:
+                return value
+            return saturating_cast(value, parse_dtype(out_dtype) or meta.dtype)
         used, total = self._mix_plan(name)
         if not meta.is_floating:
             first = self.ingredients[used[0][0]]
@@ -161,12 +165,14 @@ class Soup:
             return value.clone()
         if not self.merge.is_average:
             (whole,) = self._merged(name, max(1, meta.numel)) or [torch.empty(0)]
-            return whole.reshape(meta.shape).to(parse_dtype(out_dtype) or meta.dtype)
+            return saturating_cast(whole.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
-            acc.add_(self.ingredients[i].tensor(name, scratch), alpha=c)
-        return self._finish(name, acc, used, total).to(parse_dtype(out_dtype) or meta.dtype)
+            acc.add_(widened(self.ingredients[i].tensor(name, scratch)), alpha=c)
+        return saturating_cast(
+            self._finish(name, acc, used, total), parse_dtype(out_dtype) or meta.dtype
+        )
 
     def pieces(
         self,
@@ -197,7 +203,7 @@ class Soup:
         step = max(1, int(max_elements or PIECE_ELEMENTS))
         if not self.merge.is_average:
             for piece in self._merged(name, step):
-                yield piece.to(dtype)
+                yield saturating_cast(piece, dtype)
             return
         used, total = self._mix_plan(name)
         for start in range(0, meta.numel, step):
@@ -205,8 +211,9 @@ class Soup:
             acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
             scratch = self._buffer("_read_buffer", count * meta.dtype.itemsize, torch.uint8)
             for i, c in used:
-                acc.add_(self.ingredients[i].tensor_range(name, start, count, scratch), alpha=c)
-            yield self._finish(name, acc, used, total).to(dtype)
+                piece = self.ingredients[i].tensor_range(name, start, count, scratch)
+                acc.add_(widened(piece), alpha=c)
+            yield saturating_cast(self._finish(name, acc, used, total), dtype)
 
     def _merged(self, name: str, step: int) -> Iterator[torch.Tensor] | list[torch.Tensor]:
         # a merge rule other than the plain average: members' pieces, mixed by the rule
@@ -324,11 +331,15 @@ def card_path(out: str | Path) -> Path:
     return sidecar_path(Path(out))
 
 
-def protected_paths(soup: Soup) -> set[Path]:
-    """Input files (and their hyperparameter sidecars), the base's included, that no
-    output may replace."""
+def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:
+    """Input files and folders (and hyperparameter sidecars) of a soup (its base
+    included), or of a pool of ingredients, that no output may replace."""
     paths: set[Path] = set()
-    for ing in [*soup.ingredients, *([soup.base] if soup.base is not None else [])]:
+    if isinstance(soup, Soup):
+        inputs = [*soup.ingredients, *([soup.base] if soup.base is not None else [])]
+    else:
+        inputs = list(soup)
+    for ing in inputs:
         for f in ing.files:
             paths.add(f.resolve())
             paths.add(f.with_suffix(".json").resolve())
@@ -337,8 +348,9 @@ def protected_paths(soup: Soup) -> set[Path]:
     return paths
 
 
-def check_not_input(soup: Soup, out: Path) -> None:
-    """Refuse an output path that would overwrite, replace or sit inside any ingredient.
+def check_not_input(soup: Soup | Sequence[Ingredient], out: Path) -> None:
+    """Refuse an output path that is, contains or sits inside any ingredient (of a soup,
+    or of a pool of ingredients: a cook's output folder is checked before it starts).
 
     Example:
         >>> import torch

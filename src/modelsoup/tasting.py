@@ -28,7 +28,16 @@ from tqdm.auto import tqdm
 
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
-from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator, checked_score
+from modelsoup.evaluators import (
+    Evaluator,
+    LogitsEvaluator,
+    as_evaluator,
+    check_score,
+    checked_score,
+    checked_value,
+    model_device,
+    score_range,
+)
 from modelsoup.ingredients import (
     Ingredient,
     check_compatible,
@@ -39,6 +48,28 @@ from modelsoup.journal import Journal
 from modelsoup.merge import MergeSpec, as_merge, check_base
 from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
+
+
+class RejectedScore(float):
+    """What a raced candidate scores when it was stopped early: its float value is the
+    best score it could still have reached (``bound``), which cannot meet the score to
+    beat. It is never recorded as a score.
+
+    Example:
+        >>> r = RejectedScore(0.4, seen=20, total=100)
+        >>> r < 0.9, r.rejected, r.seen
+        (True, True, 20)
+    """
+
+    rejected = True
+
+    def __new__(cls, bound: float, *, seen: int, total: int):
+        obj = super().__new__(cls, bound)
+        obj.seen, obj.total = seen, total
+        return obj
+
+
+RACING = ("exact", "off")
 
 
 class Taster:
@@ -56,6 +87,12 @@ class Taster:
             (:func:`~modelsoup.repair.batchnorm.as_recalibration`).
         share_outputs: score single ingredients from their cached logits, which an
             ensemble computes anyway.
+        racing: ``"exact"`` (default) stops a candidate's evaluation as soon as it
+            provably cannot meet the score to beat, for evaluators with per-example
+            bounds (accuracy); decisions equal a full evaluation's. ``"off"`` always
+            evaluates in full.
+        sum_device: where the accumulator's running sum lives (default: the model's
+            device, so candidates are mixed where they are evaluated).
         base: the base model (pretrained start) for merge rules on task vectors.
 
     Example:
@@ -80,11 +117,16 @@ class Taster:
         recalibrate: Callable[[torch.nn.Module], None] | None = None,
         recalibrate_candidates: bool = False,
         share_outputs: bool = False,
+        racing: str = "exact",
+        sum_device: str | torch.device | None = None,
         progress: bool = False,
         base: Ingredient | str | Path | Mapping | torch.nn.Module | None = None,
     ):
         if not ingredients:
             raise ConfigError("no ingredients to taste")
+        if racing not in RACING:
+            raise ConfigError(f"racing '{racing}' is unknown; use one of {', '.join(RACING)}")
+        self.racing = racing
         self.ingredients = list(ingredients)
         self.base = open_ingredient(base, label="base") if base is not None else None
         if self.base is not None:
@@ -97,7 +139,12 @@ class Taster:
         if self.journal.persistent:
             # Keys of a journal on disk hash every ingredient anyway: duplicates are free.
             warn_if_duplicated(self.ingredients, by_content=True)
-        self.accumulator = Accumulator(ingredients, accum_dtype=accum_dtype, int_policy=int_policy)
+        self.accumulator = Accumulator(
+            ingredients,
+            accum_dtype=accum_dtype,
+            int_policy=int_policy,
+            device=sum_device if sum_device is not None else model_device(model),
+        )
         self.int_policy = int_policy
         self.recalibrate = as_recalibration(recalibrate)
         self.recalibrate_candidates = recalibrate_candidates and recalibrate is not None
@@ -107,6 +154,10 @@ class Taster:
         self.eval_seconds = 0.0
         self.mix_seconds = 0.0
         self.recalibrations = 0  # BatchNorm re-estimations (extra forward passes)
+        self.races = 0  # candidates evaluated batch by batch against a score to beat
+        self.rejected_early = 0  # of those, stopped before the end
+        self.race_examples = 0  # examples those races evaluated
+        self.race_full_examples = 0  # examples full passes of them would have evaluated
         #: score single ingredients from their cached logits (when an ensemble is cooked)
         self.share_outputs = share_outputs
         self._individual: dict[str, list[float]] = {}
@@ -197,13 +248,15 @@ class Taster:
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
         return self.journal.key(evaluator.name, mixture, extra)
 
-    def _journaled(self, key: str, detail: dict, run: Callable[[], float]) -> float:
-        """A recorded score, or ``run()`` recorded in the journal."""
-        found = self.journal.lookup(key)
+    def _journaled(
+        self, key: str, detail: dict, run: Callable[[], float], evaluator: Evaluator
+    ) -> float:
+        """A recorded score within the evaluator's range, or ``run()`` recorded in the journal."""
+        found = self.journal.lookup(key, score_range(evaluator))
         if found is not None:
             self.reused += 1
             return found
-        value = run()
+        value = check_score(run(), evaluator.name, score_range(evaluator))
         self.journal.record(key, value, detail)
         return value
 
@@ -254,7 +307,10 @@ class Taster:
         if bar is None:
             return
         size = sum(1 for w in weights if w > 0)
-        post = {"size": size, "score": f"{score:.4f}"}
+        shown = (
+            f"<{score:.4f} (stopped early)" if getattr(score, "rejected", False) else f"{score:.4f}"
+        )
+        post = {"size": size, "score": shown}
         if to_beat is not None:
             post["to beat"] = f"{to_beat:.4f}"
         bar.set_postfix(post, refresh=False)
@@ -266,30 +322,91 @@ class Taster:
         evaluator: Evaluator | None = None,
         *,
         to_beat: float | None = None,
+        strict: bool = False,
     ) -> float:
         """Held-out score of the soup with per-position ``weights`` (journal first).
 
-        ``to_beat`` is only shown on the progress bar: the score the candidate must match.
+        ``to_beat`` is the score the candidate must match (``>=``, or ``>`` with
+        ``strict``). With exact racing and a bounded evaluator, a candidate that
+        provably cannot is stopped early and a :class:`RejectedScore` comes back.
         """
-        value = self._score(weights, evaluator)
+        value = self._score(weights, evaluator, to_beat, strict)
         if evaluator is None or evaluator is self.held_out:
             self._tick(weights, value, to_beat)
         return value
 
-    def _score(self, weights: Sequence[float], evaluator: Evaluator | None) -> float:
+    def _score(
+        self,
+        weights: Sequence[float],
+        evaluator: Evaluator | None,
+        to_beat: float | None = None,
+        strict: bool = False,
+    ) -> float:
         evaluator = evaluator or self.held_out
         if len(weights) != len(self.ingredients):
             raise ConfigError(f"{len(weights)} weights for {len(self.ingredients)} ingredients")
         members = [self.ingredients[i].label for i, w in enumerate(weights) if w > 0]
+        detail = {"evaluator": evaluator.name, "members": members}
+        if not self.merge.is_average:
+            detail["merge"] = self.merge.describe()
+        key = self.key(weights, evaluator)
+        if to_beat is not None and self._can_race(evaluator):
+            return self._raced(key, detail, weights, evaluator, to_beat, strict)
 
         def run() -> float:
             self.materialise(weights)
             return self._evaluate(evaluator)
 
-        detail = {"evaluator": evaluator.name, "members": members}
-        if not self.merge.is_average:
-            detail["merge"] = self.merge.describe()
-        return self._journaled(self.key(weights, evaluator), detail, run)
+        return self._journaled(key, detail, run, evaluator)
+
+    def _can_race(self, evaluator: Evaluator) -> bool:
+        return (
+            self.racing == "exact"
+            and getattr(evaluator, "bounds", None) is not None
+            and callable(getattr(evaluator, "race", None))
+        )
+
+    def _raced(
+        self,
+        key: str,
+        detail: dict,
+        weights: Sequence[float],
+        evaluator: Evaluator,
+        to_beat: float,
+        strict: bool,
+    ) -> float:
+        """Score a candidate batch by batch, stopping once it cannot meet ``to_beat``."""
+        found = self.journal.lookup(key, score_range(evaluator))
+        if found is not None:
+            self.reused += 1
+            return found
+        prior = self.journal.rejection(key, to_beat, strict, evaluator.higher_is_better)
+        if prior is not None:  # still a proof against this bar: no evaluation needed
+            self.reused += 1
+            return RejectedScore(prior["bound"], seen=prior["seen"], total=prior["total"])
+        self.materialise(weights)
+        start = time.perf_counter()
+        race = evaluator.race(self.model, to_beat, strict=strict)
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        self.races += 1
+        self.race_examples += max(race.seen, 0)
+        self.race_full_examples += max(race.total, 0)
+        if race.rejected:
+            self.rejected_early += 1
+            self.journal.record_rejection(
+                key,
+                bound=race.bound,
+                seen=race.seen,
+                total=race.total,
+                to_beat=to_beat,
+                strict=strict,
+                detail=detail,
+            )
+            return RejectedScore(race.bound, seen=race.seen, total=race.total)
+        value = checked_value(evaluator, race.score)
+        self.journal.record(key, value, detail)
+        return value
 
     def score_members(
         self,
@@ -297,12 +414,13 @@ class Taster:
         evaluator: Evaluator | None = None,
         *,
         to_beat: float | None = None,
+        strict: bool = False,
     ) -> float:
         """Score of the uniform soup of the given positions (a position may repeat)."""
         weights = [0.0] * len(self.ingredients)
         for i in members:
             weights[i] += 1.0
-        return self.score(weights, evaluator, to_beat=to_beat)
+        return self.score(weights, evaluator, to_beat=to_beat, strict=strict)
 
     def individual_scores(self, evaluator: Evaluator | None = None) -> list[float]:
         """Each ingredient's own score; computed once and shared by every recipe."""
@@ -330,6 +448,7 @@ class Taster:
             self.key(weights, evaluator),
             detail,
             lambda: float(evaluator.score_logits(self.outputs(position, evaluator))),
+            evaluator,
         )
 
     def score_soup(self, soup: Soup, evaluator: Evaluator | None = None) -> float:
@@ -344,7 +463,7 @@ class Taster:
             return self._evaluate(evaluator)
 
         detail = {"evaluator": evaluator.name, "recipe": soup.recipe}
-        return self._journaled(self.soup_key(soup, evaluator), detail, run)
+        return self._journaled(self.soup_key(soup, evaluator), detail, run, evaluator)
 
     @contextlib.contextmanager
     def _merging_as(self, soup: Soup) -> Iterator[None]:
@@ -467,4 +586,8 @@ class Taster:
             "eval_seconds": round(self.eval_seconds, 3),
             "mix_seconds": round(self.mix_seconds, 3),
             "bn_recalibrations": self.recalibrations,
+            "races": self.races,
+            "rejected_early": self.rejected_early,
+            "race_examples": self.race_examples,
+            "race_full_examples": self.race_full_examples,
         }

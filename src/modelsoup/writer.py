@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modelsoup._util import atomic_file, parse_size, remove_path, temp_sibling, write_error
+from modelsoup._util import parse_size, remove_path, temp_sibling, write_error
+from modelsoup.errors import WriteError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.dispatch import output_format
 from modelsoup.formats.hf_folder import write_folder
@@ -87,17 +88,20 @@ def write_tensors(
     try:
         if fmt == "folder":
             extra = {FOLDER_CARD: sidecar} if sidecar is not None else None
-            write_folder(
-                out,
-                layout,
-                pieces,
-                max_shard_size=shard,
-                copy_from=copy_from,
-                metadata={"format": "pt"},
-                on_tensor=lambda n: bar.update(),
-                torch_dtype=torch_dtype,
-                extra_files=extra,
-            )
+            try:
+                write_folder(
+                    out,
+                    layout,
+                    pieces,
+                    max_shard_size=shard,
+                    copy_from=copy_from,
+                    metadata={"format": "pt"},
+                    on_tensor=lambda n: bar.update(),
+                    torch_dtype=torch_dtype,
+                    extra_files=extra,
+                )
+            except OSError as err:  # a full disk while copying or writing the card
+                raise write_error(out, err) from err
             return out
         staged = temp_sibling(out)
         try:
@@ -110,6 +114,8 @@ def write_tensors(
                     bar.update()
                 write_torch(staged, state)
             _publish(staged, out, sidecar)
+        except WriteError as err:  # name the output, not its hidden temporary
+            raise WriteError(str(err).replace(str(staged), str(out))) from err.__cause__
         finally:
             remove_path(staged)
     finally:
@@ -129,20 +135,27 @@ def _whole(made: torch.Tensor | Iterable[torch.Tensor], meta: TensorMeta) -> tor
 def _publish(staged: Path, out: Path, sidecar: str | Callable[[], str] | None) -> None:
     """Rename a complete single-file output into place with its sidecar.
 
-    Order matters for a crash at any step: the old output goes first, then the new
-    sidecar appears, then the new weights. Whatever stands at ``out`` is never beside
-    a sidecar of another output.
+    Order matters for a crash at any step: the new sidecar is complete on disk first
+    (a full disk stops here, and the old output stands as it was), then the old output
+    goes, then the new sidecar appears, then the new weights. Whatever stands at
+    ``out`` is never beside a sidecar of another output.
     """
     card = sidecar_path(out)
+    card_tmp = temp_sibling(card)
     try:
         if sidecar is not None:
             text = sidecar() if callable(sidecar) else sidecar
-            with atomic_file(temp_sibling(card)) as tmp:  # complete on disk before any rename
-                tmp.write_text(text)
+            try:
+                with open(card_tmp, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as err:
+                raise write_error(card, err) from err
             out.unlink(missing_ok=True)
-            os.replace(temp_sibling(card), card)
+            os.replace(card_tmp, card)
         os.replace(staged, out)
     except OSError as err:
         raise write_error(out, err) from err
     finally:
-        remove_path(temp_sibling(card))
+        remove_path(card_tmp)

@@ -112,8 +112,17 @@ class CookOptions(BaseModel):
     bootstrap_resamples: int = Field(default=2000, ge=1)
     seed: int = 0
     recalibrate_candidates: bool = False
+    #: stop a candidate's evaluation once it provably cannot meet the score to beat
+    #: (bounded evaluators such as accuracy; decisions equal a full evaluation's)
+    racing: Literal["exact", "off"] = "exact"
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false and `on` as true
+        return {False: "off", True: "exact"}.get(v, v) if isinstance(v, bool) else v
 
     def options(self) -> CookOptions:
         """Only the cook options of this object (a config's other keys dropped)."""

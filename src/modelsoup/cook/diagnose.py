@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from modelsoup._util import atomic_file
+from modelsoup._util import atomic_file, check_device
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.tasting import Taster
@@ -109,6 +109,7 @@ def diagnose(
     output: str | Path | None = None,
     checkpoint_key: str | None = None,
     progress: bool = False,
+    device: str = "cpu",
 ) -> Diagnosis:
     """Measure similarity and interpolation barriers; say whether a soup can work.
 
@@ -128,6 +129,7 @@ def diagnose(
 
     pool = open_ingredients(ingredients, key=checkpoint_key)
     module = model if isinstance(model, torch.nn.Module) else model()
+    module.to(check_device(device))
     evaluator = as_evaluator(held_out)
     taster = Taster(
         pool,

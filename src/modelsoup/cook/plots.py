@@ -20,13 +20,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from modelsoup._util import temp_sibling
 from modelsoup.errors import ConfigError, WriteError
 
 __all__ = [
@@ -454,10 +454,10 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"{target}: plots are written as PNG; use a path ending in .png")
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_sibling(target)  # named by pid: a killed run's is tidied by the next
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as handle:
+        with open(tmp, "wb") as handle:
             fig.savefig(handle, format="png")
             handle.flush()
             os.fsync(handle.fileno())

@@ -212,6 +212,14 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
             f"journal; {ev.get('eval_seconds')} s evaluating, {ev.get('mix_seconds')} s mixing "
             f"weights; {data['seconds']} s in all."
         )
+        if ev.get("races"):
+            seen, full = ev.get("race_examples", 0), ev.get("race_full_examples", 0)
+            ratio = f"{full / seen:.2f}x fewer" if seen else "none"
+            lines.append(
+                f"Exact racing: {ev['rejected_early']} of {ev['races']} raced candidates were "
+                f"stopped early, {seen} of {full} examples evaluated ({ratio}); every "
+                "decision is the one a full evaluation gives."
+            )
         if ev.get("bn_recalibrations"):
             lines.append(
                 f"BatchNorm statistics were re-estimated {ev['bn_recalibrations']} times, each "

@@ -8,6 +8,7 @@ each soup with its card, and writes ``report.json``, ``report.md`` and figures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from modelsoup._util import check_device, slug
+from modelsoup._util import check_device, clean_stale_temps, output_lock, slug
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.cook.config import (
     CookConfig,
@@ -32,17 +33,17 @@ from modelsoup.cook.config import (
 )
 from modelsoup.cook.report import write_report
 from modelsoup.cook.results import CookResult, MethodResult
-from modelsoup.distributed import init_distributed, launched_distributed
+from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator
-from modelsoup.ingredients import open_ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.merge import as_merge, check_base
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
 from modelsoup.repair.batchnorm import as_recalibration
 from modelsoup.repair.pool import align_pool
-from modelsoup.soup import Soup
+from modelsoup.soup import Soup, check_not_input
 from modelsoup.tasting import Taster
 
 _logger = logging.getLogger(__name__)
@@ -127,7 +128,10 @@ def cook(
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
-    With ``output``, soups, the journal and the report are written there. ``recalibrate``
+    With ``output``, soups, the journal and the report are written there; the folder
+    must not be, contain or lie inside an ingredient, and it is held for the whole cook
+    (:func:`~modelsoup._util.output_lock`: a second cook on it fails at once) after what
+    a killed run left in it is tidied (:func:`tidy_output`). ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
     ``base`` is the pretrained start that merge rules on task vectors need (a recipe's
@@ -157,6 +161,49 @@ def cook(
     if ranks is not None:
         progress = progress and ranks.is_main
     pool = open_ingredients(ingredients, key=opts.checkpoint_key)
+    if base is not None:
+        base = open_ingredient(base, label="base", key=opts.checkpoint_key)
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_output([*pool, base] if base is not None else pool, out)
+    writes = out is not None and (ranks is None or ranks.is_main)
+    # The whole cook holds its output folder: a second cook on it fails at once.
+    with output_lock(out) if writes else contextlib.nullcontext():
+        if writes:
+            tidy_output(out)
+        return _cook(
+            pool,
+            model,
+            held_out,
+            test,
+            recipes,
+            out,
+            recalibrate,
+            opts,
+            progress,
+            ranks,
+            started,
+            base=base,
+        )
+
+
+def _cook(
+    pool: Sequence[Ingredient],
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    held_out: Evaluator | Callable,
+    test: Evaluator | Callable | None,
+    recipes: Sequence[Mapping | RecipeEntry] | None,
+    out: Path | None,
+    recalibrate: Callable[[torch.nn.Module], None] | None,
+    opts: CookOptions,
+    progress: bool,
+    ranks: DistContext | None,
+    started: float,
+    *,
+    base: Ingredient | None = None,
+) -> CookResult:
+    """The cook itself, once its inputs are checked and its output is held."""
+    device = opts.device
     module = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
@@ -166,12 +213,9 @@ def cook(
     if ranks is not None:
         held = ranks.share(held)
         test_ev = ranks.share(test_ev) if test_ev is not None else None
-    out = Path(output) if output is not None else None
     journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
-    if base is not None:
-        base = open_ingredient(base, label="base", key=opts.checkpoint_key)
     for entry in entries:  # before any evaluation: a rule that needs the base names itself
         check_base(as_merge(get_recipe(entry.name).options(**entry.options()).merge_rule()), base)
     taster = Taster(
@@ -184,6 +228,7 @@ def cook(
         recalibrate=recalibrate,
         recalibrate_candidates=opts.recalibrate_candidates,
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
+        racing=opts.racing,
         progress=progress,
         base=base,
     )
@@ -216,6 +261,32 @@ def cook(
             result, out, bootstrap_resamples=opts.bootstrap_resamples, seed=opts.seed
         )
     return result
+
+
+def check_output(pool: Sequence[Any], out: Path) -> None:
+    """Refuse a cook output folder that is, contains or lies inside an ingredient's file
+    or folder: the journal, reports and soups must never land among the inputs. Aligned
+    copies in ``<out>/aligned`` are the cook's own and allowed.
+
+    Example:
+        >>> from modelsoup.ingredients import Ingredient, open_ingredients
+        >>> check_output(open_ingredients([{"w": torch.ones(1)}]), Path("out"))
+    """
+    own = (out / "aligned").resolve()
+    theirs = [ing for ing in pool if ing.path is None or own not in ing.path.resolve().parents]
+    check_not_input(theirs, out)
+
+
+def tidy_output(out: Path) -> None:
+    """Remove what a killed run left in a cook's output folder (half-written soups,
+    reports, figures and cached outputs of dead processes; see
+    :func:`~modelsoup._util.clean_stale_temps`), and put back a soup folder moved aside.
+
+    Example:
+        >>> tidy_output(Path("/nonexistent"))
+    """
+    for folder in (out, out / "soups", out / "figures", out / "journal.jsonl.outputs"):
+        clean_stale_temps(folder)
 
 
 def _options(options: CookOptions | None, settings: Mapping[str, Any]) -> CookOptions:
@@ -332,8 +403,11 @@ def _save_soups(
         m.saved = str(path.relative_to(out))
 
 
-def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> CookResult:
-    """Cook from a config file (or a validated :class:`CookConfig`).
+def cook_config(
+    config: CookConfig | str | Path, *, progress: bool = True, device: str | None = None
+) -> CookResult:
+    """Cook from a config file (or a validated :class:`CookConfig`); ``device``, if
+    given, overrides the config's.
 
     Example:
         >>> cook_config("missing.yaml")
@@ -343,6 +417,9 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
     """
     if not isinstance(config, CookConfig):
         config = load_config(config)
+    if device is not None:
+        config = config.model_copy(update={"device": device})
+    check_device(config.device)  # before any model or data is built
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
     test, recalibrate = parts.test, parts.recalibrate
@@ -356,28 +433,33 @@ def cook_config(config: CookConfig | str | Path, *, progress: bool = True) -> Co
             "align and base cannot be combined: task vectors need the ingredients in the "
             "base's own unit order; fine-tunes of one base need no alignment"
         )
-    if config.align:
-        method = "reference" if config.align is True else config.align
-        ingredients = align_pool(
+    if config.align:  # aligned copies are written into the output: check it first
+        check_output(open_ingredients(ingredients, key=config.checkpoint_key), output)
+    # Aligning is part of the cook: it holds the output, and cook() takes the lock again.
+    with output_lock(output) if config.align else contextlib.nullcontext():
+        if config.align:
+            tidy_output(output)
+            method = "reference" if config.align is True else config.align
+            ingredients = align_pool(
+                ingredients,
+                model,
+                output,
+                checkpoint_key=config.checkpoint_key,
+                example=held,
+                method=method,
+                data=resolve_alignment_data(config),
+                num_batches=config.align_batches,
+                seed=config.seed,
+            )
+        return cook(
             ingredients,
             model,
-            output,
-            checkpoint_key=config.checkpoint_key,
-            example=held,
-            method=method,
-            data=resolve_alignment_data(config),
-            num_batches=config.align_batches,
-            seed=config.seed,
+            held,
+            test=test,
+            recipes=config.recipes,
+            output=output,
+            recalibrate=recalibrate,
+            options=config.options(),
+            progress=progress,
+            base=parts.base,
         )
-    return cook(
-        ingredients,
-        model,
-        held,
-        test=test,
-        recipes=config.recipes,
-        output=output,
-        recalibrate=recalibrate,
-        options=config.options(),
-        progress=progress,
-        base=parts.base,
-    )

@@ -70,6 +70,17 @@ class TensorSource:
     def meta(self, name: str) -> TensorMeta:
         raise NotImplementedError
 
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor ``name`` (readers of several shards override this).
+
+        Example:
+            >>> from pathlib import Path
+            >>> src = TensorSource(); src.files = (Path("a.pt"),)
+            >>> src.file_of("w")
+            PosixPath('a.pt')
+        """
+        return self.files[0]
+
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor. Readers that copy from disk may read into a uint8 ``scratch``
         buffer (the result is then valid only until the buffer is reused)."""

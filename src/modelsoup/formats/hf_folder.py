@@ -35,6 +35,8 @@ TRAINING_STATE = frozenset(
     }
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+#: what an error about a broken model folder tells the user to do
+_REDO = "; re-download or re-save the model folder"
 _LAYOUTS = (
     ("model.safetensors.index.json", SafetensorsSource),
     ("model.safetensors", SafetensorsSource),
@@ -53,21 +55,95 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name, _ in _LAYOUTS)
 
 
-def _shards(index_path: Path) -> list[Path]:
+def read_index(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file), checked.
+
+    It must map strings to strings, and every shard it names must be a file in the
+    index's folder: a path that leaves it (``../x``, ``/etc/x``, a symlink to elsewhere)
+    is refused. The one symlink allowed out is the Hugging Face hub cache's, from
+    ``snapshots/<revision>/`` to the ``blobs/`` of the same repository.
+
+    Example:
+        >>> import json, tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "model-1.safetensors").write_bytes(b"")
+        >>> _ = (d / "i.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+        >>> read_index(d / "i.json")
+        {'w': 'model-1.safetensors'}
+    """
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise IngredientError(f"{index_path}: corrupt shard index ({err})") from err
-    files = sorted(set(weight_map.values()))
-    paths = [index_path.parent / f for f in files]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise IngredientError(f"{index_path}: shard {missing[0].name} is missing")
-    return paths
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise IngredientError(f"{index_path}: cannot read ({err.strerror})") from err
+    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
+        raise IngredientError(f"{index_path}: corrupt shard index ({err})" + _REDO) from err
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "nothing" if weight_map is None else json.dumps(weight_map)[:40]
+        raise IngredientError(
+            f"{index_path}: corrupt shard index: 'weight_map' must map each tensor name to its "
+            f"shard file, but it is {found}" + _REDO
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise IngredientError(
+                f"{index_path}: corrupt shard index: tensor '{name}' is mapped to "
+                f"{json.dumps(shard)}, not a shard file name" + _REDO
+            )
+    for shard in sorted(set(weight_map.values())):
+        _check_shard_path(index_path, shard)
+    return weight_map
+
+
+def _check_shard_path(index_path: Path, shard: str) -> None:
+    folder = index_path.parent.resolve()
+    path = index_path.parent / shard
+    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise IngredientError(
+            f"{index_path}: the shard '{shard}' is outside the model folder; an index may "
+            "only name files inside its own folder: put the shard there and name it by its "
+            "file name"
+        )
+    if not path.is_file():
+        raise IngredientError(f"{index_path}: shard '{shard}' is missing (or not a file)" + _REDO)
+    target = path.resolve()
+    in_cache = folder.parent.name == "snapshots" and target.parent == folder.parent.parent / "blobs"
+    if not (target.is_relative_to(folder) or in_cache):
+        raise IngredientError(
+            f"{index_path}: the shard '{shard}' is a link to {target}, outside the model "
+            "folder; copy the shard into the folder instead of linking it"
+        )
+
+
+def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source) -> None:
+    # both ways: the index names no tensor its shard lacks, the shards hold none it omits
+    folder = index_path.parent
+    stored = {name: source.file_of(name) for name in source.names()}
+    for name, shard in weight_map.items():
+        if name not in stored:
+            raise IngredientError(
+                f"{index_path}: the index puts tensor '{name}' in {shard}, but no shard "
+                "holds it" + _REDO
+            )
+        if stored[name] != folder / shard:
+            raise IngredientError(
+                f"{index_path}: the index puts tensor '{name}' in {shard}, but it is stored "
+                f"in {stored[name].relative_to(folder)}" + _REDO
+            )
+    for name, path in stored.items():
+        if name not in weight_map:
+            raise IngredientError(
+                f"{index_path}: shard {path.relative_to(folder)} holds tensor '{name}', which "
+                "the index does not list" + _REDO
+            )
 
 
 def open_folder(path: Path, key: str | None = None) -> TensorSource:
     """Open an HF model folder lazily.
+
+    A sharded folder's index is checked against its shards both ways: a tensor the
+    index names but no shard holds, or one a shard holds but the index does not name,
+    means the folder is incomplete or mixed up, and is refused.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -79,14 +155,21 @@ def open_folder(path: Path, key: str | None = None) -> TensorSource:
     for name, reader in _LAYOUTS:
         candidate = path / name
         if candidate.exists():
-            files = _shards(candidate) if name.endswith(".index.json") else [candidate]
-            if reader is TorchSource:
-                return TorchSource(files, label=str(path), key=key)
-            return SafetensorsSource(files, label=str(path))
+            if not name.endswith(".index.json"):
+                return reader([candidate], label=str(path), **_key(reader, key))
+            weight_map = read_index(candidate)
+            shards = sorted({path / shard for shard in weight_map.values()})
+            source = reader(shards, label=str(path), **_key(reader, key))
+            _check_against_index(candidate, weight_map, source)
+            return source
     raise IngredientError(
         f"{path}: no model weights found (expected model.safetensors, a shard index or "
         "pytorch_model.bin)"
     )
+
+
+def _key(reader: type, key: str | None) -> dict:
+    return {"key": key} if reader is TorchSource else {}
 
 
 def plan_shards(layout: Mapping[str, TensorMeta], max_shard_size: int) -> list[list[str]]:

@@ -9,7 +9,10 @@ Every offset in the header is checked before it is trusted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
+import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -44,7 +47,16 @@ for _name, _attr in (
         _DTYPES[_name] = getattr(torch, _attr)
 _CODES = {v: k for k, v in _DTYPES.items()}
 
-_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+#: the reference parser's limit on the header, in bytes
+_MAX_HEADER = 100_000_000
+#: a valid header nests three deep (file, tensor, shape); more is refused before parsing,
+#: so a hostile header cannot exhaust the parser's recursion
+_MAX_DEPTH = 16
+#: shapes and offsets must fit torch's int64 sizes
+_MAX_INT = 2**63 - 1
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 class _Entry:
@@ -64,6 +76,13 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
     """Parse and validate a safetensors header: entries, metadata, where data starts, and
     the raw bytes before it (for hashing).
 
+    Nothing in the header is trusted: it must be what the format requires, or the file
+    is refused with an :class:`~modelsoup.errors.IngredientError` that names it (and the
+    tensor). Every tensor has a known dtype, a shape of non-negative integers and
+    integer ``data_offsets`` spanning exactly its ``numel x itemsize`` bytes; the spans,
+    in order, tile the data section from its first byte to the end of the file, with no
+    gap, overlap or trailing byte; ``__metadata__`` maps strings to strings.
+
     Example:
         >>> import tempfile, torch, safetensors.torch
         >>> p = Path(tempfile.mkdtemp()) / "x.safetensors"
@@ -81,44 +100,137 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
                     f"{path}: truncated safetensors file (no header)" + RESAVE_HINT
                 )
             (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n > _MAX_HEADER:
                 raise IngredientError(
-                    f"{path}: corrupt or truncated safetensors header" + RESAVE_HINT
+                    f"{path}: corrupt safetensors header (its length field says {n} bytes, "
+                    f"over the format's limit of {_MAX_HEADER})" + RESAVE_HINT
+                )
+            if 8 + n > size:
+                raise IngredientError(
+                    f"{path}: corrupt or truncated safetensors file (its header length field "
+                    f"says {n} bytes, but only {size - 8} follow it)" + RESAVE_HINT
                 )
             header_bytes = fh.read(n)
     except OSError as err:
         raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IngredientError(f"{path}: corrupt safetensors header ({err})" + RESAVE_HINT) from err
-    if not isinstance(header, dict):
-        raise IngredientError(
-            f"{path}: corrupt safetensors header (not a JSON object)" + RESAVE_HINT
-        )
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_json(path, header_bytes)
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
     data_start = 8 + n
-    data_len = size - data_start
-    entries: dict[str, _Entry] = {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise IngredientError(
-                f"{path}: corrupt header entry for tensor '{name}'" + RESAVE_HINT
-            ) from err
-        meta = TensorMeta(shape, dtype)
-        if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != meta.nbytes:
-            raise IngredientError(f"{path}: corrupt offsets for tensor '{name}'" + RESAVE_HINT)
-        if end > data_len:
-            raise IngredientError(
-                f"{path}: truncated file: tensor '{name}' ends at byte {data_start + end} "
-                f"but the file has {size}" + RESAVE_HINT
-            )
-        entries[name] = _Entry(meta, start, end)
+    entries = {name: _check_entry(path, name, info) for name, info in header.items()}
+    _check_tiling(path, entries, size - data_start)
     return entries, metadata, data_start, raw + header_bytes
+
+
+def _corrupt(path: Path, what: str) -> IngredientError:
+    return IngredientError(f"{path}: corrupt safetensors header ({what})" + RESAVE_HINT)
+
+
+def _nesting(text: bytes) -> int:
+    # How deep the JSON nests, without parsing it: drop the strings, keep the brackets.
+    brackets = _STRINGS.sub(b"", text).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(_STEP[c] for c in brackets), default=0)
+
+
+def _parse_json(path: Path, header_bytes: bytes) -> dict:
+    if _nesting(header_bytes) > _MAX_DEPTH:
+        raise _corrupt(path, f"JSON nested more than {_MAX_DEPTH} deep")
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    # A tensor named twice needs no check of its own: json keeps the last entry, so the
+    # first one's bytes are left uncovered (refused below) unless both entries are one.
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), parse_constant=no_constant)
+    except UnicodeDecodeError as err:
+        raise _corrupt(path, f"not UTF-8 at byte {8 + err.start}") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise _corrupt(path, str(err)) from err
+    if not isinstance(header, dict):
+        raise _corrupt(path, "not a JSON object")
+    return header
+
+
+def _check_metadata(path: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise _corrupt(path, f"__metadata__ is {_kind(metadata)}, not an object")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise _corrupt(path, f"__metadata__['{key}'] is {_kind(value)}, not a string")
+    return metadata
+
+
+def _is_index(value: object) -> bool:
+    # a JSON integer that fits int64; bool is an int subclass in Python but not in JSON
+    return type(value) is int and 0 <= value <= _MAX_INT
+
+
+def _check_entry(path: Path, name: str, info: object) -> _Entry:
+    where = f"tensor '{name}'"
+    if not isinstance(info, dict):
+        raise _corrupt(path, f"{where} is described by {_kind(info)}, not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise _corrupt(path, f"{where} has no {missing[0]}")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in _DTYPES:
+        raise _corrupt(
+            path, f"{where} has dtype {json.dumps(code)}; known: {', '.join(sorted(_DTYPES))}"
+        )
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise _corrupt(path, f"{where} has shape {_short(shape)}, not a list of sizes >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets)):
+        raise _corrupt(path, f"{where} has data_offsets {_short(offsets)}, not two integers >= 0")
+    meta = TensorMeta(tuple(shape), _DTYPES[code])
+    numel = math.prod(shape)
+    if numel == 0 and math.prod(d for d in shape if d) > _MAX_INT:
+        raise _corrupt(path, f"{where} has shape {_short(shape)}, too large for any file")
+    start, end = offsets
+    if end - start != numel * meta.dtype.itemsize:
+        raise _corrupt(
+            path,
+            f"{where} spans bytes {start}..{end} ({end - start} bytes), but dtype {code} and "
+            f"shape {list(shape)} take {numel * meta.dtype.itemsize}",
+        )
+    return _Entry(meta, start, end)
+
+
+def _check_tiling(path: Path, entries: Mapping[str, _Entry], data_len: int) -> None:
+    # The spans must tile the data section: in order, each starts where the last ended.
+    at, previous = 0, None
+    for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if entry.start != at:
+            if previous is None:
+                what = f"tensor '{name}' starts at data byte {entry.start}, not 0"
+            elif entry.start < at:
+                what = f"tensors '{previous}' and '{name}' overlap"
+            else:
+                what = f"{entry.start - at} bytes between tensors '{previous}' and '{name}'"
+            raise _corrupt(path, f"{what}: each tensor's bytes must follow the last's")
+        at, previous = entry.end, name
+    if at > data_len:
+        raise IngredientError(
+            f"{path}: truncated file: tensor '{previous}' ends {at - data_len} bytes past the "
+            "end of the file" + RESAVE_HINT
+        )
+    if at < data_len:
+        raise _corrupt(path, f"{data_len - at} bytes after the last tensor")
+
+
+def _kind(value: object) -> str:
+    # the JSON name of a parsed value's type, for messages
+    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"))
+    kinds += ((list, "an array"), (dict, "an object"))
+    if value is None:
+        return "null"
+    return next(name for t, name in kinds if isinstance(value, t))
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class SafetensorsSource(TensorSource):
@@ -173,6 +285,9 @@ class SafetensorsSource(TensorSource):
     def meta(self, name: str) -> TensorMeta:
         return self._where[name][1].meta
 
+    def file_of(self, name: str) -> Path:
+        return self.files[self._where[name][0]]
+
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor; with a uint8 ``scratch`` buffer large enough, read into it.
 
@@ -208,7 +323,10 @@ class SafetensorsSource(TensorSource):
         fh.seek(where)
         got = fh.readinto(memoryview(out.numpy())) if nbytes else 0
         if got != nbytes:
-            raise IngredientError(f"{self.files[index]}: truncated while reading tensor '{name}'")
+            raise IngredientError(
+                f"{self.files[index]}: truncated while reading tensor '{name}' (the file "
+                "shrank after it was opened?)" + RESAVE_HINT
+            )
         if index == self._hash_file and where == self._hash_pos:
             self._hasher.update(memoryview(out.numpy()))
             self._hash_pos += nbytes

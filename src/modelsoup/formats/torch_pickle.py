@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,15 +55,19 @@ def load_pickle(path: Path) -> object:
         {'w': tensor([1.])}
     """
     try:
-        try:
-            with torch.serialization.safe_globals(_SAFE_EXTRAS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as err:
-            # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
-            if "mmap" not in str(err) and "zipfile" not in str(err):
-                raise
-            with torch.serialization.safe_globals(_SAFE_EXTRAS):
-                return torch.load(path, map_location="cpu", weights_only=True)
+        # torch's own warnings while loading (deprecated storages, pickle protocols, beta
+        # layouts) are about torch, not about the checkpoint: what matters is refused below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as err:
+                # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
+                if "mmap" not in str(err) and "zipfile" not in str(err):
+                    raise
+                with torch.serialization.safe_globals(_SAFE_EXTRAS):
+                    return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except pickle.UnpicklingError as err:
@@ -117,6 +122,8 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
         else:
             state, notes = obj[found], [f"key '{found}'"]
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for name, t in state.items():
+        check_tensor(name, t, label)
     prefixes = ["module.", "_orig_mod."]
     if "pytorch-lightning_version" in obj:
         prefixes.append("model.")
@@ -125,6 +132,51 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
             state = {k[len(prefix) :]: v for k, v in state.items()}
             notes.append(f"prefix '{prefix}' removed")
     return state, ", ".join(notes)
+
+
+def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
+    """Refuse a state-dict entry that is not a named, dense, real tensor holding data.
+
+    A pickle may hold anything torch can rebuild, not only what a soup can average:
+    a meta tensor has no values (it would average as zeros), sparse and nested tensors
+    have no fixed element layout, complex and quantized values are not averaged here.
+
+    Example:
+        >>> import torch
+        >>> check_tensor("w", torch.ones(2))
+        >>> try:
+        ...     check_tensor("w", torch.empty(2, device="meta"), "a.pt")
+        ... except IngredientError as err:
+        ...     print(str(err)[:44])
+        a.pt: tensor 'w' is a meta tensor: it has no
+    """
+    if not isinstance(name, str):
+        raise IngredientError(
+            f"{label}: the state dict has the key {name!r} ({type(name).__name__}), not a "
+            "tensor name; re-save it as a dict of name -> tensor (model.state_dict())"
+        )
+    where = f"{label}: tensor '{name}'"
+    if t.is_meta:
+        raise IngredientError(
+            f"{where} is a meta tensor: it has no values (saved from a model built on the "
+            "meta device, e.g. with init_empty_weights, before its weights were loaded); "
+            "re-save it after loading the real weights"
+        )
+    if t.is_nested:
+        raise IngredientError(
+            f"{where} is a nested tensor, which has no fixed shape to average; "
+            "re-save it as ordinary tensors"
+        )
+    if t.layout != torch.strided:
+        raise IngredientError(
+            f"{where} has the {str(t.layout).removeprefix('torch.')} layout; soups average "
+            "dense tensors: re-save it with .to_dense()"
+        )
+    if t.is_quantized or t.is_complex():
+        raise IngredientError(
+            f"{where} is {str(t.dtype).removeprefix('torch.')}, which modelsoup does not "
+            "average; re-save the checkpoint in a real floating dtype (e.g. float32)"
+        )
 
 
 class TorchSource(TensorSource):
@@ -143,14 +195,16 @@ class TorchSource(TensorSource):
         self.files = tuple(Path(f) for f in files)
         self.label = label or str(self.files[0])
         self._tensors: dict[str, torch.Tensor] = {}
+        self._shard: dict[str, int] = {}
         notes = []
-        for path in self.files:
+        for index, path in enumerate(self.files):
             state, note = unwrap(load_pickle(path), key, str(path))
             notes.append(note)
             for name, t in state.items():
                 if name in self._tensors:
                     raise IngredientError(f"{self.label}: tensor '{name}' is stored in two shards")
                 self._tensors[name] = t
+                self._shard[name] = index
         self.note = notes[0] if notes else ""
 
     def names(self) -> list[str]:
@@ -159,6 +213,9 @@ class TorchSource(TensorSource):
     def meta(self, name: str) -> TensorMeta:
         t = self._tensors[name]
         return TensorMeta(tuple(t.shape), t.dtype)
+
+    def file_of(self, name: str) -> Path:
+        return self.files[self._shard[name]]
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name]
@@ -176,5 +233,12 @@ def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
         >>> torch.load(p, weights_only=True)
         {'w': tensor([0.])}
     """
-    with atomic_file(path) as tmp:
-        torch.save(dict(state), tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(dict(state), fh)
+        except RuntimeError as err:
+            # torch.save reports a failed write (a full disk) as a RuntimeError; given a
+            # file object, the OSError behind it is kept as the context: raise that.
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise

@@ -36,3 +36,19 @@ def ingredient_order(taster: Taster, order: str, seed: int) -> list[int]:
     positions = list(range(len(taster.ingredients)))
     random.Random(seed).shuffle(positions)
     return positions
+
+
+def scored(score: float) -> dict:
+    """A trace entry's score fields: the score, or how a raced candidate was stopped.
+
+    Example:
+        >>> from modelsoup.tasting import RejectedScore
+        >>> scored(0.9), scored(RejectedScore(0.4, seen=20, total=100))
+        ({'score': 0.9}, {'score': None, 'stopped_early': {'bound': 0.4, 'seen': 20, 'of': 100}})
+    """
+    if getattr(score, "rejected", False):
+        return {
+            "score": None,
+            "stopped_early": {"bound": float(score), "seen": score.seen, "of": score.total},
+        }
+    return {"score": score}

@@ -61,7 +61,8 @@ def _forward_selection_soup(taster: Taster, *, max_ingredients: int | None = Non
         remaining = [i for i in range(n) if i not in members]
         if not remaining:
             break
-        scores = [taster.score_members([*members, i], to_beat=best) for i in remaining]
+        # a candidate must beat the soup strictly; one that provably cannot may stop early
+        scores = [taster.score_members([*members, i], to_beat=best, strict=True) for i in remaining]
         pick = taster.best(scores)
         if not taster.better(scores[pick], best, strict=True):
             trace.append(

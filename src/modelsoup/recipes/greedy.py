@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import PositiveInt
 
 from modelsoup.merge import MergeSpec
-from modelsoup.recipes._common import ingredient_order, member_weights
+from modelsoup.recipes._common import ingredient_order, member_weights, scored
 from modelsoup.recipes.registry import MergingOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
@@ -75,7 +75,7 @@ def _greedy_soup(
     for step, i in enumerate(positions[1:], start=2):
         if max_ingredients is not None and len(members) >= max_ingredients:
             break
-        score = taster.score_members([*members, i], to_beat=best)
+        score = taster.score_members([*members, i], to_beat=best, strict=strict)
         accepted = taster.better(score, best, strict=strict)
         if accepted:
             members.append(i)
@@ -84,7 +84,7 @@ def _greedy_soup(
             {
                 "step": step,
                 "tried": taster.ingredients[i].label,
-                "score": score,
+                **scored(score),
                 "accepted": accepted,
                 "size": len(members),
                 "best": best,

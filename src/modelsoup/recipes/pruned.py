@@ -69,7 +69,7 @@ def _pruned_soup(
             if i not in members or len(members) == 1:
                 continue
             candidate = [m for m in members if m != i]
-            score = taster.score_members(candidate, to_beat=baseline)
+            score = taster.score_members(candidate, to_beat=baseline, strict=strict)
             if taster.better(score, baseline, strict=strict):
                 members, baseline, removed_any = candidate, score, True
                 trace.append(

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from modelsoup._util import atomic_file
+from modelsoup._util import atomic_file, clean_stale_temps
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -129,6 +129,7 @@ def align_pool(
         spec = trace_permutation_spec(module.cpu().eval(), example_input(example))
     spec = load_spec(spec)
     folder = Path(output) / "aligned"
+    clean_stale_temps(folder)  # what a killed alignment left (half-written copies)
     if method == "merge_many":
         return _align_merge_many(pool, spec, folder, max_iter, max_rounds, seed, progress)
     ref = pool[reference]

@@ -1,0 +1,162 @@
+"""A journal read back is checked like a score being recorded: each bad line is named,
+ignored alone, and only its evaluation runs again (counted, to prove the good lines are
+reused)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+
+from modelsoup.errors import EvaluationError, SoupWarning
+from modelsoup.evaluators import Accuracy
+from modelsoup.ingredients import open_ingredients
+from modelsoup.journal import Journal
+from modelsoup.tasting import Taster
+
+COUNT = 5
+
+
+@pytest.fixture
+def pool_files(tmp_path):
+    paths = []
+    for seed in range(COUNT):
+        torch.manual_seed(seed)
+        net = torch.nn.Linear(4, 3)
+        path = tmp_path / f"ing{seed}.safetensors"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+        paths.append(path)
+    return paths
+
+
+def _data():
+    torch.manual_seed(100)
+    x = torch.randn(64, 4)
+    return x, torch.randint(0, 3, (64,))
+
+
+def _taste(paths, journal_path):
+    """Each ingredient's held-out accuracy through a Taster on a journal file."""
+    taster = Taster(
+        open_ingredients([str(p) for p in paths]),
+        torch.nn.Linear(4, 3),
+        Accuracy(_data(), name="acc"),
+        journal=Journal(journal_path),
+    )
+    return taster.individual_scores(), taster
+
+
+@pytest.fixture
+def journal(tmp_path, pool_files):
+    path = tmp_path / "journal.jsonl"
+    scores, taster = _taste(pool_files, path)
+    assert taster.evaluations == COUNT
+    assert len(path.read_bytes().splitlines()) == 1 + COUNT  # the header, one line each
+    return path, scores
+
+
+def _replace_line(path, number, make):
+    """Rewrite line ``number`` (1-based) of the file with ``make(entry)`` (bytes)."""
+    lines = path.read_bytes().splitlines()
+    lines[number - 1] = make(json.loads(lines[number - 1]))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _with_score(text):
+    # JSON text for a score, as a hostile or broken writer would leave it
+    def make(entry):
+        return json.dumps({**entry, "score": "@@"}).replace('"@@"', text).encode()
+
+    return make
+
+
+HOSTILE = {
+    "NaN": (_with_score("NaN"), "not a finite number"),
+    "Infinity": (_with_score("Infinity"), "not a finite number"),
+    "-Infinity": (_with_score("-Infinity"), "not a finite number"),
+    "1e999": (_with_score("1e999"), "not a finite number"),
+    "huge integer": (_with_score("1" + "0" * 400), "out of range"),
+    "string": (_with_score('"0.999"'), "is a str, not a number"),
+    "boolean": (_with_score("true"), "is a bool, not a number"),
+    "null": (_with_score("null"), "not a number"),
+    "key not a string": (lambda e: json.dumps({**e, "key": 7}).encode(), "sha256"),
+    "detail a list": (lambda e: json.dumps({**e, "detail": [1]}).encode(), "not an object"),
+    "time a string": (lambda e: json.dumps({**e, "time": "now"}).encode(), "not a number"),
+    "a list": (lambda e: json.dumps([e]).encode(), "not an object"),
+    "non-UTF-8 byte": (lambda e: json.dumps(e).encode().replace(b'"key"', b'"k\xffy"'), "UTF-8"),
+    "cut off": (lambda e: json.dumps(e).encode()[:20], "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_each_hostile_line_is_reported_and_ignored_alone(journal, pool_files, case):
+    path, scores = journal
+    make, why = HOSTILE[case]
+    _replace_line(path, 3, make)  # the second ingredient's score
+    with pytest.warns(SoupWarning) as caught:
+        again, taster = _taste(pool_files, path)
+    messages = [str(w.message) for w in caught if "journal line" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "1 corrupt journal line(s) ignored" in messages[0]
+    assert "line 3:" in messages[0] and why in messages[0]
+    # only the bad line's evaluation runs again; the other four are reused
+    assert taster.evaluations == 1 and taster.reused == COUNT - 1
+    assert again == scores
+    assert all(math.isfinite(s) and 0 <= s <= 1 for s in again)
+
+
+@pytest.mark.parametrize("value", ["1e308", "-0.5", "1.0000001"])
+def test_a_score_outside_the_evaluators_range_is_not_trusted(journal, pool_files, value):
+    path, scores = journal
+    _replace_line(path, 4, _with_score(value))  # finite, but no accuracy is 1e308
+    with pytest.warns(SoupWarning, match=r"line 4 ignored: score .* outside .*range \[0.0, 1.0\]"):
+        again, taster = _taste(pool_files, path)
+    assert taster.evaluations == 1 and taster.reused == COUNT - 1
+    assert again == scores
+
+
+def test_many_bad_lines_make_one_warning_that_names_each(journal, pool_files):
+    path, scores = journal
+    _replace_line(path, 2, _with_score("NaN"))
+    _replace_line(path, 4, _with_score("true"))
+    lines = path.read_bytes().splitlines()
+    lines[5] = lines[5][:-3] + b"\xfe\xff}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again, taster = _taste(pool_files, path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, SoupWarning)]
+    assert len(messages) == 1, messages
+    text = messages[0]
+    assert "3 corrupt journal line(s)" in text
+    assert "line 2: score nan" in text and "line 4: score True is a bool" in text
+    assert "line 6: not UTF-8" in text
+    assert taster.evaluations == 3 and taster.reused == COUNT - 3
+    assert again == scores
+    # The journal was not set aside: the good lines stay, the new scores were appended.
+    assert not list(path.parent.glob("journal.jsonl.ignored-*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bad lines still warn: prove it is the same file
+        with pytest.raises(SoupWarning, match="3 corrupt journal line"):
+            Journal(path)
+
+
+def test_a_journal_with_a_bad_header_byte_is_set_aside_whole(journal, pool_files):
+    path, _ = journal
+    path.write_bytes(b"\xff" + path.read_bytes())
+    with pytest.warns(SoupWarning, match="not a modelsoup journal"):
+        _, taster = _taste(pool_files, path)
+    assert taster.evaluations == COUNT
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5", True, None])
+def test_record_refuses_what_load_would_refuse(tmp_path, bad):
+    book = Journal(tmp_path / "journal.jsonl")
+    with pytest.raises(EvaluationError, match="evaluator acc returned"):
+        book.record("a" * 64, bad, {"evaluator": "acc"})
+    assert not (tmp_path / "journal.jsonl").exists()
+    assert book.lookup("a" * 64) is None

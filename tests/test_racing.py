@@ -1,0 +1,135 @@
+"""Exact early rejection (racing): same decisions as full evaluation, fewer examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from digits_kit import held_out, model, write_ingredients
+from modelsoup.cook import cook
+from modelsoup.evaluators import Accuracy
+from modelsoup.ingredients import open_ingredients
+from modelsoup.journal import Journal
+from modelsoup.recipes import forward_selection_soup, greedy_soup, pruned_soup
+from modelsoup.tasting import RejectedScore, Taster
+
+RECIPES = [
+    {"name": "greedy"},
+    {"name": "greedy", "order": "random", "seed": 3, "label": "greedy random"},
+    {"name": "greedy", "strict": True, "label": "greedy strict"},
+    {"name": "pruned", "passes": 3},
+    {"name": "forward"},
+]
+
+
+def _rows(result):
+    return {
+        m.label: (m.result.chosen if m.is_soup else None, m.held_out, m.test)
+        for m in result.methods
+    }
+
+
+def test_digits_cook_same_picks_and_scores_with_and_without_racing(tmp_path):
+    paths = write_ingredients(tmp_path / "runs")
+    runs = {}
+    for racing in ("exact", "off"):
+        runs[racing] = cook(
+            paths,
+            model,
+            held_out(),
+            recipes=RECIPES,
+            racing=racing,
+            bootstrap_resamples=50,
+            progress=False,
+        )
+    assert _rows(runs["exact"]) == _rows(runs["off"])
+    for a, b in zip(runs["exact"].methods, runs["off"].methods):
+        if not a.is_soup:
+            continue
+        sa, sb = a.result.state_dict(), b.result.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    stats = runs["exact"].taster_stats
+    assert stats["races"] > 0 and runs["off"].taster_stats["races"] == 0
+    assert stats["race_examples"] <= stats["race_full_examples"]
+
+
+def _far_apart_pool(n_bad: int = 6):
+    """One good linear classifier and many that are far below it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=gen)
+    w_true = torch.randn(3, 8, generator=gen)
+    y = (x @ w_true.T).argmax(-1)
+    good = {"weight": w_true.clone(), "bias": torch.zeros(3)}
+    bad = [
+        {"weight": -5 * w_true + 0.1 * torch.randn(3, 8, generator=gen), "bias": torch.zeros(3)}
+        for _ in range(n_bad)
+    ]
+    return [good, *bad], Accuracy((x, y), batch_size=50, name="far-apart")
+
+
+@pytest.mark.parametrize("recipe", [greedy_soup, pruned_soup, forward_selection_soup])
+def test_far_below_candidates_stop_early_with_identical_picks(recipe):
+    pool, evaluator = _far_apart_pool()
+    results = {}
+    tasters = {}
+    for racing in ("exact", "off"):
+        taster = Taster(open_ingredients(pool), torch.nn.Linear(8, 3), evaluator, racing=racing)
+        results[racing] = recipe(taster)
+        tasters[racing] = taster
+    assert results["exact"].chosen == results["off"].chosen
+    assert results["exact"].scores["held_out"] == results["off"].scores["held_out"]
+    raced = tasters["exact"]
+    if recipe is pruned_soup:  # removing a bad ingredient only helps: nothing to stop
+        assert raced.races > 0
+    else:
+        assert raced.rejected_early > 0
+        assert raced.race_examples * 1.5 <= raced.race_full_examples
+
+
+def test_a_rejection_is_journaled_and_never_reused_as_a_score(tmp_path):
+    pool, evaluator = _far_apart_pool(2)
+    path = tmp_path / "journal.jsonl"
+    taster = Taster(open_ingredients(pool), torch.nn.Linear(8, 3), evaluator, journal=Journal(path))
+    greedy_soup(taster)
+    assert taster.rejected_early >= 1
+    lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    rejected = [e for e in lines if "rejected" in e]
+    assert rejected and all("score" not in e for e in rejected)
+    # a fresh run: the rejection still proves the loss against the same bar (no evaluation)
+    again = Taster(open_ingredients(pool), torch.nn.Linear(8, 3), evaluator, journal=Journal(path))
+    greedy_soup(again)
+    assert again.evaluations == 0
+    # asking for the candidate's score (no bar) evaluates it in full: a real score
+    weights = [1.0, 1.0, 0.0]
+    full = again.score(weights)
+    assert not isinstance(full, RejectedScore) and again.evaluations == 1
+    off = Taster(open_ingredients(pool), torch.nn.Linear(8, 3), evaluator, racing="off")
+    assert full == off.score(weights)
+    # and now the journal holds that score for the key: the rejection is superseded
+    third = Journal(path)
+    assert third.lookup(again.key(weights, evaluator)) == full
+
+
+def test_unbounded_evaluators_are_evaluated_in_full():
+    from modelsoup.evaluators import MeanLoss
+
+    pool, acc = _far_apart_pool(2)
+    loss = MeanLoss(acc.data, name="loss")
+    taster = Taster(open_ingredients(pool), torch.nn.Linear(8, 3), loss)
+    greedy_soup(taster)
+    assert taster.races == 0 and taster.rejected_early == 0
+
+
+def test_a_malformed_rejection_line_is_reported_and_ignored(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    j = Journal(path)
+    k1, k2 = "a" * 64, "b" * 64
+    j.record_rejection(k1, bound=0.2, seen=10, total=100, to_beat=0.9, strict=False)
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"key": k2, "rejected": {"bound": "0.2"}}) + "\n")
+    with pytest.warns(Warning, match="ignored"):
+        back = Journal(path)
+    assert k1 in back.rejections and k2 not in back.rejections
+    assert back.lookup(k1) is None
