@@ -184,6 +184,10 @@ output: {tmp_path / "out"}
     err = capsys.readouterr().err
     assert "recipes.0.merge" in err and "option 'density'" in err
     assert "ties" in err
+    cfg.write_text(cfg.read_text().replace("rule: ties, density: 2", "rule: tie"))
+    assert main(["cook", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "recipes.0.merge" in err and "merge rule 'tie' is unknown" in err
 
 
 def test_align_and_base_are_refused_together(pool, tmp_path, capsys):

@@ -189,7 +189,10 @@ class MergeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
-        spec = get_rule(self.rule)
+        try:
+            spec = get_rule(self.rule)
+        except ConfigError as err:  # as a validation error: a config names its key
+            raise ValueError(str(err)) from None
         try:
             self._options = spec.options(**(self.model_extra or {}))
         except ValidationError as err:
