@@ -24,8 +24,9 @@ own time, both measured in that run): the steadier measure of overhead.
 
 Two tasks:
 
-- ``digits``: an MLP 64-256-256-10 on scikit-learn's digits; the held-out set is the
-  digits held-out split, shifted by up to a pixel and noised, 20,000 images.
+- ``digits``: an MLP 64-256-256-10 on scikit-learn's digits (the shared digits kitchen,
+  :mod:`modelsoup.demo.digits`); the held-out set is the digits held-out split,
+  shifted by up to a pixel and noised, 20,000 images.
   Evaluation-bound: a checkpoint is ~0.3 MB and one evaluation tens of ms.
 - ``text``: a fastText-style classifier (``EmbeddingBag`` over 2^17 hashed tokens, 64
   dims, then a linear layer; 8.4M parameters, 32 MiB) on synthetic 10-topic documents.
@@ -44,6 +45,7 @@ second thread mostly adds noise on a busy 2-core machine).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -60,6 +62,7 @@ from proposed_fixes import keyed_by_identity
 from torch import nn
 
 from modelsoup import open_ingredients
+from modelsoup.demo.digits import DigitsMLP, digits_split, pretrain, write_fine_tunes
 from modelsoup.evaluators import Accuracy
 from modelsoup.recipes.greedy import greedy_soup
 from modelsoup.recipes.pruned import pruned_soup
@@ -67,17 +70,6 @@ from modelsoup.tasting import Taster
 
 
 # -- tasks -------------------------------------------------------------------------
-class DigitsNet(nn.Module):
-    def __init__(self, hidden: int = 256):
-        super().__init__()
-        self.fc1 = nn.Linear(64, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, 10)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 class BagOfTokens(nn.Module):
     def __init__(self, buckets: int = 2**17, dim: int = 64, classes: int = 10):
         super().__init__()
@@ -101,28 +93,24 @@ class Task:
 
 
 def digits_task() -> Task:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
+    # The suite's shuffled split (train: the first 1000 images, held-out: the next 400)
+    # and a deeper MLP, from the shared digits kitchen.
+    split = digits_split("shuffled", train=1000, heldout=400)
     # A bigger held-out set: the held-out images shifted by up to one pixel, then noised.
     gen = torch.Generator().manual_seed(1)
-    images = torch.nn.functional.pad(x[1000:1400].reshape(-1, 8, 8), (1, 1, 1, 1))
+    images = torch.nn.functional.pad(split.heldout.x.reshape(-1, 8, 8), (1, 1, 1, 1))
     xs, ys = [], []
     for dy in range(3):
         for dx in range(3):
             for _ in range(6):
                 shifted = images[:, dy : dy + 8, dx : dx + 8].reshape(-1, 64)
                 xs.append(shifted + 0.1 * torch.randn(shifted.shape, generator=gen))
-                ys.append(y[1000:1400])
+                ys.append(split.heldout.y)
     held_x, held_y = torch.cat(xs)[:20_000], torch.cat(ys)[:20_000]
     return Task(
         "digits",
-        DigitsNet,
-        (x[:1000], y[:1000]),
+        functools.partial(DigitsMLP, hidden=(256, 256)),
+        split.train.as_tuple(),
         (held_x, held_y),
         pretrain_lr=0.05,
         lrs=[0.003, 0.01, 0.03, 0.1, 0.2, 0.5, 0.02, 0.05],
@@ -157,39 +145,18 @@ def text_task(buckets: int = 2**17, length: int = 48) -> Task:
 TASKS = {"digits": digits_task, "text": text_task}
 
 
-def train(model: nn.Module, data, lr: float, momentum: float, epochs: int, seed: int) -> None:
-    x, y = data
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for s in range(0, len(y), 50):
-            idx = perm[s : s + 50]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-
-
 def make_ingredients(task: Task, folder: Path, count: int) -> list[Path]:
     """Fine-tune ``count`` ingredients from one shared start (kept between runs)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"ft-{k:02d}.safetensors" for k in range(count)]
-    if all(p.exists() for p in paths):
-        return paths
-    torch.manual_seed(0)
-    start = task.model()
     n_pre = len(task.train[1]) // 4
-    pre = (task.train[0][:n_pre], task.train[1][:n_pre])
-    train(start, pre, task.pretrain_lr, task.momentum, epochs=1, seed=0)
-    for k, path in enumerate(paths):
-        if path.exists():
-            continue
-        model = task.model()
-        model.load_state_dict(start.state_dict())
-        lr = task.lrs[k % len(task.lrs)]
-        train(model, task.train, lr, task.momentum, task.epochs, seed=k + 1)
-        safetensors.torch.save_file(model.state_dict(), str(path))
-    return paths
+    start = functools.cache(
+        lambda: pretrain(
+            task.model, task.train, n=n_pre, lr=task.pretrain_lr, epochs=1, momentum=task.momentum
+        )
+    )
+    runs = [(f"ft-{k:02d}", task.lrs[k % len(task.lrs)], k + 1) for k in range(count)]
+    return write_fine_tunes(
+        folder, runs, task.model, start, task.train, epochs=task.epochs, momentum=task.momentum
+    )
 
 
 # -- the straightforward implementation --------------------------------------------

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from modelsoup.datasets import (
+
+from modelsoup.demo.datasets import (
     FASHION_MNIST_ROOT,
     load_bbc_news,
     load_digits_split,
@@ -18,7 +19,6 @@ from modelsoup.datasets import (
     load_tweet_sentiment,
     split_indices,
 )
-
 from modelsoup.errors import ConfigError
 
 

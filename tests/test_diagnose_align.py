@@ -7,11 +7,11 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from modelsoup.diagnose import diagnose, weight_similarity
 
 from digits_kit import DigitsBNNet, DigitsMLP, held_out, independent, on_test
 from modelsoup import average
 from modelsoup.cli import main
+from modelsoup.cook.diagnose import diagnose, weight_similarity
 from modelsoup.ingredients import open_ingredients
 
 

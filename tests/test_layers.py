@@ -31,8 +31,9 @@ LAYERS = [
     ["modelsoup.tasting"],
     ["modelsoup.distributed"],
     ["modelsoup.recipes."],
-    ["modelsoup.hf"],
+    ["modelsoup.hf."],
     ["modelsoup.cook."],
+    ["modelsoup.integrations."],
     ["modelsoup.demo."],
     ["modelsoup.cli"],
     ["modelsoup", "modelsoup._compat"],  # the package face: re-exports only

@@ -1,4 +1,4 @@
-"""Tests for modelsoup.plots: each function writes a real, readable, non-blank PNG."""
+"""Tests for modelsoup.cook.plots: each function writes a real, readable, non-blank PNG."""
 
 from __future__ import annotations
 
@@ -205,7 +205,9 @@ def test_bad_inputs_raise_config_error(tmp_path: Path, call: Callable[[Path], Pa
 
 
 def test_import_does_not_load_matplotlib() -> None:
-    code = "import sys, modelsoup.plots, modelsoup.stats; print('matplotlib' in sys.modules)"
+    code = (
+        "import sys, modelsoup.cook.plots, modelsoup.cook.stats; print('matplotlib' in sys.modules)"
+    )
     src = Path(__file__).resolve().parents[1] / "src"
     env = {
         **os.environ,

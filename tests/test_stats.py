@@ -1,4 +1,4 @@
-"""Tests for modelsoup.stats: bootstrap intervals and paired comparisons."""
+"""Tests for modelsoup.cook.stats: bootstrap intervals and paired comparisons."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modelsoup.stats import bootstrap_ci, mcnemar_p_value, paired_difference
 
 from modelsoup import stats
+from modelsoup.cook.stats import bootstrap_ci, mcnemar_p_value, paired_difference
 from modelsoup.errors import ConfigError
 
 

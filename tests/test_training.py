@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
-from modelsoup.datasets import load_digits_split
-from modelsoup.models import digits_mlp
-from modelsoup.training import ingredient_name, train_grid, train_ingredient
 from safetensors.torch import load_file
 
+from modelsoup.demo.datasets import load_digits_split
+from modelsoup.demo.models import digits_mlp
+from modelsoup.demo.training import ingredient_name, train_grid, train_ingredient
 from modelsoup.errors import ConfigError
 
 GRID = {"lr": [3e-3, 1e-2], "weight_decay": [0.0, 0.1]}

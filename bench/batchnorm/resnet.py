@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from modelsoup.training import train_ingredient
 from torch import nn
+
+from modelsoup.demo.training import train_ingredient
 
 
 class BasicBlock(nn.Module):

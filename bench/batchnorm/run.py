@@ -7,7 +7,7 @@ recalibration (:func:`modelsoup.repair.recalibrate_bn`); with permutation alignm
 (:func:`modelsoup.repair.pool.align_pool`: weight matching, activation matching and
 MergeMany, Ainsworth et al. 2023), alone or with recalibration; the two-model average of
 models 0 and 1 under the same treatments; the aligned soups of the first n models; and
-the interpolation barriers (:func:`modelsoup.diagnose.diagnose`) for every treatment.
+the interpolation barriers (:func:`modelsoup.cook.diagnose.diagnose`) for every treatment.
 
 Run from the repo root (about 15 minutes on 2 CPU cores at the defaults):
 
@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from modelsoup.datasets import load_fashion_mnist
-from modelsoup.diagnose import diagnose
 from safetensors.torch import save_file
 
+from modelsoup.cook.diagnose import diagnose
+from modelsoup.demo.datasets import load_fashion_mnist
 from modelsoup.evaluators import Accuracy
 from modelsoup.ingredients import open_ingredients
 from modelsoup.recipes.greedy import greedy_soup

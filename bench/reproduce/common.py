@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from modelsoup.plots import plot_greedy_curve, plot_pruned_passes
-from modelsoup.report import write_report
 
 from modelsoup.cook import CookResult, cook
+from modelsoup.cook.plots import plot_greedy_curve, plot_pruned_passes
+from modelsoup.cook.report import write_report
 from modelsoup.ingredients import open_ingredients
 from modelsoup.tasting import Taster
 

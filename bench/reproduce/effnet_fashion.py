@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from modelsoup.datasets import load_fashion_mnist
-from modelsoup.training import train_grid
 from torch import nn
 
+from modelsoup.demo.datasets import load_fashion_mnist
+from modelsoup.demo.training import train_grid
 from modelsoup.evaluators import Accuracy
 from modelsoup.repair import recalibrate_bn
 

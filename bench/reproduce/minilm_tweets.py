@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from modelsoup.datasets import load_tweet_sentiment
-from modelsoup.models import MiniLMClassifier, minilm_classifier, tokenize
-from modelsoup.training import train_grid
 from torch import nn
 
+from modelsoup.demo.datasets import load_tweet_sentiment
+from modelsoup.demo.models import MiniLMClassifier, minilm_classifier, tokenize
+from modelsoup.demo.training import train_grid
 from modelsoup.evaluators import Accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

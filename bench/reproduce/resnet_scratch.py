@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from modelsoup.datasets import load_fashion_mnist
 from safetensors.torch import save_file
 
+from modelsoup.demo.datasets import load_fashion_mnist
 from modelsoup.evaluators import Accuracy
 from modelsoup.repair import recalibrate_bn
 from modelsoup.repair.pool import align_pool

@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 import torch
-from modelsoup.datasets import load_digits_split
-from modelsoup.models import digits_mlp
-from modelsoup.training import train_grid
 
+from modelsoup.demo.digits import DigitsKitchen
+from modelsoup.demo.training import train_grid
 from modelsoup.evaluators import Accuracy
 
 HERE = Path(__file__).resolve().parent
-#: one fixed split: train (fine-tuning), held-out (chooses the soup), test (judges it)
-SPLIT = load_digits_split(seed=0, train=1000, heldout=300, test=497)
+#: one fixed split, stratified under seed 0: train (1000 images, fine-tuning), held-out
+#: (300, chooses the soup), test (497, judges it); and a 64-128-10 MLP
+KITCHEN = DigitsKitchen()
 
 
 def model() -> torch.nn.Module:
@@ -36,7 +36,7 @@ def model() -> torch.nn.Module:
         >>> model()(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
     """
-    return digits_mlp()
+    return KITCHEN.model()
 
 
 def held_out() -> Accuracy:
@@ -46,7 +46,7 @@ def held_out() -> Accuracy:
         >>> held_out().name.startswith("held-out")
         True
     """
-    return Accuracy(SPLIT.heldout.as_tuple(), name="held-out digits")
+    return KITCHEN.held_out()
 
 
 def test() -> Accuracy:
@@ -56,7 +56,7 @@ def test() -> Accuracy:
         >>> test().name.startswith("test")
         True
     """
-    return Accuracy(SPLIT.test.as_tuple(), name="test digits")
+    return KITCHEN.test()
 
 
 def main(out: Path = HERE / "runs") -> list[Path]:
@@ -76,7 +76,7 @@ def main(out: Path = HERE / "runs") -> list[Path]:
     torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
     return train_grid(
         model,
-        SPLIT.train.as_tuple(),
+        KITCHEN.train_data(),
         {"lr": [3e-3, 1e-2, 3e-2]},
         out,
         start_seed=0,

@@ -1,4 +1,4 @@
-"""Small helpers with one home each: atomic files, byte sizes, dtype names, slugs.
+"""Small helpers with one home each: atomic files, byte sizes, dtype names, slugs, progress.
 
 Every layer may import from here; this module imports nothing of modelsoup but
 :mod:`modelsoup.errors`.
@@ -13,8 +13,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -393,3 +396,106 @@ def check_device(name: str | torch.device) -> str:
     elif device.type != "cpu":
         raise ConfigError(f"device '{text}' is not supported; use cpu, cuda, cuda:N or mps")
     return text
+
+
+class StageLog:
+    """What :func:`progress` gives when stderr is not a terminal: no bar, one log line
+    when the stage finishes (how many items, how long); a stage that did nothing (every
+    score came from the journal, say) says nothing.
+
+    It answers the calls a tqdm bar is given (iteration, ``update``, ``set_postfix``,
+    ``close``), so code that shows progress needs no second path.
+
+    Example:
+        >>> stage = StageLog(range(3), desc="tasting", unit="soup")
+        >>> [i for i in stage], stage.n
+        ([0, 1, 2], 3)
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        *,
+        desc: str = "",
+        unit: str = "it",
+        log: bool = True,
+    ):
+        self.iterable = iterable
+        self.log = log
+        self.desc = desc
+        self.unit = unit
+        self.n = 0
+        self._start = time.perf_counter()
+        self._closed = False
+
+    def __iter__(self) -> Iterator:
+        try:
+            for item in self.iterable or ():
+                yield item
+                self.n += 1
+        finally:
+            self.close()
+
+    def __enter__(self) -> StageLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        """A bar's live status (the current score): not worth a line of its own."""
+
+    def close(self) -> None:
+        """Log the stage's one line (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.log or not self.n:
+            return
+        unit = self.unit if self.n == 1 else f"{self.unit}s"
+        _logger.info(
+            "%s: %d %s in %.1f s", self.desc, self.n, unit, time.perf_counter() - self._start
+        )
+
+
+def _interactive() -> bool:
+    """Can progress be drawn in place: a terminal on stderr, or a notebook's widgets?"""
+    import tqdm.auto  # first: it imports autonotebook without its notebook-mode warning
+    import tqdm.autonotebook
+    import tqdm.std
+
+    if tqdm.autonotebook.tqdm is not tqdm.std.tqdm:  # a Jupyter notebook
+        return True
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    desc: str,
+    unit: str = "it",
+    total: int | None = None,
+    enabled: bool = True,
+    leave: bool = True,
+) -> Any:
+    """A progress display for one stage: a tqdm bar on a terminal, one log line otherwise.
+
+    Bars redraw themselves with ``\\r`` and cursor moves, which flood a log file or a
+    CI log; when stderr is not a terminal the stage is logged once, as it finishes
+    (:class:`StageLog`). With ``enabled=False`` nothing is shown at all. ``total`` and
+    ``leave`` are the bar's (a count it can show before the end; keep it when done).
+
+    Example:
+        >>> bar = progress(range(2), desc="writing", unit="tensor")  # no terminal here
+        >>> type(bar).__name__, sum(bar)
+        ('StageLog', 1)
+    """
+    if enabled and _interactive():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave)
+    return StageLog(iterable, desc=desc, unit=unit, log=enabled)

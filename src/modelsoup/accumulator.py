@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
-from modelsoup.ingredients import Ingredient
+from modelsoup.ingredients import Ingredient, check_same_ints
 
 INT_POLICIES = ("strict", "first")
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -35,23 +35,6 @@ def check_int_policy(policy: str) -> str:
     if policy not in INT_POLICIES:
         raise ConfigError(f"int policy '{policy}' is unknown; use one of {', '.join(INT_POLICIES)}")
     return policy
-
-
-def check_same_ints(
-    name: str, a: torch.Tensor, b: torch.Tensor, label_a: str, label_b: str
-) -> None:
-    """Refuse to soup ingredients whose integer tensor ``name`` differs.
-
-    Example:
-        >>> import torch
-        >>> check_same_ints("n", torch.tensor(1), torch.tensor(1), "a", "b")
-    """
-    if a.shape != b.shape or not torch.equal(a, b):
-        raise IncompatibleIngredientsError(
-            f"integer tensor '{name}' differs between {label_a} and {label_b}; integer tensors "
-            "are copied, not averaged: pass --int-policy first to take them from the first "
-            "ingredient"
-        )
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

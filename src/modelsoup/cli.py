@@ -49,6 +49,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         key=args.checkpoint_key,
         base=base,
         merge=merge,
+        strict=args.strict,
     )
     note = "" if soup.merge.is_average else f", merged with {soup.merge.describe()}"
     if args.recalibrate_bn:
@@ -154,21 +155,26 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from modelsoup.ingredients import describe_ingredients, find_checkpoints, open_ingredient
+    from modelsoup.ingredients import describe_ingredients, open_ingredients
 
-    paths = find_checkpoints(args.sources)
-    ingredients = [open_ingredient(p, key=args.checkpoint_key) for p in paths]
-    info = describe_ingredients(ingredients)
+    # opened and checked as `average` opens and checks them: same pool, same verdict
+    ingredients = open_ingredients(args.sources, key=args.checkpoint_key, check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # listed below as part of the answer
+        info = describe_ingredients(ingredients, int_policy=args.int_policy, strict=args.strict)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for row in info["ingredients"]:
             dtypes = ", ".join(f"{k}x{v}" for k, v in sorted(row["dtypes"].items()))
             note = f"  [{row['note']}]" if row["note"] else ""
+            where = f" ({row['path']})" if row["path"] and row["path"] != row["label"] else ""
             print(
-                f"{row['path']}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
-                f"{format_bytes(row['bytes'])} ({dtypes}){note}"
+                f"{row['label']}{where}: {row['tensors']} tensors, {row['parameters']:,} "
+                f"parameters, {format_bytes(row['bytes'])} ({dtypes}){note}"
             )
+        for line in info["warnings"]:
+            print(f"warning: {line}")
         if len(ingredients) > 1:
             verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
             print(f"soup-compatible: {verdict}")
@@ -179,15 +185,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cook(args: argparse.Namespace) -> int:
-    from modelsoup.cook.report import render_markdown, summarize
+    from modelsoup.cook.report import render_verdict, report_scale
     from modelsoup.cook.run import cook_config
 
+    if args.dry_run:
+        from modelsoup.cook.plan import plan_cook
+
+        print(plan_cook(args.config).describe())
+        return 0
     result = cook_config(args.config, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prints the verdict
         return 0
-    data = summarize(result)
-    table = render_markdown({**data, "figures": []}).split("**Verdict.**")[1]
-    print("\nVerdict:" + table)
+    # The summary report.md was written from (the config's seed and bootstrap resamples),
+    # so the printed verdict and the report's cannot differ.
+    print("\nVerdict: " + render_verdict(result.summary, report_scale(result)))
     print(f"report: {result.output / 'report.md'}")
     return 0
 
@@ -202,6 +213,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     parts = resolve_parts(config)
     out = Path(args.out) if args.out else parts.output / "diagnosis"
+    journal = parts.output / "journal.jsonl" if config.journal else None  # cook's own
     found = diagnose(
         parts.ingredients,
         parts.model,
@@ -209,8 +221,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         recalibrate=parts.recalibrate,
         output=out,
         checkpoint_key=config.checkpoint_key,
+        journal=journal,
         progress=not args.quiet,
         device=args.device or config.device,
+        labels=parts.labels,
     )
     for key, value in found.barriers.items():
         print(f"barrier {key}: {value:.4g}")
@@ -282,6 +296,32 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+_STRICT_HELP = (
+    "refuse ingredients whose checkpoints describe different architectures "
+    "(config.json, timm args, Lightning hyper_parameters) instead of warning"
+)
+
+
+def _output_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    # A subcommand's options have no default of their own (SUPPRESS), so that one
+    # given before the subcommand is not reset by the subparser.
+    unset = argparse.SUPPRESS
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if top else unset,
+        help="no progress output; warnings and errors only",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if top else unset,
+        help="more log lines (-vv: debug)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand.
 
@@ -296,12 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Bad input ends with one line 'error: ...' and exit code 2. Docs: README.md, docs/.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)"
-    )
+    _output_options(parser, top=True)
+    # -q and -v are taken before the subcommand or after it, the same on every one.
+    common = argparse.ArgumentParser(add_help=False)
+    _output_options(common, top=False)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    p = sub.add_parser("average", help="uniform or weighted soup of checkpoints")
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common], **kwargs)
+
+    p = command("average", help="uniform or weighted soup of checkpoints")
     p.add_argument("sources", nargs="*", help="checkpoint files, HF folders, folders or globs")
     p.add_argument(
         "-o", "--output", required=True, help="output: .safetensors, .pt, or a folder (HF layout)"
@@ -349,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="dare_*: seed of the drop masks (recorded)")
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.add_argument(
         "--recalibrate-bn",
         metavar="DATA",
@@ -362,21 +407,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: cpu)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_average)
 
-    p = sub.add_parser("export-mergekit", help="write a soup card as a mergekit config")
+    p = command("export-mergekit", help="write a soup card as a mergekit config")
     p.add_argument("card", help="the soup card (<soup>.json, or soup_card.json in a folder)")
     p.add_argument("-o", "--output", required=True, help="the mergekit YAML to write")
     p.set_defaults(run=cmd_export_mergekit)
 
-    p = sub.add_parser("inspect", help="tensor counts, sizes, dtypes and soup-compatibility")
+    p = command(
+        "inspect",
+        help="tensor counts, sizes, dtypes and soup-compatibility",
+        description="Open the ingredients as `average` would and run its checks. Exit 0: "
+        "they can be souped; 2: they cannot (the reason is the error line), or bad input.",
+    )
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint-key")
+    p.add_argument(
+        "--int-policy",
+        default="strict",
+        choices=["strict", "first"],
+        help="check as average would with this --int-policy",
+    )
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("cook", help="evaluation-guided soups from a YAML config, with a report")
+    p = command("cook", help="evaluation-guided soups from a YAML config, with a report")
     p.add_argument(
         "config",
         help="the cook config (YAML); see docs/cook.md (torchrun: docs/distributed-and-hf.md)",
@@ -385,20 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, list the ingredients, recipes and the most evaluations "
+        "planned, then exit without evaluating or writing anything",
+    )
     p.set_defaults(run=cmd_cook)
 
-    p = sub.add_parser("diagnose", help="can these ingredients be souped? similarity and barriers")
+    p = command("diagnose", help="can these ingredients be souped? similarity and barriers")
     p.add_argument("config", help="a cook config (uses model, ingredients, held_out)")
     p.add_argument("--out", help="folder for diagnosis.json and figures (default OUTPUT/diagnosis)")
     p.add_argument(
         "--device",
         help="where the model runs: cpu, cuda, cuda:N or mps (default: the config's device)",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_diagnose)
 
-    p = sub.add_parser("align", help="permute hidden units of checkpoints to match a reference")
+    p = command("align", help="permute hidden units of checkpoints to match a reference")
     p.add_argument("sources", nargs="+", help="checkpoints; the reference is --reference")
     p.add_argument("-o", "--output", required=True, help="folder; writes OUTPUT/aligned/*")
     p.add_argument("--model", help="module:function returning the architecture (for tracing)")
@@ -417,10 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="module:function returning unlabeled inputs (activations)")
     p.add_argument("--batches", type=int, help="use at most this many batches of --data")
     p.add_argument("--checkpoint-key")
-    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_align)
 
-    p = sub.add_parser("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")
+    p = command("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")
     p.add_argument("--quick", action="store_true", help="tiny digits variant (seconds)")
     p.add_argument("--output", default="demo-output", help="report folder (default demo-output)")
     p.add_argument(
@@ -428,7 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=".modelsoup-work/demo",
         help="cache of ingredients and journal (default .modelsoup-work/demo)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -21,6 +21,7 @@ rather than a hang.
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime
 import math
 import os
@@ -158,15 +159,24 @@ class DistContext:
     def share(self, evaluator: Evaluator) -> Evaluator:
         """The evaluator to use on this rank: sharded if built in, else rank 0's scores.
 
+        A built-in evaluator is copied (its cached data is shared, not duplicated) and the
+        copy is sharded: the user's own object is left as it was.
+
         Example:
-            >>> from modelsoup.evaluators import as_evaluator
+            >>> import torch
+            >>> from modelsoup.evaluators import Accuracy, as_evaluator
             >>> type(DistContext(0, 2).share(as_evaluator(lambda m: 1.0))).__name__
             'RankZeroScores'
+            >>> mine = Accuracy((torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
+            >>> ctx = DistContext(0, 2)
+            >>> ctx.share(mine).sharding is ctx, mine.sharding
+            (True, None)
         """
         if isinstance(evaluator, ClassifierEvaluator):
-            evaluator.sharding = self
-            self._shared.append(evaluator)
-            return evaluator
+            sharded = copy.copy(evaluator)
+            sharded.sharding = self
+            self._shared.append(sharded)
+            return sharded
         return RankZeroScores(evaluator, self)
 
     def journal(self, path: str | Path | None) -> Journal:

@@ -179,6 +179,40 @@ def check_score(value: Any, name: str, bounds: tuple[float, float] | None = None
     return value
 
 
+def same_data(a: Any, b: Any) -> bool:
+    """Do two evaluators score the same examples? Then a test score is no honest check.
+
+    True for one object given twice (or one function, or one wrapped object), and for
+    built-in classifier evaluators whose labels and inputs are identical.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.eye(2), torch.tensor([0, 1])
+        >>> same_data(Accuracy((x, y)), Accuracy((x.clone(), y.clone()))), same_data(
+        ...     Accuracy((x, y)), Accuracy((x, 1 - y)))
+        (True, False)
+    """
+    a, b = (_unwrapped(e) for e in (a, b))
+    if a is b:
+        return True
+    if not (isinstance(a, ClassifierEvaluator) and isinstance(b, ClassifierEvaluator)):
+        return False
+    if a.data is b.data:
+        return True
+    # labels first: cheap, and different for nearly every pair of distinct data sets
+    if a.labels.shape != b.labels.shape or not torch.equal(a.labels, b.labels):
+        return False
+    return a.fingerprint() == b.fingerprint()
+
+
+def _unwrapped(evaluator: Any) -> Any:
+    if isinstance(evaluator, NamedEvaluator):
+        return evaluator.inner
+    if isinstance(evaluator, FunctionEvaluator):
+        return evaluator.fn
+    return evaluator
+
+
 def checked_score(evaluator: Evaluator, model: torch.nn.Module) -> float:
     """Run an evaluator and insist on a finite float within its range (:func:`check_score`).
 
@@ -364,12 +398,22 @@ class ClassifierEvaluator:
         model.eval()
         try:
             with torch.inference_mode():
-                outs = {i: forward_logits(model, batches[i][0]).float().cpu() for i in mine}
+                outs = {i: self.batch_outputs(model, *batches[i]) for i in mine}
         finally:
             model.train(was_training)
         if self.sharding is not None:
             return self.sharding.gather(outs, len(batches))
         return torch.cat(list(outs.values()))
+
+    def batch_outputs(
+        self, model: torch.nn.Module, inputs: Any, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """What :meth:`logits` keeps of one batch: the model's logits, float32 on CPU.
+
+        An evaluator that needs less of each batch (a language model's probability of
+        each scored token, not its logits over the whole vocabulary) overrides this.
+        """
+        return forward_logits(model, inputs).float().cpu()
 
     def per_example(self, logits: torch.Tensor) -> torch.Tensor:
         return self.per_example_of(logits, self.labels)

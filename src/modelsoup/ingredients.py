@@ -15,7 +15,10 @@ Example:
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,13 +28,17 @@ from pathlib import Path
 import torch
 
 from modelsoup.errors import IncompatibleIngredientsError, IngredientError, SoupWarning
-from modelsoup.formats.base import DictSource, TensorMeta, TensorSource
+from modelsoup.formats.base import DictSource, TensorMeta, TensorSource, hash_files
 from modelsoup.formats.dispatch import (
     CHECKPOINT_SUFFIXES,
     checkpoint_stem,
+    is_adapter_folder,
     is_model_folder,
     open_source,
 )
+from modelsoup.formats.hf_folder import is_training_state, weight_files
+
+_logger = logging.getLogger(__name__)
 
 
 class Ingredient:
@@ -42,7 +49,9 @@ class Ingredient:
         source: the reader behind it.
         path: where it lives on disk, or ``None`` for an in-memory model.
         hyperparameters: read from a ``<stem>.json`` sidecar when one exists
-            (as written by :func:`modelsoup.training.train_grid`).
+            (as written by :func:`modelsoup.demo.training.train_grid`), else from the
+            checkpoint itself (a Trainer's ``training_args.bin``, timm's ``args``,
+            Lightning's ``hyper_parameters``).
 
     Example:
         >>> import torch
@@ -109,11 +118,18 @@ class Ingredient:
         return self.source.files
 
     @property
+    def architecture(self) -> Mapping[str, object]:
+        """What the checkpoint says about its architecture (HF ``config.json``, timm's
+        ``args.model``, Lightning's ``hyper_parameters``); empty when it says nothing."""
+        return self.source.architecture
+
+    @property
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.layout().values())
 
 
 def _sidecar(path: Path) -> dict:
+    # a sidecar written beside the checkpoint wins over what the checkpoint carries
     side = path.with_suffix(".json") if path.is_file() else path / "hyperparameters.json"
     try:
         data = json.loads(side.read_text())
@@ -152,7 +168,8 @@ def open_ingredient(
     if not source.names():
         raise IngredientError(f"{path}: the checkpoint holds no tensors")
     stem = path.name if path.is_dir() else checkpoint_stem(path)
-    return Ingredient(source, label or stem, path=path, hyperparameters=_sidecar(path))
+    hyper = _sidecar(path) or dict(source.hyperparameters)
+    return Ingredient(source, label or stem, path=path, hyperparameters=hyper)
 
 
 def natural_order(path: Path) -> tuple:
@@ -167,13 +184,137 @@ def natural_order(path: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
-def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
+def _is_ingredient(path: Path) -> bool:
+    """A checkpoint file, a model folder, or an adapter folder (refused when opened)."""
+    if path.is_dir():
+        return is_model_folder(path) or is_adapter_folder(path)
+    return path.name.endswith(CHECKPOINT_SUFFIXES) and not is_training_state(path.name)
+
+
+def _in_order(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_order)
+
+
+def _nested_checkpoints(folder: Path) -> list[str]:
+    """Checkpoint folders inside a model folder (a Trainer's ``checkpoint-N/``)."""
+    return [p.name for p in _in_order(folder) if p.is_dir() and _is_ingredient(p)]
+
+
+def _names(names: Sequence[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _folder_checkpoints(folder: Path, quiet: bool = False) -> list[Path]:
+    """The ingredients in a folder: its checkpoints and model folders, and those of its
+    run folders (sub-folders that are not models but hold some), in natural order."""
+    found: list[Path] = []
+    runs: list[str] = []
+    skipped: list[str] = []
+    unused: list[str] = []
+    for item in _in_order(folder):
+        if _is_ingredient(item):
+            found.append(item)
+            if item.is_dir():
+                unused += [f"{item.name}/{n}" for n in _nested_checkpoints(item)]
+        elif item.is_dir():
+            inner = [p for p in _in_order(item) if _is_ingredient(p)]
+            if inner:
+                runs.append(item.name)
+                found.extend(inner)
+                for p in inner:
+                    if p.is_dir():
+                        unused += [f"{item.name}/{p.name}/{n}" for n in _nested_checkpoints(p)]
+            else:
+                skipped.append(item.name + "/")
+    if not found:
+        raise IngredientError(
+            f"{folder}: the folder holds no checkpoints (looked for "
+            f"{', '.join(CHECKPOINT_SUFFIXES)} files and Hugging Face model folders, in it and "
+            "in its sub-folders)"
+        )
+    line = f"{folder}: {len(found)} checkpoint{'s' if len(found) != 1 else ''} found"
+    if runs:
+        line += f" in {len(runs)} run folder{'s' if len(runs) != 1 else ''} ({_names(runs)})"
+    if skipped:
+        line += f"; skipped {_names(skipped)} (no checkpoints in them)"
+    if unused:
+        line += (
+            f"; not used: {_names(unused)} inside model folders (name them, e.g. with a "
+            "glob, to soup them)"
+        )
+    if not quiet:
+        _logger.info(line)
+    return found
+
+
+def _content_files(path: Path) -> list[Path] | None:
+    """The files whose bytes are a checkpoint's content (``None``: not compared)."""
+    if path.is_file():
+        return [path]
+    if is_model_folder(path):
+        return weight_files(path)[0]
+    return None
+
+
+def _sampled_digest(files: Sequence[Path], blocks: int = 8, size: int = 1 << 16) -> str:
+    """A cheap digest of a few blocks spread over the files: different digests mean
+    different content; equal ones are then confirmed by a full hash."""
+    digest = hashlib.sha256()
+    for path in files:
+        length = path.stat().st_size
+        with open(path, "rb") as fh:
+            for i in range(blocks):
+                fh.seek(length * i // blocks)
+                digest.update(fh.read(size))
+    return digest.hexdigest()
+
+
+def _drop_same_content(paths: list[Path], where: str) -> list[Path]:
+    """Keep the first of checkpoints with byte-identical content (timm's ``last``,
+    ``model_best`` and ``checkpoint-N`` copies), and say which were dropped."""
+    files = {p: _content_files(p) for p in paths}
+    by_size: dict[tuple, list[Path]] = {}
+    for p, fs in files.items():
+        if fs:
+            by_size.setdefault(tuple(f.stat().st_size for f in fs), []).append(p)
+    same: dict[Path, Path] = {}
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        first_of: dict[str, Path] = {}
+        for p in group:
+            key = _sampled_digest(files[p])
+            if key in first_of and hash_files(files[p]) == hash_files(files[first_of[key]]):
+                same[p] = first_of[key]
+            else:
+                first_of.setdefault(key, p)
+    if not same:
+        return paths
+    pairs = [f"{p.name} = {q.name}" for p, q in same.items()]
+    warnings.warn(
+        f"{where}: {len(same)} checkpoint{'s are' if len(same) != 1 else ' is'} a byte-identical "
+        f"copy of another ({_names(pairs)}) and counted once; list a file twice to weight it "
+        "twice",
+        SoupWarning,
+        stacklevel=3,
+    )
+    return [p for p in paths if p not in same]
+
+
+def find_checkpoints(
+    patterns: Iterable[str | Path], *, dedupe: bool = True, quiet: bool = False
+) -> list[Path]:
     """Expand paths, globs and folders of checkpoints into a list, in the order given.
 
     A folder that is itself an HF model counts as one ingredient; any other folder
-    contributes its checkpoint files, and each glob its matches, in natural order
-    (:func:`natural_order`: checkpoint-500 before checkpoint-1000).
-    The same path given twice stays twice: ingredients are kept by position.
+    contributes its checkpoint files and model folders, and those of its run folders
+    (sub-folders holding checkpoints, e.g. one Trainer ``output_dir`` per run), in natural
+    order (:func:`natural_order`: checkpoint-500 before checkpoint-1000); each glob
+    contributes its matches. What a folder gave, and what it skipped, is logged in one
+    line (unless ``quiet``). Within one folder or glob, byte-identical copies (timm's
+    ``last`` and ``model_best``) count once, with a warning, unless ``dedupe=False``. A
+    path given twice stays twice: ingredients are kept by position.
 
     Example:
         >>> find_checkpoints([])
@@ -186,27 +327,83 @@ def find_checkpoints(patterns: Iterable[str | Path]) -> list[Path]:
             matches = sorted((Path(p) for p in glob.glob(text)), key=natural_order)
             if not matches:
                 raise IngredientError(f"{text}: the pattern matches no file")
-            found.extend(matches)
+            found.extend(_drop_same_content(matches, text) if dedupe else matches)
             continue
         path = Path(text)
-        if path.is_dir() and not is_model_folder(path):
-            inside = sorted(
-                (
-                    p
-                    for p in path.iterdir()
-                    if (p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file()) or is_model_folder(p)
-                ),
-                key=natural_order,
-            )
-            if not inside:
-                raise IngredientError(
-                    f"{path}: the folder holds no checkpoints (looked for "
-                    f"{', '.join(CHECKPOINT_SUFFIXES)} files and Hugging Face model folders)"
-                )
-            found.extend(inside)
+        if path.is_dir() and not _is_ingredient(path):
+            inside = _folder_checkpoints(path, quiet)
+            found.extend(_drop_same_content(inside, text) if dedupe else inside)
         else:
+            if not quiet and is_model_folder(path) and _nested_checkpoints(path):
+                _logger.info(
+                    "%s: a model folder: its own weights are the ingredient; not used: %s "
+                    "inside it (name them, e.g. %s/checkpoint-*, to soup them)",
+                    path,
+                    _names(_nested_checkpoints(path)),
+                    path,
+                )
             found.append(path)
     return found
+
+
+def _path_parts(path: Path) -> list[str]:
+    """The folders of an absolute path, and the checkpoint's stem (or folder name) last."""
+    whole = list(Path(os.path.abspath(path)).parts[1:]) or [str(path)]
+    whole[-1] = path.name if path.is_dir() else checkpoint_stem(Path(whole[-1]))
+    return whole
+
+
+def unique_labels(paths: Sequence[Path | None], given: Sequence[str | None]) -> list[str]:
+    """Labels for a pool: ``given`` where set, else each file's stem (a folder's name),
+    lengthened by parent folders where two would be the same, until they differ
+    (``lr3e-4-s1/checkpoint-26``): the shortest distinguishing path suffix.
+
+    A path given twice (or in-memory models without a label) gets ``#2``, ``#3``.
+
+    Example:
+        >>> unique_labels([Path("a/run1/checkpoint-26"), Path("a/run2/checkpoint-26"),
+        ...                Path("b/final.safetensors")], [None, None, None])
+        ['run1/checkpoint-26', 'run2/checkpoint-26', 'final']
+    """
+    parts: list[list[str] | None] = []
+    first_at: dict[tuple, int] = {}
+    for i, p in enumerate(paths):
+        whole = None
+        if p is not None:
+            whole = _path_parts(p)
+            if given[i] is None and first_at.setdefault(tuple(whole), i) != i:
+                whole = None  # the same path again: labelled like its first, then numbered
+        parts.append(whole)
+    depth = [1] * len(paths)
+    labels = [
+        g if g is not None else ("/".join(ps[-1:]) if ps else f"model{i}")
+        for i, (g, ps) in enumerate(zip(given, parts))
+    ]
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i, lab in enumerate(labels):
+            groups.setdefault(lab, []).append(i)
+        grown = False
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            for i in members:
+                ps = parts[i]
+                if given[i] is None and ps is not None and depth[i] < len(ps):
+                    depth[i] += 1
+                    labels[i] = "/".join(ps[-depth[i] :])
+                    grown = True
+        if not grown:
+            break
+    for i, p in enumerate(paths):
+        if p is not None and parts[i] is None and given[i] is None:
+            labels[i] = labels[first_at[tuple(_path_parts(p))]]
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        seen[lab] = seen.get(lab, 0) + 1
+        if seen[lab] > 1:
+            labels[i] = f"{lab}#{seen[lab]}"
+    return labels
 
 
 def open_ingredients(
@@ -214,35 +411,120 @@ def open_ingredients(
     *,
     key: str | None = None,
     check: bool = True,
+    labels: Sequence[str | None] | None = None,
+    int_policy: str | None = None,
+    strict: bool = False,
 ) -> list[Ingredient]:
     """Open many ingredients (expanding globs and folders) and check they can be souped.
 
+    Labels are unique over the pool (:func:`unique_labels`); ``labels`` gives one per
+    source (``None`` for the default), and a labelled source must be one checkpoint.
+    With ``check``, :func:`check_compatible` runs with ``int_policy`` and ``strict``.
+
     Example:
         >>> import torch
-        >>> ings = open_ingredients([{"w": torch.ones(1)}, {"w": torch.zeros(1)}])
-        >>> len(ings)
-        2
+        >>> ings = open_ingredients([{"w": torch.ones(1)}, {"w": torch.zeros(1)}],
+        ...                         labels=["one", None])
+        >>> [ing.label for ing in ings]
+        ['one', 'model1']
     """
+    if labels is not None and len(labels) != len(sources):
+        raise IngredientError(
+            f"{len(labels)} labels given for {len(sources)} ingredient entries; give one each "
+            "(or none)"
+        )
+    given_labels = list(labels) if labels is not None else [None] * len(sources)
+    named = [g for g in given_labels if g is not None]
+    for g in named:
+        if not isinstance(g, str) or not g.strip():
+            raise IngredientError(f"ingredient label {g!r} must be a non-empty string")
+    if len(set(named)) != len(named):
+        twice = next(g for g in named if named.count(g) > 1)
+        raise IngredientError(f"two ingredients are both labelled '{twice}'; labels must differ")
     items: list = []
-    for s in sources:
+    given: list[str | None] = []
+    for s, lab in zip(sources, given_labels):
         if isinstance(s, str | Path):
-            items.extend(find_checkpoints([s]))
+            found = find_checkpoints([s])
+            if lab is not None and len(found) != 1:
+                raise IngredientError(
+                    f"{s}: labelled '{lab}' but holds {len(found)} checkpoints; a label names "
+                    "one checkpoint: list them one by one to label them"
+                )
+            items.extend(found)
+            given.extend([lab] * len(found))
         else:
             items.append(s)
+            given.append(lab if lab is not None else getattr(s, "label", None))
     if not items:
         raise IngredientError("no ingredients given; pass checkpoint files, folders or globs")
-    labels: list[str | None] = [None] * len(items)
-    for i, item in enumerate(items):
-        if not isinstance(item, str | Path | Ingredient):
-            labels[i] = f"model{i}"
-    ingredients = [open_ingredient(x, label=lab, key=key) for x, lab in zip(items, labels)]
+    paths = [Path(x) if isinstance(x, str | Path) else None for x in items]
+    final = unique_labels(paths, given)
+    ingredients = []
+    for x, lab in zip(items, final):
+        ing = open_ingredient(x, label=lab, key=key)
+        if isinstance(x, Ingredient) and ing.label != lab:
+            ing = Ingredient(ing.source, lab, path=ing.path, hyperparameters=ing.hyperparameters)
+        ingredients.append(ing)
     if check:
-        check_compatible(ingredients)
+        check_compatible(ingredients, int_policy=int_policy, strict=strict)
     return ingredients
 
 
-def check_compatible(ingredients: Sequence[Ingredient], *, warn_duplicates: bool = True) -> None:
-    """Raise if ingredients differ in tensor names, shapes or kinds; warn on duplicates.
+def architecture_difference(a: Ingredient, b: Ingredient) -> str | None:
+    """How two ingredients' architecture metadata differ (keys both carry), or ``None``.
+
+    Example:
+        >>> import torch
+        >>> a = open_ingredient({"w": torch.ones(1)}, label="a")
+        >>> a.source.architecture = {"model_type": "bert", "hidden_size": 384}
+        >>> b = open_ingredient({"w": torch.ones(1)}, label="b")
+        >>> b.source.architecture = {"model_type": "bert", "hidden_size": 64}
+        >>> architecture_difference(a, b)
+        'hidden_size 384 vs 64'
+    """
+    mine, theirs = a.architecture, b.architecture
+    keys = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+    if not keys:
+        return None
+    return ", ".join(f"{k} {_show(mine[k])} vs {_show(theirs[k])}" for k in keys)
+
+
+def _show(value: object) -> str:
+    return "/".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check_same_ints(
+    name: str, a: torch.Tensor, b: torch.Tensor, label_a: str, label_b: str
+) -> None:
+    """Refuse to soup ingredients whose integer tensor ``name`` differs.
+
+    Example:
+        >>> import torch
+        >>> check_same_ints("n", torch.tensor(1), torch.tensor(1), "a", "b")
+    """
+    if a.shape != b.shape or not torch.equal(a, b):
+        raise IncompatibleIngredientsError(
+            f"integer tensor '{name}' differs between {label_a} and {label_b}; integer tensors "
+            "are copied, not averaged: pass --int-policy first to take them from the first "
+            "ingredient"
+        )
+
+
+def check_compatible(
+    ingredients: Sequence[Ingredient],
+    *,
+    warn_duplicates: bool = True,
+    int_policy: str | None = None,
+    strict: bool = False,
+) -> None:
+    """Raise if ingredients cannot be souped; warn on duplicates and architecture doubts.
+
+    Tensor names, shapes and kinds must match. Where checkpoints describe their
+    architecture (:attr:`Ingredient.architecture`), a difference is warned about, or
+    refused with ``strict``, and named in any mismatch error. With
+    ``int_policy="strict"``, integer tensors (which are copied, not averaged) must be
+    equal, as :func:`modelsoup.average` requires.
 
     Example:
         >>> import torch
@@ -257,32 +539,73 @@ def check_compatible(ingredients: Sequence[Ingredient], *, warn_duplicates: bool
         raise IncompatibleIngredientsError("no ingredients to check")
     first = ingredients[0]
     ref = first.layout()
+    differing: dict[str, list[str]] = {}  # architecture difference -> who differs so
     for other in ingredients[1:]:
-        lay = other.layout()
-        for name in ref:
-            if name not in lay:
-                raise IncompatibleIngredientsError(
-                    f"tensor '{name}' is in {first.label} but missing from {other.label}"
-                )
-        for name in lay:
-            if name not in ref:
-                raise IncompatibleIngredientsError(
-                    f"tensor '{name}' is in {other.label} but missing from {first.label}"
-                )
-        for name, meta in ref.items():
-            o = lay[name]
-            if o.shape != meta.shape:
-                raise IncompatibleIngredientsError(
-                    f"tensor '{name}' is {meta.shape} in {first.label} "
-                    f"but {o.shape} in {other.label}"
-                )
-            if o.is_floating != meta.is_floating:
-                raise IncompatibleIngredientsError(
-                    f"tensor '{name}' is {meta.dtype} in {first.label} but {o.dtype} in "
-                    f"{other.label}; a float tensor cannot be averaged with an integer one"
-                )
+        differ = architecture_difference(first, other)
+        try:
+            _check_layouts(first, ref, other, other.layout())
+        except IncompatibleIngredientsError as err:
+            if differ is None:
+                raise
+            raise IncompatibleIngredientsError(
+                f"{first.label} and {other.label} are different architectures ({differ}); "
+                f"their weights do not match either ({err})"
+            ) from None
+        if differ is not None:
+            differing.setdefault(differ, []).append(other.label)
+    silent = [ing.label for ing in ingredients if not ing.architecture]
+    if 0 < len(silent) < len(ingredients):
+        _logger.info(
+            "%s carr%s no architecture metadata: only tensor names and shapes show that "
+            "it is the same model as the others",
+            _names(silent),
+            "ies" if len(silent) == 1 else "y",
+        )
+    for differ, others in differing.items():
+        text = (
+            f"{_names(others)} describe{'s' if len(others) == 1 else ''} a different "
+            f"architecture from {first.label} ({differ}) although the tensor names and shapes "
+            "match"
+        )
+        if strict:
+            raise IncompatibleIngredientsError(text + "; refused because of --strict")
+        warnings.warn(
+            text + ": are they fine-tunes of one model? (--strict refuses this)",
+            SoupWarning,
+            stacklevel=2,
+        )
+    if int_policy == "strict":
+        ints = [n for n, m in ref.items() if not m.is_floating]
+        kept = {n: first.tensor(n).clone() for n in ints}
+        for other in ingredients[1:]:
+            for n in ints:
+                check_same_ints(n, kept[n], other.tensor(n), first.label, other.label)
     if warn_duplicates:
         warn_if_duplicated(ingredients)
+
+
+def _check_layouts(first: Ingredient, ref: dict, other: Ingredient, lay: dict) -> None:
+    for name in ref:
+        if name not in lay:
+            raise IncompatibleIngredientsError(
+                f"tensor '{name}' is in {first.label} but missing from {other.label}"
+            )
+    for name in lay:
+        if name not in ref:
+            raise IncompatibleIngredientsError(
+                f"tensor '{name}' is in {other.label} but missing from {first.label}"
+            )
+    for name, meta in ref.items():
+        o = lay[name]
+        if o.shape != meta.shape:
+            raise IncompatibleIngredientsError(
+                f"tensor '{name}' is {meta.shape} in {first.label} but {o.shape} in {other.label}"
+            )
+        if o.is_floating != meta.is_floating:
+            raise IncompatibleIngredientsError(
+                f"tensor '{name}' is {meta.dtype} in {first.label} but {o.dtype} in "
+                f"{other.label}; a float tensor cannot be averaged with an integer one"
+            )
 
 
 def warn_if_duplicated(ingredients: Sequence[Ingredient], *, by_content: bool = False) -> None:
@@ -321,8 +644,12 @@ def warn_if_duplicated(ingredients: Sequence[Ingredient], *, by_content: bool = 
         seen.setdefault(key, ing.label)
 
 
-def describe_ingredients(ingredients: Sequence[Ingredient]) -> dict:
-    """Counts, dtypes and sizes of each ingredient, and whether they can be souped together.
+def describe_ingredients(
+    ingredients: Sequence[Ingredient], *, int_policy: str = "strict", strict: bool = False
+) -> dict:
+    """Counts, dtypes and sizes of each ingredient, and whether they can be souped together
+    (the same checks as :func:`modelsoup.average` with these ``int_policy`` and ``strict``;
+    architecture differences it would warn about are listed as ``warnings``).
 
     Example:
         >>> import torch
@@ -346,11 +673,21 @@ def describe_ingredients(ingredients: Sequence[Ingredient]) -> dict:
                 "bytes": sum(m.nbytes for m in lay.values()),
                 "dtypes": dtypes,
                 "note": ing.source.note,
+                "architecture": dict(ing.architecture),
+                "hyperparameters": ing.hyperparameters,
             }
         )
-    try:
-        check_compatible(ingredients, warn_duplicates=False)
-        problem = None
-    except IncompatibleIngredientsError as err:
-        problem = str(err)
-    return {"ingredients": rows, "compatible": problem is None, "problem": problem}
+    problem = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", SoupWarning)
+        try:
+            check_compatible(ingredients, int_policy=int_policy, strict=strict)
+        except IncompatibleIngredientsError as err:
+            problem = str(err)
+    notes = [str(w.message) for w in seen if issubclass(w.category, SoupWarning)]
+    return {
+        "ingredients": rows,
+        "compatible": problem is None,
+        "problem": problem,
+        "warnings": notes,
+    }

@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,9 @@ from modelsoup.accumulator import (
     widened,
     write_state_into,
 )
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup.errors import ConfigError, SoupWarning, WriteError
 from modelsoup.formats.base import TensorMeta
+from modelsoup.formats.dispatch import output_format
 from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, warn_if_duplicated
 from modelsoup.merge import MergeSpec, as_merge, check_base, check_members, merged_pieces
 from modelsoup.writer import sidecar_path, write_tensors
@@ -462,7 +464,16 @@ def save_soup(
             max_shard_size=max_shard_size,
             copy_from=copy_from,
             torch_dtype=dtype,
+            lightning=getattr(first.source, "lightning", None),
             progress=progress,
+        )
+    if output_format(out) == "folder" and not (copy_from and (copy_from / "config.json").is_file()):
+        warnings.warn(
+            f"{out}: written as a Hugging Face style folder without config.json ("
+            f"{first.label} has none), so from_pretrained cannot load it; copy the base "
+            "model's config.json into it, or write a .safetensors file instead",
+            SoupWarning,
+            stacklevel=2,
         )
     # Hashes are free now: streaming the soup read every chosen file front to back.
     warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)

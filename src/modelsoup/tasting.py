@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from modelsoup._util import progress
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import (
@@ -294,7 +294,7 @@ class Taster:
         """Show a progress bar of candidates tasted for one recipe (if ``progress``)."""
         self.close_bar()
         if self.progress:
-            self._bar = tqdm(desc=f"tasting {label}", unit="soup", leave=False)
+            self._bar = progress(desc=f"tasting {label}", unit="soup", leave=False)
 
     def close_bar(self) -> None:
         bar = getattr(self, "_bar", None)
@@ -427,7 +427,12 @@ class Taster:
         evaluator = evaluator or self.held_out
         if evaluator.name not in self._individual:
             scores = []
-            bar = tqdm(self.ingredients, desc="tasting ingredients", disable=not self.progress)
+            bar = progress(
+                self.ingredients,
+                desc=f"tasting ingredients on {evaluator.name}",
+                unit="ingredient",
+                enabled=self.progress,
+            )
             # each ingredient as it is, whatever rule the recipe mixes its soups with
             with self.merging(None):
                 for i, _ in enumerate(bar):

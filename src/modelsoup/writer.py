@@ -4,7 +4,7 @@ The output format follows the path (:func:`modelsoup.formats.dispatch.output_for
 
 - ``*.safetensors``: one safetensors file (streamed: memory holds one piece);
 - ``*.pt``, ``*.pth``, ``*.bin``, ``*.ckpt``: a torch pickle (needs the whole state in
-  memory);
+  memory); a ``.ckpt`` given a Lightning layout is written the way Lightning saves it;
 - anything else: a Hugging Face style folder, ``model.safetensors`` or shards of at most
   ``max_shard_size`` bytes with ``model.safetensors.index.json``; the non-weight files of
   ``copy_from`` (config, tokenizer) are copied in.
@@ -23,15 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from modelsoup._util import parse_size, remove_path, temp_sibling, write_error
+from modelsoup._util import progress as stage_progress
 from modelsoup.errors import WriteError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.dispatch import output_format
 from modelsoup.formats.hf_folder import write_folder
 from modelsoup.formats.safetensors_io import write_safetensors
-from modelsoup.formats.torch_pickle import write_torch
+from modelsoup.formats.torch_pickle import LightningLayout, write_torch
 
 _logger = logging.getLogger(__name__)
 
@@ -63,9 +63,14 @@ def write_tensors(
     max_shard_size: int | str = "5GB",
     copy_from: Path | None = None,
     torch_dtype: torch.dtype | None = None,
+    lightning: LightningLayout | None = None,
     progress: bool = True,
 ) -> Path:
     """Stream the tensors of ``layout`` to ``out``, each made by ``pieces(name)``.
+
+    With ``lightning`` (the first ingredient's layout), a ``.ckpt`` output is written
+    in Lightning's layout, so ``LightningModule.load_from_checkpoint`` reads it; other
+    outputs ignore it.
 
     ``pieces(name)`` returns the tensor, or flat pieces of it in row-major order
     (see :meth:`modelsoup.soup.Soup.pieces`). ``sidecar`` is the text, or a function
@@ -83,7 +88,9 @@ def write_tensors(
     out = Path(out)
     fmt = output_format(out)
     shard = parse_size(max_shard_size)
-    bar = tqdm(total=len(layout), desc=f"writing {out.name}", unit="tensor", disable=not progress)
+    bar = stage_progress(
+        total=len(layout), desc=f"writing {out.name}", unit="tensor", enabled=progress
+    )
     meta = {"format": "pt", **(metadata or {})}
     try:
         if fmt == "folder":
@@ -112,7 +119,8 @@ def write_tensors(
                 for name, m in layout.items():
                     state[name] = _whole(pieces(name), m)
                     bar.update()
-                write_torch(staged, state)
+                wrap = lightning if out.name.endswith(".ckpt") else None
+                write_torch(staged, state, lightning=wrap)
             _publish(staged, out, sidecar)
         except WriteError as err:  # name the output, not its hidden temporary
             raise WriteError(str(err).replace(str(staged), str(out))) from err.__cause__

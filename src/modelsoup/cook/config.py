@@ -3,7 +3,7 @@
 Example config::
 
     model: mypkg.models:build            # returns the architecture (an nn.Module)
-    ingredients: [runs/*.safetensors]    # paths, folders or globs
+    ingredients: [runs/*.safetensors]    # paths, folders or globs, or {path:, label:}
     held_out: mypkg.data:held_out        # returns an evaluator (chooses the soups)
     test: mypkg.data:test                # optional: returns an evaluator (reports only)
     base: runs/pretrained.safetensors    # optional: the start, for merge rules that need it
@@ -17,10 +17,11 @@ Example config::
 Import paths are ``module:attribute``, or ``file.py:attribute`` relative to the config
 file. Every recipe entry is checked against that recipe's own options.
 
-Hugging Face classifiers need no code: ``model: hf`` builds the architecture from the
-first ingredient folder's ``config.json``, and ``held_out``/``test`` may name the
-built-in text evaluator, e.g. ``{hf_text_classification: held.csv, max_length: 64}``
-(see :mod:`modelsoup.hf`).
+Hugging Face models need no code: ``model: hf`` builds the architecture from the
+first ingredient folder's ``config.json`` (the head from ``architectures``, or from
+``task:``), and ``held_out``/``test`` may name a built-in evaluator, e.g.
+``{hf_text_classification: held.csv, max_length: 64}``, ``{hf_causal_lm_loss: held.txt}``
+(alias ``perplexity``) or ``{hf_multiple_choice: mc.jsonl}`` (see :mod:`modelsoup.hf`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +48,27 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from modelsoup.errors import ConfigError
-from modelsoup.hf import TextClassificationData
+from modelsoup.errors import ConfigError, SoupWarning
+from modelsoup.evaluators import same_data
+from modelsoup.hf import CausalLMLossData, MultipleChoiceData, TextClassificationData
 from modelsoup.recipes.registry import get_recipe
 
 DEFAULT_RECIPES = [
     {"name": "greedy", "order": "sorted"},
     {"name": "pruned", "passes": 1},
 ]
+
+
+class IngredientEntry(BaseModel):
+    """One ``ingredients:`` entry: a path, folder or glob, and an optional label for the
+    one checkpoint it names (written as a plain string when it has no label)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1)
+    label: str | None = Field(default=None, min_length=1)
 
 
 class RecipeEntry(BaseModel):
@@ -68,25 +82,44 @@ class RecipeEntry(BaseModel):
         return dict(self.model_extra or {})
 
 
+#: the built-in evaluators: the config key that names each, and its options model
+BUILT_IN_EVALUATORS = {
+    "hf_text_classification": TextClassificationData,
+    "hf_causal_lm_loss": CausalLMLossData,
+    "perplexity": CausalLMLossData,
+    "hf_multiple_choice": MultipleChoiceData,
+}
+BuiltInEvaluator = TextClassificationData | CausalLMLossData | MultipleChoiceData
+
+
 def _evaluator_form(value: Any) -> str | None:
     if isinstance(value, str):
         return "import path"
-    if isinstance(value, dict | TextClassificationData):
-        return "built-in"
+    if isinstance(value, BaseModel) and type(value) in BUILT_IN_EVALUATORS.values():
+        return type(value).__name__
+    if isinstance(value, dict):
+        for key, form in BUILT_IN_EVALUATORS.items():
+            if key in value:
+                return form.__name__
+        return TextClassificationData.__name__  # the first built-in: its error names the key
     return None
 
 
 #: ``held_out`` and ``test``: an import path, or a mapping that names a built-in evaluator
 EvaluatorSpec = Annotated[
-    Annotated[str, Tag("import path")] | Annotated[TextClassificationData, Tag("built-in")],
+    Annotated[str, Tag("import path")]
+    | Annotated[TextClassificationData, Tag(TextClassificationData.__name__)]
+    | Annotated[CausalLMLossData, Tag(CausalLMLossData.__name__)]
+    | Annotated[MultipleChoiceData, Tag(MultipleChoiceData.__name__)],
     Discriminator(
         _evaluator_form,
         custom_error_type="evaluator_form",
         custom_error_message="give an import path (module:function) or a mapping such as "
-        "{hf_text_classification: held.csv}",
+        "{hf_text_classification: held.csv} or {hf_causal_lm_loss: held.txt}",
     ),
 ]
-_FORM_TAGS = {"import path", "built-in"}  # pydantic's union tags: not config keys
+#: pydantic's union tags: not config keys
+_FORM_TAGS = {"import path"} | {form.__name__ for form in BUILT_IN_EVALUATORS.values()}
 
 
 class CookOptions(BaseModel):
@@ -102,6 +135,8 @@ class CookOptions(BaseModel):
 
     device: str = "cpu"
     checkpoint_key: str | None = None
+    #: refuse ingredients whose checkpoints describe different architectures
+    strict: bool = False
     accum_dtype: Literal["float32", "float64"] = "float32"
     int_policy: Literal["strict", "first"] = "strict"
     save: Literal["all", "none"] = "all"
@@ -133,7 +168,7 @@ class CookConfig(CookOptions):
     """Everything ``modelsoup cook`` needs; unknown keys are errors."""
 
     model: str
-    ingredients: list[str] = Field(min_length=1)
+    ingredients: list[IngredientEntry] = Field(min_length=1)
     #: the pretrained start the ingredients were fine-tuned from (merge rules on task
     #: vectors need it: a recipe's ``merge: {rule: ties, density: 0.3}``)
     base: str | None = None
@@ -156,13 +191,50 @@ class CookConfig(CookOptions):
     align_batches: int | None = Field(default=None, ge=1)
     #: let transformers run code shipped in the ingredient folder (``model: hf``)
     trust_remote_code: bool = False
+    #: ``model: hf`` only: the head to build (causal_lm, sequence_classification,
+    #: token_classification, masked_lm, ... or an Auto class name); by default the class
+    #: config.json's ``architectures`` names
+    task: str | None = None
     #: where relative paths are resolved (the config file's folder)
     base_dir: str = "."
 
     @field_validator("ingredients", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str | dict) else v
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("ingredients")
+    @classmethod
+    def _labels_differ(cls, v: list[IngredientEntry]) -> list[IngredientEntry]:
+        labels = [e.label for e in v if e.label is not None]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"two ingredients are both labelled '{twice[0]}'; labels must differ")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, v: str) -> str:
+        if v == "hf" or ":" in v:
+            return v
+        if v.strip().lower() == "hf":
+            raise ValueError(
+                f"'{v}' is not understood; did you mean 'hf' (the architecture from the "
+                "first ingredient's config.json)?"
+            )
+        raise ValueError(
+            f"'{v}' is neither hf nor an import path; write module:function (a function "
+            "returning the architecture), or hf"
+        )
+
+    @model_validator(mode="after")
+    def _task_needs_hf(self) -> CookConfig:
+        if self.task is not None and self.model != "hf":
+            raise ValueError("task: applies to model: hf only; your model function builds the head")
+        return self
 
 
 def _spelling_hint(key: object, known: Iterable[str]) -> str:
@@ -178,11 +250,32 @@ def format_error(err: ValidationError, source: str) -> str:
     loc = ".".join(str(x) for x in first["loc"] if x not in _FORM_TAGS) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        known = CookConfig.model_fields if len(first["loc"]) == 1 else ()
+        known = _keys_at(CookConfig, first["loc"][:-1])
         msg = "unknown key" + _spelling_hint(first["loc"][-1], known)
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{source}: config key '{loc}': {msg}"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The keys known at a place in a config (``("held_out",)`` for a built-in evaluator's
+    mapping), found by following the models' fields; none if the place is not a model."""
+    models = [model]
+    for part in loc:
+        if part in _FORM_TAGS or isinstance(part, int):
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for f in fields for m in _models_in(f.annotation)]
+    return [name for m in models for name in m.model_fields]
 
 
 def check_recipes(config: CookConfig, source: str = "config") -> None:
@@ -311,7 +404,7 @@ def resolve(target: str, base_dir: str | Path = ".") -> Any:
 
 
 def resolve_evaluator(
-    target: str | TextClassificationData | None,
+    target: str | BuiltInEvaluator | None,
     base_dir: str | Path = ".",
     ingredients: Sequence[str | Path] = (),
     *,
@@ -320,7 +413,7 @@ def resolve_evaluator(
     """Resolve an evaluator import path; a factory (no ``evaluate``) is called once.
 
     A built-in form such as ``{hf_text_classification: held.csv}`` is built with the
-    tokenizer and labels of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
+    tokenizer (and labels) of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
 
     Example:
         >>> resolve_evaluator(None) is None
@@ -328,13 +421,16 @@ def resolve_evaluator(
     """
     if target is None:
         return None
-    if isinstance(target, TextClassificationData):
-        from modelsoup.hf import model_folder, text_classification
+    if isinstance(target, BaseModel):
+        from modelsoup import hf
 
-        folder = model_folder(ingredients)
-        return text_classification(
-            target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code
-        )
+        build = {
+            TextClassificationData: hf.text_classification,
+            CausalLMLossData: hf.causal_lm_loss,
+            MultipleChoiceData: hf.multiple_choice,
+        }[type(target)]
+        folder = hf.model_folder(ingredients)
+        return build(target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code)
     obj = resolve(target, base_dir)
     return obj if hasattr(obj, "evaluate") else obj()
 
@@ -382,6 +478,52 @@ def resolve_recalibration(config: CookConfig) -> Any:
     return recalibrate
 
 
+def _same_file(held: Any, test: Any, base: Path) -> Path | None:
+    """The data file two built-in evaluator specs both read (other options may differ)."""
+    if not (isinstance(held, TextClassificationData) and isinstance(test, TextClassificationData)):
+        return None
+    files = []
+    for spec in (held, test):
+        path = Path(spec.hf_text_classification)
+        files.append((path if path.is_absolute() else base / path).resolve())
+    return files[0] if files[0] == files[1] else None
+
+
+def check_test_data(held: Any, test: Any) -> None:
+    """Warn if the test evaluator scores the same examples as the held-out one.
+
+    Example:
+        >>> import warnings
+        >>> score = lambda m: 1.0
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     check_test_data(score, score)
+        >>> len(seen)
+        1
+    """
+    if test is not None and same_data(held, test):
+        warn_test_is_held_out("the test evaluator scores the same examples as held_out")
+
+
+def warn_test_is_held_out(what: str) -> None:
+    """Warn that test scores come from the held-out data, which chose the soups.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_test_is_held_out("held_out and test both read held.csv")
+        >>> "not an honest test" in str(seen[0].message)
+        True
+    """
+    warnings.warn(
+        f"{what}: the recipes chose on these examples, so their test scores are not an "
+        "honest test of the soups; give test a separate data set",
+        SoupWarning,
+        stacklevel=3,
+    )
+
+
 @dataclass
 class ConfigParts:
     """What a cook config names, resolved: paths made absolute, factories imported."""
@@ -392,6 +534,8 @@ class ConfigParts:
     test: Any
     recalibrate: Callable | None
     output: Path
+    #: one per entry of ``ingredients``: the config's label, or ``None``
+    labels: list[str | None]
     base: str | None = None
 
 
@@ -408,21 +552,31 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
         ['/tmp/a']
     """
     base = Path(config.base_dir)
-    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in config.ingredients]
+    paths = [e.path for e in config.ingredients]
+    ingredients = [p if Path(p).is_absolute() else str(base / p) for p in paths]
     if config.model == "hf":  # the architecture from the first folder's config.json
         from modelsoup.hf import model_factory
 
-        model = model_factory(ingredients, trust_remote_code=config.trust_remote_code)
+        model = model_factory(
+            ingredients, task=config.task, trust_remote_code=config.trust_remote_code
+        )
     else:
         model = resolve(config.model, base)
     trust = config.trust_remote_code
     held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
-    test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+    if config.test is not None and config.test == config.held_out:
+        test = held  # one evaluator: cook warns that test then proves nothing
+    else:
+        test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+        same = _same_file(config.held_out, config.test, base)
+        if same is not None and not same_data(held, test):  # if same_data, cook warns
+            warn_test_is_held_out(f"held_out and test both read {same}")
     output = Path(config.output)
     if not output.is_absolute():
         output = base / output
+    labels = [e.label for e in config.ingredients]
     base_model = None
     if config.base is not None:
         base_model = config.base if Path(config.base).is_absolute() else str(base / config.base)
     recalibrate = resolve_recalibration(config)
-    return ConfigParts(ingredients, model, held, test, recalibrate, output, base_model)
+    return ConfigParts(ingredients, model, held, test, recalibrate, output, labels, base_model)

@@ -28,8 +28,14 @@ def _fmt(x: float | None, std: float | None = None, scale: float = 1.0) -> str:
     return text
 
 
+def _perplexity(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else math.inf
+
+
 def report_scale(result) -> float:
-    """Show accuracies as percentages (100); anything outside [0, 1] as is (1)."""
+    """Show accuracies as percentages (100); losses and anything outside [0, 1] as is (1)."""
+    if getattr(result, "perplexity_columns", None):
+        return 1.0  # a language model's loss in nats, however small, is no percentage
     scores = list(result.individual_held_out) + (result.individual_test or [])
     return 100.0 if all(0.0 <= s <= 1.0 for s in scores) else 1.0
 
@@ -67,6 +73,9 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
             "seconds": round(m.seconds, 3),
             "saved": m.saved,
         }
+        for column in getattr(result, "perplexity_columns", []):
+            if row[column] is not None:
+                row[f"{column}_perplexity"] = _perplexity(row[column])
         pe = m.test_per_example
         if pe is not None:
             ci = bootstrap_ci(pe.numpy(), n_resamples=bootstrap_resamples, seed=seed)
@@ -96,6 +105,8 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
         "individuals": [
             {
                 "label": ing.label,
+                "path": str(ing.path) if ing.path is not None else None,
+                "sha256": ing.sha256,
                 "hyperparameters": ing.hyperparameters,
                 "held_out": h,
                 "test": (result.individual_test[i] if result.individual_test else None),
@@ -166,9 +177,40 @@ def render_markdown(data: dict, scale: float = 100.0) -> str:
         "",
         f"**Verdict.** {render_verdict(data, scale)}",
     ]
+    lines += render_individuals(data, scale)
     for fig in data.get("figures", []):
         lines += [f"![{Path(fig).stem}]({fig})", ""]
     return "\n".join(lines)
+
+
+def render_individuals(data: dict, scale: float = 100.0) -> list[str]:
+    """The ingredients table of ``report.md``: label, scores, hyperparameters and path.
+
+    Example:
+        >>> rows = render_individuals({"individuals": [{"label": "run1/checkpoint-26",
+        ...     "path": "/runs/run1/checkpoint-26", "held_out": 0.8, "test": None,
+        ...     "hyperparameters": {"learning_rate": 3e-4, "seed": 1}}]})
+        >>> rows[4]
+        '| run1/checkpoint-26 | 80.00 | - | learning_rate=0.0003, seed=1 | `/runs/run1/checkpoint-26` |'
+    """  # noqa: E501
+    individuals = data.get("individuals") or []
+    if not individuals:
+        return []
+    pct = " (%)" if scale == 100 else ""
+    lines = [
+        "## Ingredients",
+        "",
+        f"| ingredient | held-out{pct} | test{pct} | hyperparameters | path |",
+        "|---|---|---|---|---|",
+    ]
+    for ing in individuals:
+        hyper = ", ".join(f"{k}={v}" for k, v in (ing.get("hyperparameters") or {}).items())
+        path = f"`{ing['path']}`" if ing.get("path") else "(in memory)"
+        lines.append(
+            f"| {ing['label']} | {_fmt(ing['held_out'], scale=scale)} "
+            f"| {_fmt(ing['test'], scale=scale)} | {hyper or '-'} | {path} |"
+        )
+    return [*lines, ""]
 
 
 def render_verdict(data: dict, scale: float = 100.0) -> str:
@@ -197,9 +239,14 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
         ci_text = f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]" if ci else "-"
         vs = r.get("vs_best_individual", {}).get("text", "-")
         size = f"{r['ingredients']:.3g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
+        held = _fmt(r["held_out"], r["held_out_std"], scale)
+        test = _fmt(r["test"], r["test_std"], scale)
+        if "held_out_perplexity" in r:
+            held += f" (perplexity {r['held_out_perplexity']:.2f})"
+        if "test_perplexity" in r:
+            test += f" (perplexity {r['test_perplexity']:.2f})"
         lines.append(
-            f"| {r['method']} | {_fmt(r['held_out'], r['held_out_std'], scale)} "
-            f"| {_fmt(r['test'], r['test_std'], scale)} | {ci_text} | {vs} | {size} "
+            f"| {r['method']} | {held} | {test} | {ci_text} | {vs} | {size} "
             f"| {r['evaluations']} ({r['reused_from_journal']}) | {r['seconds']:.1f} |"
         )
     lines.append("")
@@ -238,7 +285,13 @@ def _numeric_axes(result) -> tuple[str, str] | None:
     varying = [k for k in keys if len({h[k] for h in hps}) > 1]
     preferred = [k for k in ("lr", "learning_rate", "weight_decay", "wd") if k in varying]
     axes = preferred + [k for k in varying if k not in preferred]
-    return (axes[0], axes[1]) if len(axes) >= 2 else None
+    # the first pair that gives each ingredient a cell of its own (checkpoints of one run
+    # share their learning rate and seed: one cell would hide the others)
+    for i, x in enumerate(axes):
+        for y in axes[i + 1 :]:
+            if len({(h[x], h[y]) for h in hps}) == len(hps):
+                return x, y
+    return None
 
 
 def write_figures(result, data: dict, folder: Path) -> list[Path]:
@@ -274,6 +327,19 @@ def _figures(result, data: dict, folder: Path) -> list[Path]:
                 highs,
                 path=folder / "methods.png",
                 ylabel=ylabel,
+            )
+        )
+    individual = result.individual_test if use_test else result.individual_held_out
+    if individual and len(result.ingredients) > 1:
+        made.append(
+            plots.plot_method_bars(
+                [ing.label for ing in result.ingredients],
+                [s * scale for s in individual],
+                None,
+                None,
+                path=folder / "ingredients.png",
+                ylabel=ylabel,
+                title=f"the ingredients, each on its own ({'test' if use_test else 'held-out'})",
             )
         )
     curves: dict[str, list[list[float]]] = {}

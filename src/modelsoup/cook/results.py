@@ -58,6 +58,9 @@ class CookResult:
     seconds: float
     output: Path | None = None
     notes: list[str] = field(default_factory=list)
+    #: the score columns ("held_out", "test") that are mean token negative
+    #: log-likelihoods: the report shows their perplexity, exp(score), too
+    perplexity_columns: list[str] = field(default_factory=list)
     #: what ``report.json`` holds (set when the report is written): the one summary that
     #: the report files and the CLI's printed verdict both come from
     summary: dict | None = None

@@ -26,6 +26,7 @@ from modelsoup.cook.config import (
     CookConfig,
     CookOptions,
     RecipeEntry,
+    check_test_data,
     format_error,
     load_config,
     resolve_alignment_data,
@@ -33,15 +34,16 @@ from modelsoup.cook.config import (
 )
 from modelsoup.cook.report import write_report
 from modelsoup.cook.results import CookResult, MethodResult
+from modelsoup.cook.stats import paired_difference
 from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import Evaluator, LogitsEvaluator, as_evaluator
+from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.merge import as_merge, check_base
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
-from modelsoup.repair.batchnorm import as_recalibration
+from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
 from modelsoup.repair.pool import align_pool
 from modelsoup.soup import Soup, check_not_input
 from modelsoup.tasting import Taster
@@ -67,6 +69,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append(f"{options['passes']} pass" + ("es" if options["passes"] != 1 else ""))
     if options.get("ingredients") not in (None, "all"):
         parts.append(f"{options['ingredients']} ingredients")
+    if options.get("last"):
+        parts.append(f"last {options['last']}")
     if options.get("variant"):
         parts.append(str(options["variant"]))
     if "option" in options and options.get("merge"):  # search: the rule and what it tunes
@@ -122,12 +126,15 @@ def cook(
     recalibrate: Callable[[torch.nn.Module], None] | Any = None,
     options: CookOptions | None = None,
     progress: bool = True,
+    labels: Sequence[str | None] | None = None,
     base: Any = None,
     **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
 
     ``recipes`` entries are dicts like ``{"name": "greedy", "order": "random", "runs": 5}``.
+    ``labels`` names the ingredients, one per entry of ``ingredients`` (``None`` keeps
+    the default: the shortest path suffix that tells them apart).
     With ``output``, soups, the journal and the report are written there; the folder
     must not be, contain or lie inside an ingredient, and it is held for the whole cook
     (:func:`~modelsoup._util.output_lock`: a second cook on it fails at once) after what
@@ -160,7 +167,13 @@ def cook(
     ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
-    pool = open_ingredients(ingredients, key=opts.checkpoint_key)
+    pool = open_ingredients(
+        ingredients,
+        key=opts.checkpoint_key,
+        labels=labels,
+        int_policy=opts.int_policy,
+        strict=opts.strict,
+    )
     if base is not None:
         base = open_ingredient(base, label="base", key=opts.checkpoint_key)
     out = Path(output) if output is not None else None
@@ -210,6 +223,7 @@ def _cook(
     module.to(device)
     held = as_evaluator(held_out)
     test_ev = as_evaluator(test) if test is not None else None
+    check_test_data(held, test_ev)
     if ranks is not None:
         held = ranks.share(held)
         test_ev = ranks.share(test_ev) if test_ev is not None else None
@@ -239,6 +253,7 @@ def _cook(
     individual_test = None
     if test_ev is not None:
         individual_test = taster.individual_scores(test_ev)
+    collapsed = _collapse_note(taster, methods, recalibrate is not None, opts)
     if ranks is not None:
         ranks.close()  # all evaluation is done: what is left is rank 0 writing files
     result = CookResult(
@@ -253,7 +268,14 @@ def _cook(
         time.perf_counter() - started,
         out,
     )
-    _warn_if_collapsed(result)
+    result.perplexity_columns = [
+        column
+        for column, ev in (("held_out", held), ("test", test_ev))
+        if getattr(ev, "reports_perplexity", False)
+    ]
+    if collapsed:
+        result.notes.append(collapsed)
+        warnings.warn(collapsed, SoupWarning, stacklevel=2)
     if out is not None and (ranks is None or ranks.is_main):
         if opts.save == "all":
             _save_soups(result, out, opts.save_format, opts.out_dtype, progress)
@@ -368,22 +390,60 @@ def _run_entry(
     )
 
 
-def _warn_if_collapsed(result: CookResult) -> None:
-    try:
-        uniform = result.method("uniform")
-    except KeyError:
-        return
-    scores = result.individual_held_out
-    worst = min(scores) if result.higher_is_better else max(scores)
-    collapsed = uniform.held_out < worst if result.higher_is_better else uniform.held_out > worst
-    if collapsed and len(scores) > 1:
-        note = (
-            f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
-            f"ingredient (mean {statistics.fmean(scores):.4g}): these ingredients may not share "
-            "a loss basin; rely on greedy, or try align + recalibrate_bn (modelsoup diagnose)"
+def _collapse_note(
+    taster: Taster, methods: Sequence[MethodResult], recalibrated: bool, opts: CookOptions
+) -> str | None:
+    """The warning for a uniform soup worse than every ingredient, or ``None``.
+
+    Below the worst ingredient is said only when the gap is more than noise: with
+    per-example results, a paired comparison of the soup and the worst ingredient on the
+    held-out examples (cook/stats.py) must exclude zero. Its two forward passes are run
+    only for a soup already below the worst, and are kept in the journal. BatchNorm
+    repairs are suggested only for a model that has BatchNorm.
+    """
+    uniform = next((m for m in methods if m.label == "uniform"), None)
+    scores = taster.individual_scores()
+    if uniform is None or len(scores) < 2:
+        return None
+    order = taster.order(scores)
+    worst = order[-1]
+    if taster.better(uniform.held_out, scores[worst]):
+        return None
+    held = taster.held_out
+    evidence = "no per-example results to tell this gap from noise"
+    if isinstance(held, LogitsEvaluator) and isinstance(uniform.result, Soup):
+        soup_results = held.per_example(taster.soup_logits(uniform.result, held))
+        worst_results = held.per_example(taster.outputs(worst, held))
+        if soup_results is not None and worst_results is not None:
+            cmp = paired_difference(
+                soup_results.float().numpy(),
+                worst_results.float().numpy(),
+                n_resamples=opts.bootstrap_resamples,
+                seed=opts.seed,
+            )
+            scale = 100 if isinstance(held, Accuracy) else 1
+            unit = "points" if scale == 100 else ""
+            if not cmp.significant:
+                _logger.info(
+                    "the uniform soup scores below the worst ingredient on held-out, within "
+                    "noise (%s)",
+                    cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4),
+                )
+                return None
+            gap = cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4)
+            evidence = f"{gap} vs the worst ingredient on {cmp.n} held-out examples"
+    repair = "try align (modelsoup diagnose measures the barrier)"
+    if has_batchnorm(taster.model) and not recalibrated:
+        repair = (
+            "the model has BatchNorm: set recalibrate_bn to re-estimate its statistics, "
+            "and try align (modelsoup diagnose measures the barrier)"
         )
-        result.notes.append(note)
-        warnings.warn(note, SoupWarning, stacklevel=3)
+    return (
+        f"the uniform soup scores {uniform.held_out:.4g} on held-out, worse than every "
+        f"ingredient (worst {taster.ingredients[worst].label}: {scores[worst]:.4g}; "
+        f"{evidence}): these ingredients may not share a loss basin; rely on greedy, or "
+        f"{repair}"
+    )
 
 
 def _save_soups(
@@ -394,6 +454,8 @@ def _save_soups(
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
+    if fmt == "pt" and getattr(first.source, "lightning", None) is not None:
+        suffix = ".ckpt"  # in Lightning's layout, for load_from_checkpoint
     for m in result.methods:
         if not m.is_soup:
             continue
@@ -422,7 +484,7 @@ def cook_config(
     check_device(config.device)  # before any model or data is built
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
-    test, recalibrate = parts.test, parts.recalibrate
+    test, recalibrate, labels = parts.test, parts.recalibrate, parts.labels
     if config.align and launched_distributed():
         raise ConfigError(
             "align: true cannot run under torchrun (every rank would write the aligned "
@@ -434,14 +496,17 @@ def cook_config(
             "base's own unit order; fine-tunes of one base need no alignment"
         )
     if config.align:  # aligned copies are written into the output: check it first
-        check_output(open_ingredients(ingredients, key=config.checkpoint_key), output)
+        # opened once here, so the aligned copies keep the labels of what they came from
+        pool = open_ingredients(ingredients, key=config.checkpoint_key, labels=labels, check=False)
+        check_output(pool, output)
+        labels = [ing.label for ing in pool]
     # Aligning is part of the cook: it holds the output, and cook() takes the lock again.
     with output_lock(output) if config.align else contextlib.nullcontext():
         if config.align:
             tidy_output(output)
             method = "reference" if config.align is True else config.align
             ingredients = align_pool(
-                ingredients,
+                pool,
                 model,
                 output,
                 checkpoint_key=config.checkpoint_key,
@@ -461,5 +526,6 @@ def cook_config(
             recalibrate=recalibrate,
             options=config.options(),
             progress=progress,
+            labels=labels,
             base=parts.base,
         )

@@ -82,7 +82,7 @@ class Subset:
         return int(self.y.shape[0])
 
     def as_tuple(self) -> tuple[torch.Tensor | list[str], torch.Tensor]:
-        """Return ``(x, y)``, the form :func:`modelsoup.training.train_ingredient` takes.
+        """Return ``(x, y)``, the form :func:`modelsoup.demo.training.train_ingredient` takes.
 
         Example:
             >>> import torch

@@ -2,7 +2,7 @@
 
 ``modelsoup demo`` runs the whole line once, offline: a dataset split into train /
 held-out / test, one shared start, a grid of fine-tunes from it
-(:func:`~modelsoup.training.train_grid`), then :func:`~modelsoup.cook.cook` with the
+(:func:`~modelsoup.demo.training.train_grid`), then :func:`~modelsoup.cook.cook` with the
 usual baselines (best individual, uniform, ensemble) and the evaluation-guided
 recipes (greedy sorted and random, pruned, learned when registered). The recipes
 choose on held-out accuracy only; test accuracy judges them. The table and the
@@ -43,22 +43,12 @@ from modelsoup.cook.run import CookResult, cook
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Accuracy
 
-__all__ = [
-    "DIGITS",
-    "TWEETS",
-    "DemoResult",
-    "DemoSettings",
-    "demo_recipes",
-    "format_summary",
-    "run_demo",
-]
-
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything one demo variant does; printed with the result and written to docs.
 
-    ``grid`` and ``fixed`` go to :func:`~modelsoup.training.train_grid`: every value
+    ``grid`` and ``fixed`` go to :func:`~modelsoup.demo.training.train_grid`: every value
     of ``grid`` times every seed in ``seeds`` is one ingredient.
 
     Example:
@@ -211,19 +201,21 @@ def _tweets_kitchen(settings: DemoSettings) -> _Kitchen:
 
 
 def _digits_kitchen(settings: DemoSettings) -> _Kitchen:
-    from modelsoup.demo.datasets import load_digits_split
-    from modelsoup.demo.models import digits_mlp
+    from modelsoup.demo.digits import DigitsKitchen
     from modelsoup.demo.training import train_ingredient
 
-    split = load_digits_split(
-        settings.split_seed, train=settings.train, heldout=settings.heldout, test=settings.test
+    digits = DigitsKitchen(
+        split_seed=settings.split_seed,
+        n_train=settings.train,
+        n_held_out=settings.heldout,
+        n_test=settings.test,
     )
-    model = digits_mlp
+    split = digits.data()
     # "Pretraining": one epoch of plain SGD on a third of the training set gives a weak
     # but useful shared start, as a pretrained network is for a downstream task.
     n = len(split.train) // 3
     start = train_ingredient(
-        model,
+        digits.net,
         (split.train.x[:n], split.train.y[:n]),
         lr=0.05,
         optimizer="sgd",
@@ -233,9 +225,9 @@ def _digits_kitchen(settings: DemoSettings) -> _Kitchen:
         seed=0,
     )
     return _Kitchen(
-        model,
+        digits.net,
         start,
-        split.train.as_tuple(),
+        digits.train_data(),
         _accuracy(split.heldout.as_tuple(), f"held-out ({len(split.heldout)} digits)", 512),
         _accuracy(split.test.as_tuple(), f"test ({len(split.test)} digits)", 512),
     )

@@ -7,7 +7,7 @@ RNG (dropout) and the generator that shuffles the batches.
 
 Training data is ``(inputs, labels)``: ``inputs`` is a tensor (the model is
 called as ``model(x)``) or a dict of tensors such as
-:func:`modelsoup.models.tokenize` returns (called as ``model(**batch)``);
+:func:`modelsoup.demo.models.tokenize` returns (called as ``model(**batch)``);
 ``labels`` is an int64 tensor of class indices.
 
 Example:
@@ -28,8 +28,6 @@ import inspect
 import itertools
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup._util import atomic_file
+from modelsoup._util import progress as stage_progress
+from modelsoup.errors import ConfigError
 
 __all__ = ["ingredient_name", "train_grid", "train_ingredient"]
 
@@ -67,7 +67,7 @@ def _check_data(data: TrainData) -> tuple[Inputs, torch.Tensor, int]:
         if not isinstance(t, torch.Tensor):
             raise ConfigError(
                 "inputs must be a tensor or a dict of tensors; tokenize texts first "
-                "(modelsoup.models.tokenize)"
+                "(modelsoup.demo.models.tokenize)"
             )
         if t.shape[0] != n:
             raise ConfigError(f"inputs have {t.shape[0]} rows but there are {n} labels")
@@ -193,7 +193,7 @@ def train_ingredient(
     total = steps_per_epoch * epochs
     warmup = int(warmup_frac * total)
     shuffle = torch.Generator().manual_seed(seed)
-    bar = _progress_bar(total, progress, desc="steps")
+    bar = _progress_bar(total, progress, desc="training")
     model.train()
     step = 0
     for _ in range(epochs):
@@ -224,14 +224,10 @@ def train_ingredient(
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _progress_bar(total: int, enabled: bool, desc: str):
+def _progress_bar(total: int, enabled: bool, desc: str, unit: str = "step"):
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
+    return stage_progress(total=total, desc=desc, unit=unit, leave=False)
 
 
 # --------------------------------------------------------------------------- grid
@@ -279,23 +275,6 @@ def _fingerprint_data(data: TrainData) -> str:
     tensors = dict(inputs) if isinstance(inputs, Mapping) else {"x": inputs}
     tensors["__labels__"] = labels
     return _fingerprint_tensors(tensors)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename over ``path``.
-
-    A crash mid-write leaves the old file (or none), never a truncated one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise WriteError(f"{path}: cannot write ({err})") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _cached(meta_path: Path, weights_path: Path, record: Mapping[str, Any]) -> bool:
@@ -375,7 +354,7 @@ def train_grid(
         for name, p in inspect.signature(train_ingredient).parameters.items()
         if name in _TRAIN_KEYS and p.default is not inspect.Parameter.empty
     }
-    bar = _progress_bar(len(points), progress, desc="ingredients")
+    bar = _progress_bar(len(points), progress, desc="ingredients", unit="ingredient")
     paths: list[Path] = []
     for point, name in zip(points, names):
         hparams = {**defaults, **fixed, **point}
@@ -410,9 +389,10 @@ def _save(
     # The record also goes into the safetensors header, so a copied weights file
     # still says how it was trained. The JSON is written last: it marks completion.
     metadata = {"modelsoup": json.dumps(record, sort_keys=True)}
-    _atomic_write(weights_path, lambda tmp: save_file(state, tmp, metadata=metadata))
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
+    with atomic_file(weights_path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    with atomic_file(meta_path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _build_start(model_factory: ModelFactory, start_seed: int) -> nn.Module:

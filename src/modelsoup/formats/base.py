@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -44,6 +45,81 @@ class TensorMeta:
 #: what an error about a damaged checkpoint file tells the user to do
 RESAVE_HINT = "; re-copy or re-save the checkpoint"
 
+#: keys of a checkpoint's own description (an HF ``config.json``, timm's ``args``,
+#: Lightning's ``hyper_parameters``) that say which architecture its weights are for;
+#: two ingredients that differ in one of these are not fine-tunes of one model
+ARCHITECTURE_KEYS = (
+    "architectures",
+    "model_type",
+    "model",
+    "arch",
+    "architecture",
+    "backbone",
+    "model_name",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "hidden_dim",
+    "embed_dim",
+    "depth",
+    "num_classes",
+    "num_labels",
+    "in_chans",
+)
+
+
+def architecture_of(described: Mapping) -> dict[str, object]:
+    """The architecture keys of a checkpoint's description, plain values only.
+
+    Example:
+        >>> architecture_of({"model_type": "bert", "hidden_size": 384, "lr": 1e-4})
+        {'model_type': 'bert', 'hidden_size': 384}
+    """
+    found = {}
+    for key in ARCHITECTURE_KEYS:
+        value = described.get(key)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = list(value)
+        elif not isinstance(value, bool | int | float | str):
+            continue
+        found[key] = value
+    return found
+
+
+def hash_files(files: Sequence[Path]) -> str:
+    """sha256 of files read in order, remembered across runs while they are unchanged
+    (:mod:`.hashcache`).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "x"
+        >>> _ = p.write_bytes(b"abc")
+        >>> hash_files([p])[:12]
+        'ba7816bf8f01'
+    """
+    known = hashcache.recall(files)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    hashcache.remember(files, digest.hexdigest())
+    return digest.hexdigest()
+
 
 class TensorSource:
     """A checkpoint opened for lazy, one-tensor-at-a-time reading.
@@ -63,6 +139,10 @@ class TensorSource:
     files: tuple[Path, ...] = ()
     #: which wrapper key or prefix handling produced the state dict, for messages
     note: str = ""
+    #: what the checkpoint says about its architecture (:func:`architecture_of`)
+    architecture: Mapping[str, object] = MappingProxyType({})
+    #: training hyperparameters the checkpoint carries (timm's args, Lightning's)
+    hyperparameters: Mapping[str, object] = MappingProxyType({})
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -104,22 +184,33 @@ class TensorSource:
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
         remembered across runs while the files are unchanged (:mod:`.hashcache`)."""
-        known = hashcache.recall(self.files)
-        if known is not None:
-            return known
-        digest = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    digest.update(chunk)
-        hashcache.remember(self.files, digest.hexdigest())
-        return digest.hexdigest()
+        return hash_files(self.files)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles; reading again reopens them."""
 
 
-class DictSource(TensorSource):
+class HeldSource(TensorSource):
+    """A source whose tensors are all in memory already, in ``self._tensors`` (name order
+    is the checkpoint's): an in-memory state dict, or a torch pickle once loaded.
+
+    Example:
+        >>> import torch
+        >>> DictSource({"w": torch.zeros(2, 3)}).meta("w").shape
+        (2, 3)
+    """
+
+    _tensors: dict[str, torch.Tensor]
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        t = self._tensors[name]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+
+class DictSource(HeldSource):
     """An in-memory state dict or ``nn.Module`` seen as a checkpoint.
 
     Non-tensor entries are ignored. Tensors are detached and moved to CPU lazily.
@@ -136,13 +227,6 @@ class DictSource(TensorSource):
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         self.label = label
         self.files = ()
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, name: str) -> TensorMeta:
-        t = self._tensors[name]
-        return TensorMeta(tuple(t.shape), t.dtype)
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name].detach().cpu()

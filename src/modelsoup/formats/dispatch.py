@@ -31,6 +31,7 @@ __all__ = [
     "FORMAT_SUFFIXES",
     "PICKLE_SUFFIXES",
     "checkpoint_stem",
+    "is_adapter_folder",
     "is_checkpoint_name",
     "is_model_folder",
     "is_pickle_name",
@@ -59,6 +60,46 @@ def is_checkpoint_name(path: Path) -> bool:
     return path.name.endswith(CHECKPOINT_SUFFIXES)
 
 
+#: a PEFT adapter folder: its config, and its weights under one of these names
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json`` with
+    ``adapter_model.safetensors`` or ``.bin``) rather than a whole model.
+
+    A folder that also holds a full model's weights (``model.safetensors``, ...) is a
+    model folder: its full weights are what is read.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "adapter_config.json").write_text("{}")
+        >>> _ = (d / "adapter_model.safetensors").write_bytes(b"")
+        >>> is_adapter_folder(d), is_adapter_folder(d.parent)
+        (True, False)
+    """
+    return (
+        path.is_dir()
+        and (path / ADAPTER_CONFIG).is_file()
+        and any((path / name).is_file() for name in ADAPTER_WEIGHTS)
+        and not is_model_folder(path)
+    )
+
+
+def _refuse_adapter(path: Path) -> None:
+    folder = path if path.is_dir() else path.parent
+    if is_adapter_folder(folder) and (path.is_dir() or path.name in ADAPTER_WEIGHTS):
+        raise IngredientError(
+            f"{folder}: a PEFT adapter (adapter_config.json), not a whole model; modelsoup "
+            "cannot soup adapters yet: averaging the lora_A and lora_B factors separately "
+            "is not averaging the adapters' weight changes (B @ A). Merge each adapter into "
+            "its base model (PeftModel.merge_and_unload(), then save_pretrained) and soup "
+            "the merged models"
+        )
+
+
 def checkpoint_stem(path: Path) -> str:
     """A checkpoint file's name without its format suffix: the default label.
 
@@ -84,6 +125,7 @@ def open_source(path: Path, *, key: str | None = None) -> TensorSource:
         >>> open_source(p).names()
         ['w']
     """
+    _refuse_adapter(path)
     if path.is_dir():
         return open_folder(path, key=key)
     if path.name.endswith(SAFETENSORS_SUFFIXES):

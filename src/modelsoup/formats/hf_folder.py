@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 
 from modelsoup._util import atomic_file, old_sibling, temp_sibling
 from modelsoup.errors import IngredientError, WriteError
-from modelsoup.formats.base import TensorMeta, TensorSource
+from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
+from modelsoup.formats.training_args import read_training_args
 
 #: files of one training run that do not describe a soup (transformers' Trainer writes
 #: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
@@ -34,6 +36,22 @@ TRAINING_STATE = frozenset(
         "eval_results.json",
     }
 )
+#: the rest of a Trainer checkpoint: weight-suffixed, but not weights of a model
+_TRAINER_STATE_FILE = re.compile(r"(optimizer|scheduler|scaler|rng_state(_\d+)?)\.(pt|pth|bin)")
+
+
+def is_training_state(name: str) -> bool:
+    """Whether a file name is a training run's state rather than model weights.
+
+    Example:
+        >>> is_training_state("training_args.bin"), is_training_state("rng_state_3.pth")
+        (True, True)
+        >>> is_training_state("pytorch_model.bin")
+        False
+    """
+    return name in TRAINING_STATE or _TRAINER_STATE_FILE.fullmatch(name) is not None
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 #: what an error about a broken model folder tells the user to do
 _REDO = "; re-download or re-save the model folder"
@@ -138,38 +156,77 @@ def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source
             )
 
 
-def open_folder(path: Path, key: str | None = None) -> TensorSource:
-    """Open an HF model folder lazily.
+def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
+    """The weight files of an HF model folder (safetensors preferred) and their reader.
 
-    A sharded folder's index is checked against its shards both ways: a tensor the
-    index names but no shard holds, or one a shard holds but the index does not name,
-    means the folder is incomplete or mixed up, and is refused.
+    A shard index is checked first (:func:`read_index`): a mapping of names to files
+    inside the folder.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
         >>> d = Path(tempfile.mkdtemp())
         >>> safetensors.torch.save_file({"w": torch.ones(1)}, str(d / "model.safetensors"))
-        >>> open_folder(d).names()
-        ['w']
+        >>> [p.name for p in weight_files(d)[0]]
+        ['model.safetensors']
     """
     for name, reader in _LAYOUTS:
         candidate = path / name
         if candidate.exists():
             if not name.endswith(".index.json"):
-                return reader([candidate], label=str(path), **_key(reader, key))
-            weight_map = read_index(candidate)
-            shards = sorted({path / shard for shard in weight_map.values()})
-            source = reader(shards, label=str(path), **_key(reader, key))
-            _check_against_index(candidate, weight_map, source)
-            return source
+                return [candidate], reader
+            return sorted({path / shard for shard in read_index(candidate).values()}), reader
     raise IngredientError(
         f"{path}: no model weights found (expected model.safetensors, a shard index or "
         "pytorch_model.bin)"
     )
 
 
-def _key(reader: type, key: str | None) -> dict:
-    return {"key": key} if reader is TorchSource else {}
+def read_config(path: Path) -> dict:
+    """A folder's ``config.json`` as a dict; ``{}`` when absent or not a JSON object.
+
+    Example:
+        >>> read_config(Path("/nonexistent"))
+        {}
+    """
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def open_folder(path: Path, key: str | None = None) -> TensorSource:
+    """Open an HF model folder lazily.
+
+    The folder's ``config.json`` gives the source's ``architecture`` (``architectures``,
+    ``model_type``, sizes), and a Trainer's ``training_args.bin`` its
+    ``hyperparameters`` (read without unpickling code:
+    :func:`~modelsoup.formats.training_args.read_training_args`). A sharded folder's
+    index is checked against its shards both ways: a tensor the index names but no
+    shard holds, or one a shard holds but the index does not name, means the folder is
+    incomplete or mixed up, and is refused.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> d = Path(tempfile.mkdtemp())
+        >>> safetensors.torch.save_file({"w": torch.ones(1)}, str(d / "model.safetensors"))
+        >>> _ = (d / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+        >>> src = open_folder(d)
+        >>> src.names(), src.architecture
+        (['w'], {'model_type': 'bert', 'hidden_size': 8})
+    """
+    files, reader = weight_files(path)
+    if reader is TorchSource:
+        source: TensorSource = TorchSource(files, label=str(path), key=key)
+    else:
+        source = SafetensorsSource(files, label=str(path))
+    index = next((path / n for n, _ in _LAYOUTS if (path / n).exists()), None)
+    if index is not None and index.name.endswith(".index.json"):
+        _check_against_index(index, read_index(index), source)
+    source.architecture = architecture_of(read_config(path))
+    if (path / "training_args.bin").is_file():
+        source.hyperparameters = read_training_args(path / "training_args.bin")
+    return source
 
 
 def plan_shards(layout: Mapping[str, TensorMeta], max_shard_size: int) -> list[list[str]]:

@@ -14,6 +14,11 @@ Which tensors count as the weights (first match wins):
 3. DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are removed when every
    name has them; Lightning's ``model.`` prefix is removed when the checkpoint is a
    Lightning one (``pytorch-lightning_version`` present) and every name has it.
+
+What else the checkpoint carries is kept for later: timm's ``args`` and ``arch`` and
+Lightning's ``hyper_parameters`` give the source's ``architecture`` and
+``hyperparameters``; a Lightning checkpoint's layout (:class:`LightningLayout`) lets a
+soup saved as ``.ckpt`` go back into Lightning (:func:`write_torch`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import argparse
 import pickle
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -179,7 +185,71 @@ def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
         )
 
 
-class TorchSource(TensorSource):
+#: what a Lightning checkpoint needs besides its weights to load with
+#: ``LightningModule.load_from_checkpoint`` (training state such as optimizer states,
+#: loops and callbacks is left out: a soup was not trained)
+LIGHTNING_KEYS = (
+    "pytorch-lightning_version",
+    "hyper_parameters",
+    "hparams_name",
+    "hparams_type",
+    "epoch",
+    "global_step",
+)
+
+
+@dataclass(frozen=True)
+class LightningLayout:
+    """How a Lightning checkpoint wraps its weights: the ``state_dict`` key, the name
+    prefix the reader removed (``model.``), and the entries Lightning reads on load.
+
+    Example:
+        >>> import torch
+        >>> layout = LightningLayout("model.", {"pytorch-lightning_version": "2.4.0"})
+        >>> sorted(layout.wrap({"w": torch.ones(1)}))
+        ['pytorch-lightning_version', 'state_dict']
+        >>> list(layout.wrap({"w": torch.ones(1)})["state_dict"])
+        ['model.w']
+    """
+
+    prefix: str
+    extras: Mapping[str, object] = field(default_factory=dict)
+
+    def wrap(self, state: Mapping[str, torch.Tensor]) -> dict:
+        """The checkpoint dict to save: the extras, and the weights under ``state_dict``
+        with the prefix restored."""
+        return {**self.extras, "state_dict": {self.prefix + k: v for k, v in state.items()}}
+
+
+def _scalars(mapping: object) -> dict[str, object]:
+    items = vars(mapping) if isinstance(mapping, argparse.Namespace) else mapping
+    if not isinstance(items, Mapping):
+        return {}
+    return {
+        str(k): v
+        for k, v in items.items()
+        if isinstance(v, bool | int | float | str) and isinstance(k, str)
+    }
+
+
+def _described(obj: Mapping, state: Mapping) -> tuple[dict, dict, LightningLayout | None]:
+    """Architecture, hyperparameters and Lightning layout of an unpickled checkpoint."""
+    hyper = _scalars(obj.get("args"))  # timm's train.py: its argparse arguments
+    arch = architecture_of(hyper)
+    if isinstance(obj.get("arch"), str):
+        arch.setdefault("arch", obj["arch"])
+    lightning = None
+    if "pytorch-lightning_version" in obj:
+        hyper = _scalars(obj.get("hyper_parameters"))
+        arch = architecture_of(hyper)
+        raw = obj.get("state_dict")
+        stripped = isinstance(raw, Mapping) and all(f"model.{k}" in raw for k in state)
+        prefix = "model." if state and stripped else ""
+        lightning = LightningLayout(prefix, {k: obj[k] for k in LIGHTNING_KEYS if k in obj})
+    return arch, hyper, lightning
+
+
+class TorchSource(HeldSource):
     """A torch pickle, or the ``pytorch_model-*.bin`` shards of one checkpoint.
 
     Example:
@@ -196,9 +266,14 @@ class TorchSource(TensorSource):
         self.label = label or str(self.files[0])
         self._tensors: dict[str, torch.Tensor] = {}
         self._shard: dict[str, int] = {}
+        #: set when the (first) file is a Lightning checkpoint
+        self.lightning: LightningLayout | None = None
         notes = []
         for index, path in enumerate(self.files):
-            state, note = unwrap(load_pickle(path), key, str(path))
+            obj = load_pickle(path)
+            state, note = unwrap(obj, key, str(path))
+            if not notes:
+                self.architecture, self.hyperparameters, self.lightning = _described(obj, state)
             notes.append(note)
             for name, t in state.items():
                 if name in self._tensors:
@@ -207,13 +282,6 @@ class TorchSource(TensorSource):
                 self._shard[name] = index
         self.note = notes[0] if notes else ""
 
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, name: str) -> TensorMeta:
-        t = self._tensors[name]
-        return TensorMeta(tuple(t.shape), t.dtype)
-
     def file_of(self, name: str) -> Path:
         return self.files[self._shard[name]]
 
@@ -221,8 +289,12 @@ class TorchSource(TensorSource):
         return self._tensors[name]
 
 
-def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
-    """Save a plain state dict with ``torch.save``, atomically.
+def write_torch(
+    path: Path, state: Mapping[str, torch.Tensor], lightning: LightningLayout | None = None
+) -> None:
+    """Save a plain state dict with ``torch.save``, atomically; with ``lightning``, in
+    Lightning's layout (weights under ``state_dict`` with their prefix restored, the
+    version and hyperparameters beside them), so ``load_from_checkpoint`` reads it.
 
     Unlike safetensors output this needs the whole soup in memory at once.
 
@@ -235,7 +307,7 @@ def write_torch(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     """
     with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         try:
-            torch.save(dict(state), fh)
+            torch.save(lightning.wrap(state) if lightning is not None else dict(state), fh)
         except RuntimeError as err:
             # torch.save reports a failed write (a full disk) as a RuntimeError; given a
             # file object, the OSError behind it is kept as the context: raise that.

@@ -1,8 +1,10 @@
-"""Helpers every evaluation-guided recipe shares: member weights and the order to try."""
+"""Helpers every evaluation-guided recipe shares: member weights, the order to try, the
+greedy walk."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 
 from modelsoup.tasting import Taster
 
@@ -52,3 +54,51 @@ def scored(score: float) -> dict:
             "stopped_early": {"bound": float(score), "seen": score.seen, "of": score.total},
         }
     return {"score": score}
+
+
+def greedy_walk(
+    taster: Taster,
+    positions: Sequence[int],
+    score: Callable[[list[int], float | None], float],
+    *,
+    strict: bool = False,
+    max_ingredients: int | None = None,
+    trace_best: bool = False,
+) -> tuple[list[int], float, list[dict]]:
+    """Start from ``positions[0]``; keep each next position if the candidate holds up.
+
+    ``score(candidate, best)`` scores a list of members (``best`` is the score to beat,
+    None for the first). Returns the members kept, their score and the trace, one entry
+    per position tried (with the best score so far when ``trace_best``).
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> ings = open_ingredients([{"weight": torch.zeros(1)} for _ in range(3)])
+        >>> t = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0)
+        >>> members, best, trace = greedy_walk(t, [2, 0, 1], lambda c, b: -abs(sum(c) - 2))
+        >>> members, best, len(trace)
+        ([2, 0], 0, 3)
+    """
+    members = [positions[0]]
+    best = score(members, None)
+    label = taster.ingredients[positions[0]].label
+    trace = [{"step": 1, "tried": label, "score": best, "accepted": True, "size": 1}]
+    for step, i in enumerate(positions[1:], start=2):
+        if max_ingredients is not None and len(members) >= max_ingredients:
+            break
+        candidate = score([*members, i], best)
+        accepted = taster.better(candidate, best, strict=strict)
+        if accepted:
+            members, best = [*members, i], candidate
+        entry = {
+            "step": step,
+            "tried": taster.ingredients[i].label,
+            **scored(candidate),
+            "accepted": accepted,
+            "size": len(members),
+        }
+        if trace_best:
+            entry["best"] = best
+        trace.append(entry)
+    return members, best, trace

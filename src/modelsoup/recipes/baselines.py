@@ -12,7 +12,7 @@ class NoOptions(RecipeOptions):
     pass
 
 
-@register("best_individual", NoOptions)
+@register("best_individual", NoOptions, bound=lambda pool, o: 0)
 def best_individual(taster: Taster) -> Soup:
     """The single ingredient with the best held-out score (a soup of one).
 

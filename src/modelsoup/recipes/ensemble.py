@@ -14,6 +14,7 @@ import torch
 from pydantic import PositiveInt
 
 from modelsoup.evaluators import Evaluator
+from modelsoup.recipes._common import greedy_walk
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.tasting import Taster
 
@@ -58,7 +59,8 @@ class GreedyEnsembleOptions(RecipeOptions):
     max_ingredients: PositiveInt | None = None
 
 
-@register("ensemble", EnsembleOptions)
+# Both score averaged logits: each ingredient's forward pass, shared with its own score.
+@register("ensemble", EnsembleOptions, bound=lambda pool, o: 0)
 def output_ensemble(taster: Taster) -> Ensemble:
     """The ensemble of every ingredient: mean logits.
 
@@ -77,7 +79,7 @@ def output_ensemble(taster: Taster) -> Ensemble:
     return ens
 
 
-@register("greedy_ensemble", GreedyEnsembleOptions)
+@register("greedy_ensemble", GreedyEnsembleOptions, bound=lambda pool, o: 0)
 def greedy_ensemble(
     taster: Taster, *, strict: bool = False, max_ingredients: int | None = None
 ) -> Ensemble:
@@ -87,39 +89,18 @@ def greedy_ensemble(
         >>> import torch
         >>> from modelsoup.evaluators import Accuracy
         >>> from modelsoup.ingredients import open_ingredients
-        >>> x, y = torch.eye(2), torch.tensor([0, 1])
-        >>> ings = open_ingredients([{"weight": torch.eye(2)}, {"weight": -torch.eye(2)}])
-        >>> t = Taster(ings, torch.nn.Linear(2, 2, bias=False), Accuracy((x, y)))
-        >>> greedy_ensemble(t).members
-        [0]
+        >>> ings = open_ingredients([{"weight": s * torch.eye(2)} for s in (1.0, -3.0, 2.0)])
+        >>> held_out = Accuracy((torch.eye(2), torch.tensor([0, 1])))
+        >>> taster = Taster(ings, torch.nn.Linear(2, 2, bias=False), held_out)
+        >>> greedy_ensemble(taster).members  # adding the -3 one would cancel the others out
+        [0, 2]
     """
-    order = taster.order(taster.individual_scores())
-    members = [order[0]]
-    best = Ensemble("greedy_ensemble", members).score(taster, taster.held_out)
-    trace = [
-        {
-            "step": 1,
-            "tried": taster.ingredients[order[0]].label,
-            "score": best,
-            "accepted": True,
-            "size": 1,
-        }
-    ]
-    for step, i in enumerate(order[1:], start=2):
-        if max_ingredients is not None and len(members) >= max_ingredients:
-            break
-        score = Ensemble("greedy_ensemble", [*members, i]).score(taster, taster.held_out)
-        accepted = taster.better(score, best, strict=strict)
-        if accepted:
-            members, best = [*members, i], score
-        trace.append(
-            {
-                "step": step,
-                "tried": taster.ingredients[i].label,
-                "score": score,
-                "accepted": accepted,
-                "size": len(members),
-            }
-        )
+    members, best, trace = greedy_walk(
+        taster,
+        taster.order(taster.individual_scores()),
+        lambda candidate, _: Ensemble("greedy_ensemble", candidate).score(taster, taster.held_out),
+        strict=strict,
+        max_ingredients=max_ingredients,
+    )
     options = {"strict": strict, "max_ingredients": max_ingredients}
     return Ensemble("greedy_ensemble", members, trace, {"held_out": best}, options)

@@ -8,7 +8,8 @@ evaluations where greedy costs k, and can find pairs that greedy's fixed order m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import PositiveInt
 
@@ -23,7 +24,14 @@ class ForwardOptions(MergingOptions):
     max_ingredients: PositiveInt | None = None
 
 
-@register("forward", ForwardOptions)
+def _bound(pool: Sequence[Any], options: ForwardOptions) -> int:
+    """Step k tries every ingredient not yet in: n-1, n-2, ... up to ``max_ingredients``."""
+    n = len(pool)
+    size = min(n, options.max_ingredients or n)
+    return sum(n - k for k in range(1, size))
+
+
+@register("forward", ForwardOptions, bound=_bound)
 def forward_selection_soup(
     taster: Taster, *, max_ingredients: int | None = None, merge: Mapping | MergeSpec | None = None
 ) -> Soup:

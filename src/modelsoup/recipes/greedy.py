@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import PositiveInt
 
 from modelsoup.merge import MergeSpec
-from modelsoup.recipes._common import ingredient_order, member_weights, scored
+from modelsoup.recipes._common import greedy_walk, ingredient_order, member_weights
 from modelsoup.recipes.registry import MergingOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
@@ -29,7 +29,8 @@ class GreedyOptions(MergingOptions):
     runs: PositiveInt = 1
 
 
-@register("greedy", GreedyOptions)
+# the first ingredient's score is its own; each other one is tried once
+@register("greedy", GreedyOptions, bound=lambda pool, o: len(pool) - 1)
 def greedy_soup(
     taster: Taster,
     *,
@@ -66,33 +67,17 @@ def _greedy_soup(
     max_ingredients: int | None = None,
 ) -> Soup:
     positions = ingredient_order(taster, order, seed)
-    n = len(taster.ingredients)
-    first = positions[0]
-    members = [first]
-    best = taster.score_members(members)
-    label = taster.ingredients[first].label
-    trace = [{"step": 1, "tried": label, "score": best, "accepted": True, "size": 1}]
-    for step, i in enumerate(positions[1:], start=2):
-        if max_ingredients is not None and len(members) >= max_ingredients:
-            break
-        score = taster.score_members([*members, i], to_beat=best, strict=strict)
-        accepted = taster.better(score, best, strict=strict)
-        if accepted:
-            members.append(i)
-            best = score
-        trace.append(
-            {
-                "step": step,
-                "tried": taster.ingredients[i].label,
-                **scored(score),
-                "accepted": accepted,
-                "size": len(members),
-                "best": best,
-            }
-        )
+    members, best, trace = greedy_walk(
+        taster,
+        positions,
+        lambda candidate, best: taster.score_members(candidate, to_beat=best, strict=strict),
+        strict=strict,
+        max_ingredients=max_ingredients,
+        trace_best=True,
+    )
     options = {"order": order, "seed": seed, "strict": strict, "max_ingredients": max_ingredients}
     return taster.soup(
-        member_weights(n, members),
+        member_weights(len(taster.ingredients), members),
         recipe="greedy",
         options=options,
         trace=trace,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec
@@ -185,7 +185,17 @@ def _head(groups: dict[str, list[str]], classifier: str | None) -> dict[str, lis
     return out
 
 
-@register("layerwise", LayerwiseOptions)
+def _bound(pool: Sequence[Any], options: LayerwiseOptions) -> int:
+    """The start and the final soup; for ``selective``, one candidate per group
+    (the final soup is then one of them)."""
+    if options.variant != "selective":
+        return 2
+    names = pool[0].names()
+    groups = pattern_groups(names, options.groups) if options.groups else discover_groups(names)
+    return 1 + len(groups)
+
+
+@register("layerwise", LayerwiseOptions, bound=_bound)
 def layerwise_soup(
     taster: Taster,
     *,

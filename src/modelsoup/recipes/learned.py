@@ -235,22 +235,17 @@ def _mean_loss(
 def fit_mixture(
     mix: SoupMixture,
     batches: list[tuple[Any, torch.Tensor]],
-    *,
-    lr: float = 0.05,
-    epochs: int = 20,
-    batch_size: int = 64,
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.2,
-    patience: int = 5,
-    seed: int = 0,
+    options: LearnedOptions | None = None,
 ) -> list[dict]:
     """Train ``mix``'s logits on held-out batches; keep the best-validation ones.
 
-    A seeded ``val_fraction`` of the examples is held back; after every epoch the
-    validation cross-entropy decides whether this is the best ``alpha`` so far, and
-    training stops after ``patience`` epochs without improvement. Epoch 0 is the
-    starting point (the uniform soup), so training never returns anything the
-    validation split likes less. Returns the trace, one entry per epoch.
+    ``options`` gives the fit's settings (``lr``, ``epochs``, ``batch_size``,
+    ``weight_decay``, ``val_fraction``, ``patience``, ``seed``; the defaults of
+    :class:`LearnedOptions` when None). A seeded ``val_fraction`` of the examples is
+    held back; after every epoch the validation cross-entropy decides whether this is
+    the best ``alpha`` so far, and training stops after ``patience`` epochs without
+    improvement. Epoch 0 is the starting point (the uniform soup), so training never
+    returns anything the validation split likes less. Returns the trace, one entry per epoch.
 
     Example:
         >>> import torch
@@ -259,13 +254,16 @@ def fit_mixture(
         >>> bad = {"weight": -torch.eye(2), "bias": torch.zeros(2)}
         >>> mix = SoupMixture(torch.nn.Linear(2, 2), open_ingredients([good, bad]))
         >>> x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
-        >>> trace = fit_mixture(mix, [(x, x.argmax(1))], lr=0.5, epochs=5)
+        >>> trace = fit_mixture(mix, [(x, x.argmax(1))], LearnedOptions(lr=0.5, epochs=5))
         >>> float(mix.coefficients().detach()[0, 0]) > 0.9
         True
     """
+    fit = options if options is not None else LearnedOptions()
+    lr, epochs, batch_size = fit.lr, fit.epochs, fit.batch_size
+    val_fraction, patience = fit.val_fraction, fit.patience
     inputs, labels = _examples(batches)
     n = len(labels)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(fit.seed)
     perm = torch.randperm(n, generator=gen).to(labels.device)
     n_val = int(round(n * val_fraction))
     if n_val >= n:
@@ -273,7 +271,7 @@ def fit_mixture(
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     val_x, val_y = _take(inputs, val_idx), labels[val_idx]
     params = list(mix.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=fit.weight_decay)
 
     def checkpoint() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
@@ -327,7 +325,13 @@ def _held_out_batches(taster: Taster) -> list[tuple[Any, torch.Tensor]]:
     return held.batches(model_device(taster.model))
 
 
-@register("learned", LearnedOptions)
+# the learned soup's one score (its training passes over held-out batches are not
+# evaluations), after a greedy soup's with ingredients: greedy
+@register(
+    "learned",
+    LearnedOptions,
+    bound=lambda pool, o: 1 + (len(pool) - 1 if o.ingredients == "greedy" else 0),
+)
 def learned_soup(
     taster: Taster,
     *,
@@ -426,17 +430,8 @@ def learned_soup(
             temperature=temperature,
         )
         if len(members) > 1:
-            trace += fit_mixture(
-                mix,
-                batches,
-                lr=lr,
-                epochs=epochs,
-                batch_size=batch_size,
-                weight_decay=weight_decay,
-                val_fraction=val_fraction,
-                patience=patience,
-                seed=seed,
-            )
+            # The options as given, unvalidated, as a direct call has always taken them.
+            trace += fit_mixture(mix, batches, LearnedOptions.model_construct(**options))
         with torch.no_grad():
             per_tensor = {n: c.tolist() for n, c in mix.tensor_coefficients().items()}
             mean = mix.coefficients().mean(0).tolist()

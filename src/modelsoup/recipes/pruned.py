@@ -30,7 +30,8 @@ class PrunedOptions(MergingOptions):
     runs: PositiveInt = 1
 
 
-@register("pruned", PrunedOptions)
+# the uniform soup, then at most one removal per ingredient per pass
+@register("pruned", PrunedOptions, bound=lambda pool, o: 1 + o.passes * len(pool))
 def pruned_soup(
     taster: Taster,
     *,

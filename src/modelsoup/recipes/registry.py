@@ -1,7 +1,9 @@
 """Where recipes are registered: adding a recipe is one file plus one decorator.
 
 Each recipe declares a frozen pydantic model of its options, so a bad config fails
-at the edge with the key named; :func:`get_recipe` finds a recipe by name.
+at the edge with the key named; :func:`get_recipe` finds a recipe by name. A recipe
+may also say how many held-out evaluations one run can make at most (``bound``), which
+``modelsoup cook --dry-run`` adds up before anything is evaluated.
 
 Example:
     >>> from modelsoup.recipes import get_recipe
@@ -11,8 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -60,17 +63,28 @@ class RecipeSpec:
     #: does it need a taster (held-out evaluations)? uniform and weighted do not
     tastes: bool = True
     summary: str = ""
+    #: ``bound(ingredients, options)``: the most held-out evaluations one run makes,
+    #: each ingredient's own score aside (those are shared by every recipe); ``None``
+    #: when the recipe cannot say
+    bound: Callable[[Sequence[Any], RecipeOptions], int] | None = None
 
 
 RECIPES: dict[str, RecipeSpec] = {}
 
 
-def register(name: str, options: type[RecipeOptions], *, tastes: bool = True):
-    """Register a recipe function under ``name`` with its options model."""
+def register(
+    name: str,
+    options: type[RecipeOptions],
+    *,
+    tastes: bool = True,
+    bound: Callable[[Sequence[Any], RecipeOptions], int] | None = None,
+):
+    """Register a recipe function under ``name`` with its options model (and, if it can
+    say, the most held-out evaluations one run makes: ``bound(ingredients, options)``)."""
 
     def wrap(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()
-        RECIPES[name] = RecipeSpec(name, fn, options, tastes, doc[0] if doc else "")
+        RECIPES[name] = RecipeSpec(name, fn, options, tastes, doc[0] if doc else "", bound)
         return fn
 
     return wrap

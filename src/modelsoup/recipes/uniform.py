@@ -3,15 +3,16 @@ scores the same soup on held-out for the report."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
-from modelsoup.merge import MergeSpec
+from modelsoup.merge import MergeSpec, as_merge
 from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
 from modelsoup.soup import Soup, check_coefficients
@@ -34,6 +35,7 @@ def average(
     accum_dtype: str | torch.dtype = "float32",
     int_policy: str = "strict",
     key: str | None = None,
+    strict: bool = False,
     base: str | Path | Mapping | torch.nn.Module | Ingredient | None = None,
     merge: str | Mapping | MergeSpec | None = None,
 ) -> Soup:
@@ -41,10 +43,12 @@ def average(
 
     Weights must be finite and >= 0; they are normalised to sum to 1 unless
     ``normalize=False``. Checkpoints are opened lazily and checked for compatible
-    names and shapes before any arithmetic. ``merge`` picks another merge rule than the
-    weighted average, e.g. ``{"rule": "ties", "density": 0.3}`` (see
-    :mod:`modelsoup.merge`); ``base`` is the pretrained start that task vectors are
-    taken from, checked for compatibility like an ingredient.
+    names and shapes, and for equal integer tensors under ``int_policy="strict"``,
+    before any arithmetic (:func:`~modelsoup.ingredients.check_compatible`); checkpoints
+    that describe different architectures are warned about, or refused with ``strict``.
+    ``merge`` picks another merge rule than the weighted average, e.g. ``{"rule":
+    "ties", "density": 0.3}`` (see :mod:`modelsoup.merge`); ``base`` is the pretrained
+    start that task vectors are taken from, checked for compatibility like an ingredient.
 
     Example:
         >>> import torch
@@ -56,7 +60,7 @@ def average(
         >>> ta.state_dict()["w"]
         tensor([2.])
     """
-    ingredients = open_ingredients(sources, key=key)
+    ingredients = open_ingredients(sources, key=key, int_policy=int_policy, strict=strict)
     if base is not None:
         base = open_ingredient(base, label="base", key=key)
     if weights is None:
@@ -65,6 +69,15 @@ def average(
     else:
         coefs = check_coefficients(weights, len(ingredients))
         recipe = "weighted"
+    members = [ing.label for ing, c in zip(ingredients, coefs) if c > 0]
+    if len(members) == 1 and as_merge(merge).is_average:  # other rules use a base: no copy
+        why = "it is the only ingredient" if len(ingredients) == 1 else "only it has weight > 0"
+        warnings.warn(
+            f"this soup is a copy of {members[0]}, not an average ({why}); give two or "
+            "more ingredients to average",
+            SoupWarning,
+            stacklevel=2,
+        )
     return Soup(
         ingredients,
         coefs,
@@ -77,7 +90,7 @@ def average(
     )
 
 
-@register("uniform", NoOptions)
+@register("uniform", NoOptions, bound=lambda pool, o: 1)
 def uniform_soup(taster: Taster) -> Soup:
     """The uniform soup of every ingredient, with its held-out score.
 

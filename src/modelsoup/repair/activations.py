@@ -199,22 +199,23 @@ def activation_align(
     other_sd: Mapping[str, torch.Tensor],
     spec: PermutationSpec,
     data: Iterable[Any] | torch.Tensor,
-    num_batches: int | None = None,
+    **matching: Any,
 ) -> dict[str, torch.Tensor]:
     """``other_sd`` with its units permuted to match ``reference_sd``'s activations.
 
-    The result computes the same function as ``other_sd`` (see
-    :func:`activation_matching` for the arguments).
+    The result computes the same function as ``other_sd``. The arguments, and
+    ``num_batches`` in ``matching``, are :func:`activation_matching`'s.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> from modelsoup.repair import trace_permutation_spec
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> spec = trace_permutation_spec(net, torch.randn(4, 2))
-        >>> out = activation_align(net, net.state_dict(), net.state_dict(), spec, torch.randn(8, 2))
-        >>> sorted(out) == sorted(net.state_dict())
+        >>> a, b = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), nn.Linear(2, 3)
+        >>> spec = trace_permutation_spec(a, torch.randn(4, 2))
+        >>> other = {**a.state_dict(), "0.weight": b.weight.detach(), "0.bias": b.bias.detach()}
+        >>> out = activation_align(a, a.state_dict(), other, spec, torch.randn(8, 2))
+        >>> sorted(out) == sorted(other)
         True
     """
-    perms = activation_matching(model, reference_sd, other_sd, spec, data, num_batches)
+    perms = activation_matching(model, reference_sd, other_sd, spec, data, **matching)
     return permute_state_dict(other_sd, spec, perms)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from modelsoup._util import atomic_file, clean_stale_temps
+from modelsoup._util import atomic_file, clean_stale_temps, slug
+from modelsoup._util import progress as stage_progress
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -140,7 +140,7 @@ def align_pool(
         template = model if isinstance(model, torch.nn.Module) else model()
     data_key = _data_fingerprint(data, num_batches) if method == "activations" else None
     out: list[str] = []
-    bar = tqdm(pool, desc="aligning", unit="ingredient", disable=not progress)
+    bar = stage_progress(pool, desc="aligning", unit="ingredient", enabled=progress)
     for i, ing in enumerate(bar):
         if i == reference:
             out.append(_as_source(ing))
@@ -153,7 +153,9 @@ def align_pool(
             out.append(str(path))
             continue
         if method == "activations":
-            aligned = activation_align(template, ref_sd, _full(ing), spec, data, num_batches)
+            aligned = activation_align(
+                template, ref_sd, _full(ing), spec, data, num_batches=num_batches
+            )
         else:
             aligned = align_to(ref_sd, _full(ing), spec, max_iter=max_iter, seed=seed)
         _write_aligned(path, ing, aligned, record, ref.label)
@@ -174,7 +176,7 @@ def _data_fingerprint(data: Any, num_batches: int | None) -> str:
 
 
 def _aligned_path(folder: Path, i: int, ing: Ingredient) -> Path:
-    return folder / f"{i:03d}-{ing.label}.safetensors"
+    return folder / f"{i:03d}-{slug(ing.label)}.safetensors"
 
 
 def _already_aligned(path: Path, record: dict) -> bool:
@@ -220,7 +222,7 @@ def _align_merge_many(
     states = [_full(ing) for ing in pool]
     spec.sizes(states[0])  # checks the spec names real tensors of the right sizes
     aligned = merge_many(states, spec, max_rounds=max_rounds, max_iter=max_iter, seed=seed)
-    bar = tqdm(pool, desc="writing aligned", unit="ingredient", disable=not progress)
+    bar = stage_progress(pool, desc="writing aligned", unit="ingredient", enabled=progress)
     for i, ing in enumerate(bar):
         _write_aligned(paths[i], ing, aligned[i], records[i], "the mean of the others")
     return [str(p) for p in paths]
