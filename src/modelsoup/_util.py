@@ -451,8 +451,6 @@ class StageLog:
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
         """A bar's live status (the current score): not worth a line of its own."""
 
-    set_postfix_str = set_postfix  # tqdm's other spelling: callers need not know the display
-
     def close(self) -> None:
         """Log the stage's one line (once)."""
         if self._closed:
