@@ -92,7 +92,7 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
                     "ci": [cmp.low, cmp.high],
                     "p_value": cmp.p_value,
                     "significant": cmp.significant,
-                    "text": cmp.describe(scale=scale, unit=unit),
+                    "text": cmp.describe(scale=scale, unit=unit, digits=1 if scale == 100 else 4),
                 }
         rows.append(row)
     verdict = _verdict(result, rows, scale, unit)
