@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -21,8 +21,10 @@ from modelsoup._util import progress
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import (
+    ClassifierEvaluator,
     Evaluator,
     LogitsEvaluator,
+    StatisticalRacing,
     as_evaluator,
     check_score,
     checked_score,
@@ -39,23 +41,51 @@ from modelsoup.soup import Soup
 class RejectedScore(float):
     """What a raced candidate scores when it was stopped early: its float value is the
     best score it could still have reached (``bound``), which cannot meet the score to
-    beat. It is never recorded as a score.
+    beat; with statistical racing, at the ``confidence`` it names. It is never recorded
+    as a score.
 
     Example:
         >>> r = RejectedScore(0.4, seen=20, total=100)
-        >>> r < 0.9, r.rejected, r.seen
-        (True, True, 20)
+        >>> r < 0.9, r.rejected, r.seen, r.confidence
+        (True, True, 20, None)
     """
 
     rejected = True
 
-    def __new__(cls, bound: float, *, seen: int, total: int):
+    def __new__(cls, bound: float, *, seen: int, total: int, confidence: float | None = None):
         obj = super().__new__(cls, bound)
-        obj.seen, obj.total = seen, total
+        obj.seen, obj.total, obj.confidence = seen, total, confidence
         return obj
 
 
 RACING = ("exact", "off")
+
+
+def racing_mode(racing: str | Mapping | StatisticalRacing) -> str | StatisticalRacing:
+    """``"exact"``, ``"off"``, or statistical racing from ``{confidence: ..}`` (with
+    optional ``clip`` and ``seed``).
+
+    Example:
+        >>> racing_mode({"confidence": 0.999})
+        StatisticalRacing(confidence=0.999, clip=None, seed=0)
+        >>> racing_mode("fast")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: racing 'fast' is unknown; use exact, off or {confidence: ...}
+    """
+    if isinstance(racing, StatisticalRacing):
+        return racing
+    if isinstance(racing, Mapping):
+        unknown = sorted(set(racing) - {"confidence", "clip", "seed"})
+        if unknown or "confidence" not in racing:
+            what = f"unknown key '{unknown[0]}'" if unknown else "no confidence"
+            raise ConfigError(f"racing {dict(racing)}: {what}; write {{confidence: 0.999}}")
+        return StatisticalRacing(**racing)
+    if racing not in RACING:
+        raise ConfigError(
+            f"racing '{racing}' is unknown; use {', '.join(RACING)} or {{confidence: ...}}"
+        )
+    return racing
 
 
 class Taster:
@@ -76,7 +106,10 @@ class Taster:
         racing: ``"exact"`` (default) stops a candidate's evaluation as soon as it
             provably cannot meet the score to beat, for evaluators with per-example
             bounds (accuracy); decisions equal a full evaluation's. ``"off"`` always
-            evaluates in full.
+            evaluates in full. ``{"confidence": 0.999}`` (or a
+            :class:`~modelsoup.evaluators.StatisticalRacing`) races statistically: the
+            candidate against the incumbent soup, example by example, stopped once it is
+            worse at that confidence (``ClassifierEvaluator.race_paired``).
         sum_device: where the accumulator's running sum lives (default: the model's
             device, so candidates are mixed where they are evaluated).
 
@@ -102,15 +135,13 @@ class Taster:
         recalibrate: Callable[[torch.nn.Module], None] | None = None,
         recalibrate_candidates: bool = False,
         share_outputs: bool = False,
-        racing: str = "exact",
+        racing: str | Mapping | StatisticalRacing = "exact",
         sum_device: str | torch.device | None = None,
         progress: bool = False,
     ):
         if not ingredients:
             raise ConfigError("no ingredients to taste")
-        if racing not in RACING:
-            raise ConfigError(f"racing '{racing}' is unknown; use one of {', '.join(RACING)}")
-        self.racing = racing
+        self.racing = racing_mode(racing)
         self.ingredients = list(ingredients)
         self.model = model
         self.held_out = as_evaluator(held_out)
@@ -137,6 +168,13 @@ class Taster:
         self.rejected_early = 0  # of those, stopped before the end
         self.race_examples = 0  # examples those races evaluated
         self.race_full_examples = 0  # examples full passes of them would have evaluated
+        self.statistical_races = 0  # of the races, those run against an incumbent
+        self.incumbent_passes = 0  # full passes run only for an incumbent's per-example values
+        #: statistical racing: the tests used, with the seed and hash of the examples' order
+        self.racing_tests: list[dict] = []
+        #: per-example held-out values of soups, by journal key: the incumbents of
+        #: statistical racing (kept from their own evaluation; recomputed when missing)
+        self._values: dict[str, torch.Tensor] = {}
         #: score single ingredients from their cached logits (when an ensemble is cooked)
         self.share_outputs = share_outputs
         self._individual: dict[str, list[float]] = {}
@@ -268,14 +306,18 @@ class Taster:
         *,
         to_beat: float | None = None,
         strict: bool = False,
+        incumbent: Sequence[float] | None = None,
     ) -> float:
         """Held-out score of the soup with per-position ``weights`` (journal first).
 
         ``to_beat`` is the score the candidate must match (``>=``, or ``>`` with
         ``strict``). With exact racing and a bounded evaluator, a candidate that
-        provably cannot is stopped early and a :class:`RejectedScore` comes back.
+        provably cannot is stopped early and a :class:`RejectedScore` comes back. With
+        statistical racing, ``incumbent`` is the weights of the soup that scored
+        ``to_beat``, compared with the candidate example by example (without it, the
+        race is exact).
         """
-        value = self._score(weights, evaluator, to_beat, strict)
+        value = self._score(weights, evaluator, to_beat, strict, incumbent)
         if evaluator is None or evaluator is self.held_out:
             self._tick(weights, value, to_beat)
         return value
@@ -286,6 +328,7 @@ class Taster:
         evaluator: Evaluator | None,
         to_beat: float | None = None,
         strict: bool = False,
+        incumbent: Sequence[float] | None = None,
     ) -> float:
         evaluator = evaluator or self.held_out
         if len(weights) != len(self.ingredients):
@@ -294,20 +337,75 @@ class Taster:
         detail = {"evaluator": evaluator.name, "members": members}
         key = self.key(weights, evaluator)
         if to_beat is not None and self._can_race(evaluator):
-            return self._raced(key, detail, weights, evaluator, to_beat, strict)
+            return self._raced(key, detail, weights, evaluator, to_beat, strict, incumbent)
 
         def run() -> float:
             self.materialise(weights)
+            if evaluator is self.held_out and self._statistical(evaluator):
+                # keep its per-example values: it may be an incumbent
+                return self._evaluate_keeping(key, evaluator)
             return self._evaluate(evaluator)
 
         return self._journaled(key, detail, run, evaluator)
 
     def _can_race(self, evaluator: Evaluator) -> bool:
+        if self._statistical(evaluator):
+            return True
         return (
-            self.racing == "exact"
+            self.racing != "off"
             and getattr(evaluator, "bounds", None) is not None
             and callable(getattr(evaluator, "race", None))
         )
+
+    def _statistical(self, evaluator: Evaluator) -> bool:
+        """Is ``evaluator`` raced statistically (a built-in one, with per-example bounds
+        or a clipped loss, scored as the mean of its per-example values)?"""
+        return (
+            isinstance(self.racing, StatisticalRacing)
+            and isinstance(evaluator, ClassifierEvaluator)
+            and type(evaluator).evaluate is ClassifierEvaluator.evaluate
+            and evaluator.racing_bounds(self.racing) is not None
+        )
+
+    def _evaluate_keeping(self, key: str, evaluator: ClassifierEvaluator) -> float:
+        """Score the model as a full evaluation does, keeping every example's value."""
+        start = time.perf_counter()
+        logits = evaluator.logits(self.model)
+        value = checked_value(evaluator, evaluator.score_logits(logits))
+        self._values[key] = evaluator.per_example(logits).detach().cpu()
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        return value
+
+    def incumbent_values(
+        self, weights: Sequence[float], evaluator: ClassifierEvaluator
+    ) -> torch.Tensor:
+        """Every held-out example's value for the soup with these weights: kept from its
+        own evaluation, or from an ingredient's shared logits, else evaluated again now
+        (never read from anything stale, such as a journal of another run).
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.evaluators import Accuracy
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.eye(2)}])
+            >>> ev = Accuracy((torch.eye(2), torch.tensor([0, 0])))
+            >>> Taster(ings, torch.nn.Linear(2, 2, bias=False), ev).incumbent_values([1.0], ev)
+            tensor([1., 0.])
+        """
+        key = self.key(weights, evaluator)
+        found = self._values.get(key)
+        if found is not None:
+            return found
+        members = [i for i, w in enumerate(weights) if w > 0]
+        shared = self._outputs.get((evaluator.name, members[0])) if len(members) == 1 else None
+        if shared is not None:
+            self._values[key] = evaluator.per_example(shared).detach().cpu()
+            return self._values[key]
+        self.materialise(weights)
+        self._evaluate_keeping(key, evaluator)
+        self.incumbent_passes += 1
+        return self._values[key]
 
     def _raced(
         self,
@@ -317,19 +415,33 @@ class Taster:
         evaluator: Evaluator,
         to_beat: float,
         strict: bool,
+        incumbent: Sequence[float] | None = None,
     ) -> float:
-        """Score a candidate batch by batch, stopping once it cannot meet ``to_beat``."""
+        """Score a candidate batch by batch, stopping once it cannot meet ``to_beat``:
+        provably (exact racing), or at the stated confidence against ``incumbent``."""
         found = self.journal.lookup(key, score_range(evaluator))
         if found is not None:
             self.reused += 1
             return found
-        prior = self.journal.rejection(key, to_beat, strict, evaluator.higher_is_better)
-        if prior is not None:  # still a proof against this bar: no evaluation needed
+        statistical = self._statistical(evaluator) and incumbent is not None
+        test = self._test(evaluator) if statistical else None
+        prior = self.journal.rejection(key, to_beat, strict, evaluator.higher_is_better, test)
+        if prior is not None:  # still holds against this bar: no evaluation needed
             self.reused += 1
-            return RejectedScore(prior["bound"], seen=prior["seen"], total=prior["total"])
+            confidence = (prior.get("test") or {}).get("confidence")
+            return RejectedScore(
+                prior["bound"], seen=prior["seen"], total=prior["total"], confidence=confidence
+            )
+        reference = self.incumbent_values(incumbent, evaluator) if statistical else None
         self.materialise(weights)
         start = time.perf_counter()
-        race = evaluator.race(self.model, to_beat, strict=strict)
+        if statistical:
+            race = evaluator.race_paired(
+                self.model, reference, to_beat, racing=self.racing, strict=strict
+            )
+            self.statistical_races += 1
+        else:
+            race = evaluator.race(self.model, to_beat, strict=strict)
         self.eval_seconds += time.perf_counter() - start
         self.evaluations += 1
         self.races += 1
@@ -345,11 +457,27 @@ class Taster:
                 to_beat=to_beat,
                 strict=strict,
                 detail=detail,
+                test=test,
             )
-            return RejectedScore(race.bound, seen=race.seen, total=race.total)
+            confidence = test["confidence"] if test else None
+            return RejectedScore(
+                race.bound, seen=race.seen, total=race.total, confidence=confidence
+            )
         value = checked_value(evaluator, race.score)
+        if race.values is not None and statistical:
+            self._values[key] = race.values.detach().cpu()  # the next incumbent, maybe
         self.journal.record(key, value, detail)
         return value
+
+    def _test(self, evaluator: ClassifierEvaluator) -> dict:
+        """The statistical test racing uses now, with the order of the examples (its seed
+        and a hash of the permutation), recorded once per test for the report."""
+        order = evaluator.race_order(self.racing.seed)
+        digest = hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
+        test = {**self.racing.tag(), "order_seed": self.racing.seed, "order_sha256": digest}
+        if test not in self.racing_tests:
+            self.racing_tests.append(test)
+        return test
 
     def score_members(
         self,
@@ -358,12 +486,19 @@ class Taster:
         *,
         to_beat: float | None = None,
         strict: bool = False,
+        incumbent: Sequence[int] | None = None,
     ) -> float:
-        """Score of the uniform soup of the given positions (a position may repeat)."""
+        """Score of the uniform soup of the given positions (a position may repeat);
+        ``incumbent``: the positions of the soup that scored ``to_beat``."""
+        weights = self._uniform(members)
+        against = self._uniform(incumbent) if incumbent is not None else None
+        return self.score(weights, evaluator, to_beat=to_beat, strict=strict, incumbent=against)
+
+    def _uniform(self, members: Sequence[int]) -> list[float]:
         weights = [0.0] * len(self.ingredients)
         for i in members:
             weights[i] += 1.0
-        return self.score(weights, evaluator, to_beat=to_beat, strict=strict)
+        return weights
 
     def individual_scores(self, evaluator: Evaluator | None = None) -> list[float]:
         """Each ingredient's own score; computed once and shared by every recipe."""
@@ -522,4 +657,7 @@ class Taster:
             "rejected_early": self.rejected_early,
             "race_examples": self.race_examples,
             "race_full_examples": self.race_full_examples,
+            "statistical_races": self.statistical_races,
+            "incumbent_passes": self.incumbent_passes,
+            "racing_tests": list(self.racing_tests),
         }

@@ -49,10 +49,10 @@ def scored(score: float) -> dict:
         ({'score': 0.9}, {'score': None, 'stopped_early': {'bound': 0.4, 'seen': 20, 'of': 100}})
     """
     if getattr(score, "rejected", False):
-        return {
-            "score": None,
-            "stopped_early": {"bound": float(score), "seen": score.seen, "of": score.total},
-        }
+        stopped = {"bound": float(score), "seen": score.seen, "of": score.total}
+        if getattr(score, "confidence", None) is not None:  # statistical racing
+            stopped["confidence"] = score.confidence
+        return {"score": None, "stopped_early": stopped}
     return {"score": score}
 
 

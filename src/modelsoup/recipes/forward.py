@@ -62,7 +62,10 @@ def forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None
         if not remaining:
             break
         # a candidate must beat the soup strictly; one that provably cannot may stop early
-        scores = [taster.score_members([*members, i], to_beat=best, strict=True) for i in remaining]
+        scores = [
+            taster.score_members([*members, i], to_beat=best, strict=True, incumbent=members)
+            for i in remaining
+        ]
         pick = taster.best(scores)
         if not taster.better(scores[pick], best, strict=True):
             trace.append(

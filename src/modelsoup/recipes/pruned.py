@@ -55,7 +55,9 @@ def pruned_soup(
             if i not in members or len(members) == 1:
                 continue
             candidate = [m for m in members if m != i]
-            score = taster.score_members(candidate, to_beat=baseline, strict=strict)
+            score = taster.score_members(
+                candidate, to_beat=baseline, strict=strict, incumbent=members
+            )
             if taster.better(score, baseline, strict=strict):
                 members, baseline, removed_any = candidate, score, True
                 trace.append(
