@@ -56,8 +56,8 @@ class Journal:
         #: kept on disk across runs, so keys must name ingredients by content (sha256)
         self.persistent = self.path is not None
         self.scores: dict[str, float] = {}
-        #: candidates stopped early (exact racing): key -> {"bound", "seen", "total",
-        #: "to_beat", "strict"}; never a score
+        #: candidates stopped early (racing): key -> {"bound", "seen", "total",
+        #: "to_beat", "strict"} and, for statistical racing, its "test"; never a score
         self.rejections: dict[str, dict] = {}
         #: the line of the file each loaded score came from (to name it in warnings)
         self.lines: dict[str, int] = {}

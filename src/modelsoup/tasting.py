@@ -175,6 +175,7 @@ class Taster:
         #: per-example held-out values of soups, by journal key: the incumbents of
         #: statistical racing (kept from their own evaluation; recomputed when missing)
         self._values: dict[str, torch.Tensor] = {}
+        self._orders: dict[tuple[str, int], str] = {}  # sha256 of each examples' order
         #: score single ingredients from their cached logits (when an ensemble is cooked)
         self.share_outputs = share_outputs
         self._individual: dict[str, list[float]] = {}
@@ -472,8 +473,12 @@ class Taster:
     def _test(self, evaluator: ClassifierEvaluator) -> dict:
         """The statistical test racing uses now, with the order of the examples (its seed
         and a hash of the permutation), recorded once per test for the report."""
-        order = evaluator.race_order(self.racing.seed)
-        digest = hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
+        seed = self.racing.seed
+        digest = self._orders.get((evaluator.name, seed))
+        if digest is None:
+            order = evaluator.race_order(seed)
+            digest = hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
+            self._orders[(evaluator.name, seed)] = digest
         test = {**self.racing.tag(), "order_seed": self.racing.seed, "order_sha256": digest}
         if test not in self.racing_tests:
             self.racing_tests.append(test)
