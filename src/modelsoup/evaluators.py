@@ -366,6 +366,8 @@ class StatisticalRacing:
             isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
         ):
             raise ConfigError(f"racing clip {clip} must be a positive number (a loss bound)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"racing seed {self.seed!r} must be a whole number")
 
     def delta(self, look: int) -> float:
         """The error allowed at the ``look``-th look (1, 2, ...): (1 - confidence) / (k (k+1)),
