@@ -154,6 +154,9 @@ class CookOptions(BaseModel):
     #: stop a candidate's evaluation once it provably cannot meet the score to beat
     #: (bounded evaluators such as accuracy; decisions equal a full evaluation's)
     racing: Literal["exact", "off"] = "exact"
+    #: read the ingredient the recipe tries next while the evaluator scores the current
+    #: candidate (one staging buffer more; on when it fits half the RAM, unless false)
+    prefetch: bool | None = None
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
 
