@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -119,6 +122,79 @@ def hash_files(files: Sequence[Path]) -> str:
                 digest.update(chunk)
     hashcache.remember(files, digest.hexdigest())
     return digest.hexdigest()
+
+
+class _HashWorker:
+    """One background thread that hashes, in the order given, bytes copied into a small
+    ring of slots (``SLOTS`` x ``SLOT`` bytes: memory does not grow with the tensors)."""
+
+    SLOT = 8 << 20
+    SLOTS = 4
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelsoup-sha256")
+        self.slots: list[bytearray | None] = [None] * self.SLOTS
+        self.busy: list[Future | None] = [None] * self.SLOTS
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def feed(self, digest, data: memoryview) -> Future | None:
+        last = None
+        with self.lock:
+            for start in range(0, len(data), self.SLOT):
+                part = data[start : start + self.SLOT]
+                i, self.next = self.next, (self.next + 1) % self.SLOTS
+                if self.busy[i] is not None:
+                    self.busy[i].result()  # the worker is done with this slot
+                if self.slots[i] is None:
+                    self.slots[i] = bytearray(self.SLOT)
+                slot = memoryview(self.slots[i])[: len(part)]
+                slot[:] = part
+                last = self.busy[i] = self.pool.submit(digest.update, slot)
+        return last
+
+
+_worker: _HashWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def _hash_worker() -> _HashWorker:
+    global _worker
+    with _worker_lock:
+        if _worker is None or _worker.pid != os.getpid():  # none yet, or a forked child
+            _worker = _HashWorker()
+        return _worker
+
+
+class ThreadedHash:
+    """sha256 of bytes fed in order, computed on a background thread while the caller
+    goes on reading and mixing (``hashlib`` releases the GIL on large buffers).
+
+    :meth:`update` copies the bytes (so the caller may reuse its buffer at once) into one
+    of a few 8 MiB slots shared by every hash; :meth:`hexdigest` waits for the rest.
+
+    Example:
+        >>> h = ThreadedHash(b"a")
+        >>> h.update(b"bc")
+        >>> h.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+        True
+    """
+
+    def __init__(self, data: bytes = b""):
+        self._digest = hashlib.sha256(data)
+        self._last: Future | None = None
+
+    def update(self, data) -> None:
+        last = _hash_worker().feed(self._digest, memoryview(data).cast("B"))
+        if last is not None:
+            self._last = last
+
+    def hexdigest(self) -> str:
+        if self._last is not None:
+            self._last.result()
+            self._last = None
+        return self._digest.hexdigest()
 
 
 class TensorSource:
