@@ -120,3 +120,20 @@ def test_threaded_hashes_fed_in_turns_equal_hashlib():
         b.update(memoryview(chunk[::-1]))
     assert a.hexdigest() == hashlib.sha256(b"head-a" + b"".join(chunks)).hexdigest()
     assert b.hexdigest() == hashlib.sha256(b"".join(c[::-1] for c in chunks)).hexdigest()
+
+
+def test_hashes_on_several_threads_keep_each_ones_order():
+    worker = base_format._HashWorker(lanes=3)
+    worker.SLOT = 1000
+    data = [os.urandom(n) for n in (2500, 10, 4000)]
+    digests = [hashlib.sha256() for _ in range(3)]
+    lanes = [worker.lane() for _ in digests]
+    assert len(set(lanes)) == 3
+    last = []
+    for _ in range(4):
+        for d, lane, chunk in zip(digests, lanes, data):
+            last.append(worker.feed(d, lane, memoryview(chunk)))
+    for f in last:
+        f.result()
+    for d, chunk in zip(digests, data):
+        assert d.hexdigest() == hashlib.sha256(chunk * 4).hexdigest()

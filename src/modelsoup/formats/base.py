@@ -125,33 +125,47 @@ def hash_files(files: Sequence[Path]) -> str:
 
 
 class _HashWorker:
-    """One background thread that hashes, in the order given, bytes copied into a small
-    ring of slots (``SLOTS`` x ``SLOT`` bytes: memory does not grow with the tensors)."""
+    """Background threads that hash, each in the order given, bytes copied into a small
+    ring of slots (``SLOT`` bytes, ``SLOTS`` per thread: memory does not grow with the
+    tensors). One hash always goes to the same thread, so its bytes stay in order;
+    different hashes (the K checkpoints of one average) go to different threads, so on
+    a machine with spare cores they are computed side by side."""
 
     SLOT = 8 << 20
     SLOTS = 4
 
-    def __init__(self) -> None:
+    def __init__(self, lanes: int | None = None) -> None:
         self.pid = os.getpid()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelsoup-sha256")
-        self.slots: list[bytearray | None] = [None] * self.SLOTS
-        self.busy: list[Future | None] = [None] * self.SLOTS
+        lanes = lanes or max(1, min(4, (os.cpu_count() or 2) - 1))
+        self.lanes = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelsoup-sha256")
+            for _ in range(lanes)
+        ]
+        self.slots: list[bytearray | None] = [None] * (self.SLOTS * lanes)
+        self.busy: list[Future | None] = [None] * len(self.slots)
         self.next = 0
+        self.assigned = 0
         self.lock = threading.Lock()
 
-    def feed(self, digest, data: memoryview) -> Future | None:
+    def lane(self) -> int:
+        """The thread a new hash goes to (in turn)."""
+        with self.lock:
+            self.assigned += 1
+            return self.assigned % len(self.lanes)
+
+    def feed(self, digest, lane: int, data: memoryview) -> Future | None:
         last = None
         with self.lock:
             for start in range(0, len(data), self.SLOT):
                 part = data[start : start + self.SLOT]
-                i, self.next = self.next, (self.next + 1) % self.SLOTS
+                i, self.next = self.next, (self.next + 1) % len(self.slots)
                 if self.busy[i] is not None:
-                    self.busy[i].result()  # the worker is done with this slot
+                    self.busy[i].result()  # its thread is done with this slot
                 if self.slots[i] is None:
                     self.slots[i] = bytearray(self.SLOT)
                 slot = memoryview(self.slots[i])[: len(part)]
                 slot[:] = part
-                last = self.busy[i] = self.pool.submit(digest.update, slot)
+                last = self.busy[i] = self.lanes[lane].submit(digest.update, slot)
         return last
 
 
@@ -173,6 +187,7 @@ class ThreadedHash:
 
     :meth:`update` copies the bytes (so the caller may reuse its buffer at once) into one
     of a few 8 MiB slots shared by every hash; :meth:`hexdigest` waits for the rest.
+    Hashes are spread over up to four threads (one fewer than the cores).
 
     Example:
         >>> h = ThreadedHash(b"a")
@@ -184,9 +199,10 @@ class ThreadedHash:
     def __init__(self, data: bytes = b""):
         self._digest = hashlib.sha256(data)
         self._last: Future | None = None
+        self._lane = _hash_worker().lane()
 
     def update(self, data) -> None:
-        last = _hash_worker().feed(self._digest, memoryview(data).cast("B"))
+        last = _hash_worker().feed(self._digest, self._lane, memoryview(data).cast("B"))
         if last is not None:
             self._last = last
 
