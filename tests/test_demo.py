@@ -69,3 +69,13 @@ def test_learned_joins_only_when_registered(monkeypatch):
     assert names[:3] == ["greedy", "greedy", "pruned"]
     monkeypatch.delitem(RECIPES, "learned", raising=False)
     assert "learned" not in [r["name"] for r in demo_recipes(DIGITS)]
+
+
+def test_quick_demo_with_progress_off_a_terminal(tmp_path, capsys):
+    # What `make demo` does in CI or a log file: progress on, stderr not a terminal, so
+    # every stage is one log line and no bar is drawn (this once raised AttributeError).
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert main(["demo", "--quick", "--output", str(out), "--workdir", str(work)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err
+    assert (out / "report.json").is_file()

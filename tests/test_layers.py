@@ -23,6 +23,7 @@ LAYERS = [
     ["modelsoup.formats."],
     ["modelsoup.ingredients"],
     ["modelsoup.accumulator"],
+    ["modelsoup.merge."],
     ["modelsoup.writer"],
     ["modelsoup.soup"],
     ["modelsoup.memory", "modelsoup.evaluators", "modelsoup.journal"],

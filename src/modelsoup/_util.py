@@ -445,6 +445,9 @@ class StageLog:
     def update(self, n: int = 1) -> None:
         self.n += n
 
+    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+        pass  # a bar's live detail: nothing to print between stage lines
+
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
         """A bar's live status (the current score): not worth a line of its own."""
 

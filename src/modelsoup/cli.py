@@ -35,19 +35,25 @@ def cmd_average(args: argparse.Namespace) -> int:
     from modelsoup.recipes.uniform import average
 
     weights = _floats(args.weights) if args.weights else None
+    sources, base, merge, normalize = args.sources, args.base, _merge_flags(args), True
+    if args.from_mergekit:
+        sources, weights, base, merge, normalize = _from_mergekit(args)
+    elif not sources:
+        raise ConfigError("give the checkpoints to average, or --from-mergekit merge.yaml")
     soup = average(
-        args.sources,
+        sources,
         weights,
-        normalize=not args.no_normalize,
+        normalize=normalize and not args.no_normalize,
         accum_dtype=args.accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
-        base=args.base,
+        base=base,
+        merge=merge,
         strict=args.strict,
     )
-    note = ""
+    note = "" if soup.merge.is_average else f", merged with {soup.merge.describe()}"
     if args.recalibrate_bn:
-        note = _recalibrate_average(soup, args)
+        note += _recalibrate_average(soup, args)
     out = soup.save(
         args.output,
         out_dtype=args.out_dtype,
@@ -58,7 +64,7 @@ def cmd_average(args: argparse.Namespace) -> int:
     )
     from modelsoup.soup import card_path
 
-    if soup.base() is not None and not args.merge_into_base:
+    if soup.adapter_base() is not None and not args.merge_into_base:
         import json
 
         adapter = json.loads(card_path(out).read_text())["adapter"]
@@ -70,6 +76,67 @@ def cmd_average(args: argparse.Namespace) -> int:
     print(
         f"wrote {out} ({soup.recipe} soup of {soup.size} ingredients{note}); card {card_path(out)}"
     )
+    return 0
+
+
+#: ``average`` flags that are options of a merge rule, by option name
+MERGE_FLAGS = {
+    "density": "density",
+    "lambda": "lambda_",
+    "t": "t",
+    "alpha": "alpha",
+    "seed": "seed",
+}
+
+
+def _merge_flags(args: argparse.Namespace) -> dict:
+    merge = {"rule": args.merge or "linear"}
+    for option, dest in MERGE_FLAGS.items():
+        if getattr(args, dest) is not None:
+            merge[option] = getattr(args, dest)
+    return merge
+
+
+def _from_mergekit(args: argparse.Namespace) -> tuple:
+    import yaml
+
+    from modelsoup.merge.mergekit import mergekit_to_average
+
+    given = [f"--{k}" for k, d in MERGE_FLAGS.items() if getattr(args, d) is not None]
+    given += ["SRC"] * bool(args.sources) + ["--base"] * bool(args.base)
+    given += ["--merge"] * bool(args.merge) + ["--weights"] * bool(args.weights)
+    if given:
+        raise ConfigError(f"--from-mergekit reads the whole merge from its file; drop {given[0]}")
+    try:
+        config = yaml.safe_load(open(args.from_mergekit, encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{args.from_mergekit}: cannot be read ({err.strerror})") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{args.from_mergekit}: not valid YAML") from None
+    plan = mergekit_to_average(config, args.from_mergekit)
+    return plan.sources, plan.weights, plan.base, plan.merge, plan.normalize
+
+
+def cmd_export_mergekit(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from modelsoup._util import atomic_file
+    from modelsoup.merge.mergekit import card_to_mergekit
+
+    try:
+        card = json.loads(open(args.card, encoding="utf-8").read())
+    except OSError as err:
+        raise ConfigError(f"{args.card}: cannot be read ({err.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{args.card}: not a soup card (not JSON)") from None
+    if not isinstance(card, dict) or card.get("format") != "modelsoup.card/1":
+        raise ConfigError(f"{args.card}: not a soup card (no format modelsoup.card/1)")
+    config = card_to_mergekit(card)
+    with atomic_file(args.output) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"wrote {args.output} (mergekit {config['merge_method']} of {len(config['models'])})")
     return 0
 
 
@@ -293,9 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common], **kwargs)
 
     p = command("average", help="uniform or weighted soup of checkpoints")
-    p.add_argument("sources", nargs="+", help="checkpoint files, HF folders, folders or globs")
+    p.add_argument("sources", nargs="*", help="checkpoint files, HF folders, folders or globs")
     p.add_argument(
         "-o", "--output", required=True, help="output: .safetensors, .pt, or a folder (HF layout)"
+    )
+    p.add_argument(
+        "--from-mergekit",
+        metavar="YAML",
+        help="redo a mergekit config (whole-model models: lists; see docs/merge-rules.md)",
     )
     p.add_argument("--weights", help="comma-separated weights, one per ingredient (e.g. 1,2,1)")
     p.add_argument(
@@ -315,6 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["strict", "first"],
         help="integer tensors: refuse if they differ, or take the first's",
     )
+    p.add_argument(
+        "--base",
+        metavar="B",
+        help="the pretrained start the sources were fine-tuned from: rules on task vectors "
+        "take it, and LoRA adapter inputs are mixed over it (default for adapters: the local "
+        "folder named by base_model_name_or_path in adapter_config.json; nothing is "
+        "downloaded)",
+    )
+    p.add_argument(
+        "--merge",
+        metavar="RULE",
+        help="merge rule: linear (default), task_arithmetic, ties, dare_linear, dare_ties, "
+        "slerp, model_stock, wise_ft (docs/merge-rules.md)",
+    )
+    p.add_argument("--density", type=float, help="ties, dare_*: share of each task vector kept")
+    p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector")
+    p.add_argument("--t", type=float, help="slerp: where between the two members, in [0, 1]")
+    p.add_argument(
+        "--alpha", type=float, help="WiSE-FT on top: (1 - alpha) base + alpha soup, in [0, 1]"
+    )
+    p.add_argument("--seed", type=int, help="dare_*: seed of the drop masks (recorded)")
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
@@ -323,11 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help="module:function returning unlabeled batches: re-estimate the soup's BatchNorm "
         "statistics on them before saving (needs --model)",
-    )
-    p.add_argument(
-        "--base",
-        help="LoRA adapter inputs: the base model folder (default: the local folder named by "
-        "base_model_name_or_path in adapter_config.json; nothing is downloaded)",
     )
     p.add_argument(
         "--adapter-rank",
@@ -348,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the model runs: cpu, cuda, cuda:N or mps (default: cpu)",
     )
     p.set_defaults(run=cmd_average)
+
+    p = command("export-mergekit", help="write a soup card as a mergekit config")
+    p.add_argument("card", help="the soup card (<soup>.json, or soup_card.json in a folder)")
+    p.add_argument("-o", "--output", required=True, help="the mergekit YAML to write")
+    p.set_defaults(run=cmd_export_mergekit)
 
     p = command(
         "inspect",

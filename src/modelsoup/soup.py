@@ -2,8 +2,9 @@
 
 A soup is a recipe's answer, not a tensor blob: it keeps the ingredients (lazily
 opened), one coefficient per ingredient (or per tensor and ingredient, for layer-wise
-and learned-by-layer soups), the recipe's options, a trace of every step and its
-scores. Weights are made on demand, tensor by tensor:
+and learned-by-layer soups), the merge rule that mixes them (the weighted average by
+default; see :mod:`modelsoup.merge`) with its base model, the recipe's options, a trace
+of every step and its scores. Weights are made on demand, tensor by tensor:
 
 - :meth:`Soup.apply` writes them into an existing module, in place;
 - :meth:`Soup.state_dict` returns them as a dict;
@@ -44,7 +45,8 @@ from modelsoup.formats.peft_adapter import (
     shared_base,
     write_adapter,
 )
-from modelsoup.ingredients import Ingredient, warn_if_duplicated
+from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, warn_if_duplicated
+from modelsoup.merge import MergeSpec, as_merge, check_base, check_members, merged_pieces
 from modelsoup.writer import FOLDER_CARD, sidecar_path, write_tensors
 
 _logger = logging.getLogger(__name__)
@@ -98,10 +100,20 @@ class Soup:
     int_policy: str = "strict"
     #: tensors that replace the mix, e.g. BatchNorm statistics re-estimated after averaging
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the merge rule and its options (a name, a mapping ``{rule: ..., ...}`` or a spec)
+    merge: MergeSpec | str | Mapping | None = None
+    #: the base model (pretrained start) that task vectors are taken from
+    base: Ingredient | None = None
 
     def __post_init__(self) -> None:
         self.coefficients = check_coefficients(self.coefficients, len(self.ingredients))
         check_int_policy(self.int_policy)
+        self.merge = as_merge(self.merge)
+        if self.base is not None:
+            self.base = open_ingredient(self.base, label="base")
+            check_compatible([self.base, self.ingredients[0]], warn_duplicates=False)
+        check_base(self.merge, self.base)
+        check_members(self.merge, len(self.chosen))
 
     @property
     def chosen(self) -> list[int]:
@@ -161,7 +173,10 @@ class Soup:
                     other = self.ingredients[i]
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
-        base = self.base()
+        if not self.merge.is_average:
+            (whole,) = self._merged(name, max(1, meta.numel)) or [torch.empty(0)]
+            return saturating_cast(whole.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
+        base = self.adapter_base()
         if base is not None:
             flat = self._mix_changes(base, name, 0, meta.numel, used, total, buffer=False)
             return saturating_cast(flat.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
@@ -198,10 +213,14 @@ class Soup:
         if name in self.overrides or not meta.is_floating:
             yield self.tensor(name, out_dtype).reshape(-1)
             return
-        used, total = self._mix_plan(name)
         dtype = parse_dtype(out_dtype) or meta.dtype
         step = max(1, int(max_elements or PIECE_ELEMENTS))
-        base = self.base()
+        if not self.merge.is_average:
+            for piece in self._merged(name, step):
+                yield saturating_cast(piece, dtype)
+            return
+        used, total = self._mix_plan(name)
+        base = self.adapter_base()
         for start in range(0, meta.numel, step):
             count = min(step, meta.numel - start)
             if base is not None:
@@ -216,7 +235,7 @@ class Soup:
                 acc.add_(widened(piece), alpha=c)
             yield saturating_cast(self._finish(name, acc, used, total), dtype)
 
-    def base(self) -> TensorSource | None:
+    def adapter_base(self) -> TensorSource | None:
         """The one base of a soup of LoRA adapters (mixed as weight changes), else ``None``."""
         if "_base" not in self.__dict__:
             self.__dict__["_base"] = shared_base([ing.source for ing in self.ingredients])
@@ -235,7 +254,7 @@ class Soup:
             ...     print(str(err)[:42])
             the soup's ingredients are not LoRA adapte
         """
-        base = self.base()
+        base = self.adapter_base()
         if base is None:
             raise ConfigError(
                 "the soup's ingredients are not LoRA adapters over one base: they have no "
@@ -276,6 +295,23 @@ class Soup:
             acc.add_(delta, alpha=c)
         acc = self._finish(name, acc, used, total)
         return acc.add_(widened(base.tensor_range(name, start, count)), alpha=share)
+
+    def _merged(self, name: str, step: int) -> Iterator[torch.Tensor] | list[torch.Tensor]:
+        # a merge rule other than the plain average: members' pieces, mixed by the rule
+        used, total = self._mix_plan(name)
+        meta = self.ingredients[0].meta(name)
+        if meta.numel == 0:
+            return []
+        members = [(i, self.ingredients[i], c / total) for i, c in used]
+        return merged_pieces(
+            self.merge,
+            name,
+            meta,
+            members,
+            self.base,
+            step=step,
+            accum_dtype=self.accum_dtype,
+        )
 
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
@@ -377,10 +413,14 @@ def card_path(out: str | Path) -> Path:
 
 
 def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:
-    """Input files and folders (and hyperparameter sidecars) of a soup, or of a pool of
-    ingredients, that no output may replace."""
+    """Input files and folders (and hyperparameter sidecars) of a soup (its base
+    included), or of a pool of ingredients, that no output may replace."""
     paths: set[Path] = set()
-    for ing in soup.ingredients if isinstance(soup, Soup) else soup:
+    if isinstance(soup, Soup):
+        inputs = [*soup.ingredients, *([soup.base] if soup.base is not None else [])]
+    else:
+        inputs = list(soup)
+    for ing in inputs:
         for f in ing.files:
             paths.add(f.resolve())
             paths.add(f.with_suffix(".json").resolve())
@@ -436,6 +476,14 @@ def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
     }
     if soup.tensor_coefficients:
         card["tensor_coefficients"] = soup.tensor_coefficients
+    card["merge"] = soup.merge.canonical()
+    if soup.base is not None:
+        base = soup.base
+        card["base"] = {
+            "label": base.label,
+            "path": str(base.path) if base.path is not None else None,
+            "sha256": base.sha256,
+        }
     return card
 
 
@@ -482,7 +530,7 @@ def save_soup(
         True
     """
     out = Path(out)
-    if soup.base() is not None and not merge_into_base:
+    if soup.adapter_base() is not None and not merge_into_base:
         return save_adapter_soup(soup, out, rank=adapter_rank, out_dtype=out_dtype)
     if adapter_rank is not None:
         raise ConfigError(
@@ -577,7 +625,7 @@ def save_adapter_soup(
         the soup's ingredients are not LoRA adapte
     """
     out = Path(out)
-    base = soup.base()
+    base = soup.adapter_base()
     if base is None:
         soup.changes("")  # raises the error that says why
     if output_format(out) != "folder":

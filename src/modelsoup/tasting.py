@@ -6,17 +6,25 @@ candidate to the next adds or removes only the ingredients that change, writes t
 mean into the same module in place, and evaluates. Each score is looked up in the
 :class:`~modelsoup.journal.Journal` first and recorded there after, so no subset is
 ever scored twice, within a cook or across an interrupted one.
+
+A recipe may mix its candidates with another merge rule than the average
+(:meth:`Taster.merging`, e.g. TIES from the taster's ``base``): each such candidate is
+then re-mixed from its members into the module (one read of each member, more for the
+rules that need whole-tensor statistics), and its journal key names the rule, its
+options and the base, so two rules never share a score.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -33,9 +41,15 @@ from modelsoup.evaluators import (
     model_device,
     score_range,
 )
-from modelsoup.ingredients import Ingredient, warn_if_duplicated
+from modelsoup.ingredients import (
+    Ingredient,
+    check_compatible,
+    open_ingredient,
+    warn_if_duplicated,
+)
 from modelsoup.journal import Journal
 from modelsoup.memory import check_budget, format_bytes, memory_budget
+from modelsoup.merge import MergeSpec, as_merge, check_base
 from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
 
@@ -92,6 +106,7 @@ class Taster:
             or :class:`~modelsoup.errors.MemoryBudgetError` when it does not fit;
             ``False``: off. Results are the same either way, bit for bit.
         max_memory: the memory budget (``"8GB"``-style or bytes; default half the RAM).
+        base: the base model (pretrained start) for merge rules on task vectors.
 
     Example:
         >>> import torch
@@ -120,6 +135,7 @@ class Taster:
         prefetch: bool | None = None,
         max_memory: int | str | None = None,
         progress: bool = False,
+        base: Ingredient | str | Path | Mapping | torch.nn.Module | None = None,
     ):
         if not ingredients:
             raise ConfigError("no ingredients to taste")
@@ -127,6 +143,11 @@ class Taster:
             raise ConfigError(f"racing '{racing}' is unknown; use one of {', '.join(RACING)}")
         self.racing = racing
         self.ingredients = list(ingredients)
+        self.base = open_ingredient(base, label="base") if base is not None else None
+        if self.base is not None:
+            check_compatible([self.base, self.ingredients[0]], warn_duplicates=False)
+        #: how candidates are mixed: the weighted average unless a recipe says otherwise
+        self.merge: MergeSpec = as_merge(None)
         self.model = model
         self.held_out = as_evaluator(held_out)
         self.journal = journal or Journal(None)
@@ -228,7 +249,9 @@ class Taster:
         wait for it after, so the accumulator is only ever used by one thread at a time."""
         position, self._upcoming = self._upcoming, None
         acc = self.accumulator
-        if not self.prefetch_enabled or position is None or position == acc._staged_position:
+        # other merge rules mix from the ingredients themselves, not the accumulator
+        unused = not self.merge.is_average or position == acc._staged_position
+        if not self.prefetch_enabled or position is None or unused:
             yield
             return
         failed: list[BaseException] = []
@@ -271,12 +294,42 @@ class Taster:
         return sorted(range(len(scores)), key=lambda i: sign * scores[i])
 
     # -- scoring ------------------------------------------------------------------
-    def _extra(self) -> dict:
-        if not self.recalibrate_candidates:
-            return {}
-        # The recalibration's own description (data, batches) when it has one, so scores
-        # taken with other recalibration settings are never reused.
-        return {"bn": getattr(self.recalibrate, "tag", "recalibrated")}
+    @contextlib.contextmanager
+    def merging(self, merge: str | Mapping | MergeSpec | None) -> Iterator[MergeSpec]:
+        """Mix candidates with ``merge`` (a rule name or ``{rule: ..., options}``) inside
+        the block; ``None`` is the weighted average. A rule that needs a base, when the
+        taster has none, is refused here, naming the rule.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.full((1, 1), 3.0)}])
+            >>> t = Taster(ings, torch.nn.Linear(1, 1, bias=False),
+            ...            lambda m: float(m.weight.detach()), base={"weight": torch.ones(1, 1)})
+            >>> with t.merging({"rule": "task_arithmetic", "lambda": 0.5}):
+            ...     t.score([1.0])
+            2.0
+        """
+        spec = as_merge(merge)
+        check_base(spec, self.base)
+        saved, self.merge = self.merge, spec
+        try:
+            yield spec
+        finally:
+            self.merge = saved
+
+    def _extra(self, merge: MergeSpec | None = None) -> dict:
+        extra = {}
+        if self.recalibrate_candidates:
+            # The recalibration's own description (data, batches) when it has one, so
+            # scores taken with other recalibration settings are never reused.
+            extra["bn"] = getattr(self.recalibrate, "tag", "recalibrated")
+        merge = merge or self.merge
+        if not merge.is_average:
+            extra["merge"] = merge.canonical()
+            if self.base is not None:
+                extra["base"] = self.base.sha256 if self.journal.persistent else "base"
+        return extra
 
     def ident(self, position: int) -> str:
         """How journal keys name an ingredient: by content (sha256) when the journal is
@@ -297,13 +350,14 @@ class Taster:
         statistics) are hashed by value, so different overrides never share a score.
         """
         if not soup.tensor_coefficients and not soup.overrides:
-            return self.key(soup.coefficients, evaluator)
+            with self._merging_as(soup):
+                return self.key(soup.coefficients, evaluator)
         digest = hashlib.sha256(json.dumps(soup.tensor_coefficients, sort_keys=True).encode())
         for name in sorted(soup.overrides):
             t = soup.overrides[name].detach().cpu().contiguous().reshape(-1)
             digest.update(name.encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        extra = {**self._extra(), "per_tensor": digest.hexdigest()}
+        extra = {**self._extra(soup.merge), "per_tensor": digest.hexdigest()}
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
         return self.journal.key(evaluator.name, mixture, extra)
 
@@ -333,7 +387,10 @@ class Taster:
         start = time.perf_counter()
         acc = self.accumulator
         extra = [i for i, w in enumerate(weights) if w != acc.weights[i]]
-        if len(extra) == 1 and acc.total > 0 and weights[extra[0]] > acc.weights[extra[0]]:
+        if not self.merge.is_average:
+            # Another rule: re-mixed from its members, straight into the module.
+            self.soup(weights, recipe="candidate").apply(self.model)
+        elif len(extra) == 1 and acc.total > 0 and weights[extra[0]] > acc.weights[extra[0]]:
             # The current soup plus one ingredient (greedy's candidate): leave the sum alone.
             i = extra[0]
             acc.write_into_with(self.model, i, weights[i] - acc.weights[i])
@@ -404,6 +461,8 @@ class Taster:
             raise ConfigError(f"{len(weights)} weights for {len(self.ingredients)} ingredients")
         members = [self.ingredients[i].label for i, w in enumerate(weights) if w > 0]
         detail = {"evaluator": evaluator.name, "members": members}
+        if not self.merge.is_average:
+            detail["merge"] = self.merge.describe()
         key = self.key(weights, evaluator)
         if to_beat is not None and self._can_race(evaluator):
             return self._raced(key, detail, weights, evaluator, to_beat, strict)
@@ -489,10 +548,12 @@ class Taster:
                 unit="ingredient",
                 enabled=self.progress,
             )
-            for i, _ in enumerate(bar):
-                self.prefetch(i + 1 if i + 1 < len(self.ingredients) else None)
-                scores.append(self._individual_score(i, evaluator))
-                bar.set_postfix(score=f"{scores[-1]:.4f}")
+            # each ingredient as it is, whatever rule the recipe mixes its soups with
+            with self.merging(None):
+                for i, _ in enumerate(bar):
+                    self.prefetch(i + 1 if i + 1 < len(self.ingredients) else None)
+                    scores.append(self._individual_score(i, evaluator))
+                    bar.set_postfix(score=f"{scores[-1]:.4f}")
             self._individual[evaluator.name] = scores
         return list(self._individual[evaluator.name])
 
@@ -515,7 +576,8 @@ class Taster:
         """Score any soup, including per-tensor ones, by applying it to the model."""
         evaluator = evaluator or self.held_out
         if not soup.tensor_coefficients and not soup.overrides:
-            return self.score(soup.coefficients, evaluator)
+            with self._merging_as(soup):
+                return self.score(soup.coefficients, evaluator)
 
         def run() -> float:
             self._apply(soup)
@@ -524,9 +586,20 @@ class Taster:
         detail = {"evaluator": evaluator.name, "recipe": soup.recipe}
         return self._journaled(self.soup_key(soup, evaluator), detail, run, evaluator)
 
+    @contextlib.contextmanager
+    def _merging_as(self, soup: Soup) -> Iterator[None]:
+        # a soup of this pool is scored with its own rule, whatever the current one is
+        if soup.base is not None and soup.base is not self.base:
+            raise ConfigError("this soup's base is not the taster's: score it with its own taster")
+        saved, self.merge = self.merge, soup.merge
+        try:
+            yield
+        finally:
+            self.merge = saved
+
     def _apply(self, soup: Soup) -> None:
         """Write any soup into the model: through the accumulator when it can."""
-        if soup.tensor_coefficients or soup.overrides:
+        if soup.tensor_coefficients or soup.overrides or not soup.merge.is_average:
             start = time.perf_counter()
             soup.apply(self.model)
             self.mix_seconds += time.perf_counter() - start
@@ -563,6 +636,8 @@ class Taster:
             tensor_coefficients=tensor_coefficients,
             accum_dtype=self.accumulator.accum_dtype,
             int_policy=self.int_policy,
+            merge=self.merge,
+            base=self.base if self.merge.needs_base else None,
         )
 
     def recalibrate_soup(self, soup: Soup, recalibrate: Callable | None = None) -> None:

@@ -6,8 +6,10 @@ Example config::
     ingredients: [runs/*.safetensors]    # paths, folders or globs, or {path:, label:}
     held_out: mypkg.data:held_out        # returns an evaluator (chooses the soups)
     test: mypkg.data:test                # optional: returns an evaluator (reports only)
+    base: runs/pretrained.safetensors    # optional: the start, for merge rules that need it
     recipes:
       - {name: greedy, order: sorted}
+      - {name: greedy, merge: {rule: ties, density: 0.3}}
       - {name: greedy, order: random, runs: 5}
       - {name: pruned, passes: 3}
     output: soups/
@@ -133,7 +135,9 @@ class CookOptions(BaseModel):
 
     device: str = "cpu"
     checkpoint_key: str | None = None
-    #: LoRA adapter ingredients: their base model folder (default: the one they name)
+    #: the pretrained start the ingredients were fine-tuned from: merge rules take task
+    #: vectors from it (a recipe's ``merge: {rule: ties, density: 0.3}``), and LoRA
+    #: adapter ingredients are mixed over it (default: the base folder they name)
     base: str | None = None
     #: LoRA adapter ingredients: save soups as merged full models instead of adapters
     merge_into_base: bool = False
@@ -307,12 +311,11 @@ def check_recipes(config: CookConfig, source: str = "config") -> None:
         except ValidationError as err:
             first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
             key = ".".join(str(x) for x in first["loc"])
-            msg = first["msg"]
+            msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 msg = "unknown option" + _spelling_hint(key, spec.options.model_fields)
-            raise ConfigError(
-                f"{source}: config key 'recipes.{i}.{key}' ({entry.name}): {msg}"
-            ) from None
+            where = f"recipes.{i}.{key}" if key else f"recipes.{i}"
+            raise ConfigError(f"{source}: config key '{where}' ({entry.name}): {msg}") from None
 
 
 def load_config(path: str | Path) -> CookConfig:
@@ -556,6 +559,7 @@ class ConfigParts:
     output: Path
     #: one per entry of ``ingredients``: the config's label, or ``None``
     labels: list[str | None]
+    base: str | None = None
 
 
 def resolve_parts(config: CookConfig) -> ConfigParts:
@@ -594,5 +598,8 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     if not output.is_absolute():
         output = base / output
     labels = [e.label for e in config.ingredients]
+    base_model = None
+    if config.base is not None:
+        base_model = config.base if Path(config.base).is_absolute() else str(base / config.base)
     recalibrate = resolve_recalibration(config)
-    return ConfigParts(ingredients, model, held, test, recalibrate, output, labels)
+    return ConfigParts(ingredients, model, held, test, recalibrate, output, labels, base_model)

@@ -38,8 +38,9 @@ from modelsoup.cook.stats import paired_difference
 from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
-from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
+from modelsoup.merge import as_merge, check_base
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
 from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
@@ -72,6 +73,10 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         parts.append(f"last {options['last']}")
     if options.get("variant"):
         parts.append(str(options["variant"]))
+    if "option" in options and options.get("merge"):  # search: the rule and what it tunes
+        parts.append(f"{options['merge'].get('rule', 'linear')} {options['option']}")
+    elif options.get("merge") and as_merge(options["merge"]).rule != "linear":
+        parts.append(as_merge(options["merge"]).describe())
     return f"{name} ({', '.join(parts)})" if parts else name
 
 
@@ -122,6 +127,7 @@ def cook(
     options: CookOptions | None = None,
     progress: bool = True,
     labels: Sequence[str | None] | None = None,
+    base: Any = None,
     **settings: Any,
 ) -> CookResult:
     """Cook the given recipes (plus baselines) and report held-out and test scores.
@@ -135,7 +141,9 @@ def cook(
     a killed run left in it is tidied (:func:`tidy_output`). ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
-    How the cook runs (``device``, ``seed``, ``bootstrap_resamples``, ``save``, ...) is
+    ``base`` is the pretrained start that merge rules on task vectors need (a recipe's
+    ``merge: {rule: ties, ...}``). How the cook runs (``device``, ``seed``,
+    ``bootstrap_resamples``, ``save``, ...) is
     a :class:`~modelsoup.cook.config.CookOptions`, given whole as ``options`` or key by
     key as keyword arguments; an unknown key is a :class:`ConfigError`.
 
@@ -167,16 +175,29 @@ def cook(
         strict=opts.strict,
         base=opts.base,
     )
+    if base is not None:
+        base = open_ingredient(base, label="base", key=opts.checkpoint_key)
     out = Path(output) if output is not None else None
     if out is not None:
-        check_output(pool, out)
+        check_output([*pool, base] if base is not None else pool, out)
     writes = out is not None and (ranks is None or ranks.is_main)
     # The whole cook holds its output folder: a second cook on it fails at once.
     with output_lock(out) if writes else contextlib.nullcontext():
         if writes:
             tidy_output(out)
         return _cook(
-            pool, model, held_out, test, recipes, out, recalibrate, opts, progress, ranks, started
+            pool,
+            model,
+            held_out,
+            test,
+            recipes,
+            out,
+            recalibrate,
+            opts,
+            progress,
+            ranks,
+            started,
+            base=base,
         )
 
 
@@ -192,6 +213,8 @@ def _cook(
     progress: bool,
     ranks: DistContext | None,
     started: float,
+    *,
+    base: Ingredient | None = None,
 ) -> CookResult:
     """The cook itself, once its inputs are checked and its output is held."""
     device = opts.device
@@ -208,6 +231,8 @@ def _cook(
     journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
+    for entry in entries:  # before any evaluation: a rule that needs the base names itself
+        check_base(as_merge(get_recipe(entry.name).options(**entry.options()).merge_rule()), base)
     taster = Taster(
         pool,
         module,
@@ -221,6 +246,7 @@ def _cook(
         racing=opts.racing,
         prefetch=opts.prefetch,
         progress=progress,
+        base=base,
     )
     methods: list[MethodResult] = []
     for entry in entries:
@@ -439,7 +465,7 @@ def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool
             path,
             out_dtype=opts.out_dtype,
             progress=progress,
-            adapter_rank=opts.adapter_rank if soup.base() is not None else None,
+            adapter_rank=opts.adapter_rank if soup.adapter_base() is not None else None,
             merge_into_base=opts.merge_into_base,
         )
         m.saved = str(path.relative_to(out))
@@ -469,6 +495,11 @@ def cook_config(
         raise ConfigError(
             "align: true cannot run under torchrun (every rank would write the aligned "
             "checkpoints); align in one process first, then cook the aligned checkpoints"
+        )
+    if config.align and parts.base is not None:
+        raise ConfigError(
+            "align and base cannot be combined: task vectors need the ingredients in the "
+            "base's own unit order; fine-tunes of one base need no alignment"
         )
     if config.align:  # aligned copies are written into the output: check it first
         # opened once here, so the aligned copies keep the labels of what they came from
@@ -508,4 +539,5 @@ def cook_config(
             options=config.options(),
             progress=progress,
             labels=labels,
+            base=parts.base,
         )

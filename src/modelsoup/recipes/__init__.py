@@ -4,7 +4,9 @@ Evaluation-free: :func:`average` (uniform or weighted). Evaluation-guided, each 
 a :class:`~modelsoup.tasting.Taster`: ``greedy``, ``forward``, ``pruned``, the
 ``ensemble`` and ``greedy_ensemble`` baselines, ``best_individual`` and ``uniform``;
 ``lawa`` (the last k checkpoints of a run); ``learned`` (coefficients trained by
-gradient) and ``layerwise`` (per-group choices).
+gradient), ``layerwise`` (per-group choices) and ``search`` (a merge rule's option
+chosen on held-out). ``greedy``, ``forward``, ``pruned`` and ``layerwise`` take
+``merge:``, the rule that mixes their candidates.
 """
 
 from modelsoup.recipes.baselines import best_individual
@@ -16,6 +18,7 @@ from modelsoup.recipes.layerwise import layerwise_soup
 from modelsoup.recipes.learned import learned_soup
 from modelsoup.recipes.pruned import pruned_soup
 from modelsoup.recipes.registry import RECIPES, get_recipe
+from modelsoup.recipes.search import search_soup
 from modelsoup.recipes.uniform import average, uniform_soup
 
 __all__ = [
@@ -32,5 +35,6 @@ __all__ = [
     "learned_soup",
     "output_ensemble",
     "pruned_soup",
+    "search_soup",
     "uniform_soup",
 ]

@@ -8,18 +8,19 @@ evaluations where greedy costs k, and can find pairs that greedy's fixed order m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import PositiveInt
 
+from modelsoup.merge import MergeSpec
 from modelsoup.recipes._common import member_weights
-from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.recipes.registry import MergingOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
 
-class ForwardOptions(RecipeOptions):
+class ForwardOptions(MergingOptions):
     max_ingredients: PositiveInt | None = None
 
 
@@ -31,7 +32,9 @@ def _bound(pool: Sequence[Any], options: ForwardOptions) -> int:
 
 
 @register("forward", ForwardOptions, bound=_bound)
-def forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None) -> Soup:
+def forward_selection_soup(
+    taster: Taster, *, max_ingredients: int | None = None, merge: Mapping | MergeSpec | None = None
+) -> Soup:
     """Forward selection: repeatedly add the ingredient that helps most, until none helps.
 
     Example:
@@ -44,6 +47,11 @@ def forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None
         >>> sorted(ings[i].label for i in soup.chosen)
         ['model0', 'model2']
     """
+    with taster.merging(merge):
+        return _forward_selection_soup(taster, max_ingredients=max_ingredients)
+
+
+def _forward_selection_soup(taster: Taster, *, max_ingredients: int | None = None) -> Soup:
     n = len(taster.ingredients)
     individual = taster.individual_scores()
     members = [taster.best(individual)]

@@ -8,17 +8,19 @@ and keep it if the candidate soup scores at least as well (``>=``, the paper's r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import PositiveInt
 
+from modelsoup.merge import MergeSpec
 from modelsoup.recipes._common import greedy_walk, ingredient_order, member_weights
-from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.recipes.registry import MergingOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
 
-class GreedyOptions(RecipeOptions):
+class GreedyOptions(MergingOptions):
     order: Literal["sorted", "random"] = "sorted"
     seed: int = 0
     strict: bool = False
@@ -36,6 +38,7 @@ def greedy_soup(
     seed: int = 0,
     strict: bool = False,
     max_ingredients: int | None = None,
+    merge: Mapping | MergeSpec | None = None,
 ) -> Soup:
     """Greedy soup: add ingredients one by one, keep each that does not hurt held-out.
 
@@ -49,6 +52,20 @@ def greedy_soup(
         >>> [ings[i].label for i in soup.chosen], soup.scores["held_out"]
         (['model0', 'model2'], 1.0)
     """
+    with taster.merging(merge):
+        return _greedy_soup(
+            taster, order=order, seed=seed, strict=strict, max_ingredients=max_ingredients
+        )
+
+
+def _greedy_soup(
+    taster: Taster,
+    *,
+    order: str = "sorted",
+    seed: int = 0,
+    strict: bool = False,
+    max_ingredients: int | None = None,
+) -> Soup:
     positions = ingredient_order(taster, order, seed)
     members, best, trace = greedy_walk(
         taster,

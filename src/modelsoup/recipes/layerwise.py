@@ -21,16 +21,17 @@ each group's decision, and the trace records each step.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from modelsoup.errors import ConfigError
-from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.merge import MergeSpec
+from modelsoup.recipes.registry import MergingOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
 
-class LayerwiseOptions(RecipeOptions):
+class LayerwiseOptions(MergingOptions):
     variant: Literal["all", "classifier", "selective"] = "selective"
     #: regexes or prefixes, one per group, tried in order; default: discovered blocks
     groups: list[str] | None = None
@@ -202,6 +203,7 @@ def layerwise_soup(
     groups: Sequence[str] | None = None,
     classifier: str | None = None,
     strict: bool = False,
+    merge: Mapping | MergeSpec | None = None,
 ) -> Soup:
     """Layer-wise soup: average chosen groups of tensors, the rest from the best ingredient.
 
@@ -218,6 +220,20 @@ def layerwise_soup(
         >>> soup.options["groups"], soup.scores["held_out"]
         ({'0': 'averaged', '1': 'best'}, 5.0)
     """
+    with taster.merging(merge):
+        return _layerwise_soup(
+            taster, variant=variant, groups=groups, classifier=classifier, strict=strict
+        )
+
+
+def _layerwise_soup(
+    taster: Taster,
+    *,
+    variant: str = "selective",
+    groups: Sequence[str] | None = None,
+    classifier: str | None = None,
+    strict: bool = False,
+) -> Soup:
     if variant not in ("all", "classifier", "selective"):
         raise ConfigError(f"variant '{variant}' is unknown; use all, classifier or selective")
     found = _head(tensor_groups(taster, groups), classifier if variant == "classifier" else None)

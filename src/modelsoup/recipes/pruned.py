@@ -9,17 +9,19 @@ subsets in later passes come from the journal.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveInt
 
+from modelsoup.merge import MergeSpec
 from modelsoup.recipes._common import ingredient_order, member_weights
-from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.recipes.registry import MergingOptions, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
 
-class PrunedOptions(RecipeOptions):
+class PrunedOptions(MergingOptions):
     passes: NonNegativeInt = 1
     order: Literal["sorted", "random"] = "sorted"
     seed: int = 0
@@ -31,7 +33,13 @@ class PrunedOptions(RecipeOptions):
 # the uniform soup, then at most one removal per ingredient per pass
 @register("pruned", PrunedOptions, bound=lambda pool, o: 1 + o.passes * len(pool))
 def pruned_soup(
-    taster: Taster, *, passes: int = 1, order: str = "sorted", seed: int = 0, strict: bool = False
+    taster: Taster,
+    *,
+    passes: int = 1,
+    order: str = "sorted",
+    seed: int = 0,
+    strict: bool = False,
+    merge: Mapping | MergeSpec | None = None,
 ) -> Soup:
     """Pruned soup: from the uniform soup, remove ingredients while held-out does not drop.
 
@@ -44,6 +52,13 @@ def pruned_soup(
         >>> [ings[i].label for i in soup.chosen]
         ['model0']
     """
+    with taster.merging(merge):
+        return _pruned_soup(taster, passes=passes, order=order, seed=seed, strict=strict)
+
+
+def _pruned_soup(
+    taster: Taster, *, passes: int = 1, order: str = "sorted", seed: int = 0, strict: bool = False
+) -> Soup:
     n = len(taster.ingredients)
     members = list(range(n))
     baseline = taster.score_members(members)

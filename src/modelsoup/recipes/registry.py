@@ -17,15 +17,42 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from modelsoup.errors import ConfigError
+from modelsoup.merge import MergeSpec
 
 
 class RecipeOptions(BaseModel):
     """Base of every recipe's options: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def merge_rule(self) -> MergeSpec | None:
+        """The merge rule the recipe mixes its candidates with (``None``: the average)."""
+        return None
+
+
+class MergingOptions(RecipeOptions):
+    """Options of a recipe whose candidates may be mixed with any merge rule."""
+
+    #: the merge rule and its options, e.g. ``{rule: ties, density: 0.3}``; default: the
+    #: weighted average (the accumulator's fast path)
+    merge: MergeSpec | None = None
+
+    @field_validator("merge")
+    @classmethod
+    def _any_size(cls, v: MergeSpec | None) -> MergeSpec | None:
+        if v is not None and v.spec.members is not None:
+            raise ValueError(
+                f"merge rule '{v.rule}' merges exactly {v.spec.members} members, but this "
+                "recipe's candidates change in size; use the search recipe on two ingredients, "
+                "or modelsoup average"
+            )
+        return v
+
+    def merge_rule(self) -> MergeSpec | None:
+        return self.merge
 
 
 @dataclass(frozen=True)

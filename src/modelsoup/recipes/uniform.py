@@ -11,7 +11,8 @@ import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
+from modelsoup.merge import MergeSpec, as_merge
 from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
 from modelsoup.soup import Soup, check_coefficients
@@ -34,8 +35,9 @@ def average(
     accum_dtype: str | torch.dtype = "float32",
     int_policy: str = "strict",
     key: str | None = None,
-    base: str | Path | None = None,
     strict: bool = False,
+    base: str | Path | Mapping | torch.nn.Module | Ingredient | None = None,
+    merge: str | Mapping | MergeSpec | None = None,
 ) -> Soup:
     """The uniform soup of ``sources``, or their weighted average with ``weights``.
 
@@ -44,6 +46,9 @@ def average(
     names and shapes, and for equal integer tensors under ``int_policy="strict"``,
     before any arithmetic (:func:`~modelsoup.ingredients.check_compatible`); checkpoints
     that describe different architectures are warned about, or refused with ``strict``.
+    ``merge`` picks another merge rule than the weighted average, e.g. ``{"rule":
+    "ties", "density": 0.3}`` (see :mod:`modelsoup.merge`); ``base`` is the pretrained
+    start that task vectors are taken from, checked for compatibility like an ingredient.
     LoRA adapter folders are mixed as weight changes over their base (``base``, or the
     local folder their config names).
 
@@ -52,10 +57,18 @@ def average(
         >>> soup = average([{"w": torch.zeros(1)}, {"w": torch.ones(1)}], weights=[1, 3])
         >>> soup.state_dict()["w"]
         tensor([0.7500])
+        >>> ta = average([{"w": torch.full((1,), 3.0)}], base={"w": torch.ones(1)},
+        ...              merge={"rule": "task_arithmetic", "lambda": 0.5})
+        >>> ta.state_dict()["w"]
+        tensor([2.])
     """
+    # a base given as a path is also the base of any LoRA adapter folders among sources
+    adapter_base = base if isinstance(base, str | Path) else None
     ingredients = open_ingredients(
-        sources, key=key, int_policy=int_policy, strict=strict, base=base
+        sources, key=key, int_policy=int_policy, strict=strict, base=adapter_base
     )
+    if base is not None:
+        base = open_ingredient(base, label="base", key=key)
     if weights is None:
         coefs = [1.0] * len(ingredients)
         recipe = "uniform"
@@ -63,7 +76,7 @@ def average(
         coefs = check_coefficients(weights, len(ingredients))
         recipe = "weighted"
     members = [ing.label for ing, c in zip(ingredients, coefs) if c > 0]
-    if len(members) == 1:
+    if len(members) == 1 and as_merge(merge).is_average:  # other rules use a base: no copy
         why = "it is the only ingredient" if len(ingredients) == 1 else "only it has weight > 0"
         warnings.warn(
             f"this soup is a copy of {members[0]}, not an average ({why}); give two or "
@@ -78,6 +91,8 @@ def average(
         options={"normalize": normalize},
         accum_dtype=_accum(accum_dtype),
         int_policy=int_policy,
+        merge=merge,
+        base=base,
     )
 
 

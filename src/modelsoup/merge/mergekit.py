@@ -1,0 +1,175 @@
+"""mergekit configs: a soup card written as one, and the subset modelsoup reads.
+
+:func:`card_to_mergekit` turns a soup card into a mergekit YAML config (``merge_method``,
+``base_model``, ``models`` with their weights, the rule's options) for the rules whose
+definitions the two share:
+
+- ``linear``, ``task_arithmetic`` and ``ties``: mergekit's merge of the config equals
+  the soup within float rounding (TIES: both keep ``floor(density n)`` magnitudes; in
+  the rare entry whose sign vote is an exact tie mergekit picks ``+``, modelsoup none);
+- ``dare_linear`` and ``dare_ties``: the drop masks differ (mergekit draws them from
+  torch's global generator, and rescales by the L1 norm rather than by ``1/density``),
+  so the two agree only statistically.
+
+``slerp`` (mergekit 0.1.5 interpolates each row, modelsoup each tensor), ``model_stock``,
+``wise_ft`` and ``alpha``, and per-tensor coefficients (layer-wise soups) have no
+equivalent config and are refused. :func:`mergekit_to_average` reads the same subset:
+whole-model ``models:`` lists (no ``slices:``), one value per option, and refuses
+anything else with the key named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelsoup.errors import ConfigError
+
+#: modelsoup rule -> mergekit ``merge_method``, for the rules a config reproduces
+EXPORTED = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+#: mergekit's own default of ``normalize`` per method (its registry)
+_DEFAULT_NORMALIZE = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+}
+
+
+def card_to_mergekit(card: Mapping[str, Any]) -> dict[str, Any]:
+    """A mergekit config that redoes the soup of ``card`` (a soup card, as a dict).
+
+    Example:
+        >>> card = {"merge": {"rule": "ties", "density": 0.3, "lambda": 1.0},
+        ...         "base": {"path": "base/"}, "options": {"normalize": True},
+        ...         "ingredients": [{"path": "a/", "coefficient": 0.5},
+        ...                         {"path": "b/", "coefficient": 0.5}]}
+        >>> config = card_to_mergekit(card)
+        >>> config["merge_method"], config["base_model"], config["models"][0]
+        ('ties', 'base/', {'model': 'a/', 'parameters': {'weight': 0.5, 'density': 0.3}})
+    """
+    merge = dict(card.get("merge") or {"rule": "linear"})
+    rule = merge.pop("rule")
+    if merge.get("alpha") is not None or rule == "wise_ft":
+        raise ConfigError("mergekit has no WiSE-FT (alpha): this soup has no mergekit config")
+    if rule not in EXPORTED:
+        raise ConfigError(
+            f"merge rule '{rule}' has no mergekit equivalent that reproduces it; "
+            f"exported rules: {', '.join(EXPORTED)}"
+        )
+    if card.get("tensor_coefficients"):
+        raise ConfigError("a soup with per-tensor coefficients (layer-wise) has no mergekit config")
+    models = []
+    for row in card["ingredients"]:
+        if row["coefficient"] <= 0:
+            continue
+        if row.get("path") is None:
+            raise ConfigError(f"ingredient {row.get('label')} was in memory: it has no path")
+        params: dict[str, Any] = {"weight": row["coefficient"]}
+        if "density" in merge:
+            params["density"] = merge["density"]
+        models.append({"model": row["path"], "parameters": params})
+    config: dict[str, Any] = {"merge_method": rule, "models": models}
+    parameters: dict[str, Any] = {}
+    if rule == "linear":
+        parameters["normalize"] = bool((card.get("options") or {}).get("normalize", True))
+    else:
+        base = card.get("base") or {}
+        if base.get("path") is None:
+            raise ConfigError(f"merge rule '{rule}' needs a base model on disk; the card has none")
+        config["base_model"] = base["path"]
+        # the coefficients are already normalised: the rule's own division where it has one
+        parameters["normalize"] = rule in ("ties", "dare_ties")
+        parameters["lambda"] = merge.get("lambda", 1.0)
+    config["parameters"] = parameters
+    config["dtype"] = "float32"
+    return config
+
+
+@dataclass(frozen=True)
+class MergekitAverage:
+    """What ``modelsoup average`` needs to redo a mergekit config."""
+
+    sources: list[str]
+    weights: list[float] | None
+    base: str | None
+    merge: dict[str, Any]
+    normalize: bool
+
+
+_ALLOWED_TOP = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
+
+
+def mergekit_to_average(config: Any, source: str = "mergekit config") -> MergekitAverage:
+    """Read the subset of mergekit configs modelsoup supports; refuse the rest, naming the key.
+
+    Example:
+        >>> plan = mergekit_to_average({"merge_method": "task_arithmetic", "base_model": "b",
+        ...     "models": [{"model": "x", "parameters": {"weight": 1.0}}],
+        ...     "parameters": {"lambda": 0.5}})
+        >>> plan.sources, plan.merge, plan.normalize
+        (['x'], {'rule': 'task_arithmetic', 'lambda': 0.5}, False)
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{source}: a mergekit config is a mapping of keys to values")
+    if "slices" in config:
+        raise ConfigError(f"{source}: key 'slices': only whole-model 'models:' lists are read")
+    for key in config:
+        if key not in _ALLOWED_TOP:
+            raise ConfigError(f"{source}: key '{key}' is not supported; remove it")
+    method = config.get("merge_method")
+    if method not in EXPORTED:
+        raise ConfigError(
+            f"{source}: key 'merge_method': '{method}' is not supported; "
+            f"use one of {', '.join(EXPORTED)}"
+        )
+    models = config.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source}: key 'models': a non-empty list of {{model: path}} is needed")
+    shared = dict(config.get("parameters") or {})
+    for key, value in shared.items():
+        if key not in ("normalize", "lambda", "int8_mask", "rescale"):
+            raise ConfigError(f"{source}: key 'parameters.{key}' is not supported")
+        if isinstance(value, list | dict):
+            raise ConfigError(f"{source}: key 'parameters.{key}': give one value, not a gradient")
+    base = config.get("base_model")
+    sources, weights, densities = [], [], set()
+    for i, entry in enumerate(models):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+            raise ConfigError(f"{source}: key 'models.{i}': give {{model: path, parameters: ...}}")
+        params = dict(entry.get("parameters") or {})
+        for key, value in params.items():
+            if key not in ("weight", "density"):
+                raise ConfigError(f"{source}: key 'models.{i}.parameters.{key}' is not supported")
+            if isinstance(value, list | dict):
+                raise ConfigError(
+                    f"{source}: key 'models.{i}.parameters.{key}': give one value, not a gradient"
+                )
+        if entry["model"] == base:
+            continue  # mergekit lists the base among the models in some configs
+        sources.append(entry["model"])
+        weights.append(float(params.get("weight", 1.0)))
+        if "density" in params:
+            densities.add(float(params["density"]))
+    if not sources:
+        raise ConfigError(f"{source}: key 'models': no model besides the base")
+    if len(densities) > 1:
+        raise ConfigError(f"{source}: key 'models': one density for every model is supported")
+    if method != "linear" and base is None:
+        raise ConfigError(f"{source}: key 'base_model': '{method}' needs one")
+    if shared.get("rescale") is False or shared.get("int8_mask"):
+        raise ConfigError(f"{source}: key 'parameters': rescale false and int8_mask are not read")
+    normalize = bool(shared.get("normalize", _DEFAULT_NORMALIZE[method]))
+    merge: dict[str, Any] = {"rule": method}
+    if method != "linear":
+        merge["lambda"] = float(shared.get("lambda", 1.0))
+    if method in ("ties", "dare_linear", "dare_ties"):
+        merge["density"] = densities.pop() if densities else 1.0
+    if method in ("ties", "dare_ties") and not normalize:
+        raise ConfigError(
+            f"{source}: key 'parameters.normalize': {method} without normalize sums the "
+            "agreeing entries; modelsoup takes their disjoint mean (TIES): set normalize: true"
+        )
+    return MergekitAverage(sources, weights, base if method != "linear" else None, merge, normalize)

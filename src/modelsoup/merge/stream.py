@@ -1,0 +1,113 @@
+"""Merging one tensor with a rule, streamed: what a soup calls for each floating tensor.
+
+:func:`merged_pieces` reads the members' (and the base's) values of one tensor, a
+piece at a time, hands each piece to the rule and yields the result. What stays in
+memory is the members' pieces of one tensor (``k + 1`` pieces, in the accumulation
+dtype), whatever the size of the model:
+
+- elementwise rules (``linear``, ``task_arithmetic``, ``dare_*``, ``wise_ft``): one
+  read of each member;
+- rules with whole-tensor statistics (``slerp``, ``model_stock``): the statistics are
+  summed over pieces of :data:`STATS_ELEMENTS` in a first read, then the tensor is
+  merged piece by piece in a second, so each member is read twice;
+- ``ties``: the top-k trim needs the whole tensor: the members' whole tensors are read
+  once and held together (``k + 1`` copies of that tensor), then cut into pieces.
+
+Statistics are always summed over the same blocks, and every rule is elementwise given
+its statistics, so a tensor merged piece by piece equals the tensor merged whole, bit
+for bit, whatever the piece size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from modelsoup.accumulator import checked_float, is_finite
+from modelsoup.errors import ConfigError
+from modelsoup.formats.base import TensorMeta
+from modelsoup.ingredients import Ingredient
+from modelsoup.merge.registry import MergeSpec, Piece, check_base, check_members
+from modelsoup.merge.wise_ft import wise_ft_mix
+
+#: elements per block when a rule's statistics are summed (fixed: results never depend
+#: on the piece size a writer asks for)
+STATS_ELEMENTS = 1 << 22
+
+
+def merged_pieces(
+    merge: MergeSpec,
+    name: str,
+    meta: TensorMeta,
+    members: Sequence[tuple[int, Ingredient, float]],
+    base: Ingredient | None,
+    *,
+    step: int,
+    accum_dtype: torch.dtype = torch.float32,
+) -> Iterator[torch.Tensor]:
+    """Merge tensor ``name`` of ``members`` (``(position, ingredient, weight)``) with a rule.
+
+    Yields flat pieces of at most ``step`` elements, in order, in ``accum_dtype``.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredient
+        >>> from modelsoup.merge import as_merge
+        >>> base = open_ingredient({"w": torch.zeros(3)})
+        >>> a = open_ingredient({"w": torch.tensor([1.0, 2.0, 3.0])})
+        >>> merge = as_merge({"rule": "task_arithmetic", "lambda": 0.5})
+        >>> pieces = merged_pieces(merge, "w", a.meta("w"), [(0, a, 1.0)], base, step=2)
+        >>> [p.tolist() for p in pieces]
+        [[0.5, 1.0], [1.5]]
+    """
+    check_base(merge, base)
+    check_members(merge, len(members))
+    spec, options = merge.spec, merge.options
+    numel = meta.numel
+
+    def read(start: int, count: int, stats: torch.Tensor | None) -> Piece:
+        values = []
+        for _, ing, _ in members:
+            values.append(_read(ing, name, start, count, accum_dtype))
+        base_values = _read(base, name, start, count, accum_dtype) if base is not None else None
+        return Piece(
+            name,
+            start,
+            values,
+            [w for _, _, w in members],
+            [p for p, _, _ in members],
+            base_values,
+            stats,
+        )
+
+    def merged(piece: Piece) -> torch.Tensor:
+        base_values = piece.base.clone() if options.alpha is not None else None
+        out = spec.fn(piece, options)
+        if base_values is not None:
+            out = wise_ft_mix(base_values, out, options.alpha)
+        if not is_finite(out):
+            raise ConfigError(
+                f"tensor '{name}': merging with rule '{merge.rule}' overflows {accum_dtype}; "
+                "use accum_dtype float64"
+            )
+        return out
+
+    stats = None
+    if spec.statistics is not None:
+        for start in range(0, numel, STATS_ELEMENTS):
+            found = spec.statistics(read(start, min(STATS_ELEMENTS, numel - start), None), options)
+            stats = found if stats is None else stats.add_(found)
+    if spec.scope == "tensor":
+        whole = merged(read(0, numel, stats)) if numel else torch.empty(0, dtype=accum_dtype)
+        for start in range(0, numel, step):
+            yield whole[start : start + step]
+        return
+    for start in range(0, numel, step):
+        yield merged(read(start, min(step, numel - start), stats))
+
+
+def _read(ing: Ingredient, name: str, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    # a fresh copy in the accumulation dtype: rules change their pieces in place
+    values = ing.tensor_range(name, start, count).to(dtype, copy=True)
+    return checked_float(values, name, ing.label)

@@ -1,0 +1,89 @@
+"""``ties``: TIES-merging (Yadav et al. 2023, "Resolving interference when merging
+models", Sec. 3 and Algorithm 1).
+
+For each tensor, with task vectors ``tau_i = theta_i - theta_base``:
+
+1. **trim**: keep the ``floor(density n)`` largest magnitudes (at least one) of each
+   ``tau_i``, as mergekit does (entries tied with the smallest kept magnitude are kept
+   too), zero the rest;
+2. **elect**: the sign of each entry is ``sgn(sum_i w_i trimmed_i)``: the side with the
+   greater total (weighted) magnitude. A tie in this vote elects no sign (``sgn(0) =
+   0``, as in the paper's equation), so no member agrees and the entry stays at the
+   base's value (mergekit picks ``+`` there instead);
+3. **disjoint mean**: average only the non-zero entries whose sign agrees with the
+   elected one, weighted by ``w_i``; an entry that no member moves stays at 0;
+4. ``theta = theta_base + lambda tau_merged``.
+
+Trimming by magnitude needs the whole tensor (its top-k), so this rule holds one
+tensor's members at a time (``k`` copies of the largest tensor, in float32), not a
+piece: it is the one rule whose memory grows with the largest tensor. The sign
+election and disjoint mean are elementwise, and are shared with ``dare_ties``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from modelsoup.merge.registry import DensityOptions, Piece, register_rule
+from modelsoup.merge.task_arithmetic import add_scaled
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``floor(density n)`` largest magnitudes of ``tau`` (in place).
+
+    Example:
+        >>> import torch
+        >>> trim(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
+        tensor([ 0., -3.,  2.,  0.])
+    """
+    n = tau.numel()
+    keep = max(1, math.floor(round(density * n, 6)))  # rounded: 0.29 * 100 is 29, not 28
+    if keep >= n:
+        return tau
+    magnitude = tau.abs()
+    # the keep-th largest magnitude is the (n - keep + 1)-th smallest
+    threshold = magnitude.kthvalue(n - keep + 1).values
+    return tau.masked_fill_(magnitude < threshold, 0.0)
+
+
+def disjoint_merge(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Elect a sign per entry by summed magnitude; average the agreeing non-zero entries.
+
+    Example:
+        >>> import torch
+        >>> disjoint_merge([torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])], [0.5, 0.5])
+        tensor([2., 2.])
+    """
+    # Sign and disjoint mean do not change when every weight is scaled: scaled so the
+    # largest is 1, equal weights are exactly 1 and a tied vote sums to exactly 0.
+    top = max(weights)
+    weights = [w / top for w in weights]
+    vote = torch.zeros_like(taus[0])
+    for tau, w in zip(taus, weights):
+        vote.add_(tau, alpha=w)
+    elected = vote.sign_()
+    total = torch.zeros_like(taus[0])
+    count = torch.zeros_like(taus[0])
+    for tau, w in zip(taus, weights):
+        agree = (tau.sign() == elected) & (tau != 0)
+        total.add_(tau.mul_(agree), alpha=w)
+        count.add_(agree.to(count.dtype), alpha=w)
+    # where no member agrees, total is 0 and so is the merged entry
+    return total.div_(count.clamp_(min=torch.finfo(count.dtype).tiny))
+
+
+@register_rule("ties", DensityOptions, needs_base=True, scope="tensor")
+def ties(piece: Piece, options: DensityOptions) -> torch.Tensor:
+    """TIES-merging: trim, elect sign, disjoint mean, scale by lambda.
+
+    Example:
+        >>> import torch
+        >>> members = [torch.tensor([1.0, 0.1]), torch.tensor([-0.5, 2.0])]
+        >>> piece = Piece("w", 0, members, [0.5, 0.5], [0, 1], base=torch.zeros(2))
+        >>> ties(piece, DensityOptions(density=0.5))
+        tensor([1., 2.])
+    """
+    taus = [trim(tau, options.density) for tau in piece.task_vectors()]
+    return add_scaled(piece.base, disjoint_merge(taus, piece.weights), options.lambda_)

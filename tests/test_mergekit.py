@@ -1,0 +1,171 @@
+"""mergekit configs: export a soup card, read a config back, and (where mergekit is
+installed) check that mergekit's merge of the exported config equals the soup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+from conftest import tiny_state
+from modelsoup.cli import main
+from modelsoup.soup import card_path
+
+
+def _files(tmp_path, count=3):
+    paths = []
+    for s in range(count):
+        path = tmp_path / f"ft{s}.safetensors"
+        safetensors.torch.save_file(tiny_state(s), str(path))
+        paths.append(str(path))
+    base = tmp_path / "base.safetensors"
+    safetensors.torch.save_file(tiny_state(10), str(base))
+    return paths, str(base)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--weights", "1,2,1"],
+        ["--merge", "task_arithmetic", "--lambda", "0.7"],
+        ["--merge", "ties", "--density", "0.3", "--lambda", "1.1"],
+        ["--merge", "dare_linear", "--density", "0.5"],
+    ],
+    ids=lambda f: f[1] if f[:1] == ["--merge"] else "linear" + "".join(f[1:]),
+)
+def test_export_then_read_back_gives_the_same_soup(tmp_path, flags):
+    paths, base = _files(tmp_path)
+    out = tmp_path / "soup.safetensors"
+    with_base = ["--base", base] if "--merge" in flags else []
+    assert main(["average", *paths, *with_base, *flags, "-o", str(out), "-q"]) == 0
+    config = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 0
+    written = yaml.safe_load(config.read_text())
+    assert [m["model"] for m in written["models"]] == paths
+    again = tmp_path / "again.safetensors"
+    assert main(["average", "--from-mergekit", str(config), "-o", str(again), "-q"]) == 0
+    first, second = (safetensors.torch.load_file(str(p)) for p in (out, again))
+    for name in first:  # the card's coefficients are normalised: equal up to rounding
+        assert torch.allclose(first[name], second[name], atol=1e-6), name
+    card = json.loads(card_path(again).read_text())
+    assert card["merge"] == json.loads(card_path(out).read_text())["merge"]
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--merge", "slerp", "--t", "0.5"], "'slerp' has no mergekit equivalent"),
+        (["--merge", "model_stock"], "'model_stock' has no mergekit equivalent"),
+        (["--alpha", "0.5"], "mergekit has no WiSE-FT"),
+    ],
+)
+def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flags, needle):
+    paths, base = _files(tmp_path, 2)
+    out = tmp_path / "soup.safetensors"
+    assert main(["average", *paths, "--base", base, *flags, "-o", str(out), "-q"]) == 0
+    config = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 2
+    assert needle in capsys.readouterr().err and not config.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda c: c.update(slices=[{"sources": []}]), "key 'slices'"),
+        (lambda c: c.update(merge_method="slerp"), "key 'merge_method': 'slerp'"),
+        (lambda c: c["parameters"].update(weight=[0.1, 0.9]), "'parameters.weight'"),
+        (lambda c: c["models"][0]["parameters"].update(density=[0.2, 0.4]), "not a gradient"),
+        (lambda c: c["models"][0]["parameters"].update(density=0.9), "one density"),
+        (lambda c: c.pop("base_model"), "key 'base_model'"),
+        (lambda c: c["parameters"].update(normalize=False), "set normalize: true"),
+        (lambda c: c.update(tokenizer_source="base"), "key 'tokenizer_source'"),
+    ],
+)
+def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys, edit, needle):
+    paths, base = _files(tmp_path, 2)
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.3}} for p in paths],
+        "parameters": {"normalize": True},
+    }
+    edit(config)
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "x.safetensors"
+    assert main(["average", "--from-mergekit", str(path), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_from_mergekit_takes_nothing_else(tmp_path, capsys):
+    paths, _ = _files(tmp_path, 1)
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": paths[0]}]}))
+    out = str(tmp_path / "x.safetensors")
+    assert main(["average", paths[0], "--from-mergekit", str(path), "-o", out, "-q"]) == 2
+    assert "drop SRC" in capsys.readouterr().err
+
+
+def _llama_folders(tmp_path, count):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    start = transformers.LlamaForCausalLM(cfg)
+    folders = []
+    for i in range(count + 1):
+        model = transformers.LlamaForCausalLM(cfg)
+        model.load_state_dict(start.state_dict())
+        if i:  # fine-tunes: the start plus a small random change
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.02 * torch.randn_like(p))
+        folder = tmp_path / ("base" if i == 0 else f"ft{i}")
+        model.save_pretrained(folder)
+        folders.append(str(folder))
+    return folders[0], folders[1:]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--merge", "task_arithmetic", "--lambda", "0.8"],
+        ["--merge", "ties", "--density", "0.5"],
+    ],
+    ids=["linear", "task_arithmetic", "ties"],
+)
+def test_mergekit_merges_the_exported_config_into_the_same_soup(tmp_path, flags):
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    base, members = _llama_folders(tmp_path, 3)
+    out = tmp_path / "soup"
+    with_base = ["--base", base] if flags else []
+    assert main(["average", *members, *with_base, *flags, "-o", str(out), "-q"]) == 0
+    config = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 0
+    theirs = tmp_path / "mergekit"
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
+    run_merge(merge_config, str(theirs), options=MergeOptions(copy_tokenizer=False))
+    mine = safetensors.torch.load_file(str(out / "model.safetensors"))
+    got = {}
+    for shard in theirs.glob("*.safetensors"):
+        got.update(safetensors.torch.load_file(str(shard)))
+    assert set(got) == set(mine) and len(mine) > 10
+    for name, value in mine.items():
+        assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-5), name
