@@ -137,3 +137,10 @@ def test_hashes_on_several_threads_keep_each_ones_order():
         f.result()
     for d, chunk in zip(digests, data):
         assert d.hexdigest() == hashlib.sha256(chunk * 4).hexdigest()
+
+
+def test_a_process_on_one_core_hashes_inline():
+    worker = base_format._HashWorker(lanes=0)
+    digest = hashlib.sha256()
+    assert worker.feed(digest, worker.lane(), memoryview(b"abc")) is None
+    assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()

@@ -136,7 +136,8 @@ class _HashWorker:
 
     def __init__(self, lanes: int | None = None) -> None:
         self.pid = os.getpid()
-        lanes = lanes or max(1, min(4, (os.cpu_count() or 2) - 1))
+        if lanes is None:  # one core is the mixer's; a process on one core hashes inline
+            lanes = min(4, _usable_cpus() - 1)
         self.lanes = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelsoup-sha256")
             for _ in range(lanes)
@@ -151,9 +152,12 @@ class _HashWorker:
         """The thread a new hash goes to (in turn)."""
         with self.lock:
             self.assigned += 1
-            return self.assigned % len(self.lanes)
+            return self.assigned % max(1, len(self.lanes))
 
     def feed(self, digest, lane: int, data: memoryview) -> Future | None:
+        if not self.lanes:
+            digest.update(data)
+            return None
         last = None
         with self.lock:
             for start in range(0, len(data), self.SLOT):
@@ -167,6 +171,13 @@ class _HashWorker:
                 slot[:] = part
                 last = self.busy[i] = self.lanes[lane].submit(digest.update, slot)
         return last
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
 
 
 _worker: _HashWorker | None = None
@@ -187,7 +198,8 @@ class ThreadedHash:
 
     :meth:`update` copies the bytes (so the caller may reuse its buffer at once) into one
     of a few 8 MiB slots shared by every hash; :meth:`hexdigest` waits for the rest.
-    Hashes are spread over up to four threads (one fewer than the cores).
+    Hashes are spread over up to four threads (one fewer than the usable cores; with
+    one core, hashed inline).
 
     Example:
         >>> h = ThreadedHash(b"a")
