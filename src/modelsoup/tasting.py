@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,9 +50,12 @@ from modelsoup.ingredients import (
     warn_if_duplicated,
 )
 from modelsoup.journal import Journal
+from modelsoup.memory import check_budget, format_bytes, memory_budget
 from modelsoup.merge import MergeSpec, as_merge, check_base
 from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
+
+_logger = logging.getLogger(__name__)
 
 
 class RejectedScore(float):
@@ -126,6 +132,13 @@ class Taster:
             worse at that confidence (``ClassifierEvaluator.race_paired``).
         sum_device: where the accumulator's running sum lives (default: the model's
             device, so candidates are mixed where they are evaluated).
+        prefetch: read the ingredient the recipe will try next (:meth:`prefetch`) on a
+            background thread while the evaluator scores the current candidate. Memory:
+            the model, the float32 sum and one staging buffer of one ingredient's
+            tensors. ``None`` (default): on when that fits ``max_memory``; ``True``: on,
+            or :class:`~modelsoup.errors.MemoryBudgetError` when it does not fit;
+            ``False``: off. Results are the same either way, bit for bit.
+        max_memory: the memory budget (``"8GB"``-style or bytes; default half the RAM).
         base: the base model (pretrained start) for merge rules on task vectors.
 
     Example:
@@ -152,6 +165,8 @@ class Taster:
         share_outputs: bool = False,
         racing: str | Mapping | StatisticalRacing = "exact",
         sum_device: str | torch.device | None = None,
+        prefetch: bool | None = None,
+        max_memory: int | str | None = None,
         progress: bool = False,
         base: Ingredient | str | Path | Mapping | torch.nn.Module | None = None,
     ):
@@ -201,6 +216,104 @@ class Taster:
         self.share_outputs = share_outputs
         self._individual: dict[str, list[float]] = {}
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.prefetch_enabled = self._prefetch_fits(prefetch, max_memory)
+        self._upcoming: int | None = None  # the position the next candidate will read
+        self.prefetched = 0  # ingredients read ahead, during an evaluation
+        self.prefetch_wait_seconds = 0.0  # waiting, after an evaluation, for a read ahead
+
+    # -- reading ahead --------------------------------------------------------------
+    def memory_bytes(self) -> dict[str, int]:
+        """What tasting holds in memory, in bytes: the model's tensors, the running sum,
+        and the staging buffer a read ahead fills (:meth:`prefetch`).
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.zeros(2, 2)}])
+            >>> Taster(ings, torch.nn.Linear(2, 2, bias=False), lambda m: 0.0).memory_bytes()
+            {'model': 16, 'sum': 16, 'staging': 16}
+        """
+        acc = self.accumulator
+        model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        total = sum(t.numel() * t.element_size() for t in acc._sum.values())
+        return {"model": model, "sum": total, "staging": acc.staging_bytes()}
+
+    def _prefetch_fits(self, prefetch: bool | None, max_memory: int | str | None) -> bool:
+        if prefetch is False:
+            return False
+        need = sum(self.memory_bytes().values())
+        budget = memory_budget(max_memory)
+        if prefetch is True:
+            check_budget(
+                need,
+                budget,
+                "tasting with prefetch",
+                "raise max_memory or set prefetch: false",
+                detail="(model + sum + staging buffer)",
+            )
+            return True
+        if need > budget:
+            _logger.info(
+                "prefetch off: model + sum + staging buffer need ~%s, budget is %s",
+                format_bytes(need),
+                format_bytes(budget),
+            )
+            return False
+        return True
+
+    def prefetch(self, position: int | None) -> None:
+        """Say which ingredient the next candidate adds or removes: with prefetch on, it
+        is read into the staging buffer while the evaluator scores the current candidate
+        (the read waits for nothing but the disk; torch and file reads release the GIL).
+
+        Recipes call it before scoring each candidate with the position tried after it
+        (``None``: nothing more). A hint that is never used costs one read, nothing else.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)])
+            >>> taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0)
+            >>> taster.prefetch(1); taster.score([1, 0]); taster.prefetched
+            0.0
+            1
+        """
+        if position is not None and not 0 <= position < len(self.ingredients):
+            raise ConfigError(f"prefetch position {position} is outside the pool")
+        self._upcoming = position
+
+    @contextmanager
+    def _reading_ahead(self) -> Iterator[None]:
+        """Around one evaluation: read the upcoming ingredient meanwhile, on a thread, and
+        wait for it after, so the accumulator is only ever used by one thread at a time."""
+        position, self._upcoming = self._upcoming, None
+        acc = self.accumulator
+        # other merge rules mix from the ingredients themselves, not the accumulator
+        unused = not self.merge.is_average or position == acc._staged_position
+        if not self.prefetch_enabled or position is None or unused:
+            yield
+            return
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                acc.stage(position)
+            except BaseException as e:  # noqa: BLE001 - re-read, and raised, where it is used
+                failed.append(e)
+
+        thread = threading.Thread(target=read, name="modelsoup-prefetch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            start = time.perf_counter()
+            thread.join()
+            self.prefetch_wait_seconds += time.perf_counter() - start
+            if failed:
+                # Nothing is staged: the ordinary read will raise the same error in its place.
+                _logger.debug("prefetch of position %d failed: %s", position, failed[0])
+            else:
+                self.prefetched += 1
 
     # -- comparing ----------------------------------------------------------------
     def better(self, a: float, b: float, *, strict: bool = False) -> bool:
@@ -301,9 +414,10 @@ class Taster:
 
     def _evaluate(self, evaluator: Evaluator) -> float:
         """Score the model as it stands, counting the call and its time."""
-        start = time.perf_counter()
-        value = checked_score(evaluator, self.model)
-        self.eval_seconds += time.perf_counter() - start
+        with self._reading_ahead():
+            start = time.perf_counter()
+            value = checked_score(evaluator, self.model)
+            self.eval_seconds += time.perf_counter() - start
         self.evaluations += 1
         return value
 
@@ -493,15 +607,16 @@ class Taster:
             )
         reference = self.incumbent_values(incumbent, evaluator) if statistical else None
         self.materialise(weights)
-        start = time.perf_counter()
-        if statistical:
-            race = evaluator.race_paired(
-                self.model, reference, to_beat, racing=self.racing, strict=strict
-            )
-            self.statistical_races += 1
-        else:
-            race = evaluator.race(self.model, to_beat, strict=strict)
-        self.eval_seconds += time.perf_counter() - start
+        with self._reading_ahead():
+            start = time.perf_counter()
+            if statistical:
+                race = evaluator.race_paired(
+                    self.model, reference, to_beat, racing=self.racing, strict=strict
+                )
+                self.statistical_races += 1
+            else:
+                race = evaluator.race(self.model, to_beat, strict=strict)
+            self.eval_seconds += time.perf_counter() - start
         self.evaluations += 1
         self.races += 1
         self.race_examples += max(race.seen, 0)
@@ -577,6 +692,7 @@ class Taster:
             # each ingredient as it is, whatever rule the recipe mixes its soups with
             with self.merging(None):
                 for i, _ in enumerate(bar):
+                    self.prefetch(i + 1 if i + 1 < len(self.ingredients) else None)
                     scores.append(self._individual_score(i, evaluator))
                     bar.set_postfix(score=f"{scores[-1]:.4f}")
             self._individual[evaluator.name] = scores
@@ -702,9 +818,10 @@ class Taster:
                 self._outputs[key] = cached
                 return cached
             self.materialise(weights)
-            start = time.perf_counter()
-            self._outputs[key] = evaluator.logits(self.model)
-            self.eval_seconds += time.perf_counter() - start
+            with self._reading_ahead():
+                start = time.perf_counter()
+                self._outputs[key] = evaluator.logits(self.model)
+                self.eval_seconds += time.perf_counter() - start
             self.evaluations += 1
             self.journal.save_outputs(disk_key, self._outputs[key])
         return self._outputs[key]
@@ -731,6 +848,8 @@ class Taster:
             "reused": self.reused,
             "eval_seconds": round(self.eval_seconds, 3),
             "mix_seconds": round(self.mix_seconds, 3),
+            "prefetched": self.prefetched,
+            "prefetch_wait_seconds": round(self.prefetch_wait_seconds, 3),
             "bn_recalibrations": self.recalibrations,
             "races": self.races,
             "rejected_early": self.rejected_early,

@@ -210,6 +210,9 @@ class CookOptions(BaseModel):
     #: (bounded evaluators such as accuracy; decisions equal a full evaluation's), or
     #: ({confidence: 0.999}) once it is worse than the incumbent at that confidence
     racing: RacingSpec = "exact"
+    #: read the ingredient the recipe tries next while the evaluator scores the current
+    #: candidate (one staging buffer more; on when it fits half the RAM, unless false)
+    prefetch: bool | None = None
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
 

@@ -250,6 +250,7 @@ def _cook(
         recalibrate_candidates=opts.recalibrate_candidates,
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
         racing=racing_value(opts.racing),
+        prefetch=opts.prefetch,
         progress=progress,
         base=base,
     )

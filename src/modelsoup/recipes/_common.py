@@ -87,6 +87,8 @@ def greedy_walk(
     for step, i in enumerate(positions[1:], start=2):
         if max_ingredients is not None and len(members) >= max_ingredients:
             break
+        # the next candidate adds the position after this one: read it while this is scored
+        taster.prefetch(positions[step] if step < len(positions) else None)
         candidate = score([*members, i], best)
         accepted = taster.better(candidate, best, strict=strict)
         if accepted:
