@@ -1,11 +1,17 @@
-"""Exact early rejection (racing) against full evaluation, on the same pools in one run.
+"""Early rejection (racing), exact and statistical, against full evaluation, on the
+same pools in one run.
 
-For each pool, greedy (sorted), greedy (random order) and pruned (3 passes) run twice
-through modelsoup's Taster: ``racing="exact"`` (the default: a candidate's evaluation
-stops once it provably cannot meet the score to beat) and ``racing="off"`` (every
-candidate evaluated in full, what every other soup tool does). Reported: evaluator
-calls, examples run through the model, the ratio, wall time, and whether the picks are
-identical (they must be: exact racing changes no decision).
+For each pool, greedy (sorted), greedy (random order) and pruned (3 passes) run three
+times through modelsoup's Taster: ``racing="off"`` (every candidate evaluated in full,
+what every other soup tool does), ``racing="exact"`` (the default: a candidate's
+evaluation stops once it provably cannot meet the score to beat) and
+``racing={"confidence": 0.999}`` (statistical: stopped once a confidence sequence on its
+paired differences from the incumbent says it is worse). Reported: evaluator calls,
+examples run through the model, the ratio, wall time, whether the picks are identical
+(exact racing must change none), and, for statistical racing, how many of its
+accept/reject decisions are the ones the candidates' full scores give (each raced
+candidate's full score is measured afterwards, through the full-evaluation run's
+journal).
 
 Pools (digits MLPs from ``recipes_bench.digits_task``, held-out 20,000 shifted and
 noised digits, shuffled once with seed 0, in batches of 500):
@@ -31,10 +37,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from benchlib import WORK, machine, table
-from recipes_bench import digits_task, make_ingredients, train
+from recipes_bench import digits_task, make_ingredients
 
+from modelsoup.demo.digits import sgd_train
 from modelsoup.evaluators import Accuracy
 from modelsoup.ingredients import open_ingredients
+from modelsoup.journal import Journal
 from modelsoup.recipes import greedy_soup, pruned_soup
 from modelsoup.tasting import Taster
 
@@ -54,19 +62,49 @@ def own_starts(task, folder: Path, count: int) -> list[Path]:
             continue
         torch.manual_seed(100 + k)
         model = task.model()
-        train(model, task.train, 0.05, task.momentum, task.epochs, seed=100 + k)
+        sgd_train(model, task.train, 0.05, epochs=task.epochs, seed=100 + k, momentum=task.momentum)
         safetensors.torch.save_file(model.state_dict(), str(path))
     return paths
 
 
-def run(task, paths: list[Path], recipe, racing: str, evaluator) -> dict:
+class RecordingTaster(Taster):
+    """A Taster that remembers every decision racing made: (weights, bar, strict, score)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decisions: list[tuple[list[float], float, bool, float]] = []
+
+    def score(self, weights, evaluator=None, *, to_beat=None, strict=False, incumbent=None):
+        value = super().score(
+            weights, evaluator, to_beat=to_beat, strict=strict, incumbent=incumbent
+        )
+        if to_beat is not None:
+            self.decisions.append((list(weights), to_beat, strict, value))
+        return value
+
+
+def agreeing(decisions, full: Taster) -> tuple[int, int]:
+    """How many accept/reject decisions match the candidates' full scores, of how many."""
+    same = 0
+    for weights, to_beat, strict, value in decisions:
+        truth = full.score(weights)  # from the full run's journal when it scored it
+        same += full.better(value, to_beat, strict=strict) == full.better(
+            truth, to_beat, strict=strict
+        )
+    return same, len(decisions)
+
+
+def run(task, paths: list[Path], recipe, racing, evaluator, journal=None) -> dict:
     start = time.perf_counter()
-    taster = Taster(open_ingredients(paths), task.model(), evaluator, racing=racing)
+    taster = RecordingTaster(
+        open_ingredients(paths), task.model(), evaluator, racing=racing, journal=journal
+    )
     soup = recipe(taster)
     seconds = time.perf_counter() - start
     n = len(evaluator.labels)
     full_calls = taster.evaluations - taster.races
     return {
+        "taster": taster,
         "seconds": seconds,
         "evaluations": taster.evaluations,
         "examples": full_calls * n + taster.race_examples,
@@ -80,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=16, help="ingredients per pool")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--confidence", type=float, default=0.999)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = digits_task()
@@ -97,13 +136,23 @@ def main() -> None:
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     evaluator = Accuracy((x[order], y[order]), batch_size=500, name="held-out")
     rows, same_everywhere = [], True
+    agree_all = [0, 0]
     for pool, paths in pools.items():
         for label, recipe in RECIPES.items():
-            off = run(task, paths, recipe, "off", evaluator)
+            book = Journal(None)
+            off = run(task, paths, recipe, "off", evaluator, journal=book)
             exact = run(task, paths, recipe, "exact", evaluator)
+            stat = run(task, paths, recipe, {"confidence": args.confidence}, evaluator)
             same = exact["chosen"] == off["chosen"] and exact["score"] == off["score"]
             same_everywhere &= same
-            for mode, r in (("full evaluation", off), ("exact racing", exact)):
+            agree, decided = agreeing(stat["taster"].decisions, off["taster"])
+            agree_all = [agree_all[0] + agree, agree_all[1] + decided]
+            stat_same = stat["chosen"] == off["chosen"] and stat["score"] == off["score"]
+            for mode, r, picks, decisions in (
+                ("full evaluation", off, same, "-"),
+                ("exact racing", exact, same, "-"),
+                (f"statistical {args.confidence}", stat, stat_same, f"{agree}/{decided}"),
+            ):
                 rows.append(
                     [
                         pool,
@@ -115,7 +164,8 @@ def main() -> None:
                         f"{off['examples'] / r['examples']:.2f}x",
                         f"{r['seconds']:.2f}",
                         f"{r['seconds'] / off['seconds']:.2f}x",
-                        "yes" if same else "NO",
+                        "yes" if picks else "NO",
+                        decisions,
                     ]
                 )
     print(f"{machine()}; K = {args.k}; held-out {len(task.held_out[1]):,}")
@@ -132,9 +182,15 @@ def main() -> None:
                 "wall s",
                 "vs full",
                 "same picks",
+                "decisions as full",
             ],
             rows,
         )
+    )
+    share = agree_all[0] / agree_all[1] if agree_all[1] else 1.0
+    print(
+        f"statistical racing: {agree_all[0]} of {agree_all[1]} accept/reject decisions "
+        f"({share:.1%}) are the ones full evaluation gives"
     )
     if not same_everywhere:
         raise SystemExit("exact racing changed a pick: this is a bug")

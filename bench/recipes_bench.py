@@ -221,9 +221,11 @@ def one_evaluation(task: Task, path: Path, evaluator, runs: int = 9) -> float:
     return statistics.median(times)
 
 
-def with_modelsoup(task: Task, paths: list[Path], recipe: str, evaluator) -> dict:
+def with_modelsoup(
+    task: Task, paths: list[Path], recipe: str, evaluator, prefetch: bool | None = None
+) -> dict:
     start = time.perf_counter()
-    taster = Taster(open_ingredients(paths), task.model(), evaluator)
+    taster = Taster(open_ingredients(paths), task.model(), evaluator, prefetch=prefetch)
     soup = greedy_soup(taster) if recipe == "greedy" else pruned_soup(taster, passes=2)
     seconds = time.perf_counter() - start
     return {
@@ -231,8 +233,56 @@ def with_modelsoup(task: Task, paths: list[Path], recipe: str, evaluator) -> dic
         "evaluations": taster.evaluations,
         "eval_seconds": taster.eval_seconds,
         "mix_seconds": taster.mix_seconds,
+        "prefetched": taster.prefetched,
         "chosen": soup.chosen,
     }
+
+
+def prefetch_rows(task: Task, ks: list[int], repeats: int) -> tuple[list, list[str]]:
+    """Prefetch on against off (named evaluator), in the same run: time outside the
+    evaluator as a share of evaluator time, fastest of ``repeats`` each, and the picks."""
+    folder = WORK / "recipes" / task.name
+    paths = make_ingredients(task, folder, max(ks))
+    named = Accuracy(task.held_out, batch_size=1000, name="held-out")
+    rows, verdicts = [], []
+    for k in ks:
+        warm_page_cache(paths[:k])
+        for recipe in ("greedy", "pruned"):
+            best: dict[str, dict] = {}
+            for _ in range(repeats):
+                for label, prefetch in (("prefetch on", None), ("prefetch off", False)):
+                    got = with_modelsoup(task, paths[:k], recipe, named, prefetch=prefetch)
+                    if label not in best or got["seconds"] < best[label]["seconds"]:
+                        best[label] = got
+            share = {}
+            for label, r in best.items():
+                outside = r["seconds"] - r["eval_seconds"]
+                share[label] = outside / r["eval_seconds"]
+                rows.append(
+                    [
+                        task.name,
+                        k,
+                        recipe,
+                        label,
+                        r["evaluations"],
+                        r["prefetched"],
+                        f"{r['seconds']:.2f}",
+                        f"{r['eval_seconds']:.2f}",
+                        f"{outside:.2f}",
+                        f"{100 * share[label]:.1f}%",
+                    ]
+                )
+            on, off = best["prefetch on"], best["prefetch off"]
+            verdicts.append(
+                f"{task.name} K={k} {recipe}: outside the evaluator "
+                f"{100 * share['prefetch on']:.0f}%"
+                f" of evaluator time with prefetch, {100 * share['prefetch off']:.0f}% without "
+                f"(target <= 100%: {'met' if share['prefetch on'] <= 1 else 'MISSED'}); "
+                f"wall {on['seconds'] / off['seconds']:.2f}x of prefetch off; "
+                f"same picks: {'yes' if on['chosen'] == off['chosen'] else 'NO'}"
+            )
+            print("  " + verdicts[-1], flush=True)
+    return rows, verdicts
 
 
 def with_sketch(task: Task, paths: list[Path], recipe: str, evaluator) -> dict:
@@ -351,11 +401,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each (fastest kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--keep", action="store_true", help="keep the fine-tuned ingredients")
+    parser.add_argument(
+        "--prefetch", action="store_true", help="only compare prefetch on and off (modelsoup)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ks = sorted(int(k) for k in args.ks.split(","))
     print(machine())
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    if args.prefetch:
+        rows, verdicts = [], []
+        for name in args.tasks.split(","):
+            r, v = prefetch_rows(TASKS[name](), ks, args.repeats)
+            rows += r
+            verdicts += v
+        headers = ["task", "K", "recipe", "prefetch", "evals", "read ahead", "wall s"]
+        headers += ["evaluator s", "outside evaluator s", "% of eval time"]
+        print()
+        print(table(headers, rows))
+        print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        for v in verdicts:
+            print("  " + v)
+        return
     rows, verdicts = [], []
     for name in args.tasks.split(","):
         r, v = run_task(TASKS[name](), ks, args.repeats, args.keep)

@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_state
 from modelsoup import average, open_ingredient
+from modelsoup.formats import base as base_format
 from modelsoup.formats import hashcache
 
 
@@ -82,3 +83,64 @@ def test_cache_off_corrupt_or_unwritable_never_gets_in_the_way(tmp_path, monkeyp
     blocker.write_text("")
     monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(blocker / "sha256.jsonl"))
     assert open_ingredient(path).sha256 == true
+
+
+def _big_state(seed):
+    gen = torch.Generator().manual_seed(seed)
+    # tensors of several hash slots each, and small ones between them
+    return {
+        "embed": torch.randn(300, 100, generator=gen),
+        "ln.bias": torch.randn(7, generator=gen),
+        "proj": torch.randn(50, 210, generator=gen).half(),
+        "empty": torch.zeros(0),
+    }
+
+
+def test_first_contact_and_cached_cards_keep_the_full_file_sha256(tmp_path, monkeypatch):
+    # small slots, so every tensor is hashed in many pieces that wrap around the ring
+    monkeypatch.setattr(base_format._HashWorker, "SLOT", 4096)
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "sha256.jsonl"))
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        safetensors.torch.save_file(_big_state(i), str(paths[-1]))
+    true = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    for name in ("first.safetensors", "cached.safetensors"):
+        average(paths).save(tmp_path / name, progress=False)
+        assert _card_hashes(tmp_path / name) == true
+    assert len((tmp_path / "sha256.jsonl").read_text().splitlines()) == 3
+
+
+def test_threaded_hashes_fed_in_turns_equal_hashlib():
+    monkey_slot = base_format._HashWorker.SLOT
+    chunks = [os.urandom(n) for n in (0, 1, 5000, monkey_slot + 3, 2 * monkey_slot, 77)]
+    a, b = base_format.ThreadedHash(b"head-a"), base_format.ThreadedHash()
+    for chunk in chunks:
+        a.update(chunk)
+        b.update(memoryview(chunk[::-1]))
+    assert a.hexdigest() == hashlib.sha256(b"head-a" + b"".join(chunks)).hexdigest()
+    assert b.hexdigest() == hashlib.sha256(b"".join(c[::-1] for c in chunks)).hexdigest()
+
+
+def test_hashes_on_several_threads_keep_each_ones_order():
+    worker = base_format._HashWorker(lanes=3)
+    worker.SLOT = 1000
+    data = [os.urandom(n) for n in (2500, 10, 4000)]
+    digests = [hashlib.sha256() for _ in range(3)]
+    lanes = [worker.lane() for _ in digests]
+    assert len(set(lanes)) == 3
+    last = []
+    for _ in range(4):
+        for d, lane, chunk in zip(digests, lanes, data):
+            last.append(worker.feed(d, lane, memoryview(chunk)))
+    for f in last:
+        f.result()
+    for d, chunk in zip(digests, data):
+        assert d.hexdigest() == hashlib.sha256(chunk * 4).hexdigest()
+
+
+def test_a_process_on_one_core_hashes_inline():
+    worker = base_format._HashWorker(lanes=0)
+    digest = hashlib.sha256()
+    assert worker.feed(digest, worker.lane(), memoryview(b"abc")) is None
+    assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()

@@ -173,6 +173,10 @@ class Accumulator:
             pin_memory=self.device.type == "cuda",
         )
         self.weights = [0.0] * len(self.ingredients)
+        #: one ingredient read ahead (:meth:`stage`): its position and summable tensors
+        self._staged_position: int | None = None
+        self._staged: dict[str, torch.Tensor] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
     @property
     def total(self) -> float:
@@ -183,11 +187,63 @@ class Accumulator:
         """Positions with a non-zero weight."""
         return [i for i, w in enumerate(self.weights) if w > 0]
 
-    def _read(self, ing: Ingredient, name: str) -> torch.Tensor:
+    def _read(self, position: int, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         # what is summed (on the host): the tensor, widened, or an adapter's change to it
+        if position == self._staged_position:
+            return self._staged[name]
+        ing = self.ingredients[position]
         if self.base is not None:
             return ing.source.delta(name, self.accum_dtype)
-        return widened(ing.tensor(name, self._scratch))
+        return widened(ing.tensor(name, self._scratch if buffer is None else buffer))
+
+    def staging_bytes(self) -> int:
+        """Host memory :meth:`stage` holds: one ingredient's summed tensors (in the
+        ingredients' dtype; adapters' changes and fp8 tensors in the sum's dtype).
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"w": torch.zeros(4, dtype=torch.float16)}])
+            >>> Accumulator(ings).staging_bytes()
+            8
+        """
+        wide = torch.empty((), dtype=self.accum_dtype).element_size()
+        total = 0
+        for n in self.float_names:
+            meta = self.layout[n]
+            widen = self.base is not None or is_fp8(meta.dtype)
+            total += meta.numel * wide if widen else meta.nbytes
+        return total
+
+    def stage(self, position: int) -> None:
+        """Read ingredient ``position`` ahead, into the staging buffer, so that the next
+        :meth:`add`, :meth:`remove` or :meth:`write_into_with` of it reads nothing.
+
+        The taster calls it on a background thread while the evaluator scores the
+        current candidate; sums are unchanged (the same tensors, read earlier). The
+        caller must not use the accumulator until it returns. What was staged before is
+        dropped: one ingredient is staged at a time.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> acc = Accumulator(open_ingredients([{"w": torch.zeros(2)}, {"w": torch.ones(2)}]))
+            >>> acc.stage(1); acc.add(1); acc.mean("w")
+            tensor([1., 1.])
+        """
+        self._staged_position, self._staged = None, {}
+        if self.base is None and self._staging.numel() < self.staging_bytes():
+            self._staging = torch.empty(
+                self.staging_bytes(), dtype=torch.uint8, pin_memory=self.device.type == "cuda"
+            )
+        staged, offset = {}, 0
+        for n in self.float_names:
+            piece = self._staging[offset:]
+            t = self._read(position, n, piece)
+            if t.data_ptr() == piece.data_ptr():  # read into the buffer: keep its bytes
+                offset += t.numel() * t.element_size()
+            staged[n] = t
+        self._staged, self._staged_position = staged, position
 
     def _check_ints(self, position: int) -> None:
         if self.int_policy == "strict" and position not in self._checked:
@@ -204,7 +260,7 @@ class Accumulator:
         ing = self.ingredients[position]
         check = position not in self._finite
         for n in self.float_names:
-            t = self._read(ing, n)
+            t = self._read(position, n)
             if check:
                 checked_float(t, n, ing.label)
             self._sum[n].add_(self._here(t), alpha=weight)  # promotes to the sum's dtype
@@ -226,9 +282,8 @@ class Accumulator:
             for t in self._sum.values():
                 t.zero_()
             return
-        ing = self.ingredients[position]
         for n in self.float_names:
-            self._sum[n].sub_(self._here(self._read(ing, n)), alpha=weight)
+            self._sum[n].sub_(self._here(self._read(position, n)), alpha=weight)
 
     def _here(self, t: torch.Tensor) -> torch.Tensor:
         """An ingredient tensor (read into the host buffer) on the sum's device."""
@@ -300,7 +355,7 @@ class Accumulator:
         def into(name: str, dest: torch.Tensor) -> bool:
             if name not in self._sum:
                 return False
-            x = self._read(ing, name)
+            x = self._read(position, name)
             if check:
                 checked_float(x, name, ing.label)
             x = self._here(x)

@@ -238,6 +238,13 @@ class SharedJournal(Journal):
         found = super().load_outputs(key) if self.ctx.is_main else None
         return self.ctx.broadcast(found, "loading cached outputs")
 
+    def rejection(
+        self, key: str, to_beat: float, strict: bool, higher: bool, test: Mapping | None = None
+    ) -> dict | None:
+        # rank 0's file may hold a rejection the others never saw: every rank skips alike
+        found = super().rejection(key, to_beat, strict, higher, test) if self.ctx.is_main else None
+        return self.ctx.broadcast(found, "looking up an early rejection")
+
 
 def init_distributed(timeout_s: float = 600.0, device: str = "cpu") -> DistContext | None:
     """Join the ranks started by torchrun, or ``None`` when running as one process.

@@ -283,6 +283,12 @@ def _to(x: Any, device: torch.device) -> Any:
     return x
 
 
+def _take(inputs: Any, rows: torch.Tensor) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v[rows] for k, v in inputs.items()}
+    return inputs[rows]
+
+
 def _batches(data: Any, batch_size: int) -> list[tuple[Any, torch.Tensor]]:
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], torch.Tensor):
         inputs, labels = data
@@ -313,6 +319,8 @@ class Race:
     bound: float
     seen: int
     total: int
+    #: every example's value, in the data's own order, when evaluated to the end
+    values: torch.Tensor | None = None
 
     @property
     def rejected(self) -> bool:
@@ -322,6 +330,78 @@ class Race:
 #: how far a bound must fall short of the score to beat before a race stops: more than
 #: any float32 rounding of a mean, so the decision is the full evaluation's
 RACE_MARGIN = 1e-6
+
+#: statistical racing's confidence sequence: the tighter of two finite-population bounds
+RACING_METHOD = "hoeffding/bernstein-serfling, union over looks"
+#: the constant of the empirical Bernstein-Serfling bound (Bardenet & Maillard 2015, Thm 3)
+_KAPPA = 7 / 3 + 3 / math.sqrt(2)
+
+
+@dataclass(frozen=True)
+class StatisticalRacing:
+    """How statistical racing stops a candidate: at ``confidence``, a confidence sequence
+    on its per-example differences from the incumbent, over the held-out examples in one
+    fixed random order (``seed``). Per-example values of an evaluator without bounds (a
+    loss) are clipped to ``[0, clip]`` in the test; without ``clip`` it is evaluated in full.
+
+    Example:
+        >>> round(StatisticalRacing(0.999).delta(1), 6)
+        0.0005
+        >>> StatisticalRacing(1.5)
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: racing confidence 1.5 must be between 0 and 1 (e.g. 0.999)
+    """
+
+    confidence: float
+    clip: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = self.confidence
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < 1:
+            raise ConfigError(f"racing confidence {c} must be between 0 and 1 (e.g. 0.999)")
+        clip = self.clip
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
+        ):
+            raise ConfigError(f"racing clip {clip} must be a positive number (a loss bound)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"racing seed {self.seed!r} must be a whole number")
+
+    def delta(self, look: int) -> float:
+        """The error allowed at the ``look``-th look (1, 2, ...): (1 - confidence) / (k (k+1)),
+        which sums to 1 - confidence over every look (a union bound)."""
+        return (1 - self.confidence) / (look * (look + 1))
+
+    def tag(self) -> dict:
+        """What a journaled rejection records of the test that made it."""
+        return {"method": RACING_METHOD, "confidence": self.confidence, "clip": self.clip}
+
+
+def confidence_radius(n: int, total: int, width: float, std: float, delta: float) -> float:
+    """How far, with probability at least ``1 - delta``, the mean of all ``total`` values
+    of a finite population can lie above (or, alike, below) the mean of ``n`` of them
+    drawn without replacement, for values within a range of ``width`` whose ``n`` drawn
+    ones have (biased) standard deviation ``std``.
+
+    The smaller of the Hoeffding-Serfling bound (Serfling 1974; Bardenet & Maillard 2015,
+    Cor. 2.5) and the empirical Bernstein-Serfling bound (Bardenet & Maillard 2015,
+    Thm. 3), each at ``delta / 2``; 0 once every value is seen.
+
+    Example:
+        >>> round(confidence_radius(1000, 20000, 2.0, 0.0, 0.001), 4)
+        0.0821
+        >>> confidence_radius(20000, 20000, 2.0, 0.5, 0.001)
+        0.0
+    """
+    if n >= total:
+        return 0.0
+    rho = 1 - (n - 1) / total if n <= total / 2 else (1 - n / total) * (1 + 1 / n)
+    hoeffding = width * math.sqrt(rho * math.log(2 / delta) / (2 * n))
+    log_b = math.log(10 / delta)  # Theorem 3 holds with probability 1 - 5 d; d = delta / 10
+    bernstein = std * math.sqrt(2 * rho * log_b / n) + _KAPPA * width * log_b / n
+    return min(hoeffding, bernstein)
 
 
 class ClassifierEvaluator:
@@ -438,54 +518,230 @@ class ClassifierEvaluator:
             >>> r.rejected, r.seen, r.total
             (True, 20, 100)
         """
-        overridden = type(self).logits is not ClassifierEvaluator.logits
-        if self.bounds is None or overridden:  # a subclass's own logits(): call it, in full
-            score = self.evaluate(model)
+        if self.bounds is None or self._own_logits():
+            score = self.evaluate(model)  # a subclass's own logits(): call it, in full
             return Race(score, score, -1, -1)
         low, high = self.bounds
         best_value = high if self.higher_is_better else low
-        device = model_device(model)
-        batches = self.batches(device)
+        batches = self.batches(model_device(model))
         total = sum(len(y.reshape(-1)) for _, y in batches)
-        # Under torchrun each rank takes its share of every round of batches; the running
-        # sums are added over ranks after each round, so every rank stops at the same one.
+        running, seen = 0.0, 0
+
+        def stop(done: list[tuple[int, torch.Tensor]]) -> Race | None:
+            nonlocal running, seen
+            part = [sum(float(v.double().sum()) for _, v in done), sum(v.numel() for _, v in done)]
+            if self.sharding is not None:
+                part = self.sharding.sum_all(part, "racing")
+            running += part[0]
+            seen += int(part[1])
+            if seen >= total:
+                return None
+            bound = (running + best_value * (total - seen)) / total
+            return (
+                Race(None, bound, seen, total)
+                if self._cannot_meet(bound, to_beat, strict)
+                else None
+            )
+
+        race, logits = self._rounds(model, batches, stop)
+        if race is not None:
+            return race
+        # exactly as a full evaluation scores
+        score = self.score_logits(logits)
+        return Race(score, score, total, total, self.per_example(logits))
+
+    def _own_logits(self) -> bool:
+        return type(self).logits is not ClassifierEvaluator.logits
+
+    def _rounds(
+        self,
+        model: torch.nn.Module,
+        batches: list[tuple[Any, torch.Tensor]],
+        stop: Callable[[list[tuple[int, torch.Tensor]]], Race | None],
+    ) -> tuple[Race | None, torch.Tensor | None]:
+        """Run the batches in rounds (one batch per rank under torchrun); after each
+        round ``stop`` gets this rank's ``(batch position, per-example values)`` and may
+        end the race. Returns its :class:`Race`, or ``None`` and the logits of all."""
+        # Under torchrun each rank takes its share of every round of batches; ``stop`` adds
+        # what it needs over ranks after each round, so every rank stops at the same one.
         ranks = self.sharding
         width = 1 if ranks is None else ranks.world_size
         mine = set(range(len(batches)) if ranks is None else ranks.positions(len(batches)))
         outs: dict[int, torch.Tensor] = {}
-        running, seen = 0.0, 0
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
                 for start in range(0, len(batches), width):
-                    part_sum, part_seen = 0.0, 0
+                    done = []
                     for i in range(start, min(start + width, len(batches))):
                         if i not in mine:
                             continue
                         inputs, labels = batches[i]
-                        logits = forward_logits(model, inputs).float().cpu()
-                        outs[i] = logits
-                        values = self.per_example_of(logits, labels.reshape(-1).cpu())
-                        part_sum += float(values.double().sum())
-                        part_seen += values.numel()
-                    if ranks is not None:
-                        part_sum, part_seen = ranks.sum_all([part_sum, part_seen], "racing")
-                    running += part_sum
-                    seen += int(part_seen)
-                    if seen >= total:
-                        break
-                    bound = (running + best_value * (total - seen)) / total
-                    if self._cannot_meet(bound, to_beat, strict):
-                        return Race(None, bound, seen, total)
+                        outs[i] = forward_logits(model, inputs).float().cpu()
+                        done.append((i, self.per_example_of(outs[i], labels.reshape(-1).cpu())))
+                    race = stop(done)
+                    if race is not None:
+                        return race, None
         finally:
             model.train(was_training)
         if ranks is not None:
-            logits = ranks.gather(outs, len(batches))
-        else:
-            logits = torch.cat([outs[i] for i in sorted(outs)])
-        score = self.score_logits(logits)  # exactly as a full evaluation scores
-        return Race(score, score, total, total)
+            return None, ranks.gather(outs, len(batches))
+        return None, torch.cat([outs[i] for i in sorted(outs)])
+
+    def racing_bounds(self, racing: StatisticalRacing) -> tuple[float, float] | None:
+        """The range of per-example values statistical racing may assume: ``bounds``;
+        for a loss (lower is better, scores from 0 up) with ``clip``, ``[0, clip]``;
+        otherwise ``None`` (no statistical racing).
+
+        Clipping a loss only lowers it, so a candidate whose clipped loss is surely
+        above the bar has a true loss above it too: clipping costs stopping power, never
+        a wrong rejection.
+
+        Example:
+            >>> import torch
+            >>> data = (torch.eye(2), torch.tensor([0, 1]))
+            >>> MeanLoss(data).racing_bounds(StatisticalRacing(0.999, clip=20.0))
+            (0.0, 20.0)
+        """
+        if self.bounds is not None:
+            return self.bounds
+        low = (self.score_range or (None, None))[0]
+        if racing.clip is None or self.higher_is_better or low != 0.0:
+            return None
+        return (0.0, float(racing.clip))
+
+    def race_order(self, seed: int) -> torch.Tensor:
+        """The one fixed random order statistical racing reads the examples in: a seeded
+        permutation of their positions (the same on every rank).
+
+        Example:
+            >>> import torch
+            >>> ev = Accuracy((torch.eye(4), torch.arange(4)))
+            >>> sorted(ev.race_order(0).tolist())
+            [0, 1, 2, 3]
+        """
+        n = len(self.labels)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    def shuffled_batches(
+        self, device: torch.device, seed: int
+    ) -> tuple[list[tuple[Any, torch.Tensor]], torch.Tensor] | None:
+        """The data re-batched in :meth:`race_order` (batches of the first batch's size),
+        with that order; ``None`` when its examples cannot be put in one order (batches
+        whose inputs differ in shape, or labels that are not one per input row)."""
+        cached = getattr(self, "_shuffled", None)
+        if cached is not None and cached[0] == (seed, device):
+            return cached[1], cached[2]
+        batches = self.batches(device)
+        order = self.race_order(seed)
+        xs = [x for x, _ in batches]
+        try:
+            if all(isinstance(x, torch.Tensor) for x in xs):
+                inputs: Any = torch.cat(xs)
+                rows = {len(inputs)}
+            elif all(isinstance(x, dict) and x.keys() == xs[0].keys() for x in xs):
+                inputs = {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+                rows = {len(v) for v in inputs.values()}
+            else:
+                return None
+        except (RuntimeError, TypeError):  # shapes that differ from batch to batch
+            return None
+        if rows != {len(order)} or any(y.dim() != 1 for _, y in batches):
+            return None
+        labels = torch.cat([y for _, y in batches])
+        where = order.to(labels.device)
+        size = len(batches[0][1])
+        out = []
+        for s in range(0, len(order), size):
+            part = where[s : s + size]
+            chunk = _take(inputs, part)
+            out.append((chunk, labels[part]))
+        self._shuffled = ((seed, device), out, order)
+        return out, order
+
+    def race_paired(
+        self,
+        model: torch.nn.Module,
+        reference: torch.Tensor,
+        to_beat: float,
+        *,
+        racing: StatisticalRacing,
+        strict: bool = False,
+    ) -> Race:
+        """Statistical racing: evaluate in :meth:`race_order`, example by example against
+        the incumbent's values ``reference`` (every example's, in the data's own order),
+        and stop once a confidence sequence on the paired differences says, at
+        ``racing.confidence``, that the candidate's full score cannot meet ``to_beat``.
+
+        At the k-th look (after each round of batches), with n examples seen, the full
+        mean difference lies within :func:`confidence_radius` of the seen one at error
+        (1 - confidence) / (k (k+1)); a union bound over the looks makes it hold at every
+        look at once, so stopping at any of them is valid. Evaluated to the end, the score
+        is the full evaluation's. Falls back to :meth:`race` when the data cannot be
+        shuffled or there are no bounds.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.eye(4).repeat(250, 1), torch.arange(4).repeat(250)
+            >>> ev = Accuracy((x, y), batch_size=50)
+            >>> wrong = torch.nn.Linear(4, 4, bias=False)
+            >>> _ = wrong.weight.data.copy_(torch.eye(4).roll(1, 0))
+            >>> r = ev.race_paired(wrong, torch.ones(1000), 1.0, racing=StatisticalRacing(0.999))
+            >>> r.rejected, r.seen
+            (True, 50)
+        """
+        bounds = self.racing_bounds(racing)
+        device = model_device(model)
+        shuffled = (
+            None
+            if bounds is None or self._own_logits()
+            else self.shuffled_batches(device, racing.seed)
+        )
+        if shuffled is None or len(reference) != len(shuffled[1]):
+            return self.race(model, to_beat, strict=strict)
+        batches, order = shuffled
+        low, high = bounds
+        total = len(order)
+        ref_all = reference.detach().double().cpu().clamp(low, high)
+        ref = ref_all[order]
+        ref_score = float(ref_all.mean())  # the incumbent's (clipped) full score
+        starts = [0]
+        for _, y in batches:
+            starts.append(starts[-1] + len(y))
+        sums = [0.0, 0.0, 0.0]  # of differences, of their squares, examples
+        looks = 0
+
+        def stop(done: list[tuple[int, torch.Tensor]]) -> Race | None:
+            nonlocal looks
+            part = [0.0, 0.0, 0.0]
+            for i, values in done:
+                d = values.double().clamp(low, high) - ref[starts[i] : starts[i + 1]]
+                part = [part[0] + float(d.sum()), part[1] + float((d * d).sum()), part[2] + len(d)]
+            if self.sharding is not None:
+                part = self.sharding.sum_all(part, "racing")
+            for j in range(3):
+                sums[j] += part[j]
+            n = int(sums[2])
+            if n >= total:
+                return None
+            looks += 1
+            mean = sums[0] / n
+            std = math.sqrt(max(sums[1] / n - mean * mean, 0.0))
+            radius = confidence_radius(n, total, 2 * (high - low), std, racing.delta(looks))
+            best = mean + radius if self.higher_is_better else mean - radius
+            bound = ref_score + best  # how good its full score may still be
+            return (
+                Race(None, bound, n, total) if self._cannot_meet(bound, to_beat, strict) else None
+            )
+
+        race, logits = self._rounds(model, batches, stop)
+        if race is not None:
+            return race
+        own = torch.empty_like(logits)
+        own[order] = logits  # back in the data's own order: scored as a full pass scores
+        score = self.score_logits(own)
+        return Race(score, score, total, total, self.per_example(own))
 
     def _cannot_meet(self, bound: float, to_beat: float, strict: bool) -> bool:
         # the bound is exact arithmetic; the margin covers the float32 mean of a full pass

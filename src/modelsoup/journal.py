@@ -56,8 +56,8 @@ class Journal:
         #: kept on disk across runs, so keys must name ingredients by content (sha256)
         self.persistent = self.path is not None
         self.scores: dict[str, float] = {}
-        #: candidates stopped early (exact racing): key -> {"bound", "seen", "total",
-        #: "to_beat", "strict"}; never a score
+        #: candidates stopped early (racing): key -> {"bound", "seen", "total",
+        #: "to_beat", "strict"} and, for statistical racing, its "test"; never a score
         self.rejections: dict[str, dict] = {}
         #: the line of the file each loaded score came from (to name it in warnings)
         self.lines: dict[str, int] = {}
@@ -184,9 +184,12 @@ class Journal:
             warnings.warn(f"{path}: unreadable cached outputs ignored", SoupWarning, stacklevel=2)
             return None
 
-    def rejection(self, key: str, to_beat: float, strict: bool, higher: bool) -> dict | None:
-        """A recorded early rejection that still proves this candidate loses against
-        ``to_beat``, or ``None``. It is never a score: a recipe that needs the
+    def rejection(
+        self, key: str, to_beat: float, strict: bool, higher: bool, test: Mapping | None = None
+    ) -> dict | None:
+        """A recorded early rejection that still holds against ``to_beat``, made by the
+        same ``test`` (``None``: exact racing's proof; else statistical racing's method,
+        confidence and clip), or ``None``. It is never a score: a recipe that needs the
         candidate's score evaluates it in full.
 
         Example:
@@ -194,9 +197,10 @@ class Journal:
             >>> j.record_rejection("k", bound=0.4, seen=10, total=100, to_beat=0.9, strict=False)
             >>> j.rejection("k", 0.8, False, True)["bound"], j.rejection("k", 0.3, False, True)
             (0.4, None)
+            >>> j.rejection("k", 0.8, False, True, {"method": "m", "confidence": 0.9, "clip": None})
         """
         found = self.rejections.get(key)
-        if found is None:
+        if found is None or _test_of(found) != _test_of({"test": test}):
             return None
         bound = found["bound"]
         still = bound < to_beat - RACE_MARGIN if higher else bound > to_beat + RACE_MARGIN
@@ -212,10 +216,15 @@ class Journal:
         to_beat: float,
         strict: bool,
         detail: Mapping | None = None,
+        test: Mapping | None = None,
     ) -> None:
-        """Remember that a candidate was stopped early, and why (no score is recorded)."""
+        """Remember that a candidate was stopped early, and why (no score is recorded):
+        by exact racing's proof, or by the statistical ``test`` named (its method,
+        confidence, clip and the seed of the examples' order)."""
         entry = {"bound": bound, "seen": seen, "total": total, "to_beat": to_beat}
         entry["strict"] = strict
+        if test is not None:
+            entry["test"] = dict(test)
         self.rejections[key] = entry
         self._append({"key": key, "rejected": entry}, detail)
 
@@ -321,4 +330,25 @@ def _checked_rejection(value: object) -> dict:
             raise ValueError
         out[name] = count
     out["strict"] = bool(value.get("strict", False))
+    test = value.get("test")
+    if test is not None:
+        if not isinstance(test, dict) or not isinstance(test.get("method"), str):
+            raise ValueError
+        confidence = test.get("confidence")
+        if (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, float)
+            or not 0 < confidence < 1
+        ):
+            raise ValueError
+        out["test"] = test
     return out
+
+
+def _test_of(entry: Mapping) -> tuple | None:
+    """What must match for a rejection to be reused: exact (``None``), or the
+    statistical test's method, confidence and clip."""
+    test = entry.get("test")
+    if test is None:
+        return None
+    return (test.get("method"), test.get("confidence"), test.get("clip"))

@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,8 +32,10 @@ from modelsoup._util import progress
 from modelsoup.accumulator import Accumulator
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import (
+    ClassifierEvaluator,
     Evaluator,
     LogitsEvaluator,
+    StatisticalRacing,
     as_evaluator,
     check_score,
     checked_score,
@@ -45,31 +50,62 @@ from modelsoup.ingredients import (
     warn_if_duplicated,
 )
 from modelsoup.journal import Journal
+from modelsoup.memory import check_budget, format_bytes, memory_budget
 from modelsoup.merge import MergeSpec, as_merge, check_base
 from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
+
+_logger = logging.getLogger(__name__)
 
 
 class RejectedScore(float):
     """What a raced candidate scores when it was stopped early: its float value is the
     best score it could still have reached (``bound``), which cannot meet the score to
-    beat. It is never recorded as a score.
+    beat; with statistical racing, at the ``confidence`` it names. It is never recorded
+    as a score.
 
     Example:
         >>> r = RejectedScore(0.4, seen=20, total=100)
-        >>> r < 0.9, r.rejected, r.seen
-        (True, True, 20)
+        >>> r < 0.9, r.rejected, r.seen, r.confidence
+        (True, True, 20, None)
     """
 
     rejected = True
 
-    def __new__(cls, bound: float, *, seen: int, total: int):
+    def __new__(cls, bound: float, *, seen: int, total: int, confidence: float | None = None):
         obj = super().__new__(cls, bound)
-        obj.seen, obj.total = seen, total
+        obj.seen, obj.total, obj.confidence = seen, total, confidence
         return obj
 
 
 RACING = ("exact", "off")
+
+
+def racing_mode(racing: str | Mapping | StatisticalRacing) -> str | StatisticalRacing:
+    """``"exact"``, ``"off"``, or statistical racing from ``{confidence: ..}`` (with
+    optional ``clip`` and ``seed``).
+
+    Example:
+        >>> racing_mode({"confidence": 0.999})
+        StatisticalRacing(confidence=0.999, clip=None, seed=0)
+        >>> racing_mode("fast")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: racing 'fast' is unknown; use exact, off or {confidence: ...}
+    """
+    if isinstance(racing, StatisticalRacing):
+        return racing
+    if isinstance(racing, Mapping):
+        unknown = sorted(set(racing) - {"confidence", "clip", "seed"})
+        if unknown or "confidence" not in racing:
+            what = f"unknown key '{unknown[0]}'" if unknown else "no confidence"
+            raise ConfigError(f"racing {dict(racing)}: {what}; write {{confidence: 0.999}}")
+        return StatisticalRacing(**racing)
+    if racing not in RACING:
+        raise ConfigError(
+            f"racing '{racing}' is unknown; use {', '.join(RACING)} or {{confidence: ...}}"
+        )
+    return racing
 
 
 class Taster:
@@ -90,9 +126,19 @@ class Taster:
         racing: ``"exact"`` (default) stops a candidate's evaluation as soon as it
             provably cannot meet the score to beat, for evaluators with per-example
             bounds (accuracy); decisions equal a full evaluation's. ``"off"`` always
-            evaluates in full.
+            evaluates in full. ``{"confidence": 0.999}`` (or a
+            :class:`~modelsoup.evaluators.StatisticalRacing`) races statistically: the
+            candidate against the incumbent soup, example by example, stopped once it is
+            worse at that confidence (``ClassifierEvaluator.race_paired``).
         sum_device: where the accumulator's running sum lives (default: the model's
             device, so candidates are mixed where they are evaluated).
+        prefetch: read the ingredient the recipe will try next (:meth:`prefetch`) on a
+            background thread while the evaluator scores the current candidate. Memory:
+            the model, the float32 sum and one staging buffer of one ingredient's
+            tensors. ``None`` (default): on when that fits ``max_memory``; ``True``: on,
+            or :class:`~modelsoup.errors.MemoryBudgetError` when it does not fit;
+            ``False``: off. Results are the same either way, bit for bit.
+        max_memory: the memory budget (``"8GB"``-style or bytes; default half the RAM).
         base: the base model (pretrained start) for merge rules on task vectors.
 
     Example:
@@ -117,16 +163,16 @@ class Taster:
         recalibrate: Callable[[torch.nn.Module], None] | None = None,
         recalibrate_candidates: bool = False,
         share_outputs: bool = False,
-        racing: str = "exact",
+        racing: str | Mapping | StatisticalRacing = "exact",
         sum_device: str | torch.device | None = None,
+        prefetch: bool | None = None,
+        max_memory: int | str | None = None,
         progress: bool = False,
         base: Ingredient | str | Path | Mapping | torch.nn.Module | None = None,
     ):
         if not ingredients:
             raise ConfigError("no ingredients to taste")
-        if racing not in RACING:
-            raise ConfigError(f"racing '{racing}' is unknown; use one of {', '.join(RACING)}")
-        self.racing = racing
+        self.racing = racing_mode(racing)
         self.ingredients = list(ingredients)
         self.base = open_ingredient(base, label="base") if base is not None else None
         if self.base is not None:
@@ -158,10 +204,116 @@ class Taster:
         self.rejected_early = 0  # of those, stopped before the end
         self.race_examples = 0  # examples those races evaluated
         self.race_full_examples = 0  # examples full passes of them would have evaluated
+        self.statistical_races = 0  # of the races, those run against an incumbent
+        self.incumbent_passes = 0  # full passes run only for an incumbent's per-example values
+        #: statistical racing: the tests used, with the seed and hash of the examples' order
+        self.racing_tests: list[dict] = []
+        #: per-example held-out values of soups, by journal key: the incumbents of
+        #: statistical racing (kept from their own evaluation; recomputed when missing)
+        self._values: dict[str, torch.Tensor] = {}
+        self._orders: dict[tuple[str, int], str] = {}  # sha256 of each examples' order
         #: score single ingredients from their cached logits (when an ensemble is cooked)
         self.share_outputs = share_outputs
         self._individual: dict[str, list[float]] = {}
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.prefetch_enabled = self._prefetch_fits(prefetch, max_memory)
+        self._upcoming: int | None = None  # the position the next candidate will read
+        self.prefetched = 0  # ingredients read ahead, during an evaluation
+        self.prefetch_wait_seconds = 0.0  # waiting, after an evaluation, for a read ahead
+
+    # -- reading ahead --------------------------------------------------------------
+    def memory_bytes(self) -> dict[str, int]:
+        """What tasting holds in memory, in bytes: the model's tensors, the running sum,
+        and the staging buffer a read ahead fills (:meth:`prefetch`).
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.zeros(2, 2)}])
+            >>> Taster(ings, torch.nn.Linear(2, 2, bias=False), lambda m: 0.0).memory_bytes()
+            {'model': 16, 'sum': 16, 'staging': 16}
+        """
+        acc = self.accumulator
+        model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        total = sum(t.numel() * t.element_size() for t in acc._sum.values())
+        return {"model": model, "sum": total, "staging": acc.staging_bytes()}
+
+    def _prefetch_fits(self, prefetch: bool | None, max_memory: int | str | None) -> bool:
+        if prefetch is False:
+            return False
+        need = sum(self.memory_bytes().values())
+        budget = memory_budget(max_memory)
+        if prefetch is True:
+            check_budget(
+                need,
+                budget,
+                "tasting with prefetch",
+                "raise max_memory or set prefetch: false",
+                detail="(model + sum + staging buffer)",
+            )
+            return True
+        if need > budget:
+            _logger.info(
+                "prefetch off: model + sum + staging buffer need ~%s, budget is %s",
+                format_bytes(need),
+                format_bytes(budget),
+            )
+            return False
+        return True
+
+    def prefetch(self, position: int | None) -> None:
+        """Say which ingredient the next candidate adds or removes: with prefetch on, it
+        is read into the staging buffer while the evaluator scores the current candidate
+        (the read waits for nothing but the disk; torch and file reads release the GIL).
+
+        Recipes call it before scoring each candidate with the position tried after it
+        (``None``: nothing more). A hint that is never used costs one read, nothing else.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)])
+            >>> taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0)
+            >>> taster.prefetch(1); taster.score([1, 0]); taster.prefetched
+            0.0
+            1
+        """
+        if position is not None and not 0 <= position < len(self.ingredients):
+            raise ConfigError(f"prefetch position {position} is outside the pool")
+        self._upcoming = position
+
+    @contextmanager
+    def _reading_ahead(self) -> Iterator[None]:
+        """Around one evaluation: read the upcoming ingredient meanwhile, on a thread, and
+        wait for it after, so the accumulator is only ever used by one thread at a time."""
+        position, self._upcoming = self._upcoming, None
+        acc = self.accumulator
+        # other merge rules mix from the ingredients themselves, not the accumulator
+        unused = not self.merge.is_average or position == acc._staged_position
+        if not self.prefetch_enabled or position is None or unused:
+            yield
+            return
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                acc.stage(position)
+            except BaseException as e:  # noqa: BLE001 - re-read, and raised, where it is used
+                failed.append(e)
+
+        thread = threading.Thread(target=read, name="modelsoup-prefetch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            start = time.perf_counter()
+            thread.join()
+            self.prefetch_wait_seconds += time.perf_counter() - start
+            if failed:
+                # Nothing is staged: the ordinary read will raise the same error in its place.
+                _logger.debug("prefetch of position %d failed: %s", position, failed[0])
+            else:
+                self.prefetched += 1
 
     # -- comparing ----------------------------------------------------------------
     def better(self, a: float, b: float, *, strict: bool = False) -> bool:
@@ -262,9 +414,10 @@ class Taster:
 
     def _evaluate(self, evaluator: Evaluator) -> float:
         """Score the model as it stands, counting the call and its time."""
-        start = time.perf_counter()
-        value = checked_score(evaluator, self.model)
-        self.eval_seconds += time.perf_counter() - start
+        with self._reading_ahead():
+            start = time.perf_counter()
+            value = checked_score(evaluator, self.model)
+            self.eval_seconds += time.perf_counter() - start
         self.evaluations += 1
         return value
 
@@ -323,14 +476,18 @@ class Taster:
         *,
         to_beat: float | None = None,
         strict: bool = False,
+        incumbent: Sequence[float] | None = None,
     ) -> float:
         """Held-out score of the soup with per-position ``weights`` (journal first).
 
         ``to_beat`` is the score the candidate must match (``>=``, or ``>`` with
         ``strict``). With exact racing and a bounded evaluator, a candidate that
-        provably cannot is stopped early and a :class:`RejectedScore` comes back.
+        provably cannot is stopped early and a :class:`RejectedScore` comes back. With
+        statistical racing, ``incumbent`` is the weights of the soup that scored
+        ``to_beat``, compared with the candidate example by example (without it, the
+        race is exact).
         """
-        value = self._score(weights, evaluator, to_beat, strict)
+        value = self._score(weights, evaluator, to_beat, strict, incumbent)
         if evaluator is None or evaluator is self.held_out:
             self._tick(weights, value, to_beat)
         return value
@@ -341,6 +498,7 @@ class Taster:
         evaluator: Evaluator | None,
         to_beat: float | None = None,
         strict: bool = False,
+        incumbent: Sequence[float] | None = None,
     ) -> float:
         evaluator = evaluator or self.held_out
         if len(weights) != len(self.ingredients):
@@ -351,20 +509,76 @@ class Taster:
             detail["merge"] = self.merge.describe()
         key = self.key(weights, evaluator)
         if to_beat is not None and self._can_race(evaluator):
-            return self._raced(key, detail, weights, evaluator, to_beat, strict)
+            return self._raced(key, detail, weights, evaluator, to_beat, strict, incumbent)
 
         def run() -> float:
             self.materialise(weights)
+            if evaluator is self.held_out and self._statistical(evaluator):
+                # keep its per-example values: it may be an incumbent
+                return self._evaluate_keeping(key, evaluator)
             return self._evaluate(evaluator)
 
         return self._journaled(key, detail, run, evaluator)
 
     def _can_race(self, evaluator: Evaluator) -> bool:
+        if self._statistical(evaluator):
+            return True
         return (
-            self.racing == "exact"
+            self.racing != "off"
             and getattr(evaluator, "bounds", None) is not None
             and callable(getattr(evaluator, "race", None))
         )
+
+    def _statistical(self, evaluator: Evaluator) -> bool:
+        """Is ``evaluator`` raced statistically (a built-in one, with per-example bounds
+        or a clipped loss, scored as the mean of its per-example values)?"""
+        return (
+            isinstance(self.racing, StatisticalRacing)
+            and isinstance(evaluator, ClassifierEvaluator)
+            and type(evaluator).evaluate is ClassifierEvaluator.evaluate
+            and evaluator.racing_bounds(self.racing) is not None
+        )
+
+    def _evaluate_keeping(self, key: str, evaluator: ClassifierEvaluator) -> float:
+        """Score the model as a full evaluation does, keeping every example's value."""
+        start = time.perf_counter()
+        logits = evaluator.logits(self.model)
+        value = checked_value(evaluator, evaluator.score_logits(logits))
+        self._values[key] = evaluator.per_example(logits).detach().cpu()
+        self.eval_seconds += time.perf_counter() - start
+        self.evaluations += 1
+        return value
+
+    def incumbent_values(
+        self, weights: Sequence[float], evaluator: ClassifierEvaluator
+    ) -> torch.Tensor:
+        """Every held-out example's value for the soup with these weights: kept from its
+        own evaluation, or from an ingredient's shared logits, else evaluated again now
+        (never read from anything stale, such as a journal of another run).
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.evaluators import Accuracy
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.eye(2)}])
+            >>> ev = Accuracy((torch.eye(2), torch.tensor([0, 0])))
+            >>> Taster(ings, torch.nn.Linear(2, 2, bias=False), ev).incumbent_values([1.0], ev)
+            tensor([1., 0.])
+        """
+        key = self.key(weights, evaluator)
+        found = self._values.get(key)
+        if found is not None:
+            return found
+        members = [i for i, w in enumerate(weights) if w > 0]
+        single = len(members) == 1 and self.merge.is_average  # an ingredient as it is
+        shared = self._outputs.get((evaluator.name, members[0])) if single else None
+        if shared is not None:
+            self._values[key] = evaluator.per_example(shared).detach().cpu()
+            return self._values[key]
+        self.materialise(weights)
+        self._evaluate_keeping(key, evaluator)
+        self.incumbent_passes += 1
+        return self._values[key]
 
     def _raced(
         self,
@@ -374,20 +588,35 @@ class Taster:
         evaluator: Evaluator,
         to_beat: float,
         strict: bool,
+        incumbent: Sequence[float] | None = None,
     ) -> float:
-        """Score a candidate batch by batch, stopping once it cannot meet ``to_beat``."""
+        """Score a candidate batch by batch, stopping once it cannot meet ``to_beat``:
+        provably (exact racing), or at the stated confidence against ``incumbent``."""
         found = self.journal.lookup(key, score_range(evaluator))
         if found is not None:
             self.reused += 1
             return found
-        prior = self.journal.rejection(key, to_beat, strict, evaluator.higher_is_better)
-        if prior is not None:  # still a proof against this bar: no evaluation needed
+        statistical = self._statistical(evaluator) and incumbent is not None
+        test = self._test(evaluator) if statistical else None
+        prior = self.journal.rejection(key, to_beat, strict, evaluator.higher_is_better, test)
+        if prior is not None:  # still holds against this bar: no evaluation needed
             self.reused += 1
-            return RejectedScore(prior["bound"], seen=prior["seen"], total=prior["total"])
+            confidence = (prior.get("test") or {}).get("confidence")
+            return RejectedScore(
+                prior["bound"], seen=prior["seen"], total=prior["total"], confidence=confidence
+            )
+        reference = self.incumbent_values(incumbent, evaluator) if statistical else None
         self.materialise(weights)
-        start = time.perf_counter()
-        race = evaluator.race(self.model, to_beat, strict=strict)
-        self.eval_seconds += time.perf_counter() - start
+        with self._reading_ahead():
+            start = time.perf_counter()
+            if statistical:
+                race = evaluator.race_paired(
+                    self.model, reference, to_beat, racing=self.racing, strict=strict
+                )
+                self.statistical_races += 1
+            else:
+                race = evaluator.race(self.model, to_beat, strict=strict)
+            self.eval_seconds += time.perf_counter() - start
         self.evaluations += 1
         self.races += 1
         self.race_examples += max(race.seen, 0)
@@ -402,11 +631,31 @@ class Taster:
                 to_beat=to_beat,
                 strict=strict,
                 detail=detail,
+                test=test,
             )
-            return RejectedScore(race.bound, seen=race.seen, total=race.total)
+            confidence = test["confidence"] if test else None
+            return RejectedScore(
+                race.bound, seen=race.seen, total=race.total, confidence=confidence
+            )
         value = checked_value(evaluator, race.score)
+        if race.values is not None and statistical:
+            self._values[key] = race.values.detach().cpu()  # the next incumbent, maybe
         self.journal.record(key, value, detail)
         return value
+
+    def _test(self, evaluator: ClassifierEvaluator) -> dict:
+        """The statistical test racing uses now, with the order of the examples (its seed
+        and a hash of the permutation), recorded once per test for the report."""
+        seed = self.racing.seed
+        digest = self._orders.get((evaluator.name, seed))
+        if digest is None:
+            order = evaluator.race_order(seed)
+            digest = hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
+            self._orders[(evaluator.name, seed)] = digest
+        test = {**self.racing.tag(), "order_seed": self.racing.seed, "order_sha256": digest}
+        if test not in self.racing_tests:
+            self.racing_tests.append(test)
+        return test
 
     def score_members(
         self,
@@ -415,12 +664,19 @@ class Taster:
         *,
         to_beat: float | None = None,
         strict: bool = False,
+        incumbent: Sequence[int] | None = None,
     ) -> float:
-        """Score of the uniform soup of the given positions (a position may repeat)."""
+        """Score of the uniform soup of the given positions (a position may repeat);
+        ``incumbent``: the positions of the soup that scored ``to_beat``."""
+        weights = self._uniform(members)
+        against = self._uniform(incumbent) if incumbent is not None else None
+        return self.score(weights, evaluator, to_beat=to_beat, strict=strict, incumbent=against)
+
+    def _uniform(self, members: Sequence[int]) -> list[float]:
         weights = [0.0] * len(self.ingredients)
         for i in members:
             weights[i] += 1.0
-        return self.score(weights, evaluator, to_beat=to_beat, strict=strict)
+        return weights
 
     def individual_scores(self, evaluator: Evaluator | None = None) -> list[float]:
         """Each ingredient's own score; computed once and shared by every recipe."""
@@ -436,6 +692,7 @@ class Taster:
             # each ingredient as it is, whatever rule the recipe mixes its soups with
             with self.merging(None):
                 for i, _ in enumerate(bar):
+                    self.prefetch(i + 1 if i + 1 < len(self.ingredients) else None)
                     scores.append(self._individual_score(i, evaluator))
                     bar.set_postfix(score=f"{scores[-1]:.4f}")
             self._individual[evaluator.name] = scores
@@ -561,9 +818,10 @@ class Taster:
                 self._outputs[key] = cached
                 return cached
             self.materialise(weights)
-            start = time.perf_counter()
-            self._outputs[key] = evaluator.logits(self.model)
-            self.eval_seconds += time.perf_counter() - start
+            with self._reading_ahead():
+                start = time.perf_counter()
+                self._outputs[key] = evaluator.logits(self.model)
+                self.eval_seconds += time.perf_counter() - start
             self.evaluations += 1
             self.journal.save_outputs(disk_key, self._outputs[key])
         return self._outputs[key]
@@ -590,9 +848,14 @@ class Taster:
             "reused": self.reused,
             "eval_seconds": round(self.eval_seconds, 3),
             "mix_seconds": round(self.mix_seconds, 3),
+            "prefetched": self.prefetched,
+            "prefetch_wait_seconds": round(self.prefetch_wait_seconds, 3),
             "bn_recalibrations": self.recalibrations,
             "races": self.races,
             "rejected_early": self.rejected_early,
             "race_examples": self.race_examples,
             "race_full_examples": self.race_full_examples,
+            "statistical_races": self.statistical_races,
+            "incumbent_passes": self.incumbent_passes,
+            "racing_tests": list(self.racing_tests),
         }

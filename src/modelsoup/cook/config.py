@@ -71,12 +71,61 @@ class IngredientEntry(BaseModel):
     label: str | None = Field(default=None, min_length=1)
 
 
+class StatisticalRacingOptions(BaseModel):
+    """``racing: {confidence: 0.999}``: statistical racing, at that confidence; ``clip``
+    bounds a loss's per-example values; ``seed`` fixes the examples' one random order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    confidence: float = Field(gt=0, lt=1)
+    clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    seed: int = 0
+
+
+def _racing_form(value: Any) -> str | None:
+    if isinstance(value, str | bool):
+        return "racing mode"
+    if isinstance(value, dict | StatisticalRacingOptions):
+        return "racing options"
+    return None
+
+
+#: ``racing:``: exact (the default), off, or statistical racing's options
+RacingSpec = Annotated[
+    Annotated[Literal["exact", "off"], Tag("racing mode")]
+    | Annotated[StatisticalRacingOptions, Tag("racing options")],
+    Discriminator(
+        _racing_form,
+        custom_error_type="racing_form",
+        custom_error_message="write exact, off or {confidence: 0.999}",
+    ),
+]
+
+
+def _yaml_off(v: Any) -> Any:
+    # YAML reads a bare `off` as false and `on` as true
+    return {False: "off", True: "exact"}.get(v, v) if isinstance(v, bool) else v
+
+
+def racing_value(spec: str | StatisticalRacingOptions) -> str | dict:
+    """What :class:`~modelsoup.tasting.Taster` takes for a config's ``racing:``.
+
+    Example:
+        >>> racing_value(StatisticalRacingOptions(confidence=0.99)), racing_value("off")
+        ({'confidence': 0.99, 'clip': None, 'seed': 0}, 'off')
+    """
+    return spec.model_dump() if isinstance(spec, BaseModel) else spec
+
+
 class RecipeEntry(BaseModel):
-    """One recipe to cook: its registered name, an optional label, and its options."""
+    """One recipe to cook: its registered name, an optional label, its own ``racing``
+    (the cook's when not given), and its options."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
     label: str | None = None
+    racing: RacingSpec | None = None
+
+    _racing_off = field_validator("racing", mode="before")(_yaml_off)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -119,7 +168,9 @@ EvaluatorSpec = Annotated[
     ),
 ]
 #: pydantic's union tags: not config keys
-_FORM_TAGS = {"import path"} | {form.__name__ for form in BUILT_IN_EVALUATORS.values()}
+_FORM_TAGS = {"import path", "racing mode", "racing options"} | {
+    form.__name__ for form in BUILT_IN_EVALUATORS.values()
+}
 
 
 class CookOptions(BaseModel):
@@ -156,16 +207,16 @@ class CookOptions(BaseModel):
     seed: int = 0
     recalibrate_candidates: bool = False
     #: stop a candidate's evaluation once it provably cannot meet the score to beat
-    #: (bounded evaluators such as accuracy; decisions equal a full evaluation's)
-    racing: Literal["exact", "off"] = "exact"
+    #: (bounded evaluators such as accuracy; decisions equal a full evaluation's), or
+    #: ({confidence: 0.999}) once it is worse than the incumbent at that confidence
+    racing: RacingSpec = "exact"
+    #: read the ingredient the recipe tries next while the evaluator scores the current
+    #: candidate (one staging buffer more; on when it fits half the RAM, unless false)
+    prefetch: bool | None = None
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
 
-    @field_validator("racing", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        # YAML reads a bare `off` as false and `on` as true
-        return {False: "off", True: "exact"}.get(v, v) if isinstance(v, bool) else v
+    _racing_off = field_validator("racing", mode="before")(_yaml_off)
 
     def options(self) -> CookOptions:
         """Only the cook options of this object (a config's other keys dropped)."""

@@ -262,11 +262,23 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
         if ev.get("races"):
             seen, full = ev.get("race_examples", 0), ev.get("race_full_examples", 0)
             ratio = f"{full / seen:.2f}x fewer" if seen else "none"
+            stat = ev.get("statistical_races", 0)
+            kind = "Racing" if stat else "Exact racing"
             lines.append(
-                f"Exact racing: {ev['rejected_early']} of {ev['races']} raced candidates were "
-                f"stopped early, {seen} of {full} examples evaluated ({ratio}); every "
-                "decision is the one a full evaluation gives."
+                f"{kind}: {ev['rejected_early']} of {ev['races']} raced candidates were "
+                f"stopped early, {seen} of {full} examples evaluated ({ratio})"
+                + ("; every decision is the one a full evaluation gives." if not stat else ".")
             )
+            for test in ev.get("racing_tests", []):
+                lines.append(
+                    f"Statistical racing ({stat} candidates): {test['method']} at confidence "
+                    f"{test['confidence']}"
+                    + (f", losses clipped at {test['clip']}" if test["clip"] else "")
+                    + f"; held-out examples in one random order (seed "
+                    f"{test['order_seed']}, sha256 {test['order_sha256']}); "
+                    f"{ev.get('incumbent_passes', 0)} extra full passes for incumbents' "
+                    "per-example values."
+                )
         if ev.get("bn_recalibrations"):
             lines.append(
                 f"BatchNorm statistics were re-estimated {ev['bn_recalibrations']} times, each "

@@ -29,6 +29,7 @@ from modelsoup.cook.config import (
     check_test_data,
     format_error,
     load_config,
+    racing_value,
     resolve_alignment_data,
     resolve_parts,
 )
@@ -46,7 +47,7 @@ from modelsoup.recipes.registry import get_recipe
 from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
 from modelsoup.repair.pool import align_pool
 from modelsoup.soup import Soup, check_not_input
-from modelsoup.tasting import Taster
+from modelsoup.tasting import Taster, racing_mode
 
 _logger = logging.getLogger(__name__)
 
@@ -99,7 +100,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -> list[RecipeEntry]:
     entries: list[RecipeEntry] = []
-    given = [r if isinstance(r, RecipeEntry) else RecipeEntry(**r) for r in (recipes or [])]
+    given = []
+    for i, r in enumerate(recipes or []):
+        try:
+            given.append(r if isinstance(r, RecipeEntry) else RecipeEntry(**r))
+        except ValidationError as err:
+            raise ConfigError(format_error(err, f"cook() recipes.{i}")) from None
     if baselines:
         names = {e.name for e in given}
         for b in BASELINES:
@@ -243,7 +249,8 @@ def _cook(
         recalibrate=recalibrate,
         recalibrate_candidates=opts.recalibrate_candidates,
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
-        racing=opts.racing,
+        racing=racing_value(opts.racing),
+        prefetch=opts.prefetch,
         progress=progress,
         base=base,
     )
@@ -337,15 +344,21 @@ def _run_entry(
     before = (taster.evaluations, taster.reused)
     start = time.perf_counter()
     results: list[Soup | Ensemble] = []
-    for r in range(runs):
-        kwargs = dict(options)
-        if runs > 1 and "seed" in kwargs:
-            kwargs["seed"] = kwargs["seed"] + r
-        taster.start_bar(label + (f" (run {r + 1}/{runs})" if runs > 1 else ""))
-        try:
-            results.append(spec.fn(taster, **kwargs))
-        finally:
-            taster.close_bar()
+    cook_racing = taster.racing
+    if entry.racing is not None:  # this recipe races its own way
+        taster.racing = racing_mode(racing_value(entry.racing))
+    try:
+        for r in range(runs):
+            kwargs = dict(options)
+            if runs > 1 and "seed" in kwargs:
+                kwargs["seed"] = kwargs["seed"] + r
+            taster.start_bar(label + (f" (run {r + 1}/{runs})" if runs > 1 else ""))
+            try:
+                results.append(spec.fn(taster, **kwargs))
+            finally:
+                taster.close_bar()
+    finally:
+        taster.racing = cook_racing
     tests: list[float] = []
     per_run: list[torch.Tensor] = []
     for res in results:

@@ -8,7 +8,6 @@ Every offset in the header is checked before it is trusted.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -22,7 +21,7 @@ import torch
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError, WriteError
 from modelsoup.formats import hashcache
-from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource
+from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource, ThreadedHash
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -273,7 +272,8 @@ class SafetensorsSource(TensorSource):
         # Hash-while-reading state: the file being hashed and the next byte it expects;
         # nothing to hash when an earlier run remembered the hash of these very files.
         self._known = hashcache.recall(self.files)
-        self._hasher = hashlib.sha256(self._headers[0])
+        # hashed on a background thread, while the caller mixes what it read
+        self._hasher = ThreadedHash(self._headers[0])
         self._hash_file, self._hash_pos = 0, self._starts[0]
         if self._known is not None:
             self._hash_file = len(self.files)

@@ -49,10 +49,10 @@ def scored(score: float) -> dict:
         ({'score': 0.9}, {'score': None, 'stopped_early': {'bound': 0.4, 'seen': 20, 'of': 100}})
     """
     if getattr(score, "rejected", False):
-        return {
-            "score": None,
-            "stopped_early": {"bound": float(score), "seen": score.seen, "of": score.total},
-        }
+        stopped = {"bound": float(score), "seen": score.seen, "of": score.total}
+        if getattr(score, "confidence", None) is not None:  # statistical racing
+            stopped["confidence"] = score.confidence
+        return {"score": None, "stopped_early": stopped}
     return {"score": score}
 
 
@@ -87,6 +87,8 @@ def greedy_walk(
     for step, i in enumerate(positions[1:], start=2):
         if max_ingredients is not None and len(members) >= max_ingredients:
             break
+        # the next candidate adds the position after this one: read it while this is scored
+        taster.prefetch(positions[step] if step < len(positions) else None)
         candidate = score([*members, i], best)
         accepted = taster.better(candidate, best, strict=strict)
         if accepted:

@@ -70,7 +70,13 @@ def _forward_selection_soup(taster: Taster, *, max_ingredients: int | None = Non
         if not remaining:
             break
         # a candidate must beat the soup strictly; one that provably cannot may stop early
-        scores = [taster.score_members([*members, i], to_beat=best, strict=True) for i in remaining]
+        scores = []
+        for r, i in enumerate(remaining):
+            # the next candidate adds the next remaining ingredient: read it meanwhile
+            taster.prefetch(remaining[r + 1] if r + 1 < len(remaining) else None)
+            scores.append(
+                taster.score_members([*members, i], to_beat=best, strict=True, incumbent=members)
+            )
         pick = taster.best(scores)
         if not taster.better(scores[pick], best, strict=True):
             trace.append(

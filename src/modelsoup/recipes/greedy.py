@@ -70,7 +70,9 @@ def _greedy_soup(
     members, best, trace = greedy_walk(
         taster,
         positions,
-        lambda candidate, best: taster.score_members(candidate, to_beat=best, strict=strict),
+        lambda candidate, best: taster.score_members(
+            candidate, to_beat=best, strict=strict, incumbent=candidate[:-1]
+        ),
         strict=strict,
         max_ingredients=max_ingredients,
         trace_best=True,

@@ -66,11 +66,16 @@ def _pruned_soup(
     positions = ingredient_order(taster, order, seed) if passes else []
     for p in range(1, passes + 1):
         removed_any = False
-        for i in positions:
+        for j, i in enumerate(positions):
             if i not in members or len(members) == 1:
                 continue
             candidate = [m for m in members if m != i]
-            score = taster.score_members(candidate, to_beat=baseline, strict=strict)
+            # the next candidate removes the next member in order: read it meanwhile
+            later = [m for m in positions[j + 1 :] if m in candidate]
+            taster.prefetch(later[0] if later and len(candidate) > 1 else None)
+            score = taster.score_members(
+                candidate, to_beat=baseline, strict=strict, incumbent=members
+            )
             if taster.better(score, baseline, strict=strict):
                 members, baseline, removed_any = candidate, score, True
                 trace.append(
