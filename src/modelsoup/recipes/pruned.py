@@ -44,8 +44,8 @@ def pruned_soup(
     """Pruned soup: from the uniform soup, remove ingredients while held-out does not drop.
 
     Example:
-        >>> import torch
         >>> from modelsoup.ingredients import open_ingredients
+        >>> import torch
         >>> ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (2.0, 9.0, 2.2)])
         >>> score = lambda m: -abs(float(m.weight.detach()) - 2.0)
         >>> soup = pruned_soup(Taster(ings, torch.nn.Linear(1, 1, bias=False), score), passes=2)
