@@ -34,6 +34,20 @@ def tiny_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
+def tiny_files(tmp_path, count: int = 3) -> tuple[list[str], str]:
+    """``count`` tiny fine-tunes and a base (seed 10) as safetensors files in ``tmp_path``."""
+    import safetensors.torch
+
+    paths = []
+    for s in range(count):
+        path = tmp_path / f"ft{s}.safetensors"
+        safetensors.torch.save_file(tiny_state(s), str(path))
+        paths.append(str(path))
+    base = tmp_path / "base.safetensors"
+    safetensors.torch.save_file(tiny_state(10), str(base))
+    return paths, str(base)
+
+
 @pytest.fixture
 def states():
     return [tiny_state(s) for s in range(3)]

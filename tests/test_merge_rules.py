@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import tiny_state
+from conftest import tiny_files, tiny_state
 from modelsoup import average
 from modelsoup.cli import main
 from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
@@ -363,19 +363,8 @@ def test_the_base_is_never_overwritten(tmp_path):
 # -- the command line ----------------------------------------------------------
 
 
-def _files(tmp_path, count=3):
-    paths = []
-    for s in range(count):
-        path = tmp_path / f"ft{s}.safetensors"
-        safetensors.torch.save_file(tiny_state(s), str(path))
-        paths.append(str(path))
-    base = tmp_path / "base.safetensors"
-    safetensors.torch.save_file(tiny_state(10), str(base))
-    return paths, str(base)
-
-
 def test_cli_average_with_a_base_and_a_merge_rule(tmp_path, capsys):
-    paths, base = _files(tmp_path)
+    paths, base = tiny_files(tmp_path)
     out = tmp_path / "ties.safetensors"
     args = ["average", *paths, "--base", base, "--merge", "ties", "--density", "0.3"]
     assert main([*args, "--lambda", "0.9", "-o", str(out), "-q"]) == 0
@@ -392,7 +381,7 @@ def test_cli_average_with_a_base_and_a_merge_rule(tmp_path, capsys):
 
 
 def test_cli_average_slerp_dare_and_wise_ft(tmp_path):
-    paths, base = _files(tmp_path)
+    paths, base = tiny_files(tmp_path)
     out = tmp_path / "s.safetensors"
     assert (
         main(["average", *paths[:2], "--merge", "slerp", "--t", "0.4", "-o", str(out), "-q"]) == 0
@@ -419,7 +408,7 @@ def test_cli_average_slerp_dare_and_wise_ft(tmp_path):
     ],
 )
 def test_cli_average_bad_merge_flags_are_one_error_line(tmp_path, capsys, extra, needle):
-    paths, _ = _files(tmp_path)
+    paths, _ = tiny_files(tmp_path)
     out = tmp_path / "x.safetensors"
     assert main(["average", *paths, *extra, "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err

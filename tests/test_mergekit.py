@@ -10,20 +10,9 @@ import safetensors.torch
 import torch
 import yaml
 
-from conftest import tiny_state
+from conftest import tiny_files
 from modelsoup.cli import main
 from modelsoup.soup import card_path
-
-
-def _files(tmp_path, count=3):
-    paths = []
-    for s in range(count):
-        path = tmp_path / f"ft{s}.safetensors"
-        safetensors.torch.save_file(tiny_state(s), str(path))
-        paths.append(str(path))
-    base = tmp_path / "base.safetensors"
-    safetensors.torch.save_file(tiny_state(10), str(base))
-    return paths, str(base)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +27,7 @@ def _files(tmp_path, count=3):
     ids=lambda f: f[1] if f[:1] == ["--merge"] else "linear" + "".join(f[1:]),
 )
 def test_export_then_read_back_gives_the_same_soup(tmp_path, flags):
-    paths, base = _files(tmp_path)
+    paths, base = tiny_files(tmp_path)
     out = tmp_path / "soup.safetensors"
     with_base = ["--base", base] if "--merge" in flags else []
     assert main(["average", *paths, *with_base, *flags, "-o", str(out), "-q"]) == 0
@@ -64,7 +53,7 @@ def test_export_then_read_back_gives_the_same_soup(tmp_path, flags):
     ],
 )
 def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flags, needle):
-    paths, base = _files(tmp_path, 2)
+    paths, base = tiny_files(tmp_path, 2)
     out = tmp_path / "soup.safetensors"
     assert main(["average", *paths, "--base", base, *flags, "-o", str(out), "-q"]) == 0
     config = tmp_path / "merge.yaml"
@@ -86,7 +75,7 @@ def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flag
     ],
 )
 def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys, edit, needle):
-    paths, base = _files(tmp_path, 2)
+    paths, base = tiny_files(tmp_path, 2)
     config = {
         "merge_method": "ties",
         "base_model": base,
@@ -104,7 +93,7 @@ def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys,
 
 
 def test_from_mergekit_takes_nothing_else(tmp_path, capsys):
-    paths, _ = _files(tmp_path, 1)
+    paths, _ = tiny_files(tmp_path, 1)
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": paths[0]}]}))
     out = str(tmp_path / "x.safetensors")
