@@ -197,9 +197,10 @@ def test_bad_racing_settings_fail_at_the_edge_with_the_key_named(tmp_path):
 
 def test_a_recipe_entry_races_its_own_way_in_a_cook():
     pool, data = _wide_pool(3)
+    # statistical first: an exact proof journaled before would be reused at any confidence
     recipes = [
-        {"name": "greedy", "label": "exact"},
         {"name": "greedy", "label": "statistical", "racing": STATISTICAL},
+        {"name": "greedy", "label": "exact"},
     ]
     result = cook(
         pool,
@@ -227,3 +228,84 @@ def test_the_confidence_radius_shrinks_to_nothing_on_the_whole_set():
     # most paired differences of accuracies are 0: the empirical Bernstein term wins
     big = confidence_radius(2000, 20000, 2.0, 1.0, delta)
     assert confidence_radius(2000, 20000, 2.0, 0.05, delta) < big * 0.6
+
+
+class _TokenMean(torch.nn.Linear):
+    """A linear classifier of the mean token: takes (batch, tokens, 8) inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).mean(1)
+
+
+def _ragged(data, batch_size: int = 100):
+    """The same examples as batches of sequences whose length differs from batch to
+    batch (every token a copy of the example): they cannot be joined into one order."""
+    x, y = data
+    return [
+        (
+            x[s : s + batch_size, None].expand(-1, 1 + (s // batch_size) % 3, -1),
+            y[s : s + batch_size],
+        )
+        for s in range(0, len(y), batch_size)
+    ]
+
+
+def test_data_that_cannot_be_ordered_is_raced_exactly_and_labelled_so(tmp_path, caplog):
+    pool, data = _wide_pool(3, 2000)
+    path = tmp_path / "journal.jsonl"
+    evaluator = Accuracy(_ragged(data), name="ragged")
+    assert "differ in shape" in evaluator.reorder_problem(torch.device("cpu"), 0)
+    taster = Taster(
+        open_ingredients(pool),
+        _TokenMean(8, 3),
+        evaluator,
+        racing=STATISTICAL,
+        journal=Journal(path),
+    )
+    with caplog.at_level("WARNING", logger="modelsoup.tasting"):
+        soup = greedy_soup(taster)
+    exact, exact_t = _taste(pool, data, greedy_soup, "exact")
+    assert soup.chosen == exact.chosen
+    # every decision was exact racing's proof, and says so
+    assert taster.races == exact_t.races > 0 and taster.rejected_early == exact_t.rejected_early
+    assert taster.race_examples == exact_t.race_examples
+    stats = taster.stats()
+    assert stats["statistical_races"] == 0 and stats["racing_tests"] == []
+    assert "differ in shape" in stats["racing_fallbacks"]["ragged"]
+    rejected = [e for e in soup.trace if e.get("stopped_early")]
+    assert rejected and all("confidence" not in e["stopped_early"] for e in rejected)
+    lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    journaled = [e["rejected"] for e in lines if "rejected" in e]
+    assert len(journaled) == taster.rejected_early and all("test" not in r for r in journaled)
+    warned = [r for r in caplog.records if "statistical racing is off" in r.getMessage()]
+    assert len(warned) == 1 and "differ in shape" in warned[0].getMessage()
+    # an exact proof holds at any confidence: a statistical re-run reuses every one
+    again = Taster(
+        open_ingredients(pool),
+        _TokenMean(8, 3),
+        Accuracy(_ragged(data), name="ragged"),
+        racing=STATISTICAL,
+        journal=Journal(path),
+    )
+    greedy_soup(again)
+    assert again.evaluations == 0
+
+
+def test_the_report_says_when_statistical_racing_fell_back():
+    from modelsoup.cook.report import render_markdown, summarize
+
+    pool, data = _wide_pool(3, 2000)
+    result = cook(
+        pool,
+        _TokenMean(8, 3),
+        Accuracy(_ragged(data), name="ragged"),
+        recipes=[{"name": "greedy"}],
+        racing=STATISTICAL,
+        bootstrap_resamples=20,
+        baselines=False,
+        progress=False,
+    )
+    text = render_markdown(summarize(result, bootstrap_resamples=20))
+    assert "Exact racing: " in text and "every decision is the one a full evaluation" in text
+    assert "Statistical racing was off for evaluator ragged: its batches" in text
+    assert "Statistical racing (" not in text

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -321,6 +321,11 @@ class Race:
     total: int
     #: every example's value, in the data's own order, when evaluated to the end
     values: torch.Tensor | None = None
+    #: which test decided: ``"exact"`` (the proof of :meth:`ClassifierEvaluator.race`)
+    #: or ``"statistical"`` (:meth:`ClassifierEvaluator.race_paired`)
+    test: str = "exact"
+    #: why statistical racing was asked for but the race was exact, else ``None``
+    fallback: str | None = None
 
     @property
     def rejected(self) -> bool:
@@ -629,7 +634,28 @@ class ClassifierEvaluator:
     ) -> tuple[list[tuple[Any, torch.Tensor]], torch.Tensor] | None:
         """The data re-batched in :meth:`race_order` (batches of the first batch's size),
         with that order; ``None`` when its examples cannot be put in one order (batches
-        whose inputs differ in shape, or labels that are not one per input row)."""
+        whose inputs differ in shape, or labels that are not one per input row: see
+        :meth:`reorder_problem`)."""
+        shuffled = self._shuffled_or_problem(device, seed)
+        return None if isinstance(shuffled, str) else shuffled
+
+    def reorder_problem(self, device: torch.device, seed: int) -> str | None:
+        """Why the held-out examples cannot be put in :meth:`race_order` for statistical
+        racing, or ``None`` when they can.
+
+        Example:
+            >>> import torch
+            >>> ev = Accuracy([(torch.ones(2, 3, 4), torch.zeros(2)),
+            ...                (torch.ones(2, 5, 4), torch.zeros(2))])
+            >>> ev.reorder_problem(torch.device("cpu"), 0)
+            'its batches of inputs differ in shape and cannot be joined into one order'
+        """
+        shuffled = self._shuffled_or_problem(device, seed)
+        return shuffled if isinstance(shuffled, str) else None
+
+    def _shuffled_or_problem(
+        self, device: torch.device, seed: int
+    ) -> tuple[list[tuple[Any, torch.Tensor]], torch.Tensor] | str:
         cached = getattr(self, "_shuffled", None)
         if cached is not None and cached[0] == (seed, device):
             return cached[1], cached[2]
@@ -644,11 +670,11 @@ class ClassifierEvaluator:
                 inputs = {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
                 rows = {len(v) for v in inputs.values()}
             else:
-                return None
+                return "its inputs are neither tensors nor dicts of tensors with the same keys"
         except (RuntimeError, TypeError):  # shapes that differ from batch to batch
-            return None
+            return "its batches of inputs differ in shape and cannot be joined into one order"
         if rows != {len(order)} or any(y.dim() != 1 for _, y in batches):
-            return None
+            return "its labels are not one per input row"
         labels = torch.cat([y for _, y in batches])
         where = order.to(labels.device)
         size = len(batches[0][1])
@@ -679,7 +705,8 @@ class ClassifierEvaluator:
         (1 - confidence) / (k (k+1)); a union bound over the looks makes it hold at every
         look at once, so stopping at any of them is valid. Evaluated to the end, the score
         is the full evaluation's. Falls back to :meth:`race` when the data cannot be
-        shuffled or there are no bounds.
+        shuffled or there are no bounds; that race's ``test`` is then ``"exact"`` and its
+        ``fallback`` says why.
 
         Example:
             >>> import torch
@@ -692,15 +719,17 @@ class ClassifierEvaluator:
             (True, 50)
         """
         bounds = self.racing_bounds(racing)
-        device = model_device(model)
-        shuffled = (
-            None
-            if bounds is None or self._own_logits()
-            else self.shuffled_batches(device, racing.seed)
-        )
-        if shuffled is None or len(reference) != len(shuffled[1]):
-            return self.race(model, to_beat, strict=strict)
-        batches, order = shuffled
+        if bounds is None:
+            problem = "its per-example values have no bounds (a loss needs racing clip)"
+        elif self._own_logits():
+            problem = "it computes its own logits, which cannot be read in a random order"
+        else:
+            problem = self._shuffled_or_problem(model_device(model), racing.seed)
+        if not isinstance(problem, str) and len(reference) != len(problem[1]):
+            problem = f"the incumbent has {len(reference)} values for {len(problem[1])} examples"
+        if isinstance(problem, str):
+            return replace(self.race(model, to_beat, strict=strict), fallback=problem)
+        batches, order = problem
         low, high = bounds
         total = len(order)
         ref_all = reference.detach().double().cpu().clamp(low, high)
@@ -731,9 +760,9 @@ class ClassifierEvaluator:
             radius = confidence_radius(n, total, 2 * (high - low), std, racing.delta(looks))
             best = mean + radius if self.higher_is_better else mean - radius
             bound = ref_score + best  # how good its full score may still be
-            return (
-                Race(None, bound, n, total) if self._cannot_meet(bound, to_beat, strict) else None
-            )
+            if not self._cannot_meet(bound, to_beat, strict):
+                return None
+            return Race(None, bound, n, total, test="statistical")
 
         race, logits = self._rounds(model, batches, stop)
         if race is not None:
@@ -741,7 +770,7 @@ class ClassifierEvaluator:
         own = torch.empty_like(logits)
         own[order] = logits  # back in the data's own order: scored as a full pass scores
         score = self.score_logits(own)
-        return Race(score, score, total, total, self.per_example(own))
+        return Race(score, score, total, total, self.per_example(own), test="statistical")
 
     def _cannot_meet(self, bound: float, to_beat: float, strict: bool) -> bool:
         # the bound is exact arithmetic; the margin covers the float32 mean of a full pass

@@ -189,18 +189,25 @@ class Journal:
     ) -> dict | None:
         """A recorded early rejection that still holds against ``to_beat``, made by the
         same ``test`` (``None``: exact racing's proof; else statistical racing's method,
-        confidence and clip), or ``None``. It is never a score: a recipe that needs the
-        candidate's score evaluates it in full.
+        confidence and clip) or by exact racing's proof, which holds under any test; else
+        ``None``. It is never a score: a recipe that needs the candidate's score evaluates
+        it in full.
 
         Example:
             >>> j = Journal(None)
             >>> j.record_rejection("k", bound=0.4, seen=10, total=100, to_beat=0.9, strict=False)
             >>> j.rejection("k", 0.8, False, True)["bound"], j.rejection("k", 0.3, False, True)
             (0.4, None)
-            >>> j.rejection("k", 0.8, False, True, {"method": "m", "confidence": 0.9, "clip": None})
+            >>> test = {"method": "m", "confidence": 0.9, "clip": None}
+            >>> j.rejection("k", 0.8, False, True, test)["bound"]  # a proof holds at any confidence
+            0.4
+            >>> j.record_rejection("s", bound=0.4, seen=10, total=100, to_beat=0.9, strict=False,
+            ...                    test=test)
+            >>> j.rejection("s", 0.8, False, True)  # a statistical rejection is no proof
         """
         found = self.rejections.get(key)
-        if found is None or _test_of(found) != _test_of({"test": test}):
+        made_by = None if found is None else _test_of(found)
+        if found is None or made_by not in (None, _test_of({"test": test})):
             return None
         bound = found["bound"]
         still = bound < to_beat - RACE_MARGIN if higher else bound > to_beat + RACE_MARGIN

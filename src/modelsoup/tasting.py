@@ -204,10 +204,13 @@ class Taster:
         self.rejected_early = 0  # of those, stopped before the end
         self.race_examples = 0  # examples those races evaluated
         self.race_full_examples = 0  # examples full passes of them would have evaluated
-        self.statistical_races = 0  # of the races, those run against an incumbent
+        self.statistical_races = 0  # of the races, those decided by the statistical test
         self.incumbent_passes = 0  # full passes run only for an incumbent's per-example values
         #: statistical racing: the tests used, with the seed and hash of the examples' order
         self.racing_tests: list[dict] = []
+        #: evaluators statistical racing could not read in one random order, with why:
+        #: they are raced exactly instead (logged once, at WARNING)
+        self.racing_fallbacks: dict[str, str] = {}
         #: per-example held-out values of soups, by journal key: the incumbents of
         #: statistical racing (kept from their own evaluation; recomputed when missing)
         self._values: dict[str, torch.Tensor] = {}
@@ -534,6 +537,7 @@ class Taster:
         or a clipped loss, scored as the mean of its per-example values)?"""
         return (
             isinstance(self.racing, StatisticalRacing)
+            and evaluator.name not in self.racing_fallbacks
             and isinstance(evaluator, ClassifierEvaluator)
             and type(evaluator).evaluate is ClassifierEvaluator.evaluate
             and evaluator.racing_bounds(self.racing) is not None
@@ -601,6 +605,8 @@ class Taster:
         prior = self.journal.rejection(key, to_beat, strict, evaluator.higher_is_better, test)
         if prior is not None:  # still holds against this bar: no evaluation needed
             self.reused += 1
+            if prior.get("test") is not None:
+                self._used(test)
             confidence = (prior.get("test") or {}).get("confidence")
             return RejectedScore(
                 prior["bound"], seen=prior["seen"], total=prior["total"], confidence=confidence
@@ -613,11 +619,18 @@ class Taster:
                 race = evaluator.race_paired(
                     self.model, reference, to_beat, racing=self.racing, strict=strict
                 )
-                self.statistical_races += 1
             else:
                 race = evaluator.race(self.model, to_beat, strict=strict)
             self.eval_seconds += time.perf_counter() - start
         self.evaluations += 1
+        if statistical and race.fallback is not None:
+            self._fall_back(evaluator, race.fallback)
+        # what the race's own test was, not what was asked for
+        statistical = race.test == "statistical"
+        test = test if statistical else None
+        if statistical:
+            self.statistical_races += 1
+            self._used(test)
         self.races += 1
         self.race_examples += max(race.seen, 0)
         self.race_full_examples += max(race.total, 0)
@@ -645,17 +658,29 @@ class Taster:
 
     def _test(self, evaluator: ClassifierEvaluator) -> dict:
         """The statistical test racing uses now, with the order of the examples (its seed
-        and a hash of the permutation), recorded once per test for the report."""
+        and a hash of the permutation)."""
         seed = self.racing.seed
         digest = self._orders.get((evaluator.name, seed))
         if digest is None:
             order = evaluator.race_order(seed)
             digest = hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
             self._orders[(evaluator.name, seed)] = digest
-        test = {**self.racing.tag(), "order_seed": self.racing.seed, "order_sha256": digest}
+        return {**self.racing.tag(), "order_seed": self.racing.seed, "order_sha256": digest}
+
+    def _used(self, test: dict) -> None:
+        """Record, once, a statistical test that decided a race, for the report."""
         if test not in self.racing_tests:
             self.racing_tests.append(test)
-        return test
+
+    def _fall_back(self, evaluator: Evaluator, reason: str) -> None:
+        """Race ``evaluator`` exactly from now on: statistical racing cannot order it."""
+        self.racing_fallbacks[evaluator.name] = reason
+        _logger.warning(
+            "statistical racing is off for evaluator %s: %s; its candidates are raced "
+            "exactly (provable bounds) instead",
+            evaluator.name,
+            reason,
+        )
 
     def score_members(
         self,
@@ -858,4 +883,5 @@ class Taster:
             "statistical_races": self.statistical_races,
             "incumbent_passes": self.incumbent_passes,
             "racing_tests": list(self.racing_tests),
+            "racing_fallbacks": dict(self.racing_fallbacks),
         }

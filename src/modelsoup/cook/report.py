@@ -279,6 +279,11 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
                     f"{ev.get('incumbent_passes', 0)} extra full passes for incumbents' "
                     "per-example values."
                 )
+            for name, reason in ev.get("racing_fallbacks", {}).items():
+                lines.append(
+                    f"Statistical racing was off for evaluator {name}: {reason}; its "
+                    "candidates were raced exactly instead."
+                )
         if ev.get("bn_recalibrations"):
             lines.append(
                 f"BatchNorm statistics were re-estimated {ev['bn_recalibrations']} times, each "
