@@ -68,3 +68,36 @@ def test_average_recalibrate_on_an_unknown_device_is_one_error_line(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: device 'gpu' is unknown; use cpu, cuda, cuda:N or mps"]
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_align_on_an_unavailable_or_unknown_device_is_one_error_line(tmp_path, capsys, device):
+    paths = write_ingredients(tmp_path / "runs", grid=[(0.01, 1), (0.03, 2)])
+    out = tmp_path / "aligned-out"
+    code = main(
+        ["align", *map(str, paths), "-o", str(out), "--model", "digits_kit:model"]
+        + ["--input-shape", "8,64", "--method", "activations", "--data", "digits_kit:x"]
+        + ["--device", device, "-q"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: device '{device}'")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_align_pool_checks_its_device_before_reading_anything(tmp_path):
+    from modelsoup.errors import ConfigError
+    from modelsoup.repair.pool import align_pool
+
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        align_pool(
+            [tmp_path / "missing.safetensors"] * 2,
+            torch.nn.Linear(3, 2),
+            tmp_path / "out",
+            example=torch.zeros(1, 3),
+            method="activations",
+            data=torch.zeros(4, 3),
+            device="cuda",
+        )
+    assert not (tmp_path / "out").exists()

@@ -123,7 +123,8 @@ def test_align_cli_activation_matching_keeps_functions_and_helps_the_average(
     args += ["--input-shape", "8,64", "--method", "activations", "-q"]
     assert main(args) == 2  # no --data
     assert "--data" in capsys.readouterr().err
-    assert main([*args, "--data", "digits_kit:train_inputs", "--batches", "4"]) == 0
+    args += ["--data", "digits_kit:train_inputs", "--batches", "4"]
+    assert main([*args, "--device", "cpu"]) == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == 3
     assert_same_functions(zip(sorted(strangers.glob("*.safetensors"))[1:], paths[1:]))

@@ -269,9 +269,11 @@ def cmd_align(args: argparse.Namespace) -> int:
 
     import torch
 
+    from modelsoup._util import check_device
     from modelsoup.cook.config import resolve, resolve_unlabeled
     from modelsoup.repair.pool import align_pool
 
+    device = check_device(args.device)  # before any model or data is built
     if not args.spec and not (args.model and args.input_shape):
         raise ConfigError("give --spec spec.json, or --model and --input-shape to trace the model")
     example = None
@@ -301,6 +303,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         num_batches=args.batches,
         checkpoint_key=args.checkpoint_key,
         progress=not args.quiet,
+        device=device,
     )
     if args.write_spec and model is not None and example is not None:
         from modelsoup.repair import trace_permutation_spec
@@ -510,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="module:function returning unlabeled inputs (activations)")
     p.add_argument("--batches", type=int, help="use at most this many batches of --data")
     p.add_argument("--checkpoint-key")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where --method activations runs the model: cpu, cuda, cuda:N or mps "
+        "(default: cpu); weight matching runs on the CPU",
+    )
     p.set_defaults(run=cmd_align)
 
     p = command("demo", help="fine-tune a grid, cook soups, report honestly (docs/demo.md)")

@@ -539,6 +539,7 @@ def cook_config(
                 data=resolve_alignment_data(config),
                 num_batches=config.align_batches,
                 seed=config.seed,
+                device=config.device,
             )
         return cook(
             ingredients,

@@ -67,14 +67,14 @@ def _emitters(spec: PermutationSpec, module: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def _units(module: nn.Module, output: Any) -> torch.Tensor:
-    """A module's output as (samples, units): channels are axis 1 for convolutions and
-    norm layers, the last axis otherwise (Linear, LayerNorm)."""
+def _units(module: nn.Module, output: Any, device: torch.device) -> torch.Tensor:
+    """A module's output as (samples, units) in float64 on ``device``: channels are axis
+    1 for convolutions and norm layers, the last axis otherwise (Linear, LayerNorm)."""
     if isinstance(output, (tuple, list)):
         output = output[0]
     axis = 1 if isinstance(module, _CHANNELS_FIRST) and output.dim() > 2 else -1
     out = output.detach().movedim(axis, -1)
-    return out.reshape(-1, out.shape[-1]).to(torch.float64)
+    return out.reshape(-1, out.shape[-1]).to(device, torch.float64)
 
 
 class _Moments:
@@ -111,6 +111,7 @@ def activation_matching(
     spec: PermutationSpec,
     data: Iterable[Any] | torch.Tensor,
     num_batches: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Permutations that pair each unit of ``other_sd`` with its best-correlated reference unit.
 
@@ -118,8 +119,9 @@ def activation_matching(
     unlabeled inputs as for :func:`~modelsoup.repair.recalibrate_bn` (a tensor,
     split into batches of 256, or an iterable of tensors, ``(inputs, labels)``
     or keyword dicts), of which ``num_batches`` batches are used (all if None).
-    Both networks run in eval mode. Returns ``{permutation name: index}`` for
-    :func:`~modelsoup.repair.spec.permute_state_dict` applied to ``other_sd``.
+    Both networks run in eval mode on ``device`` (default: the CPU), where the
+    batches are moved and the correlations summed. Returns ``{permutation name: index}``
+    for :func:`~modelsoup.repair.spec.permute_state_dict` applied to ``other_sd``.
 
     Example:
         >>> import torch
@@ -138,9 +140,12 @@ def activation_matching(
     spec.sizes(reference_sd)
     spec.sizes(other_sd)
     emitters = _emitters(spec, model)
+    device = torch.device(device if device is not None else "cpu")
+    # float64 sums of products: MPS has no float64, so they are summed on the CPU there
+    sums_on = device if device.type != "mps" else torch.device("cpu")
     nets = []
     for sd in (reference_sd, other_sd):
-        net = copy.deepcopy(model).cpu().eval()
+        net = copy.deepcopy(model).to(device).eval()
         try:
             net.load_state_dict(dict(sd))
         except RuntimeError as err:
@@ -156,7 +161,7 @@ def activation_matching(
         for name in watched:
 
             def hook(mod: nn.Module, _inp: Any, out: Any, name=name, side=side) -> None:
-                seen[side][name] = _units(mod, out)
+                seen[side][name] = _units(mod, out, sums_on)
 
             hooks.append(modules[name].register_forward_hook(hook))
     if isinstance(data, torch.Tensor):
@@ -168,7 +173,7 @@ def activation_matching(
                 if num_batches is not None and batches >= num_batches:
                     break
                 for net in nets:
-                    forward_batch(net, batch, None, "activation matching")
+                    forward_batch(net, batch, device, "activation matching")
                 for name in watched:
                     a, b = seen[0].pop(name, None), seen[1].pop(name, None)
                     if a is not None and b is not None:
@@ -181,7 +186,7 @@ def activation_matching(
         raise ConfigError("activation matching: data yielded no batches; pass unlabeled inputs")
     perms = {}
     for perm, mods in emitters.items():
-        used = [moments[m].correlation() for m in mods if moments[m].n]
+        used = [moments[m].correlation().cpu() for m in mods if moments[m].n]
         if not used:
             raise AlignmentError(
                 f"the modules emitting permutation {perm} ({', '.join(mods)}) never ran on the "

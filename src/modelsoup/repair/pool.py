@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelsoup._util import atomic_file, clean_stale_temps, slug
+from modelsoup._util import atomic_file, check_device, clean_stale_temps, slug
 from modelsoup._util import progress as stage_progress
 from modelsoup.errors import ConfigError
 from modelsoup.formats.safetensors_io import write_safetensors
@@ -90,6 +90,7 @@ def align_pool(
     max_rounds: int = 20,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Align the ingredients to each other; return paths to feed any recipe.
 
@@ -100,6 +101,8 @@ def align_pool(
     ``method="merge_many"`` re-aligns each one to the
     mean of the others for up to ``max_rounds`` rounds (:func:`merge_many`), and
     every ingredient gets an aligned copy. Aligned copies go to ``<output>/aligned/``.
+    ``device``: where activation matching runs the networks (default: the CPU; checked
+    here); weight matching compares weights and runs on the CPU.
 
     Example:
         >>> import tempfile, torch
@@ -119,6 +122,8 @@ def align_pool(
         )
     if method == "activations" and (data is None or model is None):
         raise ConfigError("activation matching needs the model and unlabeled input data")
+    if device is not None:
+        device = check_device(device)
     pool = open_ingredients(sources, key=checkpoint_key)
     if not 0 <= reference < len(pool):
         raise ConfigError(f"reference {reference} is not one of the {len(pool)} ingredients")
@@ -154,7 +159,7 @@ def align_pool(
             continue
         if method == "activations":
             aligned = activation_align(
-                template, ref_sd, _full(ing), spec, data, num_batches=num_batches
+                template, ref_sd, _full(ing), spec, data, num_batches=num_batches, device=device
             )
         else:
             aligned = align_to(ref_sd, _full(ing), spec, max_iter=max_iter, seed=seed)
