@@ -150,6 +150,10 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         ("recipes: [{name: greedy, order: backwards}]\n", "'recipes.0.order'"),
         ("recipes: [{name: souffle}]\n", "recipe 'souffle' is unknown"),
         ("recipes: [{name: pruned, passes: many}]\n", "'recipes.0.passes'"),
+        (
+            "recipes: [{name: greedy, merge: {rule: ties, density: 2}}]\n",
+            "'recipes.0.merge' (greedy): merge rule 'ties': option 'density': Input should be",
+        ),
     ],
 )
 def test_bad_configs_name_the_bad_key(tmp_path, ckpt_dir, capsys, edit, needle):
@@ -160,6 +164,33 @@ def test_bad_configs_name_the_bad_key(tmp_path, ckpt_dir, capsys, edit, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        (
+            {"name": "greedy", "merge": {"rule": "ties", "density": 2}},
+            "cook(): config key 'recipes.0.merge' (greedy): merge rule 'ties': option "
+            "'density': Input should be less than or equal to 1",
+        ),
+        (
+            {"name": "greedy", "ordr": "random"},
+            "cook(): config key 'recipes.0.ordr' (greedy): unknown option; did you mean 'order'?",
+        ),
+        ({"name": "pruned", "passes": "many"}, "cook(): config key 'recipes.0.passes' (pruned)"),
+    ],
+)
+def test_bad_recipe_options_in_python_are_one_config_error_line(tmp_path, entry, needle):
+    import torch
+
+    from modelsoup.errors import ConfigError
+
+    missing = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]  # never read: checked first
+    with pytest.raises(ConfigError) as raised:
+        cook(missing, torch.nn.Linear(8, 3), lambda m: 0.0, recipes=[entry], progress=False)
+    assert str(raised.value) == needle or str(raised.value).startswith(needle)
+    assert "\n" not in str(raised.value)
 
 
 def test_missing_required_key(tmp_path, capsys):

@@ -7,6 +7,7 @@ Every layer may import from here; this module imports nothing of modelsoup but
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import fcntl
 import logging
@@ -360,6 +361,17 @@ def slug(label: str) -> str:
         'greedy-sorted'
     """
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def spelling_hint(key: object, known: Iterable[str]) -> str:
+    """What an error about an unknown key adds: the closest known key, if one is close.
+
+    Example:
+        >>> spelling_hint("pases", ["passes", "order"]), spelling_hint("zzz", ["order"])
+        ("; did you mean 'passes'?", '; check its spelling')
+    """
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else "; check its spelling"
 
 
 def check_device(name: str | torch.device) -> str:

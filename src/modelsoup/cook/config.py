@@ -27,14 +27,13 @@ first ingredient folder's ``config.json`` (the head from ``architectures``, or f
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import importlib
 import importlib.util
 import sys
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,6 +50,7 @@ from pydantic import (
     model_validator,
 )
 
+from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import same_data
 from modelsoup.hf import CausalLMLossData, MultipleChoiceData, TextClassificationData
@@ -308,11 +308,6 @@ class CookConfig(CookOptions):
         return self
 
 
-def _spelling_hint(key: object, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    return f"; did you mean '{close[0]}'?" if close else "; check its spelling"
-
-
 def format_error(err: ValidationError, source: str) -> str:
     """One line for a pydantic error: the key, and a spelling suggestion for unknown keys."""
     # a misspelt key also makes the real one "missing": report the misspelling first
@@ -322,7 +317,7 @@ def format_error(err: ValidationError, source: str) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         known = _keys_at(CookConfig, first["loc"][:-1])
-        msg = "unknown key" + _spelling_hint(first["loc"][-1], known)
+        msg = "unknown key" + spelling_hint(first["loc"][-1], known)
     elif first["type"] == "missing":
         msg = "required key is missing"
     elif first["type"] == "value_error":
@@ -352,18 +347,7 @@ def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
 def check_recipes(config: CookConfig, source: str = "config") -> None:
     """Validate each recipe entry against its recipe's options model."""
     for i, entry in enumerate(config.recipes):
-        spec = get_recipe(entry.name)
-        opts = entry.options()
-        try:
-            spec.options(**opts)
-        except ValidationError as err:
-            first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-            key = ".".join(str(x) for x in first["loc"])
-            msg = first["msg"].removeprefix("Value error, ")
-            if first["type"] == "extra_forbidden":
-                msg = "unknown option" + _spelling_hint(key, spec.options.model_fields)
-            where = f"recipes.{i}.{key}" if key else f"recipes.{i}"
-            raise ConfigError(f"{source}: config key '{where}' ({entry.name}): {msg}") from None
+        get_recipe(entry.name).check_options(entry.options(), source=source, where=f"recipes.{i}")
 
 
 def load_config(path: str | Path) -> CookConfig:

@@ -132,7 +132,7 @@ def plan_cook(config: CookConfig | str | Path) -> CookPlan:
     planned = []
     for entry in entries:
         spec = get_recipe(entry.name)
-        options = spec.options(**entry.options())
+        options = spec.check_options(entry.options())
         runs = getattr(options, "runs", 1)
         per_run = spec.bound(pool, options) if spec.bound is not None else None
         if per_run is not None and re_scored:

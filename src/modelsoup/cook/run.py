@@ -85,7 +85,8 @@ def entry_label(entry: RecipeEntry) -> str:
     """The entry's label, or one made from its recipe name and (validated) options."""
     if entry.label:
         return entry.label
-    return default_label(entry.name, get_recipe(entry.name).options(**entry.options()).model_dump())
+    options = get_recipe(entry.name).check_options(entry.options())
+    return default_label(entry.name, options.model_dump())
 
 
 def _size(sizes: Sequence[int]) -> float:
@@ -106,6 +107,10 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
             given.append(r if isinstance(r, RecipeEntry) else RecipeEntry(**r))
         except ValidationError as err:
             raise ConfigError(format_error(err, f"cook() recipes.{i}")) from None
+        # the recipe's own options, at the edge: one line naming the key
+        get_recipe(given[-1].name).check_options(
+            given[-1].options(), source="cook()", where=f"recipes.{i}"
+        )
     if baselines:
         names = {e.name for e in given}
         for b in BASELINES:
@@ -167,6 +172,7 @@ def cook(
         [('best_individual', 1), ('uniform', 3), ('greedy (sorted)', 2)]
     """
     opts = _options(options, settings)
+    _entries(recipes, False, False)  # each recipe entry and its options, before any reading
     started = time.perf_counter()
     recalibrate = as_recalibration(recalibrate)  # a hook, or the unlabeled data itself
     device = check_device(opts.device)
@@ -238,7 +244,9 @@ def _cook(
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
     for entry in entries:  # before any evaluation: a rule that needs the base names itself
-        check_base(as_merge(get_recipe(entry.name).options(**entry.options()).merge_rule()), base)
+        check_base(
+            as_merge(get_recipe(entry.name).check_options(entry.options()).merge_rule()), base
+        )
     taster = Taster(
         pool,
         module,
@@ -338,7 +346,7 @@ def _run_entry(
     seed: int,
 ) -> MethodResult:
     spec = get_recipe(entry.name)
-    options = spec.options(**entry.options()).model_dump()
+    options = spec.check_options(entry.options()).model_dump()
     runs = options.pop("runs", 1)
     label = entry_label(entry)
     before = (taster.evaluations, taster.reused)

@@ -13,12 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec
 
@@ -67,6 +68,37 @@ class RecipeSpec:
     #: each ingredient's own score aside (those are shared by every recipe); ``None``
     #: when the recipe cannot say
     bound: Callable[[Sequence[Any], RecipeOptions], int] | None = None
+
+    def check_options(
+        self, options: Mapping[str, Any], *, source: str | None = None, where: str = ""
+    ) -> RecipeOptions:
+        """The recipe's options, validated; an unknown key, a wrong type or a value out of
+        range is a one-line :class:`~modelsoup.errors.ConfigError` naming the key (under
+        ``where``, e.g. ``recipes.0``, in ``source``, e.g. the config file).
+
+        Example:
+            >>> from modelsoup.recipes import get_recipe
+            >>> get_recipe("greedy").check_options({"order": "random"}).order
+            'random'
+            >>> get_recipe("greedy").check_options({"ordr": "random"}, where="recipes.0")
+            Traceback (most recent call last):
+            ...
+            modelsoup.errors.ConfigError: config key 'recipes.0.ordr' (greedy): unknown option; did you mean 'order'?
+        """  # noqa: E501
+        try:
+            return self.options(**options)
+        except ValidationError as err:
+            # a misspelt key also makes the real one "missing": report the misspelling first
+            first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+            key = ".".join(str(x) for x in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                msg = "unknown option" + spelling_hint(key, self.options.model_fields)
+            elif first["type"] == "missing":
+                msg = "required option is missing"
+            place = ".".join(p for p in (where, key) if p) or "(top level)"
+            prefix = f"{source}: " if source else ""
+            raise ConfigError(f"{prefix}config key '{place}' ({self.name}): {msg}") from None
 
 
 RECIPES: dict[str, RecipeSpec] = {}
