@@ -139,3 +139,32 @@ def test_a_position_outside_the_pool_is_refused(tmp_path):
     taster = Taster(open_ingredients(paths), _model(), evaluator)
     with pytest.raises(Exception, match="outside the pool"):
         taster.prefetch(5)
+
+
+def test_max_memory_is_a_cook_key_for_prefetch_and_the_learned_soup(tmp_path):
+    from modelsoup.cook.config import load_config
+    from modelsoup.errors import ConfigError
+
+    paths, evaluator = _pool(tmp_path / "pool", n=3)
+    numel = sum(p.numel() for p in _model().parameters())
+    cfg = tmp_path / "soup.yaml"
+    head = "model: m:f\ningredients: [a]\nheld_out: m:e\noutput: o\n"
+    cfg.write_text(head + "max_memory: 2KB\n")
+    assert load_config(cfg).options().max_memory == "2KB"
+    for bad, why in (("lots", "is not understood"), ("0", "must be positive")):
+        cfg.write_text(head + f"max_memory: {bad}\n")
+        with pytest.raises(ConfigError, match=f"config key 'max_memory': size .*{why}"):
+            load_config(cfg)
+    small = 10 * numel - 1  # below model + sum + staging buffer, in bytes
+    kwargs = {"recipes": [{"name": "greedy"}], "bootstrap_resamples": 10, "progress": False}
+    tight = cook(paths, _model, evaluator, max_memory=small, **kwargs)
+    assert tight.taster_stats["prefetched"] == 0
+    assert cook(paths, _model, evaluator, max_memory="1GB", **kwargs).taster_stats["prefetched"]
+    with pytest.raises(MemoryBudgetError, match="prefetch"):
+        cook(paths, _model, evaluator, max_memory=small, prefetch=True, **kwargs)
+    # the learned soup holds every ingredient: the cook's budget is its default
+    learned = {**kwargs, "recipes": [{"name": "learned", "epochs": 1}], "baselines": False}
+    with pytest.raises(MemoryBudgetError, match="the learned soup"):
+        cook(paths, _model, evaluator, max_memory=small, prefetch=False, **learned)
+    learned["recipes"] = [{"name": "learned", "epochs": 1, "max_memory": "1GB"}]
+    cook(paths, _model, evaluator, max_memory=small, prefetch=False, **learned)

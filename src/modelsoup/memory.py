@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 
 from modelsoup._util import parse_size
-from modelsoup.errors import MemoryBudgetError
+from modelsoup.errors import MemoryBudgetError, SoupError
 from modelsoup.formats.base import TensorMeta
 
 FLOAT32_BYTES = 4
@@ -54,6 +54,26 @@ def memory_budget(max_memory: int | str | None = None) -> int:
     if max_memory is None:
         return total_ram() // 2
     return parse_size(max_memory)
+
+
+def budget_option(max_memory: int | str | None) -> int | str | None:
+    """A ``max_memory`` option as given, once :func:`parse_size` reads it (``None``: the
+    default budget); a ``ValueError`` otherwise, so an options model names its key.
+
+    Example:
+        >>> budget_option("8GB"), budget_option(None)
+        ('8GB', None)
+        >>> budget_option("lots")
+        Traceback (most recent call last):
+        ...
+        ValueError: size 'lots' is not understood; write e.g. 5GB or 500MB
+    """
+    if max_memory is not None:
+        try:
+            parse_size(max_memory)
+        except SoupError as err:
+            raise ValueError(str(err)) from None
+    return max_memory
 
 
 def format_bytes(n: int) -> str:

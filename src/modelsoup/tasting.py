@@ -138,7 +138,8 @@ class Taster:
             tensors. ``None`` (default): on when that fits ``max_memory``; ``True``: on,
             or :class:`~modelsoup.errors.MemoryBudgetError` when it does not fit;
             ``False``: off. Results are the same either way, bit for bit.
-        max_memory: the memory budget (``"8GB"``-style or bytes; default half the RAM).
+        max_memory: the memory budget (``"8GB"``-style or bytes; default half the RAM),
+            for prefetch and for the learned soup (unless it is given its own).
         base: the base model (pretrained start) for merge rules on task vectors.
 
     Example:
@@ -217,6 +218,9 @@ class Taster:
         self._orders: dict[tuple[str, int], str] = {}  # sha256 of each examples' order
         #: score single ingredients from their cached logits (when an ensemble is cooked)
         self.share_outputs = share_outputs
+        #: the memory budget, as given (``None``: half the RAM): for prefetch, and the
+        #: default of recipes that hold more than one model (``learned``)
+        self.max_memory = max_memory
         self._individual: dict[str, list[float]] = {}
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
         self.prefetch_enabled = self._prefetch_fits(prefetch, max_memory)

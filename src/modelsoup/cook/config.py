@@ -54,6 +54,7 @@ from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import same_data
 from modelsoup.hf import CausalLMLossData, MultipleChoiceData, TextClassificationData
+from modelsoup.memory import budget_option
 from modelsoup.recipes.registry import get_recipe
 
 DEFAULT_RECIPES = [
@@ -213,10 +214,14 @@ class CookOptions(BaseModel):
     #: read the ingredient the recipe tries next while the evaluator scores the current
     #: candidate (one staging buffer more; on when it fits half the RAM, unless false)
     prefetch: bool | None = None
+    #: the memory budget ("8GB"-style or bytes; default half the RAM): prefetch is on
+    #: only when it fits, and the learned soup is refused above it
+    max_memory: int | str | None = None
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
 
     _racing_off = field_validator("racing", mode="before")(_yaml_off)
+    _budget = field_validator("max_memory")(budget_option)
 
     def options(self) -> CookOptions:
         """Only the cook options of this object (a config's other keys dropped)."""

@@ -259,6 +259,7 @@ def _cook(
         share_outputs=any(e.name in ("ensemble", "greedy_ensemble") for e in entries),
         racing=racing_value(opts.racing),
         prefetch=opts.prefetch,
+        max_memory=opts.max_memory,
         progress=progress,
         base=base,
     )

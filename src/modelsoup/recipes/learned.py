@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
-from modelsoup._util import parse_size
-from modelsoup.errors import ConfigError, SoupError
+from modelsoup.errors import ConfigError
 from modelsoup.evaluators import forward_logits, model_device
 from modelsoup.ingredients import Ingredient
-from modelsoup.memory import check_budget, learned_soup_bytes, memory_budget
+from modelsoup.memory import budget_option, check_budget, learned_soup_bytes, memory_budget
 from modelsoup.recipes.greedy import greedy_soup
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
@@ -58,7 +57,8 @@ class LearnedOptions(RecipeOptions):
     #: epochs without a better validation loss before stopping
     patience: PositiveInt = 5
     seed: int = 0
-    #: "8GB"-style size or bytes; default half of the machine's RAM
+    #: "8GB"-style size or bytes; default the taster's budget (the cook's max_memory,
+    #: else half of the machine's RAM)
     max_memory: int | str | None = None
 
     @field_validator("val_fraction")
@@ -68,15 +68,7 @@ class LearnedOptions(RecipeOptions):
             raise ValueError(f"val_fraction={v} must be in [0, 1)")
         return v
 
-    @field_validator("max_memory")
-    @classmethod
-    def _size(cls, v: int | str | None) -> int | str | None:
-        if v is not None:
-            try:
-                parse_size(v)
-            except SoupError as err:
-                raise ValueError(str(err)) from None
-        return v
+    _size = field_validator("max_memory")(budget_option)
 
 
 class SoupMixture(torch.nn.Module):
@@ -395,7 +387,7 @@ def learned_soup(
         if ingredients == "all"
         else "raise max_memory or use fewer ingredients"
     )
-    budget = memory_budget(max_memory)
+    budget = memory_budget(max_memory if max_memory is not None else taster.max_memory)
     check_budget(
         needed, budget, "the learned soup", advice, detail=f"for {len(members)} ingredients"
     )
