@@ -262,3 +262,16 @@ def test_cook_runs_learned_and_layerwise_soups(tmp_path, digits_ckpts):
     layerwise = json.loads((out / (rows["layerwise (selective)"]["saved"] + ".json")).read_text())
     assert set(layerwise["options"]["groups"]) == {"fc1", "fc2"}
     assert "tensor_coefficients" in layerwise
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_mixed_weights_beyond_fp8s_range_saturate_as_every_soup_does(dtype):
+    top = torch.finfo(dtype).max
+    big = [
+        {"weight": torch.full((1, 2), v * top), "bias": torch.tensor([-v * top])} for v in (3, 5)
+    ]
+    model = torch.nn.Linear(2, 1).to(dtype)
+    weights = SoupMixture(model, open_ingredients(big)).weights()
+    assert weights["weight"].dtype == dtype
+    assert weights["weight"].float().tolist() == [[top, top]]
+    assert weights["bias"].float().tolist() == [-top]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
+from modelsoup.accumulator import saturating_cast
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import forward_logits, model_device
 from modelsoup.ingredients import Ingredient
@@ -172,7 +173,8 @@ class SoupMixture(torch.nn.Module):
             stack = self.stacks[name]
             # A (k,) @ (k, n) product: no k-sized temporary, forward or backward.
             mixed = (coefs[name] @ stack.reshape(stack.shape[0], -1)).reshape(stack.shape[1:])
-            state[name] = mixed.to(self.dtypes.get(name, torch.float32))
+            # to the model's dtype as every soup is written: fp8 saturated, never Inf
+            state[name] = saturating_cast(mixed, self.dtypes.get(name, torch.float32))
         state.update(self.ints)
         return state
 
