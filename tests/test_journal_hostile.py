@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -160,3 +161,47 @@ def test_record_refuses_what_load_would_refuse(tmp_path, bad):
         book.record("a" * 64, bad, {"evaluator": "acc"})
     assert not (tmp_path / "journal.jsonl").exists()
     assert book.lookup("a" * 64) is None
+
+
+class _TokenPreference(torch.nn.Module):
+    """A language model over 4 tokens that predicts the same distribution everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, input_ids, attention_mask):
+        return self.logit.expand(*input_ids.shape, 4)
+
+
+def _language_evaluators():
+    from modelsoup.hf.language import CausalLMLoss, MultipleChoice
+
+    loss = CausalLMLoss([([0, 1, 2, 3], 1), ([3, 2, 1], 1)], name="nll")
+    choice = MultipleChoice([[([0, 1], 1), ([0, 2], 1)], [([0, 2], 1), ([0, 3], 1)]], [1, 1])
+    return {"loss": (loss, "[0.0, inf]"), "choice": (choice, "[0.0, 1.0]")}
+
+
+@pytest.mark.parametrize(
+    ("which", "value"),
+    [("loss", "-0.5"), ("choice", "1e308"), ("choice", "-0.5"), ("choice", "1.5")],
+)
+def test_language_model_scores_outside_their_range_are_not_trusted(tmp_path, which, value):
+    # the built-in language-model evaluators declare their range as Accuracy and MeanLoss
+    # do; a loss has no upper end, so a finite 1e308 loss is a legitimate score
+    evaluator, shown = _language_evaluators()[which]
+    ings = [{"logit": torch.tensor([0.0, 2.0, 1.0, 0.5])}, {"logit": torch.zeros(4)}]
+    path = tmp_path / "journal.jsonl"
+
+    def taste():
+        taster = Taster(
+            open_ingredients(ings), _TokenPreference(), evaluator, journal=Journal(path)
+        )
+        return taster.individual_scores(), taster
+
+    scores, _ = taste()
+    _replace_line(path, 2, _with_score(value))
+    match = "line 2 ignored: score .* outside the evaluator's range " + re.escape(shown)
+    with pytest.warns(SoupWarning, match=match):
+        again, taster = taste()
+    assert taster.evaluations == 1 and again == scores

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -343,6 +344,8 @@ class CausalLMLoss(TokenScorer):
 
     kind = "causal_lm_loss"
     higher_is_better = False
+    #: a negative log-likelihood: a journal score below 0 is not trusted
+    score_range = (0.0, math.inf)
     #: the report shows exp(score) beside the score
     reports_perplexity = True
 
@@ -398,6 +401,8 @@ class MultipleChoice(TokenScorer):
 
     kind = "multiple_choice"
     higher_is_better = True
+    #: an accuracy: a journal score outside [0, 1] is not trusted
+    score_range = (0.0, 1.0)
 
     def __init__(
         self,
