@@ -629,10 +629,10 @@ class Taster:
         self.evaluations += 1
         if statistical and race.fallback is not None:
             self._fall_back(evaluator, race.fallback)
-        # what the race's own test was, not what was asked for
-        statistical = race.test == "statistical"
-        test = test if statistical else None
-        if statistical:
+        # labelled and counted by the test that decided, not by the one asked for
+        decided_statistically = race.test == "statistical"
+        test = test if decided_statistically else None
+        if decided_statistically:
             self.statistical_races += 1
             self._used(test)
         self.races += 1
@@ -655,7 +655,7 @@ class Taster:
                 race.bound, seen=race.seen, total=race.total, confidence=confidence
             )
         value = checked_value(evaluator, race.score)
-        if race.values is not None and statistical:
+        if race.values is not None and decided_statistically:
             self._values[key] = race.values.detach().cpu()  # the next incumbent, maybe
         self.journal.record(key, value, detail)
         return value
