@@ -213,3 +213,17 @@ def test_no_validation_data_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="no validation data") as err:
         trainer.fit(Classifier(), train)
     assert "\n" not in str(err.value) and trainer.global_step == 0
+
+
+def test_the_docs_lightning_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "language-models.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    block = next(b for b in blocks if "LightningSoupCallback" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(doc), "exec"), {})
+    assert "On held-out data" in capsys.readouterr().out
+    assert (tmp_path / "lightning-run" / "soup" / "report.md").is_file()
+    assert list((tmp_path / "lightning-run" / "soup" / "soups").glob("greedy*.ckpt"))

@@ -125,9 +125,7 @@ class ValidationMetric:
             if fit is not None:
                 options["precision"] = fit.precision
                 options["limit_val_batches"] = fit.limit_val_batches
-            # Lightning announces the devices of every new Trainer: once per cook is enough
-            with _quiet_logger("lightning.pytorch.utilities.rank_zero"):
-                self._runner = _trainer_class(fit)(**options)
+            self._runner = _trainer_class(fit)(**options)  # one per cook: it is reused
         return self._runner
 
     def evaluate(self, model: torch.nn.Module) -> float:
@@ -158,17 +156,6 @@ def _trainer_class(fit: Any) -> type:
         if cls.__name__ == "Trainer" and cls.__module__.endswith(".trainer.trainer"):
             return cls
     return pl.Trainer
-
-
-@contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 @contextmanager
