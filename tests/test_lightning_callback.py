@@ -182,7 +182,6 @@ def test_held_out_function_sees_the_module_and_every_validation_saves(tmp_path):
     ("options", "trainer_options", "message"),
     [
         ({}, {}, "needs a held-out score: pass monitor="),
-        ({"monitor": "val_f1"}, {}, "monitor 'val_f1' was never logged in this fit"),
         ({"monitor": "val_loss", "load": "greedy_ensemble"}, {}, "names no row of the report"),
         (
             {"held_out": lambda m: 1.0, "every": "validation"},
@@ -197,6 +196,26 @@ def test_misuse_is_one_clear_line(tmp_path, options, trainer_options, message):
     with pytest.raises(ConfigError) as err:
         _fit(tmp_path, LightningSoupCallback(**options), epochs=1, **(trainer_options or {}))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_monitor_never_logged_fails_after_the_first_validation(tmp_path):
+    callback = LightningSoupCallback(monitor="val_f1", mode="max")
+    trainer = pl.Trainer(
+        max_epochs=3,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+        accelerator="cpu",
+    )
+    train, val = _loaders()
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(Classifier(), train, val)
+    assert str(err.value) == (
+        "LightningSoupCallback: monitor 'val_f1' was never logged in this fit (logged: "
+        "val_acc, val_loss); log it in validation_step, or pass monitor= one of those"
+    )
+    assert trainer.current_epoch == 0  # not three epochs later
 
 
 def test_no_validation_data_fails_before_training(tmp_path):
@@ -227,3 +246,39 @@ def test_the_docs_lightning_example_runs(tmp_path, monkeypatch, capsys):
     assert "On held-out data" in capsys.readouterr().out
     assert (tmp_path / "lightning-run" / "soup" / "report.md").is_file()
     assert list((tmp_path / "lightning-run" / "soup" / "soups").glob("greedy*.ckpt"))
+
+
+def test_a_pytorch_lightning_trainer_works_too(tmp_path):
+    old = pytest.importorskip("pytorch_lightning")
+
+    class Older(old.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 3)
+
+        training_step = Classifier.training_step
+        validation_step = Classifier.validation_step
+        forward = Classifier.forward
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    torch.manual_seed(0)
+    callback = LightningSoupCallback([{"name": "uniform"}], monitor="val_loss", save="none")
+    trainer = old.Trainer(
+        max_epochs=2,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+        accelerator="cpu",
+    )
+    train, val = _loaders()
+    trainer.fit(Older(), train, val)
+    scores = {
+        label: score
+        for label, score in zip(
+            [i.label for i in callback.result.ingredients], callback.result.individual_held_out
+        )
+    }
+    assert scores["epoch=1-step=8"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))

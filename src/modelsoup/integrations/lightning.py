@@ -50,7 +50,7 @@ except ImportError:  # the older package name
 
 from modelsoup.cook.results import CookResult
 from modelsoup.distributed import one_process
-from modelsoup.errors import ConfigError, EvaluationError
+from modelsoup.errors import ConfigError, EvaluationError, SoupError
 from modelsoup.formats.torch_pickle import load_pickle
 from modelsoup.ingredients import natural_order, open_ingredient
 from modelsoup.integrations._common import (
@@ -124,7 +124,8 @@ class ValidationMetric:
             }
             if fit is not None:
                 options["precision"] = fit.precision
-                options["limit_val_batches"] = fit.limit_val_batches
+                if fit.limit_val_batches != 1.0:  # as the run validated
+                    options["limit_val_batches"] = fit.limit_val_batches
             self._runner = _trainer_class(fit)(**options)  # one per cook: it is reused
         return self._runner
 
@@ -256,6 +257,7 @@ class LightningSoupCallback(pl.Callback):
         self._own = True
         self._before: dict[Path, dict[Path, tuple[int, int]]] = {}
         self._last_saved_step = -1
+        self._monitor_seen = False
 
     # -- state kept in the run's own checkpoints, so a resumed fit knows its ingredients
     def state_dict(self) -> dict[str, Any]:
@@ -316,8 +318,22 @@ class LightningSoupCallback(pl.Callback):
             self._save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every == "validation" and trainer.state.fn == "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.held_out is None and not self._monitor_seen:
+            self._check_logged(trainer)  # after the first validation, not after training
+            self._monitor_seen = True
+        if self.every == "validation":
             self._save(trainer)
+
+    def _check_logged(self, trainer: pl.Trainer) -> None:
+        monitor, _ = self._monitor_and_mode(trainer)
+        if monitor not in trainer.callback_metrics:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
+            raise ConfigError(
+                f"{_WHO}: monitor {monitor!r} was never logged in this fit (logged: "
+                f"{logged}); log it in validation_step, or pass monitor= one of those"
+            )
 
     def checkpoints(self, trainer: pl.Trainer) -> list[Path]:
         """The ingredients: this fit's checkpoints in step order, then the extra ones."""
@@ -341,13 +357,22 @@ class LightningSoupCallback(pl.Callback):
 
     # -- after training: rank 0 cooks, the others wait
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        soup_state = None
+        soup_state, failure = None, None
         if trainer.is_global_zero:
-            soup_state = self._cook(trainer, pl_module)
+            try:
+                soup_state = self._cook(trainer, pl_module)
+            except Exception as err:
+                if trainer.world_size == 1:
+                    raise
+                failure = err  # the others must hear of it, not wait for a soup
         if trainer.world_size > 1:
             trainer.strategy.barrier("modelsoup")
-            if self.load is not None:
-                soup_state = trainer.strategy.broadcast(soup_state, src=0)
+            why = None if failure is None else str(failure).splitlines()[0]
+            soup_state, why = trainer.strategy.broadcast((soup_state, why), src=0)
+            if failure is not None:
+                raise failure
+            if why is not None:
+                raise SoupError(f"{_WHO}: the cook on rank 0 failed: {why}")
         if soup_state is not None:
             target = _target(pl_module, set(soup_state))
             target.load_state_dict(soup_state)
@@ -369,13 +394,8 @@ class LightningSoupCallback(pl.Callback):
         target = _target(pl_module, set(open_ingredient(found[0]).names()))
         held = self.held_out
         if held is None:
+            self._check_logged(trainer)
             monitor, mode = self._monitor_and_mode(trainer)
-            if monitor not in trainer.callback_metrics:
-                logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
-                raise ConfigError(
-                    f"{_WHO}: monitor {monitor!r} was never logged in this fit (logged: "
-                    f"{logged}); log it in validation_step, or pass monitor= one of those"
-                )
             loaders = _validation_source(trainer)
             held = ValidationMetric(pl_module, loaders, monitor, mode, trainer=trainer)
         elif callable(held) and not hasattr(held, "evaluate"):
