@@ -282,3 +282,21 @@ def test_a_pytorch_lightning_trainer_works_too(tmp_path):
         )
     }
     assert scores["epoch=1-step=8"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+
+
+def test_a_resumed_fit_keeps_the_earlier_checkpoints_as_ingredients(tmp_path):
+    _fit(tmp_path, LightningSoupCallback(monitor="val_loss", save="none"))
+    resume = tmp_path / "checkpoints" / "epoch=1-step=8.ckpt"  # Lightning's own, full
+    callback = LightningSoupCallback([{"name": "uniform"}], monitor="val_loss", save="none")
+    trainer = pl.Trainer(
+        max_epochs=3,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+        accelerator="cpu",
+    )
+    train, val = _loaders()
+    trainer.fit(Classifier(), train, val, ckpt_path=resume)
+    labels = [i.label for i in callback.result.ingredients]
+    assert labels == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]

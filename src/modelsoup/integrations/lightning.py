@@ -6,8 +6,10 @@ fit are the ingredients (not ``last.ckpt``, a copy of the newest). Otherwise (no
 ``ModelCheckpoint``, or one that keeps only the best) the callback saves its own
 weights-only checkpoint at the end of every training epoch (``every="epoch"``) or after
 every validation run (``every="validation"``), in ``checkpoint_dir`` (default
-``default_root_dir/soup_checkpoints``). Either way they are ordered by global step, so
-LAWA's "last k" are the latest; ``extra_checkpoints`` (a sweep's other runs) follow.
+``default_root_dir/soup_checkpoints``; the list is kept in the run's full checkpoints, so
+a fit resumed with ``ckpt_path=`` still has the earlier ones). Either way they are
+ordered by global step, so LAWA's "last k" are the latest; ``extra_checkpoints`` (a
+sweep's other runs) follow.
 
 **Held-out score.** By default, the metric ``monitor`` that the module's own validation
 loop logs (``self.log("val_loss", ...)`` in ``validation_step`` or
@@ -27,7 +29,9 @@ soup's weights in the module instead, on every rank. Soups (``.ckpt``, loadable 
 ``load_from_checkpoint``) and the report go to ``output_dir`` (default
 ``default_root_dir/soup``). Under multi-process training rank 0 cooks on the whole
 validation set and the other ranks wait at a barrier: the cook must end within the
-process group's timeout (``DDPStrategy(timeout=...)``, 30 minutes by default).
+process group's timeout (``DDPStrategy(timeout=...)``, 30 minutes by default). An error
+on rank 0 is raised there and, as a :class:`~modelsoup.errors.SoupError` naming it, on
+the other ranks.
 
 Lightning is imported from ``lightning.pytorch``, or ``pytorch_lightning`` where only
 that is installed.
@@ -267,6 +271,10 @@ class LightningSoupCallback(pl.Callback):
         self.saved = [Path(p) for p in state_dict.get("saved", [])]
 
     # -- before training: check what can be checked, note what is on disk already
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resumed fit restores what this callback saved
+            self.saved, self._last_saved_step, self._monitor_seen = [], -1, False
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._monitor_and_mode(trainer)  # a misconfiguration fails now, not after training
         if self.held_out is None and not _has_validation(trainer):
