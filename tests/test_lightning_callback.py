@@ -63,9 +63,7 @@ def _loaders():
     return train, val
 
 
-def _fit(root, callback, module=None, epochs=2, **trainer_options):
-    torch.manual_seed(0)
-    module = module or Classifier()
+def _trainer(root, callback, epochs=2, package=pl, **trainer_options):
     options = {
         "max_epochs": epochs,
         "default_root_dir": str(root),
@@ -76,9 +74,15 @@ def _fit(root, callback, module=None, epochs=2, **trainer_options):
         "callbacks": [callback],
         **trainer_options,
     }
-    trainer = pl.Trainer(**options)
+    return package.Trainer(**options)
+
+
+def _fit(root, callback, module=None, epochs=2, ckpt_path=None, **trainer_options):
+    torch.manual_seed(0)
+    module = module or Classifier()
+    trainer = _trainer(root, callback, epochs, **trainer_options)
     train, val = _loaders()
-    trainer.fit(module, train, val)
+    trainer.fit(module, train, val, ckpt_path=ckpt_path)
     return trainer, module
 
 
@@ -200,14 +204,7 @@ def test_misuse_is_one_clear_line(tmp_path, options, trainer_options, message):
 
 def test_a_monitor_never_logged_fails_after_the_first_validation(tmp_path):
     callback = LightningSoupCallback(monitor="val_f1", mode="max")
-    trainer = pl.Trainer(
-        max_epochs=3,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-        accelerator="cpu",
-    )
+    trainer = _trainer(tmp_path, callback, epochs=3)
     train, val = _loaders()
     with pytest.raises(ConfigError) as err:
         trainer.fit(Classifier(), train, val)
@@ -220,14 +217,7 @@ def test_a_monitor_never_logged_fails_after_the_first_validation(tmp_path):
 
 def test_no_validation_data_fails_before_training(tmp_path):
     callback = LightningSoupCallback(monitor="val_loss")
-    trainer = pl.Trainer(
-        max_epochs=1,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-        accelerator="cpu",
-    )
+    trainer = _trainer(tmp_path, callback, epochs=1)
     train, _ = _loaders()
     with pytest.raises(ConfigError, match="no validation data") as err:
         trainer.fit(Classifier(), train)
@@ -265,22 +255,11 @@ def test_a_pytorch_lightning_trainer_works_too(tmp_path):
 
     torch.manual_seed(0)
     callback = LightningSoupCallback([{"name": "uniform"}], monitor="val_loss", save="none")
-    trainer = old.Trainer(
-        max_epochs=2,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-        accelerator="cpu",
-    )
+    trainer = _trainer(tmp_path, callback, package=old)
     train, val = _loaders()
     trainer.fit(Older(), train, val)
-    scores = {
-        label: score
-        for label, score in zip(
-            [i.label for i in callback.result.ingredients], callback.result.individual_held_out
-        )
-    }
+    labels = [i.label for i in callback.result.ingredients]
+    scores = dict(zip(labels, callback.result.individual_held_out))
     assert scores["epoch=1-step=8"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
 
 
@@ -288,15 +267,6 @@ def test_a_resumed_fit_keeps_the_earlier_checkpoints_as_ingredients(tmp_path):
     _fit(tmp_path, LightningSoupCallback(monitor="val_loss", save="none"))
     resume = tmp_path / "checkpoints" / "epoch=1-step=8.ckpt"  # Lightning's own, full
     callback = LightningSoupCallback([{"name": "uniform"}], monitor="val_loss", save="none")
-    trainer = pl.Trainer(
-        max_epochs=3,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-        accelerator="cpu",
-    )
-    train, val = _loaders()
-    trainer.fit(Classifier(), train, val, ckpt_path=resume)
+    _fit(tmp_path, callback, epochs=3, ckpt_path=resume)
     labels = [i.label for i in callback.result.ingredients]
     assert labels == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]
