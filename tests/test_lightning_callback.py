@@ -172,13 +172,13 @@ def test_held_out_function_sees_the_module_and_every_validation_saves(tmp_path):
     callback = LightningSoupCallback(
         held_out=accuracy, every="validation", output_dir=tmp_path / "mine", save="none"
     )
-    _fit(tmp_path, callback, val_check_interval=2)
+    _fit(tmp_path, callback, module=Wrapped(), val_check_interval=2)
     assert [p.name for p in callback.saved][:3] == [
         "epoch=0-step=2.ckpt",
         "epoch=0-step=4.ckpt",
         "epoch=1-step=6.ckpt",
     ]
-    assert set(seen) == {"Classifier"}
+    assert set(seen) == {"Wrapped"}  # the module, though the cook writes into its .model
     assert (tmp_path / "mine" / "report.json").is_file()
 
 

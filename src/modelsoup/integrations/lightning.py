@@ -20,7 +20,8 @@ monitors something, else ``mode`` to ``"min"``. Each candidate is validated by a
 single-device Trainer (no logger, no callbacks, the run's precision and
 ``limit_val_batches``), so logging a candidate's score never touches the run's loggers
 or checkpoints. ``held_out=`` replaces all of this with an evaluator of yours, or a
-function ``module -> float`` (higher is better), called with the LightningModule.
+function ``module -> float`` (higher is better); it, and a ``test=`` evaluator, are
+given the LightningModule.
 
 **The cook** runs on rank 0 after the last epoch, tasting candidates in the
 LightningModule itself (on its device), whose trained weights are put back afterwards;
@@ -40,7 +41,7 @@ that is installed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,7 @@ except ImportError:  # the older package name
 from modelsoup.cook.results import CookResult
 from modelsoup.distributed import one_process
 from modelsoup.errors import ConfigError, EvaluationError, SoupError
+from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.formats.torch_pickle import load_pickle
 from modelsoup.ingredients import natural_order, open_ingredient
 from modelsoup.integrations._common import (
@@ -406,8 +408,10 @@ class LightningSoupCallback(pl.Callback):
             monitor, mode = self._monitor_and_mode(trainer)
             loaders = _validation_source(trainer)
             held = ValidationMetric(pl_module, loaders, monitor, mode, trainer=trainer)
-        elif callable(held) and not hasattr(held, "evaluate"):
-            held = _on_module(held, pl_module)
+        test = self.test
+        if target is not pl_module:  # the user's evaluators are given the LightningModule
+            held = _OnModule(as_evaluator(held), pl_module)
+            test = _OnModule(as_evaluator(test), pl_module) if test is not None else None
         output = self.output_dir or Path(trainer.default_root_dir) / "soup"
         _logger.info("%s: cooking %d checkpoints into %s", _WHO, len(found), output)
         with one_process(), _local_metrics(pl_module):
@@ -415,7 +419,7 @@ class LightningSoupCallback(pl.Callback):
                 found,
                 target,
                 held,
-                test=self.test,
+                test=test,
                 recipes=self.recipes,
                 output=output,
                 who=_WHO,
@@ -428,15 +432,24 @@ class LightningSoupCallback(pl.Callback):
         return soup.state_dict()
 
 
-def _on_module(fn: Callable, module: pl.LightningModule) -> Callable:
-    """A ``module -> float`` function of the user's, given the LightningModule whatever
-    part of it the cook writes into."""
+class _OnModule:
+    """A user's evaluator given the LightningModule, when the cook writes into its
+    ``model``: the evaluator sees the module it was written for, as in the fit."""
 
-    def score(_: torch.nn.Module) -> float:
-        return fn(module)
+    def __init__(self, inner: Evaluator, module: pl.LightningModule):
+        self.inner, self.module = inner, module
+        self.name, self.higher_is_better = inner.name, inner.higher_is_better
 
-    score.__qualname__ = getattr(fn, "__qualname__", "held_out")
-    return score
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return self.inner.evaluate(self.module)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in ("inner", "module"):  # not set yet (e.g. while copying)
+            raise AttributeError(attr)
+        found = getattr(self.inner, attr)
+        if attr == "logits":  # the one other method that is given the model
+            return lambda model: found(self.module)
+        return found
 
 
 def _target(module: pl.LightningModule, names: set[str]) -> torch.nn.Module:
