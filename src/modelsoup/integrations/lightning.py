@@ -360,7 +360,7 @@ class LightningSoupCallback(pl.Callback):
                 found += [
                     p
                     for p, stamp in _files(folder, callback.FILE_EXTENSION).items()
-                    if before.get(p) != stamp and not p.name.startswith(f"{last}")
+                    if before.get(p) != stamp and not p.name.startswith(last)
                 ]
         unique = sorted(set(found), key=_step_of)
         return unique + self.extra_checkpoints
