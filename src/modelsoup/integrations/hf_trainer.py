@@ -14,7 +14,6 @@ steps aside with a warning (run ``modelsoup cook`` on ``output_dir`` afterwards)
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,13 +24,13 @@ import torch
 import transformers
 
 from modelsoup.cook.results import CookResult
-from modelsoup.cook.run import cook
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, model_device
 from modelsoup.formats.hf_folder import open_folder
 from modelsoup.hf.language import CausalLMLoss, sequences_from_batches
 from modelsoup.hf.models import keep_stored_names_only
 from modelsoup.ingredients import natural_order
+from modelsoup.integrations._common import batches_digest, cook_in_place, recipe_entries
 
 _logger = logging.getLogger(__name__)
 
@@ -55,11 +54,7 @@ class ModelLoss:
 
     def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]]):
         self.batches = [dict(b) for b in batches]
-        digest = hashlib.sha256()
-        for batch in self.batches:
-            for key in sorted(batch):
-                digest.update(key.encode() + batch[key].cpu().contiguous().numpy().tobytes())
-        self.name = f"model_loss[{digest.hexdigest()[:12]}]"
+        self.name = f"model_loss[{batches_digest(self.batches)}]"
 
     def evaluate(self, model: torch.nn.Module) -> float:
         device, was_training = model_device(model), model.training
@@ -142,9 +137,7 @@ class SoupCallback(transformers.TrainerCallback):
         output_subdir: str = "soup",
         **cook_options: Any,
     ):
-        self.recipes = [dict(r) for r in (recipes or [{"name": "greedy"}])]
-        if last is not None:
-            self.recipes.append({"name": "lawa", "last": last})
+        self.recipes = recipe_entries(recipes, last)
         self.held_out, self.test, self.metric = held_out, test, metric
         self.extra_checkpoints = [Path(p) for p in extra_checkpoints]
         self.output_subdir = output_subdir
@@ -184,24 +177,17 @@ class SoupCallback(transformers.TrainerCallback):
                 )
             held = held_out_from_batches(list(eval_dataloader), model, self.metric)
         handle = keep_stored_names_only(model, set(open_folder(found[0]).names()))
-        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        options = {"device": str(model_device(model)), **self.cook_options}
         try:
-            self.result = cook(
-                [str(p) for p in found],
+            self.result = cook_in_place(
+                found,
                 model,
                 held,
                 test=self.test,
                 recipes=self.recipes,
                 output=Path(args.output_dir) / self.output_subdir,
-                progress=False,
-                **options,
+                **self.cook_options,
             )
         finally:
-            with torch.no_grad():
-                for name, tensor in model.state_dict().items():
-                    tensor.copy_(trained[name])
             if handle is not None:
                 handle.remove()
-        _logger.info("SoupCallback: %s", (self.result.summary or {}).get("verdict", ""))
         return control

@@ -1,0 +1,147 @@
+"""What the training-loop callbacks share: their recipes, the data digest that names
+their evaluators, and the cook that hands the trained weights back afterwards.
+
+Nothing here imports a training framework, so both callbacks (Hugging Face ``Trainer``
+and Lightning) build on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelsoup.cook.results import CookResult
+from modelsoup.cook.run import cook
+from modelsoup.errors import ConfigError
+from modelsoup.evaluators import model_device
+from modelsoup.soup import Soup
+
+_logger = logging.getLogger(__name__)
+
+
+def recipe_entries(recipes: Sequence[Mapping[str, Any]] | None, last: int | None) -> list[dict]:
+    """The callback's recipe entries: ``recipes`` (default: greedy), then LAWA over the
+    ``last`` k checkpoints when ``last`` is given.
+
+    Example:
+        >>> recipe_entries(None, 3)
+        [{'name': 'greedy'}, {'name': 'lawa', 'last': 3}]
+    """
+    entries = [dict(r) for r in (recipes or [{"name": "greedy"}])]
+    if last is not None:
+        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+            raise ConfigError(f"last={last!r}: LAWA averages the last k checkpoints, k >= 1")
+        entries.append({"name": "lawa", "last": last})
+    return entries
+
+
+def batches_digest(batches: Any) -> str:
+    """A short sha256 of every tensor in ``batches`` (nested dicts, lists and tuples), in
+    order: it names an evaluator by its data, so a journal never reuses a score measured
+    on other data.
+
+    Example:
+        >>> import torch
+        >>> batches_digest([{"x": torch.ones(2)}]) == batches_digest([{"x": torch.ones(2)}])
+        True
+        >>> batches_digest([(torch.ones(2),)]) == batches_digest([(torch.zeros(2),)])
+        False
+    """
+    digest = hashlib.sha256()
+
+    def add(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            for key in sorted(obj, key=str):
+                digest.update(str(key).encode())
+                add(obj[key])
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                add(item)
+
+    for batch in batches:
+        add(batch)
+    return digest.hexdigest()[:12]
+
+
+def cook_in_place(
+    ingredients: Sequence[str | Path],
+    model: torch.nn.Module,
+    held_out: Any,
+    *,
+    output: Path,
+    recipes: Sequence[Mapping[str, Any]],
+    test: Any = None,
+    who: str = "SoupCallback",
+    **cook_options: Any,
+) -> CookResult:
+    """Cook ``ingredients`` tasting them in the training run's own ``model``, then put
+    the model's trained weights back, whatever happened (as ``update_bn`` restores what
+    it touches). The cook runs on the model's device unless ``device`` is given.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for v in (1.0, 3.0):
+        ...     torch.save({"weight": torch.full((1, 1), v)}, folder / f"c{v:g}.pt")
+        >>> lin = torch.nn.Linear(1, 1, bias=False)
+        >>> trained = lin.weight.item()
+        >>> score = lambda m: 1 - abs(float(m.weight.detach()) - 2.0)
+        >>> result = cook_in_place([folder / "c1.pt", folder / "c3.pt"], lin, score,
+        ...                        output=folder / "soup", recipes=[{"name": "greedy"}],
+        ...                        bootstrap_resamples=100)
+        >>> result.method("uniform").held_out, lin.weight.item() == trained
+        (1.0, True)
+    """
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    options = {"device": str(model_device(model)), **cook_options}
+    try:
+        result = cook(
+            [str(p) for p in ingredients],
+            model,
+            held_out,
+            test=test,
+            recipes=recipes,
+            output=output,
+            progress=False,
+            **options,
+        )
+    finally:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(trained[name])
+    _logger.info("%s: %s", who, (result.summary or {}).get("verdict", ""))
+    return result
+
+
+def chosen_soup(result: CookResult, which: str) -> Soup:
+    """The soup of the method ``which`` names: a report label (``"lawa (last 3)"``) or a
+    recipe name (``"greedy"``, ``"uniform"``, ``"best_individual"``; the first such row).
+
+    Example:
+        >>> import torch
+        >>> ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)]
+        >>> result = cook(ings, torch.nn.Linear(1, 1, bias=False),
+        ...               lambda m: float(m.weight.detach()), recipes=[], progress=False)
+        >>> chosen_soup(result, "uniform").chosen
+        [0, 1]
+    """
+    for method in result.methods:
+        if which in (method.label, method.recipe):
+            if not method.is_soup:
+                raise ConfigError(
+                    f"load={which!r}: {method.label} is an ensemble, not one set of weights; "
+                    "load a soup (greedy, uniform, lawa, ...)"
+                )
+            return method.result
+    labels = ", ".join(m.label for m in result.methods)
+    raise ConfigError(f"load={which!r} names no row of the report; the rows are: {labels}")
