@@ -60,16 +60,20 @@ def disjoint_merge(taus: list[torch.Tensor], weights: list[float]) -> torch.Tens
     # largest is 1, equal weights are exactly 1 and a tied vote sums to exactly 0.
     top = max(weights)
     weights = [w / top for w in weights]
-    vote = torch.zeros_like(taus[0])
-    for tau, w in zip(taus, weights):
+    vote = torch.mul(taus[0], weights[0])
+    for tau, w in zip(taus[1:], weights[1:]):
         vote.add_(tau, alpha=w)
     elected = vote.sign_()
     total = torch.zeros_like(taus[0])
     count = torch.zeros_like(taus[0])
+    agree = torch.empty(taus[0].shape, dtype=torch.bool)
     for tau, w in zip(taus, weights):
-        agree = (tau.sign() == elected) & (tau != 0)
-        total.add_(tau.mul_(agree), alpha=w)
-        count.add_(agree.to(count.dtype), alpha=w)
+        # tau elected is |tau| where tau is non-zero with the elected sign, else <= 0;
+        # the zeroed disagreeing entries, times elected (+-1) again, are tau exactly
+        tau.mul_(elected)
+        torch.gt(tau, 0, out=agree)
+        total.add_(tau.clamp_(min=0).mul_(elected), alpha=w)
+        count.add_(agree, alpha=w)
     # where no member agrees, total is 0 and so is the merged entry
     return total.div_(count.clamp_(min=torch.finfo(count.dtype).tiny))
 
