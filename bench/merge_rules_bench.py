@@ -179,7 +179,7 @@ def main() -> None:
     env["BENCH_THREADS"] = str(args.threads)
     env["MODELSOUP_HASH_CACHE"] = str(work / "sha256.jsonl")
     (work / "sha256.jsonl").unlink(missing_ok=True)
-    print(machine(), f"torch threads: {args.threads}")
+    print(machine(), f"- both tools with {args.threads} torch thread(s)")
     print(
         f"{args.models} fine-tunes + base, Llama layout, {total / 1e6:.0f}M parameters each, fp32"
     )

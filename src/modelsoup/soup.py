@@ -47,7 +47,7 @@ from modelsoup.formats.peft_adapter import (
 )
 from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, warn_if_duplicated
 from modelsoup.merge import MergeSpec, as_merge, check_base, check_members, merged_pieces
-from modelsoup.merge.stream import CACHE_ELEMENTS
+from modelsoup.merge.registry import CACHE_ELEMENTS
 from modelsoup.writer import FOLDER_CARD, sidecar_path, write_tensors
 
 _logger = logging.getLogger(__name__)

@@ -28,17 +28,18 @@ from modelsoup.accumulator import checked_float, is_finite, widened
 from modelsoup.errors import ConfigError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.ingredients import Ingredient
-from modelsoup.merge.registry import MergeSpec, Piece, check_base, check_members
+from modelsoup.merge.registry import (
+    CACHE_ELEMENTS,
+    MergeSpec,
+    Piece,
+    check_base,
+    check_members,
+)
 from modelsoup.merge.wise_ft import wise_ft_mix
 
 #: elements per block when a rule's statistics are summed (fixed: results never depend
 #: on the piece size a writer asks for)
 STATS_ELEMENTS = 1 << 22
-
-#: at most this many elements per piece of an elementwise rule (1 MiB of float32 per
-#: member): the members' pieces then stay in the processor's cache through the rule's
-#: several passes, instead of each pass going out to memory
-CACHE_ELEMENTS = 1 << 18
 
 
 def merged_pieces(

@@ -17,7 +17,8 @@ For each tensor, with task vectors ``tau_i = theta_i - theta_base``:
 Trimming by magnitude needs the whole tensor (its top-k), so this rule holds one
 tensor's members at a time (``k`` copies of the largest tensor, in float32), not a
 piece: it is the one rule whose memory grows with the largest tensor. The sign
-election and disjoint mean are elementwise, and are shared with ``dare_ties``.
+election and disjoint mean are elementwise (done a cache-sized slice at a time, so their
+temporaries are small), and are shared with ``dare_ties``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-from modelsoup.merge.registry import DensityOptions, Piece, register_rule
+from modelsoup.merge.registry import CACHE_ELEMENTS, DensityOptions, Piece, register_rule
 from modelsoup.merge.task_arithmetic import add_scaled
 
 
@@ -90,4 +91,10 @@ def ties(piece: Piece, options: DensityOptions) -> torch.Tensor:
         tensor([1., 2.])
     """
     taus = [trim(tau, options.density) for tau in piece.task_vectors()]
-    return add_scaled(piece.base, disjoint_merge(taus, piece.weights), options.lambda_)
+    # the rest is elementwise: merged a cache-sized slice at a time, into the base
+    out = piece.base
+    for start in range(0, out.numel(), CACHE_ELEMENTS):
+        part = slice(start, start + CACHE_ELEMENTS)
+        merged = disjoint_merge([tau[part] for tau in taus], piece.weights)
+        out[part].copy_(add_scaled(out[part], merged, options.lambda_))
+    return out
