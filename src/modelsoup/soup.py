@@ -222,7 +222,7 @@ class Soup:
             return
         used, total = self._mix_plan(name)
         base = self.adapter_base()
-        step = min(step, CACHE_ELEMENTS)  # the sum's piece stays in cache (merge.stream)
+        step = min(step, CACHE_ELEMENTS)  # the sum's piece stays in cache (merge.registry)
         for start in range(0, meta.numel, step):
             count = min(step, meta.numel - start)
             if base is not None:

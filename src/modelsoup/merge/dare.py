@@ -119,8 +119,24 @@ def counter_mask(
         >>> counter_mask(3, "w", 0, 0, 8, 0.5).tolist()
         [False, True, False, False, False, True, False, False]
     """
-    out = torch.empty(count, dtype=torch.bool)
+    return counter_bits(seed, name, position, start, count, density) != 0
+
+
+def counter_bits(
+    seed: int, name: str, position: int, start: int, count: int, density: float
+) -> torch.Tensor:
+    """:func:`counter_mask` as int32 bit masks: all ones (-1) where kept, 0 where dropped
+    (ANDed into a float32's bits it keeps the value or makes it +0; no bool tensors,
+    which torch's CPU kernels handle many times slower than int32 and float32 ones).
+
+    Example:
+        >>> counter_bits(3, "w", 0, 0, 4, 0.5).tolist()
+        [0, -1, 0, 0]
+    """
+    out = torch.empty(count, dtype=torch.int32)
     threshold = round(density * (1 << 31))
+    if threshold >= 1 << 31:
+        return out.fill_(-1)
     x, spare = _hash_buffers()
     index = _batch_index()
     end = start + count
@@ -135,8 +151,20 @@ def counter_mask(
         xs.bitwise_xor_(k1)
         _mix32(xs, ss)
         xs.bitwise_and_(0x7FFFFFFF)
-        torch.lt(xs, threshold, out=out[a - start : b - start])
+        # h - threshold is negative (its sign bit set) exactly where h < threshold
+        bits = torch.sub(xs, threshold, out=out[a - start : b - start])
+        bits.bitwise_right_shift_(31)  # arithmetic: -1 where kept, 0 where dropped
     return out
+
+
+def _drop(tau: torch.Tensor, bits: torch.Tensor) -> None:
+    # tau where the bits are all ones, +0 where they are 0 (in place)
+    if tau.dtype == torch.float32:
+        tau.view(torch.int32).bitwise_and_(bits)
+    elif tau.dtype == torch.float64:
+        tau.view(torch.int64).bitwise_and_(bits.to(torch.int64))  # -1 widens to all ones
+    else:
+        tau.mul_(bits.neg().to(tau.dtype))
 
 
 def keep_mask(
@@ -185,8 +213,11 @@ def drop_and_rescale(
     if density == 1.0:
         return taus
     for tau, position in zip(taus, piece.positions):
-        mask = keep_mask(seed, piece.name, position, piece.start, count, density, scheme)
-        tau.mul_(mask).div_(density)
+        if scheme == "counter-v1":
+            _drop(tau, counter_bits(seed, piece.name, position, piece.start, count, density))
+        else:
+            tau.mul_(keep_mask(seed, piece.name, position, piece.start, count, density, scheme))
+        tau.div_(density)
     return taus
 
 
