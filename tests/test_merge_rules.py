@@ -165,6 +165,19 @@ def test_dare_counter_masks_keep_density_and_are_independent_across_members_and_
     assert torch.equal(whole[1234:2345], counter_mask(0, "w", 0, far + 1234, 1111, density))
 
 
+@pytest.mark.parametrize("accum_dtype", ["float32", "float64"])
+def test_dare_drops_exactly_the_counter_mask_entries(accum_dtype):
+    n, density = 5000, 0.4
+    base = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    member = {"w": base + 1.0}
+    merge = {"rule": "dare_linear", "density": density, "seed": 5}
+    soup = average([member], base={"w": base}, merge=merge, accum_dtype=accum_dtype)
+    mask = counter_mask(5, "w", 0, 0, n, density)
+    out = soup.tensor("w").double() - base.double()
+    assert torch.allclose(out[mask], torch.full((int(mask.sum()),), 1 / density, dtype=out.dtype))
+    assert (out[~mask].abs() < 1e-6).all()
+
+
 def test_dare_older_mask_scheme_is_kept_and_differs():
     states = [tiny_state(s) for s in range(2)]
     merge = {"rule": "dare_linear", "density": 0.5, "seed": 7}
