@@ -11,6 +11,13 @@ its peak RSS (``VmHWM``, ``import torch`` included) is its own; inputs are in th
 cache for both. The outputs are compared: max |difference| and relative L2 difference
 (DARE: the drop masks differ by design, so only the statistics should agree).
 
+Both tools run with ``--threads`` torch threads (default 1: on a machine shared with
+other jobs, torch's threads wait on each other's cores). modelsoup names its inputs in
+the soup card by sha256, which mergekit does not compute: the first ``linear`` run is
+timed on first contact (a fresh hash cache, ``MODELSOUP_HASH_CACHE`` in the work folder:
+the sha256 computed while reading) and again with the hashes remembered; every other row
+finds them remembered.
+
 mergekit must be importable by the children: install it in the bench's venv
 (``pip install mergekit==0.1.5``), or point ``--mergekit-path`` at a folder holding it.
 
@@ -42,7 +49,8 @@ RULES = {
 }
 
 CHILD_MODELSOUP = """
-import sys, time
+import os, sys, time, torch
+torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 from modelsoup.cli import main
 start = time.perf_counter()
 code = main(sys.argv[1:])
@@ -52,7 +60,8 @@ print("RESULT", code, wall, int(hwm) * 1024)
 """
 
 CHILD_MERGEKIT = """
-import sys, time, yaml
+import os, sys, time, torch, yaml
+torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
@@ -121,6 +130,17 @@ def run_child(code: str, args: list[str], env: dict) -> tuple[float, int]:
     return float(wall), int(hwm)
 
 
+def remember_hashes(cache: Path, folders: list[Path], env: dict) -> None:
+    # the inputs' sha256 into the bench's hash cache (once), outside any timed run
+    code = (
+        "import sys; from modelsoup.ingredients import open_ingredient\n"
+        "for p in sys.argv[1:]: open_ingredient(p).sha256"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, *map(str, folders)], env=env, check=True, capture_output=True
+    )
+
+
 def compare(a: Path, b: Path) -> tuple[float, float]:
     from safetensors import safe_open
 
@@ -146,6 +166,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=4, help="fine-tunes to merge")
     parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rules")
     parser.add_argument("--mergekit-path", help="a folder to put on the children's PYTHONPATH")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both tools")
     parser.add_argument("--keep", action="store_true", help="keep bench/_work/merge_rules")
     args = parser.parse_args()
     work = WORK / "merge_rules"
@@ -155,7 +176,10 @@ def main() -> None:
     env["PYTHONPATH"] = os.pathsep.join(
         [src, *([args.mergekit_path] if args.mergekit_path else []), env.get("PYTHONPATH", "")]
     )
-    print(machine())
+    env["BENCH_THREADS"] = str(args.threads)
+    env["MODELSOUP_HASH_CACHE"] = str(work / "sha256.jsonl")
+    (work / "sha256.jsonl").unlink(missing_ok=True)
+    print(machine(), f"- both tools with {args.threads} torch thread(s)")
     print(
         f"{args.models} fine-tunes + base, Llama layout, {total / 1e6:.0f}M parameters each, fp32"
     )
@@ -166,6 +190,11 @@ def main() -> None:
             shutil.rmtree(p, ignore_errors=True)
         flags = RULES[rule] + (["--base", str(base)] if RULES[rule] else [])
         cli = ["average", *map(str, members), *flags, "-o", str(ours), "-q"]
+        first = None
+        if rule == "linear":  # first contact: sha256 of every input byte for the card
+            first = run_child(CHILD_MODELSOUP, cli, env)
+            shutil.rmtree(ours)
+        remember_hashes(work / "sha256.jsonl", [base, *members], env)
         wall_m, rss_m = run_child(CHILD_MODELSOUP, cli, env)
         config = work / f"{rule}.yaml"
         export = ["export-mergekit", str(ours / "soup_card.json"), "-o", str(config)]
@@ -177,6 +206,21 @@ def main() -> None:
         )
         wall_k, rss_k = run_child(CHILD_MERGEKIT, [str(config), str(theirs)], env)
         worst, rel = compare(ours, theirs)
+        if first is not None:
+            rows.append(
+                [
+                    f"{rule} (first contact)",
+                    f"{first[0]:.1f} s",
+                    f"{wall_k:.1f} s",
+                    f"{first[0] / wall_k:.2f}x",
+                    mib(first[1]),
+                    mib(rss_k),
+                    f"{first[1] / rss_k:.2f}x",
+                    f"{worst:.2e}",
+                    f"{rel:.2e}",
+                ]
+            )
+            print(json.dumps({"rule": rule, "first_contact_s": first[0], "rss": first[1]}))
         rows.append(
             [
                 rule,

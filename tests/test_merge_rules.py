@@ -22,7 +22,7 @@ from modelsoup import average
 from modelsoup.cli import main
 from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
 from modelsoup.merge import RULES, as_merge
-from modelsoup.merge.dare import BLOCK
+from modelsoup.merge.dare import BLOCK, HASH_BATCH, counter_mask
 from modelsoup.soup import card_path
 
 BASE = torch.full((5,), 0.5)
@@ -123,18 +123,78 @@ def test_dare_is_bitwise_reproducible_from_its_seed(tmp_path):
     two = b.save(tmp_path / "b.safetensors", progress=False)
     assert one.read_bytes() == two.read_bytes()
     card = json.loads(card_path(one).read_text())
-    assert card["merge"] == {"rule": "dare_ties", "density": 0.5, "lambda": 1.0, "seed": 7}
+    assert card["merge"] == {
+        "rule": "dare_ties",
+        "density": 0.5,
+        "lambda": 1.0,
+        "seed": 7,
+        "mask": "counter-v1",
+    }
 
 
-def test_dare_masks_cross_generator_blocks_the_same_in_pieces():
-    n = BLOCK + 1000  # a tensor that spans two generator blocks
+@pytest.mark.parametrize("mask", ["counter-v1", "blocks-v0"])
+def test_dare_masks_cross_generator_blocks_the_same_in_pieces(mask):
+    n = max(BLOCK, HASH_BATCH) + 1000  # a tensor that spans two generator / hash batches
     members = [{"w": torch.randn(n, generator=torch.Generator().manual_seed(s))} for s in (1, 2)]
-    soup = average(
-        members, base={"w": torch.zeros(n)}, merge={"rule": "dare_linear", "density": 0.6}
-    )
+    merge = {"rule": "dare_linear", "density": 0.6, "mask": mask}
+    soup = average(members, base={"w": torch.zeros(n)}, merge=merge)
     whole = soup.tensor("w")
     pieces = torch.cat([p.clone() for p in soup.pieces("w", max_elements=3001)])
     assert torch.equal(whole, pieces)
+
+
+def test_dare_counter_masks_keep_density_and_are_independent_across_members_and_seeds():
+    n, density = 1 << 20, 0.3
+    masks = [counter_mask(0, "layers.0.w", p, 0, n, density) for p in range(3)]
+    masks.append(counter_mask(1, "layers.0.w", 0, 0, n, density))  # another seed
+    masks.append(counter_mask(0, "layers.1.w", 0, 0, n, density))  # another tensor
+    se = math.sqrt(density * (1 - density) / n)  # ~4.5e-4
+    for m in masks:
+        assert abs(m.float().mean().item() - density) < 5 * se
+    joint_se = math.sqrt(density**2 * (1 - density**2) / n)
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            both = (masks[i] & masks[j]).float().mean().item()
+            assert abs(both - density**2) < 5 * joint_se, (i, j)
+    # neighbouring entries are independent too
+    m = masks[0]
+    assert abs((m[1:] & m[:-1]).float().mean().item() - density**2) < 5 * joint_se
+    # a pure function of the index: any slice, anywhere (past 2**31 and 2**32), alone
+    far = 5 * (1 << 32) - 1000
+    whole = counter_mask(0, "w", 0, far, 3000, density)
+    assert torch.equal(whole[1234:2345], counter_mask(0, "w", 0, far + 1234, 1111, density))
+
+
+@pytest.mark.parametrize("accum_dtype", ["float32", "float64"])
+def test_dare_drops_exactly_the_counter_mask_entries(accum_dtype):
+    n, density = 5000, 0.4
+    base = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    member = {"w": base + 1.0}
+    merge = {"rule": "dare_linear", "density": density, "seed": 5}
+    soup = average([member], base={"w": base}, merge=merge, accum_dtype=accum_dtype)
+    mask = counter_mask(5, "w", 0, 0, n, density)
+    out = soup.tensor("w").double() - base.double()
+    assert torch.allclose(out[mask], torch.full((int(mask.sum()),), 1 / density, dtype=out.dtype))
+    assert (out[~mask].abs() < 1e-6).all()
+
+
+def test_dare_older_mask_scheme_is_kept_and_differs():
+    states = [tiny_state(s) for s in range(2)]
+    merge = {"rule": "dare_linear", "density": 0.5, "seed": 7}
+    new = average(states, base=tiny_state(9), merge=merge)
+    old = average(states, base=tiny_state(9), merge={**merge, "mask": "blocks-v0"})
+    assert not torch.equal(new.tensor("fc1.weight"), old.tensor("fc1.weight"))
+    assert old.merge.canonical()["mask"] == "blocks-v0"
+    with pytest.raises(ConfigError, match="mask"):
+        as_merge({**merge, "mask": "counter-v9"})
+
+
+def test_cli_average_takes_the_older_mask_scheme(tmp_path):
+    paths, base = tiny_files(tmp_path, 2)
+    dare = ["--merge", "dare_linear", "--density", "0.5", "--base", base]
+    out = tmp_path / "old.safetensors"
+    assert main(["average", *paths, *dare, "--mask", "blocks-v0", "-o", str(out), "-q"]) == 0
+    assert json.loads(card_path(out).read_text())["merge"]["mask"] == "blocks-v0"
 
 
 # -- SLERP --------------------------------------------------------------------

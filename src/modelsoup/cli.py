@@ -86,6 +86,7 @@ MERGE_FLAGS = {
     "t": "t",
     "alpha": "alpha",
     "seed": "seed",
+    "mask": "mask",
 }
 
 
@@ -415,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=float, help="WiSE-FT on top: (1 - alpha) base + alpha soup, in [0, 1]"
     )
     p.add_argument("--seed", type=int, help="dare_*: seed of the drop masks (recorded)")
+    p.add_argument(
+        "--mask",
+        help="dare_*: the drop masks' scheme, counter-v1 (default) or blocks-v0 (older soups)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)

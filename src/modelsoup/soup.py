@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from modelsoup.formats.peft_adapter import (
 )
 from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, warn_if_duplicated
 from modelsoup.merge import MergeSpec, as_merge, check_base, check_members, merged_pieces
+from modelsoup.merge.registry import CACHE_ELEMENTS
 from modelsoup.writer import FOLDER_CARD, sidecar_path, write_tensors
 
 _logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class Soup:
                     check_same_ints(name, value, other.tensor(name), first.label, other.label)
             return value.clone()
         if not self.merge.is_average:
-            (whole,) = self._merged(name, max(1, meta.numel)) or [torch.empty(0)]
+            whole = _joined(self._merged(name, max(1, meta.numel)), meta.numel)
             return saturating_cast(whole.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
         base = self.adapter_base()
         if base is not None:
@@ -221,6 +222,7 @@ class Soup:
             return
         used, total = self._mix_plan(name)
         base = self.adapter_base()
+        step = min(step, CACHE_ELEMENTS)  # the sum's piece stays in cache (merge.registry)
         for start in range(0, meta.numel, step):
             count = min(step, meta.numel - start)
             if base is not None:
@@ -500,6 +502,23 @@ def library_version() -> str:
         return version("modelsoup")
     except PackageNotFoundError:  # running from a source tree that is not installed
         return "0+unknown"
+
+
+def _joined(pieces: Iterable[torch.Tensor], numel: int) -> torch.Tensor:
+    # one flat tensor from flat pieces that may share buffers (each copied as it comes)
+    pieces = iter(pieces)
+    first = next(pieces, None)
+    if first is None:
+        return torch.empty(0)
+    if first.numel() == numel:
+        return first
+    whole = torch.empty(numel, dtype=first.dtype)
+    whole[: first.numel()].copy_(first)
+    at = first.numel()
+    for piece in pieces:
+        whole[at : at + piece.numel()].copy_(piece)
+        at += piece.numel()
+    return whole
 
 
 def save_soup(

@@ -47,6 +47,11 @@ from pydantic import (
 
 from modelsoup.errors import ConfigError
 
+#: at most this many elements per piece of the average and the elementwise rules (1 MiB
+#: of float32 per member): the members' pieces then stay in the processor's cache
+#: through a rule's several passes, instead of each pass going out to memory
+CACHE_ELEMENTS = 1 << 18
+
 
 class MergeOptions(BaseModel):
     """Base of every rule's options: unknown keys, wrong types and bad ranges are errors."""

@@ -24,11 +24,17 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from modelsoup.accumulator import checked_float, is_finite
+from modelsoup.accumulator import checked_float, is_finite, widened
 from modelsoup.errors import ConfigError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.ingredients import Ingredient
-from modelsoup.merge.registry import MergeSpec, Piece, check_base, check_members
+from modelsoup.merge.registry import (
+    CACHE_ELEMENTS,
+    MergeSpec,
+    Piece,
+    check_base,
+    check_members,
+)
 from modelsoup.merge.wise_ft import wise_ft_mix
 
 #: elements per block when a rule's statistics are summed (fixed: results never depend
@@ -66,11 +72,19 @@ def merged_pieces(
     spec, options = merge.spec, merge.options
     numel = meta.numel
 
+    # one buffer per member (and the base), reused from piece to piece: a piece is read
+    # straight into it when the file holds the accumulation dtype (no copy, no fresh
+    # pages), and the rule changes it in place
+    buffers: dict[int, torch.Tensor] = {}
+
     def read(start: int, count: int, stats: torch.Tensor | None) -> Piece:
-        values = []
-        for _, ing, _ in members:
-            values.append(_read(ing, name, start, count, accum_dtype))
-        base_values = _read(base, name, start, count, accum_dtype) if base is not None else None
+        def into(slot: int, ing: Ingredient) -> torch.Tensor:
+            if slot not in buffers or buffers[slot].numel() < count:
+                buffers[slot] = torch.empty(count, dtype=accum_dtype)
+            return _read(ing, name, start, buffers[slot][:count])
+
+        values = [into(slot, ing) for slot, (_, ing, _) in enumerate(members)]
+        base_values = into(-1, base) if base is not None else None
         return Piece(
             name,
             start,
@@ -103,11 +117,16 @@ def merged_pieces(
         for start in range(0, numel, step):
             yield whole[start : start + step]
         return
+    step = min(step, CACHE_ELEMENTS)
     for start in range(0, numel, step):
         yield merged(read(start, min(step, numel - start), stats))
 
 
-def _read(ing: Ingredient, name: str, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-    # a fresh copy in the accumulation dtype: rules change their pieces in place
-    values = ing.tensor_range(name, start, count).to(dtype, copy=True)
-    return checked_float(values, name, ing.label)
+def _read(ing: Ingredient, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+    # elements start.. of one tensor in ``out`` (the accumulation dtype; rules change it
+    # in place): read into its bytes when the stored dtype is the same, else converted
+    same = ing.meta(name).dtype == out.dtype
+    got = ing.tensor_range(name, start, out.numel(), out.view(torch.uint8) if same else None)
+    if got.dtype != out.dtype or got.data_ptr() != out.data_ptr():
+        out.copy_(widened(got))
+    return checked_float(out, name, ing.label)
