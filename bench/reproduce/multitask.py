@@ -42,6 +42,7 @@ from modelsoup.demo.training import train_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from tables import multitask_table  # noqa: E402
 
 STUDY = "multitask"
 # FusionBench (Tang et al. 2024), CLIP ViT-B/32 over 8 image tasks, mean accuracy (%).
@@ -320,30 +321,12 @@ def main() -> None:
         "taster": result.taster_stats,
     }
     common.write(STUDY, record)
-    print(table(record))
+    print(multitask_table(record))
     print(record["seconds"])
 
 
 def score(ev: MultiTaskAccuracy, encoder: nn.Module) -> dict:
     return {"tests": ev.by_task(ev.per_example(ev.logits(encoder)))}
-
-
-def table(record: dict) -> str:
-    """The markdown table of docs/results.md: test accuracy (%) per task and mean."""
-    tasks = list(record["setup"]["tasks"])
-    lines = [
-        "| method | chosen | " + " | ".join(tasks) + " | mean |",
-        "|---|---|" + "---|" * (len(tasks) + 1),
-    ]
-    for r in record["rows"]:
-        chosen = r.get("chosen")
-        merge = r.get("merge") or {}
-        detail = ", ".join(f"{k}={v:g}" for k, v in merge.items() if isinstance(v, float))
-        if chosen is None:
-            detail = ""
-        cells = " | ".join(f"{r['tests'][t]:.1f}" for t in tasks)
-        lines.append(f"| {r['method']} | {detail} | {cells} | {r['mean']:.1f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
