@@ -15,8 +15,9 @@ recipe on held-out for task arithmetic's lambda, TIES's lambda (density 0.2, the
 paper's k = 20%) and DARE-TIES's lambda (density 0.5; ``--densities`` also searches
 TIES's density at lambda 1), with the pretrained encoder as `base`. Sizes fit a shared
 2-core CPU: 1,200 training tweets at 64 tokens, 600 texts per BBC task at 32 tokens, one
-epoch; 100 held-out and 200 test examples per task. Every chosen soup is scored on every task's test split,
-beside the base encoder and each individual fine-tune (each with every task's head).
+epoch; 100 held-out and 200 test examples per task. Every chosen soup is scored on
+every task's test split, beside the base encoder and each individual fine-tune (each
+with every task's head).
 
     nice -n 5 /work/main/.venv/bin/python bench/reproduce/multitask.py --threads 2
 """
@@ -182,7 +183,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.5])
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1.5, 2.5, 3.5, 5.0])
     p.add_argument(
         "--densities", type=float, nargs="*", default=[], help="also search TIES's density"
     )
