@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from modelsoup.cli import main
+from modelsoup.cook import cook
 from modelsoup.cook.config import CookConfig, check_recipes
 from modelsoup.errors import ConfigError
 from modelsoup.ingredients import open_ingredients
@@ -148,3 +149,23 @@ def test_slerp_is_searched_over_exactly_two_ingredients_and_refused_in_greedy():
     )
     with pytest.raises(ConfigError, match="recipes.0.merge.*candidates change in size"):
         check_recipes(config)
+
+
+def test_two_searches_of_one_option_at_different_fixed_values_get_their_own_rows():
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)]
+    searches = [
+        {"name": "search", "merge": {"rule": "ties", "density": d}, "option": "lambda", "grid": g}
+        for d, g in ((0.5, [0.5, 1.0]), (1.0, [1.0, 1.5]))
+    ]
+    result = cook(
+        ings,
+        torch.nn.Linear(1, 1, bias=False),
+        lambda m: -abs(m.weight.item() - 2.0),
+        recipes=searches,
+        base={"weight": torch.zeros(1, 1)},
+        baselines=False,
+        progress=False,
+    )
+    labels = [m.label for m in result.methods]
+    assert labels == ["search (ties lambda, density=0.5)", "search (ties lambda, density=1)"]
+    assert [m.result.options["chosen"] for m in result.methods] == [1.0, 1.0]

@@ -77,6 +77,17 @@ def run_cook(
     write_report(result, work)
     seconds = time.perf_counter() - start
     out = RESULTS / study
+    publish(work, out)
+    summary = summarize(result, seconds)
+    start = time.perf_counter()
+    summary["test_ablation"] = test_ablation(result, ingredients, factory, held, test, **kwargs)
+    summary["test_ablation"]["seconds"] = time.perf_counter() - start
+    plot_ablation(summary["test_ablation"], out / "figures", summary["rows"])
+    return result, summary
+
+
+def publish(work: Path, out: Path) -> None:
+    """Copy a cook's ``report.md``, ``report.json`` and figures from ``work`` to a fresh ``out``."""
     if out.exists():
         shutil.rmtree(out)
     (out / "figures").mkdir(parents=True)
@@ -84,12 +95,6 @@ def run_cook(
         shutil.copy(work / name, out / name)
     for fig in (work / "figures").glob("*.png"):
         shutil.copy(fig, out / "figures" / fig.name)
-    summary = summarize(result, seconds)
-    start = time.perf_counter()
-    summary["test_ablation"] = test_ablation(result, ingredients, factory, held, test, **kwargs)
-    summary["test_ablation"]["seconds"] = time.perf_counter() - start
-    plot_ablation(summary["test_ablation"], out / "figures", summary["rows"])
-    return result, summary
 
 
 def test_ablation(

@@ -102,6 +102,25 @@ def ablation_table(summary: dict) -> str:
     return "\n".join(out)
 
 
+def multitask_table(record: dict) -> str:
+    """The multitask study's table: test accuracy (%) per task and their mean."""
+    tasks = list(record["setup"]["tasks"])
+    lines = [
+        "| method | chosen | " + " | ".join(tasks) + " | mean | held-out mean |",
+        "|---|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for r in record["rows"]:
+        chosen = r.get("chosen")
+        merge = r.get("merge") or {}
+        detail = ", ".join(f"{k}={v:g}" for k, v in merge.items() if isinstance(v, float))
+        if chosen is None:
+            detail = ""
+        cells = " | ".join(f"{r['tests'][t]:.1f}" for t in tasks)
+        held = f"{r['held_out']:.1f}" if r.get("held_out") is not None else "-"
+        lines.append(f"| {r['method']} | {detail} | {cells} | {r['mean']:.1f} | {held} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     studies = {
         "minilm_tweets": ("ViT (Table 1)", None),
@@ -133,6 +152,12 @@ def main() -> None:
             )
             print(pass_table(c), "\n")
             print(ablation_table(c), "\n")
+        print("seconds:", json.dumps(s["seconds"]), "\n")
+    path = RESULTS / "multitask" / "summary.json"
+    if path.exists():
+        s = json.loads(path.read_text())
+        print(f"## multitask\n\n{s['study']}; {s['date']}; {s['machine']}\n")
+        print(multitask_table(s), "\n")
         print("seconds:", json.dumps(s["seconds"]), "\n")
 
 

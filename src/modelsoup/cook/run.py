@@ -57,9 +57,14 @@ BASELINES = ("best_individual", "uniform", "ensemble")
 def default_label(name: str, options: Mapping[str, Any]) -> str:
     """A readable row label from a recipe's name and options.
 
+    A search names its rule, the option it tunes and the rule's options it holds fixed,
+    so two searches of one option at different fixed values get different rows.
+
     Example:
         >>> default_label("pruned", {"order": "random", "passes": 3})
         'pruned (random, 3 passes)'
+        >>> default_label("search", {"merge": {"rule": "ties", "density": 0.2}, "option": "lambda"})
+        'search (ties lambda, density=0.2)'
     """
     parts = []
     if "order" in options:
@@ -75,10 +80,18 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
     if options.get("variant"):
         parts.append(str(options["variant"]))
     if "option" in options and options.get("merge"):  # search: the rule and what it tunes
-        parts.append(f"{options['merge'].get('rule', 'linear')} {options['option']}")
+        merge = options["merge"]
+        parts.append(f"{merge.get('rule', 'linear')} {options['option']}")
+        parts += [f"{k}={_option_text(v)}" for k, v in merge.items() if k != "rule"]
     elif options.get("merge") and as_merge(options["merge"]).rule != "linear":
         parts.append(as_merge(options["merge"]).describe())
     return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def entry_label(entry: RecipeEntry) -> str:
