@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -156,18 +157,33 @@ def train_full(
     return paths, seconds
 
 
-def pool_recipes(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The full pool gets greedy sorted and random and pruned sorted; the LoRA pool, whose
-    question is how to mix adapters, greedy sorted (both get cook's baselines)."""
+def full_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Greedy sorted, greedy random (``--runs``) and pruned sorted (``--passes``)."""
     greedy, random, pruned = common.recipes(args.passes, args.runs)[:3]
-    return [greedy, random, pruned] if name == "full" else [greedy]
+    return [greedy, random, pruned]
 
 
-def cook_pool(
-    name: str, paths: list[Path], kitchen: Kitchen, args: argparse.Namespace, **kwargs: Any
-):
-    """Cook one pool from scratch; copy its report and figures to results/<study>/<name>."""
-    work = common.WORK / args.study / f"cook_{name}"
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """Paired bootstrap of mean(a) - mean(b) over test documents (nats per token)."""
+    diff = paired_difference(a.numpy(), b.numpy())
+    return {
+        "difference": diff.difference,
+        "ci": [diff.low, diff.high],
+        "significant": diff.significant,
+        "text": diff.describe(scale=1, unit="nats", digits=4),
+    }
+
+
+def full_study(paths: list[Path], kitchen: Kitchen, args: argparse.Namespace) -> dict[str, Any]:
+    """Cook the full fine-tunes on held-out loss; score every distinct soup on test.
+
+    The cook sees held-out data only (its report goes to results/<study>/full). The
+    script then scores on test each distinct soup the methods chose (the best individual
+    and soups that coincide are scored once) and compares each with the best individual
+    document by document. The ensemble is reported on held-out only: its test score
+    would need every ingredient scored on 500 test documents.
+    """
+    work = common.WORK / args.study / "cook_full"
     if work.exists():
         shutil.rmtree(work)  # a fresh journal: wall times must be real, not cached
     began = time.perf_counter()
@@ -175,17 +191,15 @@ def cook_pool(
         paths,
         kitchen.model,
         kitchen.held_out,
-        test=kitchen.test,
-        recipes=pool_recipes(name, args),
+        recipes=full_recipes(args),
         output=None,
         progress=False,
         seed=0,
-        **kwargs,
     )
+    cook_seconds = time.perf_counter() - began
     work.mkdir(parents=True)
     write_report(result, work)
-    seconds = time.perf_counter() - began
-    out = common.RESULTS / args.study / name
+    out = common.RESULTS / args.study / "full"
     if out.exists():
         shutil.rmtree(out)
     (out / "figures").mkdir(parents=True)
@@ -193,39 +207,49 @@ def cook_pool(
         shutil.copy(work / report, out / report)
     for fig in (work / "figures").glob("*.png"):
         shutil.copy(fig, out / "figures" / fig.name)
-    report = json.loads((work / "report.json").read_text())
-    return result, report, seconds
+    print(f"full pool cooked on held-out ({cook_seconds:.0f} s)", flush=True)
 
-
-def rows_of(report: dict) -> list[dict]:
-    """The report's rows, cut to what the results table shows."""
-    keep = (
-        "method",
-        "held_out",
-        "held_out_std",
-        "held_out_perplexity",
-        "test",
-        "test_std",
-        "test_perplexity",
-        "test_ci",
-        "vs_best_individual",
-        "ingredients",
-        "runs",
-        "chosen",
-    )
-    return [{k: r.get(k) for k in keep} for r in report["rows"]]
-
-
-def pool_summary(report: dict, seconds: float) -> dict:
+    clock = time.perf_counter()
+    labels = [ing.label for ing in result.ingredients]
+    per_soup: dict[frozenset, torch.Tensor] = {}
+    test = kitchen.test
+    rows = []
+    for m in result.methods:
+        row: dict[str, Any] = {
+            "method": m.label,
+            "held_out": m.held_out,
+            "held_out_std": m.held_out_std,
+            "ingredients": m.size,
+            "runs": len(m.runs),
+            "chosen": [[labels[i] for i in soup.chosen] for soup in m.runs],
+        }
+        if m.recipe != "ensemble":
+            docs = []
+            for soup in m.runs:
+                key = frozenset(soup.chosen)
+                if key not in per_soup:
+                    model = soup.apply(kitchen.model())
+                    per_soup[key] = test.per_example(test.logits(model)).double()
+                docs.append(per_soup[key])
+            row["test_runs"] = [float(d.mean()) for d in docs]
+            row["per_doc"] = torch.stack(docs).mean(0)
+            row["test"] = float(row["per_doc"].mean())
+            row["test_perplexity"] = float(torch.tensor(row["test"]).exp())
+        rows.append(row)
+    best = rows[0]["per_doc"]
+    for row in rows:
+        docs = row.pop("per_doc", None)
+        if docs is not None and row is not rows[0]:
+            row["vs_best_individual"] = paired(docs, best)
     return {
-        "rows": rows_of(report),
+        "rows": rows,
         "individuals": [
-            {k: i[k] for k in ("label", "held_out", "test")} for i in report["individuals"]
+            {"label": label, "held_out": h} for label, h in zip(labels, result.individual_held_out)
         ],
-        "verdict": report["verdict"],
-        "notes": report["notes"],
-        "evaluations": report["evaluations"],
-        "cook_seconds": seconds,
+        "evaluations": result.taster_stats,
+        "cook_seconds": cook_seconds,
+        "test_seconds": time.perf_counter() - clock,
+        "test_soups_scored": len(per_soup),
     }
 
 
@@ -308,19 +332,14 @@ def lora_study(paths: list[Path], kitchen: Kitchen, base: Path, work: Path) -> d
                 "ingredients": 1 if method == "best_individual" else len(paths),
             }
         )
-    pairs = {}
-    for a, b in (
-        ("uniform (weight changes)", "best_individual"),
-        ("uniform (factors)", "best_individual"),
-        ("uniform (factors)", "uniform (weight changes)"),
-    ):
-        diff = paired_difference(per_doc[a].numpy(), per_doc[b].numpy())
-        pairs[f"{a} - {b}"] = {
-            "difference": diff.difference,
-            "ci": [diff.low, diff.high],
-            "significant": diff.significant,
-            "text": diff.describe(scale=1, unit="nats", digits=4),
-        }
+    pairs = {
+        f"{a} - {b}": paired(per_doc[a].double(), per_doc[b].double())
+        for a, b in (
+            ("uniform (weight changes)", "best_individual"),
+            ("uniform (factors)", "best_individual"),
+            ("uniform (factors)", "uniform (weight changes)"),
+        )
+    }
     return {
         "rows": rows,
         "individuals": [
@@ -339,7 +358,9 @@ def lora_study(paths: list[Path], kitchen: Kitchen, base: Path, work: Path) -> d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--study", default="smollm2")
-    p.add_argument("--ingredients", type=int, default=6, help="seeds per pool")
+    p.add_argument("--pools", default="full,lora", help="full, lora or both (comma-separated)")
+    p.add_argument("--ingredients", type=int, default=6, help="full fine-tunes (seeds 0..n-1)")
+    p.add_argument("--lora-ingredients", type=int, default=None, help="default: --ingredients")
     p.add_argument("--steps", type=int, default=32, help="optimizer steps (train = steps x batch)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=64)
@@ -348,11 +369,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="full fine-tunes")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--runs", type=int, default=2, help="random orders of greedy")
+    p.add_argument("--runs", type=int, default=3, help="random orders of greedy")
     p.add_argument("--passes", type=int, default=1, help="pruned passes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-only", action="store_true")
     args = p.parse_args()
+    pools = set(args.pools.split(","))
+    if not pools <= {"full", "lora"}:
+        p.error(f"--pools {args.pools}: use full, lora or full,lora")
     torch.set_num_threads(args.threads)
     settings = settings_from(args)
     started = time.perf_counter()
@@ -360,35 +384,41 @@ def main() -> None:
     base = common.WORK / "smollm2" / "start"
     work = common.WORK / args.study
     print(f"data and start ready ({time.perf_counter() - started:.0f} s)", flush=True)
-
-    clock = time.perf_counter()
-    full_paths, full_seconds = train_full(kitchen, settings, work / "full")
-    print(f"full fine-tunes ready ({time.perf_counter() - clock:.0f} s)", flush=True)
-    clock = time.perf_counter()
-    lora_paths, lora_seconds = train_lora(
-        kitchen, settings, work / "lora", lr=args.lora_lr, rank=args.rank
-    )
-    print(f"LoRA fine-tunes ready ({time.perf_counter() - clock:.0f} s)", flush=True)
-    if args.train_only:
-        return
-
-    summary: dict[str, Any] = {
+    record: dict[str, Any] = {
         "study": args.study,
         "settings": vars(args),
         "split": {"train": settings.train, "held_out": settings.heldout, "test": settings.test},
         "machine": common.machine(),
         "load_at_start": os.getloadavg(),
-        "train_seconds": {"full": full_seconds, "lora": lora_seconds},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    result, report, seconds = cook_pool("full", full_paths, kitchen, args)
-    summary["full"] = pool_summary(report, seconds)
-    print(f"full pool cooked ({seconds:.0f} s)", flush=True)
-
-    summary["lora"] = lora_study(lora_paths, kitchen, base, work)
-    print(f"LoRA pool cooked and scored ({summary['lora']['seconds']:.0f} s)", flush=True)
-    summary["total_seconds"] = time.perf_counter() - started
-    common.write(args.study, summary)
-    print(json.dumps(summary, indent=2, default=str))
+    for pool in ("full", "lora"):
+        if pool not in pools:
+            continue
+        clock = time.perf_counter()
+        if pool == "full":
+            paths, seconds = train_full(kitchen, settings, work / "full")
+        else:
+            lora = replace(settings, seeds=tuple(range(args.lora_ingredients or args.ingredients)))
+            folder = work / "lora"
+            paths, seconds = train_lora(kitchen, lora, folder, lr=args.lora_lr, rank=args.rank)
+        print(f"{pool} fine-tunes ready ({time.perf_counter() - clock:.0f} s)", flush=True)
+        if args.train_only:
+            continue
+        clock = time.perf_counter()
+        if pool == "full":
+            found = full_study(paths, kitchen, args)
+        else:
+            found = lora_study(paths, kitchen, base, work)
+        found["train_seconds"] = seconds
+        found["seconds"] = time.perf_counter() - clock
+        found["load_at_end"] = os.getloadavg()
+        found["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        # one file per pool: the two pools may run as two processes
+        path = common.RESULTS / args.study / pool / "summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**record, pool: found}, indent=2, default=str))
+        print(json.dumps(found, indent=2, default=str), flush=True)
 
 
 if __name__ == "__main__":
