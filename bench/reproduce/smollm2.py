@@ -12,19 +12,25 @@ initial factors):
 * LoRA fine-tunes (PEFT, rank ``--rank`` on the attention projections): the same
   schedule and data, saved as PEFT adapter folders.
 
-Both pools are cooked by :func:`~modelsoup.cook.cook` on held-out loss
-(:class:`~modelsoup.hf.language.CausalLMLoss`, nats per token, lower is better), with
-the test split judging: best individual, uniform, greedy sorted and random, pruned,
-ensemble; the report's paired bootstrap intervals compare each with the best
-individual on test documents. Adapter soups are mixed as modelsoup mixes them, in
-weight-change space (base + mean of B @ A); the script also measures the alternative
-of averaging the factors (mean B @ mean A): its held-out and test loss, its paired
-difference with the change-space soup, and the relative error of its weight change.
+The full pool is cooked by :func:`~modelsoup.cook.cook` on held-out loss
+(:class:`~modelsoup.hf.language.CausalLMLoss`, nats per token, lower is better): best
+individual, uniform, greedy sorted and random, pruned sorted, ensemble. The test split
+judges: the script scores each distinct soup the methods chose on test once and compares
+it with the best individual document by document (paired bootstrap, 95 %). The
+ensemble is reported on held-out only (on test it would need every ingredient scored
+on the whole test split, which this 2-core machine could not afford).
+
+The LoRA pool answers how adapters should be mixed. modelsoup mixes them in
+weight-change space (base + mean of scaling * B @ A; the cook picks the best individual
+and makes the uniform soup on held-out); the alternative averages the factors (base +
+scaling * mean(B) @ mean(A)). Both and the best individual are scored on test, paired,
+and the relative error of the factor average's weight change is measured.
 
 Ingredients are cached under ``bench/_work/reproduce/<study>/`` (a rerun trains
 nothing); the cook runs from scratch so its wall time is real. Writes
-``results/<study>/`` (``summary.json``, and ``full/`` and ``lora/`` with each cook's
-report and figures).
+``results/<study>/full/`` (``summary.json``, the held-out cook's report and figures)
+and ``results/<study>/lora/summary.json``. ``--pools full`` / ``--pools lora`` run one
+pool (two processes can run the two).
 """
 
 from __future__ import annotations
