@@ -361,6 +361,53 @@ def lora_study(paths: list[Path], kitchen: Kitchen, base: Path, work: Path) -> d
     }
 
 
+def _ci(cmp: dict | None) -> str:
+    if not cmp:
+        return "-"
+    low, high = cmp["ci"]
+    mark = " *" if cmp["significant"] else ""
+    return f"{cmp['difference']:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+
+
+def tables(study: str) -> str:
+    """The docs/results.md tables, from the pools' summary.json files."""
+    out = []
+    full = common.RESULTS / study / "full" / "summary.json"
+    if full.is_file():
+        pool = json.loads(full.read_text())["full"]
+        out += [
+            "| method | held-out loss | test loss | test ppl | test - best individual [95% CI] "
+            "| ingredients |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in pool["rows"]:
+            held = f"{r['held_out']:.4f}" + (
+                f" +- {r['held_out_std']:.4f}" if r.get("held_out_std") else ""
+            )
+            test = f"{r['test']:.4f}" if r.get("test") is not None else "-"
+            ppl = f"{r['test_perplexity']:.2f}" if r.get("test_perplexity") else "-"
+            out.append(
+                f"| {r['method']} | {held} | {test} | {ppl} | {_ci(r.get('vs_best_individual'))} "
+                f"| {r['ingredients']:g} |"
+            )
+        held = [i["held_out"] for i in pool["individuals"]]
+        out += ["", f"individual held-out loss {min(held):.4f}-{max(held):.4f}", ""]
+    lora = common.RESULTS / study / "lora" / "summary.json"
+    if lora.is_file():
+        pool = json.loads(lora.read_text())["lora"]
+        out += ["| LoRA method | held-out loss | test loss | test ppl | ingredients |"]
+        out += ["|---|---|---|---|---|"]
+        for r in pool["rows"]:
+            out.append(
+                f"| {r['method']} | {r['held_out']:.4f} | {r['test']:.4f} "
+                f"| {r['test_perplexity']:.2f} | {r['ingredients']} |"
+            )
+        out += ["", "| paired on test | difference [95% CI] |", "|---|---|"]
+        out += [f"| {k} | {_ci(v)} |" for k, v in pool["paired_test"].items()]
+        out += ["", f"factor average: relative ΔW error {pool['factor_relative_delta_error']:.3f}"]
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--study", default="smollm2")
@@ -379,7 +426,11 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=1, help="pruned passes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--tables", action="store_true", help="print the docs tables and stop")
     args = p.parse_args()
+    if args.tables:
+        print(tables(args.study))
+        return
     pools = set(args.pools.split(","))
     if not pools <= {"full", "lora"}:
         p.error(f"--pools {args.pools}: use full, lora or full,lora")
