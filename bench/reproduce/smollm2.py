@@ -89,6 +89,15 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
     )
 
 
+def start_model(kitchen: Kitchen) -> torch.nn.Module:
+    """The start itself: ``kitchen.model()`` is the architecture, its weights not loaded."""
+    model = kitchen.model()
+    missing, unexpected = model.load_state_dict(kitchen.start_state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"start weights do not fit: {missing[:3]} {unexpected[:3]}")
+    return model
+
+
 def lora_model(kitchen: Kitchen, rank: int) -> torch.nn.Module:
     """The start with fresh LoRA factors on the attention projections (PEFT's init)."""
     import peft
@@ -96,7 +105,7 @@ def lora_model(kitchen: Kitchen, rank: int) -> torch.nn.Module:
     config = peft.LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGETS)
     )
-    return peft.get_peft_model(kitchen.model(), config)
+    return peft.get_peft_model(start_model(kitchen), config)
 
 
 def train_lora(
@@ -112,6 +121,7 @@ def train_lora(
             "rank": rank,
             "targets": list(TARGETS),
             "seed": seed,
+            "base": "start weights",
             "split": [settings.train, settings.heldout, settings.test, settings.max_len],
             **settings.fixed,
         }
@@ -290,7 +300,9 @@ def factor_average(paths: list[Path], base: Path, folder: Path) -> tuple[Path, f
     return folder, (err2 / ref2) ** 0.5
 
 
-def lora_study(paths: list[Path], kitchen: Kitchen, base: Path, work: Path) -> dict[str, Any]:
+def lora_study(
+    paths: list[Path], kitchen: Kitchen, base: Path, work: Path, on_test: bool = True
+) -> dict[str, Any]:
     """The LoRA pool: mixing weight changes (modelsoup) against averaging the factors.
 
     The cook picks the best individual and mixes the uniform soup in weight-change space
@@ -313,8 +325,8 @@ def lora_study(paths: list[Path], kitchen: Kitchen, base: Path, work: Path) -> d
     )
     cook_seconds = time.perf_counter() - began
     folder, rel_error = factor_average(paths, base, work / "lora_factor_average")
-    factors = peft.PeftModel.from_pretrained(kitchen.model(), folder).merge_and_unload()
-    test = kitchen.test
+    factors = peft.PeftModel.from_pretrained(start_model(kitchen), folder).merge_and_unload()
+    test = kitchen.test if on_test else kitchen.held_out
     models = {
         "uniform (weight changes)": result.method("uniform").result.apply(kitchen.model()),
         "uniform (factors)": factors,
@@ -335,6 +347,7 @@ def lora_study(paths: list[Path], kitchen: Kitchen, base: Path, work: Path) -> d
                 "held_out": held,
                 "test": float(per_doc[label].mean()),
                 "test_perplexity": float(per_doc[label].mean().exp()),
+                "scored_on": test.name,
                 "ingredients": len(paths),
             }
         )
@@ -423,6 +436,12 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=1, help="pruned passes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-only", action="store_true")
+    p.add_argument(
+        "--lora-held-out-only",
+        action="store_true",
+        help="LoRA: compare the two mixings on held-out only (the 'test' columns are then "
+        "held-out)",
+    )
     p.add_argument("--tables", action="store_true", help="print the docs tables and stop")
     args = p.parse_args()
     if args.tables:
@@ -463,7 +482,7 @@ def main() -> None:
         if pool == "full":
             found = full_study(paths, kitchen, args)
         else:
-            found = lora_study(paths, kitchen, base, work)
+            found = lora_study(paths, kitchen, base, work, on_test=not args.lora_held_out_only)
         found["train_seconds"] = seconds
         found["seconds"] = time.perf_counter() - clock
         found["load_at_end"] = os.getloadavg()

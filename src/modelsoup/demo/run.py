@@ -178,8 +178,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class Kitchen:
     """What cooking needs, whatever the variant: a model, a start, data and evaluators.
 
-    ``model`` builds a fresh model, ``start_state`` is the shared start every ingredient
-    is fine-tuned from, ``train`` is :func:`~modelsoup.demo.training.train_grid`'s data,
+    ``model`` builds the architecture (for the language model its weights are *not* the
+    start's: load ``start_state`` into it, as ``train_grid`` and the cook do), ``start_state``
+    is the shared start every ingredient is fine-tuned from, ``train`` is :func:`~modelsoup.demo.training.train_grid`'s data,
     ``held_out`` chooses and ``test`` judges.
 
     Example:
