@@ -179,9 +179,10 @@ class Kitchen:
     """What cooking needs, whatever the variant: a model, a start, data and evaluators.
 
     ``model`` builds the architecture (for the language model its weights are *not* the
-    start's: load ``start_state`` into it, as ``train_grid`` and the cook do), ``start_state``
-    is the shared start every ingredient is fine-tuned from, ``train`` is :func:`~modelsoup.demo.training.train_grid`'s data,
-    ``held_out`` chooses and ``test`` judges.
+    start's: load ``start_state`` into it, as ``train_grid`` and the cook do);
+    ``start_state`` is the shared start every ingredient is fine-tuned from; ``train`` is
+    :func:`~modelsoup.demo.training.train_grid`'s data; ``held_out`` chooses and ``test``
+    judges.
 
     Example:
         >>> kitchen = smollm2_kitchen(SMOLLM2, Path("work/smollm2"))  # doctest: +SKIP
