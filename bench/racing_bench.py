@@ -28,6 +28,8 @@ noised digits, shuffled once with seed 0, in batches of 500):
 grid``, each scored by its script's own held-out evaluator (Fashion-MNIST, 500 and 2,000
 images, batches of 256; no recalibration). Their ingredients are trained on first use
 (the scripts' ``load_pool``, cached in ``bench/_work/reproduce``) and reused after.
+``--pools demo`` adds the default demo's pool (9 MiniLM fine-tunes on tweets, held-out
+300 tweets in batches of 200), found in (or trained into) ``--demo-work``.
 
 Run::
 
@@ -159,7 +161,32 @@ def reproduce_pool(name: str) -> tuple:
     return found.paths, found.factory, found.held
 
 
-POOL_LABELS = {"effnet": "EfficientNet-Lite0 36", "resnet-grid": "ResNet-8 x1 grid 36"}
+def demo_pool(workdir: Path) -> tuple:
+    """The default demo's pool (``modelsoup demo``: 9 MiniLM fine-tunes on tweets) and its
+    held-out evaluator, from the demo's work folder ``workdir`` (trained there if absent)."""
+    from modelsoup.demo.run import _KITCHENS, TWEETS
+    from modelsoup.demo.training import train_grid
+
+    work = workdir / TWEETS.name
+    kitchen = _KITCHENS[TWEETS.name](TWEETS, work)
+    paths = train_grid(
+        kitchen.model,
+        kitchen.train,
+        dict(TWEETS.grid),
+        work / "ingredients",
+        start_state=kitchen.start_state,
+        seeds=TWEETS.seeds,
+        progress=False,
+        **TWEETS.fixed,
+    )
+    return paths, kitchen.model, kitchen.held_out
+
+
+POOL_LABELS = {
+    "effnet": "EfficientNet-Lite0 36",
+    "resnet-grid": "ResNet-8 x1 grid 36",
+    "demo": "demo (MiniLM tweets 9)",
+}
 
 
 def compare(pools: dict[str, tuple], confidence: float) -> tuple[list, bool, dict]:
@@ -217,7 +244,14 @@ def main() -> None:
         nargs="+",
         choices=["digits", *POOL_LABELS],
         default=["digits"],
-        help="digits: the three digits pools; effnet, resnet-grid: bench/reproduce's",
+        help="digits: the three digits pools; effnet, resnet-grid: bench/reproduce's; "
+        "demo: the default demo's",
+    )
+    parser.add_argument(
+        "--demo-work",
+        type=Path,
+        default=WORK / "racing" / "demo",
+        help="the demo's --workdir (its ingredients in tweets/ingredients)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -225,6 +259,8 @@ def main() -> None:
     for name in args.pools:
         if name == "digits":
             pools |= digits_pools(args.k)
+        elif name == "demo":
+            pools[POOL_LABELS[name]] = demo_pool(args.demo_work)
         else:
             pools[POOL_LABELS[name]] = reproduce_pool(name)
     print(machine())

@@ -54,7 +54,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-only", action="store_true", help="train the grid, do not cook")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="with --train-only: train only cells i, i+n, i+2n, ... of the grid (i/n), so "
+        "that n processes can train it side by side",
+    )
+    args = p.parse_args(argv)
+    i, _, n = args.shard.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        p.error(f"--shard {args.shard}: write i/n with 0 <= i < n, e.g. 0/2")
+    args.shard = (int(i), int(n))
+    if args.shard != (0, 1) and not args.train_only:
+        p.error("--shard trains part of the grid: use it with --train-only")
+    return args
 
 
 def load_pool(args: argparse.Namespace) -> common.Pool:
@@ -77,7 +90,9 @@ def load_pool(args: argparse.Namespace) -> common.Pool:
             sys.exit(f"no networks in {work}: run bench/batchnorm/run.py first")
     else:
         t = time.perf_counter()
-        paths = train_grid_from_scratch(factory, split.train.as_tuple(), work, args.epochs)
+        paths = train_grid_from_scratch(
+            factory, split.train.as_tuple(), work, args.epochs, shard=args.shard
+        )
         train_seconds = time.perf_counter() - t
     return common.Pool(
         paths,
@@ -160,14 +175,19 @@ def main() -> None:
     common.write(study, record)
 
 
-def train_grid_from_scratch(factory, train, work: Path, epochs: int) -> list[str]:
-    """The seed's lr x wd grid, every cell its own init and batch order (seed = cell index)."""
+def train_grid_from_scratch(
+    factory, train, work: Path, epochs: int, shard: tuple[int, int] = (0, 1)
+) -> list[str]:
+    """The seed's lr x wd grid, every cell its own init and batch order (seed = cell index).
+
+    With ``shard=(i, n)`` only cells ``i, i + n, ...`` are trained (the others are only
+    named); n processes with i = 0..n-1 train the whole grid between them."""
     work.mkdir(parents=True, exist_ok=True)
     paths = []
     cells = [(lr, wd) for lr in common.SEED_LRS for wd in common.SEED_WDS]
     for seed, (lr, wd) in enumerate(cells):
         path = work / f"lr{lr:g}_wd{wd:g}_seed{seed}.safetensors"
-        if not path.exists():
+        if not path.exists() and seed % shard[1] == shard[0]:
             t = time.perf_counter()
             state = train_from_scratch(
                 factory, train, lr=lr, weight_decay=wd, epochs=epochs, seed=seed
