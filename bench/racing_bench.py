@@ -190,10 +190,11 @@ POOL_LABELS = {
 
 
 def compare(pools: dict[str, tuple], confidence: float) -> tuple[list, bool, dict]:
-    """Full, exact and statistical runs of every recipe on every pool: the table's rows,
-    whether exact racing kept every pick, and per pool the statistical decisions that
-    agree with full evaluation (agreeing, made)."""
-    rows, same_everywhere, agree_by_pool = [], True, {}
+    """Full, exact and statistical runs of every recipe on every pool: one entry per run
+    (pool, recipe, mode, its result, the full run's, same picks, decisions), whether
+    exact racing kept every pick, and per pool the statistical decisions that agree with
+    full evaluation (agreeing, made)."""
+    results, same_everywhere, agree_by_pool = [], True, {}
     for pool, (paths, factory, evaluator) in pools.items():
         agree_by_pool[pool] = [0, 0]
         for label, recipe in RECIPES.items():
@@ -212,26 +213,67 @@ def compare(pools: dict[str, tuple], confidence: float) -> tuple[list, bool, dic
                 ("exact racing", exact, same, "-"),
                 (f"statistical {confidence}", stat, stat_same, f"{agree}/{decided}"),
             ):
-                seen, whole = r["raced"]
-                rows.append(
-                    [
-                        pool,
-                        label,
-                        mode,
-                        r["evaluations"],
-                        r["stopped"],
-                        f"{r['examples']:,}",
-                        f"{off['examples'] / r['examples']:.2f}x",
-                        f"{whole / seen:.2f}x" if seen else "-",
-                        f"{r['seconds']:.2f}",
-                        f"{r['seconds'] / off['seconds']:.2f}x",
-                        f"{r['cpu']:.2f}",
-                        f"{r['cpu'] / off['cpu']:.2f}x",
-                        "yes" if picks else "NO",
-                        decisions,
-                    ]
-                )
-    return rows, same_everywhere, agree_by_pool
+                results.append((pool, label, mode, r, off, picks, decisions))
+    return results, same_everywhere, agree_by_pool
+
+
+HEADERS = [
+    "pool",
+    "recipe",
+    "mode",
+    "evaluator calls",
+    "stopped early",
+    "examples",
+    "fewer than full",
+    "raced candidates: fewer",
+    "wall s",
+    "vs full",
+    "CPU s",
+    "CPU vs full",
+    "same picks",
+    "decisions as full",
+]
+
+
+def row(pool, label, mode, r, off, picks, decisions) -> list:
+    seen, whole = r["raced"]
+    return [
+        pool,
+        label,
+        mode,
+        r["evaluations"],
+        r["stopped"],
+        f"{r['examples']:,}",
+        f"{off['examples'] / r['examples']:.2f}x",
+        f"{whole / seen:.2f}x" if seen else "-",
+        f"{r['seconds']:.2f}",
+        f"{r['seconds'] / off['seconds']:.2f}x",
+        f"{r['cpu']:.2f}",
+        f"{r['cpu'] / off['cpu']:.2f}x",
+        "yes" if picks else "NO",
+        decisions,
+    ]
+
+
+def totals(results: list) -> str:
+    """One line per pool and mode: examples over the recipes against full evaluation,
+    the range of the per-recipe ratios, and the slowest wall and CPU ratios."""
+    groups: dict[tuple[str, str], list] = {}
+    for pool, _, mode, r, off, *_ in results:
+        groups.setdefault((pool, mode), []).append((r, off))
+    lines = []
+    for (pool, mode), runs in groups.items():
+        examples = sum(r["examples"] for r, _ in runs)
+        full = sum(off["examples"] for _, off in runs)
+        ratios = [off["examples"] / r["examples"] for r, off in runs]
+        wall = max(r["seconds"] / off["seconds"] for r, off in runs)
+        cpu = max(r["cpu"] / off["cpu"] for r, off in runs)
+        lines.append(
+            f"{pool}, {mode}: {examples:,} examples over the recipes, {full / examples:.2f}x "
+            f"fewer than full (per recipe {min(ratios):.2f}x-{max(ratios):.2f}x); slowest "
+            f"against full: wall {wall:.2f}x, CPU {cpu:.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -267,28 +309,13 @@ def main() -> None:
     for pool, (paths, _, evaluator) in pools.items():
         n = len(evaluator.labels)
         print(f"{pool}: K = {len(paths)}; held-out {n:,} in batches of {evaluator.batch_size}")
-    rows, same_everywhere, agree_by_pool = compare(pools, args.confidence)
-    print(
-        table(
-            [
-                "pool",
-                "recipe",
-                "mode",
-                "evaluator calls",
-                "stopped early",
-                "examples",
-                "fewer than full",
-                "raced candidates: fewer",
-                "wall s",
-                "vs full",
-                "CPU s",
-                "CPU vs full",
-                "same picks",
-                "decisions as full",
-            ],
-            rows,
-        )
-    )
+    same_everywhere, agree_by_pool = True, {}
+    for pool, found in pools.items():  # one table per pool, printed as soon as it is done
+        results, same, agree = compare({pool: found}, args.confidence)
+        same_everywhere &= same
+        agree_by_pool |= agree
+        print(table(HEADERS, [row(*r) for r in results]), flush=True)
+        print(totals(results), flush=True)
     total = [sum(a for a, _ in agree_by_pool.values()), sum(d for _, d in agree_by_pool.values())]
     for pool, (agree, decided) in [*agree_by_pool.items(), ("all pools", total)]:
         share = agree / decided if decided else 1.0
