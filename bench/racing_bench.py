@@ -22,15 +22,26 @@ noised digits, shuffled once with seed 0, in batches of 500):
   ResNet grid's situation: soups collapse and most candidates are far below the bar);
 - ``mixed``: 8 of each.
 
+``--pools effnet resnet-grid`` runs the same comparison on two pools of
+``bench/reproduce`` instead: the 36 EfficientNet-Lite0 fine-tunes of
+``effnet_fashion.py`` and the 36 from-scratch ResNet-8 x1 of ``resnet_scratch.py --pool
+grid``, each scored by its script's own held-out evaluator (Fashion-MNIST, 500 and 2,000
+images, batches of 256; no recalibration). Their ingredients are trained on first use
+(the scripts' ``load_pool``, cached in ``bench/_work/reproduce``) and reused after.
+``--pools demo`` adds the default demo's pool (9 MiniLM fine-tunes on tweets, held-out
+300 tweets in batches of 200), found in (or trained into) ``--demo-work``.
+
 Run::
 
     .venv/bin/python bench/racing_bench.py             # ~2 min on 2 cores
     .venv/bin/python bench/racing_bench.py --k 8       # quick look
+    .venv/bin/python bench/racing_bench.py --pools effnet resnet-grid
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +49,8 @@ import safetensors.torch
 import torch
 from benchlib import WORK, machine, table
 from recipes_bench import digits_task, make_ingredients
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "reproduce"))
 
 from modelsoup.demo.digits import sgd_train
 from modelsoup.evaluators import Accuracy
@@ -94,104 +107,222 @@ def agreeing(decisions, full: Taster) -> tuple[int, int]:
     return same, len(decisions)
 
 
-def run(task, paths: list[Path], recipe, racing, evaluator, journal=None) -> dict:
-    start = time.perf_counter()
+def run(factory, paths: list, recipe, racing, evaluator, journal=None) -> dict:
+    start, cpu = time.perf_counter(), time.process_time()
     taster = RecordingTaster(
-        open_ingredients(paths), task.model(), evaluator, racing=racing, journal=journal
+        open_ingredients(paths), factory(), evaluator, racing=racing, journal=journal
     )
     soup = recipe(taster)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu  # this process only: steadier on a shared machine
     n = len(evaluator.labels)
     full_calls = taster.evaluations - taster.races
     return {
         "taster": taster,
         "seconds": seconds,
+        "cpu": cpu,
         "evaluations": taster.evaluations,
         "examples": full_calls * n + taster.race_examples,
         "stopped": taster.rejected_early,
+        # the raced candidates alone: examples run, and what full passes would have run
+        "raced": (taster.race_examples, taster.race_full_examples),
         "chosen": soup.chosen,
         "score": soup.scores["held_out"],
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=16, help="ingredients per pool")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--confidence", type=float, default=0.999)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def digits_pools(k: int) -> dict[str, tuple]:
+    """The three digits pools: ``name -> (paths, factory, held-out evaluator)``."""
     task = digits_task()
     folder = WORK / "racing"
-    shared = make_ingredients(task, folder / "shared", args.k)
-    own = own_starts(task, folder / "own", args.k)
-    pools = {
-        "shared start": shared,
-        "own starts": own,
-        "mixed": shared[: args.k // 2] + own[: args.k // 2],
-    }
+    shared = make_ingredients(task, folder / "shared", k)
+    own = own_starts(task, folder / "own", k)
     # One fixed random order (seed 0), so that early batches are representative: the
     # task builds its held-out set shift by shift, and racing reads it front to back.
     x, y = task.held_out
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     evaluator = Accuracy((x[order], y[order]), batch_size=500, name="held-out")
-    rows, same_everywhere = [], True
-    agree_all = [0, 0]
-    for pool, paths in pools.items():
+    return {
+        "shared start": (shared, task.model, evaluator),
+        "own starts": (own, task.model, evaluator),
+        "mixed": (shared[: k // 2] + own[: k // 2], task.model, evaluator),
+    }
+
+
+def reproduce_pool(name: str) -> tuple:
+    """A ``bench/reproduce`` pool with its script's default settings (trained if absent)."""
+    import effnet_fashion
+    import resnet_scratch
+
+    if name == "effnet":
+        found = effnet_fashion.load_pool(effnet_fashion.parse([]))
+    else:
+        found = resnet_scratch.load_pool(resnet_scratch.parse(["--pool", "grid"]))
+    return found.paths, found.factory, found.held
+
+
+def demo_pool(workdir: Path) -> tuple:
+    """The default demo's pool (``modelsoup demo``: 9 MiniLM fine-tunes on tweets) and its
+    held-out evaluator, from the demo's work folder ``workdir`` (trained there if absent)."""
+    from modelsoup.demo.run import _KITCHENS, TWEETS
+    from modelsoup.demo.training import train_grid
+
+    work = workdir / TWEETS.name
+    kitchen = _KITCHENS[TWEETS.name](TWEETS, work)
+    paths = train_grid(
+        kitchen.model,
+        kitchen.train,
+        dict(TWEETS.grid),
+        work / "ingredients",
+        start_state=kitchen.start_state,
+        seeds=TWEETS.seeds,
+        progress=False,
+        **TWEETS.fixed,
+    )
+    return paths, kitchen.model, kitchen.held_out
+
+
+POOL_LABELS = {
+    "effnet": "EfficientNet-Lite0 36",
+    "resnet-grid": "ResNet-8 x1 grid 36",
+    "demo": "demo (MiniLM tweets 9)",
+}
+
+
+def compare(pools: dict[str, tuple], confidence: float) -> tuple[list, bool, dict]:
+    """Full, exact and statistical runs of every recipe on every pool: one entry per run
+    (pool, recipe, mode, its result, the full run's, same picks, decisions), whether
+    exact racing kept every pick, and per pool the statistical decisions that agree with
+    full evaluation (agreeing, made)."""
+    results, same_everywhere, agree_by_pool = [], True, {}
+    for pool, (paths, factory, evaluator) in pools.items():
+        agree_by_pool[pool] = [0, 0]
         for label, recipe in RECIPES.items():
             book = Journal(None)
-            off = run(task, paths, recipe, "off", evaluator, journal=book)
-            exact = run(task, paths, recipe, "exact", evaluator)
-            stat = run(task, paths, recipe, {"confidence": args.confidence}, evaluator)
+            off = run(factory, paths, recipe, "off", evaluator, journal=book)
+            exact = run(factory, paths, recipe, "exact", evaluator)
+            stat = run(factory, paths, recipe, {"confidence": confidence}, evaluator)
             same = exact["chosen"] == off["chosen"] and exact["score"] == off["score"]
             same_everywhere &= same
             agree, decided = agreeing(stat["taster"].decisions, off["taster"])
-            agree_all = [agree_all[0] + agree, agree_all[1] + decided]
+            agree_by_pool[pool][0] += agree
+            agree_by_pool[pool][1] += decided
             stat_same = stat["chosen"] == off["chosen"] and stat["score"] == off["score"]
             for mode, r, picks, decisions in (
                 ("full evaluation", off, same, "-"),
                 ("exact racing", exact, same, "-"),
-                (f"statistical {args.confidence}", stat, stat_same, f"{agree}/{decided}"),
+                (f"statistical {confidence}", stat, stat_same, f"{agree}/{decided}"),
             ):
-                rows.append(
-                    [
-                        pool,
-                        label,
-                        mode,
-                        r["evaluations"],
-                        r["stopped"],
-                        f"{r['examples']:,}",
-                        f"{off['examples'] / r['examples']:.2f}x",
-                        f"{r['seconds']:.2f}",
-                        f"{r['seconds'] / off['seconds']:.2f}x",
-                        "yes" if picks else "NO",
-                        decisions,
-                    ]
-                )
-    print(f"{machine()}; K = {args.k}; held-out {len(task.held_out[1]):,}")
-    print(
-        table(
-            [
-                "pool",
-                "recipe",
-                "mode",
-                "evaluator calls",
-                "stopped early",
-                "examples",
-                "fewer than full",
-                "wall s",
-                "vs full",
-                "same picks",
-                "decisions as full",
-            ],
-            rows,
+                results.append((pool, label, mode, r, off, picks, decisions))
+    return results, same_everywhere, agree_by_pool
+
+
+HEADERS = [
+    "pool",
+    "recipe",
+    "mode",
+    "evaluator calls",
+    "stopped early",
+    "examples",
+    "fewer than full",
+    "raced candidates: fewer",
+    "wall s",
+    "vs full",
+    "CPU s",
+    "CPU vs full",
+    "same picks",
+    "decisions as full",
+]
+
+
+def row(pool, label, mode, r, off, picks, decisions) -> list:
+    seen, whole = r["raced"]
+    return [
+        pool,
+        label,
+        mode,
+        r["evaluations"],
+        r["stopped"],
+        f"{r['examples']:,}",
+        f"{off['examples'] / r['examples']:.2f}x",
+        f"{whole / seen:.2f}x" if seen else "-",
+        f"{r['seconds']:.2f}",
+        f"{r['seconds'] / off['seconds']:.2f}x",
+        f"{r['cpu']:.2f}",
+        f"{r['cpu'] / off['cpu']:.2f}x",
+        "yes" if picks else "NO",
+        decisions,
+    ]
+
+
+def totals(results: list) -> str:
+    """One line per pool and mode: examples over the recipes against full evaluation,
+    the range of the per-recipe ratios, and the slowest wall and CPU ratios."""
+    groups: dict[tuple[str, str], list] = {}
+    for pool, _, mode, r, off, *_ in results:
+        groups.setdefault((pool, mode), []).append((r, off))
+    lines = []
+    for (pool, mode), runs in groups.items():
+        examples = sum(r["examples"] for r, _ in runs)
+        full = sum(off["examples"] for _, off in runs)
+        ratios = [off["examples"] / r["examples"] for r, off in runs]
+        wall = max(r["seconds"] / off["seconds"] for r, off in runs)
+        cpu = max(r["cpu"] / off["cpu"] for r, off in runs)
+        lines.append(
+            f"{pool}, {mode}: {examples:,} examples over the recipes, {full / examples:.2f}x "
+            f"fewer than full (per recipe {min(ratios):.2f}x-{max(ratios):.2f}x); slowest "
+            f"against full: wall {wall:.2f}x, CPU {cpu:.2f}x"
         )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=16, help="ingredients per digits pool")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--confidence", type=float, default=0.999)
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        choices=["digits", *POOL_LABELS],
+        default=["digits"],
+        help="digits: the three digits pools; effnet, resnet-grid: bench/reproduce's; "
+        "demo: the default demo's",
     )
-    share = agree_all[0] / agree_all[1] if agree_all[1] else 1.0
-    print(
-        f"statistical racing: {agree_all[0]} of {agree_all[1]} accept/reject decisions "
-        f"({share:.1%}) are the ones full evaluation gives"
+    parser.add_argument(
+        "--demo-work",
+        type=Path,
+        default=WORK / "racing" / "demo",
+        help="the demo's --workdir (its ingredients in tweets/ingredients)",
     )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pools = {}
+    for name in args.pools:
+        if name == "digits":
+            pools |= digits_pools(args.k)
+        elif name == "demo":
+            pools[POOL_LABELS[name]] = demo_pool(args.demo_work)
+        else:
+            pools[POOL_LABELS[name]] = reproduce_pool(name)
+    print(machine())
+    for pool, (paths, _, evaluator) in pools.items():
+        n = len(evaluator.labels)
+        print(f"{pool}: K = {len(paths)}; held-out {n:,} in batches of {evaluator.batch_size}")
+    same_everywhere, agree_by_pool = True, {}
+    for pool, found in pools.items():  # one table per pool, printed as soon as it is done
+        results, same, agree = compare({pool: found}, args.confidence)
+        same_everywhere &= same
+        agree_by_pool |= agree
+        print(table(HEADERS, [row(*r) for r in results]), flush=True)
+        print(totals(results), flush=True)
+    total = [sum(a for a, _ in agree_by_pool.values()), sum(d for _, d in agree_by_pool.values())]
+    for pool, (agree, decided) in [*agree_by_pool.items(), ("all pools", total)]:
+        share = agree / decided if decided else 1.0
+        print(
+            f"statistical racing, {pool}: {agree} of {decided} accept/reject decisions "
+            f"({share:.1%}) are the ones full evaluation gives"
+        )
     if not same_everywhere:
         raise SystemExit("exact racing changed a pick: this is a bug")
 

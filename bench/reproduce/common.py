@@ -14,6 +14,8 @@ import platform
 import shutil
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,23 @@ RESULTS = ROOT / "bench/reproduce/results"
 # The seed paper's grid (section 3.1).
 SEED_LRS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.4]
 SEED_WDS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 4e-4]
+
+
+@dataclass
+class Pool:
+    """A study's trained ingredients and what scores them, before any cooking.
+
+    ``recalibrate`` repairs a soup's BatchNorm statistics in place from ``recal_data``;
+    ``train_seconds`` is 0 for ingredients found on disk.
+    """
+
+    paths: list[str]
+    factory: Callable[[], torch.nn.Module]
+    held: Any
+    test: Any
+    recalibrate: Callable[[torch.nn.Module], None]
+    recal_data: Any
+    train_seconds: float
 
 
 def recipes(passes: int = 5, runs: int = 10) -> list[dict[str, Any]]:

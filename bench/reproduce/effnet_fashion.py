@@ -57,7 +57,7 @@ def prepare(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=1500)
     p.add_argument("--heldout", type=int, default=500)
@@ -72,13 +72,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--study", default="effnet_fashion")
-    return p.parse_args()
+    p.add_argument("--train-only", action="store_true", help="train the grid, do not cook")
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+def load_pool(args: argparse.Namespace) -> common.Pool:
+    """The grid's ingredients (trained unless on disk), the model factory and evaluators."""
     split = load_fashion_mnist(seed=0, heldout=args.heldout, train=args.train, test=args.test)
     data = {
         name: (prepare(sub.x, args.size), sub.y)
@@ -106,19 +105,39 @@ def main() -> None:
         progress=False,
     )
     train_seconds = time.perf_counter() - t
-    print(f"trained {len(paths)} ingredients in {train_seconds:.0f} s", flush=True)
-    held = Accuracy(data["heldout"], name="heldout")
-    test = Accuracy(data["test"], name="test")
     recal_data = data["train"][0][: 128 * args.recal_batches].split(128)
 
     def recalibrate(module: nn.Module) -> None:
         recalibrate_bn(module, recal_data)
 
+    return common.Pool(
+        [str(p) for p in paths],
+        factory,
+        Accuracy(data["heldout"], name="heldout"),
+        Accuracy(data["test"], name="test"),
+        recalibrate,
+        recal_data,
+        train_seconds,
+    )
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    found = load_pool(args)
+    paths, factory, held, test = found.paths, found.factory, found.held, found.test
+    train_seconds = found.train_seconds
+    print(f"trained {len(paths)} ingredients in {train_seconds:.0f} s", flush=True)
+    if args.train_only:
+        return
     record = {
         "study": f"EfficientNet-Lite0 (ImageNet) fine-tuned on Fashion-MNIST at {args.size} px",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": common.machine(),
-        "setup": {k: v for k, v in vars(args).items() if k not in ("threads", "study")}
+        "setup": {
+            k: v for k, v in vars(args).items() if k not in ("threads", "study", "train_only")
+        }
         | {
             "optimizer": "SGD momentum 0.9, cosine, grad-norm clip 1.0",
             "ingredients": len(paths),
@@ -127,7 +146,7 @@ def main() -> None:
     }
     for variant, kwargs in (
         ("no_recalibration", {}),
-        ("bn_recalibration", {"recalibrate": recalibrate, "recalibrate_candidates": True}),
+        ("bn_recalibration", {"recalibrate": found.recalibrate, "recalibrate_candidates": True}),
     ):
         study = f"{args.study}/{variant}"
         _, summary = common.run_cook(
