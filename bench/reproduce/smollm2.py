@@ -51,8 +51,8 @@ from modelsoup._util import temp_sibling
 from modelsoup.cook import cook
 from modelsoup.cook.report import write_report
 from modelsoup.cook.stats import paired_difference
-from modelsoup.demo.run import DemoSettings, Kitchen, smollm2_kitchen
-from modelsoup.demo.training import train_grid, train_ingredient
+from modelsoup.demo.run import DemoSettings, Kitchen, smollm2_kitchen, train_ingredients
+from modelsoup.demo.training import train_ingredient
 from modelsoup.formats.peft_adapter import AdapterSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -159,16 +159,7 @@ def train_lora(
 def train_full(
     kitchen: Kitchen, settings: DemoSettings, folder: Path
 ) -> tuple[list[Path], dict[str, float]]:
-    paths = train_grid(
-        kitchen.model,
-        kitchen.train,
-        dict(settings.grid),
-        folder,
-        start_state=kitchen.start_state,
-        seeds=settings.seeds,
-        progress=False,
-        **settings.fixed,
-    )
+    paths = train_ingredients(kitchen, settings, folder)
     seconds = {
         p.stem: json.loads(p.with_suffix(".json").read_text())["train_seconds"] for p in paths
     }
@@ -218,13 +209,7 @@ def full_study(paths: list[Path], kitchen: Kitchen, args: argparse.Namespace) ->
     work.mkdir(parents=True)
     write_report(result, work)
     out = common.RESULTS / args.study / "full"
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "figures").mkdir(parents=True)
-    for report in ("report.md", "report.json"):
-        shutil.copy(work / report, out / report)
-    for fig in (work / "figures").glob("*.png"):
-        shutil.copy(fig, out / "figures" / fig.name)
+    common.publish(work, out)
     print(f"full pool cooked on held-out ({cook_seconds:.0f} s)", flush=True)
 
     clock = time.perf_counter()

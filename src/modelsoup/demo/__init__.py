@@ -17,6 +17,7 @@ from modelsoup.demo.run import (
     run_demo,
     smollm2_kitchen,
     smollm2_start,
+    train_ingredients,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "run_demo",
     "smollm2_kitchen",
     "smollm2_start",
+    "train_ingredients",
 ]

@@ -197,6 +197,32 @@ class Kitchen:
     test: Evaluator
 
 
+def train_ingredients(
+    kitchen: Kitchen, settings: DemoSettings, folder: Path, *, progress: bool = False
+) -> list[Path]:
+    """Fine-tune the variant's grid (``settings.grid`` x ``settings.seeds``) from the
+    kitchen's start into ``folder``; ingredients already there with the same record are
+    kept (:func:`~modelsoup.demo.training.train_grid`).
+
+    Example:
+        >>> kitchen = smollm2_kitchen(SMOLLM2, Path("work/smollm2"))  # doctest: +SKIP
+        >>> len(train_ingredients(kitchen, SMOLLM2, Path("work/ingredients")))  # doctest: +SKIP
+        3
+    """
+    from modelsoup.demo.training import train_grid
+
+    return train_grid(
+        kitchen.model,
+        kitchen.train,
+        dict(settings.grid),
+        folder,
+        start_state=kitchen.start_state,
+        seeds=settings.seeds,
+        progress=progress,
+        **settings.fixed,
+    )
+
+
 @dataclass
 class DemoResult:
     """What a demo run did: the cook, the report data, and what came from the cache."""
@@ -506,8 +532,6 @@ def run_demo(
 
 
 def _run(settings: DemoSettings, output: Path, workdir: Path, progress: bool) -> DemoResult:
-    from modelsoup.demo.training import train_grid
-
     started = time.perf_counter()
     work = workdir / settings.name
     timings: dict[str, float] = {}
@@ -534,16 +558,7 @@ def _run(settings: DemoSettings, output: Path, workdir: Path, progress: bool) ->
     folder = work / "ingredients"
     folder.mkdir(parents=True, exist_ok=True)
     before = _sidecar_times(folder)
-    paths = train_grid(
-        kitchen.model,
-        kitchen.train,
-        dict(settings.grid),
-        folder,
-        start_state=kitchen.start_state,
-        seeds=settings.seeds,
-        progress=progress,
-        **settings.fixed,
-    )
+    paths = train_ingredients(kitchen, settings, folder, progress=progress)
     after = _sidecar_times(folder)
     trained = sum(
         1
