@@ -205,9 +205,16 @@ def train_ingredients(
     kept (:func:`~modelsoup.demo.training.train_grid`).
 
     Example:
-        >>> kitchen = smollm2_kitchen(SMOLLM2, Path("work/smollm2"))  # doctest: +SKIP
-        >>> len(train_ingredients(kitchen, SMOLLM2, Path("work/ingredients")))  # doctest: +SKIP
-        3
+        >>> import dataclasses, tempfile
+        >>> from modelsoup.evaluators import Accuracy
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+        >>> kitchen = Kitchen(
+        ...     lambda: torch.nn.Linear(4, 2), torch.nn.Linear(4, 2).state_dict(), (x, y),
+        ...     Accuracy((x, y)), Accuracy((x, y)))
+        >>> tiny = dataclasses.replace(
+        ...     DIGITS, grid={"lr": (0.01, 0.1)}, seeds=(0,), fixed={"epochs": 1})
+        >>> [p.name for p in train_ingredients(kitchen, tiny, Path(tempfile.mkdtemp()))]
+        ['lr0.01.safetensors', 'lr0.1.safetensors']
     """
     from modelsoup.demo.training import train_grid
 
