@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q
+# --no-compile: pip would byte-compile every module of torch and transformers at install
+# (40 of the 70 s a fresh demo-lm set-up took); Python compiles what it imports instead.
+PIP := $(PY) -m pip --disable-pip-version-check -q --no-compile
 # torch is pinned in the same pip command as everything that depends on it: here
 # that picks a CPU wheel already on disk instead of a multi-GB CUDA build.
 TORCH := torch==2.13.0

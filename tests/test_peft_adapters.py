@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,35 @@ def test_cook_greedy_on_adapters_saves_adapter_soups(kitchen, tmp_path):
     card = json.loads((saved / "soup_card.json").read_text())
     assert card["adapter"]["relative_error"] < 1e-5
     assert held_out(loaded) == pytest.approx(greedy.result.scores["held_out"], abs=1e-4)
+
+
+def test_cook_base_path_is_the_base_of_adapters_that_name_another(kitchen, tmp_path):
+    from modelsoup.cook.run import cook
+
+    _, base_dir, adapters = kitchen
+    moved = []  # adapters trained elsewhere: their config names a base not on this machine
+    for i, adapter in enumerate(adapters[:2]):
+        folder = tmp_path / f"moved{i}"
+        folder.mkdir()
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "gone" / "base")
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        shutil.copy(adapter / "adapter_model.safetensors", folder)
+        moved.append(folder)
+    ids = torch.randint(0, 48, (4, 12))
+
+    def held_out(model) -> float:
+        with torch.no_grad():
+            return -float(model(ids, labels=ids).loss)
+
+    def model():
+        return transformers.LlamaForCausalLM.from_pretrained(base_dir)
+
+    with pytest.raises(IngredientError, match="not a local folder"):
+        cook(moved, model, held_out, recipes=[{"name": "uniform"}], progress=False)
+    got = cook(moved, model, held_out, recipes=[{"name": "uniform"}], base=base_dir, progress=False)
+    want = cook(adapters[:2], model, held_out, recipes=[{"name": "uniform"}], progress=False)
+    assert got.method("uniform").held_out == want.method("uniform").held_out
 
 
 def test_the_language_model_docs_example_runs(tmp_path, monkeypatch):

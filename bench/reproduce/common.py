@@ -53,6 +53,18 @@ class Pool:
     train_seconds: float
 
 
+def open_pool(load_pool: Callable[[Any], Pool], args: Any) -> tuple[Pool, float]:
+    """A study's pool from its ``load_pool`` with ``args.threads`` torch threads.
+
+    Returns the pool and the ``time.perf_counter()`` at the start, for the study's timing.
+    """
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    found = load_pool(args)
+    print(f"trained {len(found.paths)} ingredients in {found.train_seconds:.0f} s", flush=True)
+    return found, started
+
+
 def recipes(passes: int = 5, runs: int = 10) -> list[dict[str, Any]]:
     """Greedy and pruned soups, sorted and random (``runs`` random orders each)."""
     return [

@@ -123,12 +123,9 @@ def load_pool(args: argparse.Namespace) -> common.Pool:
 
 def main() -> None:
     args = parse()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    found = load_pool(args)
+    found, started = common.open_pool(load_pool, args)
     paths, factory, held, test = found.paths, found.factory, found.held, found.test
     train_seconds = found.train_seconds
-    print(f"trained {len(paths)} ingredients in {train_seconds:.0f} s", flush=True)
     if args.train_only:
         return
     record = {

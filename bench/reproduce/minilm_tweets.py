@@ -71,7 +71,7 @@ def frozen_features(full: MiniLMClassifier, texts: list[str], frozen: int, max_l
     return {"hidden": torch.cat(out), "attention_mask": mask}
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=800)
     p.add_argument("--heldout", type=int, default=400)
@@ -82,19 +82,23 @@ def parse() -> argparse.Namespace:
     p.add_argument("--frozen", type=int, default=3, help="frozen transformer layers (of 6)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=256, help="held-out and test")
     p.add_argument("--lrs", type=float, nargs="+", default=common.SEED_LRS)
     p.add_argument("--wds", type=float, nargs="+", default=common.SEED_WDS)
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--study", default="minilm_tweets")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+def load_pool(args: argparse.Namespace) -> common.Pool:
+    """The grid's ingredients (trained unless on disk), the model factory and evaluators.
+
+    Held-out and test are the first ``--heldout-use`` / ``--test-use`` examples of their
+    splits (the split itself must not change: it fixes the train set). MiniLM has no
+    BatchNorm: ``recalibrate`` does nothing.
+    """
     split = load_tweet_sentiment(0, heldout=args.heldout, test=args.test, train=args.train)
     full = minilm_classifier(len(split.classes), freeze_layers=args.frozen)
     feats = {
@@ -107,7 +111,6 @@ def main() -> None:
         return copy.deepcopy(template)
 
     start_state = {k: v.clone() for k, v in template.state_dict().items()}
-    prep = time.perf_counter() - started
     t = time.perf_counter()
     paths = train_grid(
         factory,
@@ -122,15 +125,28 @@ def main() -> None:
         progress=False,
     )
     train_seconds = time.perf_counter() - t
-    print(f"trained {len(paths)} ingredients in {train_seconds:.0f} s", flush=True)
 
-    # Subsets of the split (the split itself must not change: it fixes the train set).
     def first(name: str, y: torch.Tensor, n: int | None) -> tuple[dict, torch.Tensor]:
         n = n or len(y)
         return {k: v[:n] for k, v in feats[name].items()}, y[:n]
 
-    held = Accuracy(first("heldout", split.heldout.y, args.heldout_use), name="heldout")
-    test = Accuracy(first("test", split.test.y, args.test_use), name="test")
+    size = args.eval_batch_size
+    held = Accuracy(
+        first("heldout", split.heldout.y, args.heldout_use), batch_size=size, name="heldout"
+    )
+    test = Accuracy(first("test", split.test.y, args.test_use), batch_size=size, name="test")
+    return common.Pool(
+        [str(p) for p in paths], factory, held, test, lambda module: None, None, train_seconds
+    )
+
+
+def main() -> None:
+    args = parse()
+    found, started = common.open_pool(load_pool, args)
+    paths, factory, held, test = found.paths, found.factory, found.held, found.test
+    train_seconds = found.train_seconds
+    prep = time.perf_counter() - started - train_seconds
+    template = factory()
     result, summary = common.run_cook(
         args.study, paths, factory, held, test, passes=args.passes, runs=args.runs
     )
@@ -138,7 +154,9 @@ def main() -> None:
         "study": "MiniLM (all-MiniLM-L6-v2) fine-tuned on tweet sentiment (3 classes)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": common.machine(),
-        "setup": {k: v for k, v in vars(args).items() if k not in ("threads", "study")}
+        "setup": {
+            k: v for k, v in vars(args).items() if k not in ("threads", "study", "eval_batch_size")
+        }
         | {
             "optimizer": "SGD momentum 0.9, linear decay, grad-norm clip 1.0",
             "ingredients": len(paths),

