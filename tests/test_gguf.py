@@ -179,3 +179,26 @@ def test_what_the_reader_cannot_turn_back_is_refused(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ConfigError, match="not a readable GGUF"):
         read_gguf_llama(tmp_path / "junk.gguf")
+
+
+def test_a_gguf_missing_a_tensor_is_refused_not_filled_at_random(tmp_path):
+    model = tiny_llama()
+    state = model.state_dict()
+
+    class Without:  # the model with one block's down projection left out
+        config = model.config
+
+        @staticmethod
+        def state_dict():
+            return {k: v for k, v in state.items() if k != "model.layers.1.mlp.down_proj.weight"}
+
+    with pytest.raises(ConfigError, match="lacks model.layers.1.mlp.down_proj.weight"):
+        read_gguf_llama(write_gguf(Without, tmp_path / "short.gguf"))
+
+
+def test_a_truncated_gguf_is_refused(tmp_path):
+    whole = write_gguf(tiny_llama(), tmp_path / "tiny.gguf").read_bytes()
+    for cut in (20, len(whole) // 2, len(whole) - 10):
+        (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+        with pytest.raises(ConfigError):
+            read_gguf_llama(tmp_path / "cut.gguf")

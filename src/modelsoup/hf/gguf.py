@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,14 @@ def read_gguf_llama(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     gguf = _require_gguf()
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as err:
+        return _read_llama(gguf, path)
+    except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as err:
+        # what gguf's parser raises on a truncated or corrupt file
         raise ConfigError(f"{path}: not a readable GGUF file ({err})") from None
+
+
+def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    reader = gguf.GGUFReader(path)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ConfigError(
@@ -175,17 +181,28 @@ def read_gguf_llama(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         elif tensor.name.endswith("attn_k.weight"):
             weight = unpermute_rotary(weight, kv_heads)
         state[name] = weight
-    embeddings = state.get("model.embed_tokens.weight")
-    if embeddings is None:
-        raise ConfigError(f"{path}: the GGUF file has no token_embd.weight")
+    layers = int(setting("block_count"))
     tied = "output.weight" not in names
+    # transformers would fill a missing tensor with random values and only warn
+    expected = {_TOP_NAMES["token_embd.weight"], _TOP_NAMES["output_norm.weight"]}
+    expected |= {f"model.layers.{i}.{n}" for i in range(layers) for n in _BLOCK_NAMES.values()}
+    if not tied:
+        expected.add(_TOP_NAMES["output.weight"])
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        what = f"lacks {', '.join(missing[:3])}" if missing else f"has {', '.join(extra[:3])}"
+        raise ConfigError(
+            f"{path}: the GGUF file {what}{' ...' if len(missing or extra) > 3 else ''} "
+            f"for a {layers}-block Llama; it is incomplete or not a Llama model"
+        )
+    embeddings = state["model.embed_tokens.weight"]
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": int(_field(reader, "llama.vocab_size", embeddings.shape[0])),
         "hidden_size": hidden,
         "intermediate_size": int(setting("feed_forward_length")),
-        "num_hidden_layers": int(setting("block_count")),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": int(setting("rope.dimension_count", hidden // heads)),
