@@ -6,11 +6,13 @@ import hashlib
 import json
 import os
 
+import pytest
 import safetensors.torch
 import torch
 
 from conftest import tiny_state
 from modelsoup import average, open_ingredient
+from modelsoup.errors import ConfigError
 from modelsoup.formats import base as base_format
 from modelsoup.formats import hashcache
 
@@ -96,7 +98,10 @@ def _big_state(seed):
     }
 
 
-def test_first_contact_and_cached_cards_keep_the_full_file_sha256(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", ["0", "1"])
+def test_first_contact_and_cached_cards_keep_the_full_file_sha256(tmp_path, monkeypatch, threads):
+    monkeypatch.setenv("MODELSOUP_HASH_THREADS", threads)  # inline, and on a thread
+    monkeypatch.setattr(base_format, "_worker", None)
     # small slots, so every tensor is hashed in many pieces that wrap around the ring
     monkeypatch.setattr(base_format._HashWorker, "SLOT", 4096)
     monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "sha256.jsonl"))
@@ -144,3 +149,12 @@ def test_a_process_on_one_core_hashes_inline():
     digest = hashlib.sha256()
     assert worker.feed(digest, worker.lane(), memoryview(b"abc")) is None
     assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_hash_threads_are_set_by_the_environment_and_checked(monkeypatch):
+    monkeypatch.setenv("MODELSOUP_HASH_THREADS", "2")
+    assert len(base_format._HashWorker().lanes) == 2
+    for bad in ("-1", "two", "1.5", "1000"):
+        monkeypatch.setenv("MODELSOUP_HASH_THREADS", bad)
+        with pytest.raises(ConfigError, match="MODELSOUP_HASH_THREADS"):
+            base_format.hash_threads()

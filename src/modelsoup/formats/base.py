@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 import torch
 
+from modelsoup.errors import ConfigError
 from modelsoup.formats import hashcache
 
 
@@ -137,10 +138,7 @@ class _HashWorker:
     def __init__(self, lanes: int | None = None) -> None:
         self.pid = os.getpid()
         if lanes is None:
-            # One core is the mixer's. On 2-3 cores, measured on a busy 2-core machine, a
-            # hash thread slowed first contact by 10-50% (bench/README.md): hash inline.
-            cores = _usable_cpus()
-            lanes = min(4, cores - 1) if cores >= 4 else 0
+            lanes = hash_threads()
         self.lanes = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelsoup-sha256")
             for _ in range(lanes)
@@ -174,6 +172,39 @@ class _HashWorker:
                 slot[:] = part
                 last = self.busy[i] = self.lanes[lane].submit(digest.update, slot)
         return last
+
+
+def hash_threads() -> int:
+    """How many background threads hash the inputs on first contact (0: inline).
+
+    ``MODELSOUP_HASH_THREADS`` sets it; by default one fewer than the usable cores, at
+    most four, and none below four cores: one core is the mixer's, and on a busy 2-core
+    machine a hash thread slowed first contact by 10-50% (bench/README.md).
+
+    Example:
+        >>> import os
+        >>> saved = os.environ.pop("MODELSOUP_HASH_THREADS", None)
+        >>> os.environ["MODELSOUP_HASH_THREADS"] = "1"
+        >>> hash_threads()
+        1
+        >>> _ = os.environ.pop("MODELSOUP_HASH_THREADS")
+        >>> if saved is not None:
+        ...     os.environ["MODELSOUP_HASH_THREADS"] = saved
+    """
+    setting = os.environ.get("MODELSOUP_HASH_THREADS")
+    if setting is not None and setting.strip():
+        try:
+            threads = int(setting)
+        except ValueError:
+            threads = -1
+        if not 0 <= threads <= 64:
+            raise ConfigError(
+                f"MODELSOUP_HASH_THREADS={setting!r}: give a whole number from 0 (hash on the "
+                "mixing thread) to 64"
+            )
+        return threads
+    cores = _usable_cpus()
+    return min(4, cores - 1) if cores >= 4 else 0
 
 
 def _usable_cpus() -> int:
