@@ -158,3 +158,22 @@ def test_hash_threads_are_set_by_the_environment_and_checked(monkeypatch):
         monkeypatch.setenv("MODELSOUP_HASH_THREADS", bad)
         with pytest.raises(ConfigError, match="MODELSOUP_HASH_THREADS"):
             base_format.hash_threads()
+
+
+@pytest.mark.parametrize("threads", ["0", "1"])
+def test_reading_every_byte_remembers_the_hash_without_a_card(tmp_path, monkeypatch, threads):
+    # a recipe tasted without saving a soup reads each file once; a later run must not
+    # hash it again
+    monkeypatch.setenv("MODELSOUP_HASH_THREADS", threads)
+    monkeypatch.setattr(base_format, "_worker", None)
+    cache = tmp_path / "sha256.jsonl"
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(cache))
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(_big_state(0), str(path))
+    source = open_ingredient(path).source
+    for name in source.names():
+        source.tensor(name)
+    for lane in base_format._hash_worker().lanes:  # the hash threads have caught up
+        lane.submit(lambda: None).result()
+    assert hashcache.recall([path], cache) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert open_ingredient(path).source._known == hashcache.recall([path], cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +257,22 @@ class ThreadedHash:
             self._last.result()
             self._last = None
         return self._digest.hexdigest()
+
+    def when_done(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(hexdigest)`` once every byte fed so far is hashed: now when
+        hashing is inline or already caught up, else on the hashing thread, so the caller
+        does not wait for it.
+
+        Example:
+            >>> h = ThreadedHash(b"abc")
+            >>> h.when_done(lambda digest: print(digest[:8]))
+            ba7816bf
+        """
+        last = self._last
+        if last is None or last.done():
+            callback(self.hexdigest())
+        else:
+            last.add_done_callback(lambda _: callback(self._digest.hexdigest()))
 
 
 class TensorSource:

@@ -339,11 +339,20 @@ class SafetensorsSource(TensorSource):
             if self._hash_file < len(self.files):
                 self._hasher.update(self._headers[self._hash_file])
                 self._hash_pos = self._starts[self._hash_file]
+            elif self._known is None:
+                # Every byte was read, in order: remember the hash now, so that a later
+                # run (a recipe tasted again, with no card asked for) does not hash again.
+                self._hasher.when_done(self._hashed)
+
+    def _hashed(self, digest: str) -> None:
+        self._known = digest
+        hashcache.remember(self.files, digest)
 
     def fingerprint(self) -> str:
         if self._known is None:
             if self._hash_file >= len(self.files):
-                self._known = self._hasher.hexdigest()  # every byte was read, in order
+                # every byte was read, in order; _hashed may still be on its way
+                self._known = self._hasher.hexdigest()
                 hashcache.remember(self.files, self._known)
             else:
                 self._known = super().fingerprint()
