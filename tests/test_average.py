@@ -165,3 +165,41 @@ def test_accumulator_soup_of_one_is_exact_after_other_moves():
     acc.set_weights([1, 0, 1])
     acc.set_weights([0, 0, 1])
     assert torch.equal(acc.mean("fc1.weight"), states[2]["fc1.weight"])
+
+
+def test_the_soup_minus_one_is_written_without_touching_the_sum():
+    states = [tiny_state(s) for s in range(3)]
+    acc = Accumulator(open_ingredients(states))
+    acc.set_weights([1, 2, 1])
+    before = {n: t.clone() for n, t in acc._sum.items()}
+    net = acc.write_into_with(TinyNet(), 1, -2.0)  # pruned's candidate: without 1
+    ref = _reference([states[0], states[2]], [1, 1])
+    assert torch.allclose(net.fc1.weight.double(), ref["fc1.weight"], atol=1e-6)
+    # bit for bit what taking it out of the sum gives, and the sum untouched
+    assert acc.weights == [1.0, 2.0, 1.0]
+    assert all(torch.equal(acc._sum[n], before[n]) for n in before)
+    acc.remove(1)
+    assert torch.equal(net.fc1.weight.detach(), acc.mean("fc1.weight"))
+    for bad in (-1.5, 0.0):  # more than it has; nothing
+        with pytest.raises(ConfigError, match="weight"):
+            acc.write_into_with(TinyNet(), 1, bad)
+    acc.set_weights([0, 0, 1])
+    with pytest.raises(ConfigError, match="leaving a soup behind"):
+        acc.write_into_with(TinyNet(), 2, -1.0)  # nothing would be left
+
+
+def test_pruned_candidates_leave_the_sum_alone_when_rejected():
+    from modelsoup.tasting import Taster
+
+    states = [tiny_state(s) for s in range(4)]
+    taster = Taster(open_ingredients(states), TinyNet(), lambda m: 0.0, prefetch=False)
+    taster.materialise([1, 1, 1, 1])
+    sums = {n: t.clone() for n, t in taster.accumulator._sum.items()}
+    for i in range(4):  # four rejected "soup minus i" candidates
+        taster.materialise([0 if j == i else 1 for j in range(4)])
+        ref = _reference([s for j, s in enumerate(states) if j != i], [1, 1, 1])
+        assert torch.allclose(taster.model.fc1.weight.double(), ref["fc1.weight"], atol=1e-6)
+    assert all(torch.equal(taster.accumulator._sum[n], sums[n]) for n in sums)
+    taster.materialise([0, 0, 1, 1])
+    taster.materialise([0, 0, 0, 1])  # a soup of one is rebuilt: exactly its ingredient
+    assert torch.equal(taster.model.fc1.weight.detach(), states[3]["fc1.weight"])

@@ -168,3 +168,34 @@ def test_max_memory_is_a_cook_key_for_prefetch_and_the_learned_soup(tmp_path):
         cook(paths, _model, evaluator, max_memory=small, prefetch=False, **learned)
     learned["recipes"] = [{"name": "learned", "epochs": 1, "max_memory": "1GB"}]
     cook(paths, _model, evaluator, max_memory=small, prefetch=False, **learned)
+
+
+def test_pruned_reads_each_candidate_once_after_a_change_of_soup(tmp_path):
+    # The recipe's hint names the ingredient each candidate removes: the taster settles
+    # the sum on the current soup, so every candidate reads one ingredient (and an
+    # accepted removal is read once more, by the next candidate), never "put the last one
+    # back, take this one out".
+    paths, held = _pool(tmp_path / "pool")
+    taster = Taster(open_ingredients(paths), _model(), held, prefetch=False)
+    acc = taster.accumulator
+    reads, marks = [], []
+    read, materialise = acc._read, taster.materialise
+
+    def counted_read(position, name, buffer=None):
+        reads.append(position)
+        return read(position, name, buffer)
+
+    def counted_materialise(weights):
+        marks.append(len(reads))
+        return materialise(weights)
+
+    acc._read, taster.materialise = counted_read, counted_materialise
+    soup = pruned_soup(taster, passes=2)
+    n, names = len(paths), len(acc.float_names)
+    accepted = n - len(soup.chosen)
+    assert accepted >= 1  # the far fine-tunes go, so the soup changes along the way
+    # after the full soup, the n individuals and the first candidate (rebuilt from the
+    # last individual): the reads of each candidate, in ingredients
+    per = [(b - a) // names for a, b in zip(marks[n + 2 :], [*marks[n + 3 :], len(reads)])]
+    assert len(per) == taster.evaluations - n - 2 >= 5
+    assert set(per) <= {1, 2} and per.count(2) <= accepted

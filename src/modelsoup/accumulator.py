@@ -331,10 +331,12 @@ class Accumulator:
         self, module: torch.nn.Module, position: int, weight: float = 1.0
     ) -> torch.nn.Module:
         """Write the mean of the current soup plus ``weight`` x ingredient ``position``,
-        leaving the sum itself unchanged.
+        leaving the sum itself unchanged. A negative ``weight`` takes that much of a
+        member out (at most all of it): pruned soup's candidate, the soup minus one.
 
-        A greedy candidate is usually rejected: tasting it this way reads the ingredient
-        once, where adding then removing it would read it twice.
+        A greedy or pruned candidate is usually rejected: tasting it this way reads the
+        ingredient once, where changing the sum and changing it back would read it twice
+        (and leave rounding residue in the sum).
 
         Example:
             >>> import torch
@@ -344,13 +346,20 @@ class Accumulator:
             >>> lin = acc.write_into_with(torch.nn.Linear(1, 1, bias=False), 1)
             >>> lin.weight.item(), acc.weights
             (0.5, [1.0, 0.0])
+            >>> acc.add(1); lin = acc.write_into_with(lin, 0, -1.0)  # the soup without 0
+            >>> lin.weight.item(), acc.weights
+            (1.0, [1.0, 1.0])
         """
-        if weight <= 0:
-            raise ConfigError(f"weight {weight} must be > 0")
+        have = self.weights[position]
+        total = self.total + weight
+        if weight == 0 or weight < -have * (1 + 1e-9) or total <= 0:
+            raise ConfigError(
+                f"weight {weight} of {self.ingredients[position].label}: give a positive weight"
+                f", or a negative one of at most the {have} it has, leaving a soup behind"
+            )
         self._check_ints(position)
         ing = self.ingredients[position]
         check = position not in self._finite
-        total = self.total + weight
 
         def into(name: str, dest: torch.Tensor) -> bool:
             if name not in self._sum:

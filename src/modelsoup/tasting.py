@@ -225,6 +225,8 @@ class Taster:
         self._outputs: dict[tuple[str, int], torch.Tensor] = {}
         self.prefetch_enabled = self._prefetch_fits(prefetch, max_memory)
         self._upcoming: int | None = None  # the position the next candidate will read
+        # the position the candidate being mixed changes, as the recipe's hint named it
+        self._next_change: int | None = None
         self.prefetched = 0  # ingredients read ahead, during an evaluation
         self.prefetch_wait_seconds = 0.0  # waiting, after an evaluation, for a read ahead
 
@@ -294,6 +296,7 @@ class Taster:
         """Around one evaluation: read the upcoming ingredient meanwhile, on a thread, and
         wait for it after, so the accumulator is only ever used by one thread at a time."""
         position, self._upcoming = self._upcoming, None
+        self._next_change = position
         acc = self.accumulator
         # other merge rules mix from the ingredients themselves, not the accumulator
         unused = not self.merge.is_average or position == acc._staged_position
@@ -433,11 +436,28 @@ class Taster:
         start = time.perf_counter()
         acc = self.accumulator
         extra = [i for i, w in enumerate(weights) if w != acc.weights[i]]
+        hinted, self._next_change = self._next_change, None
+        if self.merge.is_average and len(extra) > 1 and hinted in extra:
+            # The candidate is the recipe's current soup with the hinted ingredient added
+            # or removed; the sum still holds the previous candidate. Settle the sum on
+            # the current soup first, so that this candidate, and every later one while
+            # they are rejected, is tasted with one read and the sum left alone.
+            settled = list(weights)
+            settled[hinted] = acc.weights[hinted]
+            if any(w > 0 for w in settled):
+                acc.set_weights(settled)
+                extra = [hinted]
         if not self.merge.is_average:
             # Another rule: re-mixed from its members, straight into the module.
             self.soup(weights, recipe="candidate").apply(self.model)
-        elif len(extra) == 1 and acc.total > 0 and weights[extra[0]] > acc.weights[extra[0]]:
-            # The current soup plus one ingredient (greedy's candidate): leave the sum alone.
+        elif (
+            len(extra) == 1
+            and acc.total > 0
+            and (weights[extra[0]] > acc.weights[extra[0]] or sum(w > 0 for w in weights) > 1)
+        ):
+            # The current soup plus or minus one ingredient (greedy's and pruned's
+            # candidates): leave the sum alone, so a rejection costs no second read. (A
+            # soup of one is rebuilt by set_weights instead: exactly its ingredient.)
             i = extra[0]
             acc.write_into_with(self.model, i, weights[i] - acc.weights[i])
         else:
