@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pathlib import Path
 _COMPACT_AT = 20000
 
 _loaded: dict[str, tuple[Path, dict[str, str]]] = {}
+_writing = threading.Lock()
 
 
 def cache_file() -> Path | None:
@@ -133,6 +135,12 @@ def remember(paths: Sequence[Path], digest: str, cache: Path | None = None) -> N
     key = identity(paths) if where is not None and paths else None
     if key is None:
         return
+    # hash threads remember what they finish (formats/base.py): one writer at a time
+    with _writing:
+        _remember(where, key, digest)
+
+
+def _remember(where: Path, key: str, digest: str) -> None:
     entries = _entries(where)
     if entries.get(key) == digest:
         return
