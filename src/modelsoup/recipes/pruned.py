@@ -70,8 +70,11 @@ def _pruned_soup(
             if i not in members or len(members) == 1:
                 continue
             candidate = [m for m in members if m != i]
-            # the next candidate removes the next member in order: read it meanwhile
+            # the next candidate removes the next member in order (in this pass, or at the
+            # start of the next one): read it meanwhile
             later = [m for m in positions[j + 1 :] if m in candidate]
+            if not later and p < passes:
+                later = [m for m in positions if m in candidate]
             taster.prefetch(later[0] if later and len(candidate) > 1 else None)
             score = taster.score_members(
                 candidate, to_beat=baseline, strict=strict, incumbent=members
