@@ -163,7 +163,6 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
     heads = int(setting("attention.head_count"))
     kv_heads = int(setting("attention.head_count_kv", heads))
     hidden = int(setting("embedding_length"))
-    names = [t.name for t in reader.tensors]
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -182,7 +181,7 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
             weight = unpermute_rotary(weight, kv_heads)
         state[name] = weight
     layers = int(setting("block_count"))
-    tied = "output.weight" not in names
+    tied = _TOP_NAMES["output.weight"] not in state
     # transformers would fill a missing tensor with random values and only warn
     expected = {_TOP_NAMES["token_embd.weight"], _TOP_NAMES["output_norm.weight"]}
     expected |= {f"model.layers.{i}.{n}" for i in range(layers) for n in _BLOCK_NAMES.values()}
