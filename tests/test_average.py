@@ -80,6 +80,25 @@ def test_half_precision_does_not_overflow():
     assert torch.isfinite(got).all() and got.dtype == torch.float16
 
 
+@pytest.mark.parametrize(
+    "merge, base", [(None, None), ({"rule": "task_arithmetic", "lambda": 1e4}, 0.0)]
+)
+def test_a_soup_that_does_not_fit_its_output_dtype_is_refused_not_written_as_inf(
+    tmp_path, merge, base
+):
+    # finite in the float32 sum, beyond float16's 65504 once cast: never written as Inf
+    states = [{"w": torch.full((3,), 1e5)}, {"w": torch.full((3,), 2e5)}]
+    if base is not None:
+        states = [{"w": torch.full((3,), 10.0)}, {"w": torch.full((3,), 20.0)}]
+        base = {"w": torch.full((3,), base)}
+    soup = average(states, base=base, merge=merge)
+    out = tmp_path / "soup.safetensors"
+    with pytest.raises(ConfigError, match="tensor 'w': values up to 1.5e\\+05 overflow float16"):
+        soup.save(out, out_dtype="fp16", progress=False)
+    assert not list(tmp_path.iterdir())
+    assert torch.equal(soup.tensor("w", "fp32"), torch.full((3,), 1.5e5))
+
+
 def test_out_dtype_casts_only_floats():
     states = [tiny_state(s) for s in range(2)]
     soup = average(states)

@@ -219,3 +219,35 @@ def test_collapsed_uniform_soup_is_warned_about(tmp_path):
     assert result.method("uniform").held_out < min(result.individual_held_out)
     assert any("may not share a loss basin" in str(w.message) for w in seen)
     assert result.notes
+
+
+def test_a_test_loss_judges_a_soup_chosen_by_held_out_accuracy_the_right_way_round():
+    # held-out accuracy chooses, test loss judges: a soup with a higher test loss is worse
+    from types import SimpleNamespace
+
+    from modelsoup.cook.report import _verdict, report_scale
+
+    result = SimpleNamespace(
+        higher_is_better=True,
+        test_higher_is_better=False,
+        individual_held_out=[0.9, 0.8],
+        individual_test=[0.13, 0.2],
+    )
+    worse = {"text": "+0.046, CI [0.005, 0.076]", "significant": True, "difference": 0.046}
+    rows = [
+        {
+            "kind": "soup",
+            "recipe": "uniform",
+            "method": "uniform",
+            "ingredients": 2,
+            "held_out": 0.93,
+            "test": 0.18,
+            "vs_best_individual": worse,
+        },
+    ]
+    assert report_scale(result) == 1.0  # a loss in [0, 1] is no percentage
+    assert "The soup is worse" in _verdict(result, rows, 1.0, "")
+    better = {**worse, "difference": -0.046}
+    assert "The soup helped" in _verdict(
+        result, [{**rows[0], "vs_best_individual": better}], 1.0, ""
+    )

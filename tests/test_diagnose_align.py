@@ -96,6 +96,21 @@ def test_align_cli_keeps_functions_and_helps_the_average(strangers, tmp_path, ca
     assert json.loads((tmp_path / "spec.json").read_text())["axes"]
 
 
+@pytest.mark.parametrize("where", ["input", "no folder"])
+def test_align_refuses_a_spec_path_it_must_not_write_before_aligning(
+    strangers, tmp_path, capsys, where
+):
+    first = sorted(strangers.glob("*.safetensors"))[0]
+    before = first.read_bytes()
+    spec = first if where == "input" else tmp_path / "missing" / "spec.json"
+    out = tmp_path / "aligned-out"
+    args = ["align", str(strangers), "-o", str(out), "--model", "digits_kit:bn_model"]
+    assert main([*args, "--input-shape", "8,64", "-q", "--write-spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert first.read_bytes() == before and not out.exists()
+
+
 def test_align_cli_merge_many_writes_every_ingredient_and_reuses_them(strangers, tmp_path, capsys):
     out = tmp_path / "mm"
     args = ["align", str(strangers), "-o", str(out), "--model", "digits_kit:bn_model"]

@@ -82,10 +82,12 @@ def write_gguf(model, path, *, arch="llama", quantize=None, extra=None, vocab=Tr
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    extra = dict(extra or {})  # a key in extra replaces the writer's own
+    kv_key, rope_key = f"{arch}.attention.head_count_kv", f"{arch}.rope.dimension_count"
+    extra.setdefault(kv_key, cfg.num_key_value_heads)
+    extra.setdefault(rope_key, cfg.hidden_size // cfg.num_attention_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -94,8 +96,13 @@ def write_gguf(model, path, *, arch="llama", quantize=None, extra=None, vocab=Tr
         writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
         writer.add_token_types([1] * cfg.vocab_size)
         writer.add_token_merges([])
-    for key, value in (extra or {}).items():
-        writer.add_uint32(key, value)
+    for key, value in extra.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
     tied = cfg.tie_word_embeddings
     for name, value in model.state_dict().items():
         if tied and name == "lm_head.weight":
@@ -179,6 +186,31 @@ def test_what_the_reader_cannot_turn_back_is_refused(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ConfigError, match="not a readable GGUF"):
         read_gguf_llama(tmp_path / "junk.gguf")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        # llama.cpp scales linearly when only the factor is given
+        ({"llama.rope.scaling.factor": 4.0}, "rope.scaling.factor"),
+        ({"llama.rope.scale_linear": 2.0}, "rope.scale_linear"),
+        ({"llama.attention.head_count_kv": [2, 1]}, "differs from block to block"),
+        ({"llama.rope.dimension_count": 4}, "rope.dimension_count is 4 but the heads have 16"),
+        ({"llama.attention.key_length": 8}, "rope.dimension_count is 16 but the heads have 8"),
+    ],
+)
+def test_metadata_the_reader_would_drop_is_refused(tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        read_gguf_llama(write_gguf(tiny_llama(), tmp_path / "m.gguf", extra=extra))
+
+
+def test_settings_given_once_per_block_read_when_every_block_agrees(tmp_path):
+    model = tiny_llama()
+    kv = [model.config.num_key_value_heads] * model.config.num_hidden_layers
+    path = write_gguf(model, tmp_path / "m.gguf", extra={"llama.attention.head_count_kv": kv})
+    config, state = read_gguf_llama(path)
+    assert config["num_key_value_heads"] == kv[0]
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
 
 
 def test_a_gguf_missing_a_tensor_is_refused_not_filled_at_random(tmp_path):

@@ -249,6 +249,24 @@ def test_inspect_runs_the_same_checks_as_average(tmp_path, capsys):
 # --- architecture metadata ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "key, a, b",
+    [
+        ("hidden_act", "silu", "gelu"),
+        ("rope_theta", 10000.0, 500000.0),
+        ("rope_parameters", {"rope_theta": 1e4}, {"rope_theta": 5e5}),
+    ],
+)
+def test_settings_that_change_what_the_weights_compute_are_architecture(tmp_path, key, a, b):
+    base = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    one = _trainer_checkpoint(tmp_path / "a", 0, {**base, key: a})
+    two = _trainer_checkpoint(tmp_path / "b", 1, {**base, key: b})
+    with pytest.warns(SoupWarning, match=f"different architecture from a .{key} "):
+        average([one, two])
+    with pytest.raises(IncompatibleIngredientsError, match=key):
+        average([one, two], strict=True)
+
+
 def test_architecture_differences_are_named_warned_and_refused_when_strict(tmp_path, capsys):
     small = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64}
     big = {**small, "hidden_size": 384}

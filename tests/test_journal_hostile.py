@@ -154,6 +154,35 @@ def test_a_journal_with_a_bad_header_byte_is_set_aside_whole(journal, pool_files
     assert taster.evaluations == COUNT
 
 
+def test_a_line_cut_off_by_a_crash_is_ended_before_the_next_entry(journal, pool_files):
+    path, scores = journal
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-40])  # the last entry cut off mid-line
+    with pytest.warns(SoupWarning, match="line 6"):
+        again, taster = _taste(pool_files, path)
+    assert again == scores and taster.evaluations == 1
+    # the entry measured again is on a line of its own, and found by the next run
+    assert path.read_bytes().endswith(b"}\n") and b"}{" not in path.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoupWarning)
+        third, taster = _taste(pool_files, path)
+    assert third == scores and taster.evaluations == 0
+
+
+def test_an_evaluator_name_never_lets_other_data_share_its_scores(journal, pool_files):
+    # the same name on other examples: scores are measured again, not reused
+    path, scores = journal
+    x, y = _data()
+    taster = Taster(
+        open_ingredients([str(p) for p in pool_files]),
+        torch.nn.Linear(4, 3),
+        Accuracy((x[:32], y[:32]), name="acc"),
+        journal=Journal(path),
+    )
+    assert taster.individual_scores() != scores or taster.reused == 0
+    assert taster.evaluations == COUNT and taster.reused == 0
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5", True, None])
 def test_record_refuses_what_load_would_refuse(tmp_path, bad):
     book = Journal(tmp_path / "journal.jsonl")
@@ -161,6 +190,18 @@ def test_record_refuses_what_load_would_refuse(tmp_path, bad):
         book.record("a" * 64, bad, {"evaluator": "acc"})
     assert not (tmp_path / "journal.jsonl").exists()
     assert book.lookup("a" * 64) is None
+
+
+@pytest.mark.parametrize("bad", ["numpy", "torch"])
+def test_a_boolean_array_scalar_is_not_a_score(bad):
+    import numpy as np
+
+    from modelsoup.evaluators import check_score
+
+    value = np.bool_(True) if bad == "numpy" else torch.tensor(True)
+    with pytest.raises(EvaluationError, match="it must return a number"):
+        check_score(value, "acc")
+    assert check_score(np.float32(0.5), "acc") == 0.5
 
 
 class _TokenPreference(torch.nn.Module):

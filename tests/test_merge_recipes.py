@@ -72,6 +72,32 @@ def test_different_rules_and_options_never_share_a_score(pool, tmp_path):
     assert any("ties density=0.3" in line for line in lines)
 
 
+def test_a_reordered_pool_never_reuses_an_order_dependent_merge(pool, tmp_path):
+    # SLERP starts from the first member and DARE draws each member's mask from its
+    # place in the pool: the same files in another order are another soup
+    paths, base = pool
+    dare = {"rule": "dare_linear", "density": 0.5}
+    scores = {}
+    for order in (paths[:2], paths[:2][::-1]):
+        taster = Taster(
+            open_ingredients(order),
+            DigitsMLP(),
+            held_out(),
+            base=base,
+            journal=Journal(tmp_path / "journal.jsonl"),
+        )
+        for spec in ({"rule": "slerp", "t": 0.2}, dare):
+            with taster.merging(spec):
+                scores.setdefault(spec["rule"], []).append(taster.score([1, 1]))
+        assert taster.reused == 0 and taster.evaluations == 2
+        with taster.merging(dare):
+            assert taster.score([1, 1]) == scores["dare_linear"][-1]
+            expected = average(order, base=base, merge=dare).apply(DigitsMLP())
+            assert scores["dare_linear"][-1] == held_out().evaluate(expected)
+    assert taster.reused == 1
+    assert scores["slerp"][0] != scores["slerp"][1]
+
+
 def test_the_linear_rule_keeps_the_accumulator_fast_path(pool):
     taster = _taster(pool)
     taster.score([1, 1, 0, 0, 0])

@@ -72,6 +72,15 @@ def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flag
         (lambda c: c.pop("base_model"), "key 'base_model'"),
         (lambda c: c["parameters"].update(normalize=False), "set normalize: true"),
         (lambda c: c.update(tokenizer_source="base"), "key 'tokenizer_source'"),
+        # mergekit's TIES rescales nothing by default; with rescale it is another rule
+        (lambda c: c["parameters"].update(rescale=True), "'parameters.rescale'"),
+        (lambda c: c["parameters"].update(lambda_="x"), "'parameters.lambda_'"),
+        (lambda c: c["parameters"].update({"lambda": "x"}), "'x' is not a number"),
+        (lambda c: c["models"][0]["parameters"].update(weight=None), "None is not a number"),
+        (lambda c: c["models"][0].update(parameters=[1]), "give a mapping"),
+        (lambda c: c.update(parameters=3), "key 'parameters': give a mapping"),
+        (lambda c: c.update(base_model=5), "give a path, not 5"),
+        (lambda c: c.update(dtype="int8"), "key 'dtype': 'int8'"),
     ],
 )
 def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys, edit, needle):
@@ -90,6 +99,45 @@ def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys,
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_linear_mergekit_config_averages_the_base_it_lists_and_writes_its_dtype(tmp_path):
+    # mergekit's linear merge averages every model listed, the base_model among them
+    paths, base = tiny_files(tmp_path, 1)
+    config = {
+        "merge_method": "linear",
+        "base_model": base,
+        "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (base, paths[0])],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "x.safetensors"
+    assert main(["average", "--from-mergekit", str(path), "-o", str(out), "-q"]) == 0
+    got = safetensors.torch.load_file(str(out))
+    a, b = (safetensors.torch.load_file(p) for p in (base, paths[0]))
+    for name, value in got.items():
+        if value.is_floating_point():
+            assert value.dtype == torch.bfloat16
+            expected = (0.5 * a[name].double() + 0.5 * b[name].double()).to(torch.bfloat16)
+            assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize(
+    "card, needle",
+    [
+        ({"format": "modelsoup.card/1"}, "KeyError: 'ingredients'"),
+        ({"format": "modelsoup.card/1", "merge": "ties", "ingredients": []}, "damaged soup card"),
+    ],
+)
+def test_a_damaged_soup_card_is_one_error_line(tmp_path, capsys, card, needle):
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    out = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and not out.exists()
 
 
 def test_from_mergekit_takes_nothing_else(tmp_path, capsys):

@@ -15,7 +15,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 import modelsoup  # noqa: E402
 from modelsoup.cli import main  # noqa: E402
@@ -27,7 +27,7 @@ from modelsoup.tasting import Taster  # noqa: E402
 TARGETS = ["q_proj", "v_proj"]
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **settings):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=48,
@@ -37,6 +37,7 @@ def tiny_llama(seed: int = 0):
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=32,
+        **settings,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -279,6 +280,67 @@ def test_adapters_that_cannot_be_souped_are_refused(kitchen, tmp_path, capsys):
     with pytest.raises(ConfigError, match="adapter folder"):
         modelsoup.average(adapters).save(tmp_path / "soup.safetensors", progress=False)
     assert not (tmp_path / "soup.safetensors").exists()
+
+
+def test_merge_rules_on_adapters_are_merged_over_their_own_base_never_written_as_adapters(
+    kitchen, tmp_path, capsys
+):
+    _, base_dir, adapters = kitchen
+    ties = ["--merge", "ties", "--density", "0.5"]
+    # an adapter folder holds the plain average of the changes: a rule is refused there
+    out = tmp_path / "ties"
+    assert main(["average", *map(str, adapters[:2]), *ties, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--merge-into-base" in err and err.count("\n") == 1
+    assert not out.exists()
+    # merged into the base, the adapters' own base is the rule's base: no --base needed
+    merged, given = tmp_path / "merged", tmp_path / "given"
+    args = ["average", *map(str, adapters[:2]), *ties, "--merge-into-base"]
+    assert main([*args, "-o", str(merged)]) == 0
+    assert main([*args, "--base", str(base_dir), "-o", str(given)]) == 0
+    assert (merged / "model.safetensors").read_bytes() == (given / "model.safetensors").read_bytes()
+    linear = modelsoup.average(adapters[:2])
+    soup = load_file(str(merged / "model.safetensors"))
+    assert any(not torch.equal(soup[n], linear.tensor(n)) for n in soup)
+
+
+def test_peft_extras_an_adapter_soup_cannot_carry_are_refused_or_read(kitchen, tmp_path):
+    _, base_dir, adapters = kitchen
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    weights = (adapters[0] / "adapter_model.safetensors").read_bytes()
+
+    def variant(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        return folder
+
+    # PEFT's trained biases (bias="lora_only"): merged they are right; as an adapter, refused
+    biased = variant("biased", bias="lora_only")
+    soup = modelsoup.average([biased, adapters[1]])
+    with pytest.raises(ConfigError, match="bias='lora_only'.*--merge-into-base"):
+        soup.save(tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(IngredientError, match="trainable tokens"):
+        open_ingredients([variant("tokens", trainable_token_indices=[1, 2])])
+    # PEFT's frozen copy of a module it trains is not a change of the model
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    factors = load_file(str(adapters[0] / "adapter_model.safetensors"))
+    frozen = "base_model.model.model.norm.original_module.weight"
+    save_file({**factors, frozen: torch.zeros(16)}, str(copy / "adapter_model.safetensors"))
+    (plain,) = open_ingredients([adapters[0]])
+    (with_copy,) = open_ingredients([copy])
+    assert torch.equal(with_copy.tensor("model.norm.weight"), plain.tensor("model.norm.weight"))
+
+
+def test_an_adapter_of_a_tied_head_is_refused_naming_the_tie(tmp_path):
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    head = make_adapter(tmp_path / "base", tmp_path / "head", seed=0, target_modules=["lm_head"])
+    with pytest.raises(IngredientError, match="ties to its input embeddings"):
+        open_ingredients([head])
 
 
 def test_cook_greedy_on_adapters_saves_adapter_soups(kitchen, tmp_path):

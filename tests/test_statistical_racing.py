@@ -60,7 +60,8 @@ def test_statistical_racing_agrees_with_full_evaluation_and_stops_early(recipe):
     stat, stat_t = _taste(pool, data, recipe, STATISTICAL)
     assert stat.chosen == full.chosen == exact.chosen
     assert stat.scores["held_out"] == full.scores["held_out"]
-    assert stat_t.statistical_races == stat_t.races > 0
+    # every race is statistical; the exact bound, valid in any order, decides some
+    assert 0 < stat_t.statistical_races <= stat_t.races
     if recipe is pruned_soup:  # its candidates are near the bar: most run to the end
         assert stat_t.race_examples <= exact_t.race_examples
         return
@@ -162,7 +163,7 @@ def test_losses_race_with_a_stated_clip_and_otherwise_in_full():
     full, _ = _taste(pool, data, greedy_soup, "off", MeanLoss)
     clipped, t = _taste(pool, data, greedy_soup, {"confidence": 0.999, "clip": 5.0}, MeanLoss)
     assert clipped.chosen == full.chosen and clipped.scores["held_out"] == full.scores["held_out"]
-    assert t.statistical_races == 7 and t.rejected_early == 6
+    assert t.races == 7 and t.rejected_early == 6 and 0 < t.statistical_races <= 7
     assert t.race_examples < t.race_full_examples
     _, unclipped = _taste(pool, data, greedy_soup, STATISTICAL, MeanLoss)
     assert unclipped.races == 0  # no bound on a loss: evaluated in full
@@ -215,6 +216,22 @@ def test_a_recipe_entry_races_its_own_way_in_a_cook():
     assert rows["exact"].result.chosen == rows["statistical"].result.chosen
     stats = result.taster_stats
     assert stats["statistical_races"] > 0 and stats["racing_tests"]
+
+
+def test_a_statistical_race_stops_where_the_exact_proof_does_even_if_its_test_cannot():
+    # an incumbent whose per-example values vary widely makes the paired test slow; the
+    # exact bound holds in any order, so a statistical race never runs longer than it
+    x, y = torch.eye(4).repeat(25, 1), torch.arange(4).repeat(25)
+    evaluator = Accuracy((x, y), batch_size=10)
+    wrong = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        wrong.weight.copy_(torch.eye(4).roll(1, 0))
+    incumbent = (torch.arange(100) % 2).float()  # right on every other example: 0.5
+    exact = evaluator.race(wrong, 0.75)
+    racing = StatisticalRacing(1 - 1e-12)
+    paired = evaluator.race_paired(wrong, incumbent, 0.75, racing=racing)
+    assert exact.rejected and paired.rejected and paired.seen <= exact.seen == 30
+    assert paired.test == "exact"  # decided by the proof, and journaled as one
 
 
 def test_the_confidence_radius_shrinks_to_nothing_on_the_whole_set():

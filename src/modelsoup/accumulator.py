@@ -67,21 +67,43 @@ def widened(t: torch.Tensor) -> torch.Tensor:
     return t.float() if is_fp8(t.dtype) else t
 
 
-def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def saturating_cast(t: torch.Tensor, dtype: torch.dtype, name: str | None = None) -> torch.Tensor:
     """``t`` cast to ``dtype``; to an fp8 dtype, clamped to its finite range first.
 
     fp8 ranges are narrow (448 for ``float8_e4m3fn``): a mean just above the largest
-    value, or a sum that is not divided back, would otherwise cast to Inf or NaN.
+    value, or a sum that is not divided back, would otherwise cast to Inf or NaN. Any
+    other narrower float dtype refuses finite values it would turn into Inf, naming
+    tensor ``name``: a soup is never written with infinities its inputs did not have.
 
     Example:
         >>> import torch
         >>> saturating_cast(torch.tensor([1e6, -1.0]), torch.float8_e5m2).tolist()
         [57344.0, -1.0]
+        >>> saturating_cast(torch.tensor([1e6]), torch.float16, "w")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: tensor 'w': values up to 1e+06 overflow float16 ...
     """
-    if is_fp8(dtype) and t.dtype != dtype:
+    if t.dtype == dtype:
+        return t
+    if is_fp8(dtype):
         top = torch.finfo(dtype).max
-        t = t.clamp(-top, top)
-    return t.to(dtype)
+        return t.clamp(-top, top).to(dtype)
+    out = t.to(dtype)
+    narrower = (
+        dtype.is_floating_point
+        and t.dtype.is_floating_point
+        and torch.finfo(dtype).max < torch.finfo(t.dtype).max
+    )
+    if narrower and not is_finite(out) and is_finite(t):
+        what = f"tensor '{name}': " if name else ""
+        wider = "fp64" if torch.finfo(dtype).bits >= 32 else "fp32"
+        raise ConfigError(
+            f"{what}values up to {float(t.abs().max()):.3g} overflow "
+            f"{str(dtype).removeprefix('torch.')} (largest {torch.finfo(dtype).max:.3g}): "
+            f"write the soup in a wider dtype (--out-dtype {wider})"
+        )
+    return out
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -112,9 +134,13 @@ def checked_float(t: torch.Tensor, name: str, label: str) -> torch.Tensor:
     """
     if not is_finite(t):
         bad = "NaN" if bool(torch.isnan(widened(t)).any()) else "Inf"
+        fix = (
+            "give the pretrained start the ingredients were fine-tuned from"
+            if label == "base"
+            else "remove this checkpoint from the soup"
+        )
         raise IngredientError(
-            f"{label}: tensor '{name}' contains {bad} values (diverged training?); "
-            "remove this checkpoint from the soup"
+            f"{label}: tensor '{name}' contains {bad} values (diverged training?); {fix}"
         )
     return t
 
@@ -370,13 +396,13 @@ class Accumulator:
             x = self._here(x)
             if self.base is not None:
                 mixed = torch.add(self._sum[name], x, alpha=weight).div_(total)
-                dest.copy_(saturating_cast(mixed.add_(self._base_here(name)), dest.dtype))
+                dest.copy_(saturating_cast(mixed.add_(self._base_here(name)), dest.dtype, name))
             elif _same_place(dest, self._sum[name]):
                 torch.add(self._sum[name], x, alpha=weight, out=dest)
                 dest.div_(total)
             else:  # another dtype or device: mix where the sum is, then copy across
                 mixed = torch.add(self._sum[name], x, alpha=weight).div_(total)
-                dest.copy_(saturating_cast(mixed, dest.dtype))
+                dest.copy_(saturating_cast(mixed, dest.dtype, name))
             return True
 
         write_state_into(module, self.mean, self.layout, direct=into)
@@ -469,4 +495,4 @@ def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -
                     f"tensor '{name}' is {tuple(src.shape)} in the ingredients but "
                     f"{tuple(dest.shape)} in the model"
                 )
-            dest.copy_(saturating_cast(src, dest.dtype))
+            dest.copy_(saturating_cast(src, dest.dtype, name))

@@ -36,8 +36,10 @@ def cmd_average(args: argparse.Namespace) -> int:
 
     weights = _floats(args.weights) if args.weights else None
     sources, base, merge, normalize = args.sources, args.base, _merge_flags(args), True
+    out_dtype = args.out_dtype
     if args.from_mergekit:
-        sources, weights, base, merge, normalize = _from_mergekit(args)
+        sources, weights, base, merge, normalize, written = _from_mergekit(args)
+        out_dtype = out_dtype or written  # --out-dtype wins over the config's dtype
     elif not sources:
         raise ConfigError("give the checkpoints to average, or --from-mergekit merge.yaml")
     soup = average(
@@ -56,7 +58,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         note += _recalibrate_average(soup, args)
     out = soup.save(
         args.output,
-        out_dtype=args.out_dtype,
+        out_dtype=out_dtype,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
         adapter_rank=args.adapter_rank,
@@ -112,10 +114,10 @@ def _from_mergekit(args: argparse.Namespace) -> tuple:
         config = yaml.safe_load(open(args.from_mergekit, encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"{args.from_mergekit}: cannot be read ({err.strerror})") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"{args.from_mergekit}: not valid YAML") from None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ConfigError(f"{args.from_mergekit}: not valid YAML text") from None
     plan = mergekit_to_average(config, args.from_mergekit)
-    return plan.sources, plan.weights, plan.base, plan.merge, plan.normalize
+    return plan.sources, plan.weights, plan.base, plan.merge, plan.normalize, plan.out_dtype
 
 
 def cmd_export_mergekit(args: argparse.Namespace) -> int:
@@ -134,7 +136,13 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.card}: not a soup card (not JSON)") from None
     if not isinstance(card, dict) or card.get("format") != "modelsoup.card/1":
         raise ConfigError(f"{args.card}: not a soup card (no format modelsoup.card/1)")
-    config = card_to_mergekit(card)
+    try:
+        config = card_to_mergekit(card)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(
+            f"{args.card}: a damaged soup card ({type(err).__name__}: {err}); write it again "
+            "with modelsoup average or cook"
+        ) from None
     with atomic_file(args.output) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.output} (mergekit {config['merge_method']} of {len(config['models'])})")
@@ -287,6 +295,14 @@ def cmd_align(args: argparse.Namespace) -> int:
             ) from None
         example = torch.randn(*shape)
     model = resolve(args.model, Path.cwd()) if args.model else None
+    spec_out = Path(args.write_spec) if args.write_spec else None
+    if spec_out is not None:  # checked before aligning: nothing is written for a bad one
+        from modelsoup.ingredients import open_ingredients
+        from modelsoup.soup import check_not_input
+
+        if not spec_out.parent.is_dir() or spec_out.is_dir():
+            raise ConfigError(f"--write-spec {spec_out}: give a file path in an existing folder")
+        check_not_input(open_ingredients(args.sources, key=args.checkpoint_key), spec_out)
     data = None
     if args.method == "activations":
         if not (args.data and args.model):
@@ -306,13 +322,15 @@ def cmd_align(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=device,
     )
-    if args.write_spec and model is not None and example is not None:
+    if spec_out is not None and model is not None and example is not None:
+        from modelsoup._util import atomic_file
         from modelsoup.repair import trace_permutation_spec
 
         spec = trace_permutation_spec(
             model() if not isinstance(model, torch.nn.Module) else model, example
         )
-        Path(args.write_spec).write_text(json.dumps(spec.to_dict(), indent=2))
+        with atomic_file(spec_out) as tmp:
+            tmp.write_text(json.dumps(spec.to_dict(), indent=2))
     for p in paths:
         print(p)
     return 0

@@ -37,7 +37,7 @@ from modelsoup.formats.dispatch import (
     open_source,
 )
 from modelsoup.formats.hf_folder import is_training_state, weight_files
-from modelsoup.formats.peft_adapter import check_adapters
+from modelsoup.formats.peft_adapter import AdapterSource, check_adapters, shared_base
 
 _logger = logging.getLogger(__name__)
 
@@ -477,6 +477,24 @@ def open_ingredients(
     if check:
         check_compatible(ingredients, int_policy=int_policy, strict=strict)
     return ingredients
+
+
+def adapters_base(ingredients: Sequence[Ingredient]) -> Ingredient | None:
+    """The base model of LoRA adapter ingredients that share one, as an ingredient
+    (labelled ``base``), else ``None``: the base merge rules take task vectors from
+    when none is given, since an adapter is its base plus its change.
+
+    Example:
+        >>> import torch
+        >>> adapters_base([open_ingredient({"w": torch.ones(1)})]) is None
+        True
+    """
+    shared = shared_base([ing.source for ing in ingredients])
+    if shared is None:
+        return None
+    first = ingredients[0].source
+    assert isinstance(first, AdapterSource)
+    return Ingredient(shared, "base", path=first.base_path)
 
 
 def architecture_difference(a: Ingredient, b: Ingredient) -> str | None:

@@ -256,14 +256,23 @@ class Journal:
         try:
             new = not self.path.exists() or self.path.stat().st_size == 0
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            cut = not new and _ends_mid_line(self.path)
             with open(self.path, "a", encoding="utf-8") as fh:
                 if new:
                     fh.write(json.dumps({"format": FORMAT}) + "\n")
+                elif cut:  # a line cut off by a crash: end it, never continue it
+                    fh.write("\n")
                 fh.write(json.dumps(entry, default=str) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as err:
             raise write_error(self.path, err, "cannot record in the journal") from err
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 #: bad journal lines named one by one in the warning before "and N more"

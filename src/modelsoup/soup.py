@@ -45,7 +45,13 @@ from modelsoup.formats.peft_adapter import (
     shared_base,
     write_adapter,
 )
-from modelsoup.ingredients import Ingredient, check_compatible, open_ingredient, warn_if_duplicated
+from modelsoup.ingredients import (
+    Ingredient,
+    adapters_base,
+    check_compatible,
+    open_ingredient,
+    warn_if_duplicated,
+)
 from modelsoup.merge import MergeSpec, as_merge, check_base, check_members, merged_pieces
 from modelsoup.merge.registry import CACHE_ELEMENTS
 from modelsoup.writer import FOLDER_CARD, sidecar_path, write_tensors
@@ -113,6 +119,8 @@ class Soup:
         if self.base is not None:
             self.base = open_ingredient(self.base, label="base")
             check_compatible([self.base, self.ingredients[0]], warn_duplicates=False)
+        elif self.merge.needs_base:
+            self.base = adapters_base(self.ingredients)  # adapters carry their base
         check_base(self.merge, self.base)
         check_members(self.merge, len(self.chosen))
 
@@ -164,7 +172,7 @@ class Soup:
             value = self.overrides[name]
             if not meta.is_floating:
                 return value
-            return saturating_cast(value, parse_dtype(out_dtype) or meta.dtype)
+            return saturating_cast(value, parse_dtype(out_dtype) or meta.dtype, name)
         used, total = self._mix_plan(name)
         if not meta.is_floating:
             first = self.ingredients[used[0][0]]
@@ -176,17 +184,21 @@ class Soup:
             return value.clone()
         if not self.merge.is_average:
             whole = _joined(self._merged(name, max(1, meta.numel)), meta.numel)
-            return saturating_cast(whole.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
+            return saturating_cast(
+                whole.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype, name
+            )
         base = self.adapter_base()
         if base is not None:
             flat = self._mix_changes(base, name, 0, meta.numel, used, total, buffer=False)
-            return saturating_cast(flat.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype)
+            return saturating_cast(
+                flat.reshape(meta.shape), parse_dtype(out_dtype) or meta.dtype, name
+            )
         acc = torch.zeros(meta.shape, dtype=self.accum_dtype)
         scratch = self._buffer("_read_buffer", meta.nbytes, torch.uint8)
         for i, c in used:
             acc.add_(widened(self.ingredients[i].tensor(name, scratch)), alpha=c)
         return saturating_cast(
-            self._finish(name, acc, used, total), parse_dtype(out_dtype) or meta.dtype
+            self._finish(name, acc, used, total), parse_dtype(out_dtype) or meta.dtype, name
         )
 
     def pieces(
@@ -218,7 +230,7 @@ class Soup:
         step = max(1, int(max_elements or PIECE_ELEMENTS))
         if not self.merge.is_average:
             for piece in self._merged(name, step):
-                yield saturating_cast(piece, dtype)
+                yield saturating_cast(piece, dtype, name)
             return
         used, total = self._mix_plan(name)
         base = self.adapter_base()
@@ -227,7 +239,7 @@ class Soup:
             count = min(step, meta.numel - start)
             if base is not None:
                 yield saturating_cast(
-                    self._mix_changes(base, name, start, count, used, total), dtype
+                    self._mix_changes(base, name, start, count, used, total), dtype, name
                 )
                 continue
             acc = self._buffer("_sum_buffer", count, self.accum_dtype)[:count].zero_()
@@ -235,7 +247,7 @@ class Soup:
             for i, c in used:
                 piece = self.ingredients[i].tensor_range(name, start, count, scratch)
                 acc.add_(widened(piece), alpha=c)
-            yield saturating_cast(self._finish(name, acc, used, total), dtype)
+            yield saturating_cast(self._finish(name, acc, used, total), dtype, name)
 
     def adapter_base(self) -> TensorSource | None:
         """The one base of a soup of LoRA adapters (mixed as weight changes), else ``None``."""
@@ -615,6 +627,26 @@ def _base_name(adapters: Sequence[AdapterSource]) -> str:
     return str(adapters[0].base_path.resolve())
 
 
+def check_adapter_merge(merge: MergeSpec) -> None:
+    """Refuse a merge rule other than the weighted average for a soup written as a LoRA
+    adapter: the adapter holds the average of the adapters' changes, re-factored.
+
+    Example:
+        >>> check_adapter_merge(as_merge("linear"))
+        >>> try:
+        ...     check_adapter_merge(as_merge({"rule": "ties", "density": 0.5}))
+        ... except ConfigError as err:
+        ...     print(str(err)[-55:])
+        write it with --merge-into-base (merge_into_base: true)
+    """
+    if not merge.is_average:
+        raise ConfigError(
+            "a LoRA adapter soup holds the weighted average of the adapters' changes, not a "
+            f"merge by {merge.describe()}: write it with --merge-into-base "
+            "(merge_into_base: true)"
+        )
+
+
 def save_adapter_soup(
     soup: Soup,
     out: str | Path,
@@ -658,8 +690,15 @@ def save_adapter_soup(
             f"a soup of adapters with {what} is not base + a weight change: write it with "
             "--merge-into-base"
         )
+    check_adapter_merge(soup.merge)
     check_not_input(soup, out)
     chosen = [soup.ingredients[i].source for i in soup.chosen]
+    biased = next((s for s in chosen if s.config.get("bias", "none") != "none"), None)
+    if biased is not None:
+        raise ConfigError(
+            f"{biased.label} was trained with PEFT bias='{biased.config['bias']}', whose "
+            "biases an adapter soup cannot carry yet: write the soup with --merge-into-base"
+        )
     rank = int(rank) if rank is not None else max(r for s in chosen for r in s.ranks() or {1})
     if rank < 1:
         raise ConfigError(f"adapter rank {rank} must be a positive integer")

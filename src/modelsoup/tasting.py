@@ -40,6 +40,7 @@ from modelsoup.evaluators import (
     check_score,
     checked_score,
     checked_value,
+    identity,
     model_device,
     score_range,
 )
@@ -367,8 +368,8 @@ class Taster:
         finally:
             self.merge = saved
 
-    def _extra(self, merge: MergeSpec | None = None) -> dict:
-        extra = {}
+    def _extra(self, members: Sequence[int], merge: MergeSpec | None = None) -> dict:
+        extra: dict = {}
         if self.recalibrate_candidates:
             # The recalibration's own description (data, batches) when it has one, so
             # scores taken with other recalibration settings are never reused.
@@ -376,6 +377,9 @@ class Taster:
         merge = merge or self.merge
         if not merge.is_average:
             extra["merge"] = merge.canonical()
+            # SLERP's ends and DARE's masks follow the members' places in the pool (and any
+            # rule's float sums their order): a reordered pool is another candidate
+            extra["members"] = [f"{i}:{self.ident(i)}" for i in members]
             if self.base is not None:
                 extra["base"] = self.base.sha256 if self.journal.persistent else "base"
         return extra
@@ -389,8 +393,9 @@ class Taster:
         return f"position-{position}"
 
     def key(self, weights: Sequence[float], evaluator: Evaluator) -> str:
-        mixture = [(self.ident(i), w) for i, w in enumerate(weights) if w > 0]
-        return self.journal.key(evaluator.name, mixture, self._extra())
+        members = [i for i, w in enumerate(weights) if w > 0]
+        mixture = [(self.ident(i), weights[i]) for i in members]
+        return self.journal.key(identity(evaluator), mixture, self._extra(members))
 
     def soup_key(self, soup: Soup, evaluator: Evaluator) -> str:
         """The journal key of any soup; for a plain one it is :meth:`key` of its weights.
@@ -406,9 +411,9 @@ class Taster:
             t = soup.overrides[name].detach().cpu().contiguous().reshape(-1)
             digest.update(name.encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        extra = {**self._extra(soup.merge), "per_tensor": digest.hexdigest()}
+        extra = {**self._extra(soup.chosen, soup.merge), "per_tensor": digest.hexdigest()}
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
-        return self.journal.key(evaluator.name, mixture, extra)
+        return self.journal.key(identity(evaluator), mixture, extra)
 
     def _journaled(
         self, key: str, detail: dict, run: Callable[[], float], evaluator: Evaluator
@@ -599,7 +604,7 @@ class Taster:
             return found
         members = [i for i, w in enumerate(weights) if w > 0]
         single = len(members) == 1 and self.merge.is_average  # an ingredient as it is
-        shared = self._outputs.get((evaluator.name, members[0])) if single else None
+        shared = self._outputs.get((identity(evaluator), members[0])) if single else None
         if shared is not None:
             self._values[key] = evaluator.per_example(shared).detach().cpu()
             return self._values[key]
@@ -684,11 +689,11 @@ class Taster:
         """The statistical test racing uses now, with the order of the examples (its seed
         and a hash of the permutation)."""
         seed = self.racing.seed
-        digest = self._orders.get((evaluator.name, seed))
+        digest = self._orders.get((identity(evaluator), seed))
         if digest is None:
             order = evaluator.race_order(seed)
             digest = hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
-            self._orders[(evaluator.name, seed)] = digest
+            self._orders[(identity(evaluator), seed)] = digest
         return {**self.racing.tag(), "order_seed": self.racing.seed, "order_sha256": digest}
 
     def _used(self, test: dict) -> None:
@@ -730,7 +735,7 @@ class Taster:
     def individual_scores(self, evaluator: Evaluator | None = None) -> list[float]:
         """Each ingredient's own score; computed once and shared by every recipe."""
         evaluator = evaluator or self.held_out
-        if evaluator.name not in self._individual:
+        if identity(evaluator) not in self._individual:
             scores = []
             bar = progress(
                 self.ingredients,
@@ -744,8 +749,8 @@ class Taster:
                     self.prefetch(i + 1 if i + 1 < len(self.ingredients) else None)
                     scores.append(self._individual_score(i, evaluator))
                     bar.set_postfix(score=f"{scores[-1]:.4f}")
-            self._individual[evaluator.name] = scores
-        return list(self._individual[evaluator.name])
+            self._individual[identity(evaluator)] = scores
+        return list(self._individual[identity(evaluator)])
 
     def _individual_score(self, position: int, evaluator: Evaluator) -> float:
         if not (self.share_outputs and isinstance(evaluator, LogitsEvaluator)):
@@ -856,7 +861,7 @@ class Taster:
                 f"evaluator {evaluator.name} gives no logits; ensembles need a built-in "
                 "classifier evaluator (Accuracy, MeanLoss, MetricEvaluator)"
             )
-        key = (evaluator.name, position)
+        key = (identity(evaluator), position)
         if key not in self._outputs:
             weights = [0.0] * len(self.ingredients)
             weights[position] = 1.0

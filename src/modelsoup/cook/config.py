@@ -470,7 +470,8 @@ def resolve_evaluator(
     *,
     trust_remote_code: bool = False,
 ) -> Any:
-    """Resolve an evaluator import path; a factory (no ``evaluate``) is called once.
+    """Resolve an evaluator import path: an evaluator, a function ``model -> score``
+    (taken as it is), or a factory of no arguments (called once) that returns either.
 
     A built-in form such as ``{hf_text_classification: held.csv}`` is built with the
     tokenizer (and labels) of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
@@ -492,7 +493,38 @@ def resolve_evaluator(
         folder = hf.model_folder(ingredients)
         return build(target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code)
     obj = resolve(target, base_dir)
-    return obj if hasattr(obj, "evaluate") else obj()
+    if hasattr(obj, "evaluate"):
+        return obj
+    what = (
+        "an evaluator (with evaluate(model)), a function model -> score, or a function "
+        "of no arguments that returns one of those"
+    )
+    if not callable(obj) or _is_model(obj):
+        raise ConfigError(f"{target} is a {type(obj).__name__}, not an evaluator: name {what}")
+    if _required_arguments(obj) >= 1:
+        return obj  # the evaluator itself: model -> score
+    built = obj()
+    if _is_model(built) or not (hasattr(built, "evaluate") or callable(built)):
+        raise ConfigError(f"{target}() returned a {type(built).__name__}: name {what}")
+    return built
+
+
+def _is_model(obj: Any) -> bool:
+    import torch
+
+    module = torch.nn.Module
+    return isinstance(obj, module) or (isinstance(obj, type) and issubclass(obj, module))
+
+
+def _required_arguments(fn: Callable) -> int:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: treat as a factory
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
 
 
 def resolve_unlabeled(reference: str, base_dir: str) -> Any:
@@ -606,7 +638,7 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     and the built-in text evaluator included).
 
     Example:
-        >>> cfg = CookConfig(model="math:sqrt", ingredients=["a"], held_out="builtins:dict",
+        >>> cfg = CookConfig(model="math:sqrt", ingredients=["a"], held_out="builtins:len",
         ...                  output="o", base_dir="/tmp")
         >>> resolve_parts(cfg).ingredients
         ['/tmp/a']

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from modelsoup.cook.config import CookConfig, check_test_data, load_config, resolve_parts
-from modelsoup.cook.run import _entries, entry_label
+from modelsoup.cook.run import _entries, check_align, check_recipes, entry_label
 from modelsoup.evaluators import LogitsEvaluator, as_evaluator
-from modelsoup.ingredients import Ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
 from modelsoup.recipes.registry import get_recipe
 
 
@@ -128,6 +128,11 @@ def plan_cook(config: CookConfig | str | Path) -> CookPlan:
         parts.ingredients, key=config.checkpoint_key, base=config.options().base
     )
     entries = _entries(config.recipes, config.baselines, isinstance(held, LogitsEvaluator))
+    check_align(config, parts)
+    base = parts.base
+    if base is not None:
+        base = open_ingredient(base, label="base", key=config.checkpoint_key)
+    check_recipes(entries, pool, base, writes=True, opts=config.options())
     re_scored = config.recalibrate_bn is not None and not config.recalibrate_candidates
     planned = []
     for entry in entries:

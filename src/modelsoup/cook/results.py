@@ -61,6 +61,9 @@ class CookResult:
     #: the score columns ("held_out", "test") that are mean token negative
     #: log-likelihoods: the report shows their perplexity, exp(score), too
     perplexity_columns: list[str] = field(default_factory=list)
+    #: the test evaluator's direction when it differs from the held-out one's (a held-out
+    #: accuracy chooses, a test loss judges); ``None``: the same
+    test_higher_is_better: bool | None = None
     #: what ``report.json`` holds (set when the report is written): the one summary that
     #: the report files and the CLI's printed verdict both come from
     summary: dict | None = None

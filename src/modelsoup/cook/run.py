@@ -40,14 +40,14 @@ from modelsoup.cook.stats import paired_difference
 from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
-from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
-from modelsoup.merge import as_merge, check_base
+from modelsoup.merge import as_merge, check_base, check_members
 from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
 from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
 from modelsoup.repair.pool import align_pool
-from modelsoup.soup import Soup, check_not_input
+from modelsoup.soup import Soup, check_adapter_merge, check_not_input
 from modelsoup.tasting import Taster, racing_mode
 
 _logger = logging.getLogger(__name__)
@@ -209,6 +209,10 @@ def cook(
     if base is not None:
         base = open_ingredient(base, label="base", key=opts.checkpoint_key)
     out = Path(output) if output is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"{out}: a cook writes a folder there, but it is a file; choose another output"
+        )
     if out is not None:
         check_output([*pool, base] if base is not None else pool, out)
     writes = out is not None and (ranks is None or ranks.is_main)
@@ -262,10 +266,7 @@ def _cook(
     journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
-    for entry in entries:  # before any evaluation: a rule that needs the base names itself
-        check_base(
-            as_merge(get_recipe(entry.name).check_options(entry.options()).merge_rule()), base
-        )
+    base = check_recipes(entries, pool, base, writes=out is not None, opts=opts)
     taster = Taster(
         pool,
         module,
@@ -304,6 +305,8 @@ def _cook(
         time.perf_counter() - started,
         out,
     )
+    if test_ev is not None and test_ev.higher_is_better != held.higher_is_better:
+        result.test_higher_is_better = test_ev.higher_is_better
     result.perplexity_columns = [
         column
         for column, ev in (("held_out", held), ("test", test_ev))
@@ -488,6 +491,62 @@ def _collapse_note(
     )
 
 
+def check_recipes(
+    entries: Sequence[RecipeEntry],
+    pool: Sequence[Ingredient],
+    base: Ingredient | None,
+    *,
+    writes: bool,
+    opts: CookOptions,
+) -> Ingredient | None:
+    """Check, before any evaluation, what each recipe's merge rule needs: a base (named
+    with the rule when missing), SLERP's two members for ``search``, and for adapter
+    ingredients saved as adapters, the plain average. Returns the base the cook uses:
+    ``base``, else the adapters' own.
+
+    Example:
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> pool = open_ingredients([{"w": torch.ones(1)}, {"w": torch.zeros(1)}])
+        >>> entry = RecipeEntry(name="greedy", merge={"rule": "ties", "density": 0.5})
+        >>> check_recipes([entry], pool, None, writes=False, opts=CookOptions())
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: merge rule 'ties' works on task vectors ...
+    """
+    adapters = adapters_base(pool)
+    base = base if base is not None else adapters  # adapter ingredients carry their base
+    for entry in entries:
+        rule = as_merge(get_recipe(entry.name).check_options(entry.options()).merge_rule())
+        check_base(rule, base)
+        if entry.name == "search":
+            check_members(rule, len(pool))
+        if adapters is not None and writes and not opts.merge_into_base:
+            check_adapter_merge(rule)
+    return base
+
+
+def check_align(config: CookConfig, parts: Any) -> None:
+    """Refuse ``align`` where it cannot run: under torchrun, or beside a ``base``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_align(SimpleNamespace(align=True), SimpleNamespace(base="pretrained/"))
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: align and base cannot be combined: ...
+    """
+    if config.align and launched_distributed():
+        raise ConfigError(
+            "align: true cannot run under torchrun (every rank would write the aligned "
+            "checkpoints); align in one process first, then cook the aligned checkpoints"
+        )
+    if config.align and parts.base is not None:
+        raise ConfigError(
+            "align and base cannot be combined: task vectors need the ingredients in the "
+            "base's own unit order; fine-tunes of one base need no alignment"
+        )
+
+
 def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool) -> None:
     first = result.ingredients[0]
     fmt = opts.save_format or (
@@ -531,16 +590,7 @@ def cook_config(
     parts = resolve_parts(config)
     ingredients, model, held, output = parts.ingredients, parts.model, parts.held_out, parts.output
     test, recalibrate, labels = parts.test, parts.recalibrate, parts.labels
-    if config.align and launched_distributed():
-        raise ConfigError(
-            "align: true cannot run under torchrun (every rank would write the aligned "
-            "checkpoints); align in one process first, then cook the aligned checkpoints"
-        )
-    if config.align and parts.base is not None:
-        raise ConfigError(
-            "align and base cannot be combined: task vectors need the ingredients in the "
-            "base's own unit order; fine-tunes of one base need no alignment"
-        )
+    check_align(config, parts)
     if config.align:  # aligned copies are written into the output: check it first
         # opened once here, so the aligned copies keep the labels of what they came from
         pool = open_ingredients(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -81,6 +82,18 @@ ARCHITECTURE_KEYS = (
     "num_classes",
     "num_labels",
     "in_chans",
+    # what the same weights compute: a fine-tune never changes these
+    "hidden_act",
+    "hidden_activation",
+    "activation_function",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "position_embedding_type",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
 )
 
 
@@ -96,6 +109,8 @@ def architecture_of(described: Mapping) -> dict[str, object]:
         value = described.get(key)
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             value = list(value)
+        elif isinstance(value, Mapping) and key.startswith("rope_"):
+            value = json.dumps(value, sort_keys=True, default=str)
         elif not isinstance(value, bool | int | float | str):
             continue
         found[key] = value

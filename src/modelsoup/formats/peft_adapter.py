@@ -120,6 +120,7 @@ def read_adapter_config(folder: Path) -> dict:
         "lora_bias": "a LoRA adapter with trained lora_B biases",
         "target_parameters": "a LoRA adapter on bare parameters (target_parameters)",
         "layer_replication": "a LoRA adapter with layer replication",
+        "trainable_token_indices": "a LoRA adapter with trainable tokens",
     }
     for key, what in refusals.items():
         if config.get(key):
@@ -258,12 +259,11 @@ class AdapterSource(TensorSource):
                 raise IngredientError(
                     f"{self.folder}: a DoRA adapter cannot be souped yet: {_MERGE_HINT}"
                 )
+            if ".original_module." in inner:
+                continue  # PEFT's frozen copy of a module it trains in modules_to_save
             name = inner.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
             if name not in base_names:
-                raise IncompatibleIngredientsError(
-                    f"{self.folder}: adapter tensor '{key}' has no counterpart '{name}' in the "
-                    f"base {self.base_path}; pass the base it was trained on with --base"
-                )
+                raise self._no_counterpart(f"adapter tensor '{key}'", name)
             self._check_shape(name, tuple(self.factors.meta(key).shape), key)
             self.full[name] = key
         for module, keys in pairs.items():
@@ -276,10 +276,7 @@ class AdapterSource(TensorSource):
     def _add_module(self, module: str, keys: dict, fan_in_fan_out: bool, base_names: set) -> None:
         name = f"{module}.weight"
         if name not in base_names:
-            raise IncompatibleIngredientsError(
-                f"{self.folder}: LoRA module '{module}' has no weight '{name}' in the base "
-                f"{self.base_path}; pass the base it was trained on with --base"
-            )
+            raise self._no_counterpart(f"LoRA module '{module}'", name)
         a, b = (tuple(self.factors.meta(keys[x]).shape) for x in "AB")
         if len(a) != 2 or len(b) != 2:
             raise IngredientError(
@@ -307,6 +304,25 @@ class AdapterSource(TensorSource):
         root = math.sqrt(rank) if self.config.get("use_rslora") else rank
         scaling = float(alpha) / root
         self.lora[name] = LoraModule(keys["A"], keys["B"], scaling, transposed, keys["kind"])
+
+    def _no_counterpart(self, what: str, name: str) -> IngredientError:
+        # A base that ties its head to the embeddings stores the head once, as the
+        # embeddings: an adapter that changes the head then has nothing to change.
+        config = self.base_path / "config.json"
+        try:
+            tied = json.loads(config.read_text()).get("tie_word_embeddings", False) is True
+        except (OSError, ValueError, AttributeError):
+            tied = False
+        if tied and name.rsplit(".", 2)[-2] in ("lm_head", "embed_out", "output"):
+            return IngredientError(
+                f"{self.folder}: {what} changes '{name}', which the base {self.base_path} "
+                f"ties to its input embeddings (tie_word_embeddings): an adapter of a tied "
+                f"head cannot be souped yet: {_MERGE_HINT}"
+            )
+        return IncompatibleIngredientsError(
+            f"{self.folder}: {what} has no counterpart '{name}' in the base "
+            f"{self.base_path}; pass the base it was trained on with --base"
+        )
 
     def _check_shape(self, name: str, shape: tuple, key: str) -> None:
         have = tuple(self.base.meta(name).shape)

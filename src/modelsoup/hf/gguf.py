@@ -143,10 +143,16 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
             f"{path}: GGUF architecture {arch!r}; only 'llama' files are read here. "
             "Load it with transformers (from_pretrained(..., gguf_file=...)) instead"
         )
+    # llama.cpp scales RoPE linearly when a file gives only a factor (its default type)
     unsupported = [
         key
-        for key in ("llama.expert_count", "llama.rope.scaling.type")
-        if _field(reader, key) not in (None, 0, "none")
+        for key, none in (
+            ("llama.expert_count", (None, 0)),
+            ("llama.rope.scaling.type", (None, "none")),
+            ("llama.rope.scaling.factor", (None, 0, 1)),
+            ("llama.rope.scale_linear", (None, 0, 1)),
+        )
+        if _field(reader, key) not in none
     ]
     if unsupported:
         raise ConfigError(
@@ -158,11 +164,30 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
         value = _field(reader, f"llama.{key}", default)
         if value is None:
             raise ConfigError(f"{path}: the GGUF metadata lacks llama.{key}")
+        if isinstance(value, list):  # llama.cpp allows one value per block
+            if len(set(value)) != 1:
+                raise ConfigError(
+                    f"{path}: llama.{key} differs from block to block ({value[:4]}...); "
+                    "this reader builds models whose blocks are all alike. Load it with "
+                    "transformers instead"
+                )
+            value = value[0]
         return value
 
     heads = int(setting("attention.head_count"))
     kv_heads = int(setting("attention.head_count_kv", heads))
     hidden = int(setting("embedding_length"))
+    head_dim = int(setting("attention.key_length", hidden // heads))
+    shapes = {
+        "attention.value_length": int(setting("attention.value_length", head_dim)),
+        "rope.dimension_count": int(setting("rope.dimension_count", head_dim)),
+    }
+    for key, value in shapes.items():
+        if value != head_dim:
+            raise ConfigError(
+                f"{path}: llama.{key} is {value} but the heads have {head_dim} dimensions; "
+                "a Llama model rotates and reads whole heads. Load it with transformers instead"
+            )
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -204,7 +229,7 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": int(setting("rope.dimension_count", hidden // heads)),
+        "head_dim": head_dim,
         "max_position_embeddings": int(setting("context_length")),
         "rms_norm_eps": float(setting("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(setting("rope.freq_base", 10000.0)),

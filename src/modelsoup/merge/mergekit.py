@@ -97,6 +97,30 @@ class MergekitAverage:
     base: str | None
     merge: dict[str, Any]
     normalize: bool
+    #: the dtype mergekit would write (``out_dtype``, else ``dtype``), as ``--out-dtype``
+    #: names it; modelsoup computes in float32 whatever mergekit's ``dtype`` says
+    out_dtype: str | None = None
+
+
+#: mergekit dtype names -> ``--out-dtype`` names
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+#: what mergekit's ``rescale`` must be for the rule modelsoup computes (DARE: by
+#: 1/density; TIES: none), by method
+_RESCALE = {"ties": False, "dare_ties": True, "dare_linear": True}
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: {value!r} is not a number")
+    return float(value)
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: give a mapping of option names to values")
+    return dict(value)
 
 
 _ALLOWED_TOP = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
@@ -128,18 +152,20 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
     models = config.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{source}: key 'models': a non-empty list of {{model: path}} is needed")
-    shared = dict(config.get("parameters") or {})
+    shared = _mapping(config.get("parameters"), f"{source}: key 'parameters'")
     for key, value in shared.items():
         if key not in ("normalize", "lambda", "int8_mask", "rescale"):
             raise ConfigError(f"{source}: key 'parameters.{key}' is not supported")
         if isinstance(value, list | dict):
             raise ConfigError(f"{source}: key 'parameters.{key}': give one value, not a gradient")
     base = config.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{source}: key 'base_model': give a path, not {base!r}")
     sources, weights, densities = [], [], set()
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
             raise ConfigError(f"{source}: key 'models.{i}': give {{model: path, parameters: ...}}")
-        params = dict(entry.get("parameters") or {})
+        params = _mapping(entry.get("parameters"), f"{source}: key 'models.{i}.parameters'")
         for key, value in params.items():
             if key not in ("weight", "density"):
                 raise ConfigError(f"{source}: key 'models.{i}.parameters.{key}' is not supported")
@@ -147,24 +173,35 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
                 raise ConfigError(
                     f"{source}: key 'models.{i}.parameters.{key}': give one value, not a gradient"
                 )
-        if entry["model"] == base:
-            continue  # mergekit lists the base among the models in some configs
+        if entry["model"] == base and method != "linear":
+            continue  # its task vector is zero: mergekit's task-vector methods skip it
+        where = f"{source}: key 'models.{i}.parameters"
         sources.append(entry["model"])
-        weights.append(float(params.get("weight", 1.0)))
+        weights.append(_number(params.get("weight", 1.0), f"{where}.weight'"))
         if "density" in params:
-            densities.add(float(params["density"]))
+            densities.add(_number(params["density"], f"{where}.density'"))
     if not sources:
         raise ConfigError(f"{source}: key 'models': no model besides the base")
     if len(densities) > 1:
         raise ConfigError(f"{source}: key 'models': one density for every model is supported")
     if method != "linear" and base is None:
         raise ConfigError(f"{source}: key 'base_model': '{method}' needs one")
-    if shared.get("rescale") is False or shared.get("int8_mask"):
-        raise ConfigError(f"{source}: key 'parameters': rescale false and int8_mask are not read")
+    if shared.get("int8_mask"):
+        raise ConfigError(f"{source}: key 'parameters.int8_mask' is not read; remove it")
+    if "rescale" in shared and bool(shared["rescale"]) != _RESCALE.get(method):
+        done = {True: "rescales by 1/density", False: "does not rescale"}
+        raise ConfigError(
+            f"{source}: key 'parameters.rescale': modelsoup's {method} "
+            f"{done.get(_RESCALE.get(method), 'has no rescale')}; remove the key"
+        )
     normalize = bool(shared.get("normalize", _DEFAULT_NORMALIZE[method]))
     merge: dict[str, Any] = {"rule": method}
     if method != "linear":
-        merge["lambda"] = float(shared.get("lambda", 1.0))
+        merge["lambda"] = _number(shared.get("lambda", 1.0), f"{source}: key 'parameters.lambda'")
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        key = "out_dtype" if config.get("out_dtype") else "dtype"
+        raise ConfigError(f"{source}: key '{key}': {dtype!r} is not one of {', '.join(_DTYPES)}")
     if method in ("ties", "dare_linear", "dare_ties"):
         merge["density"] = densities.pop() if densities else 1.0
     if method in ("ties", "dare_ties") and not normalize:
@@ -172,4 +209,11 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
             f"{source}: key 'parameters.normalize': {method} without normalize sums the "
             "agreeing entries; modelsoup takes their disjoint mean (TIES): set normalize: true"
         )
-    return MergekitAverage(sources, weights, base if method != "linear" else None, merge, normalize)
+    return MergekitAverage(
+        sources,
+        weights,
+        base if method != "linear" else None,
+        merge,
+        normalize,
+        _DTYPES.get(dtype) if dtype is not None else None,
+    )

@@ -192,6 +192,12 @@ class MergeSpec(BaseModel):
     rule: str = "linear"
     _options: Any = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        # ``merge: model_stock`` in a config: a rule named alone takes its defaults
+        return {"rule": value} if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
         try:

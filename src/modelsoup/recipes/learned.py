@@ -33,7 +33,7 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 
 from modelsoup.accumulator import saturating_cast
 from modelsoup.errors import ConfigError
-from modelsoup.evaluators import forward_logits, model_device
+from modelsoup.evaluators import forward_logits, identity, model_device
 from modelsoup.ingredients import Ingredient
 from modelsoup.memory import budget_option, check_budget, learned_soup_bytes, memory_budget
 from modelsoup.recipes.greedy import greedy_soup
@@ -397,7 +397,7 @@ def learned_soup(
     # The fit is the costly part: keep its result beside the journal, so a re-run of the
     # same cook (same ingredients, held-out data and options) does not fit again.
     cache_key = "learned-" + taster.journal.key(
-        f"learned:{taster.held_out.name}",
+        f"learned:{identity(taster.held_out)}",
         [(taster.ident(i), float(k + 1)) for k, i in enumerate(members)],
         {k: repr(v) for k, v in options.items()},
     )

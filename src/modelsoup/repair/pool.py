@@ -124,6 +124,10 @@ def align_pool(
         raise ConfigError("activation matching needs the model and unlabeled input data")
     if device is not None:
         device = check_device(device)
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ConfigError(
+            f"{output}: aligned copies go in a folder there, but it is a file; choose another"
+        )
     pool = open_ingredients(sources, key=checkpoint_key)
     if not 0 <= reference < len(pool):
         raise ConfigError(f"reference {reference} is not one of the {len(pool)} ingredients")
