@@ -183,6 +183,25 @@ def test_an_evaluator_name_never_lets_other_data_share_its_scores(journal, pool_
     assert taster.evaluations == COUNT and taster.reused == 0
 
 
+class _Shifted(torch.nn.Linear):
+    """The same tensors as Linear(4, 3), another function of them."""
+
+    def forward(self, x):
+        return super().forward(x).roll(1, dims=-1)
+
+
+def test_another_model_of_the_same_tensors_never_reuses_their_scores(journal, pool_files):
+    path, scores = journal
+    taster = Taster(
+        open_ingredients([str(p) for p in pool_files]),
+        _Shifted(4, 3),
+        Accuracy(_data(), name="acc"),
+        journal=Journal(path),
+    )
+    taster.individual_scores()
+    assert taster.evaluations == COUNT and taster.reused == 0
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5", True, None])
 def test_record_refuses_what_load_would_refuse(tmp_path, bad):
     book = Journal(tmp_path / "journal.jsonl")

@@ -182,6 +182,10 @@ class Taster:
         #: how candidates are mixed: the weighted average unless a recipe says otherwise
         self.merge: MergeSpec = as_merge(None)
         self.model = model
+        # the model's classes and layers: the same tensors in another architecture (a new
+        # head, another activation module) score differently, so never share a score
+        layout = f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}"
+        self._model_tag = hashlib.sha256(layout.encode()).hexdigest()[:16]
         self.held_out = as_evaluator(held_out)
         self.journal = journal or Journal(None)
         if self.journal.persistent:
@@ -369,7 +373,7 @@ class Taster:
             self.merge = saved
 
     def _extra(self, members: Sequence[int], merge: MergeSpec | None = None) -> dict:
-        extra: dict = {}
+        extra: dict = {"model": self._model_tag}
         if self.recalibrate_candidates:
             # The recalibration's own description (data, batches) when it has one, so
             # scores taken with other recalibration settings are never reused.

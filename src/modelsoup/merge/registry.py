@@ -56,7 +56,9 @@ CACHE_ELEMENTS = 1 << 18
 class MergeOptions(BaseModel):
     """Base of every rule's options: unknown keys, wrong types and bad ranges are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     #: WiSE-FT on top of the rule: (1 - alpha) base + alpha merged, alpha in [0, 1]
     alpha: float | None = Field(default=None, ge=0.0, le=1.0)
