@@ -222,3 +222,12 @@ def test_pruned_candidates_leave_the_sum_alone_when_rejected():
     taster.materialise([0, 0, 1, 1])
     taster.materialise([0, 0, 0, 1])  # a soup of one is rebuilt: exactly its ingredient
     assert torch.equal(taster.model.fc1.weight.detach(), states[3]["fc1.weight"])
+
+
+def test_a_base_the_weighted_average_does_not_read_is_warned_about():
+    states = [{"w": torch.zeros(2)}, {"w": torch.ones(2)}]
+    with pytest.warns(SoupWarning, match="the base model is not used"):
+        average(states, base={"w": torch.full((2,), 5.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SoupWarning)
+        average(states, base={"w": torch.full((2,), 5.0)}, merge="task_arithmetic")

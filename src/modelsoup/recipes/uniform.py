@@ -11,7 +11,7 @@ import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
+from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
 from modelsoup.merge import MergeSpec, as_merge
 from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
@@ -69,6 +69,15 @@ def average(
     )
     if base is not None:
         base = open_ingredient(base, label="base", key=key)
+        if not as_merge(merge).needs_base and adapters_base(ingredients) is None:
+            warnings.warn(
+                f"the base model{f' {base.path}' if base.path else ''} is not used: only "
+                "merge rules on task "
+                "vectors (--merge task_arithmetic, ties, ...) and WiSE-FT (--alpha) read it, "
+                "and this soup is the weighted average",
+                SoupWarning,
+                stacklevel=2,
+            )
     if weights is None:
         coefs = [1.0] * len(ingredients)
         recipe = "uniform"
