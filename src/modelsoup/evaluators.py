@@ -775,12 +775,13 @@ class ClassifierEvaluator:
             nonlocal looks
             part = [0.0, 0.0, 0.0, 0.0]
             for i, values in done:
-                d = values.double().clamp(low, high) - ref[starts[i] : starts[i + 1]]
+                v = values.double()
+                d = v.clamp(low, high) - ref[starts[i] : starts[i + 1]]
                 part = [
                     part[0] + float(d.sum()),
                     part[1] + float((d * d).sum()),
                     part[2] + len(d),
-                    part[3] + float(values.double().sum()),
+                    part[3] + float(v.sum()),
                 ]
             if self.sharding is not None:
                 part = self.sharding.sum_all(part, "racing")

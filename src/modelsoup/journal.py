@@ -62,6 +62,9 @@ class Journal:
         #: the line of the file each loaded score came from (to name it in warnings)
         self.lines: dict[str, int] = {}
         self.reused = 0
+        #: whether the file may end in a line cut off by a crash (checked once, on the
+        #: first write: every line this journal writes ends the line)
+        self._maybe_cut = True
         if self.path is not None and self.path.exists():
             self._load()
 
@@ -256,7 +259,8 @@ class Journal:
         try:
             new = not self.path.exists() or self.path.stat().st_size == 0
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            cut = not new and _ends_mid_line(self.path)
+            cut = not new and self._maybe_cut and _ends_mid_line(self.path)
+            self._maybe_cut = False
             with open(self.path, "a", encoding="utf-8") as fh:
                 if new:
                     fh.write(json.dumps({"format": FORMAT}) + "\n")

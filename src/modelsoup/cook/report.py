@@ -32,11 +32,17 @@ def _perplexity(nll: float) -> float:
     return math.exp(nll) if nll < 700 else math.inf
 
 
+def _test_higher_is_better(result) -> bool:
+    # the test evaluator's direction: the held-out one's unless the cook recorded another
+    other = getattr(result, "test_higher_is_better", None)
+    return result.higher_is_better if other is None else other
+
+
 def report_scale(result) -> float:
     """Show accuracies as percentages (100); losses and anything outside [0, 1] as is (1)."""
     if getattr(result, "perplexity_columns", None):
         return 1.0  # a language model's loss in nats, however small, is no percentage
-    if not result.higher_is_better or getattr(result, "test_higher_is_better", None) is False:
+    if not (result.higher_is_better and _test_higher_is_better(result)):
         return 1.0  # a loss in [0, 1] is still a loss
     scores = list(result.individual_held_out) + (result.individual_test or [])
     return 100.0 if all(0.0 <= s <= 1.0 for s in scores) else 1.0
@@ -103,11 +109,7 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
         "held_out_evaluator": result.held_out_name,
         "test_evaluator": result.test_name,
         "higher_is_better": result.higher_is_better,
-        "test_higher_is_better": (
-            result.higher_is_better
-            if getattr(result, "test_higher_is_better", None) is None
-            else result.test_higher_is_better
-        ),
+        "test_higher_is_better": _test_higher_is_better(result),
         "rows": rows,
         "individuals": [
             {
@@ -138,9 +140,7 @@ def _verdict(result, rows: list[dict], scale: float, unit: str) -> str:
         f"On held-out data the best soup is {pick['method']} ({pick['ingredients']:g} ingredients)."
     )
     cmp = pick.get("vs_best_individual")
-    test_better = getattr(result, "test_higher_is_better", None)
-    if test_better is not None:  # the test metric goes the other way round (a loss)
-        sign = 1 if test_better else -1
+    sign = 1 if _test_higher_is_better(result) else -1  # test judges in its own direction
     if cmp is not None:
         text += f" On test, against the best individual model: {cmp['text']}."
         if cmp["significant"] and sign * cmp["difference"] > 0:
