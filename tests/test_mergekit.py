@@ -149,6 +149,39 @@ def test_from_mergekit_takes_nothing_else(tmp_path, capsys):
     assert "drop SRC" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "out_dtype, name",
+    [("bf16", "bfloat16"), ("fp16", "float16"), ("fp64", "float64"), (None, None)],
+)
+def test_the_exported_config_writes_the_soups_dtype(tmp_path, out_dtype, name):
+    paths, _ = tiny_files(tmp_path, 2)
+    out = tmp_path / "soup.safetensors"
+    flags = ["--out-dtype", out_dtype] if out_dtype else []
+    assert main(["average", *paths, *flags, "-o", str(out), "-q"]) == 0
+    config = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 0
+    written = yaml.safe_load(config.read_text())
+    assert written["dtype"] == "float32" and written.get("out_dtype") == name
+    again = tmp_path / "again.safetensors"
+    assert main(["average", "--from-mergekit", str(config), "-o", str(again), "-q"]) == 0
+    first, second = (safetensors.torch.load_file(str(p)) for p in (out, again))
+    assert {v.dtype for v in second.values()} == {v.dtype for v in first.values()}
+    assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_a_soup_written_in_two_float_dtypes_is_not_exported(tmp_path, capsys):
+    paths = []
+    for s in range(2):  # a float32 weight beside a bfloat16 one, kept as they are
+        state = {"w": torch.full((3,), float(s)), "h": torch.full((2,), float(s)).bfloat16()}
+        paths.append(str(tmp_path / f"m{s}.safetensors"))
+        safetensors.torch.save_file(state, paths[-1])
+    out = tmp_path / "soup.safetensors"
+    assert main(["average", *paths, "-o", str(out), "-q"]) == 0
+    config = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 2
+    assert "bfloat16, float32" in capsys.readouterr().err and not config.exists()
+
+
 def _llama_folders(tmp_path, count):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
@@ -182,8 +215,9 @@ def _llama_folders(tmp_path, count):
         [],
         ["--merge", "task_arithmetic", "--lambda", "0.8"],
         ["--merge", "ties", "--density", "0.5"],
+        ["--out-dtype", "bf16"],
     ],
-    ids=["linear", "task_arithmetic", "ties"],
+    ids=["linear", "task_arithmetic", "ties", "linear-bf16"],
 )
 def test_mergekit_merges_the_exported_config_into_the_same_soup(tmp_path, flags):
     pytest.importorskip("mergekit")
@@ -192,7 +226,7 @@ def test_mergekit_merges_the_exported_config_into_the_same_soup(tmp_path, flags)
 
     base, members = _llama_folders(tmp_path, 3)
     out = tmp_path / "soup"
-    with_base = ["--base", base] if flags else []
+    with_base = ["--base", base] if "--merge" in flags else []
     assert main(["average", *members, *with_base, *flags, "-o", str(out), "-q"]) == 0
     config = tmp_path / "merge.yaml"
     assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 0
@@ -205,4 +239,5 @@ def test_mergekit_merges_the_exported_config_into_the_same_soup(tmp_path, flags)
         got.update(safetensors.torch.load_file(str(shard)))
     assert set(got) == set(mine) and len(mine) > 10
     for name, value in mine.items():
-        assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-5), name
+        assert got[name].dtype == value.dtype, name
+        assert torch.allclose(got[name].float(), value.float(), atol=1e-6, rtol=1e-5), name

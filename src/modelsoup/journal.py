@@ -10,8 +10,11 @@ subset scored by greedy is not scored again by pruned.
 A journal is never trusted silently. Each line read back passes the checks a score
 passes when recorded (a finite number, not a string or a boolean; within the
 evaluator's range when it has one); a line that fails, or that is not UTF-8 or not
-JSON, is named in one warning and ignored, and only its evaluation runs again. A file
-written by another format version is set aside whole.
+JSON, is named in one warning and ignored, and only its evaluation runs again. The next
+entry this journal writes is preceded by a line that names the bad lines by their
+sha256, so later runs skip them without warning again (the file stays append-only: the
+bad lines are kept, never rewritten). A file written by another format version is set
+aside whole.
 
 Example:
     >>> import tempfile, pathlib
@@ -65,6 +68,9 @@ class Journal:
         #: whether the file may end in a line cut off by a crash (checked once, on the
         #: first write: every line this journal writes ends the line)
         self._maybe_cut = True
+        #: sha256 of the corrupt lines this run warned about, named in the file on the
+        #: next write so that later runs ignore them quietly
+        self._unnoted: list[str] = []
         if self.path is not None and self.path.exists():
             self._load()
 
@@ -86,20 +92,27 @@ class Journal:
         if not ok:
             self._set_aside("is not a modelsoup journal of this version")
             return
-        bad: list[tuple[int, str]] = []
+        bad: list[tuple[int, str, str]] = []
+        noted: set[str] = set()
         for number, line in enumerate(lines[1:], start=2):
             try:
+                ignored = _noted_lines(line)
+                if ignored is not None:
+                    noted.update(ignored)
+                    continue
                 key, score, rejected = _parse_entry(line)
             except ValueError as err:
-                bad.append((number, str(err)))
+                bad.append((number, str(err), hashlib.sha256(line).hexdigest()))
                 continue
             if rejected is not None:
                 self.rejections[key] = rejected
                 continue
             self.scores[key] = score
             self.lines[key] = number
+        bad = [entry for entry in bad if entry[2] not in noted]
+        self._unnoted = [digest for _, _, digest in bad]
         if bad:
-            shown = "; ".join(f"line {n}: {why}" for n, why in bad[:_SHOWN])
+            shown = "; ".join(f"line {n}: {why}" for n, why, _ in bad[:_SHOWN])
             more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
             warnings.warn(
                 f"{self.path}: {len(bad)} corrupt journal line(s) ignored ({shown}{more}); "
@@ -266,9 +279,12 @@ class Journal:
                     fh.write(json.dumps({"format": FORMAT}) + "\n")
                 elif cut:  # a line cut off by a crash: end it, never continue it
                     fh.write("\n")
+                if self._unnoted:  # warned about once: later runs skip them quietly
+                    fh.write(json.dumps({"ignored_lines": self._unnoted}) + "\n")
                 fh.write(json.dumps(entry, default=str) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+            self._unnoted = []
         except OSError as err:
             raise write_error(self.path, err, "cannot record in the journal") from err
 
@@ -282,6 +298,30 @@ def _ends_mid_line(path: Path) -> bool:
 #: bad journal lines named one by one in the warning before "and N more"
 _SHOWN = 8
 _KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _noted_lines(line: bytes) -> list[str] | None:
+    """The sha256 digests a line of corrupt lines already warned about names, or
+    ``None`` for any other line.
+
+    Example:
+        >>> _noted_lines(b'{"ignored_lines": ["%s"]}' % (b"0" * 64)) == ["0" * 64]
+        True
+        >>> _noted_lines(b'{"key": "x", "score": 1}') is None
+        True
+    """
+    if not line.startswith(b'{"ignored_lines"'):
+        return None
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except ValueError:  # cut off: a corrupt line like any other
+        return None
+    digests = entry.get("ignored_lines") if isinstance(entry, dict) else None
+    if not isinstance(digests, list) or not all(
+        isinstance(d, str) and _KEY.fullmatch(d) for d in digests
+    ):
+        return None
+    return digests
 
 
 def _parse_entry(line: bytes) -> tuple[str, float | None, dict | None]:

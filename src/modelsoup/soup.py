@@ -481,6 +481,14 @@ def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
         "dtype_policy": {
             "accumulate": str(soup.accum_dtype).replace("torch.", ""),
             "output": str(out_dtype).replace("torch.", "") if out_dtype else "as ingredient",
+            # the floating dtypes the soup's tensors were written in (mergekit's out_dtype)
+            "written": sorted(
+                {
+                    str(m.dtype).replace("torch.", "")
+                    for m in soup.layout(out_dtype).values()
+                    if m.is_floating
+                }
+            ),
             "integers": f"copied from the first ingredient ({soup.int_policy})",
         },
         "scores": soup.scores,

@@ -84,7 +84,17 @@ def card_to_mergekit(card: Mapping[str, Any]) -> dict[str, Any]:
         parameters["normalize"] = rule in ("ties", "dare_ties")
         parameters["lambda"] = merge.get("lambda", 1.0)
     config["parameters"] = parameters
-    config["dtype"] = "float32"
+    config["dtype"] = "float32"  # modelsoup sums in float32 whatever it writes
+    written = (card.get("dtype_policy") or {}).get("written")
+    if written is not None:
+        if len(written) != 1 or written[0] not in _MERGEKIT_DTYPES:
+            raise ConfigError(
+                f"the soup was written in {', '.join(written) or 'no floating dtype'}; a "
+                "mergekit config names one output dtype (out_dtype) of "
+                f"{', '.join(_MERGEKIT_DTYPES)}: write the soup with --out-dtype to export it"
+            )
+        if written[0] != "float32":
+            config["out_dtype"] = written[0]
     return config
 
 
@@ -102,8 +112,10 @@ class MergekitAverage:
     out_dtype: str | None = None
 
 
+#: the floating dtypes mergekit 0.1.5 writes (its ``dtype_from_name``)
+_MERGEKIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: mergekit dtype names -> ``--out-dtype`` names
-_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 #: what mergekit's ``rescale`` must be for the rule modelsoup computes (DARE: by
 #: 1/density; TIES: none), by method
 _RESCALE = {"ties": False, "dare_ties": True, "dare_linear": True}
