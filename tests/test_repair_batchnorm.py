@@ -114,7 +114,7 @@ def test_flags_and_momentum_are_restored(digits, trained):
 def test_accepts_tensors_dicts_and_generators(digits, trained):
     x = digits[0][:300]
     by_tensor = fresh(trained)
-    recalibrate_bn(by_tensor, x)  # split into batches of 256
+    recalibrate_bn(by_tensor, x)  # split into two batches of 150 (at most 256 rows each)
     assert int(by_tensor[1].num_batches_tracked) == 2
 
     class KeywordNet(nn.Module):
@@ -126,7 +126,7 @@ def test_accepts_tensors_dicts_and_generators(digits, trained):
             return self.body(pixels)
 
     by_dict = KeywordNet()
-    recalibrate_bn(by_dict, ({"pixels": b} for b in x.split(256)), device="cpu")
+    recalibrate_bn(by_dict, ({"pixels": b} for b in x.split(150)), device="cpu")
     assert torch.allclose(by_dict.body[1].running_mean, by_tensor[1].running_mean)
 
 

@@ -290,9 +290,11 @@ def cmd_align(args: argparse.Namespace) -> int:
         try:
             shape = [int(x) for x in args.input_shape.split(",")]
         except ValueError:
+            shape = []
+        if not shape or min(shape) < 1:
             raise ConfigError(
-                f"--input-shape '{args.input_shape}' must be like 1,3,32,32"
-            ) from None
+                f"--input-shape '{args.input_shape}' must be positive sizes like 1,3,32,32"
+            )
         example = torch.randn(*shape)
     model = resolve(args.model, Path.cwd()) if args.model else None
     spec_out = Path(args.write_spec) if args.write_spec else None

@@ -172,6 +172,11 @@ class Soup:
             value = self.overrides[name]
             if not meta.is_floating:
                 return value
+            if not is_finite(value):  # re-estimated statistics of NaN data, say
+                raise ConfigError(
+                    f"the soup's replacement of tensor '{name}' (BatchNorm recalibration?) "
+                    "holds NaN or Inf values; recalibrate on finite data"
+                )
             return saturating_cast(value, parse_dtype(out_dtype) or meta.dtype, name)
         used, total = self._mix_plan(name)
         if not meta.is_floating:

@@ -527,15 +527,46 @@ def _required_arguments(fn: Callable) -> int:
     return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
 
 
+class CalledAnew:
+    """The batches of a function that returns a one-shot iterator (a generator
+    function): each read calls it again, so every model sees the same batches.
+
+    Example:
+        >>> def batches():
+        ...     yield from range(3)
+        >>> data = CalledAnew(batches, "data")
+        >>> list(data), list(data)
+        ([0, 1, 2], [0, 1, 2])
+    """
+
+    def __init__(self, factory: Callable[[], Any], reference: str):
+        self.factory = factory
+        self.reference = reference
+
+    def __iter__(self) -> Any:
+        return iter(self.factory())
+
+    def __repr__(self) -> str:
+        return f"CalledAnew({self.reference})"
+
+
 def resolve_unlabeled(reference: str, base_dir: str) -> Any:
-    """Unlabeled inputs named by a config: a function returning batches, or a loader itself.
+    """Unlabeled inputs named by a config: a function returning batches, or a loader
+    itself. A function that returns a one-shot iterator (a generator function) is called
+    again for each model that reads the batches (:class:`CalledAnew`); a one-shot
+    iterator named directly is refused, since only the first model would see batches.
 
     Example:
         >>> resolve_unlabeled("math:pi", ".")
         3.141592653589793
     """
+    from modelsoup.repair.batchnorm import reusable
+
     source = resolve(reference, base_dir)
-    return source() if callable(source) and not hasattr(source, "__iter__") else source
+    if not callable(source) or hasattr(source, "__iter__"):
+        return reusable(source, reference)
+    data = source()
+    return CalledAnew(source, reference) if isinstance(data, Iterator) else data
 
 
 def resolve_alignment_data(config: CookConfig) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from modelsoup._util import atomic_file, check_device
+from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
@@ -63,13 +64,30 @@ def weight_similarity(ingredients: Sequence[Ingredient]) -> tuple[list[list[floa
     return [[round(float(x), 6) for x in row] for row in cosine], distances
 
 
+def _path_alphas(alphas: Sequence[float]) -> list[float]:
+    """The points of an interpolation path: ``alphas`` checked to lie in [0, 1], sorted,
+    with both ends added (the barrier is measured against the line between them).
+
+    Example:
+        >>> _path_alphas([0.5, 0.25])
+        [0.0, 0.25, 0.5, 1.0]
+    """
+    for a in alphas:
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a <= 1:
+            raise ConfigError(f"alphas: {a!r} is not a number in [0, 1]")
+    return sorted({0.0, 1.0, *map(float, alphas)})
+
+
 def barrier(alphas: Sequence[float], scores: Sequence[float], higher_is_better: bool) -> float:
-    """How far the path falls below the straight line between its endpoints (>= 0).
+    """How far the path falls below the straight line between its endpoints (>= 0);
+    ``alphas`` run from 0 to 1, in order.
 
     Example:
         >>> round(barrier([0, 0.5, 1], [0.9, 0.1, 0.8], True), 6)
         0.75
     """
+    if list(alphas[:1]) + list(alphas[-1:]) != [0, 1] or list(alphas) != sorted(alphas):
+        raise ConfigError(f"alphas {list(alphas)} must run from 0 to 1 in order")
     a0, a1 = scores[0], scores[-1]
     worst = 0.0
     for alpha, s in zip(alphas, scores):
@@ -136,6 +154,9 @@ def diagnose(
     """
     from modelsoup.repair.batchnorm import has_batchnorm
 
+    alphas = _path_alphas(alphas)
+    if output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise ConfigError(f"{output}: the diagnosis goes in a folder, but this is a file")
     pool = open_ingredients(ingredients, key=checkpoint_key, labels=labels, base=base)
     module = model if isinstance(model, torch.nn.Module) else model()
     module.to(check_device(device))

@@ -41,22 +41,35 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from modelsoup.errors import AlignmentError, ConfigError
-from modelsoup.repair.batchnorm import TENSOR_BATCH_SIZE, forward_batch
+from modelsoup.repair.batchnorm import batches_of, forward_batch
 from modelsoup.repair.spec import PermutationSpec, permute_state_dict
 
 __all__ = ["activation_align", "activation_matching"]
 
 _CHANNELS_FIRST = (_ConvNd, _BatchNorm, nn.GroupNorm)
+#: the modules whose weight's axis 0 is the axis of their output units: channels (axis 1
+#: of the output) for convolutions and norms, the last axis for Linear and LayerNorm
+_EMITTERS = (nn.Linear, _ConvNd, _BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def _emitters(spec: PermutationSpec, module: nn.Module) -> dict[str, list[str]]:
-    """``{permutation: [module names whose output units it permutes]}``."""
+    """``{permutation: [module names whose output units it permutes]}``: the modules of
+    :data:`_EMITTERS` whose weight has the permutation on axis 0, unit by unit (a
+    transposed convolution's axis 0 is its input; a PReLU's channels are not its
+    output's last axis; a block-permuted weight follows a flatten)."""
     names = dict(module.named_modules())
     out: dict[str, list[str]] = {p: [] for p in spec.perm_to_axes}
     for perm, axes in spec.perm_to_axes.items():
         for tensor, axis in axes:
             owner, _, leaf = tensor.rpartition(".")
-            if axis == 0 and leaf == "weight" and owner in names:
+            found = names.get(owner)
+            if (
+                axis == 0
+                and leaf == "weight"
+                and isinstance(found, _EMITTERS)
+                and not getattr(found, "transposed", False)
+                and spec.block(tensor, 0) == 1
+            ):
                 out[perm].append(owner)
     missing = sorted(p for p, mods in out.items() if not mods)
     if missing:
@@ -137,7 +150,7 @@ def activation_matching(
 
     if num_batches is not None and num_batches < 1:
         raise ConfigError(f"num_batches must be at least 1, got {num_batches}")
-    spec.sizes(reference_sd)
+    sizes = spec.sizes(reference_sd)
     spec.sizes(other_sd)
     emitters = _emitters(spec, model)
     device = torch.device(device if device is not None else "cpu")
@@ -164,14 +177,10 @@ def activation_matching(
                 seen[side][name] = _units(mod, out, sums_on)
 
             hooks.append(modules[name].register_forward_hook(hook))
-    if isinstance(data, torch.Tensor):
-        data = data.split(TENSOR_BATCH_SIZE)
     batches = 0
     try:
         with torch.no_grad():
-            for batch in data:
-                if num_batches is not None and batches >= num_batches:
-                    break
+            for batch in batches_of(data, num_batches):
                 for net in nets:
                     forward_batch(net, batch, device, "activation matching")
                 for name in watched:
@@ -186,7 +195,9 @@ def activation_matching(
         raise ConfigError("activation matching: data yielded no batches; pass unlabeled inputs")
     perms = {}
     for perm, mods in emitters.items():
+        size = (sizes[perm], sizes[perm])
         used = [moments[m].correlation().cpu() for m in mods if moments[m].n]
+        used = [c for c in used if c.shape == size]  # an output whose units are not these
         if not used:
             raise AlignmentError(
                 f"the modules emitting permutation {perm} ({', '.join(mods)}) never ran on the "

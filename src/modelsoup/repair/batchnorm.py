@@ -17,20 +17,23 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, EvaluationError, SoupError, SoupWarning
 
 if TYPE_CHECKING:
     from modelsoup.soup import Soup
 
 __all__ = [
     "as_recalibration",
+    "batches_of",
     "has_batchnorm",
     "keep_bn_statistics",
     "recalibrate_bn",
@@ -40,7 +43,55 @@ __all__ = [
 #: the buffers of a BatchNorm layer that recalibration re-estimates
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
+#: the most rows per batch when the data is one tensor of inputs
 TENSOR_BATCH_SIZE = 256
+
+
+def batches_of(data: Iterable[Any] | torch.Tensor, num_batches: int | None = None) -> Iterator:
+    """The batches of unlabeled ``data``, at most ``num_batches`` of them (none is read
+    past the last one used).
+
+    One tensor of inputs is cut into batches of at most :data:`TENSOR_BATCH_SIZE` rows
+    that differ in size by at most one row, so that an equal-weight average over batches
+    weighs every row alike (258 rows are two batches of 129, not 256 and 2).
+
+    Example:
+        >>> import torch
+        >>> [len(b) for b in batches_of(torch.zeros(258, 3))]
+        [129, 129]
+        >>> list(batches_of(iter(range(5)), num_batches=2))
+        [0, 1]
+    """
+    if isinstance(data, torch.Tensor):
+        data = data.tensor_split(max(1, math.ceil(len(data) / TENSOR_BATCH_SIZE)))
+    seen = 0
+    for batch in data:
+        yield batch
+        seen += 1
+        if num_batches is not None and seen >= num_batches:
+            return
+
+
+def reusable(data: Any, what: str) -> Any:
+    """``data``, refused if it is a one-shot iterator (a generator, ``iter(loader)``):
+    ``what`` reads it once per model, and every read after the first would get other
+    batches or none.
+
+    Example:
+        >>> reusable([1, 2], "recalibrate_bn")
+        [1, 2]
+        >>> try:
+        ...     reusable(iter([1, 2]), "recalibrate_bn")
+        ... except ConfigError as err:
+        ...     print(str(err)[:50])
+        recalibrate_bn: the data is a one-shot list_iterat
+    """
+    if isinstance(data, Iterator):
+        raise ConfigError(
+            f"{what}: the data is a one-shot {type(data).__name__}, but it is read once per "
+            "model; pass a list, a DataLoader or a tensor of inputs"
+        )
+    return data
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -54,6 +105,11 @@ def has_batchnorm(module: nn.Module) -> bool:
         False
     """
     return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def _tracking(module: nn.Module) -> list[_BatchNorm]:
+    # the BatchNorm layers with running statistics (track_running_stats=False has none)
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
 def _to(obj: Any, device: torch.device | str | None) -> Any:
@@ -80,15 +136,24 @@ def forward_batch(
         if not batch:
             raise ConfigError(f"{what}: data yielded an empty tuple; yield inputs")
         batch = batch[0]  # (inputs, labels): labels are not needed
-    if isinstance(batch, Mapping):
-        module(**_to(batch, device))
-    elif isinstance(batch, torch.Tensor):
-        module(_to(batch, device))
-    else:
+    if not isinstance(batch, Mapping | torch.Tensor):
         raise ConfigError(
             f"{what}: data yielded a {type(batch).__name__}; yield tensors, "
             "(inputs, labels) tuples or dicts of keyword inputs"
         )
+    try:
+        if isinstance(batch, Mapping):
+            module(**_to(batch, device))
+        else:
+            module(_to(batch, device))
+    except SoupError:
+        raise
+    except Exception as err:  # the model's own error on this data: one line, not a traceback
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise EvaluationError(
+            f"{what}: the model failed on a batch of the data ({type(err).__name__}: "
+            f"{first}); check that the data fits the model"
+        ) from err
 
 
 def recalibrate_bn(
@@ -102,15 +167,19 @@ def recalibrate_bn(
     Statistics are a cumulative (equal-weight) average over up to
     ``num_batches`` batches of ``data``: a DataLoader or any iterable of
     tensors, ``(inputs, labels)`` tuples or dicts of keyword inputs, or one
-    tensor of inputs (split into batches of 256). Inputs are moved to
-    ``device`` if given. Only BatchNorm layers run in train mode; the rest of
-    the network (e.g. Dropout) stays in eval mode so the statistics match the
-    activations seen at inference. Training flags and momenta are restored;
-    the module is modified in place and returned. A module without
-    BatchNorm is returned untouched.
+    tensor of inputs (split into batches of at most 256 rows of equal size,
+    :func:`batches_of`). Inputs are moved to ``device`` if given. Only BatchNorm
+    layers run in train mode; the rest of the network (e.g. Dropout) stays in
+    eval mode so the statistics match the activations seen at inference.
+    Training flags and momenta are restored; the module is modified in place
+    and returned. A module without BatchNorm is returned untouched. A BatchNorm
+    layer the data never reaches (another head of the network) keeps its
+    statistics, with a warning that names it.
 
-    Raises :class:`~modelsoup.errors.ConfigError` if ``data`` yields nothing
-    (the old statistics are then kept).
+    Raises :class:`~modelsoup.errors.ConfigError` if ``data`` yields nothing or
+    the new statistics are not finite (NaN or Inf in the data), and
+    :class:`~modelsoup.errors.EvaluationError` if the model fails on a batch; the
+    old statistics are then kept.
 
     Example:
         >>> import torch
@@ -121,13 +190,11 @@ def recalibrate_bn(
         >>> int(net[1].num_batches_tracked), net.training
         (2, False)
     """
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    norms = _tracking(module)
     if not norms:
         return module
     if num_batches is not None and num_batches < 1:
         raise ConfigError(f"recalibrate_bn: num_batches must be at least 1, got {num_batches}")
-    if isinstance(data, torch.Tensor):
-        data = data.split(TENSOR_BATCH_SIZE)
     modes = {m: m.training for m in module.modules()}
     momenta = {m: m.momentum for m in norms}
     saved = {m: [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
@@ -140,15 +207,36 @@ def recalibrate_bn(
             m.momentum = None  # None = cumulative moving average over all batches
             m.train()
         with torch.no_grad():
-            for batch in data:
-                if num_batches is not None and seen >= num_batches:
-                    break
+            for batch in batches_of(data, num_batches):
                 forward_batch(module, batch, device)
                 seen += 1
         if seen == 0:
             raise ConfigError(
                 "recalibrate_bn: data yielded no batches; pass a non-empty DataLoader, "
                 "iterable or tensor of inputs"
+            )
+        names = {m: name for name, m in module.named_modules()}
+        for m in norms:
+            if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+                raise ConfigError(
+                    f"recalibrate_bn: the new statistics of BatchNorm '{names[m]}' are not "
+                    "finite: the data holds NaN or Inf values (or the model's activations "
+                    "overflow); check the data"
+                )
+        unreached = [m for m in norms if int(m.num_batches_tracked) == 0]
+        for m in unreached:  # another head, say: what it had is better than mean 0, var 1
+            mean, var, count = saved[m]
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        if unreached:
+            shown = ", ".join(f"'{names[m]}'" for m in unreached[:5])
+            more = f" and {len(unreached) - 5} more" if len(unreached) > 5 else ""
+            warnings.warn(
+                f"recalibrate_bn: the data never reached BatchNorm {shown}{more}; "
+                "their statistics are kept as they were",
+                SoupWarning,
+                stacklevel=2,
             )
     except BaseException:
         for m, (mean, var, count) in saved.items():  # leave the model as it was
@@ -209,10 +297,9 @@ def recalibrate_soup(
         >>> bool(soup.state_dict()["1.running_mean"].abs().sum() > 0)
         True
     """
-    if not has_batchnorm(module):
-        raise ConfigError(
-            f"{type(module).__name__} has no BatchNorm layer to recalibrate; drop the option"
-        )
+    if not _tracking(module):
+        what = "keeps no running statistics" if has_batchnorm(module) else "has no BatchNorm layer"
+        raise ConfigError(f"{type(module).__name__} {what} to recalibrate; drop the option")
     soup.apply(module)
     recalibrate_bn(module, data, num_batches, device)
     return keep_bn_statistics(soup, module)
@@ -235,7 +322,7 @@ def as_recalibration(
     """
     if recalibrate is None or callable(recalibrate):
         return recalibrate
-    data = recalibrate
+    data = reusable(recalibrate, "recalibrate")
 
     def hook(module: nn.Module) -> nn.Module:
         return recalibrate_bn(module, data, num_batches=num_batches)

@@ -14,7 +14,9 @@ sidecar that records what they were aligned to, so a re-run skips work already d
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +25,14 @@ import torch
 
 from modelsoup._util import atomic_file, check_device, clean_stale_temps, slug
 from modelsoup._util import progress as stage_progress
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.formats.safetensors_io import write_safetensors
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.repair.activations import activation_align
+from modelsoup.repair.batchnorm import reusable
 from modelsoup.repair.matching import align_to, merge_many
 from modelsoup.repair.spec import PermutationSpec
-from modelsoup.repair.trace import trace_permutation_spec
+from modelsoup.repair.trace import check_keeps_function, trace_permutation_spec
 
 
 def example_input(example: Any) -> Any:
@@ -104,6 +107,12 @@ def align_pool(
     ``device``: where activation matching runs the networks (default: the CPU; checked
     here); weight matching compares weights and runs on the CPU.
 
+    A spec given by hand is checked like a traced one when the model and an example
+    input are given (permuting must not change the model's outputs), and warned about
+    otherwise. A copy made before is reused only if everything that shaped it (the
+    ingredient, the reference, the method, the spec, the seed and iterations, the data)
+    is the same; the module given as ``model`` is left in its mode and on its device.
+
     Example:
         >>> import tempfile, torch
         >>> from torch import nn
@@ -131,16 +140,34 @@ def align_pool(
     pool = open_ingredients(sources, key=checkpoint_key)
     if not 0 <= reference < len(pool):
         raise ConfigError(f"reference {reference} is not one of the {len(pool)} ingredients")
+    if method == "activations" and len(pool) > 2:
+        data = reusable(data, "activation matching")  # read once per ingredient aligned
     if spec is None:
         if model is None or example is None:
             raise ConfigError("alignment needs a model and an example input, or a spec file")
         module = model if isinstance(model, torch.nn.Module) else model()
-        spec = trace_permutation_spec(module.cpu().eval(), example_input(example))
-    spec = load_spec(spec)
+        spec = trace_permutation_spec(module, _on_device_of(module, example_input(example)))
+    else:
+        spec = load_spec(spec)
+        if model is not None and example is not None:
+            module = model if isinstance(model, torch.nn.Module) else model()
+            check_keeps_function(
+                module, spec, _on_device_of(module, example_input(example)), traced=False
+            )
+        else:
+            warnings.warn(
+                "the permutation spec given is not checked (no model and example input): "
+                "if it misses a tensor, the aligned copies compute other functions; give "
+                "the model and an example input (--model, --input-shape) to check it",
+                SoupWarning,
+                stacklevel=2,
+            )
     folder = Path(output) / "aligned"
     clean_stale_temps(folder)  # what a killed alignment left (half-written copies)
+    shape = {"spec_sha256": _spec_digest(spec), "seed": seed, "max_iter": max_iter}
     if method == "merge_many":
-        return _align_merge_many(pool, spec, folder, max_iter, max_rounds, seed, progress)
+        shape["max_rounds"] = max_rounds
+        return _align_merge_many(pool, spec, folder, shape, progress)
     ref = pool[reference]
     ref_sd = _full(ref)
     spec.sizes(ref_sd)  # checks the spec names real tensors of the right sizes
@@ -155,9 +182,11 @@ def align_pool(
             out.append(_as_source(ing))
             continue
         path = _aligned_path(folder, i, ing)
-        record = {"source_sha256": ing.sha256, "reference_sha256": ref.sha256}
+        record = {"source_sha256": ing.sha256, "reference_sha256": ref.sha256, **shape}
         if method == "activations":
             record |= {"method": "activations", "data": data_key}
+        else:
+            record["method"] = "reference"
         if data_key != "unhashed" and _already_aligned(path, record):
             out.append(str(path))
             continue
@@ -172,13 +201,22 @@ def align_pool(
     return out
 
 
+def _on_device_of(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    # the example input where the module's weights are (the module is not moved)
+    weight = next(iter(module.parameters()), None)
+    return inputs if weight is None else inputs.to(weight.device)
+
+
+def _spec_digest(spec: PermutationSpec) -> str:
+    """sha256 of a permutation spec, for the records of the aligned copies made with it."""
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def _data_fingerprint(data: Any, num_batches: int | None) -> str:
     """sha256 of input data given as one tensor; iterables cannot be identified cheaply
     (``"unhashed"``: alignments made from them are redone on every run)."""
     if not isinstance(data, torch.Tensor):
         return "unhashed"
-    import hashlib
-
     digest = hashlib.sha256(str((tuple(data.shape), str(data.dtype), num_batches)).encode())
     digest.update(data.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -212,25 +250,25 @@ def _write_aligned(
 
 
 def _align_merge_many(
-    pool: list[Ingredient],
-    spec: PermutationSpec,
-    folder: Path,
-    max_iter: int,
-    max_rounds: int,
-    seed: int,
-    progress: bool,
+    pool: list[Ingredient], spec: PermutationSpec, folder: Path, shape: dict, progress: bool
 ) -> list[str]:
     members = [ing.sha256 for ing in pool]
     paths = [_aligned_path(folder, i, ing) for i, ing in enumerate(pool)]
     records = [
-        {"method": "merge_many", "source_sha256": ing.sha256, "pool_sha256": members, "seed": seed}
+        {"method": "merge_many", "source_sha256": ing.sha256, "pool_sha256": members, **shape}
         for ing in pool
     ]
     if all(_already_aligned(p, r) for p, r in zip(paths, records, strict=True)):
         return [str(p) for p in paths]
     states = [_full(ing) for ing in pool]
     spec.sizes(states[0])  # checks the spec names real tensors of the right sizes
-    aligned = merge_many(states, spec, max_rounds=max_rounds, max_iter=max_iter, seed=seed)
+    aligned = merge_many(
+        states,
+        spec,
+        max_rounds=shape["max_rounds"],
+        max_iter=shape["max_iter"],
+        seed=shape["seed"],
+    )
     bar = stage_progress(pool, desc="writing aligned", unit="ingredient", enabled=progress)
     for i, ing in enumerate(bar):
         _write_aligned(paths[i], ing, aligned[i], records[i], "the mean of the others")

@@ -68,6 +68,12 @@ class PermutationSpec:
     ) -> None:
         self.axes_to_perm: dict[str, tuple[str | None, ...]] = {}
         self.perm_to_axes: dict[str, list[tuple[str, int]]] = {}
+        for what, mapping in (("axes", axes), ("blocks", blocks or {})):
+            if not isinstance(mapping, Mapping):
+                raise ConfigError(
+                    f"permutation spec '{what}' must map tensor names to lists, got a "
+                    f"{type(mapping).__name__}"
+                )
         for name, entry in axes.items():
             if isinstance(entry, str) or not isinstance(entry, Sequence):
                 raise ConfigError(
@@ -86,7 +92,16 @@ class PermutationSpec:
                 self.perm_to_axes.setdefault(perm, []).append((name, axis))
         self.blocks: dict[str, tuple[int, ...]] = {}
         for name, sizes in (blocks or {}).items():
-            sizes = tuple(int(b) for b in sizes)
+            if (
+                isinstance(sizes, str)
+                or not isinstance(sizes, Sequence)
+                or not all(isinstance(b, int) and not isinstance(b, bool) for b in sizes)
+            ):
+                raise ConfigError(
+                    f"permutation spec blocks for {name!r} must be a list of whole numbers, "
+                    f"one per axis, got {sizes!r}"
+                )
+            sizes = tuple(sizes)
             if name not in self.axes_to_perm or len(sizes) != len(self.axes_to_perm[name]):
                 raise ConfigError(
                     f"permutation spec blocks for {name!r} must give one size per axis of an "

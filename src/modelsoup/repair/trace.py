@@ -39,7 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from modelsoup.errors import AlignmentError, ConfigError
 from modelsoup.repair.spec import PermutationSpec, permute_state_dict
 
-__all__ = ["trace_permutation_spec"]
+__all__ = ["check_keeps_function", "trace_permutation_spec"]
 
 FIXED = 0  # the group of units that must keep their order (inputs, outputs)
 HINT = "write a PermutationSpec by hand for this model (see modelsoup.repair.PermutationSpec)"
@@ -420,8 +420,41 @@ def _leaves(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _check_preserves_function(module: nn.Module, spec: PermutationSpec, inputs: tuple) -> None:
-    """Run the model with random permutations applied: outputs must not change."""
+def check_keeps_function(
+    module: nn.Module, spec: PermutationSpec, example_input: Any, *, traced: bool = True
+) -> None:
+    """Raise :class:`~modelsoup.errors.AlignmentError` unless permuting ``module``'s
+    weights by ``spec`` (random permutations, in eval mode) leaves its outputs on
+    ``example_input`` unchanged, as every permutation spec promises. ``traced`` says
+    whether the spec came from tracing (the message then blames an operation) or was
+    written by hand.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> check_keeps_function(net, PermutationSpec({"0.weight": ("P_0", None),
+        ...     "0.bias": ("P_0",), "2.weight": (None, "P_0")}), torch.randn(4, 2))
+        >>> try:
+        ...     check_keeps_function(net, PermutationSpec({"0.weight": ("P_0", None)}),
+        ...                          torch.randn(4, 2), traced=False)
+        ... except AlignmentError as err:
+        ...     print(str(err)[:61])
+        the permutation spec changes the output of Sequential: it mis
+    """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        _compare_permuted(module, spec, inputs, traced)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _compare_permuted(
+    module: nn.Module, spec: PermutationSpec, inputs: tuple, traced: bool
+) -> None:
     state = module.state_dict()
     gen = torch.Generator().manual_seed(0)
     perms = {p: torch.randperm(n, generator=gen) for p, n in spec.sizes(state).items()}
@@ -436,16 +469,25 @@ def _check_preserves_function(module: nn.Module, spec: PermutationSpec, inputs: 
     with torch.no_grad():
         before = _leaves(module(*inputs))
         after = _leaves(torch.func.functional_call(module, permuted, inputs))
+    why = (
+        f"(an operation was handled wrongly); {HINT}"
+        if traced
+        else "it misses tensors that must move together (a layer's bias or norm, the next "
+        "layer's input axis) or pairs axes wrongly; fix the spec, or let modelsoup trace "
+        "the model"
+    )
+    what = "traced permutation spec" if traced else "permutation spec"
     for a, b in zip(before, after, strict=True):
         if a.shape != b.shape:
-            raise AlignmentError(f"the traced spec changes an output shape; {HINT}")
+            raise AlignmentError(f"the {what} changes an output shape: {why}")
         if a.numel() == 0:
             continue
         a, b = a.double(), b.double()
         if (a - b).abs().max().item() > 1e-4 * (1.0 + a.abs().max().item()):
             raise AlignmentError(
-                f"the traced permutation spec changes the output of {type(module).__name__} "
-                f"(an operation was handled wrongly); {HINT}"
+                f"the {what} changes the output of {type(module).__name__}: {why}"
+                if not traced
+                else f"the {what} changes the output of {type(module).__name__} {why}"
             )
 
 
@@ -483,17 +525,20 @@ def trace_permutation_spec(module: nn.Module, example_input: Any) -> Permutation
     try:
         try:
             with torch.no_grad():
-                ShapeProp(graph).propagate(*inputs)
+                prop = ShapeProp(graph)
+                prop.extra_traceback = False  # one line below, not the graph's traceback
+                prop.propagate(*inputs)
         except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(
-                f"running {type(module).__name__} on example_input failed ({err}); pass an "
+                f"running {type(module).__name__} on example_input failed ({first}); pass an "
                 "input of the shape the model expects"
             ) from err
         walker = _Walker(module)
         for node in graph.graph.nodes:
             walker.visit(node)
         spec = walker.spec()
-        _check_preserves_function(module, spec, inputs)
+        _compare_permuted(module, spec, inputs, traced=True)
     finally:
         for m, mode in modes.items():
             m.train(mode)

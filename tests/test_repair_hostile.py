@@ -1,0 +1,297 @@
+"""Recalibration, alignment and diagnosis given data, specs and models that used to give a
+wrong result or a traceback: each now gives the right result or one clear error."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from modelsoup import average
+from modelsoup.cli import main
+from modelsoup.cook.config import CalledAnew, resolve_unlabeled
+from modelsoup.cook.diagnose import diagnose
+from modelsoup.errors import AlignmentError, ConfigError, EvaluationError, SoupWarning
+from modelsoup.repair import PermutationSpec, recalibrate_bn, recalibrate_soup
+from modelsoup.repair.batchnorm import as_recalibration
+from modelsoup.repair.pool import align_pool
+
+
+def bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def mlp_states(count: int) -> list[dict[str, torch.Tensor]]:
+    states = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        states.append({k: v.clone() for k, v in mlp().state_dict().items()})
+    return states
+
+
+def write_states(folder, states) -> list[str]:
+    paths = []
+    for i, state in enumerate(states):
+        paths.append(str(folder / f"m{i}.safetensors"))
+        safetensors.torch.save_file(state, paths[-1])
+    return paths
+
+
+# --- BatchNorm recalibration ---------------------------------------------------------
+
+
+def test_non_finite_data_is_refused_and_the_old_statistics_kept():
+    net = bn_net()
+    net[1].running_mean.fill_(3.0)
+    data = torch.randn(32, 3)
+    data[5, 1] = float("nan")
+    with pytest.raises(ConfigError, match=r"BatchNorm '1' are not finite.*check the data"):
+        recalibrate_bn(net, data)
+    assert torch.equal(net[1].running_mean, torch.full((4,), 3.0))
+
+
+def test_the_cli_writes_no_soup_with_nan_statistics(tmp_path, capsys, monkeypatch):
+    paths = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"b{seed}.safetensors"))
+        safetensors.torch.save_file(bn_net().state_dict(), paths[-1])
+    (tmp_path / "kit.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))\n"
+        "def nandata():\n"
+        "    x = torch.randn(16, 3)\n"
+        "    x[0, 0] = float('nan')\n"
+        "    return [x]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "soup.safetensors"
+    argv = ["average", *paths, "-o", str(out), "-q", "--model", "kit:build"]
+    assert main([*argv, "--recalibrate-bn", "kit:nandata"]) == 2
+    assert "not finite" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_replaced_tensor_holding_nan_is_never_written(tmp_path):
+    soup = average([bn_net(), bn_net()])
+    soup.overrides = {"1.running_var": torch.full((4,), float("nan"))}
+    with pytest.raises(ConfigError, match="replacement of tensor '1.running_var'"):
+        soup.save(tmp_path / "s.safetensors", progress=False)
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_batchnorm_the_data_never_reaches_keeps_its_statistics():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+            self.b = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    net = TwoHeads()
+    net.b[1].running_mean.fill_(3.0)
+    net.b[1].num_batches_tracked.fill_(100)
+    with pytest.warns(SoupWarning, match=r"never reached BatchNorm 'b.1'"):
+        recalibrate_bn(net, torch.randn(32, 3))
+    assert torch.equal(net.b[1].running_mean, torch.full((2,), 3.0))
+    assert int(net.b[1].num_batches_tracked) == 100 and int(net.a[1].num_batches_tracked) == 1
+
+
+def test_a_tensor_of_inputs_weighs_every_row_alike():
+    torch.manual_seed(0)
+    x = torch.randn(258, 3) * torch.tensor([1.0, 2.0, 3.0])
+    net = nn.BatchNorm1d(3)
+    recalibrate_bn(net, x)  # two batches of 129: their equal-weight mean is the mean of rows
+    assert torch.allclose(net.running_mean, x.mean(0), atol=1e-5)
+    one_row = nn.BatchNorm1d(3)
+    recalibrate_bn(one_row, torch.randn(257, 3))  # 129 + 128 rows, never a batch of one row
+    assert int(one_row.num_batches_tracked) == 2
+
+
+def test_data_the_model_cannot_run_is_one_error():
+    with pytest.raises(EvaluationError, match=r"recalibrate_bn: the model failed on a batch"):
+        recalibrate_bn(bn_net(), torch.randn(8, 5))
+
+
+def test_no_batch_is_read_past_num_batches():
+    batches = iter([torch.randn(8, 3) for _ in range(4)])
+    recalibrate_bn(bn_net(), batches, num_batches=2)
+    assert len(list(batches)) == 2
+
+
+def test_one_shot_iterators_read_once_per_model_are_refused_or_called_again(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="one-shot generator"):
+        as_recalibration(torch.randn(8, 3) for _ in range(2))
+    (tmp_path / "gen_kit.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    for _ in range(2):\n"
+        "        yield torch.randn(16, 3, generator=g)\n"
+        "stream = iter([1, 2])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = resolve_unlabeled("gen_kit:batches", str(tmp_path))
+    assert isinstance(data, CalledAnew)
+    first, second = bn_net(), bn_net()
+    second.load_state_dict(first.state_dict())
+    for net in (first, second):  # every model sees the same two batches
+        recalibrate_bn(net, data)
+    assert torch.equal(first[1].running_mean, second[1].running_mean)
+    with pytest.raises(ConfigError, match="one-shot list_iterator"):
+        resolve_unlabeled("gen_kit:stream", str(tmp_path))
+
+
+def test_batchnorm_without_running_statistics_has_nothing_to_recalibrate():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ConfigError, match="keeps no running statistics"):
+        recalibrate_soup(average([net, net]), net, torch.randn(8, 3))
+
+
+# --- alignment -------------------------------------------------------------------------
+
+FULL = PermutationSpec(
+    {"0.weight": ("P", None), "0.bias": ("P",), "2.weight": (None, "P")}
+)  # fmt: skip
+PARTIAL = PermutationSpec({"0.weight": ("P", None), "0.bias": ("P",)})  # misses 2.weight
+
+
+def test_a_hand_written_spec_that_changes_the_function_is_refused(tmp_path):
+    paths = write_states(tmp_path, mlp_states(2))
+    with pytest.raises(AlignmentError, match="permutation spec changes the output of Sequential"):
+        align_pool(paths, mlp, tmp_path / "out", spec=PARTIAL, example=torch.randn(4, 3),
+                   progress=False)  # fmt: skip
+    with pytest.warns(SoupWarning, match="permutation spec given is not checked"):
+        align_pool(paths, None, tmp_path / "out", spec=FULL, progress=False)
+
+
+def test_an_aligned_copy_is_made_again_when_the_spec_changes(tmp_path):
+    paths = write_states(tmp_path, mlp_states(2))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(FULL.to_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoupWarning)
+        first = align_pool(paths, None, tmp_path / "out", spec=spec_file, progress=False)[1]
+        record = json.loads((tmp_path / "out" / "aligned" / "001-m1.json").read_text())
+        assert record["alignment"]["spec_sha256"] and record["alignment"]["method"] == "reference"
+        before = safetensors.torch.load_file(first)
+        other = PermutationSpec(
+            {"0.weight": ("Q", None), "0.bias": ("Q",), "2.weight": (None, "Q")}
+        )
+        assert align_pool(paths, None, tmp_path / "out", spec=other, progress=False)[1] == first
+        again = json.loads((tmp_path / "out" / "aligned" / "001-m1.json").read_text())
+        assert again["alignment"]["spec_sha256"] != record["alignment"]["spec_sha256"]
+        align_pool(paths, None, tmp_path / "out", spec=FULL, max_iter=3, progress=False)
+        third = json.loads((tmp_path / "out" / "aligned" / "001-m1.json").read_text())
+        assert third["alignment"]["max_iter"] == 3
+    # the same function as before, whatever the spec's names
+    assert all(torch.equal(v, safetensors.torch.load_file(first)[k]) for k, v in before.items())
+
+
+def test_align_pool_leaves_the_callers_module_as_it_was(tmp_path):
+    paths = write_states(tmp_path, mlp_states(2))
+    module = mlp().train()
+    align_pool(paths, module, tmp_path / "out", example=torch.randn(4, 3), progress=False)
+    assert module.training and all(m.training for m in module.modules())
+
+
+def test_generator_data_for_several_activation_alignments_is_refused(tmp_path):
+    paths = write_states(tmp_path, mlp_states(3))
+    with pytest.raises(ConfigError, match="activation matching: the data is a one-shot"):
+        align_pool(paths, mlp, tmp_path / "out", example=torch.randn(4, 3),
+                   method="activations", data=(torch.randn(8, 3) for _ in range(2)),
+                   progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ({"axes": []}, "'axes' must map tensor names to lists"),
+        ({"axes": {"0.weight": ["P", None]}, "blocks": {"0.weight": [None, 1]}}, "whole numbers"),
+        ({"axes": {"0.weight": ["P", None]}, "blocks": [1]}, "'blocks' must map"),
+    ],
+)
+def test_malformed_spec_files_are_one_error_line(tmp_path, capsys, spec, needle):
+    paths = write_states(tmp_path, mlp_states(2))
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    argv = [
+        "align",
+        *paths,
+        "-o",
+        str(tmp_path / "out"),
+        "-q",
+        "--spec",
+        str(tmp_path / "spec.json"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_negative_input_shape_is_one_error_line(tmp_path, capsys):
+    paths = write_states(tmp_path, mlp_states(2))
+    argv = ["align", *paths, "-o", str(tmp_path / "out"), "-q", "--model", "torch.nn:Identity"]
+    assert main([*argv, "--input-shape=-1,3"]) == 2
+    assert "must be positive sizes" in capsys.readouterr().err
+
+
+# --- diagnosis -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alphas", [(1, 0.5, 0), (0, 0.25, 0.5), (0.5,)])
+def test_barriers_are_measured_against_the_ends_whatever_alphas_are_given(alphas):
+    # the score falls linearly from one model to the other: no barrier on any path
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
+    d = diagnose(ings, nn.Linear(1, 1, bias=False), lambda m: 3 - float(m.weight.detach()),
+                 alphas=alphas)  # fmt: skip
+    assert d.alphas[0] == 0 and d.alphas[-1] == 1 and d.alphas == sorted(d.alphas)
+    assert max(d.barriers.values()) == pytest.approx(0, abs=1e-9) and d.soupable
+
+
+def test_alphas_outside_the_segment_are_refused():
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
+    with pytest.raises(ConfigError, match="alphas: 1.5 is not a number in"):
+        diagnose(ings, nn.Linear(1, 1, bias=False), lambda m: 1.0, alphas=(0, 1.5))
+
+
+def test_a_diagnosis_output_that_is_a_file_is_refused_before_any_evaluation(tmp_path):
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
+    (tmp_path / "afile").write_text("mine")
+    calls = []
+    with pytest.raises(ConfigError, match="goes in a folder, but this is a file"):
+        diagnose(ings, nn.Linear(1, 1, bias=False), lambda m: calls.append(1) or 1.0,
+                 output=tmp_path / "afile")  # fmt: skip
+    assert not calls and (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("width", [6, 8])  # 8: as many pixels per row as channels
+def test_activation_matching_reads_units_only_where_they_are(width):
+    from modelsoup.repair import activation_matching, permute_state_dict, trace_permutation_spec
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[1].weight.uniform_(-1, 1)
+    x = torch.randn(128, 3, width, width)
+    spec = trace_permutation_spec(net, x[:2])
+    state = net.state_dict()
+    perms = {p: torch.arange(n) for p, n in spec.sizes(state).items()}
+    perms["P_0"] = torch.randperm(8)
+    other = permute_state_dict(state, spec, perms)
+    found = activation_matching(net, state, other, spec, x)
+    back = permute_state_dict(other, spec, found)
+    assert all(torch.equal(back[k], state[k]) for k in state)
