@@ -74,6 +74,14 @@ def hanging():
     return Failing("hang")
 
 
+def sampled():
+    """Each rank holds only its own share of the held-out data, as a DistributedSampler
+    gives it: modelsoup shards the batches itself, so this is refused."""
+    x, y = splits()["held_out"]
+    rank = int(os.environ["RANK"])
+    return Accuracy((x[rank::2], y[rank::2]), batch_size=64, name="digits-held-out")
+
+
 def raising():
     return Failing("raise")
 '''
@@ -200,6 +208,15 @@ def test_a_hanging_rank_ends_the_run_with_a_clear_error(tmp_path, digits_ckpts):
     assert "re-run: the journal resumes" in err[0]
     # what was scored before the hang is kept, so a re-run resumes
     assert len((tmp_path / "hang" / "journal.jsonl").read_text().splitlines()) > 1
+
+
+def test_ranks_holding_different_data_are_refused(tmp_path, digits_ckpts):
+    run = _torchrun(_config(tmp_path, digits_ckpts, "sampled", held="sampled"), timeout=90)
+    assert run.returncode != 0
+    err = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert err, run.stderr[-3000:]
+    assert "the evaluation data differs between ranks" in err[0]
+    assert not list((tmp_path / "sampled").glob("soups/*.safetensors"))
 
 
 def test_a_crashing_rank_ends_the_run_on_the_others(tmp_path, digits_ckpts):

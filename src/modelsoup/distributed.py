@@ -199,11 +199,30 @@ class DistContext:
             (True, None)
         """
         if isinstance(evaluator, ClassifierEvaluator):
+            if dist.is_available() and dist.is_initialized():
+                self.check_same_data(evaluator)
             sharded = copy.copy(evaluator)
             sharded.sharding = self
             self._shared.append(sharded)
             return sharded
         return RankZeroScores(evaluator, self)
+
+    def check_same_data(self, evaluator: ClassifierEvaluator) -> None:
+        """Raise :class:`~modelsoup.errors.ConfigError` on every rank unless every rank
+        holds the same evaluation data: modelsoup shards the batches itself, so a rank
+        given only its own part (a ``DistributedSampler``) would score the others'
+        logits against its own labels."""
+        mine = (evaluator.fingerprint(), int(evaluator.labels.numel()))
+        table: list[Any] = [None] * self.world_size
+        self._collective("comparing evaluation data", lambda: dist.all_gather_object(table, mine))
+        differ = [r for r, theirs in enumerate(table) if theirs != table[0]]
+        if differ:
+            raise ConfigError(
+                f"{evaluator.name}: the evaluation data differs between ranks (rank 0 holds "
+                f"{table[0][1]} examples, rank {differ[0]} {table[differ[0]][1]}; a "
+                "DistributedSampler?): give every rank the whole data set, modelsoup shards "
+                "its batches over the ranks itself"
+            )
 
     def journal(self, path: str | Path | None) -> Journal:
         """A journal kept by rank 0 and consulted by all ranks (see :class:`SharedJournal`)."""

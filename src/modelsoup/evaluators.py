@@ -827,6 +827,45 @@ class ClassifierEvaluator:
         return self.score_logits(self.logits(model))
 
 
+def check_class_logits(logits: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    """Refuse logits and labels a classifier score would misread: logits must be
+    ``(examples, classes)`` with at least two classes and one row per label, and labels
+    whole numbers in ``[0, classes)``. A one-logit binary head, token-level logits, or
+    ``-100`` labels (ignored tokens) would otherwise give a plausible, wrong number.
+
+    Example:
+        >>> import torch
+        >>> check_class_logits(torch.zeros(2, 3), torch.tensor([0, 2]), "accuracy")
+        >>> try:
+        ...     check_class_logits(torch.zeros(2, 1), torch.tensor([0, 1]), "accuracy")
+        ... except ConfigError as err:
+        ...     print(str(err)[:62])
+        accuracy: the model gives logits of shape (2, 1) for 2 labels
+    """
+    shape = tuple(logits.shape)
+    if logits.dim() != 2 or shape[0] != labels.numel() or shape[1] < 2:
+        raise ConfigError(
+            f"{what}: the model gives logits of shape {shape} for {labels.numel()} labels; a "
+            "classifier evaluator needs one row of at least two class logits per label "
+            "(batches of (inputs, labels); for a one-logit binary head, token labels or a "
+            "regression, give your own evaluator)"
+        )
+    if labels.numel() == 0:
+        return
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ConfigError(
+            f"{what}: labels are {str(labels.dtype).replace('torch.', '')}, not class "
+            "numbers; a classifier evaluator needs integer labels"
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= shape[1]:
+        bad = low if low < 0 else high
+        raise ConfigError(
+            f"{what}: label {bad} is not one of the model's {shape[1]} classes (0 to "
+            f"{shape[1] - 1}); -100 marks ignored tokens, which needs your own evaluator"
+        )
+
+
 class Accuracy(ClassifierEvaluator):
     """Top-k accuracy of a classifier.
 
@@ -853,6 +892,7 @@ class Accuracy(ClassifierEvaluator):
             self.kind = f"top{top_k}-accuracy"
 
     def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_class_logits(logits, labels, self.kind)
         top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
         return (top == labels[:, None]).any(dim=-1).float()
 
@@ -872,6 +912,7 @@ class MeanLoss(ClassifierEvaluator):
     score_range = (0.0, math.inf)
 
     def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_class_logits(logits, labels, self.kind)
         return F.cross_entropy(logits, labels, reduction="none")
 
 

@@ -52,7 +52,7 @@ from pydantic import (
 
 from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import same_data
+from modelsoup.evaluators import as_evaluator, identity, same_data
 from modelsoup.hf import CausalLMLossData, MultipleChoiceData, TextClassificationData
 from modelsoup.memory import budget_option
 from modelsoup.recipes.registry import get_recipe
@@ -613,7 +613,10 @@ def _same_file(held: Any, test: Any, base: Path) -> Path | None:
 
 
 def check_test_data(held: Any, test: Any) -> None:
-    """Warn if the test evaluator scores the same examples as the held-out one.
+    """Warn if the test evaluator scores the same examples as the held-out one; refuse
+    two different evaluators that journals and caches could not tell apart (two
+    functions, or two objects of one class without a ``name``, both called alike),
+    since one's scores would then be reported as the other's.
 
     Example:
         >>> import warnings
@@ -624,8 +627,18 @@ def check_test_data(held: Any, test: Any) -> None:
         >>> len(seen)
         1
     """
-    if test is not None and same_data(held, test):
+    if test is None:
+        return
+    if same_data(held, test):
         warn_test_is_held_out("the test evaluator scores the same examples as held_out")
+        return
+    name = identity(as_evaluator(held))
+    if name == identity(as_evaluator(test)):
+        raise ConfigError(
+            f"held_out and test are different evaluators that are both named '{name}', so "
+            "the scores of one would be reported as the other's: give each its own name "
+            "(FunctionEvaluator(fn, name='test') for a function, or a name attribute)"
+        )
 
 
 def warn_test_is_held_out(what: str) -> None:

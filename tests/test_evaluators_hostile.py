@@ -1,0 +1,101 @@
+"""Evaluators given what used to give a plausible wrong number: a one-logit head, token
+logits, labels outside the classes, and two evaluators a journal could not tell apart."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from modelsoup.cli import main
+from modelsoup.cook import cook
+from modelsoup.errors import ConfigError
+from modelsoup.evaluators import Accuracy, FunctionEvaluator, MeanLoss
+
+WEIGHTS = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0, 3.0)]
+
+
+def closeness(model: torch.nn.Module, target: float) -> float:
+    return 1 - abs(float(model.weight.detach()) - target) / 10
+
+
+@pytest.mark.parametrize("how", ["lambda", "partial"])
+def test_held_out_and_test_of_one_name_are_refused(how):
+    if how == "lambda":
+        held, test = (lambda m: closeness(m, 2.0)), (lambda m: closeness(m, 3.0))
+    else:
+        held, test = (functools.partial(closeness, target=t) for t in (2.0, 3.0))
+    with pytest.raises(ConfigError, match="different evaluators that are both named"):
+        cook(WEIGHTS, torch.nn.Linear(1, 1, bias=False), held, test=test, progress=False)
+
+
+def test_named_functions_keep_their_scores_apart():
+    held = FunctionEvaluator(functools.partial(closeness, target=2.0), name="held")
+    test = FunctionEvaluator(functools.partial(closeness, target=3.0), name="test")
+    result = cook(WEIGHTS, torch.nn.Linear(1, 1, bias=False), held, test=test,
+                  recipes=[{"name": "greedy"}], progress=False, bootstrap_resamples=20)  # fmt: skip
+    assert result.individual_held_out == pytest.approx([0.9, 1.0, 0.9])
+    assert result.individual_test == pytest.approx([0.8, 0.9, 1.0])
+
+
+def test_one_evaluator_given_as_both_is_a_warning_not_an_error():
+    score = functools.partial(closeness, target=2.0)
+    with pytest.warns(UserWarning, match="not an honest test"):
+        cook(WEIGHTS, torch.nn.Linear(1, 1, bias=False), score, test=score,
+             recipes=[{"name": "greedy"}], progress=False, bootstrap_resamples=20)  # fmt: skip
+
+
+class OneLogit(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1]
+
+
+@pytest.mark.parametrize("evaluator", [Accuracy, MeanLoss])
+@pytest.mark.parametrize(
+    "model, x, y, needle",
+    [
+        (OneLogit(), torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0]), r"shape \(6, 1\)"),
+        (torch.nn.Identity(), torch.randn(2, 4, 3), torch.zeros(8, dtype=torch.long), "shape"),
+        (torch.nn.Identity(), torch.randn(3, 3), torch.tensor([0, 7, 1]), "label 7 is not one"),
+        (torch.nn.Identity(), torch.randn(3, 3), torch.tensor([0, -100, 1]), "-100 marks"),
+        (torch.nn.Identity(), torch.randn(3, 3), torch.tensor([0.0, 1.0, 2.0]), "not class"),
+    ],
+    ids=["one-logit", "token-logits", "label-out-of-range", "ignored-label", "float-labels"],
+)
+def test_logits_and_labels_a_classifier_score_would_misread_are_refused(
+    evaluator, model, x, y, needle
+):
+    with pytest.raises(ConfigError, match=needle):
+        evaluator((x, y)).evaluate(model)
+
+
+def test_a_list_of_single_examples_is_refused():
+    pairs = [(torch.randn(3), torch.tensor(i % 3)) for i in range(6)]
+    with pytest.raises(ConfigError, match="one row of at least two class logits per label"):
+        Accuracy(pairs).evaluate(torch.nn.Identity())
+
+
+def test_the_cli_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    (tmp_path / "kit.py").write_text(
+        "import torch\nfrom modelsoup.evaluators import Accuracy\n"
+        "def model():\n    return torch.nn.Linear(3, 1)\n"
+        "def held():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return Accuracy((torch.randn(20, 3, generator=g), torch.arange(20) % 2))\n"
+    )
+    for i in range(2):
+        torch.manual_seed(i)
+        safetensors.torch.save_file(
+            torch.nn.Linear(3, 1).state_dict(), tmp_path / f"m{i}.safetensors"
+        )
+    (tmp_path / "cook.yaml").write_text(
+        f"model: kit.py:model\ningredients: ['{tmp_path}/m*.safetensors']\n"
+        f"held_out: kit.py:held\noutput: {tmp_path / 'out'}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["cook", str(tmp_path / "cook.yaml"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "shape (20, 1)" in err[0]
