@@ -157,6 +157,42 @@ def test_refuses_to_overwrite_an_input(tmp_path, ckpts, capsys):
     assert _snapshot(tmp_path) == before
 
 
+def test_refuses_to_replace_a_folder_that_is_not_a_soup(tmp_path, ckpts, capsys):
+    results = tmp_path / "results"
+    (results / "important").mkdir(parents=True)
+    (results / "notes.txt").write_text("my notes")
+    (results / "important" / "run.csv").write_text("data")
+    before = _snapshot(tmp_path)
+    code = main(["average", *map(str, ckpts), "-o", str(results), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "is not a soup folder (it holds 2 files: important, notes.txt)" in err[0]
+    assert _snapshot(tmp_path) == before  # nothing deleted, nothing written
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_empty_folder_or_a_previous_soup_folder_is_replaced(tmp_path, ckpts):
+    out = tmp_path / "soup"
+    out.mkdir()
+    assert main(["average", *map(str, ckpts), "-o", str(out), "-q"]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert main(["average", *map(str, ckpts[:2]), "-o", str(out), "-q"]) == 0  # its own soup
+    assert (out / "soup_card.json").is_file() and (out / "model.safetensors").read_bytes() != first
+
+
+def test_write_adapter_refuses_a_folder_that_is_not_a_soup(tmp_path):
+    from modelsoup.errors import WriteError
+    from modelsoup.formats.peft_adapter import write_adapter
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(WriteError, match="is not a soup folder"):
+        write_adapter(out, {"peft_type": "LORA", "r": 1}, {"k": torch.ones(1)})
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary left
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import clean_stale_temps, output_lock, parse_dtype, write_error
+from modelsoup._util import (
+    check_replaceable,
+    clean_stale_temps,
+    output_lock,
+    parse_dtype,
+    write_error,
+)
 from modelsoup.accumulator import (
     check_int_policy,
     check_same_ints,
@@ -700,6 +706,7 @@ def save_adapter_soup(
         )
     check_adapter_merge(soup.merge)
     check_not_input(soup, out)
+    check_replaceable(out, FOLDER_CARD)  # before the re-factoring, not after
     chosen = [soup.ingredients[i].source for i in soup.chosen]
     biased = next((s for s in chosen if s.config.get("bias", "none") != "none"), None)
     if biased is not None:

@@ -9,7 +9,6 @@ first ingredient's other files (``config.json``, tokenizer files, ...) beside th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -17,18 +16,21 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import atomic_file, old_sibling, temp_sibling
-from modelsoup.errors import IngredientError, WriteError
+from modelsoup._util import atomic_file, check_replaceable, replace_folder, temp_sibling
+from modelsoup.errors import IngredientError
 from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 from modelsoup.formats.training_args import read_training_args
 
+#: the soup card inside a folder output; it also marks a folder as a soup that a new
+#: soup may replace (any other non-empty folder is refused, never deleted)
+FOLDER_CARD = "soup_card.json"
 #: files of one training run that do not describe a soup (transformers' Trainer writes
 #: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
 TRAINING_STATE = frozenset(
     {
-        "soup_card.json",  # a soup used as an ingredient: its card is not the next soup's
+        FOLDER_CARD,  # a soup used as an ingredient: its card is not the next soup's
         "trainer_state.json",
         "training_args.bin",
         "all_results.json",
@@ -296,6 +298,7 @@ def write_folder(
         ['model.safetensors']
     """
     path = Path(path)
+    check_replaceable(path, FOLDER_CARD)  # before any work: refused, never deleted
     tmp = temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -326,24 +329,7 @@ def write_folder(
                 t.write_text(json.dumps(index, indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text() if callable(text) else text)
-        _replace_dir(tmp, path)
+        replace_folder(tmp, path, FOLDER_CARD)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    try:
-        if target.exists():
-            if not target.is_dir():
-                raise WriteError(f"{target}: exists and is not a folder; choose another output")
-            old = old_sibling(target)
-            os.replace(target, old)
-        os.replace(new, target)
-    except OSError as err:
-        if old is not None and not target.exists():
-            os.replace(old, target)
-        raise WriteError(f"{target}: cannot write ({err.strerror})") from err
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
