@@ -24,6 +24,7 @@ soup saved as ``.ckpt`` go back into Lightning (:func:`write_torch`).
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of
+from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of, check_unchanged
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -89,6 +90,15 @@ def load_pickle(path: Path) -> object:
         raise IngredientError(
             f"{path}: corrupt or truncated checkpoint ({first})" + RESAVE_HINT
         ) from err
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError as err:
+        raise IngredientError(f"{path}: file not found; check the path") from err
+    except OSError as err:
+        raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
 
 
 def _is_tensor_dict(obj: object) -> bool:
@@ -269,8 +279,14 @@ class TorchSource(HeldSource):
         #: set when the (first) file is a Lightning checkpoint
         self.lightning: LightningLayout | None = None
         notes = []
+        stats = []
         for index, path in enumerate(self.files):
+            # The tensors are memory-mapped from the file torch opened: its state before
+            # and after loading names that file, and the hash must be of it.
+            before = _stat(path)
             obj = load_pickle(path)
+            stats.append(_stat(path))
+            check_unchanged(path, stats[-1], before)
             state, note = unwrap(obj, key, str(path))
             if not notes:
                 self.architecture, self.hyperparameters, self.lightning = _described(obj, state)
@@ -281,6 +297,7 @@ class TorchSource(HeldSource):
                 self._tensors[name] = t
                 self._shard[name] = index
         self.note = notes[0] if notes else ""
+        self.file_stats = tuple(stats)
 
     def file_of(self, name: str) -> Path:
         return self.files[self._shard[name]]
