@@ -240,3 +240,20 @@ def test_folder_output_config_names_the_saved_dtype(tmp_path, states):
     kept = soup.save(tmp_path / "as-is", progress=False)
     assert (kept / "config.json").read_text() == original
     assert (src / "config.json").read_text() == original  # the input is never touched
+
+
+def test_folder_output_copies_config_and_tokenizer_but_no_other_weights(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    safetensors.torch.save_file(tiny_state(0), str(run / "model.safetensors"))
+    kept = ["config.json", "generation_config.json", "tokenizer.json", "vocab.txt"]
+    kept += ["special_tokens_map.json", "chat_template.jinja", "LICENSE"]
+    dropped = ["model.onnx", "model.onnx_data", "rust_model.ot", "model.gguf", "tf_model.h5"]
+    dropped += ["flax_model.msgpack", "model.tflite", "weights.npz", "hyperparameters.json"]
+    dropped += ["README.md"]  # the ingredient's model card: the soup card describes the soup
+    for name in kept + dropped:
+        (run / name).write_text("{}" if name.endswith(".json") else "x")
+    out = average([run, tiny_state(1)]).save(tmp_path / "soup", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*kept, "model.safetensors", "soup_card.json"]
+    )

@@ -3,7 +3,7 @@
 Reading prefers safetensors over ``pytorch_model*.bin`` when a folder has both.
 Writing puts the soup's weights in ``model.safetensors`` (or HF-style shards with
 ``model.safetensors.index.json`` when larger than ``max_shard_size``) and copies the
-first ingredient's other files (``config.json``, tokenizer files, ...) beside them.
+first ingredient's config, tokenizer and processor files beside them (:func:`is_copied`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,54 @@ def is_training_state(name: str) -> bool:
     return name in TRAINING_STATE or _TRAINER_STATE_FILE.fullmatch(name) is not None
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+#: what a soup folder takes from the first ingredient's folder: the files that say how to
+#: load and use the weights (transformers' config and generation config, tokenizers,
+#: processors, chat templates, sentence-transformers' module list, remote code and the
+#: license), and nothing else. Not its weights in another format (``.onnx``, ``.gguf``,
+#: ``.ot``, ``.h5``, ``.msgpack``, ...: they hold the ingredient, not the soup), its model
+#: card (``README.md``: the soup card describes the soup), its training state or its
+#: ``hyperparameters.json``.
+COPIED_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    }
+)
+_COPIED_PATTERN = re.compile(
+    r"vocab[\w.-]*\.(txt|json)|[\w.-]+\.tiktoken|[\w-]+\.py|(LICENSE|LICENCE|NOTICE)[\w.-]*",
+    re.IGNORECASE,
+)
+
+
+def is_copied(name: str) -> bool:
+    """Whether a folder output copies the file ``name`` from the first ingredient's
+    folder (:data:`COPIED_FILES`, vocabularies, tiktoken files, remote code, licenses).
+
+    Example:
+        >>> is_copied("tokenizer.json"), is_copied("vocab.txt"), is_copied("modeling_x.py")
+        (True, True, True)
+        >>> is_copied("model.onnx"), is_copied("hyperparameters.json"), is_copied("README.md")
+        (False, False, False)
+    """
+    return name in COPIED_FILES or _COPIED_PATTERN.fullmatch(name) is not None
+
+
 #: what an error about a broken model folder tells the user to do
 _REDO = "; re-download or re-save the model folder"
 _LAYOUTS = (
@@ -285,7 +332,8 @@ def write_folder(
     written, e.g. the soup card) are written inside it before it appears, so they
     stand or fall with the weights.
 
-    Files other than weights and training state are copied from ``copy_from``; with
+    The files that describe how to load the weights (config, tokenizer, processor:
+    :func:`is_copied`) are copied from ``copy_from``, nothing else; with
     ``torch_dtype`` (the soup was cast), a copied ``config.json`` that names a dtype
     (``torch_dtype``, or ``dtype`` in newer transformers) is updated to it.
 
@@ -305,11 +353,7 @@ def write_folder(
     try:
         if copy_from is not None:
             for item in sorted(Path(copy_from).iterdir()):
-                is_weights = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(
-                    ".index.json"
-                )
-                skip = is_weights or item.name in TRAINING_STATE or item.name.startswith(".")
-                if item.is_file() and not skip:
+                if is_copied(item.name) and item.is_file():
                     shutil.copy2(item, tmp / item.name)
             if torch_dtype is not None and (tmp / "config.json").is_file():
                 _set_config_dtype(tmp / "config.json", torch_dtype)
