@@ -257,3 +257,26 @@ def test_folder_output_copies_config_and_tokenizer_but_no_other_weights(tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*kept, "model.safetensors", "soup_card.json"]
     )
+
+
+def test_a_folder_with_a_single_file_and_an_index_is_read_from_the_file(tmp_path, caplog):
+    # transformers' from_pretrained reads model.safetensors before the index: a re-save
+    # as one file beside stale shards must give the soup the new weights, as it does there
+    import logging
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    old, new = tiny_state(0), tiny_state(1)
+    safetensors.torch.save_file(new, str(folder / "model.safetensors"))
+    names = list(old)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half]}
+    shards["model-00002-of-00002.safetensors"] = names[half:]
+    for shard, part in shards.items():
+        safetensors.torch.save_file({n: old[n] for n in part}, str(folder / shard))
+    weight_map = {n: shard for shard, part in shards.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with caplog.at_level(logging.INFO, logger="modelsoup"):
+        got = _read(open_ingredient(folder))
+    assert _equal(got, new)
+    assert "model.safetensors.index.json ignored" in caplog.text

@@ -1,6 +1,7 @@
 """Hugging Face model folders: single-file or sharded weights, and writing one back.
 
-Reading prefers safetensors over ``pytorch_model*.bin`` when a folder has both.
+Reading follows transformers' ``from_pretrained``: a single ``model.safetensors`` before
+its shard index, safetensors before ``pytorch_model*.bin``.
 Writing puts the soup's weights in ``model.safetensors`` (or HF-style shards with
 ``model.safetensors.index.json`` when larger than ``max_shard_size``) and copies the
 first ingredient's config, tokenizer and processor files beside them (:func:`is_copied`).
@@ -9,6 +10,7 @@ first ingredient's config, tokenizer and processor files beside them (:func:`is_
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +24,8 @@ from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 from modelsoup.formats.training_args import read_training_args
+
+_logger = logging.getLogger(__name__)
 
 #: the soup card inside a folder output; it also marks a folder as a soup that a new
 #: soup may replace (any other non-empty folder is refused, never deleted)
@@ -104,11 +108,13 @@ def is_copied(name: str) -> bool:
 
 #: what an error about a broken model folder tells the user to do
 _REDO = "; re-download or re-save the model folder"
+#: the weights of a model folder, in the order transformers' ``from_pretrained`` looks
+#: for them: a single file before a shard index, safetensors before pickles
 _LAYOUTS = (
-    ("model.safetensors.index.json", SafetensorsSource),
     ("model.safetensors", SafetensorsSource),
-    ("pytorch_model.bin.index.json", TorchSource),
+    ("model.safetensors.index.json", SafetensorsSource),
     ("pytorch_model.bin", TorchSource),
+    ("pytorch_model.bin.index.json", TorchSource),
 )
 
 
@@ -206,10 +212,12 @@ def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source
 
 
 def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
-    """The weight files of an HF model folder (safetensors preferred) and their reader.
+    """The weight files of an HF model folder and their reader, found in the order
+    transformers' ``from_pretrained`` uses: ``model.safetensors``, its shard index,
+    ``pytorch_model.bin``, its shard index (what else is there is ignored, and logged).
 
-    A shard index is checked first (:func:`read_index`): a mapping of names to files
-    inside the folder.
+    A shard index is checked (:func:`read_index`): a mapping of names to files inside
+    the folder.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -218,12 +226,20 @@ def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
         >>> [p.name for p in weight_files(d)[0]]
         ['model.safetensors']
     """
-    for name, reader in _LAYOUTS:
+    found = [(name, reader) for name, reader in _LAYOUTS if (path / name).exists()]
+    if found:
+        (name, reader), ignored = found[0], [n for n, _ in found[1:]]
+        if ignored:
+            _logger.info(
+                "%s: reading %s, as transformers does; %s ignored",
+                path,
+                name,
+                ", ".join(ignored),
+            )
         candidate = path / name
-        if candidate.exists():
-            if not name.endswith(".index.json"):
-                return [candidate], reader
-            return sorted({path / shard for shard in read_index(candidate).values()}), reader
+        if not name.endswith(".index.json"):
+            return [candidate], reader
+        return sorted({path / shard for shard in read_index(candidate).values()}), reader
     raise IngredientError(
         f"{path}: no model weights found (expected model.safetensors, a shard index or "
         "pytorch_model.bin)"
@@ -270,7 +286,7 @@ def open_folder(path: Path, key: str | None = None) -> TensorSource:
     else:
         source = SafetensorsSource(files, label=str(path))
     index = next((path / n for n, _ in _LAYOUTS if (path / n).exists()), None)
-    if index is not None and index.name.endswith(".index.json"):
+    if index is not None and index.name.endswith(".index.json"):  # the one read
         _check_against_index(index, read_index(index), source)
     source.architecture = architecture_of(read_config(path))
     if (path / "training_args.bin").is_file():
