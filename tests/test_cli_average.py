@@ -193,6 +193,31 @@ def test_write_adapter_refuses_a_folder_that_is_not_a_soup(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary left
 
 
+@pytest.mark.parametrize(
+    "output, needle",
+    [
+        (".", "is the current folder (or holds it)"),
+        ("..", "is the current folder (or holds it)"),
+        ("", "the output path is empty"),
+        ("afile/o.safetensors", "afile is a file, not a folder"),
+    ],
+    ids=["dot", "dotdot", "empty", "inside-a-file"],
+)
+def test_an_output_that_cannot_be_a_soup_is_one_error_line(
+    tmp_path, ckpts, capsys, monkeypatch, output, needle
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep")
+    (work / "afile").write_text("a file")
+    monkeypatch.chdir(work)
+    before = _snapshot(tmp_path)
+    code = main(["average", *map(str, ckpts), "-o", output, "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert _snapshot(tmp_path) == before
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

@@ -184,6 +184,45 @@ class atomic_file:  # noqa: N801 - used as a context manager, reads like a funct
             raise write_error(self.path, exc) from exc
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents that exists but is not a folder, if any."""
+    for parent in reversed(Path(os.path.abspath(path)).parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_path(out: str | Path) -> Path:
+    """Check a soup's output path at the edge; return it as a :class:`~pathlib.Path`.
+
+    A soup replaces what stands at its path, so the path must name something of its
+    own: not empty, not the current folder or one that holds it (``-o .``, ``-o ..``),
+    and not inside a file.
+
+    Example:
+        >>> check_output_path("soups/greedy.safetensors")
+        PosixPath('soups/greedy.safetensors')
+        >>> try:
+        ...     check_output_path(".")
+        ... except WriteError as err:
+        ...     print(str(err).split(",")[0])
+        .: is the current folder (or holds it)
+    """
+    if not str(out).strip():
+        raise ConfigError("the output path is empty; give a file such as soup.safetensors")
+    path = Path(out)
+    full, here = path.resolve(), Path.cwd().resolve()
+    if full == here or full in here.parents:
+        raise WriteError(
+            f"{out}: is the current folder (or holds it), which a soup output would replace; "
+            "give a new name such as soup.safetensors or soup/"
+        )
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise WriteError(f"{out}: {blocker} is a file, not a folder; choose another output")
+    return path
+
+
 #: locks this process holds, by lock file, with how many times each was taken
 _HELD: dict[str, int] = {}
 
@@ -204,7 +243,10 @@ def output_lock(path: Path) -> Iterator[None]:
         >>> with output_lock(out), output_lock(out):
         ...     pass
     """
-    path = Path(path)
+    given = Path(path)
+    path = Path(os.path.abspath(given))  # "." and "x/.." have a name to put the lock beside
+    if not path.name:
+        raise WriteError(f"{given}: is the root folder, not an output; choose a folder in it")
     lock = path.with_name(f".{path.name}.lock")
     held = str(lock.absolute())
     if held in _HELD:
@@ -214,7 +256,7 @@ def output_lock(path: Path) -> Iterator[None]:
         finally:
             _HELD[held] -= 1
         return
-    fh = _acquire(lock, path)
+    fh = _acquire(lock, given)
     _HELD[held] = 1
     try:
         yield
@@ -233,6 +275,11 @@ def _acquire(lock: Path, path: Path):
             lock.parent.mkdir(parents=True, exist_ok=True)
             fh = open(lock, "a+")
         except OSError as err:
+            blocker = _file_in_the_way(lock)
+            if blocker is not None:
+                raise WriteError(
+                    f"{path}: {blocker} is a file, not a folder; choose another output"
+                ) from err
             raise write_error(lock, err, "cannot create the lock") from err
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from modelsoup._util import (
+    check_output_path,
     check_replaceable,
     clean_stale_temps,
     output_lock,
@@ -574,7 +575,7 @@ def save_soup(
         >>> card_path(out).exists()
         True
     """
-    out = Path(out)
+    out = check_output_path(out)
     if soup.adapter_base() is not None and not merge_into_base:
         return save_adapter_soup(soup, out, rank=adapter_rank, out_dtype=out_dtype)
     if adapter_rank is not None:
@@ -689,7 +690,7 @@ def save_adapter_soup(
         ...     print(str(err)[:42])
         the soup's ingredients are not LoRA adapte
     """
-    out = Path(out)
+    out = check_output_path(out)
     base = soup.adapter_base()
     if base is None:
         soup.changes("")  # raises the error that says why
