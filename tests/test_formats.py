@@ -280,3 +280,26 @@ def test_a_folder_with_a_single_file_and_an_index_is_read_from_the_file(tmp_path
         got = _read(open_ingredient(folder))
     assert _equal(got, new)
     assert "model.safetensors.index.json ignored" in caplog.text
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.module.", "module._orig_mod.", "module.module."])
+def test_nested_wrapper_prefixes_are_all_removed(tmp_path, prefix):
+    # torch.compile(DDP(model)).state_dict() names start with '_orig_mod.module.'
+    sd = tiny_state(0)
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": {prefix + k: v for k, v in sd.items()}}, path)
+    ing = open_ingredient(path)
+    assert _equal(_read(ing), sd)
+    assert ing.source.note.count("removed") == 2
+
+
+@pytest.mark.parametrize("dtype", ["bits8", "bits16"])
+def test_a_raw_bits_tensor_is_refused_with_one_line(tmp_path, dtype):
+    from modelsoup.errors import IngredientError
+
+    width = {"bits8": torch.uint8, "bits16": torch.int16}[dtype]
+    path = tmp_path / "b.pt"
+    flags = torch.zeros(2, dtype=width).view(getattr(torch, dtype))
+    torch.save({"w": torch.ones(2), "flags": flags}, path)
+    with pytest.raises(IngredientError, match=f"tensor 'flags' is {dtype}: raw bits"):
+        open_ingredient(path)

@@ -12,8 +12,9 @@ Which tensors count as the weights (first match wins):
    ``model_state_dict``, ``model``, ``module``, ``state_dict_ema``, ``model_ema``, ``ema``
    (so the raw weights win over EMA weights; pass ``key="state_dict_ema"`` to choose EMA);
 3. DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are removed when every
-   name has them; Lightning's ``model.`` prefix is removed when the checkpoint is a
-   Lightning one (``pytorch-lightning_version`` present) and every name has it.
+   name has them, however they nest; Lightning's ``model.`` prefix is removed when the
+   checkpoint is a Lightning one (``pytorch-lightning_version`` present) and every name
+   has it.
 
 What else the checkpoint carries is kept for later: timm's ``args`` and ``arch`` and
 Lightning's ``hyper_parameters`` give the source's ``architecture`` and
@@ -140,14 +141,20 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for name, t in state.items():
         check_tensor(name, t, label)
-    prefixes = ["module.", "_orig_mod."]
-    if "pytorch-lightning_version" in obj:
-        prefixes.append("model.")
-    for prefix in prefixes:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-            notes.append(f"prefix '{prefix}' removed")
+    # DDP's and torch.compile's wrappers nest in any order (torch.compile(DDP(model))
+    # saves '_orig_mod.module.'): strip them until no name-wide one is left
+    while state and (found := _shared_prefix(state, ("module.", "_orig_mod."))):
+        state = {k[len(found) :]: v for k, v in state.items()}
+        notes.append(f"prefix '{found}' removed")
+    if "pytorch-lightning_version" in obj and _shared_prefix(state, ("model.",)):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+        notes.append("prefix 'model.' removed")
     return state, ", ".join(notes)
+
+
+def _shared_prefix(state: Mapping[str, object], prefixes: tuple[str, ...]) -> str | None:
+    """The first of ``prefixes`` that every name of ``state`` starts with, if any."""
+    return next((p for p in prefixes if state and all(k.startswith(p) for k in state)), None)
 
 
 def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
@@ -155,7 +162,8 @@ def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
 
     A pickle may hold anything torch can rebuild, not only what a soup can average:
     a meta tensor has no values (it would average as zeros), sparse and nested tensors
-    have no fixed element layout, complex and quantized values are not averaged here.
+    have no fixed element layout, complex and quantized values are not averaged here, nor
+    raw bits (``torch.bits8``, ...) or packed sub-byte values (``torch.uint4``, ...).
 
     Example:
         >>> import torch
@@ -188,11 +196,25 @@ def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
             f"{where} has the {str(t.layout).removeprefix('torch.')} layout; soups average "
             "dense tensors: re-save it with .to_dense()"
         )
+    if str(t.dtype).removeprefix("torch.") in _NO_ARITHMETIC:
+        raise IngredientError(
+            f"{where} is {str(t.dtype).removeprefix('torch.')}: raw bits or packed values, "
+            "with no arithmetic in torch; re-save it as uint8 (tensor.view(torch.uint8)) "
+            "or leave it out of the state dict"
+        )
     if t.is_quantized or t.is_complex():
         raise IngredientError(
             f"{where} is {str(t.dtype).removeprefix('torch.')}, which modelsoup does not "
             "average; re-save the checkpoint in a real floating dtype (e.g. float32)"
         )
+
+
+#: torch dtypes of raw bits or packed sub-byte values: torch has no arithmetic (nor any
+#: conversion) for them, so a tensor of one can be neither averaged nor copied
+_NO_ARITHMETIC = frozenset(
+    ["bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "float4_e2m1fn_x2"]
+    + [f"{kind}{bits}" for kind in ("int", "uint") for bits in range(1, 8)]
+)
 
 
 #: what a Lightning checkpoint needs besides its weights to load with
