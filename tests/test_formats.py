@@ -303,3 +303,34 @@ def test_a_raw_bits_tensor_is_refused_with_one_line(tmp_path, dtype):
     torch.save({"w": torch.ones(2), "flags": flags}, path)
     with pytest.raises(IngredientError, match=f"tensor 'flags' is {dtype}: raw bits"):
         open_ingredient(path)
+
+
+def _lfs_pointer(path):
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+
+
+def _safetensors_as_bin(path):
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path))
+
+
+def _random_bytes(path):
+    path.write_bytes(bytes(range(256)) * 2)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (_lfs_pointer, "is a Git LFS pointer, not the weights"),
+        (_safetensors_as_bin, "is a safetensors file, not a torch pickle"),
+        (_random_bytes, "is not a torch checkpoint (corrupt, or another format)"),
+    ],
+    ids=["lfs-pointer", "safetensors", "random"],
+)
+def test_a_pickle_that_is_something_else_is_named_for_what_it_is(tmp_path, make, needle):
+    from modelsoup.errors import IngredientError
+
+    path = tmp_path / "pytorch_model.bin"
+    make(path)
+    with pytest.raises(IngredientError) as info:
+        open_ingredient(path)
+    assert needle in str(info.value) and "import code" not in str(info.value)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ def load_pickle(path: Path) -> object:
         >>> load_pickle(p)
         {'w': tensor([1.])}
     """
+    _check_not_other_format(path)
     try:
         # torch's own warnings while loading (deprecated storages, pickle protocols, beta
         # layouts) are about torch, not about the checkpoint: what matters is refused below
@@ -79,18 +81,46 @@ def load_pickle(path: Path) -> object:
     except FileNotFoundError as err:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "Weights only load failed" in str(err) or "global" in str(err).lower():
+        if _UNSAFE.search(str(err)):
             raise IngredientError(
                 f"{path}: refused to unpickle: the file asks to import code outside torch's "
                 "safe list; re-save it as a plain state dict or as safetensors"
             ) from err
-        raise IngredientError(f"{path}: corrupt pickle ({first})" + RESAVE_HINT) from err
+        raise IngredientError(
+            f"{path}: is not a torch checkpoint (corrupt, or another format)" + RESAVE_HINT
+        ) from err
     except Exception as err:  # any failure to parse untrusted bytes means a bad file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IngredientError(
             f"{path}: corrupt or truncated checkpoint ({first})" + RESAVE_HINT
         ) from err
+
+
+#: what torch's weights-only unpickler says when a pickle names code outside its safe
+#: list (a GLOBAL, or a class or function to call); every other failure is a bad file
+_UNSAFE = re.compile(r"GLOBAL |add_safe_globals|unrecognized function")
+#: the first line of a Git LFS pointer left where the file should be
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _check_not_other_format(path: Path) -> None:
+    """Name the two files most often found under a pickle's name: a Git LFS pointer (the
+    weights were never downloaded) and a safetensors file with a pickle's suffix."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_LFS_POINTER))
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return  # torch.load says what is wrong with the path
+    if head == _LFS_POINTER:
+        raise IngredientError(
+            f"{path}: is a Git LFS pointer, not the weights (they were never downloaded); "
+            "run 'git lfs pull' in its repository"
+        )
+    if head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        raise IngredientError(
+            f"{path}: is a safetensors file, not a torch pickle; rename it to .safetensors"
+        )
 
 
 def _stat(path: Path) -> os.stat_result:
