@@ -218,6 +218,26 @@ def test_an_output_that_cannot_be_a_soup_is_one_error_line(
     assert _snapshot(tmp_path) == before
 
 
+def test_a_checkpoint_key_that_cannot_apply_is_refused(tmp_path, ckpts, capsys):
+    code = main(
+        ["average", *map(str, ckpts), "-o", str(tmp_path / "s.safetensors")]
+        + ["--checkpoint-key", "nope", "-q"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--checkpoint-key 'nope' cannot apply" in err[0]
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_pool_key_is_not_applied_to_a_safetensors_base(tmp_path, ckpts):
+    emas = []
+    for i, sd in enumerate(tiny_state(s) for s in (5, 6)):
+        emas.append(tmp_path / f"ema{i}.pt")
+        torch.save({"state_dict": tiny_state(0), "state_dict_ema": sd}, emas[-1])
+    args = ["average", *map(str, emas), "--base", str(ckpts[0]), "--merge", "task_arithmetic"]
+    args += ["--checkpoint-key", "state_dict_ema", "-o", str(tmp_path / "s.safetensors"), "-q"]
+    assert main(args) == 0
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

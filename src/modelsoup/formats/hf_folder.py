@@ -21,7 +21,7 @@ import torch
 from modelsoup._util import atomic_file, check_replaceable, replace_folder, temp_sibling
 from modelsoup.errors import IngredientError
 from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
-from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
+from modelsoup.formats.safetensors_io import SafetensorsSource, refuse_key, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 from modelsoup.formats.training_args import read_training_args
 
@@ -284,6 +284,7 @@ def open_folder(path: Path, key: str | None = None) -> TensorSource:
     if reader is TorchSource:
         source: TensorSource = TorchSource(files, label=str(path), key=key)
     else:
+        refuse_key(path, key)
         source = SafetensorsSource(files, label=str(path))
     index = next((path / n for n, _ in _LAYOUTS if (path / n).exists()), None)
     if index is not None and index.name.endswith(".index.json"):  # the one read

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modelsoup._util import atomic_file
-from modelsoup.errors import IngredientError, WriteError
+from modelsoup.errors import ConfigError, IngredientError, WriteError
 from modelsoup.formats import hashcache
 from modelsoup.formats.base import (
     RESAVE_HINT,
@@ -246,6 +246,21 @@ def _kind(value: object) -> str:
 def _short(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def refuse_key(path: Path, key: str | None) -> None:
+    """Refuse a wrapper key (``--checkpoint-key``, ``key=``) for a safetensors checkpoint:
+    its tensors are the state dict itself, with no key to choose, so the key would be
+    silently ignored.
+
+    Example:
+        >>> refuse_key(Path("a.safetensors"), None)  # no key: nothing to refuse
+    """
+    if key is not None:
+        raise ConfigError(
+            f"{path}: --checkpoint-key '{key}' cannot apply: a safetensors checkpoint holds "
+            "only its tensors, under no wrapper key; drop --checkpoint-key (key=) for it"
+        )
 
 
 class SafetensorsSource(TensorSource):
