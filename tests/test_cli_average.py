@@ -157,6 +157,87 @@ def test_refuses_to_overwrite_an_input(tmp_path, ckpts, capsys):
     assert _snapshot(tmp_path) == before
 
 
+def test_refuses_to_replace_a_folder_that_is_not_a_soup(tmp_path, ckpts, capsys):
+    results = tmp_path / "results"
+    (results / "important").mkdir(parents=True)
+    (results / "notes.txt").write_text("my notes")
+    (results / "important" / "run.csv").write_text("data")
+    before = _snapshot(tmp_path)
+    code = main(["average", *map(str, ckpts), "-o", str(results), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "is not a soup folder (it holds 2 files: important, notes.txt)" in err[0]
+    assert _snapshot(tmp_path) == before  # nothing deleted, nothing written
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_empty_folder_or_a_previous_soup_folder_is_replaced(tmp_path, ckpts):
+    out = tmp_path / "soup"
+    out.mkdir()
+    assert main(["average", *map(str, ckpts), "-o", str(out), "-q"]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert main(["average", *map(str, ckpts[:2]), "-o", str(out), "-q"]) == 0  # its own soup
+    assert (out / "soup_card.json").is_file() and (out / "model.safetensors").read_bytes() != first
+
+
+def test_write_adapter_refuses_a_folder_that_is_not_a_soup(tmp_path):
+    from modelsoup.errors import WriteError
+    from modelsoup.formats.peft_adapter import write_adapter
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(WriteError, match="is not a soup folder"):
+        write_adapter(out, {"peft_type": "LORA", "r": 1}, {"k": torch.ones(1)})
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "output, needle",
+    [
+        (".", "is the current folder (or holds it)"),
+        ("..", "is the current folder (or holds it)"),
+        ("", "the output path is empty"),
+        ("afile/o.safetensors", "afile is a file, not a folder"),
+    ],
+    ids=["dot", "dotdot", "empty", "inside-a-file"],
+)
+def test_an_output_that_cannot_be_a_soup_is_one_error_line(
+    tmp_path, ckpts, capsys, monkeypatch, output, needle
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep")
+    (work / "afile").write_text("a file")
+    monkeypatch.chdir(work)
+    before = _snapshot(tmp_path)
+    code = main(["average", *map(str, ckpts), "-o", output, "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_key_that_cannot_apply_is_refused(tmp_path, ckpts, capsys):
+    code = main(
+        ["average", *map(str, ckpts), "-o", str(tmp_path / "s.safetensors")]
+        + ["--checkpoint-key", "nope", "-q"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--checkpoint-key 'nope' cannot apply" in err[0]
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_pool_key_is_not_applied_to_a_safetensors_base(tmp_path, ckpts):
+    emas = []
+    for i, sd in enumerate(tiny_state(s) for s in (5, 6)):
+        emas.append(tmp_path / f"ema{i}.pt")
+        torch.save({"state_dict": tiny_state(0), "state_dict_ema": sd}, emas[-1])
+    args = ["average", *map(str, emas), "--base", str(ckpts[0]), "--merge", "task_arithmetic"]
+    args += ["--checkpoint-key", "state_dict_ema", "-o", str(tmp_path / "s.safetensors"), "-q"]
+    assert main(args) == 0
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

@@ -240,3 +240,97 @@ def test_folder_output_config_names_the_saved_dtype(tmp_path, states):
     kept = soup.save(tmp_path / "as-is", progress=False)
     assert (kept / "config.json").read_text() == original
     assert (src / "config.json").read_text() == original  # the input is never touched
+
+
+def test_folder_output_copies_config_and_tokenizer_but_no_other_weights(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    safetensors.torch.save_file(tiny_state(0), str(run / "model.safetensors"))
+    kept = ["config.json", "generation_config.json", "tokenizer.json", "vocab.txt"]
+    kept += ["special_tokens_map.json", "chat_template.jinja", "LICENSE"]
+    dropped = ["model.onnx", "model.onnx_data", "rust_model.ot", "model.gguf", "tf_model.h5"]
+    dropped += ["flax_model.msgpack", "model.tflite", "weights.npz", "hyperparameters.json"]
+    dropped += ["README.md"]  # the ingredient's model card: the soup card describes the soup
+    for name in kept + dropped:
+        (run / name).write_text("{}" if name.endswith(".json") else "x")
+    out = average([run, tiny_state(1)]).save(tmp_path / "soup", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*kept, "model.safetensors", "soup_card.json"]
+    )
+
+
+def test_a_folder_with_a_single_file_and_an_index_is_read_from_the_file(tmp_path, caplog):
+    # transformers' from_pretrained reads model.safetensors before the index: a re-save
+    # as one file beside stale shards must give the soup the new weights, as it does there
+    import logging
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    old, new = tiny_state(0), tiny_state(1)
+    safetensors.torch.save_file(new, str(folder / "model.safetensors"))
+    names = list(old)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half]}
+    shards["model-00002-of-00002.safetensors"] = names[half:]
+    for shard, part in shards.items():
+        safetensors.torch.save_file({n: old[n] for n in part}, str(folder / shard))
+    weight_map = {n: shard for shard, part in shards.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with caplog.at_level(logging.INFO, logger="modelsoup"):
+        got = _read(open_ingredient(folder))
+    assert _equal(got, new)
+    assert "model.safetensors.index.json ignored" in caplog.text
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.module.", "module._orig_mod.", "module.module."])
+def test_nested_wrapper_prefixes_are_all_removed(tmp_path, prefix):
+    # torch.compile(DDP(model)).state_dict() names start with '_orig_mod.module.'
+    sd = tiny_state(0)
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": {prefix + k: v for k, v in sd.items()}}, path)
+    ing = open_ingredient(path)
+    assert _equal(_read(ing), sd)
+    assert ing.source.note.count("removed") == 2
+
+
+@pytest.mark.parametrize("dtype", ["bits8", "bits16"])
+def test_a_raw_bits_tensor_is_refused_with_one_line(tmp_path, dtype):
+    from modelsoup.errors import IngredientError
+
+    width = {"bits8": torch.uint8, "bits16": torch.int16}[dtype]
+    path = tmp_path / "b.pt"
+    flags = torch.zeros(2, dtype=width).view(getattr(torch, dtype))
+    torch.save({"w": torch.ones(2), "flags": flags}, path)
+    with pytest.raises(IngredientError, match=f"tensor 'flags' is {dtype}: raw bits"):
+        open_ingredient(path)
+
+
+def _lfs_pointer(path):
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+
+
+def _safetensors_as_bin(path):
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path))
+
+
+def _random_bytes(path):
+    path.write_bytes(bytes(range(256)) * 2)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (_lfs_pointer, "is a Git LFS pointer, not the weights"),
+        (_safetensors_as_bin, "is a safetensors file, not a torch pickle"),
+        (_random_bytes, "is not a torch checkpoint (corrupt, or another format)"),
+    ],
+    ids=["lfs-pointer", "safetensors", "random"],
+)
+def test_a_pickle_that_is_something_else_is_named_for_what_it_is(tmp_path, make, needle):
+    from modelsoup.errors import IngredientError
+
+    path = tmp_path / "pytorch_model.bin"
+    make(path)
+    with pytest.raises(IngredientError) as info:
+        open_ingredient(path)
+    assert needle in str(info.value) and "import code" not in str(info.value)

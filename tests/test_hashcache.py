@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_state
 from modelsoup import average, open_ingredient
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, IngredientError
 from modelsoup.formats import base as base_format
 from modelsoup.formats import hashcache
 
@@ -177,3 +177,70 @@ def test_reading_every_byte_remembers_the_hash_without_a_card(tmp_path, monkeypa
         lane.submit(lambda: None).result()
     assert hashcache.recall([path], cache) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert open_ingredient(path).source._known == hashcache.recall([path], cache)
+
+
+# A checkpoint rewritten or replaced while it is open (a training job still saving it)
+# is refused: neither values nor hashes may come from two different files.
+CHANGED = "changed while modelsoup was reading it"
+
+
+def _replace(path, state, **kw):
+    """Replace ``path`` the way trainers (and modelsoup) save: write beside, rename over."""
+    tmp = path.with_name(path.name + ".new")
+    if path.suffix == ".pt":
+        torch.save(state, tmp)
+    else:
+        safetensors.torch.save_file(state, str(tmp), **kw)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "cached-hash"])
+def test_a_safetensors_file_replaced_after_open_is_refused(tmp_path, monkeypatch, warm):
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "cache.jsonl"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for p in (a, b):
+        safetensors.torch.save_file({"w": torch.arange(8.0)}, str(p))
+    if warm:  # an earlier run remembered the old file's hash
+        assert average([a, b]).ingredients[0].sha256
+    soup = average([a, b])  # headers read
+    # same tensor, longer header: the old offsets would land on other bytes
+    _replace(a, {"w": torch.full((8,), 100.0)}, metadata={"epoch": "12"})
+    with pytest.raises(IngredientError, match=CHANGED):
+        soup.save(tmp_path / "soup.safetensors", progress=False)
+    assert not (tmp_path / "soup.safetensors").exists()
+
+
+def test_a_safetensors_file_rewritten_in_place_while_open_is_refused(tmp_path):
+    path = tmp_path / "a.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(4), "v": torch.zeros(4)}, str(path))
+    source = open_ingredient(path).source
+    assert torch.equal(source.tensor("w"), torch.zeros(4))  # its descriptor is now open
+    safetensors.torch.save_file({"w": torch.ones(4), "v": torch.ones(4)}, str(path))  # in place
+    with pytest.raises(IngredientError, match=CHANGED):
+        source.tensor("v")
+
+
+def test_a_file_replaced_after_every_read_keeps_the_hash_of_what_was_read(tmp_path, monkeypatch):
+    cache = tmp_path / "cache.jsonl"
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(cache))
+    path = tmp_path / "a.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(4)}, str(path))
+    old = hashlib.sha256(path.read_bytes()).hexdigest()
+    source = open_ingredient(path).source
+    source.tensor("w")  # every byte read, through the open descriptor
+    _replace(path, {"w": torch.ones(4)})
+    assert source.fingerprint() == old
+    new = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert open_ingredient(path).sha256 == new  # the cache did not file the old hash as new
+
+
+def test_a_pickle_replaced_after_open_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "cache.jsonl"))
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.zeros(4)}, a)
+    torch.save({"w": torch.ones(4)}, b)
+    soup = average([a, b])  # memory-mapped: the values stay the old file's
+    _replace(a, {"w": torch.full((4,), 100.0)})
+    with pytest.raises(IngredientError, match=CHANGED):
+        soup.save(tmp_path / "soup.safetensors", progress=False)
+    assert not (tmp_path / "soup.safetensors").exists()

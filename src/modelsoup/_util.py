@@ -56,6 +56,75 @@ def old_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{OLD_MARK}{os.getpid()}")
 
 
+def check_replaceable(path: Path, marker: str | None, what: str = "a soup folder") -> None:
+    """Refuse to replace the folder ``path`` unless it is absent, empty, or one of our
+    outputs: a folder holding ``marker`` (a soup folder's ``soup_card.json``).
+
+    A folder output replaces what stands at its path, so anything else there (a user's
+    results, notes, another model) would be lost: it is refused with a
+    :class:`WriteError`, never deleted. With ``marker=None`` only an empty folder is
+    replaced.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> check_replaceable(d / "new", "soup_card.json")  # absent: fine
+        >>> _ = (d / "notes.txt").write_text("mine")
+        >>> try:
+        ...     check_replaceable(d, "soup_card.json")
+        ... except WriteError as err:
+        ...     print(str(err).split(": ", 1)[1].split(";")[0])
+        exists and is not a soup folder (it holds 1 file: notes.txt)
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise WriteError(f"{path}: exists and is not a folder; choose another output")
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as err:
+        raise write_error(path, err, "cannot read the existing folder") from err
+    if not names or (marker is not None and marker in names):
+        return
+    n = len(names)
+    shown = ", ".join(names[:3]) + (", ..." if n > 3 else "")
+    raise WriteError(
+        f"{path}: exists and is not {what} (it holds {n} file{'s' if n > 1 else ''}: "
+        f"{shown}); choose another output or remove it"
+    )
+
+
+def replace_folder(new: Path, target: Path, marker: str | None) -> None:
+    """Rename the complete folder ``new`` to ``target``, replacing what stands there
+    only if :func:`check_replaceable` allows it (absent, empty, or holding ``marker``).
+
+    The old folder is moved aside first and removed only once the new one is in place,
+    so a failure leaves the old one standing.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> (d / "new").mkdir(); _ = (d / "new" / "soup_card.json").write_text("{}")
+        >>> replace_folder(d / "new", d / "soup", "soup_card.json")
+        >>> sorted(p.name for p in d.iterdir())
+        ['soup']
+    """
+    check_replaceable(target, marker)  # again at the last moment: a folder appeared since
+    old = None
+    try:
+        if target.exists() or target.is_symlink():
+            old = old_sibling(target)
+            os.replace(target, old)
+        os.replace(new, target)
+    except OSError as err:
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise write_error(target, err) from err
+    if old is not None:
+        remove_path(old)
+
+
 def write_error(path: Path, err: OSError, what: str = "cannot write") -> WriteError:
     """A :class:`WriteError` for an ``OSError``, saying what to do about a full disk.
 
@@ -115,6 +184,45 @@ class atomic_file:  # noqa: N801 - used as a context manager, reads like a funct
             raise write_error(self.path, exc) from exc
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents that exists but is not a folder, if any."""
+    for parent in reversed(Path(os.path.abspath(path)).parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_path(out: str | Path) -> Path:
+    """Check a soup's output path at the edge; return it as a :class:`~pathlib.Path`.
+
+    A soup replaces what stands at its path, so the path must name something of its
+    own: not empty, not the current folder or one that holds it (``-o .``, ``-o ..``),
+    and not inside a file.
+
+    Example:
+        >>> check_output_path("soups/greedy.safetensors")
+        PosixPath('soups/greedy.safetensors')
+        >>> try:
+        ...     check_output_path(".")
+        ... except WriteError as err:
+        ...     print(str(err).split(",")[0])
+        .: is the current folder (or holds it)
+    """
+    if not str(out).strip():
+        raise ConfigError("the output path is empty; give a file such as soup.safetensors")
+    path = Path(out)
+    full, here = path.resolve(), Path.cwd().resolve()
+    if full == here or full in here.parents:
+        raise WriteError(
+            f"{out}: is the current folder (or holds it), which a soup output would replace; "
+            "give a new name such as soup.safetensors or soup/"
+        )
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise WriteError(f"{out}: {blocker} is a file, not a folder; choose another output")
+    return path
+
+
 #: locks this process holds, by lock file, with how many times each was taken
 _HELD: dict[str, int] = {}
 
@@ -135,7 +243,10 @@ def output_lock(path: Path) -> Iterator[None]:
         >>> with output_lock(out), output_lock(out):
         ...     pass
     """
-    path = Path(path)
+    given = Path(path)
+    path = Path(os.path.abspath(given))  # "." and "x/.." have a name to put the lock beside
+    if not path.name:
+        raise WriteError(f"{given}: is the root folder, not an output; choose a folder in it")
     lock = path.with_name(f".{path.name}.lock")
     held = str(lock.absolute())
     if held in _HELD:
@@ -145,7 +256,7 @@ def output_lock(path: Path) -> Iterator[None]:
         finally:
             _HELD[held] -= 1
         return
-    fh = _acquire(lock, path)
+    fh = _acquire(lock, given)
     _HELD[held] = 1
     try:
         yield
@@ -164,6 +275,11 @@ def _acquire(lock: Path, path: Path):
             lock.parent.mkdir(parents=True, exist_ok=True)
             fh = open(lock, "a+")
         except OSError as err:
+            blocker = _file_in_the_way(lock)
+            if blocker is not None:
+                raise WriteError(
+                    f"{path}: {blocker} is a file, not a folder; choose another output"
+                ) from err
             raise write_error(lock, err, "cannot create the lock") from err
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import clean_stale_temps, output_lock, parse_dtype, write_error
+from modelsoup._util import (
+    check_output_path,
+    check_replaceable,
+    clean_stale_temps,
+    output_lock,
+    parse_dtype,
+    write_error,
+)
 from modelsoup.accumulator import (
     check_int_policy,
     check_same_ints,
@@ -573,7 +580,7 @@ def save_soup(
         >>> card_path(out).exists()
         True
     """
-    out = Path(out)
+    out = check_output_path(out)
     if soup.adapter_base() is not None and not merge_into_base:
         return save_adapter_soup(soup, out, rank=adapter_rank, out_dtype=out_dtype)
     if adapter_rank is not None:
@@ -688,7 +695,7 @@ def save_adapter_soup(
         ...     print(str(err)[:42])
         the soup's ingredients are not LoRA adapte
     """
-    out = Path(out)
+    out = check_output_path(out)
     base = soup.adapter_base()
     if base is None:
         soup.changes("")  # raises the error that says why
@@ -705,6 +712,7 @@ def save_adapter_soup(
         )
     check_adapter_merge(soup.merge)
     check_not_input(soup, out)
+    check_replaceable(out, FOLDER_CARD)  # before the re-factoring, not after
     chosen = [soup.ingredients[i].source for i in soup.chosen]
     biased = next((s for s in chosen if s.config.get("bias", "none") != "none"), None)
     if biased is not None:

@@ -29,14 +29,11 @@ from modelsoup._util import progress as stage_progress
 from modelsoup.errors import WriteError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.dispatch import output_format
-from modelsoup.formats.hf_folder import write_folder
+from modelsoup.formats.hf_folder import FOLDER_CARD, write_folder
 from modelsoup.formats.safetensors_io import write_safetensors
 from modelsoup.formats.torch_pickle import LightningLayout, write_torch
 
 _logger = logging.getLogger(__name__)
-
-#: the sidecar's name inside a folder output
-FOLDER_CARD = "soup_card.json"
 
 Pieces = Callable[[str], torch.Tensor | Iterable[torch.Tensor]]
 

@@ -17,6 +17,7 @@ from typing import Any
 from modelsoup.cook.config import CookConfig, check_test_data, load_config, resolve_parts
 from modelsoup.cook.run import _entries, check_align, check_recipes, entry_label
 from modelsoup.evaluators import LogitsEvaluator, as_evaluator
+from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
 from modelsoup.recipes.registry import get_recipe
 
@@ -131,7 +132,8 @@ def plan_cook(config: CookConfig | str | Path) -> CookPlan:
     check_align(config, parts)
     base = parts.base
     if base is not None:
-        base = open_ingredient(base, label="base", key=config.checkpoint_key)
+        key = config.checkpoint_key if takes_key(base) else None
+        base = open_ingredient(base, label="base", key=key)
     check_recipes(entries, pool, base, writes=True, opts=config.options())
     re_scored = config.recalibrate_bn is not None and not config.recalibrate_candidates
     planned = []

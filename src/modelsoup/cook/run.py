@@ -40,6 +40,7 @@ from modelsoup.cook.stats import paired_difference
 from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
+from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.merge import as_merge, check_base, check_members
@@ -207,7 +208,8 @@ def cook(
         base=adapter_base,
     )
     if base is not None:
-        base = open_ingredient(base, label="base", key=opts.checkpoint_key)
+        key = opts.checkpoint_key if takes_key(base) else None
+        base = open_ingredient(base, label="base", key=key)
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 import torch
 
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, IngredientError
 from modelsoup.formats import hashcache
 
 
@@ -117,9 +117,45 @@ def architecture_of(described: Mapping) -> dict[str, object]:
     return found
 
 
-def hash_files(files: Sequence[Path]) -> str:
+def _state(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def check_unchanged(path: Path, now: os.stat_result, then: os.stat_result) -> None:
+    """Refuse a file whose state on disk (size, modification and change times, inode,
+    device) is not what it was when it was opened: it was rewritten or replaced (a
+    training job still saving it), so what was read would mix two files.
+
+    One ``os.fstat`` (or ``os.stat``) per check: cheap next to any read.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "w.bin"
+        >>> _ = p.write_bytes(b"1234")
+        >>> then = os.stat(p)
+        >>> check_unchanged(p, os.stat(p), then)
+        >>> _ = p.write_bytes(b"12345")
+        >>> try:
+        ...     check_unchanged(p, os.stat(p), then)
+        ... except IngredientError as err:
+        ...     print(str(err).split(": ", 1)[1][:42])
+        changed while modelsoup was reading it (re
+    """
+    if _state(now) != _state(then):
+        raise IngredientError(
+            f"{path}: changed while modelsoup was reading it (rewritten by a running training "
+            "job?); run again once it is complete"
+        )
+
+
+def hash_files(files: Sequence[Path], stats: Sequence[os.stat_result] | None = None) -> str:
     """sha256 of files read in order, remembered across runs while they are unchanged
     (:mod:`.hashcache`).
+
+    With ``stats`` (each file's state when its tensors were read), the files must still
+    be in that state, before and after hashing (:func:`check_unchanged`), so the hash is
+    of what was read. Either way a hash is remembered under the state of the bytes it
+    was computed from.
 
     Example:
         >>> import tempfile
@@ -128,15 +164,29 @@ def hash_files(files: Sequence[Path]) -> str:
         >>> hash_files([p])[:12]
         'ba7816bf8f01'
     """
-    known = hashcache.recall(files)
+    files = list(files)
+    if stats is not None:
+        for path, then in zip(files, stats, strict=True):
+            try:
+                now = os.stat(path)
+            except OSError as err:
+                raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
+            check_unchanged(path, now, then)
+    known = hashcache.recall(files, stats=stats)
     if known is not None:
         return known
     digest = hashlib.sha256()
-    for path in files:
+    seen = []
+    for i, path in enumerate(files):
         with open(path, "rb") as fh:
+            then = os.fstat(fh.fileno())
+            if stats is not None:
+                check_unchanged(path, then, stats[i])
             while chunk := fh.read(1 << 22):
                 digest.update(chunk)
-    hashcache.remember(files, digest.hexdigest())
+            check_unchanged(path, os.fstat(fh.fileno()), then)
+        seen.append(then)
+    hashcache.remember(files, digest.hexdigest(), stats=seen)
     return digest.hexdigest()
 
 
@@ -312,6 +362,9 @@ class TensorSource:
     architecture: Mapping[str, object] = MappingProxyType({})
     #: training hyperparameters the checkpoint carries (timm's args, Lightning's)
     hyperparameters: Mapping[str, object] = MappingProxyType({})
+    #: each file's ``os.stat`` when it was opened (readers of files set it): the hash
+    #: must be of those files, and a file found in another state is refused
+    file_stats: tuple[os.stat_result, ...] | None = None
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -353,7 +406,7 @@ class TensorSource:
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
         remembered across runs while the files are unchanged (:mod:`.hashcache`)."""
-        return hash_files(self.files)
+        return hash_files(self.files, self.file_stats)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles; reading again reopens them."""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from modelsoup.errors import IngredientError
 from modelsoup.formats.base import TensorSource
-from modelsoup.formats.hf_folder import is_model_folder, open_folder
+from modelsoup.formats.hf_folder import is_model_folder, open_folder, weight_files
 from modelsoup.formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource
-from modelsoup.formats.safetensors_io import SafetensorsSource
+from modelsoup.formats.safetensors_io import SafetensorsSource, refuse_key
 from modelsoup.formats.torch_pickle import TorchSource
 
 #: torch pickles; ``.pth.tar`` is what timm's training script saves
@@ -128,6 +128,7 @@ def open_source(
     if path.is_dir():
         return open_folder(path, key=key)
     if path.name.endswith(SAFETENSORS_SUFFIXES):
+        refuse_key(path, key)
         return SafetensorsSource([path])
     if is_pickle_name(path):
         return TorchSource([path], key=key)
@@ -135,6 +136,23 @@ def open_source(
         f"{path}: unknown checkpoint format; expected .safetensors, "
         f"{', '.join(PICKLE_SUFFIXES)} or a Hugging Face model folder"
     )
+
+
+def takes_key(obj: object) -> bool:
+    """Whether a wrapper key (``--checkpoint-key``) can apply to this checkpoint: a torch
+    pickle (or a model folder of them) can hold its weights under one, safetensors
+    cannot. A pool's key is passed on to its base only where it can apply.
+
+    Example:
+        >>> takes_key(Path("base.safetensors")), takes_key(Path("ema.pth.tar"))
+        (False, True)
+    """
+    if not isinstance(obj, str | Path):
+        return True  # in memory: no wrapper to unwrap, and nothing to refuse
+    path = Path(obj)
+    if path.is_dir():
+        return not is_model_folder(path) or weight_files(path)[1] is TorchSource
+    return not path.name.endswith(SAFETENSORS_SUFFIXES)
 
 
 def output_format(path: Path) -> str:

@@ -55,8 +55,10 @@ def cache_file() -> Path | None:
     return Path(base) / "modelsoup" / "sha256.jsonl"
 
 
-def identity(paths: Sequence[Path]) -> str | None:
-    """A key naming these files' current state on disk (``None`` if one cannot be read).
+def identity(paths: Sequence[Path], stats: Sequence[os.stat_result] | None = None) -> str | None:
+    """A key naming these files' current state on disk (``None`` if one cannot be read),
+    or the state given in ``stats`` (what ``os.fstat`` said when each file was read, so
+    a hash is filed under the file it was computed from, not under a later one).
 
     Example:
         >>> import tempfile
@@ -68,9 +70,9 @@ def identity(paths: Sequence[Path]) -> str | None:
         False
     """
     parts = []
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
-            st = os.stat(path)
+            st = stats[i] if stats is not None else os.stat(path)
         except OSError:
             return None
         parts.append(
@@ -99,9 +101,14 @@ def _entries(where: Path) -> dict[str, str]:
     return entries
 
 
-def recall(paths: Sequence[Path], cache: Path | None = None) -> str | None:
-    """The remembered sha256 of these files as they are now, if any (``cache``: the cache
-    file, default :func:`cache_file`).
+def recall(
+    paths: Sequence[Path],
+    cache: Path | None = None,
+    stats: Sequence[os.stat_result] | None = None,
+) -> str | None:
+    """The remembered sha256 of these files as they are now (or as they were in
+    ``stats``, see :func:`identity`), if any (``cache``: the cache file, default
+    :func:`cache_file`).
 
     Example:
         >>> import tempfile
@@ -118,21 +125,26 @@ def recall(paths: Sequence[Path], cache: Path | None = None) -> str | None:
         True
     """
     where = cache or cache_file()
-    key = identity(paths) if where is not None and paths else None
+    key = identity(paths, stats) if where is not None and paths else None
     if key is None:
         return None
     return _entries(where).get(key)
 
 
-def remember(paths: Sequence[Path], digest: str, cache: Path | None = None) -> None:
-    """Record the sha256 of these files (silently does nothing if the cache is off or
-    cannot be written).
+def remember(
+    paths: Sequence[Path],
+    digest: str,
+    cache: Path | None = None,
+    stats: Sequence[os.stat_result] | None = None,
+) -> None:
+    """Record the sha256 of these files, as they are now or as they were in ``stats``
+    (silently does nothing if the cache is off or cannot be written).
 
     Example:
         >>> remember([], "ab" * 32)  # nothing to remember for in-memory sources
     """
     where = cache or cache_file()
-    key = identity(paths) if where is not None and paths else None
+    key = identity(paths, stats) if where is not None and paths else None
     if key is None:
         return
     # hash threads remember what they finish (formats/base.py): one writer at a time

@@ -1,15 +1,16 @@
 """Hugging Face model folders: single-file or sharded weights, and writing one back.
 
-Reading prefers safetensors over ``pytorch_model*.bin`` when a folder has both.
+Reading follows transformers' ``from_pretrained``: a single ``model.safetensors`` before
+its shard index, safetensors before ``pytorch_model*.bin``.
 Writing puts the soup's weights in ``model.safetensors`` (or HF-style shards with
 ``model.safetensors.index.json`` when larger than ``max_shard_size``) and copies the
-first ingredient's other files (``config.json``, tokenizer files, ...) beside them.
+first ingredient's config, tokenizer and processor files beside them (:func:`is_copied`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -17,18 +18,23 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import atomic_file, old_sibling, temp_sibling
-from modelsoup.errors import IngredientError, WriteError
+from modelsoup._util import atomic_file, check_replaceable, replace_folder, temp_sibling
+from modelsoup.errors import IngredientError
 from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
-from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
+from modelsoup.formats.safetensors_io import SafetensorsSource, refuse_key, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 from modelsoup.formats.training_args import read_training_args
 
+_logger = logging.getLogger(__name__)
+
+#: the soup card inside a folder output; it also marks a folder as a soup that a new
+#: soup may replace (any other non-empty folder is refused, never deleted)
+FOLDER_CARD = "soup_card.json"
 #: files of one training run that do not describe a soup (transformers' Trainer writes
 #: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
 TRAINING_STATE = frozenset(
     {
-        "soup_card.json",  # a soup used as an ingredient: its card is not the next soup's
+        FOLDER_CARD,  # a soup used as an ingredient: its card is not the next soup's
         "trainer_state.json",
         "training_args.bin",
         "all_results.json",
@@ -52,14 +58,63 @@ def is_training_state(name: str) -> bool:
     return name in TRAINING_STATE or _TRAINER_STATE_FILE.fullmatch(name) is not None
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+#: what a soup folder takes from the first ingredient's folder: the files that say how to
+#: load and use the weights (transformers' config and generation config, tokenizers,
+#: processors, chat templates, sentence-transformers' module list, remote code and the
+#: license), and nothing else. Not its weights in another format (``.onnx``, ``.gguf``,
+#: ``.ot``, ``.h5``, ``.msgpack``, ...: they hold the ingredient, not the soup), its model
+#: card (``README.md``: the soup card describes the soup), its training state or its
+#: ``hyperparameters.json``.
+COPIED_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    }
+)
+_COPIED_PATTERN = re.compile(
+    r"vocab[\w.-]*\.(txt|json)|[\w.-]+\.tiktoken|[\w-]+\.py|(LICENSE|LICENCE|NOTICE)[\w.-]*",
+    re.IGNORECASE,
+)
+
+
+def is_copied(name: str) -> bool:
+    """Whether a folder output copies the file ``name`` from the first ingredient's
+    folder (:data:`COPIED_FILES`, vocabularies, tiktoken files, remote code, licenses).
+
+    Example:
+        >>> is_copied("tokenizer.json"), is_copied("vocab.txt"), is_copied("modeling_x.py")
+        (True, True, True)
+        >>> is_copied("model.onnx"), is_copied("hyperparameters.json"), is_copied("README.md")
+        (False, False, False)
+    """
+    return name in COPIED_FILES or _COPIED_PATTERN.fullmatch(name) is not None
+
+
 #: what an error about a broken model folder tells the user to do
 _REDO = "; re-download or re-save the model folder"
+#: the weights of a model folder, in the order transformers' ``from_pretrained`` looks
+#: for them: a single file before a shard index, safetensors before pickles
 _LAYOUTS = (
-    ("model.safetensors.index.json", SafetensorsSource),
     ("model.safetensors", SafetensorsSource),
-    ("pytorch_model.bin.index.json", TorchSource),
+    ("model.safetensors.index.json", SafetensorsSource),
     ("pytorch_model.bin", TorchSource),
+    ("pytorch_model.bin.index.json", TorchSource),
 )
 
 
@@ -157,10 +212,12 @@ def _check_against_index(index_path: Path, weight_map: Mapping[str, str], source
 
 
 def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
-    """The weight files of an HF model folder (safetensors preferred) and their reader.
+    """The weight files of an HF model folder and their reader, found in the order
+    transformers' ``from_pretrained`` uses: ``model.safetensors``, its shard index,
+    ``pytorch_model.bin``, its shard index (what else is there is ignored, and logged).
 
-    A shard index is checked first (:func:`read_index`): a mapping of names to files
-    inside the folder.
+    A shard index is checked (:func:`read_index`): a mapping of names to files inside
+    the folder.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -169,12 +226,20 @@ def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
         >>> [p.name for p in weight_files(d)[0]]
         ['model.safetensors']
     """
-    for name, reader in _LAYOUTS:
+    found = [(name, reader) for name, reader in _LAYOUTS if (path / name).exists()]
+    if found:
+        (name, reader), ignored = found[0], [n for n, _ in found[1:]]
+        if ignored:
+            _logger.info(
+                "%s: reading %s, as transformers does; %s ignored",
+                path,
+                name,
+                ", ".join(ignored),
+            )
         candidate = path / name
-        if candidate.exists():
-            if not name.endswith(".index.json"):
-                return [candidate], reader
-            return sorted({path / shard for shard in read_index(candidate).values()}), reader
+        if not name.endswith(".index.json"):
+            return [candidate], reader
+        return sorted({path / shard for shard in read_index(candidate).values()}), reader
     raise IngredientError(
         f"{path}: no model weights found (expected model.safetensors, a shard index or "
         "pytorch_model.bin)"
@@ -219,9 +284,10 @@ def open_folder(path: Path, key: str | None = None) -> TensorSource:
     if reader is TorchSource:
         source: TensorSource = TorchSource(files, label=str(path), key=key)
     else:
+        refuse_key(path, key)
         source = SafetensorsSource(files, label=str(path))
     index = next((path / n for n, _ in _LAYOUTS if (path / n).exists()), None)
-    if index is not None and index.name.endswith(".index.json"):
+    if index is not None and index.name.endswith(".index.json"):  # the one read
         _check_against_index(index, read_index(index), source)
     source.architecture = architecture_of(read_config(path))
     if (path / "training_args.bin").is_file():
@@ -283,7 +349,8 @@ def write_folder(
     written, e.g. the soup card) are written inside it before it appears, so they
     stand or fall with the weights.
 
-    Files other than weights and training state are copied from ``copy_from``; with
+    The files that describe how to load the weights (config, tokenizer, processor:
+    :func:`is_copied`) are copied from ``copy_from``, nothing else; with
     ``torch_dtype`` (the soup was cast), a copied ``config.json`` that names a dtype
     (``torch_dtype``, or ``dtype`` in newer transformers) is updated to it.
 
@@ -296,17 +363,14 @@ def write_folder(
         ['model.safetensors']
     """
     path = Path(path)
+    check_replaceable(path, FOLDER_CARD)  # before any work: refused, never deleted
     tmp = temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if copy_from is not None:
             for item in sorted(Path(copy_from).iterdir()):
-                is_weights = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(
-                    ".index.json"
-                )
-                skip = is_weights or item.name in TRAINING_STATE or item.name.startswith(".")
-                if item.is_file() and not skip:
+                if is_copied(item.name) and item.is_file():
                     shutil.copy2(item, tmp / item.name)
             if torch_dtype is not None and (tmp / "config.json").is_file():
                 _set_config_dtype(tmp / "config.json", torch_dtype)
@@ -326,24 +390,7 @@ def write_folder(
                 t.write_text(json.dumps(index, indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text() if callable(text) else text)
-        _replace_dir(tmp, path)
+        replace_folder(tmp, path, FOLDER_CARD)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    try:
-        if target.exists():
-            if not target.is_dir():
-                raise WriteError(f"{target}: exists and is not a folder; choose another output")
-            old = old_sibling(target)
-            os.replace(target, old)
-        os.replace(new, target)
-    except OSError as err:
-        if old is not None and not target.exists():
-            os.replace(old, target)
-        raise WriteError(f"{target}: cannot write ({err.strerror})") from err
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import temp_sibling
+from modelsoup._util import check_replaceable, replace_folder, temp_sibling
 from modelsoup.errors import IncompatibleIngredientsError, IngredientError
 from modelsoup.formats.base import TensorMeta, TensorSource, hash_files
-from modelsoup.formats.hf_folder import _replace_dir, open_folder
+from modelsoup.formats.hf_folder import FOLDER_CARD, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 
@@ -526,6 +526,7 @@ def write_adapter(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     path = Path(path)
+    check_replaceable(path, FOLDER_CARD)  # before any work: refused, never deleted
     tmp = temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -537,7 +538,7 @@ def write_adapter(
         )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, path)
+        replace_folder(tmp, path, FOLDER_CARD)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -19,9 +20,15 @@ from pathlib import Path
 import torch
 
 from modelsoup._util import atomic_file
-from modelsoup.errors import IngredientError, WriteError
+from modelsoup.errors import ConfigError, IngredientError, WriteError
 from modelsoup.formats import hashcache
-from modelsoup.formats.base import RESAVE_HINT, TensorMeta, TensorSource, ThreadedHash
+from modelsoup.formats.base import (
+    RESAVE_HINT,
+    TensorMeta,
+    TensorSource,
+    ThreadedHash,
+    check_unchanged,
+)
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -90,9 +97,18 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
         >>> entries["w"].meta.shape, len(raw) == start
         ((2,), True)
     """
+    entries, metadata, start, raw, _ = _read_header(path)
+    return entries, metadata, start, raw
+
+
+def _read_header(
+    path: Path,
+) -> tuple[dict[str, _Entry], dict[str, str], int, bytes, os.stat_result]:
+    # ... and the file's state as the header was read (one descriptor for both)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
+            state = os.fstat(fh.fileno())
+            size = state.st_size
             raw = fh.read(8)
             if len(raw) < 8:
                 raise IngredientError(
@@ -117,7 +133,7 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
     data_start = 8 + n
     entries = {name: _check_entry(path, name, info) for name, info in header.items()}
     _check_tiling(path, entries, size - data_start)
-    return entries, metadata, data_start, raw + header_bytes
+    return entries, metadata, data_start, raw + header_bytes, state
 
 
 def _corrupt(path: Path, what: str) -> IngredientError:
@@ -232,6 +248,21 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def refuse_key(path: Path, key: str | None) -> None:
+    """Refuse a wrapper key (``--checkpoint-key``, ``key=``) for a safetensors checkpoint:
+    its tensors are the state dict itself, with no key to choose, so the key would be
+    silently ignored.
+
+    Example:
+        >>> refuse_key(Path("a.safetensors"), None)  # no key: nothing to refuse
+    """
+    if key is not None:
+        raise ConfigError(
+            f"{path}: --checkpoint-key '{key}' cannot apply: a safetensors checkpoint holds "
+            "only its tensors, under no wrapper key; drop --checkpoint-key (key=) for it"
+        )
+
+
 class SafetensorsSource(TensorSource):
     """One safetensors file, or the shards of one checkpoint, read lazily.
 
@@ -254,13 +285,15 @@ class SafetensorsSource(TensorSource):
         self._starts: list[int] = []
         self._headers: list[bytes] = []
         self._sizes: list[int] = []
+        stats: list[os.stat_result] = []
         self.metadata: dict[str, str] = {}
         for index, path in enumerate(self.files):
-            entries, metadata, start, raw = read_header_bytes(path)
+            entries, metadata, start, raw, state = _read_header(path)
             self.metadata.update(metadata)
             self._starts.append(start)
             self._headers.append(raw)
-            self._sizes.append(path.stat().st_size)
+            self._sizes.append(state.st_size)
+            stats.append(state)
             for name, entry in entries.items():
                 if name in self._where:
                     raise IngredientError(f"{self.label}: tensor '{name}' is stored in two shards")
@@ -268,10 +301,14 @@ class SafetensorsSource(TensorSource):
         self._order = sorted(
             self._where, key=lambda n: (self._where[n][0], self._where[n][1].start)
         )
+        # Every read checks the file is still the one whose header was read (one fstat):
+        # a checkpoint rewritten or replaced since would give another file's bytes at
+        # this header's offsets, or values the hash does not describe.
+        self.file_stats = tuple(stats)
         self._handles: dict[int, object] = {}
         # Hash-while-reading state: the file being hashed and the next byte it expects;
         # nothing to hash when an earlier run remembered the hash of these very files.
-        self._known = hashcache.recall(self.files)
+        self._known = hashcache.recall(self.files, stats=self.file_stats)
         # hashed on a background thread, while the caller mixes what it read
         self._hasher = ThreadedHash(self._headers[0])
         self._hash_file, self._hash_pos = 0, self._starts[0]
@@ -316,12 +353,24 @@ class SafetensorsSource(TensorSource):
             out = scratch[:nbytes]
         else:
             out = torch.empty(nbytes, dtype=torch.uint8)
+        path = self.files[index]
         fh = self._handles.get(index)
         if fh is None:
-            fh = self._handles[index] = open(self.files[index], "rb")  # noqa: SIM115
+            try:
+                fh = open(path, "rb")  # noqa: SIM115 - kept open for the next reads
+            except OSError as err:
+                raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
+            try:
+                check_unchanged(path, os.fstat(fh.fileno()), self.file_stats[index])
+            except IngredientError:
+                fh.close()
+                raise
+            self._handles[index] = fh
         where = self._starts[index] + entry.start + offset
         fh.seek(where)
         got = fh.readinto(memoryview(out.numpy())) if nbytes else 0
+        # after the read: bytes a rewrite in place changed under us are not trusted
+        check_unchanged(path, os.fstat(fh.fileno()), self.file_stats[index])
         if got != nbytes:
             raise IngredientError(
                 f"{self.files[index]}: truncated while reading tensor '{name}' (the file "
@@ -346,14 +395,14 @@ class SafetensorsSource(TensorSource):
 
     def _hashed(self, digest: str) -> None:
         self._known = digest
-        hashcache.remember(self.files, digest)
+        hashcache.remember(self.files, digest, stats=self.file_stats)
 
     def fingerprint(self) -> str:
         if self._known is None:
             if self._hash_file >= len(self.files):
                 # every byte was read, in order; _hashed may still be on its way
                 self._known = self._hasher.hexdigest()
-                hashcache.remember(self.files, self._known)
+                hashcache.remember(self.files, self._known, stats=self.file_stats)
             else:
                 self._known = super().fingerprint()
         return self._known

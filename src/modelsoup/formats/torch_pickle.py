@@ -12,8 +12,9 @@ Which tensors count as the weights (first match wins):
    ``model_state_dict``, ``model``, ``module``, ``state_dict_ema``, ``model_ema``, ``ema``
    (so the raw weights win over EMA weights; pass ``key="state_dict_ema"`` to choose EMA);
 3. DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are removed when every
-   name has them; Lightning's ``model.`` prefix is removed when the checkpoint is a
-   Lightning one (``pytorch-lightning_version`` present) and every name has it.
+   name has them, however they nest; Lightning's ``model.`` prefix is removed when the
+   checkpoint is a Lightning one (``pytorch-lightning_version`` present) and every name
+   has it.
 
 What else the checkpoint carries is kept for later: timm's ``args`` and ``arch`` and
 Lightning's ``hyper_parameters`` give the source's ``architecture`` and
@@ -24,7 +25,9 @@ soup saved as ``.ckpt`` go back into Lightning (:func:`write_torch`).
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of
+from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of, check_unchanged
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -60,6 +63,7 @@ def load_pickle(path: Path) -> object:
         >>> load_pickle(p)
         {'w': tensor([1.])}
     """
+    _check_not_other_format(path)
     try:
         # torch's own warnings while loading (deprecated storages, pickle protocols, beta
         # layouts) are about torch, not about the checkpoint: what matters is refused below
@@ -77,18 +81,55 @@ def load_pickle(path: Path) -> object:
     except FileNotFoundError as err:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "Weights only load failed" in str(err) or "global" in str(err).lower():
+        if _UNSAFE.search(str(err)):
             raise IngredientError(
                 f"{path}: refused to unpickle: the file asks to import code outside torch's "
                 "safe list; re-save it as a plain state dict or as safetensors"
             ) from err
-        raise IngredientError(f"{path}: corrupt pickle ({first})" + RESAVE_HINT) from err
+        raise IngredientError(
+            f"{path}: is not a torch checkpoint (corrupt, or another format)" + RESAVE_HINT
+        ) from err
     except Exception as err:  # any failure to parse untrusted bytes means a bad file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IngredientError(
             f"{path}: corrupt or truncated checkpoint ({first})" + RESAVE_HINT
         ) from err
+
+
+#: what torch's weights-only unpickler says when a pickle names code outside its safe
+#: list (a GLOBAL, or a class or function to call); every other failure is a bad file
+_UNSAFE = re.compile(r"GLOBAL |add_safe_globals|unrecognized function")
+#: the first line of a Git LFS pointer left where the file should be
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _check_not_other_format(path: Path) -> None:
+    """Name the two files most often found under a pickle's name: a Git LFS pointer (the
+    weights were never downloaded) and a safetensors file with a pickle's suffix."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_LFS_POINTER))
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return  # torch.load says what is wrong with the path
+    if head == _LFS_POINTER:
+        raise IngredientError(
+            f"{path}: is a Git LFS pointer, not the weights (they were never downloaded); "
+            "run 'git lfs pull' in its repository"
+        )
+    if head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        raise IngredientError(
+            f"{path}: is a safetensors file, not a torch pickle; rename it to .safetensors"
+        )
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError as err:
+        raise IngredientError(f"{path}: file not found; check the path") from err
+    except OSError as err:
+        raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
 
 
 def _is_tensor_dict(obj: object) -> bool:
@@ -130,14 +171,20 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for name, t in state.items():
         check_tensor(name, t, label)
-    prefixes = ["module.", "_orig_mod."]
-    if "pytorch-lightning_version" in obj:
-        prefixes.append("model.")
-    for prefix in prefixes:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-            notes.append(f"prefix '{prefix}' removed")
+    # DDP's and torch.compile's wrappers nest in any order (torch.compile(DDP(model))
+    # saves '_orig_mod.module.'): strip them until no name-wide one is left
+    while state and (found := _shared_prefix(state, ("module.", "_orig_mod."))):
+        state = {k[len(found) :]: v for k, v in state.items()}
+        notes.append(f"prefix '{found}' removed")
+    if "pytorch-lightning_version" in obj and _shared_prefix(state, ("model.",)):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+        notes.append("prefix 'model.' removed")
     return state, ", ".join(notes)
+
+
+def _shared_prefix(state: Mapping[str, object], prefixes: tuple[str, ...]) -> str | None:
+    """The first of ``prefixes`` that every name of ``state`` starts with, if any."""
+    return next((p for p in prefixes if state and all(k.startswith(p) for k in state)), None)
 
 
 def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
@@ -145,7 +192,8 @@ def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
 
     A pickle may hold anything torch can rebuild, not only what a soup can average:
     a meta tensor has no values (it would average as zeros), sparse and nested tensors
-    have no fixed element layout, complex and quantized values are not averaged here.
+    have no fixed element layout, complex and quantized values are not averaged here, nor
+    raw bits (``torch.bits8``, ...) or packed sub-byte values (``torch.uint4``, ...).
 
     Example:
         >>> import torch
@@ -178,11 +226,25 @@ def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
             f"{where} has the {str(t.layout).removeprefix('torch.')} layout; soups average "
             "dense tensors: re-save it with .to_dense()"
         )
+    if str(t.dtype).removeprefix("torch.") in _NO_ARITHMETIC:
+        raise IngredientError(
+            f"{where} is {str(t.dtype).removeprefix('torch.')}: raw bits or packed values, "
+            "with no arithmetic in torch; re-save it as uint8 (tensor.view(torch.uint8)) "
+            "or leave it out of the state dict"
+        )
     if t.is_quantized or t.is_complex():
         raise IngredientError(
             f"{where} is {str(t.dtype).removeprefix('torch.')}, which modelsoup does not "
             "average; re-save the checkpoint in a real floating dtype (e.g. float32)"
         )
+
+
+#: torch dtypes of raw bits or packed sub-byte values: torch has no arithmetic (nor any
+#: conversion) for them, so a tensor of one can be neither averaged nor copied
+_NO_ARITHMETIC = frozenset(
+    ["bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "float4_e2m1fn_x2"]
+    + [f"{kind}{bits}" for kind in ("int", "uint") for bits in range(1, 8)]
+)
 
 
 #: what a Lightning checkpoint needs besides its weights to load with
@@ -269,8 +331,14 @@ class TorchSource(HeldSource):
         #: set when the (first) file is a Lightning checkpoint
         self.lightning: LightningLayout | None = None
         notes = []
+        stats = []
         for index, path in enumerate(self.files):
+            # The tensors are memory-mapped from the file torch opened: its state before
+            # and after loading names that file, and the hash must be of it.
+            before = _stat(path)
             obj = load_pickle(path)
+            stats.append(_stat(path))
+            check_unchanged(path, stats[-1], before)
             state, note = unwrap(obj, key, str(path))
             if not notes:
                 self.architecture, self.hyperparameters, self.lightning = _described(obj, state)
@@ -281,6 +349,7 @@ class TorchSource(HeldSource):
                 self._tensors[name] = t
                 self._shard[name] = index
         self.note = notes[0] if notes else ""
+        self.file_stats = tuple(stats)
 
     def file_of(self, name: str) -> Path:
         return self.files[self._shard[name]]

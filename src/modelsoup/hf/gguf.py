@@ -22,7 +22,6 @@ undoes that interleaving, head by head.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import struct
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from modelsoup._util import temp_sibling
+from modelsoup._util import check_replaceable, replace_folder, temp_sibling
 from modelsoup.errors import ConfigError
 from modelsoup.hf.models import require_transformers
 
@@ -249,7 +248,8 @@ def gguf_to_folder(path: str | Path, folder: str | Path, *, tokenizer: bool = Tr
     The folder holds ``config.json``, ``generation_config.json``, a float32
     ``model.safetensors`` and, with ``tokenizer``, the tokenizer transformers builds from
     the GGUF's vocabulary. It is written beside ``folder`` and renamed into place, so a
-    killed run leaves no half a model; an existing ``folder`` is replaced.
+    killed run leaves no half a model. An existing empty ``folder`` is replaced; one that
+    holds anything is refused (:class:`~modelsoup.errors.WriteError`), never deleted.
 
     Example:
         >>> gguf_to_folder("SmolLM2-135M-Instruct.Q4_1.gguf", "start").name  # doctest: +SKIP
@@ -259,6 +259,7 @@ def gguf_to_folder(path: str | Path, folder: str | Path, *, tokenizer: bool = Tr
 
     transformers = require_transformers()
     path, folder = Path(path), Path(folder)
+    check_replaceable(folder, None, "empty")  # before the minutes of reading
     settings, state = read_gguf_llama(path)
     config = transformers.LlamaConfig(**settings, dtype="float32")
     tmp = temp_sibling(folder)
@@ -274,10 +275,9 @@ def gguf_to_folder(path: str | Path, folder: str | Path, *, tokenizer: bool = Tr
             except (ImportError, OSError, ValueError) as err:
                 raise ConfigError(f"{path}: cannot build its tokenizer ({err})") from None
             tok.save_pretrained(tmp)
+        replace_folder(tmp, folder, None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
     _logger.info("wrote %s from %s (%d tensors)", folder, path, len(state))
     return folder

@@ -11,6 +11,7 @@ import torch
 
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.errors import ConfigError, SoupWarning
+from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
 from modelsoup.merge import MergeSpec, as_merge
 from modelsoup.recipes.baselines import NoOptions
@@ -68,7 +69,7 @@ def average(
         sources, key=key, int_policy=int_policy, strict=strict, base=adapter_base
     )
     if base is not None:
-        base = open_ingredient(base, label="base", key=key)
+        base = open_ingredient(base, label="base", key=key if takes_key(base) else None)
         if not as_merge(merge).needs_base and adapters_base(ingredients) is None:
             warnings.warn(
                 f"the base model{f' {base.path}' if base.path else ''} is not used: only "
