@@ -132,6 +132,16 @@ def test_ensemble_averages_logits(pool):
     assert greedy.scores["held_out"] >= max(taster.individual_scores())
 
 
+@pytest.mark.parametrize("recipe", [output_ensemble, greedy_ensemble])
+def test_an_ensemble_asks_for_an_evaluator_with_logits(pool, recipe):
+    from modelsoup.errors import ConfigError
+
+    accuracy = held_out()
+    taster = _taster(pool, FunctionEvaluator(accuracy.evaluate, name="fn_score"))
+    with pytest.raises(ConfigError, match="fn_score gives no logits; ensembles need a built-in"):
+        recipe(taster)
+
+
 def test_loss_evaluators_minimise(pool):
     from digits_kit import splits
     from modelsoup.evaluators import MeanLoss
