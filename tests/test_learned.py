@@ -275,3 +275,46 @@ def test_mixed_weights_beyond_fp8s_range_saturate_as_every_soup_does(dtype):
     assert weights["weight"].dtype == dtype
     assert weights["weight"].float().tolist() == [[top, top]]
     assert weights["bias"].float().tolist() == [-top]
+
+
+class _TiedHead(torch.nn.Module):
+    """``lm_head.weight`` is ``model.weight`` (tied), and sorts before it; checkpoints
+    store the tensor once, under ``model.weight``, as ``save_pretrained`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(3, 3)
+        self.lm_head = torch.nn.Linear(3, 3)
+        self.lm_head.weight = self.model.weight
+        self.mid = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lm_head(torch.tanh(self.mid(torch.tanh(self.model(x)))))
+
+
+def test_a_by_layer_fit_kept_in_the_journal_is_read_back_onto_the_same_tensors(tmp_path):
+    from modelsoup.hf.models import keep_stored_names_only
+    from modelsoup.journal import Journal
+
+    x = torch.randn(80, 3, generator=torch.Generator().manual_seed(0))
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        states.append({k: v for k, v in _TiedHead().state_dict().items() if k != "lm_head.weight"})
+    soups = []
+    for _ in range(2):  # the second run reuses the first one's fit
+        model = _TiedHead()
+        keep_stored_names_only(model, set(states[0]))
+        taster = Taster(
+            open_ingredients(states),
+            model,
+            Accuracy((x, x.argmax(1))),
+            journal=Journal(tmp_path / "journal.jsonl"),
+            prefetch=False,
+        )
+        soups.append(learned_soup(taster, by_layer=True, epochs=3, lr=0.5))
+    first, again = soups
+    assert again.trace[-1] == {"reused": "coefficients fitted by an earlier run (journal)"}
+    assert set(first.tensor_coefficients) == set(states[0])  # no row for the alias
+    assert again.tensor_coefficients == first.tensor_coefficients
+    assert again.coefficients == first.coefficients

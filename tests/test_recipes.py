@@ -132,6 +132,16 @@ def test_ensemble_averages_logits(pool):
     assert greedy.scores["held_out"] >= max(taster.individual_scores())
 
 
+@pytest.mark.parametrize("recipe", [output_ensemble, greedy_ensemble])
+def test_an_ensemble_asks_for_an_evaluator_with_logits(pool, recipe):
+    from modelsoup.errors import ConfigError
+
+    accuracy = held_out()
+    taster = _taster(pool, FunctionEvaluator(accuracy.evaluate, name="fn_score"))
+    with pytest.raises(ConfigError, match="fn_score gives no logits; ensembles need a built-in"):
+        recipe(taster)
+
+
 def test_loss_evaluators_minimise(pool):
     from digits_kit import splits
     from modelsoup.evaluators import MeanLoss
@@ -185,3 +195,27 @@ def test_candidate_with_one_more_ingredient_leaves_the_sum_alone(pool):
     model = taster.materialise([0, 0, 1, 1, 0])  # any other move goes through the sum
     expected = average([pool[2], pool[3]]).state_dict()
     assert torch.allclose(model.fc1.weight, expected["fc1.weight"], atol=1e-6)
+
+
+def test_lawa_with_fewer_ingredients_than_last_warns_and_says_so_in_its_row():
+    from modelsoup.cook import cook
+    from modelsoup.errors import SoupWarning
+    from modelsoup.recipes.lawa import lawa_soup
+
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 3.0)]
+    score = lambda m: float(m.weight.detach())  # noqa: E731
+    taster = Taster(open_ingredients(ings), torch.nn.Linear(1, 1, bias=False), score)
+    with pytest.warns(SoupWarning, match="lawa: last=5 but there are only 2 ingredients"):
+        assert lawa_soup(taster, last=5).chosen == [0, 1]
+    with pytest.warns(SoupWarning, match="last=5"):
+        result = cook(
+            ings,
+            torch.nn.Linear(1, 1, bias=False),
+            score,
+            recipes=[{"name": "lawa", "last": 5}, {"name": "lawa", "last": 2}],
+            progress=False,
+        )
+    assert [m.label for m in result.methods if m.recipe == "lawa"] == [
+        "lawa (last 5: all 2)",
+        "lawa (last 2)",
+    ]

@@ -67,6 +67,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         'pruned (random, 3 passes)'
         >>> default_label("search", {"merge": {"rule": "ties", "density": 0.2}, "option": "lambda"})
         'search (ties lambda, density=0.2)'
+        >>> default_label("lawa", {"last": 10, "available": 4})  # fewer ingredients than asked
+        'lawa (last 10: all 4)'
     """
     parts = []
     if "order" in options:
@@ -78,7 +80,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
     if options.get("ingredients") not in (None, "all"):
         parts.append(f"{options['ingredients']} ingredients")
     if options.get("last"):
-        parts.append(f"last {options['last']}")
+        short = options.get("available") is not None and options["available"] < options["last"]
+        parts.append(f"last {options['last']}" + (f": all {options['available']}" if short else ""))
     if options.get("variant"):
         parts.append(str(options["variant"]))
     if "option" in options and options.get("merge"):  # search: the rule and what it tunes
@@ -392,6 +395,9 @@ def _run_entry(
                 taster.close_bar()
     finally:
         taster.racing = cook_racing
+    available = results[0].options.get("available") if results else None
+    if available is not None and not entry.label:  # it had fewer ingredients than asked
+        label = default_label(entry.name, {**options, "available": available})
     tests: list[float] = []
     per_run: list[torch.Tensor] = []
     for res in results:

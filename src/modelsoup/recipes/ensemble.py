@@ -47,7 +47,10 @@ class Ensemble:
         return torch.stack([taster.outputs(i, evaluator) for i in self.members]).mean(0)
 
     def score(self, taster: Taster, evaluator: Evaluator) -> float:
-        return float(evaluator.score_logits(self.logits(taster, evaluator)))
+        """The evaluator's score of the mean logits (a ConfigError for an evaluator that
+        gives no logits, such as a plain function)."""
+        logits = self.logits(taster, evaluator)  # first: it says what an evaluator lacks
+        return float(evaluator.score_logits(logits))
 
 
 class EnsembleOptions(RecipeOptions):

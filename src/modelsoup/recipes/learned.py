@@ -395,15 +395,22 @@ def learned_soup(
     )
 
     # The fit is the costly part: keep its result beside the journal, so a re-run of the
-    # same cook (same ingredients, held-out data and options) does not fit again.
+    # same cook (same ingredients, held-out data and options) does not fit again. By
+    # layer, row r of the cached table is the coefficients of tensor names[r]: the names
+    # are part of the key, so a table is only ever read back onto the tensors it was
+    # written for (a tied alias the ingredients do not store has no row).
+    names = sorted(n for n, m in layout.items() if m.is_floating) if by_layer else []
+    extra = {k: repr(v) for k, v in options.items()}
+    if by_layer:
+        extra["rows"] = names
     cache_key = "learned-" + taster.journal.key(
         f"learned:{identity(taster.held_out)}",
         [(taster.ident(i), float(k + 1)) for k, i in enumerate(members)],
-        {k: repr(v) for k, v in options.items()},
+        extra,
     )
     cached = taster.journal.load_outputs(cache_key)
-    if cached is not None and cached.shape[-1] == len(members) + 1:
-        names = sorted(n for n, m in layout.items() if m.is_floating)
+    shape = (len(names) if by_layer else 1, len(members) + 1)
+    if cached is not None and tuple(cached.shape) == shape:
         coefs, scales = cached[:, :-1], cached[:, -1]
         per_tensor = {n: coefs[r].tolist() for r, n in enumerate(names)} if by_layer else {}
         mean = coefs.mean(0).tolist()
@@ -433,9 +440,14 @@ def learned_soup(
         del mix  # free the k stacked copies before scoring
     finally:
         model.train(was_training)
-    rows_out = [per_tensor[n] for n in sorted(per_tensor)] if by_layer else [mean]
+    if by_layer:
+        # The soup's tensors, as a re-run reads them back: an alias the ingredients do
+        # not store follows its tensor in the model, and needs no coefficients of its own.
+        per_tensor = {n: per_tensor[n] for n in names if n in per_tensor}
+    rows_out = list(per_tensor.values()) if by_layer else [mean]
     table = torch.tensor([[*r, scale if scale is not None else 1.0] for r in rows_out])
-    taster.journal.save_outputs(cache_key, table)
+    if len(rows_out) == shape[0]:  # else a name has no coefficients: fit again next time
+        taster.journal.save_outputs(cache_key, table)
     mean = table[:, :-1].mean(0).tolist()  # as a re-run computes it from the cache
     return _finish(taster, members, mean, per_tensor, scale, options, trace, by_layer)
 
