@@ -839,7 +839,7 @@ def check_class_logits(logits: torch.Tensor, labels: torch.Tensor, what: str) ->
         >>> try:
         ...     check_class_logits(torch.zeros(2, 1), torch.tensor([0, 1]), "accuracy")
         ... except ConfigError as err:
-        ...     print(str(err)[:62])
+        ...     print(str(err)[:61])
         accuracy: the model gives logits of shape (2, 1) for 2 labels
     """
     shape = tuple(logits.shape)
