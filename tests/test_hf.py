@@ -212,3 +212,23 @@ def test_missing_transformers_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what a missing package looks like
     with pytest.raises(ConfigError, match=r"install modelsoup\[hf\]"):
         require_transformers()
+
+
+def test_classifiers_that_order_their_classes_differently_are_refused(tmp_path):
+    from modelsoup.errors import IncompatibleIngredientsError
+    from modelsoup.ingredients import check_compatible, open_ingredients
+
+    transformers = pytest.importorskip("transformers")
+    folders = []
+    for i, labels in enumerate([("neg", "pos"), ("pos", "neg"), ("neg", "pos")]):
+        cfg = transformers.BertConfig(
+            vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=16, id2label=dict(enumerate(labels)),
+            label2id={name: n for n, name in enumerate(labels)},
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / f"m{i}")
+        folders.append(str(tmp_path / f"m{i}"))
+    with pytest.raises(IncompatibleIngredientsError, match="order their classes differently"):
+        check_compatible(open_ingredients(folders[:2]))
+    check_compatible(open_ingredients([folders[0], folders[2]]))  # the same order: fine

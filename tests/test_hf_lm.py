@@ -381,3 +381,18 @@ def test_a_config_names_the_lm_evaluators_and_the_task(lm_pool, tmp_path):
     assert isinstance(parts.test, MultipleChoice) and parts.test.answers.tolist() == [0]
     assert parts.test.divisors.tolist() == [5.0, 6.0]  # " blue", " green"
     assert type(parts.model()).__name__ == "LlamaForCausalLM"
+
+
+def test_a_tokenizer_that_appends_an_end_token_still_scores_the_completion():
+    from modelsoup.hf.language import split_ids
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", "sky", "is", "blue"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    # "sky is" alone is <s> sky is </s>: its </s> is not the prompt's, "blue" is scored
+    assert split_ids(fast, "sky is", " blue") == ([1, 3, 4, 5, 2], 3)
+    assert split_ids(_tokenizer(), "sky is", " blue")[1] == 3  # <s> only: as before

@@ -189,3 +189,22 @@ def test_paired_difference_properties(pairs: list[tuple[bool, bool]]) -> None:
     assert forward.difference == -backward.difference
     assert forward.p_value == pytest.approx(backward.p_value)
     assert 0.0 <= forward.p_value <= 1.0
+
+
+@pytest.mark.parametrize(
+    "soup, best, significant",
+    [
+        ([1], [0], False),  # one example: a zero-width interval proves nothing
+        ([1] * 5, [0] * 5, False),  # McNemar p = 0.0625
+        ([1] * 4 + [1] * 96, [0] * 4 + [1] * 96, False),  # 4 of 100 differ: p = 0.125
+        ([1] * 8 + [1] * 92, [0] * 8 + [1] * 92, True),  # 8 of 100: p = 0.0078
+        ([0.5] * 5, [0.1] * 5, False),  # losses: 5 differing examples are too few
+        ([0.5] * 8, [0.1] * 8, True),
+    ],
+)
+def test_a_difference_is_significant_only_when_the_paired_evidence_can_say_so(
+    soup, best, significant
+):
+    cmp = stats.paired_difference(soup, best, n_resamples=500)
+    assert cmp.significant is significant
+    assert cmp.describe().startswith("no detectable difference") is not significant

@@ -568,6 +568,7 @@ def check_compatible(
     ref = first.layout()
     differing: dict[str, list[str]] = {}  # architecture difference -> who differs so
     for other in ingredients[1:]:
+        _check_class_order(first, other)
         differ = architecture_difference(first, other)
         try:
             _check_layouts(first, ref, other, other.layout())
@@ -609,6 +610,22 @@ def check_compatible(
                 check_same_ints(n, kept[n], other.tensor(n), first.label, other.label)
     if warn_duplicates:
         warn_if_duplicated(ingredients)
+
+
+def _check_class_order(a: Ingredient, b: Ingredient) -> None:
+    # Two classifiers over the same labels in another order: row i of one head scores
+    # another class than row i of the other, so averaging them mixes classes.
+    mine, theirs = a.architecture.get("id2label"), b.architecture.get("id2label")
+    if not (isinstance(mine, str) and isinstance(theirs, str)) or mine == theirs:
+        return
+    ours, others = json.loads(mine), json.loads(theirs)
+    if sorted(ours) == sorted(others):
+        raise IncompatibleIngredientsError(
+            f"{a.label} and {b.label} order their classes differently (id2label "
+            f"{ours} vs {others}): row i of one classifier head is another class than row i "
+            "of the other, so they cannot be averaged; fine-tune every ingredient with the "
+            "same label2id"
+        )
 
 
 def _check_layouts(first: Ingredient, ref: dict, other: Ingredient, lay: dict) -> None:

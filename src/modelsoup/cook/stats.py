@@ -53,7 +53,8 @@ class Comparison:
 
     ``difference`` is mean(a) - mean(b); ``[low, high]`` its bootstrap interval;
     ``p_value`` the exact McNemar p-value (None unless both inputs are 0/1);
-    ``n`` the number of examples.
+    ``n`` the number of examples; ``nonzero`` how many of them the two score differently;
+    ``alpha`` one minus the interval's confidence.
 
     Example:
         >>> Comparison(difference=0.002, low=-0.003, high=0.007, p_value=0.5, n=1000).describe()
@@ -65,11 +66,30 @@ class Comparison:
     high: float
     p_value: float | None
     n: int
+    nonzero: int | None = None
+    alpha: float = 0.05
 
     @property
     def significant(self) -> bool:
-        """True when the confidence interval excludes zero."""
-        return self.low > 0 or self.high < 0
+        """True when the confidence interval excludes zero and the paired evidence can
+        say so: for 0/1 results the exact McNemar test agrees (p < ``alpha``); for
+        others, enough examples differ that an exact paired test could (a sign test
+        needs 6 at 0.05). A bootstrap over one example, or over a few that differ, gives
+        an interval of zero width that proves nothing.
+
+        Example:
+            >>> Comparison(1.0, 1.0, 1.0, p_value=1.0, n=1).significant  # one example
+            False
+            >>> Comparison(0.5, 0.1, 0.9, p_value=None, n=40, nonzero=5).significant
+            False
+        """
+        if not (self.low > 0 or self.high < 0):
+            return False
+        if self.p_value is not None:
+            return self.p_value < self.alpha
+        if self.nonzero is not None:
+            return 2 * 0.5**self.nonzero < self.alpha
+        return True
 
     def describe(self, scale: float = 100, unit: str = "points", digits: int = 1) -> str:
         """One line for humans, e.g. ``"+0.6 points, CI [0.1, 1.1]"``.
@@ -149,7 +169,10 @@ def paired_difference(
         a_only = int(np.count_nonzero((a == 1) & (b == 0)))
         b_only = int(np.count_nonzero((a == 0) & (b == 1)))
         p_value = mcnemar_p_value(a_only, b_only)
-    return Comparison(diff.estimate, diff.low, diff.high, p_value, int(a.size))
+    nonzero = int(np.count_nonzero(a != b))
+    return Comparison(
+        diff.estimate, diff.low, diff.high, p_value, int(a.size), nonzero, 1.0 - confidence
+    )
 
 
 def mcnemar_p_value(a_only: int, b_only: int) -> float:

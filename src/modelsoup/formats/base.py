@@ -94,6 +94,8 @@ ARCHITECTURE_KEYS = (
     "rms_norm_eps",
     "layer_norm_eps",
     "layer_norm_epsilon",
+    # which class each row of a classifier head scores
+    "id2label",
 )
 
 
@@ -111,10 +113,31 @@ def architecture_of(described: Mapping) -> dict[str, object]:
             value = list(value)
         elif isinstance(value, Mapping) and key.startswith("rope_"):
             value = json.dumps(value, sort_keys=True, default=str)
+        elif isinstance(value, Mapping) and key == "id2label":
+            value = class_order(value)
+            if value is None:
+                continue
         elif not isinstance(value, bool | int | float | str):
             continue
         found[key] = value
     return found
+
+
+def class_order(id2label: Mapping) -> str | None:
+    """An HF ``id2label`` mapping as a JSON list of the labels in class-id order, or
+    ``None`` if its ids are not the whole numbers 0 to n-1.
+
+    Example:
+        >>> class_order({"1": "pos", "0": "neg"})
+        '["neg", "pos"]'
+    """
+    try:
+        ids = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError):
+        return None
+    if [i for i, _ in ids] != list(range(len(ids))):
+        return None
+    return json.dumps([label for _, label in ids])
 
 
 def _state(st: os.stat_result) -> tuple[int, ...]:

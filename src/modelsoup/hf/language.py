@@ -167,7 +167,9 @@ def read_documents(path: str | Path, spec: CausalLMLossData) -> list[tuple[str, 
 
 
 def split_ids(tokenizer: Any, prompt: str, scored: str) -> tuple[list[int], int]:
-    """Token ids of ``prompt + scored`` and the position of the first scored token.
+    """Token ids of ``prompt + scored`` and the position of the first scored token: the
+    first where they differ from the prompt's own ids (so an end-of-sequence token the
+    tokenizer appends to the prompt alone is not counted as the prompt's).
 
     Example:
         >>> class Chars:  # a tokenizer of one token per character
@@ -177,11 +179,20 @@ def split_ids(tokenizer: Any, prompt: str, scored: str) -> tuple[list[int], int]
         ([81, 58, 97, 98], 2)
         >>> split_ids(Chars(), "", "ab")
         ([97, 98], 1)
+        >>> class WithEnd(Chars):  # appends an end-of-sequence token, 0
+        ...     def __call__(self, text):
+        ...         return {"input_ids": super().__call__(text)["input_ids"] + [0]}
+        >>> split_ids(WithEnd(), "Q:", "ab")
+        ([81, 58, 97, 98, 0], 2)
     """
     ids = list(tokenizer(prompt + scored)["input_ids"])
     if not prompt:
         return ids, 1  # the first token has nothing before it to be predicted from
-    return ids, max(1, len(tokenizer(prompt)["input_ids"]))
+    alone = list(tokenizer(prompt)["input_ids"])
+    shared = 0
+    while shared < min(len(ids), len(alone)) and ids[shared] == alone[shared]:
+        shared += 1
+    return ids, max(1, shared)
 
 
 def windows(length: int, first: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
