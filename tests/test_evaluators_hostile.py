@@ -99,3 +99,12 @@ def test_the_cli_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     assert main(["cook", str(tmp_path / "cook.yaml"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "shape (20, 1)" in err[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int8, torch.uint8])
+def test_integer_and_boolean_labels_are_class_numbers(dtype):
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([1, 0, 1]).to(dtype)
+    assert Accuracy((x, y)).evaluate(torch.nn.Identity()) == 1.0
+    expected = MeanLoss((x, torch.tensor([1, 0, 1]))).evaluate(torch.nn.Identity())
+    assert MeanLoss((x, y)).evaluate(torch.nn.Identity()) == pytest.approx(expected)

@@ -232,3 +232,27 @@ def test_classifiers_that_order_their_classes_differently_are_refused(tmp_path):
     with pytest.raises(IncompatibleIngredientsError, match="order their classes differently"):
         check_compatible(open_ingredients(folders[:2]))
     check_compatible(open_ingredients([folders[0], folders[2]]))  # the same order: fine
+
+
+def test_data_files_in_other_encodings_and_with_a_byte_order_mark(hf_pool, tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\u00e9 fun,pos\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.csv: not UTF-8 text \(byte 0xe9"):
+        text_classification(latin, hf_pool / "ft-0")
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("\ufefftext,label\nfun,pos\ndull,neg\n".encode())  # as Excel saves it
+    assert len(text_classification(excel, hf_pool / "ft-0").labels) == 2
+
+
+def test_max_length_is_fitted_to_the_models_positions(hf_pool, tmp_path):
+    from modelsoup.hf import TextClassificationData
+
+    positions = json.loads((hf_pool / "ft-0" / "config.json").read_text())[
+        "max_position_embeddings"
+    ]
+    held = hf_pool / "held.csv"
+    ev = text_classification(held, hf_pool / "ft-0")  # the default 512 is lowered
+    assert max(x["input_ids"].shape[1] for x, _ in ev.batches(torch.device("cpu"))) <= positions
+    too_long = TextClassificationData(hf_text_classification=str(held), max_length=positions + 1)
+    with pytest.raises(ConfigError, match=f"longer than the {positions} positions"):
+        text_classification(too_long, hf_pool / "ft-0")

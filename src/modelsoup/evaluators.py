@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from modelsoup.errors import ConfigError, EvaluationError
+from modelsoup.errors import ConfigError, EvaluationError, SoupError
 
 
 @runtime_checkable
@@ -283,7 +283,17 @@ def forward_logits(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         >>> forward_logits(torch.nn.Identity(), torch.ones(1, 2)).shape
         torch.Size([1, 2])
     """
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    try:
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    except (SoupError, torch.cuda.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as err:  # the model's own error on this data: one line, not a traceback
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise EvaluationError(
+            f"the model failed on a batch of the evaluation data ({type(err).__name__}: "
+            f"{first}); check that the data fits the model (input shapes, max_length within "
+            "its positions, a padding token)"
+        ) from err
     if hasattr(out, "logits"):
         out = out.logits
     elif isinstance(out, tuple | list):
@@ -852,7 +862,7 @@ def check_class_logits(logits: torch.Tensor, labels: torch.Tensor, what: str) ->
         )
     if labels.numel() == 0:
         return
-    if labels.is_floating_point() or labels.dtype == torch.bool:
+    if labels.is_floating_point() or labels.is_complex():
         raise ConfigError(
             f"{what}: labels are {str(labels.dtype).replace('torch.', '')}, not class "
             "numbers; a classifier evaluator needs integer labels"
@@ -913,7 +923,7 @@ class MeanLoss(ClassifierEvaluator):
 
     def per_example_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         check_class_logits(logits, labels, self.kind)
-        return F.cross_entropy(logits, labels, reduction="none")
+        return F.cross_entropy(logits, labels.long(), reduction="none")
 
 
 class MetricEvaluator(ClassifierEvaluator):

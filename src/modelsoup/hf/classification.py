@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Accuracy, ClassifierEvaluator, MeanLoss
-from modelsoup.hf.models import load_tokenizer, local_path, require_transformers
+from modelsoup.hf.models import fit_max_length, load_tokenizer, local_path, require_transformers
 
 
 class TextClassificationData(BaseModel):
@@ -64,7 +64,7 @@ def read_examples(path: str | Path, columns: Sequence[str]) -> list[dict[str, An
     if suffix in (".csv", ".tsv"):
         rows = _read_table(path, "\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".json", ".ndjson"):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -91,14 +91,46 @@ def read_examples(path: str | Path, columns: Sequence[str]) -> list[dict[str, An
     return rows
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8 (a byte-order mark, as Excel writes, is dropped); any
+    other encoding is one error naming the file.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "d.txt"
+        >>> _ = p.write_bytes("\ufeffcaf\u00e9".encode())
+        >>> read_text(p)
+        'café'
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(
+        f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+        "save it as UTF-8"
+    )
+
+
+def _decoded(lines: Any, path: Path) -> Any:
+    # the lines of an open text file, a decoding error named as one error line
+    try:
+        yield from lines
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
 def _read_table(path: Path, delimiter: str) -> list[dict[str, str]]:
     """Rows of a CSV/TSV file with a header row, each checked to have one field per column.
 
     A short or long row is reported as such, with its line: read as a mapping it would
     lack a column the header has, or put a value under no column.
     """
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(_decoded(fh, path), delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return []
@@ -189,6 +221,7 @@ def text_classification(
     if not isinstance(spec, TextClassificationData):
         spec = TextClassificationData(hf_text_classification=str(spec))
     data_path = local_path(spec.hf_text_classification, base_dir)
+    spec = fit_max_length(spec, local_path(folder, base_dir))
     tok_dir = local_path(spec.tokenizer or folder, base_dir)
     columns = [spec.text_column, spec.label_column]
     if spec.text_pair_column:

@@ -39,8 +39,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import ClassifierEvaluator, forward_logits
-from modelsoup.hf.classification import read_examples
-from modelsoup.hf.models import load_tokenizer, local_path
+from modelsoup.hf.classification import read_examples, read_text
+from modelsoup.hf.models import fit_max_length, load_tokenizer, local_path
 
 _logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def read_documents(path: str | Path, spec: CausalLMLossData) -> list[tuple[str, 
     if not path.is_file():
         raise ConfigError(f"{path}: evaluation data not found; check the path")
     if path.suffix.lower() == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         paragraphs = re.search(r"\S[ \t\r]*\n[ \t\r]*\n[ \t\r\n]*\S", text) is not None
         if spec.split == "paragraphs" or (spec.split == "auto" and paragraphs):
             parts = re.split(r"\n[ \t\r]*\n", text)
@@ -483,6 +483,7 @@ def causal_lm_loss(
         spec = CausalLMLossData(hf_causal_lm_loss=str(spec))
     data_path = local_path(spec.hf_causal_lm_loss, base_dir)
     docs = read_documents(data_path, spec)
+    spec = fit_max_length(spec, local_path(folder, base_dir))
     tok_dir = local_path(spec.tokenizer or folder, base_dir)
     tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
     sequences = []
@@ -548,6 +549,7 @@ def multiple_choice(
     data_path = local_path(spec.hf_multiple_choice, base_dir)
     fields = [spec.question_field, spec.choices_field, spec.answer_field]
     rows = read_examples(data_path, fields)
+    spec = fit_max_length(spec, local_path(folder, base_dir))
     tok_dir = local_path(spec.tokenizer or folder, base_dir)
     tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
     questions, answers, divisors = [], [], []

@@ -144,6 +144,59 @@ def keep_stored_names_only(model: torch.nn.Module, stored: set[str]) -> Any:
 _keep_stored_names_only = keep_stored_names_only  # its name before hf became a package
 
 
+#: config.json keys that give how many positions a model reads
+_POSITIONS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+
+
+def fit_max_length(spec: Any, folder: str | Path) -> Any:
+    """``spec`` (an evaluator's options with ``max_length``) fitted to the positions the
+    model in ``folder`` reads (``config.json``'s ``max_position_embeddings`` or
+    ``n_positions``): the default ``max_length`` is lowered to them, a ``max_length``
+    you set above them is an error (the position embeddings would be read past their
+    end).
+
+    Example:
+        >>> import tempfile
+        >>> from pydantic import BaseModel
+        >>> class Spec(BaseModel):
+        ...     max_length: int = 512
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "config.json").write_text('{"n_positions": 16}')
+        >>> fit_max_length(Spec(), d).max_length
+        16
+        >>> try:
+        ...     fit_max_length(Spec(max_length=64), d)
+        ... except ConfigError as err:
+        ...     print(str(err).split(": ", 1)[1][:45])
+        max_length 64 is longer than the 16 positions
+    """
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return spec
+    if not isinstance(config, dict):
+        return spec
+    for key in _POSITIONS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < spec.max_length:
+            if "max_length" in spec.model_fields_set:
+                raise ConfigError(
+                    f"{folder}: max_length {spec.max_length} is longer than the {value} "
+                    f"positions the model reads (config.json {key}); set max_length: {value} "
+                    "or less"
+                )
+            stride = getattr(spec, "stride", None)
+            if stride is not None and stride >= value:
+                raise ConfigError(
+                    f"{folder}: stride {stride} must be smaller than the {value} positions "
+                    f"the model reads (config.json {key}); set a smaller stride"
+                )
+            _logger.info("%s reads %d positions (%s): max_length %d -> %d", folder, value,
+                         key, spec.max_length, value)  # fmt: skip
+            return spec.model_copy(update={"max_length": value})
+    return spec
+
+
 def _architectures(folder: Path) -> list[str]:
     try:
         raw = json.loads((folder / "config.json").read_text())
