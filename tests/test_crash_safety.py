@@ -168,3 +168,21 @@ def test_a_second_writer_of_the_same_output_fails_at_once(tmp_path):
         proc.join(30)
     _soup([1, 1]).save(out, progress=False)  # free again once the first is done
     assert _assert_consistent(out) == 0.5
+
+
+def test_files_beside_an_output_that_only_look_like_leftovers_are_left_alone(tmp_path):
+    from modelsoup.cli import main
+
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        safetensors.torch.save_file({"w": torch.full((2,), float(i))}, paths[-1])
+    mine = [tmp_path / ".env.old-20240101", tmp_path / ".draft.tmp-424242"]
+    for path in mine:
+        path.write_text("the user's")
+    (tmp_path / ".results.old-2023").mkdir()
+    stale = tmp_path / ".soup.safetensors.tmp-999999"  # this output's own leftover
+    stale.write_text("half")
+    assert main(["average", *paths, "-o", str(tmp_path / "soup.safetensors"), "-q"]) == 0
+    assert all(p.read_text() == "the user's" for p in mine)
+    assert (tmp_path / ".results.old-2023").is_dir() and not stale.exists()

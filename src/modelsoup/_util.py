@@ -338,13 +338,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(folder: Path) -> list[Path]:
+#: the largest process id Linux hands out (``pid_max`` cannot be set above it)
+_PID_MAX = 1 << 22
+
+
+def clean_stale_temps(folder: Path, only: str | None = None) -> list[Path]:
     """Tidy what a writer killed mid-write left in ``folder``, when that process is dead.
 
     A ``kill -9`` cannot clean up after itself; the next run does, and says so in one
     log line each. ``.<name>.tmp-<pid>`` (a half-written output) is removed;
     ``.<name>.old-<pid>`` (an output moved aside for its replacement) is put back when
     nothing took its place, else removed. Leftovers of live processes are left alone.
+    ``only`` limits it to the leftovers of one output (and of its sidecars, named
+    ``<only>.<suffix>``): in a folder that is not
+    modelsoup's own (the folder a soup is written into), other files that happen to
+    look alike (``.env.old-20240101``) are the user's and are never touched.
 
     Example:
         >>> import tempfile
@@ -364,7 +372,10 @@ def clean_stale_temps(folder: Path) -> list[Path]:
         if not name.startswith(".") or mark is None:
             continue
         stem, pid_text = name[1:].rsplit(mark, 1)
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        own = stem.lstrip(".")  # a temporary of a temporary: ..soup.tmp-1.tmp-1
+        if only is not None and own != only and not own.startswith(f"{only}."):
+            continue  # not this output's, nor its sidecar's (soup.safetensors.json)
+        if not pid_text.isdigit() or int(pid_text) > _PID_MAX or _pid_alive(int(pid_text)):
             continue
         target = entry.with_name(stem)
         if mark == OLD_MARK and not target.exists():

@@ -593,7 +593,7 @@ def save_soup(
     home = first.source.base_path if isinstance(first.source, AdapterSource) else first.path
     copy_from = home if home is not None and home.is_dir() else None
     with output_lock(out):
-        clean_stale_temps(out.parent)
+        clean_stale_temps(out.parent, only=out.name)
 
         def card_text() -> str:  # after the weights: their reads computed the hashes
             return json.dumps(soup_card(soup, dtype), indent=2, default=str)
@@ -797,7 +797,7 @@ def save_adapter_soup(
         "base": str(first.base_path),
     }
     with output_lock(out):
-        clean_stale_temps(out.parent)
+        clean_stale_temps(out.parent, only=out.name)
         try:
             card_text = json.dumps(card, indent=2, default=str)
             write_adapter(out, config, tensors, {FOLDER_CARD: card_text})
