@@ -293,6 +293,20 @@ def test_nested_wrapper_prefixes_are_all_removed(tmp_path, prefix):
     assert ing.source.note.count("removed") == 2
 
 
+def test_a_lightning_checkpoint_of_a_compiled_model_is_read_and_written_back(tmp_path):
+    from modelsoup.formats.torch_pickle import write_torch
+
+    sd = tiny_state(0)
+    path = tmp_path / "l.ckpt"
+    wrapped = {"model._orig_mod." + k: v for k, v in sd.items()}
+    torch.save({"state_dict": wrapped, "pytorch-lightning_version": "2.6.0"}, path)
+    ing = open_ingredient(path)
+    assert _equal(_read(ing), sd)
+    out = tmp_path / "soup.ckpt"
+    write_torch(out, sd, ing.source.lightning)  # the names Lightning saved, put back
+    assert set(torch.load(out, weights_only=True)["state_dict"]) == set(wrapped)
+
+
 @pytest.mark.parametrize("dtype", ["bits8", "bits16"])
 def test_a_raw_bits_tensor_is_refused_with_one_line(tmp_path, dtype):
     from modelsoup.errors import IngredientError

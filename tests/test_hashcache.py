@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import pytest
 import safetensors.torch
@@ -241,6 +242,23 @@ def test_a_pickle_replaced_after_open_is_refused(tmp_path, monkeypatch):
     torch.save({"w": torch.ones(4)}, b)
     soup = average([a, b])  # memory-mapped: the values stay the old file's
     _replace(a, {"w": torch.full((4,), 100.0)})
+    with pytest.raises(IngredientError, match=CHANGED):
+        soup.save(tmp_path / "soup.safetensors", progress=False)
+    assert not (tmp_path / "soup.safetensors").exists()
+
+
+@pytest.mark.parametrize("hashed_first", [False, True])
+def test_a_pickle_rewritten_in_place_after_open_is_refused(tmp_path, monkeypatch, hashed_first):
+    # torch.save onto the same path truncates the memory-mapped file: its pages change
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "cache.jsonl"))
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.zeros(4)}, a)
+    torch.save({"w": torch.ones(4)}, b)
+    soup = average([a, b])
+    if hashed_first:  # the card's hash is taken before the rewrite
+        assert all(ing.sha256 for ing in soup.ingredients)
+    time.sleep(0.01)  # a new modification time, even on coarse clocks
+    torch.save({"w": torch.full((4,), 50.0)}, b)
     with pytest.raises(IngredientError, match=CHANGED):
         soup.save(tmp_path / "soup.safetensors", progress=False)
     assert not (tmp_path / "soup.safetensors").exists()

@@ -37,7 +37,13 @@ import torch
 
 from modelsoup._util import atomic_file
 from modelsoup.errors import IngredientError
-from modelsoup.formats.base import RESAVE_HINT, HeldSource, architecture_of, check_unchanged
+from modelsoup.formats.base import (
+    RESAVE_HINT,
+    HeldSource,
+    architecture_of,
+    check_unchanged,
+    flattened,
+)
 
 #: harmless classes that common training scripts pickle beside the weights
 _SAFE_EXTRAS = [argparse.Namespace]
@@ -172,14 +178,22 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
     for name, t in state.items():
         check_tensor(name, t, label)
     # DDP's and torch.compile's wrappers nest in any order (torch.compile(DDP(model))
-    # saves '_orig_mod.module.'): strip them until no name-wide one is left
-    while state and (found := _shared_prefix(state, ("module.", "_orig_mod."))):
-        state = {k[len(found) :]: v for k, v in state.items()}
-        notes.append(f"prefix '{found}' removed")
+    # saves '_orig_mod.module.'), also inside a Lightning module's 'model.' (a
+    # LightningModule whose model was compiled saves 'model._orig_mod.'): strip them
+    # until no name-wide one is left
+    state = _strip_wrappers(state, notes)
     if "pytorch-lightning_version" in obj and _shared_prefix(state, ("model.",)):
         state = {k[len("model.") :]: v for k, v in state.items()}
         notes.append("prefix 'model.' removed")
+        state = _strip_wrappers(state, notes)
     return state, ", ".join(notes)
+
+
+def _strip_wrappers(state: dict, notes: list[str]) -> dict:
+    while state and (found := _shared_prefix(state, ("module.", "_orig_mod."))):
+        state = {k[len(found) :]: v for k, v in state.items()}
+        notes.append(f"prefix '{found}' removed")
+    return state
 
 
 def _shared_prefix(state: Mapping[str, object], prefixes: tuple[str, ...]) -> str | None:
@@ -305,8 +319,12 @@ def _described(obj: Mapping, state: Mapping) -> tuple[dict, dict, LightningLayou
         hyper = _scalars(obj.get("hyper_parameters"))
         arch = architecture_of(hyper)
         raw = obj.get("state_dict")
-        stripped = isinstance(raw, Mapping) and all(f"model.{k}" in raw for k in state)
-        prefix = "model." if state and stripped else ""
+        prefix = ""
+        if isinstance(raw, Mapping) and raw and state:  # what unwrap removed, put back on save
+            first_raw, first = next(iter(raw)), next(iter(state))
+            if isinstance(first_raw, str) and first_raw.endswith(first):
+                found = first_raw[: len(first_raw) - len(first)]
+                prefix = found if all(f"{found}{k}" in raw for k in state) else ""
         lightning = LightningLayout(prefix, {k: obj[k] for k in LIGHTNING_KEYS if k in obj})
     return arch, hyper, lightning
 
@@ -355,7 +373,29 @@ class TorchSource(HeldSource):
         return self.files[self._shard[name]]
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        return self._tensors[name]
+        return self._read(name, self._tensors[name], scratch)
+
+    def tensor_range(
+        self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        flat = flattened(self, name, self._tensors[name])[start : start + count]
+        return self._read(name, flat, scratch)
+
+    def _read(self, name: str, mapped: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+        # The tensors are pages of the file torch memory-mapped: a training job that
+        # re-saves it in place changes them under us. Check the file before reading and,
+        # when the values are copied into ``scratch``, after: what is returned then is
+        # what the file held, or an error.
+        index = self._shard[name]
+        path = self.files[index]
+        check_unchanged(path, _stat(path), self.file_stats[index])
+        size = mapped.numel() * mapped.element_size()
+        if scratch is None or scratch.numel() < size or size == 0:
+            return mapped
+        out = scratch[:size].view(mapped.dtype).view(mapped.shape)
+        out.copy_(mapped)
+        check_unchanged(path, _stat(path), self.file_stats[index])
+        return out
 
 
 def write_torch(
