@@ -125,6 +125,27 @@ def replace_folder(new: Path, target: Path, marker: str | None) -> None:
         remove_path(old)
 
 
+def refuse_overwrite(target: Path, inputs: Iterable[Path], shown: Path | None = None) -> None:
+    """Refuse writing ``target`` when it is, contains or sits inside one of ``inputs``
+    (``shown`` is the path the error names, ``target`` by default).
+
+    Example:
+        >>> try:
+        ...     refuse_overwrite(Path("/data/run1/config.json"), [Path("/data/run1")])
+        ... except WriteError as err:
+        ...     print(str(err)[:57])
+        /data/run1/config.json: writing there would overwrite the
+    """
+    resolved = Path(target).resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if resolved == p or resolved in p.parents or p in resolved.parents:
+            raise WriteError(
+                f"{shown or target}: writing there would overwrite the input {p}; "
+                "choose another output"
+            )
+
+
 def write_error(path: Path, err: OSError, what: str = "cannot write") -> WriteError:
     """A :class:`WriteError` for an ``OSError``, saying what to do about a full disk.
 
@@ -357,9 +378,9 @@ def clean_stale_temps(folder: Path, only: str | None = None) -> list[Path]:
     Example:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
-        >>> _ = (d / ".soup.safetensors.tmp-999999999").write_text("half")
+        >>> _ = (d / ".soup.safetensors.tmp-4194301").write_text("half")
         >>> [p.name for p in clean_stale_temps(d)]
-        ['.soup.safetensors.tmp-999999999']
+        ['.soup.safetensors.tmp-4194301']
     """
     removed: list[Path] = []
     try:

@@ -122,10 +122,11 @@ def _from_mergekit(args: argparse.Namespace) -> tuple:
 
 def cmd_export_mergekit(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     import yaml
 
-    from modelsoup._util import atomic_file
+    from modelsoup._util import atomic_file, check_output_path, refuse_overwrite
     from modelsoup.merge.mergekit import card_to_mergekit
 
     try:
@@ -143,10 +144,22 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
             f"{args.card}: a damaged soup card ({type(err).__name__}: {err}); write it again "
             "with modelsoup average or cook"
         ) from None
-    with atomic_file(args.output) as tmp:
+    out = check_output_path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; give the path of the YAML file to write")
+    soup = Path(args.card).with_suffix("")  # soup.safetensors.json describes soup.safetensors
+    inputs = [Path(args.card), soup, *(Path(p) for p in _card_paths(card))]
+    refuse_overwrite(out, inputs)
+    with atomic_file(out) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.output} (mergekit {config['merge_method']} of {len(config['models'])})")
     return 0
+
+
+def _card_paths(card: dict) -> list[str]:
+    # the soup, its ingredients and its base as a card names them: inputs, never outputs
+    rows = [*card.get("ingredients", []), card.get("base") or {}]
+    return [str(r["path"]) for r in rows if isinstance(r, dict) and r.get("path")]
 
 
 def _recalibrate_average(soup, args: argparse.Namespace) -> str:

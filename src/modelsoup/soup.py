@@ -30,6 +30,7 @@ from modelsoup._util import (
     clean_stale_temps,
     output_lock,
     parse_dtype,
+    refuse_overwrite,
     write_error,
 )
 from modelsoup.accumulator import (
@@ -41,7 +42,7 @@ from modelsoup.accumulator import (
     widened,
     write_state_into,
 )
-from modelsoup.errors import ConfigError, SoupWarning, WriteError
+from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.formats.base import TensorMeta, TensorSource
 from modelsoup.formats.dispatch import output_format
 from modelsoup.formats.peft_adapter import (
@@ -465,13 +466,8 @@ def check_not_input(soup: Soup | Sequence[Ingredient], out: Path) -> None:
         >>> check_not_input(Soup(open_ingredients([{"w": torch.ones(1)}]), [1]), Path("x.pt"))
     """
     protected = protected_paths(soup)
-    targets = [out.resolve(), card_path(out).resolve()]
-    for target in targets:
-        for p in protected:
-            if target == p or target in p.parents or p in target.parents:
-                raise WriteError(
-                    f"{out}: writing there would overwrite the input {p}; choose another output"
-                )
+    for target in (out, card_path(out)):
+        refuse_overwrite(target, protected, shown=out)
 
 
 def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
