@@ -250,3 +250,30 @@ def test_ctrl_c_while_starting_up_is_one_line_not_a_traceback(tmp_path, delay):
     assert "Traceback" not in err, err[-3000:]
     assert proc.returncode == 130, printed
     assert printed == [printed[-1]] and printed[-1].startswith("error: interrupted"), printed
+
+
+def test_recipe_labels_that_would_share_a_file_name_are_refused():
+    from modelsoup.cook import cook
+    from modelsoup.errors import ConfigError
+
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
+    recipes = [{"name": "greedy", "label": "my soup"}, {"name": "uniform", "label": "My-Soup"}]
+    with pytest.raises(ConfigError, match=r"'my soup' and 'My-Soup' would be saved under one"):
+        cook(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 1.0, recipes=recipes,
+             progress=False)  # fmt: skip
+
+
+def test_a_folder_a_soup_cannot_replace_is_refused_before_any_evaluation(tmp_path):
+    from modelsoup.cook import cook
+    from modelsoup.errors import WriteError
+
+    ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
+    taken = tmp_path / "out" / "soups" / "uniform"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    calls = []
+    with pytest.raises(WriteError, match="is not a soup folder"):
+        cook(ings, torch.nn.Linear(1, 1, bias=False), lambda m: calls.append(1) or 1.0,
+             recipes=[{"name": "uniform"}], output=tmp_path / "out", save_format="folder",
+             baselines=False, progress=False)  # fmt: skip
+    assert not calls and (taken / "notes.txt").read_text() == "mine"

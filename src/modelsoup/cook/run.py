@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from modelsoup._util import check_device, clean_stale_temps, output_lock, slug
+from modelsoup._util import (
+    check_device,
+    check_replaceable,
+    clean_stale_temps,
+    output_lock,
+    slug,
+)
 from modelsoup.accumulator import ACCUM_DTYPES
 from modelsoup.cook.config import (
     CookConfig,
@@ -41,6 +47,7 @@ from modelsoup.distributed import DistContext, init_distributed, launched_distri
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
 from modelsoup.formats.dispatch import takes_key
+from modelsoup.formats.hf_folder import FOLDER_CARD
 from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
 from modelsoup.merge import as_merge, check_base, check_members
@@ -135,12 +142,17 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
             if b not in names and (b != "ensemble" or has_logits):
                 entries.append(RecipeEntry(name=b))
     entries.extend(given)
-    labels = set()
+    labels: dict[str, str] = {}  # file name of the soup -> the label it comes from
     for e in entries:
         label = entry_label(e)
-        if label in labels:
+        if label in labels.values():
             raise ConfigError(f"two recipes are both labelled '{label}'; give one a 'label'")
-        labels.add(label)
+        other = labels.setdefault(slug(label), label)
+        if other != label:
+            raise ConfigError(
+                f"recipes labelled '{other}' and '{label}' would be saved under one name "
+                f"('{slug(label)}'); give one of them another 'label'"
+            )
     return entries
 
 
@@ -272,6 +284,9 @@ def _cook(
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
     entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
     base = check_recipes(entries, pool, base, writes=out is not None, opts=opts)
+    if out is not None and opts.save == "all" and _soup_suffix(pool[0], opts) == "":
+        for e in entries:  # a folder the soup cannot replace: refused now, not after cooking
+            check_replaceable(out / "soups" / slug(entry_label(e)), FOLDER_CARD)
     taster = Taster(
         pool,
         module,
@@ -555,14 +570,19 @@ def check_align(config: CookConfig, parts: Any) -> None:
         )
 
 
-def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool) -> None:
-    first = result.ingredients[0]
+def _soup_suffix(first: Ingredient, opts: CookOptions) -> str:
+    """The suffix of the soups a cook saves: ``""`` for HF-style folders."""
     fmt = opts.save_format or (
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
     if fmt == "pt" and getattr(first.source, "lightning", None) is not None:
         suffix = ".ckpt"  # in Lightning's layout, for load_from_checkpoint
+    return suffix
+
+
+def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool) -> None:
+    suffix = _soup_suffix(result.ingredients[0], opts)
     for m in result.methods:
         if not m.is_soup:
             continue
