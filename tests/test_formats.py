@@ -259,6 +259,26 @@ def test_folder_output_copies_config_and_tokenizer_but_no_other_weights(tmp_path
     )
 
 
+def test_folder_output_copies_settings_folders_but_no_module_weights(tmp_path):
+    from modelsoup.errors import SoupWarning
+
+    run = tmp_path / "run"
+    for sub in ("1_Pooling", "2_Normalize", "3_Dense", "additional_chat_templates"):
+        (run / sub).mkdir(parents=True)
+    safetensors.torch.save_file(tiny_state(0), str(run / "model.safetensors"))
+    modules = [{"path": p} for p in ("", "1_Pooling", "2_Normalize", "3_Dense", "../x")]
+    (run / "modules.json").write_text(json.dumps(modules))
+    (run / "1_Pooling" / "config.json").write_text("{}")
+    (run / "3_Dense" / "config.json").write_text("{}")
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(run / "3_Dense" / "model.safetensors"))
+    (run / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    with pytest.warns(SoupWarning, match="3_Dense: a sentence-transformers module with weights"):
+        out = average([run, tiny_state(1)]).save(tmp_path / "soup", progress=False)
+    assert (out / "1_Pooling" / "config.json").is_file() and (out / "2_Normalize").is_dir()
+    assert (out / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert not (out / "3_Dense").exists()
+
+
 def test_a_folder_with_a_single_file_and_an_index_is_read_from_the_file(tmp_path, caplog):
     # transformers' from_pretrained reads model.safetensors before the index: a re-save
     # as one file beside stale shards must give the soup the new weights, as it does there

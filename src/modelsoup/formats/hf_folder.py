@@ -13,13 +13,14 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from modelsoup._util import atomic_file, check_replaceable, replace_folder, temp_sibling
-from modelsoup.errors import IngredientError
+from modelsoup.errors import IngredientError, SoupWarning
 from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
 from modelsoup.formats.safetensors_io import SafetensorsSource, refuse_key, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
@@ -91,6 +92,53 @@ _COPIED_PATTERN = re.compile(
     r"vocab[\w.-]*\.(txt|json)|[\w.-]+\.tiktoken|[\w-]+\.py|(LICENSE|LICENCE|NOTICE)[\w.-]*",
     re.IGNORECASE,
 )
+
+
+def copied_folders(folder: Path) -> list[str]:
+    """The sub-folders a folder output copies from ``folder``: transformers' named chat
+    templates (``additional_chat_templates/``) and the sentence-transformers modules that
+    ``modules.json`` lists (``1_Pooling/``, ...), when they hold settings only. A module
+    with weights of its own (a ``Dense`` layer) is not copied, with a warning: the soup
+    averages the transformer's weights, not the module's, so the first ingredient's would
+    pass for the soup's.
+
+    Example:
+        >>> import json, tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "1_Pooling"}]))
+        >>> (d / "1_Pooling").mkdir(); _ = (d / "1_Pooling" / "config.json").write_text("{}")
+        >>> copied_folders(d)
+        ['1_Pooling']
+    """
+    found = []
+    if (folder / "additional_chat_templates").is_dir():
+        found.append("additional_chat_templates")
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        modules = []
+    for entry in modules if isinstance(modules, list) else []:
+        sub = entry.get("path") if isinstance(entry, dict) else None
+        if (
+            not isinstance(sub, str)
+            or not sub
+            or Path(sub).is_absolute()
+            or ".." in Path(sub).parts
+        ):
+            continue
+        if not (folder / sub).is_dir():
+            continue
+        files = [p for p in (folder / sub).rglob("*") if p.is_file()]
+        if all(p.parent == folder / sub and is_copied(p.name) for p in files):
+            found.append(sub)
+        else:
+            warnings.warn(
+                f"{folder / sub}: a sentence-transformers module with weights of its own, "
+                "which the soup does not average; it is not copied into the soup folder",
+                SoupWarning,
+                stacklevel=3,
+            )
+    return found
 
 
 def is_copied(name: str) -> bool:
@@ -372,6 +420,11 @@ def write_folder(
             for item in sorted(Path(copy_from).iterdir()):
                 if is_copied(item.name) and item.is_file():
                     shutil.copy2(item, tmp / item.name)
+            for sub in copied_folders(Path(copy_from)):
+                (tmp / sub).mkdir(parents=True, exist_ok=True)
+                for item in sorted((Path(copy_from) / sub).iterdir()):
+                    if item.is_file():
+                        shutil.copy2(item, tmp / sub / item.name)
             if torch_dtype is not None and (tmp / "config.json").is_file():
                 _set_config_dtype(tmp / "config.json", torch_dtype)
         shards = plan_shards(layout, max_shard_size)
