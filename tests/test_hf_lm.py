@@ -396,3 +396,20 @@ def test_a_tokenizer_that_appends_an_end_token_still_scores_the_completion():
     # "sky is" alone is <s> sky is </s>: its </s> is not the prompt's, "blue" is scored
     assert split_ids(fast, "sky is", " blue") == ([1, 3, 4, 5, 2], 3)
     assert split_ids(_tokenizer(), "sky is", " blue")[1] == 3  # <s> only: as before
+
+
+def test_the_learned_soup_refuses_a_language_model_evaluator(lm_pool, tmp_path, capsys):
+    cfg = tmp_path / "learned.yaml"
+    cfg.write_text(
+        f"""
+model: hf
+ingredients: ["{lm_pool}/ft-*"]
+held_out: {{perplexity: {lm_pool}/held.txt, max_length: 8, batch_size: 3}}
+recipes: [{{name: learned}}]
+task: causal_lm
+baselines: false
+output: {tmp_path / "out"}
+"""
+    )
+    assert main(["cook", str(cfg), "-q"]) == 2
+    assert "the learned soup fits its coefficients to one class label" in capsys.readouterr().err

@@ -169,3 +169,17 @@ def test_two_searches_of_one_option_at_different_fixed_values_get_their_own_rows
     labels = [m.label for m in result.methods]
     assert labels == ["search (ties lambda, density=0.5)", "search (ties lambda, density=1)"]
     assert [m.result.options["chosen"] for m in result.methods] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("grid", [[float("nan"), 0.5], [float("inf")]])
+def test_search_soup_called_from_python_says_what_is_wrong_in_one_line(grid):
+    from modelsoup.errors import ConfigError
+    from modelsoup.ingredients import open_ingredients
+    from modelsoup.recipes.search import search_soup
+    from modelsoup.tasting import Taster
+
+    ings = open_ingredients([{"weight": torch.full((1, 1), 3.0)}])
+    taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 1.0,
+                    base={"weight": torch.ones(1, 1)})  # fmt: skip
+    with pytest.raises(ConfigError, match="finite number"):
+        search_soup(taster, merge={"rule": "task_arithmetic"}, option="lambda", grid=grid)

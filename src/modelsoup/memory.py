@@ -17,8 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
+from typing import Any
+
+import torch
 
 from modelsoup._util import parse_size
 from modelsoup.errors import MemoryBudgetError, SoupError
@@ -95,6 +99,7 @@ def learned_soup_bytes(
     *,
     batch_size: int,
     rows: int = 1,
+    positions: int = 1,
 ) -> int:
     """A rough upper estimate of the memory a learned soup of ``k`` ingredients needs.
 
@@ -102,9 +107,11 @@ def learned_soup_bytes(
     tensor; the mixed weights, their gradients and one temporary of the same size
     (3 model copies); the mixing logits with their gradient and two AdamW moments
     (``rows * k`` numbers, ``rows`` = 1 or the number of tensors); and activations,
-    guessed as ``batch_size`` x the sum of every tensor's leading dimension (the
-    output width of a linear layer), twice for the backward pass. The activation
-    guess is a floor for convolutional models, whose activations grow with the image.
+    guessed as ``batch_size`` x ``positions`` (tokens of a sequence, pixels of an
+    image: each a layer computes its outputs at) x the sum of every tensor's leading
+    dimension (the output width of a linear layer), twice for the backward pass. It
+    leaves out attention's ``positions`` x ``positions`` scores and pooling, so for long
+    sequences it is still a floor.
 
     Example:
         >>> import torch
@@ -116,8 +123,32 @@ def learned_soup_bytes(
     model = sum(m.numel for m in floats) * FLOAT32_BYTES
     alphas = 4 * rows * k * FLOAT32_BYTES
     width = sum(m.shape[0] if m.shape else 1 for m in floats)
-    activations = 2 * batch_size * width * FLOAT32_BYTES
+    activations = 2 * batch_size * positions * width * FLOAT32_BYTES
     return (k + 3) * model + alphas + activations
+
+
+def positions_per_example(inputs: Any) -> int:
+    """How many positions a model computes each example's activations at, from one
+    batch of inputs: the tokens of integer ids ``(batch, tokens)``, the pixels of float
+    ``(batch, channels, *spatial)`` inputs, 1 for ``(batch, features)``. A dict of
+    inputs is read by its ``input_ids``, else its first tensor.
+
+    Example:
+        >>> import torch
+        >>> positions_per_example({"input_ids": torch.zeros(4, 128, dtype=torch.long)})
+        128
+        >>> positions_per_example(torch.zeros(4, 3, 32, 32))
+        1024
+        >>> positions_per_example(torch.zeros(4, 8))
+        1
+    """
+    if isinstance(inputs, Mapping):
+        tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+        inputs = inputs.get("input_ids", tensors[0] if tensors else None)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return 1
+    shape = inputs.shape[1:] if not inputs.is_floating_point() else inputs.shape[2:]
+    return max(1, math.prod(shape))
 
 
 def check_budget(needed: int, budget: int, what: str, advice: str, *, detail: str = "") -> None:

@@ -35,7 +35,13 @@ from modelsoup.accumulator import saturating_cast
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import forward_logits, identity, model_device
 from modelsoup.ingredients import Ingredient
-from modelsoup.memory import budget_option, check_budget, learned_soup_bytes, memory_budget
+from modelsoup.memory import (
+    budget_option,
+    check_budget,
+    learned_soup_bytes,
+    memory_budget,
+    positions_per_example,
+)
 from modelsoup.recipes.greedy import greedy_soup
 from modelsoup.recipes.registry import RecipeOptions, register
 from modelsoup.soup import Soup
@@ -316,7 +322,14 @@ def _held_out_batches(taster: Taster) -> list[tuple[Any, torch.Tensor]]:
             f"the learned soup trains on held-out batches, but evaluator {held.name} has none; "
             "use a built-in classifier evaluator (Accuracy, MeanLoss, MetricEvaluator)"
         )
-    return held.batches(model_device(taster.model))
+    batches = held.batches(model_device(taster.model))
+    if any(labels.dim() > 1 and labels[0].numel() > 1 for _, labels in batches):
+        raise ConfigError(
+            f"the learned soup fits its coefficients to one class label per example, but "
+            f"evaluator {held.name} scores tokens (a language-model evaluator); use greedy "
+            "or search for language models"
+        )
+    return batches
 
 
 # the learned soup's one score (its training passes over held-out batches are not
@@ -383,7 +396,10 @@ def learned_soup(
         members = list(range(n))
     layout = taster.ingredients[0].layout()
     rows = sum(1 for m in layout.values() if m.is_floating) if by_layer else 1
-    needed = learned_soup_bytes(layout, len(members), batch_size=batch_size, rows=rows)
+    positions = max(positions_per_example(x) for x, _ in batches)
+    needed = learned_soup_bytes(
+        layout, len(members), batch_size=batch_size, rows=rows, positions=positions
+    )
     advice = (
         "use ingredients: greedy or raise max_memory"
         if ingredients == "all"

@@ -26,7 +26,7 @@ from pydantic import PositiveInt, model_validator
 
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec, as_merge, check_members
-from modelsoup.recipes.registry import RecipeOptions, register
+from modelsoup.recipes.registry import RecipeOptions, get_recipe, register
 from modelsoup.soup import Soup
 from modelsoup.tasting import Taster
 
@@ -138,13 +138,12 @@ def search_soup(
         >>> soup.options["chosen"], soup.merge.options.lambda_
         (0.5, 0.5)
     """
-    opts = SearchOptions(
-        merge=dict(merge),
-        option=option,
-        grid=list(grid) if grid is not None else None,
-        bounds=tuple(bounds) if bounds is not None else None,
-        iterations=iterations,
-    )
+    given = {"merge": dict(merge), "option": option, "iterations": iterations}
+    if grid is not None:
+        given["grid"] = list(grid)
+    if bounds is not None:
+        given["bounds"] = tuple(bounds)
+    opts = get_recipe("search").check_options(given, source="search_soup()")
     check_members(opts.merge_rule(), len(taster.ingredients))  # slerp: two, before any work
     weights = [1.0] * len(taster.ingredients)
     scores: dict[float, float] = {}
