@@ -450,3 +450,21 @@ def test_transposed_changes_match_peft(arch, tmp_path):
     again = peft.PeftModel.from_pretrained(load(tmp_path / "base"), out).merge_and_unload()
     for name, value in again.state_dict().items():
         torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-5)
+
+
+def test_an_adapter_config_edited_after_it_was_read_is_refused(kitchen, tmp_path, monkeypatch):
+    import shutil
+    import time
+
+    from modelsoup.errors import IngredientError
+
+    monkeypatch.setenv("MODELSOUP_HASH_CACHE", str(tmp_path / "cache.jsonl"))
+    _, base_dir, adapters = kitchen
+    edited = tmp_path / "ad"
+    shutil.copytree(adapters[0], edited)
+    soup = modelsoup.average([edited, adapters[1]], base=base_dir)
+    time.sleep(0.01)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
+    with pytest.raises(IngredientError, match="adapter_config.json: changed while modelsoup"):
+        soup.save(tmp_path / "soup", progress=False)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -39,7 +40,7 @@ import torch
 
 from modelsoup._util import check_replaceable, replace_folder, temp_sibling
 from modelsoup.errors import IncompatibleIngredientsError, IngredientError
-from modelsoup.formats.base import TensorMeta, TensorSource, hash_files
+from modelsoup.formats.base import TensorMeta, TensorSource, check_unchanged, hash_files
 from modelsoup.formats.hf_folder import FOLDER_CARD, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
@@ -212,7 +213,12 @@ class AdapterSource(TensorSource):
 
     def __init__(self, folder: Path, base: str | Path | None = None):
         self.folder = Path(folder)
+        config_file = self.folder / ADAPTER_CONFIG
+        before = _stat_of(config_file)
         self.config = read_adapter_config(self.folder)
+        # the state of the config that was read: the card's hash must be of it
+        self._config_stat = _stat_of(config_file)
+        check_unchanged(config_file, self._config_stat, before)
         self.base_path = resolve_base(self.folder, self.config, base)
         self.base = open_base(self.base_path)
         found = (self.folder / n for n in ADAPTER_WEIGHTS if (self.folder / n).is_file())
@@ -447,13 +453,21 @@ class AdapterSource(TensorSource):
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(b"lora-adapter|")
-        digest.update(hash_files(self.adapter_files).encode())
+        stats = (self._config_stat, *self.factors.file_stats)  # what was read at open
+        digest.update(hash_files(self.adapter_files, stats).encode())
         digest.update(self.base.fingerprint().encode())
         return digest.hexdigest()
 
     def close(self) -> None:
         self.base.close()
         self.factors.close()
+
+
+def _stat_of(path: Path) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise IngredientError(f"{path}: cannot read ({err.strerror}); check the path") from err
 
 
 def shared_base(sources: Sequence[TensorSource]) -> TensorSource | None:
