@@ -206,8 +206,10 @@ def _examples(batches: list[tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tenso
             inputs = torch.cat([x for x, _ in batches])
     except (RuntimeError, TypeError, KeyError):
         raise ConfigError(
-            "the learned soup splits the held-out examples, but its batches cannot be joined "
-            "(ragged shapes?); pad the held-out inputs to one length"
+            f"the learned soup splits the held-out examples, but its {len(batches)} batches "
+            "cannot be joined (inputs padded to different lengths); give the held-out "
+            f"evaluator one batch (batch_size of at least {len(labels)}), or pad every batch "
+            "to one length"
         ) from None
     return inputs, labels
 
