@@ -231,3 +231,19 @@ def test_a_base_the_weighted_average_does_not_read_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SoupWarning)
         average(states, base={"w": torch.full((2,), 5.0)}, merge="task_arithmetic")
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-42, 1e39, 1e300])
+def test_weights_far_from_one_give_the_same_soup_as_weights_near_it(scale):
+    a, b = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, {"w": torch.tensor([3.0, 2.0, 1.0, 0.0])}
+    near = average([a, b], weights=[1.0, 3.0]).state_dict()["w"]
+    far = average([a, b], weights=[scale, 3 * scale]).state_dict()["w"]
+    assert torch.allclose(far, near, rtol=1e-6) and torch.isfinite(far).all()
+
+
+def test_unnormalized_weights_too_large_for_the_sum_are_one_error():
+    from modelsoup.errors import ConfigError
+
+    a, b = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    with pytest.raises(ConfigError, match="too large for a torch.float32 sum"):
+        average([a, b], weights=[1e39, 1.0], normalize=False).state_dict()

@@ -317,3 +317,48 @@ def test_average_recalibration_errors(tmp_path, ckpts, monkeypatch, capsys, extr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+def test_flags_that_would_be_dropped_silently_are_refused(tmp_path, capsys):
+    import yaml
+
+    paths = []
+    for i, dtype in enumerate([torch.bfloat16, torch.float32]):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        safetensors.torch.save_file({"w": torch.full((2,), float(i)).to(dtype)}, paths[-1])
+    out = tmp_path / "o.safetensors"
+    assert main(["average", *paths, "--weights=", "-o", str(out), "-q"]) == 2
+    assert "--weights '' must be numbers" in capsys.readouterr().err
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": p, "parameters": {"weight": 1.0}} for p in paths]}))  # fmt: skip
+    argv = ["average", "--from-mergekit", str(config), "--no-normalize", "-o", str(out), "-q"]
+    assert main(argv) == 2
+    assert "drop --no-normalize" in capsys.readouterr().err
+    # an ingredient with weight 0 is not in the soup: nor is its dtype
+    assert main(["average", *paths, "--weights", "0,1", "-o", str(out), "-q"]) == 0
+    assert safetensors.torch.load_file(str(out))["w"].dtype == torch.float32
+
+
+def test_inspect_checks_a_base_and_says_what_it_checks(tmp_path, capsys):
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        safetensors.torch.save_file({"w": torch.full((4,), float(i))}, paths[-1])
+    base = tmp_path / "base.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(5)}, str(base))
+    assert main(["inspect", *paths]) == 0
+    assert "NaN or Inf values are found when averaging" in capsys.readouterr().out
+    assert main(["inspect", *paths, "--base", str(base)]) == 2
+    assert "is (4,) in m0 but (5,) in base" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", ["ties", "dare_ties"])
+def test_no_normalize_with_a_rule_it_cannot_change_is_refused(tmp_path, capsys, rule):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        safetensors.torch.save_file({"w": torch.full((4,), float(i))}, paths[-1])
+    argv = ["average", *paths[1:], "--base", paths[0], "--merge", rule, "--density", "1"]
+    assert main([*argv, "--no-normalize", "-o", str(tmp_path / "o.safetensors"), "-q"]) == 2
+    assert f"has no effect on {rule}" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def _floats(text: str) -> list[float]:
 def cmd_average(args: argparse.Namespace) -> int:
     from modelsoup.recipes.uniform import average
 
-    weights = _floats(args.weights) if args.weights else None
+    weights = _floats(args.weights) if args.weights is not None else None
     sources, base, merge, normalize = args.sources, args.base, _merge_flags(args), True
     out_dtype = args.out_dtype
     if args.from_mergekit:
@@ -107,7 +107,8 @@ def _from_mergekit(args: argparse.Namespace) -> tuple:
 
     given = [f"--{k}" for k, d in MERGE_FLAGS.items() if getattr(args, d) is not None]
     given += ["SRC"] * bool(args.sources) + ["--base"] * bool(args.base)
-    given += ["--merge"] * bool(args.merge) + ["--weights"] * bool(args.weights)
+    given += ["--merge"] * bool(args.merge) + ["--weights"] * (args.weights is not None)
+    given += ["--no-normalize"] * bool(args.no_normalize)
     if given:
         raise ConfigError(f"--from-mergekit reads the whole merge from its file; drop {given[0]}")
     try:
@@ -188,7 +189,13 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from modelsoup.ingredients import describe_ingredients, open_ingredients
+    from modelsoup.ingredients import (
+        adapters_base,
+        check_compatible,
+        describe_ingredients,
+        open_ingredient,
+        open_ingredients,
+    )
 
     # opened and checked as `average` opens and checks them: same pool, same verdict
     ingredients = open_ingredients(
@@ -197,6 +204,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # listed below as part of the answer
         info = describe_ingredients(ingredients, int_policy=args.int_policy, strict=args.strict)
+    if args.base and info["compatible"] and adapters_base(ingredients) is None:
+        # the base of a merge rule: checked against the ingredients as `average` checks it
+        base = open_ingredient(args.base, key=args.checkpoint_key, label="base")
+        try:
+            check_compatible([ingredients[0], base], warn_duplicates=False)
+        except IncompatibleIngredientsError as err:
+            info["compatible"], info["problem"] = False, str(err)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -211,7 +225,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for line in info["warnings"]:
             print(f"warning: {line}")
         if len(ingredients) > 1:
-            verdict = "yes" if info["compatible"] else f"no: {info['problem']}"
+            verdict = (
+                "yes (names, shapes and kinds; NaN or Inf values are found when averaging)"
+                if info["compatible"]
+                else f"no: {info['problem']}"
+            )
             print(f"soup-compatible: {verdict}")
     if not info["compatible"]:  # exit 2 and one error line, as `average` would end
         sys.stdout.flush()

@@ -133,6 +133,12 @@ class Soup:
         check_members(self.merge, len(self.chosen))
 
     @property
+    def _lead(self) -> Ingredient:
+        # the first ingredient in the soup: the dtype its floating tensors are written in
+        chosen = self.chosen
+        return self.ingredients[chosen[0] if chosen else 0]
+
+    @property
     def chosen(self) -> list[int]:
         """Positions of the ingredients that take part (non-zero coefficient somewhere)."""
         used = {i for i, c in enumerate(self.coefficients) if c > 0}
@@ -154,11 +160,12 @@ class Soup:
     def layout(self, out_dtype: torch.dtype | str | None = None) -> dict[str, TensorMeta]:
         """Names, shapes and output dtypes of the soup's tensors.
 
-        Floating tensors keep the first ingredient's dtype unless ``out_dtype`` is given;
-        integer tensors always keep theirs.
+        Floating tensors keep the dtype of the first ingredient in the soup (the first
+        with a weight above 0) unless ``out_dtype`` is given; integer tensors always keep
+        theirs.
         """
         out_dtype = parse_dtype(out_dtype)
-        lay = self.ingredients[0].layout()
+        lay = self._lead.layout()
         if out_dtype is None:
             return lay
         return {n: TensorMeta(m.shape, out_dtype) if m.is_floating else m for n, m in lay.items()}
@@ -175,7 +182,7 @@ class Soup:
             >>> Soup(ings, [1, 1]).tensor("w", "bf16")
             tensor([0.5000], dtype=torch.bfloat16)
         """
-        meta = self.ingredients[0].meta(name)
+        meta = self._lead.meta(name)
         if name in self.overrides:
             value = self.overrides[name]
             if not meta.is_floating:
@@ -235,7 +242,7 @@ class Soup:
             >>> [p.tolist() for p in Soup(ings, [1, 1]).pieces("w", max_elements=2)]
             [[0.5, 0.5], [0.5, 0.5], [0.5]]
         """
-        meta = self.ingredients[0].meta(name)
+        meta = self._lead.meta(name)
         if name in self.overrides or not meta.is_floating:
             yield self.tensor(name, out_dtype).reshape(-1)
             return
@@ -343,8 +350,21 @@ class Soup:
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
         used = [(i, c) for i, c in enumerate(self.coefficients_for(name)) if c > 0]
-        total = sum(c for _, c in used) if self.options.get("normalize", True) else 1.0
-        return used, total
+        if not self.options.get("normalize", True):
+            big = next((c for _, c in used if c > torch.finfo(self.accum_dtype).max), None)
+            if big is not None:
+                raise ConfigError(
+                    f"weight {big:g} is too large for a {self.accum_dtype} sum without "
+                    "normalizing; scale the weights down or let them be normalized"
+                )
+            return used, 1.0
+        # Normalized weights only matter relative to each other: ones far from 1 (1e-50,
+        # 1e39) are scaled by a power of two, exactly, so that float32 neither rounds them
+        # to 0 nor overflows on them; weights near 1 are used as given, bit for bit.
+        exponent = math.frexp(max((c for _, c in used), default=1.0))[1]
+        if not -_SCALE_EXPONENT <= exponent <= _SCALE_EXPONENT:
+            used = [(i, math.ldexp(c, -exponent)) for i, c in used]
+        return used, sum(c for _, c in used)
 
     def _finish(
         self, name: str, acc: torch.Tensor, used: list[tuple[int, float]], total: float
@@ -454,6 +474,10 @@ def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:
         if ing.path is not None:
             paths.add(ing.path.resolve())
     return paths
+
+
+#: normalized weights whose largest is within 2**±this are used as given (_mix_plan)
+_SCALE_EXPONENT = 60
 
 
 def check_not_input(soup: Soup | Sequence[Ingredient], out: Path) -> None:

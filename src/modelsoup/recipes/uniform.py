@@ -86,6 +86,13 @@ def average(
         coefs = check_coefficients(weights, len(ingredients))
         recipe = "weighted"
     members = [ing.label for ing, c in zip(ingredients, coefs) if c > 0]
+    rule = as_merge(merge).rule
+    if not normalize and rule in ("ties", "dare_ties"):
+        raise ConfigError(
+            f"--no-normalize (normalize=False) has no effect on {rule}: its disjoint mean "
+            "divides by the agreeing weights whatever their sum; drop it, or use "
+            "task_arithmetic or dare_linear to sum the task vectors as weighted"
+        )
     if len(members) == 1 and as_merge(merge).is_average:  # other rules use a base: no copy
         why = "it is the only ingredient" if len(ingredients) == 1 else "only it has weight > 0"
         warnings.warn(
