@@ -140,6 +140,25 @@ def class_order(id2label: Mapping) -> str | None:
     return json.dumps([label for _, label in ids])
 
 
+def stat_file(path: Path) -> os.stat_result:
+    """``os.stat`` of a checkpoint file, an :class:`IngredientError` naming it if it is
+    gone or unreadable.
+
+    Example:
+        >>> try:
+        ...     stat_file(Path("/nonexistent/a.pt"))
+        ... except IngredientError as err:
+        ...     print(err)
+        /nonexistent/a.pt: file not found; check the path
+    """
+    try:
+        return os.stat(path)
+    except FileNotFoundError as err:
+        raise IngredientError(f"{path}: file not found; check the path") from err
+    except OSError as err:
+        raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
+
+
 def _state(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
@@ -190,11 +209,7 @@ def hash_files(files: Sequence[Path], stats: Sequence[os.stat_result] | None = N
     files = list(files)
     if stats is not None:
         for path, then in zip(files, stats, strict=True):
-            try:
-                now = os.stat(path)
-            except OSError as err:
-                raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
-            check_unchanged(path, now, then)
+            check_unchanged(path, stat_file(path), then)
     known = hashcache.recall(files, stats=stats)
     if known is not None:
         return known

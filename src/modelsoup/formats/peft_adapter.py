@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,13 @@ import torch
 
 from modelsoup._util import check_replaceable, replace_folder, temp_sibling
 from modelsoup.errors import IncompatibleIngredientsError, IngredientError
-from modelsoup.formats.base import TensorMeta, TensorSource, check_unchanged, hash_files
+from modelsoup.formats.base import (
+    TensorMeta,
+    TensorSource,
+    check_unchanged,
+    hash_files,
+    stat_file,
+)
 from modelsoup.formats.hf_folder import FOLDER_CARD, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
@@ -214,10 +219,10 @@ class AdapterSource(TensorSource):
     def __init__(self, folder: Path, base: str | Path | None = None):
         self.folder = Path(folder)
         config_file = self.folder / ADAPTER_CONFIG
-        before = _stat_of(config_file)
+        before = stat_file(config_file)
         self.config = read_adapter_config(self.folder)
         # the state of the config that was read: the card's hash must be of it
-        self._config_stat = _stat_of(config_file)
+        self._config_stat = stat_file(config_file)
         check_unchanged(config_file, self._config_stat, before)
         self.base_path = resolve_base(self.folder, self.config, base)
         self.base = open_base(self.base_path)
@@ -461,13 +466,6 @@ class AdapterSource(TensorSource):
     def close(self) -> None:
         self.base.close()
         self.factors.close()
-
-
-def _stat_of(path: Path) -> os.stat_result:
-    try:
-        return os.stat(path)
-    except OSError as err:
-        raise IngredientError(f"{path}: cannot read ({err.strerror}); check the path") from err
 
 
 def shared_base(sources: Sequence[TensorSource]) -> TensorSource | None:

@@ -43,6 +43,7 @@ from modelsoup.formats.base import (
     architecture_of,
     check_unchanged,
     flattened,
+    stat_file,
 )
 
 #: harmless classes that common training scripts pickle beside the weights
@@ -127,15 +128,6 @@ def _check_not_other_format(path: Path) -> None:
         raise IngredientError(
             f"{path}: is a safetensors file, not a torch pickle; rename it to .safetensors"
         )
-
-
-def _stat(path: Path) -> os.stat_result:
-    try:
-        return os.stat(path)
-    except FileNotFoundError as err:
-        raise IngredientError(f"{path}: file not found; check the path") from err
-    except OSError as err:
-        raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
 
 
 def _is_tensor_dict(obj: object) -> bool:
@@ -353,9 +345,9 @@ class TorchSource(HeldSource):
         for index, path in enumerate(self.files):
             # The tensors are memory-mapped from the file torch opened: its state before
             # and after loading names that file, and the hash must be of it.
-            before = _stat(path)
+            before = stat_file(path)
             obj = load_pickle(path)
-            stats.append(_stat(path))
+            stats.append(stat_file(path))
             check_unchanged(path, stats[-1], before)
             state, note = unwrap(obj, key, str(path))
             if not notes:
@@ -388,13 +380,13 @@ class TorchSource(HeldSource):
         # what the file held, or an error.
         index = self._shard[name]
         path = self.files[index]
-        check_unchanged(path, _stat(path), self.file_stats[index])
+        check_unchanged(path, stat_file(path), self.file_stats[index])
         size = mapped.numel() * mapped.element_size()
         if scratch is None or scratch.numel() < size or size == 0:
             return mapped
         out = scratch[:size].view(mapped.dtype).view(mapped.shape)
         out.copy_(mapped)
-        check_unchanged(path, _stat(path), self.file_stats[index])
+        check_unchanged(path, stat_file(path), self.file_stats[index])
         return out
 
 
