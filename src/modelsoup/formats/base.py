@@ -439,7 +439,7 @@ class TensorSource:
             >>> DictSource({"w": torch.arange(6.0).reshape(2, 3)}).tensor_range("w", 2, 3)
             tensor([2., 3., 4.])
         """
-        return flattened(self, name, self.tensor(name))[start : start + count]
+        return _flat(self, name, self.tensor(name))[start : start + count]
 
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
@@ -495,7 +495,7 @@ class DictSource(HeldSource):
         self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
     ) -> torch.Tensor:
         # slice before moving, so a tensor on a GPU is copied one piece at a time
-        return flattened(self, name, self._tensors[name].detach())[start : start + count].cpu()
+        return _flat(self, name, self._tensors[name].detach())[start : start + count].cpu()
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -506,19 +506,10 @@ class DictSource(HeldSource):
         return digest.hexdigest()
 
 
-def flattened(source: TensorSource, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Tensor ``name`` of ``source`` (``t``) flattened, row-major.
-
-    A contiguous tensor flattens for free. A strided one (a view that was pickled as
-    such) is copied once and kept until another tensor is asked for, so reading it in
-    pieces does not copy it once per piece.
-
-    Example:
-        >>> import torch
-        >>> t = torch.arange(6.0).reshape(2, 3)
-        >>> flattened(DictSource({"w": t}), "w", t.T).tolist()
-        [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
-    """
+def _flat(source: TensorSource, name: str, t: torch.Tensor) -> torch.Tensor:
+    # A contiguous tensor flattens for free. A strided one (a view that was pickled as
+    # such) is copied once and kept until another tensor is asked for, so reading it in
+    # pieces does not copy it once per piece.
     if t.is_contiguous():
         return t.view(-1)
     kept = getattr(source, "_flat_copy", None)

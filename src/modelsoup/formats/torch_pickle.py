@@ -42,7 +42,6 @@ from modelsoup.formats.base import (
     HeldSource,
     architecture_of,
     check_unchanged,
-    flattened,
     stat_file,
 )
 
@@ -365,29 +364,14 @@ class TorchSource(HeldSource):
         return self.files[self._shard[name]]
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        return self._read(name, self._tensors[name], scratch)
-
-    def tensor_range(
-        self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        flat = flattened(self, name, self._tensors[name])[start : start + count]
-        return self._read(name, flat, scratch)
-
-    def _read(self, name: str, mapped: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
         # The tensors are pages of the file torch memory-mapped: a training job that
-        # re-saves it in place changes them under us. Check the file before reading and,
-        # when the values are copied into ``scratch``, after: what is returned then is
-        # what the file held, or an error.
+        # re-saves it in place changes them under us. Each read checks the file first;
+        # a change during the read itself is caught when the soup's card hashes the file
+        # against the same state (hash_files), before the soup is put in place.
         index = self._shard[name]
         path = self.files[index]
         check_unchanged(path, stat_file(path), self.file_stats[index])
-        size = mapped.numel() * mapped.element_size()
-        if scratch is None or scratch.numel() < size or size == 0:
-            return mapped
-        out = scratch[:size].view(mapped.dtype).view(mapped.shape)
-        out.copy_(mapped)
-        check_unchanged(path, stat_file(path), self.file_stats[index])
-        return out
+        return self._tensors[name]
 
 
 def write_torch(
