@@ -365,9 +365,9 @@ class TorchSource(HeldSource):
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         # The tensors are pages of the file torch memory-mapped: a training job that
-        # re-saves it in place changes them under us. Each read checks the file first;
-        # a change during the read itself is caught when the soup's card hashes the file
-        # against the same state (hash_files), before the soup is put in place.
+        # re-saves it in place changes them under us. Each read checks the file first
+        # (one stat; copying the pages to check again after the read cost 1.14-1.25x,
+        # bench/README.md), so only a rewrite in the moment of the read itself is missed.
         index = self._shard[name]
         path = self.files[index]
         check_unchanged(path, stat_file(path), self.file_stats[index])
