@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -275,6 +275,33 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def call_model(model: Any, inputs: Any, what: str = "") -> Any:
+    """``model(**inputs)`` for a dict of keyword inputs, else ``model(inputs)``; the
+    model's own error on the batch is one :class:`EvaluationError` line (``what`` names
+    the caller), not a traceback. Out-of-memory errors pass through as they are.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     call_model(torch.nn.Linear(2, 1), torch.ones(1, 3), "recalibrate_bn")
+        ... except EvaluationError as err:
+        ...     print(str(err)[:48])
+        recalibrate_bn: the model failed on a batch of t
+    """
+    try:
+        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    except (SoupError, torch.cuda.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as err:  # the model's own error on this data: one line, not a traceback
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise EvaluationError(
+            f"{what + ': ' if what else ''}the model failed on a batch of the "
+            f"{'data' if what else 'evaluation data'} ({type(err).__name__}: {first}); check "
+            "that the data fits the model (input shapes, max_length within its positions, "
+            "a padding token)"
+        ) from err
+
+
 def forward_logits(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
     """Call ``model`` on one batch of inputs and return its logits tensor.
 
@@ -283,17 +310,7 @@ def forward_logits(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         >>> forward_logits(torch.nn.Identity(), torch.ones(1, 2)).shape
         torch.Size([1, 2])
     """
-    try:
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    except (SoupError, torch.cuda.OutOfMemoryError, MemoryError):
-        raise
-    except Exception as err:  # the model's own error on this data: one line, not a traceback
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise EvaluationError(
-            f"the model failed on a batch of the evaluation data ({type(err).__name__}: "
-            f"{first}); check that the data fits the model (input shapes, max_length within "
-            "its positions, a padding token)"
-        ) from err
+    out = call_model(model, inputs)
     if hasattr(out, "logits"):
         out = out.logits
     elif isinstance(out, tuple | list):

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelsoup.errors import ConfigError, EvaluationError, SoupError, SoupWarning
+from modelsoup.errors import ConfigError, SoupWarning
+from modelsoup.evaluators import call_model
 
 if TYPE_CHECKING:
     from modelsoup.soup import Soup
@@ -141,19 +142,7 @@ def forward_batch(
             f"{what}: data yielded a {type(batch).__name__}; yield tensors, "
             "(inputs, labels) tuples or dicts of keyword inputs"
         )
-    try:
-        if isinstance(batch, Mapping):
-            module(**_to(batch, device))
-        else:
-            module(_to(batch, device))
-    except SoupError:
-        raise
-    except Exception as err:  # the model's own error on this data: one line, not a traceback
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise EvaluationError(
-            f"{what}: the model failed on a batch of the data ({type(err).__name__}: "
-            f"{first}); check that the data fits the model"
-        ) from err
+    call_model(module, _to(batch, device), what)
 
 
 def recalibrate_bn(
