@@ -493,8 +493,17 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         >>> parse_dtype("bf16")
         torch.bfloat16
     """
-    if name is None or isinstance(name, torch.dtype):
-        return name
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        # a dtype object too: torch.int8 would round a soup to integers
+        if name in DTYPE_NAMES.values():
+            return name
+        name = str(name).removeprefix("torch.")
+        raise ConfigError(
+            f"dtype '{name}' is not a float dtype a soup is written in; "
+            "use one of fp32, fp16, bf16, fp64"
+        )
     try:
         return DTYPE_NAMES[str(name).lower()]
     except KeyError:

@@ -32,6 +32,22 @@ INT_POLICIES = ("strict", "first")
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def check_accum_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The dtype sums are kept in: float32 or float64, by name or as a torch dtype
+    (a half-precision sum would lose the soup's precision).
+
+    Example:
+        >>> check_accum_dtype("float64"), check_accum_dtype(torch.float32)
+        (torch.float64, torch.float32)
+    """
+    if isinstance(dtype, torch.dtype) and dtype in ACCUM_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in ACCUM_DTYPES:
+        return ACCUM_DTYPES[dtype]
+    shown = str(dtype).removeprefix("torch.")
+    raise ConfigError(f"accumulation dtype '{shown}' is unknown; use float32 or float64")
+
+
 def check_int_policy(policy: str) -> str:
     """Validate an ``int_policy`` value.
 
@@ -170,7 +186,7 @@ class Accumulator:
         device: str | torch.device | None = None,
     ):
         self.ingredients = list(ingredients)
-        self.accum_dtype = accum_dtype
+        self.accum_dtype = check_accum_dtype(accum_dtype)
         #: where the running sum lives: the evaluated module's device, so candidates are
         #: mixed where the model is and written into it without a host round trip
         self.device = torch.device(device) if device is not None else torch.device("cpu")

@@ -27,8 +27,13 @@ from pathlib import Path
 
 import torch
 
-from modelsoup.errors import IncompatibleIngredientsError, IngredientError, SoupWarning
-from modelsoup.formats.base import DictSource, TensorMeta, TensorSource, hash_files
+from modelsoup.errors import (
+    ConfigError,
+    IncompatibleIngredientsError,
+    IngredientError,
+    SoupWarning,
+)
+from modelsoup.formats.base import DictSource, TensorMeta, TensorSource, hash_files, storage_of
 from modelsoup.formats.dispatch import (
     CHECKPOINT_SUFFIXES,
     checkpoint_stem,
@@ -652,6 +657,41 @@ def _check_layouts(first: Ingredient, ref: dict, other: Ingredient, lay: dict) -
             )
 
 
+def check_not_sharing(
+    module: torch.nn.Module, ingredients: Sequence[Ingredient | None], what: str = "the model"
+) -> None:
+    """Refuse a module to write soups into whose weights are the memory of an in-memory
+    ingredient (or base): a state dict taken with ``model.state_dict()`` shares the
+    model's tensors, so writing a soup into that model would change the ingredient, and
+    every later soup would be mixed from the changed values.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ings = [open_ingredient(model.state_dict(), label="ft-1")]
+        >>> try:
+        ...     check_not_sharing(model, ings)
+        ... except ConfigError as err:
+        ...     print(str(err)[:56])
+        the model shares the memory of ingredient ft-1's tensors
+    """
+    owners: dict[int, str] = {}
+    for ing in ingredients:
+        storages = getattr(ing.source, "storages", None) if ing is not None else None
+        for address in storages() if storages is not None else ():
+            owners.setdefault(address, ing.label)
+    if not owners:
+        return
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        owner = owners.get(storage_of(t))
+        if owner is not None:
+            raise ConfigError(
+                f"{what} shares the memory of ingredient {owner}'s tensors (its '{name}'; "
+                "a state_dict() taken without .clone()): writing soups into it would change "
+                "that ingredient; pass a fresh module (copy.deepcopy(model))"
+            )
+
+
 def warn_if_duplicated(ingredients: Sequence[Ingredient], *, by_content: bool = False) -> None:
     """Warn when the same checkpoint appears twice (legal: it then counts twice).
 
@@ -671,7 +711,7 @@ def warn_if_duplicated(ingredients: Sequence[Ingredient], *, by_content: bool = 
     seen: dict[object, str] = {}
     hashes: dict[str, str] = {}
     for ing in ingredients:
-        key = ing.path.resolve() if ing.path is not None else id(ing.source)
+        key = ing.path.resolve() if ing.path is not None else _memory_key(ing)
         if by_content:
             # Same path was already reported when the ingredients were opened.
             other = hashes.get(ing.sha256) if key not in seen else None
@@ -679,13 +719,27 @@ def warn_if_duplicated(ingredients: Sequence[Ingredient], *, by_content: bool = 
         else:
             other = seen.get(key)
         if other is not None:
+            memory = (
+                " (the same tensors in memory: a state_dict() kept without .clone() follows "
+                "the model as it trains)"
+                if ing.path is None and not isinstance(key, int)
+                else ""
+            )
             warnings.warn(
-                f"{ing.label} and {other} are the same checkpoint: it is used twice and "
-                "counts twice in the average",
+                f"{ing.label} and {other} are the same checkpoint{memory}: it is used twice "
+                "and counts twice in the average",
                 SoupWarning,
                 stacklevel=2,
             )
         seen.setdefault(key, ing.label)
+
+
+def _memory_key(ing: Ingredient) -> object:
+    # State dicts taken from one model without .clone() are the same tensors, whatever
+    # the objects holding them: the model's last weights, counted once per dict.
+    storages = getattr(ing.source, "storages", None)
+    held = storages() if storages is not None else set()
+    return frozenset(held) if held else id(ing.source)
 
 
 def describe_ingredients(

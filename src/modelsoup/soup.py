@@ -34,6 +34,7 @@ from modelsoup._util import (
     write_error,
 )
 from modelsoup.accumulator import (
+    check_accum_dtype,
     check_int_policy,
     check_same_ints,
     checked_float,
@@ -57,6 +58,7 @@ from modelsoup.ingredients import (
     Ingredient,
     adapters_base,
     check_compatible,
+    check_not_sharing,
     open_ingredient,
     warn_if_duplicated,
 )
@@ -77,7 +79,15 @@ def check_coefficients(values: Sequence[float], count: int) -> list[float]:
         >>> check_coefficients([1, 2], 2)
         [1.0, 2.0]
     """
-    values = [float(v) for v in values]
+    try:
+        if isinstance(values, str | bytes | Mapping):
+            raise TypeError
+        listed = list(values)
+    except TypeError:
+        raise ConfigError(
+            f"weights are {type(values).__name__}; give a list of numbers, one per ingredient"
+        ) from None
+    values = [_weight(i, v) for i, v in enumerate(listed)]
     if len(values) != count:
         raise ConfigError(f"{len(values)} weights given for {count} ingredients; give one each")
     for i, v in enumerate(values):
@@ -88,6 +98,13 @@ def check_coefficients(values: Sequence[float], count: int) -> list[float]:
     if not any(v > 0 for v in values):
         raise ConfigError("all weights are zero; give at least one ingredient a positive weight")
     return values
+
+
+def _weight(i: int, v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"weight {i + 1} is {v!r}; weights must be numbers") from None
 
 
 @dataclass
@@ -122,6 +139,9 @@ class Soup:
 
     def __post_init__(self) -> None:
         self.coefficients = check_coefficients(self.coefficients, len(self.ingredients))
+        if self.tensor_coefficients is not None:
+            self.tensor_coefficients = self._checked_tensor_coefficients(self.tensor_coefficients)
+        self.accum_dtype = check_accum_dtype(self.accum_dtype)
         check_int_policy(self.int_policy)
         self.merge = as_merge(self.merge)
         if self.base is not None:
@@ -131,6 +151,27 @@ class Soup:
             self.base = adapters_base(self.ingredients)  # adapters carry their base
         check_base(self.merge, self.base)
         check_members(self.merge, len(self.chosen))
+
+    def _checked_tensor_coefficients(self, given: Mapping) -> dict[str, list[float]]:
+        # per tensor as for the whole soup: one weight per ingredient, finite, >= 0, not
+        # all zero (a zero sum would write NaN); and only tensors the ingredients have
+        if not isinstance(given, Mapping):
+            raise ConfigError(
+                f"tensor_coefficients is {type(given).__name__}; give a mapping of tensor "
+                "name -> one weight per ingredient"
+            )
+        names = set(self.ingredients[0].names())
+        checked = {}
+        for name, values in given.items():
+            if name not in names:
+                raise ConfigError(
+                    f"tensor_coefficients names '{name}', which the ingredients do not have"
+                )
+            try:
+                checked[name] = check_coefficients(values, len(self.ingredients))
+            except ConfigError as err:
+                raise ConfigError(f"tensor_coefficients of '{name}': {err}") from None
+        return checked
 
     @property
     def _lead(self) -> Ingredient:
@@ -184,7 +225,17 @@ class Soup:
         """
         meta = self._lead.meta(name)
         if name in self.overrides:
-            value = self.overrides[name]
+            # a copy: the caller may change what it gets, the soup stays as it is
+            value = self.overrides[name].detach().clone()
+            if (
+                tuple(value.shape) != tuple(meta.shape)
+                or value.is_floating_point() != meta.is_floating
+            ):
+                raise ConfigError(
+                    f"the soup's replacement of tensor '{name}' is {tuple(value.shape)} "
+                    f"{str(value.dtype).removeprefix('torch.')}, the ingredients' "
+                    f"{tuple(meta.shape)} {str(meta.dtype).removeprefix('torch.')}"
+                )
             if not meta.is_floating:
                 return value
             if not is_finite(value):  # re-estimated statistics of NaN data, say
@@ -407,6 +458,7 @@ class Soup:
             >>> torch.allclose(m.bias, (a.bias + b.bias) / 2)
             True
         """
+        check_not_sharing(module, [*self.ingredients, self.base], "the module to apply the soup to")
         lay = self.ingredients[0].layout()
 
         def in_pieces(name: str, dest: torch.Tensor) -> bool:
@@ -415,7 +467,7 @@ class Soup:
                 return False
             flat, at = dest.view(-1), 0
             for piece in self.pieces(name):
-                flat[at : at + piece.numel()].copy_(piece)
+                flat[at : at + piece.numel()].copy_(saturating_cast(piece, dest.dtype, name))
                 at += piece.numel()
             return True
 

@@ -47,6 +47,7 @@ from modelsoup.evaluators import (
 from modelsoup.ingredients import (
     Ingredient,
     check_compatible,
+    check_not_sharing,
     open_ingredient,
     warn_if_duplicated,
 )
@@ -181,6 +182,7 @@ class Taster:
             check_compatible([self.base, self.ingredients[0]], warn_duplicates=False)
         #: how candidates are mixed: the weighted average unless a recipe says otherwise
         self.merge: MergeSpec = as_merge(None)
+        check_not_sharing(model, [*self.ingredients, self.base])
         self.model = model
         # the model's classes and layers: the same tensors in another architecture (a new
         # head, another activation module) score differently, so never share a score

@@ -378,6 +378,66 @@ class ThreadedHash:
             last.add_done_callback(lambda _: callback(self._digest.hexdigest()))
 
 
+def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
+    """Refuse a state-dict entry that is not a named, dense, real tensor holding data.
+
+    A pickle may hold anything torch can rebuild, not only what a soup can average:
+    a meta tensor has no values (it would average as zeros), sparse and nested tensors
+    have no fixed element layout, complex and quantized values are not averaged here, nor
+    raw bits (``torch.bits8``, ...) or packed sub-byte values (``torch.uint4``, ...).
+
+    Example:
+        >>> import torch
+        >>> check_tensor("w", torch.ones(2))
+        >>> try:
+        ...     check_tensor("w", torch.empty(2, device="meta"), "a.pt")
+        ... except IngredientError as err:
+        ...     print(str(err)[:44])
+        a.pt: tensor 'w' is a meta tensor: it has no
+    """
+    if not isinstance(name, str):
+        raise IngredientError(
+            f"{label}: the state dict has the key {name!r} ({type(name).__name__}), not a "
+            "tensor name; re-save it as a dict of name -> tensor (model.state_dict())"
+        )
+    where = f"{label}: tensor '{name}'"
+    if t.is_meta:
+        raise IngredientError(
+            f"{where} is a meta tensor: it has no values (saved from a model built on the "
+            "meta device, e.g. with init_empty_weights, before its weights were loaded); "
+            "re-save it after loading the real weights"
+        )
+    if t.is_nested:
+        raise IngredientError(
+            f"{where} is a nested tensor, which has no fixed shape to average; "
+            "re-save it as ordinary tensors"
+        )
+    if t.layout != torch.strided:
+        raise IngredientError(
+            f"{where} has the {str(t.layout).removeprefix('torch.')} layout; soups average "
+            "dense tensors: re-save it with .to_dense()"
+        )
+    if str(t.dtype).removeprefix("torch.") in _NO_ARITHMETIC:
+        raise IngredientError(
+            f"{where} is {str(t.dtype).removeprefix('torch.')}: raw bits or packed values, "
+            "with no arithmetic in torch; re-save it as uint8 (tensor.view(torch.uint8)) "
+            "or leave it out of the state dict"
+        )
+    if t.is_quantized or t.is_complex():
+        raise IngredientError(
+            f"{where} is {str(t.dtype).removeprefix('torch.')}, which modelsoup does not "
+            "average; re-save the checkpoint in a real floating dtype (e.g. float32)"
+        )
+
+
+#: torch dtypes of raw bits or packed sub-byte values: torch has no arithmetic (nor any
+#: conversion) for them, so a tensor of one can be neither averaged nor copied
+_NO_ARITHMETIC = frozenset(
+    ["bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "float4_e2m1fn_x2"]
+    + [f"{kind}{bits}" for kind in ("int", "uint") for bits in range(1, 8)]
+)
+
+
 class TensorSource:
     """A checkpoint opened for lazy, one-tensor-at-a-time reading.
 
@@ -485,25 +545,93 @@ class DictSource(HeldSource):
     def __init__(self, obj: Mapping[str, torch.Tensor] | torch.nn.Module, label: str = "<memory>"):
         state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for name, t in self._tensors.items():
+            check_tensor(name, t, label)
         self.label = label
         self.files = ()
+        # The soup is mixed lazily, from these very tensors: one changed in place later
+        # (training goes on, load_state_dict) would give a soup of neither state, under
+        # the sha256 of the first. torch counts in-place changes per tensor.
+        self._versions = {name: _version(t) for name, t in self._tensors.items()}
+
+    def check_unchanged(self, name: str) -> None:
+        """Refuse a tensor changed in place since this source was made (the soup would
+        mix values it was not made from).
+
+        Example:
+            >>> import torch
+            >>> w = torch.zeros(2)
+            >>> src = DictSource({"w": w}, label="model")
+            >>> _ = w.add_(1)
+            >>> try:
+            ...     src.tensor("w")
+            ... except IngredientError as err:
+            ...     print(str(err)[:47])
+            model: tensor 'w' was changed in place after th
+        """
+        if _version(self._tensors[name]) != self._versions[name]:
+            raise IngredientError(
+                f"{self.label}: tensor '{name}' was changed in place after the soup was "
+                "made from it (training went on, or load_state_dict); make the soup again "
+                "from the model as it is now, or give it copies (copy.deepcopy(model))"
+            )
+
+    def storages(self) -> set[int]:
+        """Addresses of the memory that holds these tensors, to catch a destination that
+        is the same memory (:func:`modelsoup.ingredients.check_not_sharing`).
+
+        Example:
+            >>> import torch
+            >>> w = torch.zeros(2)
+            >>> DictSource({"w": w}).storages() == {w.untyped_storage().data_ptr()}
+            True
+        """
+        return {p for t in self._tensors.values() if (p := storage_of(t))}
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_unchanged(name)
         return self._tensors[name].detach().cpu()
 
     def tensor_range(
         self, name: str, start: int, count: int, scratch: torch.Tensor | None = None
     ) -> torch.Tensor:
+        self.check_unchanged(name)
         # slice before moving, so a tensor on a GPU is copied one piece at a time
         return _flat(self, name, self._tensors[name].detach())[start : start + count].cpu()
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for name, t in self._tensors.items():
+            self.check_unchanged(name)
             t = t.detach().cpu().contiguous()
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    # tensors made under torch.inference_mode keep no count (and cannot be changed in
+    # place outside it)
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def storage_of(t: torch.Tensor) -> int:
+    """The address of the memory a tensor's values live in (0 when it has none of its own,
+    as for a meta tensor): two tensors with the same address share their values.
+
+    Example:
+        >>> import torch
+        >>> w = torch.zeros(4)
+        >>> storage_of(w[2:]) == storage_of(w)
+        True
+    """
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _flat(source: TensorSource, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -512,7 +640,10 @@ def _flat(source: TensorSource, name: str, t: torch.Tensor) -> torch.Tensor:
     # pieces does not copy it once per piece.
     if t.is_contiguous():
         return t.view(-1)
+    # The copy is of these values: the same name read again after an in-place change, or
+    # as another tensor, is copied anew.
+    key = (name, storage_of(t), _version(t))
     kept = getattr(source, "_flat_copy", None)
-    if kept is None or kept[0] != name:
-        kept = source._flat_copy = (name, t.reshape(-1))
+    if kept is None or kept[0] != key:
+        kept = source._flat_copy = (key, t.reshape(-1))
     return kept[1]

@@ -41,6 +41,7 @@ from modelsoup.formats.base import (
     RESAVE_HINT,
     HeldSource,
     architecture_of,
+    check_tensor,
     check_unchanged,
     stat_file,
 )
@@ -190,66 +191,6 @@ def _strip_wrappers(state: dict, notes: list[str]) -> dict:
 def _shared_prefix(state: Mapping[str, object], prefixes: tuple[str, ...]) -> str | None:
     """The first of ``prefixes`` that every name of ``state`` starts with, if any."""
     return next((p for p in prefixes if state and all(k.startswith(p) for k in state)), None)
-
-
-def check_tensor(name: object, t: torch.Tensor, label: str = "") -> None:
-    """Refuse a state-dict entry that is not a named, dense, real tensor holding data.
-
-    A pickle may hold anything torch can rebuild, not only what a soup can average:
-    a meta tensor has no values (it would average as zeros), sparse and nested tensors
-    have no fixed element layout, complex and quantized values are not averaged here, nor
-    raw bits (``torch.bits8``, ...) or packed sub-byte values (``torch.uint4``, ...).
-
-    Example:
-        >>> import torch
-        >>> check_tensor("w", torch.ones(2))
-        >>> try:
-        ...     check_tensor("w", torch.empty(2, device="meta"), "a.pt")
-        ... except IngredientError as err:
-        ...     print(str(err)[:44])
-        a.pt: tensor 'w' is a meta tensor: it has no
-    """
-    if not isinstance(name, str):
-        raise IngredientError(
-            f"{label}: the state dict has the key {name!r} ({type(name).__name__}), not a "
-            "tensor name; re-save it as a dict of name -> tensor (model.state_dict())"
-        )
-    where = f"{label}: tensor '{name}'"
-    if t.is_meta:
-        raise IngredientError(
-            f"{where} is a meta tensor: it has no values (saved from a model built on the "
-            "meta device, e.g. with init_empty_weights, before its weights were loaded); "
-            "re-save it after loading the real weights"
-        )
-    if t.is_nested:
-        raise IngredientError(
-            f"{where} is a nested tensor, which has no fixed shape to average; "
-            "re-save it as ordinary tensors"
-        )
-    if t.layout != torch.strided:
-        raise IngredientError(
-            f"{where} has the {str(t.layout).removeprefix('torch.')} layout; soups average "
-            "dense tensors: re-save it with .to_dense()"
-        )
-    if str(t.dtype).removeprefix("torch.") in _NO_ARITHMETIC:
-        raise IngredientError(
-            f"{where} is {str(t.dtype).removeprefix('torch.')}: raw bits or packed values, "
-            "with no arithmetic in torch; re-save it as uint8 (tensor.view(torch.uint8)) "
-            "or leave it out of the state dict"
-        )
-    if t.is_quantized or t.is_complex():
-        raise IngredientError(
-            f"{where} is {str(t.dtype).removeprefix('torch.')}, which modelsoup does not "
-            "average; re-save the checkpoint in a real floating dtype (e.g. float32)"
-        )
-
-
-#: torch dtypes of raw bits or packed sub-byte values: torch has no arithmetic (nor any
-#: conversion) for them, so a tensor of one can be neither averaged nor copied
-_NO_ARITHMETIC = frozenset(
-    ["bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "float4_e2m1fn_x2"]
-    + [f"{kind}{bits}" for kind in ("int", "uint") for bits in range(1, 8)]
-)
 
 
 #: what a Lightning checkpoint needs besides its weights to load with

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from modelsoup.accumulator import ACCUM_DTYPES
+from modelsoup.accumulator import check_accum_dtype
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
@@ -18,14 +18,6 @@ from modelsoup.recipes.baselines import NoOptions
 from modelsoup.recipes.registry import register
 from modelsoup.soup import Soup, check_coefficients
 from modelsoup.tasting import Taster
-
-
-def _accum(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in ACCUM_DTYPES:
-        raise ConfigError(f"accumulation dtype '{dtype}' is unknown; use float32 or float64")
-    return ACCUM_DTYPES[dtype]
 
 
 def average(
@@ -106,7 +98,7 @@ def average(
         coefs,
         recipe=recipe,
         options={"normalize": normalize},
-        accum_dtype=_accum(accum_dtype),
+        accum_dtype=check_accum_dtype(accum_dtype),
         int_policy=int_policy,
         merge=merge,
         base=base,
