@@ -23,8 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
@@ -159,9 +161,68 @@ def identity(evaluator: Any) -> str:
         short = str(fingerprint())[:12]
         if short not in name:
             name = f"{name}[{short}]"
+    # What it measures, too: the same name and data scored as a loss, as top-3 or by
+    # another metric function must not find this one's scores
+    name = f"{name}<{measure_digest(evaluator)}>"
     if hasattr(evaluator, "__dict__"):
         vars(evaluator)["_identity"] = name  # the data never changes once fetched
     return name
+
+
+def measure_digest(evaluator: Any) -> str:
+    """A short hash of what an evaluator measures, whatever its name: its class, its
+    direction, its kind and top-k, and the code of the function it calls (a metric,
+    or the ``model -> float`` function itself).
+
+    Example:
+        >>> import torch
+        >>> data = (torch.eye(2), torch.tensor([0, 1]))
+        >>> measure_digest(Accuracy(data)) == measure_digest(Accuracy(data, top_k=2))
+        False
+    """
+    inner = getattr(evaluator, "inner", evaluator)  # a NamedEvaluator's user object
+    kind = type(inner)
+    parts = [
+        f"{kind.__module__}.{kind.__qualname__}",
+        str(getattr(evaluator, "higher_is_better", "")),
+    ]
+    parts += [f"{a}={getattr(inner, a)}" for a in ("kind", "top_k") if hasattr(inner, a)]
+    fn = getattr(inner, "metric", None) or getattr(inner, "fn", None)
+    if callable(fn):
+        parts.append(_code_of(fn))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
+def _code_of(fn: Callable) -> str:
+    # two lambdas share a name: their code tells them apart (and a function edited
+    # between runs is another measure)
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    code = getattr(target, "__code__", None)
+    if code is None:  # an object with a __call__ method
+        code = getattr(vars(type(target)).get("__call__"), "__code__", None)
+    qualname = getattr(target, "__qualname__", type(target).__qualname__)
+    where = f"{getattr(target, '__module__', '')}.{qualname}"
+    if code is None:
+        return where
+    bound = (fn.args, sorted(fn.keywords.items())) if isinstance(fn, functools.partial) else ()
+    return f"{where}|{_stable(code)}|{_stable(bound)}"
+
+
+def _stable(value: Any) -> str:
+    # the same text in every process: nested code by its bytes, not its address, and
+    # sets sorted (string hashing differs between processes)
+    if isinstance(value, types.CodeType):
+        inner = "".join(_stable(c) for c in value.co_consts)
+        return f"code({value.co_code.hex()},{inner},{value.co_names})"
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(_stable(v) for v in value) + ")"
+    if isinstance(value, frozenset | set):
+        return "{" + ",".join(sorted(_stable(v) for v in value)) + "}"
+    return (
+        repr(value)
+        if isinstance(value, str | bytes | int | float | complex | bool | None)
+        else type(value).__qualname__
+    )
 
 
 def score_range(evaluator: Any) -> tuple[float, float] | None:

@@ -120,6 +120,21 @@ class Ingredient:
         return self.source.fingerprint()
 
     @property
+    def identity(self) -> str:
+        """How journal keys and alignment records name this ingredient: its sha256, and
+        the pickle key it was read from when there is one (one timm file holds the
+        weights and their EMA: two ingredients).
+
+        Example:
+            >>> import torch
+            >>> open_ingredient({"w": torch.ones(1)}).identity == open_ingredient(
+            ...     {"w": torch.ones(1)}).sha256
+            True
+        """
+        key = self.source.read_key
+        return self.sha256 if key is None else f"{self.sha256}:{key}"
+
+    @property
     def files(self) -> tuple[Path, ...]:
         return self.source.files
 
@@ -237,6 +252,12 @@ def _folder_checkpoints(folder: Path, quiet: bool = False) -> list[Path]:
                         unused += [f"{item.name}/{p.name}/{n}" for n in _nested_checkpoints(p)]
             else:
                 skipped.append(item.name + "/")
+    if not found and (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
+        raise IngredientError(
+            f"{folder}: is a torch.distributed.checkpoint (DCP) folder, which modelsoup does "
+            "not read; convert it first with torch.distributed.checkpoint.format_utils."
+            "dcp_to_torch_save(folder, 'model.pt')"
+        )
     if not found:
         raise IngredientError(
             f"{folder}: the folder holds no checkpoints (looked for "
@@ -537,8 +558,8 @@ def check_same_ints(
     if a.shape != b.shape or not torch.equal(a, b):
         raise IncompatibleIngredientsError(
             f"integer tensor '{name}' differs between {label_a} and {label_b}; integer tensors "
-            "are copied, not averaged: pass --int-policy first to take them from the first "
-            "ingredient"
+            "are copied, not averaged: pass --int-policy first (int_policy='first' in a config "
+            "or in Python) to take them from the first ingredient"
         )
 
 

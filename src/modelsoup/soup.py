@@ -488,6 +488,7 @@ class Soup:
                     "label": ing.label,
                     "path": str(ing.path) if ing.path is not None else None,
                     "sha256": ing.sha256,
+                    **_read_key(ing),
                     "coefficient": c / total,
                     "hyperparameters": ing.hyperparameters,
                 }
@@ -498,6 +499,13 @@ class Soup:
         """Record scores (e.g. ``held_out``, ``test``) and return the soup."""
         self.scores.update(scores)
         return self
+
+
+def _read_key(ing: Ingredient) -> dict:
+    # which of a pickle's models was read (its weights or their EMA): a card with only the
+    # file's hash would not say
+    key = ing.source.read_key
+    return {} if key is None else {"checkpoint_key": key}
 
 
 def card_path(out: str | Path) -> Path:
@@ -589,6 +597,7 @@ def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
             "label": base.label,
             "path": str(base.path) if base.path is not None else None,
             "sha256": base.sha256,
+            **_read_key(base),
         }
     return card
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import progress
-from modelsoup.accumulator import Accumulator
+from modelsoup._util import parse_dtype, progress
+from modelsoup.accumulator import Accumulator, saturating_cast
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import (
     ClassifierEvaluator,
@@ -143,6 +143,9 @@ class Taster:
         max_memory: the memory budget (``"8GB"``-style or bytes; default half the RAM),
             for prefetch and for the learned soup (unless it is given its own).
         base: the base model (pretrained start) for merge rules on task vectors.
+        out_dtype: the dtype soups will be saved in (default: the ingredients'). A
+            model finer than it (float32 against bf16 checkpoints or fp16 output) gets
+            every candidate rounded to it, so scores are of the soup as saved.
 
     Example:
         >>> import torch
@@ -172,9 +175,13 @@ class Taster:
         max_memory: int | str | None = None,
         progress: bool = False,
         base: Ingredient | str | Path | Mapping | torch.nn.Module | None = None,
+        out_dtype: torch.dtype | str | None = None,
     ):
         if not ingredients:
             raise ConfigError("no ingredients to taste")
+        #: the dtype soups are saved in: every candidate is scored rounded to it, so a
+        #: score is of the soup as written (an fp16 file scores as fp16 weights)
+        self.out_dtype = parse_dtype(out_dtype)
         self.racing = racing_mode(racing)
         self.ingredients = list(ingredients)
         self.base = open_ingredient(base, label="base") if base is not None else None
@@ -199,6 +206,7 @@ class Taster:
             int_policy=int_policy,
             device=sum_device if sum_device is not None else model_device(model),
         )
+        self._round_to = self._rounding()
         self.int_policy = int_policy
         self.recalibrate = as_recalibration(recalibrate)
         self.recalibrate_candidates = recalibrate_candidates and recalibrate is not None
@@ -376,6 +384,10 @@ class Taster:
 
     def _extra(self, members: Sequence[int], merge: MergeSpec | None = None) -> dict:
         extra: dict = {"model": self._model_tag}
+        if self._round_to:
+            extra["written"] = sorted(
+                {str(d).removeprefix("torch.") for d in self._round_to.values()}
+            )
         if self.recalibrate_candidates:
             # The recalibration's own description (data, batches) when it has one, so
             # scores taken with other recalibration settings are never reused.
@@ -387,7 +399,7 @@ class Taster:
             # rule's float sums their order): a reordered pool is another candidate
             extra["members"] = [f"{i}:{self.ident(i)}" for i in members]
             if self.base is not None:
-                extra["base"] = self.base.sha256 if self.journal.persistent else "base"
+                extra["base"] = self.base.identity if self.journal.persistent else "base"
         return extra
 
     def ident(self, position: int) -> str:
@@ -395,7 +407,7 @@ class Taster:
         kept on disk, so a re-run recognises it; by position otherwise, which costs no
         hashing."""
         if self.journal.persistent:
-            return self.ingredients[position].sha256
+            return self.ingredients[position].identity
         return f"position-{position}"
 
     def key(self, weights: Sequence[float], evaluator: Evaluator) -> str:
@@ -474,13 +486,40 @@ class Taster:
         else:
             acc.set_weights(weights)
             acc.write_into(self.model)
+        self._as_written()
         if self.recalibrate_candidates:
             self.recalibrate(self.model)
             self.recalibrations += 1
         self.mix_seconds += time.perf_counter() - start
         return self.model
 
-    # -- progress -----------------------------------------------------------------
+    def _as_written(self) -> None:
+        """Round the soup's tensors in the model to the dtype they are saved in and back:
+        the model then holds what loading the saved file gives (a float32 model scoring
+        a soup saved as fp16 or bf16 would otherwise score other weights)."""
+        if not self._round_to:
+            return
+        held = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, dtype in self._round_to.items():
+                t = held[name]
+                t.copy_(saturating_cast(t.detach(), dtype, name))
+
+    def _rounding(self) -> dict[str, torch.dtype]:
+        # the tensors whose saved dtype (out_dtype, else the ingredients') is coarser than
+        # the model's: an fp32 model tasting bf16 checkpoints, or fp16 output
+        held = self.model.state_dict(keep_vars=True)
+        found = {}
+        for name, meta in self.accumulator.layout.items():
+            t = held.get(name)
+            if not meta.is_floating or t is None or not t.is_floating_point():
+                continue
+            saved = self.out_dtype or meta.dtype
+            coarse, fine = torch.finfo(saved), torch.finfo(t.dtype)
+            if fine.eps < coarse.eps or fine.max > coarse.max:
+                found[name] = saved
+        return found
+
     def start_bar(self, label: str) -> None:
         """Show a progress bar of candidates tasted for one recipe (if ``progress``)."""
         self.close_bar()
@@ -803,6 +842,7 @@ class Taster:
         if soup.tensor_coefficients or soup.overrides or not soup.merge.is_average:
             start = time.perf_counter()
             soup.apply(self.model)
+            self._as_written()
             self.mix_seconds += time.perf_counter() - start
         else:
             self.materialise(soup.coefficients)
@@ -851,6 +891,7 @@ class Taster:
         if recalibrate is None:
             raise ConfigError("no recalibration: give recalibrate= to the Taster or here")
         soup.apply(self.model)
+        self._as_written()
         recalibrate(self.model)
         self.recalibrations += 1
         keep_bn_statistics(soup, self.model)

@@ -302,6 +302,7 @@ def _cook(
         max_memory=opts.max_memory,
         progress=progress,
         base=base,
+        out_dtype=opts.out_dtype,
     )
     methods: list[MethodResult] = []
     for entry in entries:
@@ -336,6 +337,11 @@ def _cook(
         result.notes.append(collapsed)
         warnings.warn(collapsed, SoupWarning, stacklevel=2)
     if out is not None and (ranks is None or ranks.is_main):
+        # An earlier run's report describes the soups about to be replaced: it goes first,
+        # so a run killed while saving leaves no report beside soups it does not describe
+        # (the next run writes it again from the journal).
+        for name in ("report.md", "report.json"):
+            (out / name).unlink(missing_ok=True)
         if opts.save == "all":
             _save_soups(result, out, opts, progress)
         result.summary = write_report(
@@ -647,6 +653,10 @@ def cook_config(
                 seed=config.seed,
                 device=config.device,
             )
+        options = config.options()
+        if config.align and config.checkpoint_key is not None:
+            # the aligned copies are plain files of the weights under that key
+            options = options.model_copy(update={"checkpoint_key": None})
         return cook(
             ingredients,
             model,
@@ -655,7 +665,7 @@ def cook_config(
             recipes=config.recipes,
             output=output,
             recalibrate=recalibrate,
-            options=config.options(),
+            options=options,
             progress=progress,
             labels=labels,
             base=parts.base,

@@ -456,6 +456,9 @@ class TensorSource:
     files: tuple[Path, ...] = ()
     #: which wrapper key or prefix handling produced the state dict, for messages
     note: str = ""
+    #: the key of a pickled checkpoint the weights were read from (``state_dict_ema``):
+    #: one file holds several models, so the file's hash alone does not name them
+    read_key: str | None = None
     #: what the checkpoint says about its architecture (:func:`architecture_of`)
     architecture: Mapping[str, object] = MappingProxyType({})
     #: training hyperparameters the checkpoint carries (timm's args, Lightning's)

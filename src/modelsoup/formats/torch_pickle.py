@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from modelsoup._util import atomic_file
-from modelsoup.errors import IngredientError
+from modelsoup.errors import IngredientError, SoupWarning
 from modelsoup.formats.base import (
     RESAVE_HINT,
     HeldSource,
@@ -97,6 +97,11 @@ def load_pickle(path: Path) -> object:
             f"{path}: is not a torch checkpoint (corrupt, or another format)" + RESAVE_HINT
         ) from err
     except Exception as err:  # any failure to parse untrusted bytes means a bad file
+        if "TorchScript" in str(err):
+            raise IngredientError(
+                f"{path}: is a TorchScript archive (torch.jit.save), not a state dict; save "
+                "its weights with torch.save(torch.jit.load(path).state_dict(), 'weights.pt')"
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IngredientError(
             f"{path}: corrupt or truncated checkpoint ({first})" + RESAVE_HINT
@@ -134,16 +139,18 @@ def _is_tensor_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, str]:
-    """Find the state dict inside a checkpoint object; return it and how it was found.
+def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, str, str | None]:
+    """Find the state dict inside a checkpoint object; return it, how it was found, and
+    the wrapper key it was under (``None`` for a bare state dict).
 
     Example:
         >>> import torch
-        >>> sd, note = unwrap({"epoch": 3, "state_dict": {"module.w": torch.ones(1)}})
-        >>> list(sd), note
-        (['w'], "key 'state_dict', prefix 'module.' removed")
+        >>> sd, note, key = unwrap({"epoch": 3, "state_dict": {"module.w": torch.ones(1)}})
+        >>> list(sd), note, key
+        (['w'], "key 'state_dict', prefix 'module.' removed", 'state_dict')
     """
     notes = []
+    found = None
     if not isinstance(obj, Mapping):
         raise IngredientError(f"{label}: not a state dict (found {type(obj).__name__})")
     if key is not None:
@@ -151,12 +158,22 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
             raise IngredientError(
                 f"{label}: no state dict under key '{key}'; keys are {sorted(map(str, obj))[:10]}"
             )
-        state, notes = obj[key], [f"key '{key}'"]
+        state, notes, found = obj[key], [f"key '{key}'"], key
     elif all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
         state = obj
     else:
         found = next((k for k in WRAPPER_KEYS if _is_tensor_dict(obj.get(k))), None)
         if found is None:
+            nested = [str(k) for k, v in obj.items() if _is_tensor_dict(v)]
+            if nested and _is_tensor_dict(obj):
+                # {'net': state_dict, 'acc': tensor(0.9)}: the loose tensors are not
+                # the model, and taking them would soup one scalar
+                loose = [str(k) for k, v in obj.items() if isinstance(v, torch.Tensor)]
+                raise IngredientError(
+                    f"{label}: the weights look to be under key {nested[0]!r} (beside "
+                    f"loose tensors {', '.join(map(repr, loose[:3]))}); pass "
+                    f"--checkpoint-key {nested[0]} (checkpoint_key in a config or in Python)"
+                )
             if _is_tensor_dict(obj):
                 state = obj  # a state dict with some non-tensor extras
             else:
@@ -166,6 +183,21 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
                 )
         else:
             state, notes = obj[found], [f"key '{found}'"]
+    extra = [
+        str(k)
+        for k, v in state.items()
+        if str(k).endswith("_extra_state") and not isinstance(v, torch.Tensor)
+    ]
+    if extra:
+        # a module's get_extra_state(): not weights, so not souped; the soup then lacks
+        # a key that load_state_dict(strict=True) asks for
+        warnings.warn(
+            f"{label}: {extra[0]!r} is a module's extra state (not a tensor), which is not "
+            "in the soup: load the soup with load_state_dict(..., strict=False) or set "
+            "that state again after loading",
+            SoupWarning,
+            stacklevel=2,
+        )
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for name, t in state.items():
         check_tensor(name, t, label)
@@ -178,7 +210,7 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
         state = {k[len("model.") :]: v for k, v in state.items()}
         notes.append("prefix 'model.' removed")
         state = _strip_wrappers(state, notes)
-    return state, ", ".join(notes)
+    return state, ", ".join(notes), found
 
 
 def _strip_wrappers(state: dict, notes: list[str]) -> dict:
@@ -289,7 +321,7 @@ class TorchSource(HeldSource):
             obj = load_pickle(path)
             stats.append(stat_file(path))
             check_unchanged(path, stats[-1], before)
-            state, note = unwrap(obj, key, str(path))
+            state, note, self.read_key = unwrap(obj, key, str(path))
             if not notes:
                 self.architecture, self.hyperparameters, self.lightning = _described(obj, state)
             notes.append(note)

@@ -72,6 +72,32 @@ def batches_digest(batches: Any) -> str:
     return digest.hexdigest()[:12]
 
 
+def check_step_counters(model: torch.nn.Module, cook_options: Mapping[str, Any], who: str) -> None:
+    """Refuse, before training, the default ``int_policy="strict"`` for a model with
+    BatchNorm layers: their ``num_batches_tracked`` counts training steps, so it differs
+    between every two checkpoints of one run, and the cook would fail after training.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> check_step_counters(net, {"int_policy": "first"}, "SoupCallback")
+        >>> try:
+        ...     check_step_counters(net, {}, "SoupCallback")
+        ... except ConfigError as err:
+        ...     print(str(err)[:44])
+        SoupCallback: the model's BatchNorm counter
+    """
+    if cook_options.get("int_policy", "strict") != "strict":
+        return
+    counter = next((n for n, _ in model.named_buffers() if n.endswith("num_batches_tracked")), None)
+    if counter is not None:
+        raise ConfigError(
+            f"{who}: the model's BatchNorm counter '{counter}' counts training steps, so it "
+            "differs between this run's checkpoints; pass int_policy='first' (the soup takes "
+            "it from the first checkpoint)"
+        )
+
+
 def cook_in_place(
     ingredients: Sequence[str | Path],
     model: torch.nn.Module,

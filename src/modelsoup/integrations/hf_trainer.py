@@ -41,7 +41,12 @@ from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, model_device
 from modelsoup.formats.hf_folder import open_folder
 from modelsoup.hf.language import CausalLMLoss, sequences_from_batches
 from modelsoup.hf.models import keep_stored_names_only
-from modelsoup.integrations._common import batches_digest, cook_in_place, recipe_entries
+from modelsoup.integrations._common import (
+    batches_digest,
+    check_step_counters,
+    cook_in_place,
+    recipe_entries,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -248,6 +253,8 @@ class SoupCallback(transformers.TrainerCallback):
                 "eval_strategy is 'no': set eval_strategy (e.g. 'epoch') with an "
                 "eval_dataset, or pass held_out= an evaluator"
             )
+        if kwargs.get("model") is not None:
+            check_step_counters(kwargs["model"], self.cook_options, "SoupCallback")
         self._training, self._saved, self._evaluated = True, set(), {}
         # A resumed run (its state restored from a checkpoint, so global_step > 0) goes on
         # with the run that saved the checkpoints its log history agrees with.

@@ -61,6 +61,7 @@ from modelsoup.formats.torch_pickle import load_pickle
 from modelsoup.ingredients import natural_order, open_ingredient
 from modelsoup.integrations._common import (
     batches_digest,
+    check_step_counters,
     chosen_soup,
     cook_in_place,
     recipe_entries,
@@ -279,6 +280,7 @@ class LightningSoupCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._monitor_and_mode(trainer)  # a misconfiguration fails now, not after training
+        check_step_counters(pl_module, self.cook_options, _WHO)
         if self.held_out is None and not _has_validation(trainer):
             raise ConfigError(
                 f"{_WHO} has no validation data to choose with: give fit() val_dataloaders "

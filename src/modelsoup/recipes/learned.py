@@ -418,7 +418,9 @@ def learned_soup(
     # are part of the key, so a table is only ever read back onto the tensors it was
     # written for (a tied alias the ingredients do not store has no row).
     names = sorted(n for n, m in layout.items() if m.is_floating) if by_layer else []
-    extra = {k: repr(v) for k, v in options.items()}
+    # what every score key names too (the model's architecture, recalibration, the base):
+    # coefficients fitted in another architecture are not this one's
+    extra = {**taster._extra(members), **{k: repr(v) for k, v in options.items()}}
     if by_layer:
         extra["rows"] = names
     cache_key = "learned-" + taster.journal.key(

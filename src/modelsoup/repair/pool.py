@@ -98,7 +98,9 @@ def align_pool(
     """Align the ingredients to each other; return paths to feed any recipe.
 
     ``method="reference"`` permutes every ingredient onto ``sources[reference]``,
-    which is returned as given; ``method="activations"`` does the same by matching
+    which is returned as given (copied beside the others when read under a
+    ``checkpoint_key``, so that every path returned holds the weights aligned, not a
+    file's default ones); ``method="activations"`` does the same by matching
     activations on ``num_batches`` batches of ``data`` (unlabeled inputs: a tensor or
     an iterable of batches, see :func:`~modelsoup.repair.activation_matching`);
     ``method="merge_many"`` re-aligns each one to the
@@ -178,19 +180,26 @@ def align_pool(
     out: list[str] = []
     bar = stage_progress(pool, desc="aligning", unit="ingredient", enabled=progress)
     for i, ing in enumerate(bar):
-        if i == reference:
+        if i == reference and checkpoint_key is None:
             out.append(_as_source(ing))
             continue
         path = _aligned_path(folder, i, ing)
-        record = {"source_sha256": ing.sha256, "reference_sha256": ref.sha256, **shape}
-        if method == "activations":
+        record = {"source": ing.identity, "reference": ref.identity, **shape}
+        if i == reference:
+            # read from under a key (the EMA of a timm file): the file itself would be
+            # read as its default weights beside aligned copies of the EMA, so the
+            # reference is copied too, unpermuted, and the pool is one of plain files
+            record["method"] = "reference (copied)"
+        elif method == "activations":
             record |= {"method": "activations", "data": data_key}
         else:
             record["method"] = "reference"
         if data_key != "unhashed" and _already_aligned(path, record):
             out.append(str(path))
             continue
-        if method == "activations":
+        if i == reference:
+            aligned = ref_sd
+        elif method == "activations":
             aligned = activation_align(
                 template, ref_sd, _full(ing), spec, data, num_batches=num_batches, device=device
             )
@@ -252,11 +261,10 @@ def _write_aligned(
 def _align_merge_many(
     pool: list[Ingredient], spec: PermutationSpec, folder: Path, shape: dict, progress: bool
 ) -> list[str]:
-    members = [ing.sha256 for ing in pool]
+    members = [ing.identity for ing in pool]
     paths = [_aligned_path(folder, i, ing) for i, ing in enumerate(pool)]
     records = [
-        {"method": "merge_many", "source_sha256": ing.sha256, "pool_sha256": members, **shape}
-        for ing in pool
+        {"method": "merge_many", "source": ing.identity, "pool": members, **shape} for ing in pool
     ]
     if all(_already_aligned(p, r) for p, r in zip(paths, records, strict=True)):
         return [str(p) for p in paths]
