@@ -124,10 +124,10 @@ def tensor_groups(taster: Taster, patterns: Sequence[str] | None = None) -> dict
     """The taster's tensors in groups: by ``patterns`` if given, else discovered blocks.
 
     Example:
-        >>> import torch
+        >>> import copy, torch
         >>> from modelsoup.ingredients import open_ingredients
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
-        >>> taster = Taster(open_ingredients([net]), net, lambda m: 0.0)
+        >>> taster = Taster(open_ingredients([net]), copy.deepcopy(net), lambda m: 0.0)
         >>> list(tensor_groups(taster))
         ['0', '2']
     """
