@@ -20,14 +20,33 @@ def closeness(model: torch.nn.Module, target: float) -> float:
     return 1 - abs(float(model.weight.detach()) - target) / 10
 
 
-@pytest.mark.parametrize("how", ["lambda", "partial"])
-def test_held_out_and_test_of_one_name_are_refused(how):
-    if how == "lambda":
-        held, test = (lambda m: closeness(m, 2.0)), (lambda m: closeness(m, 3.0))
-    else:
-        held, test = (functools.partial(closeness, target=t) for t in (2.0, 3.0))
+class _Target:
+    def __init__(self, value: float):
+        self.value = value
+
+
+def test_held_out_and_test_of_one_name_are_refused():
+    # two lambdas of one code over objects the identity cannot see into
+    make = lambda target: lambda m: closeness(m, target.value)  # noqa: E731
+    held, test = make(_Target(2.0)), make(_Target(3.0))
     with pytest.raises(ConfigError, match="different evaluators that are both named"):
         cook(WEIGHTS, torch.nn.Linear(1, 1, bias=False), held, test=test, progress=False)
+
+
+@pytest.mark.parametrize("how", ["lambda", "partial", "closure"])
+def test_functions_of_one_name_that_measure_differently_keep_their_scores_apart(how):
+    # their code, bound arguments or closed-over numbers tell them apart
+    if how == "lambda":
+        held, test = (lambda m: closeness(m, 2.0)), (lambda m: closeness(m, 3.0))
+    elif how == "partial":
+        held, test = (functools.partial(closeness, target=t) for t in (2.0, 3.0))
+    else:
+        make = lambda target: lambda m: closeness(m, target)  # noqa: E731
+        held, test = make(2.0), make(3.0)
+    result = cook(WEIGHTS, torch.nn.Linear(1, 1, bias=False), held, test=test,
+                  recipes=[{"name": "greedy"}], progress=False, bootstrap_resamples=20)  # fmt: skip
+    assert result.individual_held_out == pytest.approx([0.9, 1.0, 0.9])
+    assert result.individual_test == pytest.approx([0.8, 0.9, 1.0])
 
 
 def test_named_functions_keep_their_scores_apart():

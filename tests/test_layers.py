@@ -37,6 +37,7 @@ LAYERS = [
     ["modelsoup.demo."],
     ["modelsoup.cli"],
     ["modelsoup", "modelsoup._compat"],  # the package face: re-exports only
+    ["modelsoup.__main__"],  # python -m modelsoup: the console script's launcher
 ]
 
 

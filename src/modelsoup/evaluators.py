@@ -205,7 +205,15 @@ def _code_of(fn: Callable) -> str:
     if code is None:
         return where
     bound = (fn.args, sorted(fn.keywords.items())) if isinstance(fn, functools.partial) else ()
-    return f"{where}|{_stable(code)}|{_stable(bound)}"
+    closure = tuple(_cell(c) for c in getattr(target, "__closure__", None) or ())
+    return f"{where}|{_stable(code)}|{_stable(bound)}|{_stable(closure)}"
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return None
 
 
 def _stable(value: Any) -> str:

@@ -84,7 +84,7 @@ def check_step_counters(model: torch.nn.Module, cook_options: Mapping[str, Any],
         >>> try:
         ...     check_step_counters(net, {}, "SoupCallback")
         ... except ConfigError as err:
-        ...     print(str(err)[:44])
+        ...     print(str(err)[:43])
         SoupCallback: the model's BatchNorm counter
     """
     if cook_options.get("int_policy", "strict") != "strict":
