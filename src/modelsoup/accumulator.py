@@ -20,7 +20,7 @@ averaged: they are taken from the first ingredient, and with ``int_policy="stric
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -421,7 +421,7 @@ class Accumulator:
                 dest.copy_(saturating_cast(mixed, dest.dtype, name))
             return True
 
-        write_state_into(module, self.mean, self.layout, direct=into)
+        write_state_into(module, self.mean, self.layout, direct=into, ingredients=self.ingredients)
         self._finite.add(position)
         return module
 
@@ -461,7 +461,7 @@ class Accumulator:
                 return True
             return False
 
-        write_state_into(module, self.mean, self.layout, direct=into)
+        write_state_into(module, self.mean, self.layout, direct=into, ingredients=self.ingredients)
         return module
 
 
@@ -470,10 +470,15 @@ def _same_place(dest: torch.Tensor, source: torch.Tensor) -> bool:
     return dest.dtype == source.dtype and dest.device == source.device
 
 
-def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -> None:
+def write_state_into(
+    module: torch.nn.Module, tensor_for, layout, direct=None, ingredients=()
+) -> None:
     """Copy ``tensor_for(name)`` into every parameter and buffer of ``module``, in place.
 
-    Names must match the ingredients' exactly; the first difference is named.
+    Names must match the ingredients' exactly; the first difference is named. Where the
+    module ties several names to one tensor (an LM head tied to the embeddings), each of
+    ``ingredients`` that stores two of them must store them equal
+    (:func:`check_tied_equal`): the module can hold only one.
 
     Example:
         >>> import torch
@@ -495,6 +500,7 @@ def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -
                 f"the ingredients have tensor '{name}' but the model does not; check that the "
                 "model factory builds the architecture the checkpoints were saved from"
             )
+    check_tied_equal(tied_groups(target), ingredients)
     with torch.no_grad():
         for name, dest in target.items():
             meta = layout[name]
@@ -512,3 +518,63 @@ def write_state_into(module: torch.nn.Module, tensor_for, layout, direct=None) -
                     f"{tuple(dest.shape)} in the model"
                 )
             dest.copy_(saturating_cast(src, dest.dtype, name))
+
+
+def tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of names in ``state`` that are one tensor (same memory, shape and strides).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> m[1].weight = m[0].weight
+        >>> tied_groups(m.state_dict())
+        [['0.weight', '1.weight']]
+    """
+    places: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.numel():
+            key = (t.device, t.data_ptr(), tuple(t.shape), t.stride())
+            places.setdefault(key, []).append(name)
+    return [names for names in places.values() if len(names) > 1]
+
+
+def check_tied_equal(groups: Sequence[Sequence[str]], ingredients: Sequence) -> None:
+    """Refuse an ingredient that stores two names of one tied group with different values.
+
+    A module that ties them holds one tensor, so writing such an ingredient (or a soup
+    of it) keeps one of the two and silently drops the other. Each ingredient's pairs
+    are compared once and remembered, so tasting many candidates reads them once.
+
+    Example:
+        >>> import torch
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> sd = {"emb": torch.ones(2, 2), "head": torch.zeros(2, 2)}
+        >>> check_tied_equal([["emb", "head"]], open_ingredients([sd], labels=["ft1"]))
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.IncompatibleIngredientsError: ft1 stores 'emb' and 'head' with ...
+    """
+    for ing in ingredients:
+        if not groups:
+            return
+        names = None
+        known = ing.__dict__.setdefault("_tied_equal", {})
+        for group in groups:
+            for other in group[1:]:
+                pair = (group[0], other)
+                if pair not in known:
+                    if names is None:
+                        names = set(ing.names())
+                    known[pair] = (
+                        pair[0] not in names
+                        or other not in names
+                        or torch.equal(ing.tensor(pair[0]), ing.tensor(other))
+                    )
+                if not known[pair]:
+                    raise IncompatibleIngredientsError(
+                        f"{ing.label} stores '{pair[0]}' and '{other}' with different values, "
+                        "but the model ties them into one tensor (e.g. tie_word_embeddings), "
+                        "so a soup written into it would silently drop one; cook with a model: "
+                        "function that builds it untied (tie_word_embeddings=False), or leave "
+                        "this ingredient out"
+                    )

@@ -41,7 +41,7 @@ from modelsoup.formats.dispatch import (
     is_model_folder,
     open_source,
 )
-from modelsoup.formats.hf_folder import is_training_state, weight_files
+from modelsoup.formats.hf_folder import differing_copied_files, is_training_state, weight_files
 from modelsoup.formats.peft_adapter import AdapterSource, check_adapters, shared_base
 
 _logger = logging.getLogger(__name__)
@@ -628,6 +628,7 @@ def check_compatible(
             SoupWarning,
             stacklevel=2,
         )
+    _check_copied_files(ingredients, strict)
     if int_policy == "strict":
         ints = [n for n, m in ref.items() if not m.is_floating]
         kept = {n: first.tensor(n).clone() for n in ints}
@@ -636,6 +637,38 @@ def check_compatible(
                 check_same_ints(n, kept[n], other.tensor(n), first.label, other.label)
     if warn_duplicates:
         warn_if_duplicated(ingredients)
+
+
+def _check_copied_files(ingredients: Sequence[Ingredient], strict: bool) -> None:
+    # A soup folder copies its tokenizer, chat template and generation config from one
+    # ingredient, and text evaluators tokenize with the first's: where the folders
+    # disagree, the soup would depend on the order they were given in.
+    folders = [
+        ing
+        for ing in ingredients
+        if ing.path is not None and ing.path.is_dir() and not isinstance(ing.source, AdapterSource)
+    ]
+    if len(folders) < 2:
+        return
+    first = folders[0].label
+    by_who: dict[tuple[int, ...], list[str]] = {}
+    for name, who in differing_copied_files([ing.path for ing in folders]).items():
+        by_who.setdefault(tuple(who), []).append(name)
+    for who, names in by_who.items():
+        text = (
+            f"{_names([folders[i].label for i in who])} and {first} differ in "
+            f"{', '.join(names)} (content, or a file only one has): a soup folder copies "
+            "these files from its first chosen ingredient "
+            f"({first}'s in this order), and text evaluators tokenize with {first}'s tokenizer"
+        )
+        if strict:
+            raise IncompatibleIngredientsError(text + "; refused because of --strict")
+        warnings.warn(
+            text + "; give every ingredient the same files, or list first the one whose "
+            "files the soup should have (--strict refuses this)",
+            SoupWarning,
+            stacklevel=3,
+        )
 
 
 def _check_class_order(a: Ingredient, b: Ingredient) -> None:

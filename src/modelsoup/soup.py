@@ -471,7 +471,7 @@ class Soup:
                 at += piece.numel()
             return True
 
-        write_state_into(module, self.tensor, lay, direct=in_pieces)
+        write_state_into(module, self.tensor, lay, direct=in_pieces, ingredients=self.ingredients)
         return module
 
     def save(self, out: str | Path, **kwargs) -> Path:

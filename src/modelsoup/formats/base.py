@@ -96,6 +96,9 @@ ARCHITECTURE_KEYS = (
     "layer_norm_epsilon",
     # which class each row of a classifier head scores
     "id2label",
+    # whether the LM head is the embedding matrix: a model built from a tied config
+    # keeps one of two differing stored tensors
+    "tie_word_embeddings",
 )
 
 

@@ -9,12 +9,13 @@ first ingredient's config, tokenizer and processor files beside them (:func:`is_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -152,6 +153,71 @@ def is_copied(name: str) -> bool:
         (False, False, False)
     """
     return name in COPIED_FILES or _COPIED_PATTERN.fullmatch(name) is not None
+
+
+#: keys of a copied JSON file that change with the saving library's version, not with
+#: what the file says (a generation config's ``transformers_version``)
+_VOLATILE_KEYS = ("transformers_version", "_name_or_path", "name_or_path")
+
+
+def _copied_digests(folder: Path) -> dict[str, str]:
+    # config.json is left out: its architecture keys are compared one by one
+    # (ARCHITECTURE_KEYS), and its other keys (a dtype, a name) may differ harmlessly.
+    names = [p.name for p in folder.iterdir() if p.is_file() and is_copied(p.name)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoupWarning)  # copying it warns, not comparing it
+        subs = copied_folders(folder)
+    for sub in subs:
+        names += [f"{sub}/{p.name}" for p in sorted((folder / sub).iterdir()) if p.is_file()]
+    return {
+        n: hashlib.sha256((folder / n).read_bytes()).hexdigest()
+        for n in sorted(names)
+        if n != "config.json"
+    }
+
+
+def _json_meaning(path: Path) -> object:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in _VOLATILE_KEYS}
+    return value
+
+
+def differing_copied_files(folders: Sequence[Path]) -> dict[str, list[int]]:
+    """The files a folder output copies (:func:`is_copied`; not ``config.json``) that
+    differ from the first folder's, each with the positions of the folders whose copy
+    differs or is missing (or that have one the first lacks). JSON files are compared
+    by content, ignoring the saving library's version; every file is hashed once.
+
+    Example:
+        >>> import tempfile
+        >>> a, b = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> _ = (a / "tokenizer.json").write_text('{"v": 1}')
+        >>> _ = (b / "tokenizer.json").write_text('{"v": 2}')
+        >>> _ = (b / "chat_template.jinja").write_text("{{ x }}")
+        >>> differing_copied_files([a, b])
+        {'chat_template.jinja': [1], 'tokenizer.json': [1]}
+    """
+    first = _copied_digests(Path(folders[0]))
+    found: dict[str, list[int]] = {}
+    for i, folder in enumerate(folders[1:], 1):
+        mine = _copied_digests(Path(folder))
+        for name in sorted(set(first) | set(mine)):
+            a, b = first.get(name), mine.get(name)
+            if a == b:
+                continue
+            if (
+                a is not None
+                and b is not None
+                and name.endswith(".json")
+                and _json_meaning(Path(folders[0]) / name) == _json_meaning(Path(folder) / name)
+            ):
+                continue
+            found.setdefault(name, []).append(i)
+    return found
 
 
 #: what an error about a broken model folder tells the user to do

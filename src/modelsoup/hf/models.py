@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError
 from modelsoup.formats.hf_folder import is_model_folder, open_folder
 from modelsoup.ingredients import find_checkpoints
 
@@ -142,6 +142,65 @@ def keep_stored_names_only(model: torch.nn.Module, stored: set[str]) -> Any:
 
 
 _keep_stored_names_only = keep_stored_names_only  # its name before hf became a package
+
+
+def _converts_names_on_load(model: torch.nn.Module, stored: set[str], names: set[str]) -> bool:
+    # transformers 5 renames (and for mixtures of experts stacks) a checkpoint's tensors
+    # on load (transformers.conversion_mapping): the cause when a stored name missing from
+    # the module is converted to one the module has. Older versions have no such table.
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return False
+    if not isinstance(model, PreTrainedModel):
+        return False
+    try:
+        mapping = get_model_conversion_mapping(model)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        for name in sorted(stored - names):
+            renamed = rename_source_key(name, renamings, converters)[0]
+            if renamed != name and renamed in names:
+                return True
+    except Exception:  # noqa: BLE001 - a private table: unknown means "not known to convert"
+        return False
+    return False
+
+
+def refuse_converted_names(model: torch.nn.Module, stored: set[str], advice: str) -> None:
+    """Refuse a transformers module whose ``state_dict`` names are not the names its
+    checkpoints store because transformers converts them on load (ViT, DeiT, Mixtral,
+    Qwen2-MoE in transformers 5): a soup written by name would miss every converted
+    tensor. ``advice`` says what to do instead. Other differences pass, for the writer
+    to name.
+
+    Example:
+        >>> import torch
+        >>> refuse_converted_names(torch.nn.Linear(1, 1), {"weight"}, "use average")
+    """
+    names = set(model.state_dict())
+    if names == stored or not _converts_names_on_load(model, stored, names):
+        return
+    mine = sorted(names - stored) or sorted(names)
+    theirs = sorted(stored - names) or sorted(stored)
+    raise IncompatibleIngredientsError(
+        f"{type(model).__name__} checkpoints use other tensor names than its transformers "
+        f"module (e.g. '{theirs[0]}' stored, '{mine[0]}' in the module), which transformers "
+        f"converts on load; {advice}"
+    )
+
+
+#: what to do instead when ``model: hf`` meets a checkpoint whose names are converted
+CONVERTED_NAMES_ADVICE = (
+    "model: hf cannot write soups into it: cook with your own model: function that returns a "
+    "module whose state_dict names match the checkpoint, or use `modelsoup average`"
+)
 
 
 #: config.json keys that give how many positions a model reads
@@ -288,7 +347,9 @@ def load_architecture(
             else ""
         )
         raise ConfigError(f"{folder}/config.json: cannot build the model ({err}){hint}") from None
-    keep_stored_names_only(model, set(open_folder(folder).names()))
+    stored = set(open_folder(folder).names())
+    keep_stored_names_only(model, stored)
+    refuse_converted_names(model, stored, CONVERTED_NAMES_ADVICE)
     return model
 
 

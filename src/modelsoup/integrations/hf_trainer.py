@@ -40,7 +40,7 @@ from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, model_device
 from modelsoup.formats.hf_folder import open_folder
 from modelsoup.hf.language import CausalLMLoss, sequences_from_batches
-from modelsoup.hf.models import keep_stored_names_only
+from modelsoup.hf.models import keep_stored_names_only, refuse_converted_names
 from modelsoup.integrations._common import (
     batches_digest,
     check_step_counters,
@@ -326,8 +326,16 @@ class SoupCallback(transformers.TrainerCallback):
         held = self.held_out
         if held is None:
             held = held_out_from_batches(list(self._held_out_loader()), model, self.metric)
-        handle = keep_stored_names_only(model, set(open_folder(found[0]).names()))
+        stored = set(open_folder(found[0]).names())
+        handle = keep_stored_names_only(model, stored)
         try:
+            refuse_converted_names(
+                model,
+                stored,
+                "SoupCallback cannot cook soups in place into it: run `modelsoup average` on "
+                f"the checkpoints in {args.output_dir}, or `modelsoup cook` with your own "
+                "model: function whose module's state_dict names match the checkpoint",
+            )
             self.result = cook_in_place(
                 found,
                 model,
