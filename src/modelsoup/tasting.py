@@ -382,7 +382,28 @@ class Taster:
         finally:
             self.merge = saved
 
-    def _extra(self, members: Sequence[int], merge: MergeSpec | None = None) -> dict:
+    def key_context(
+        self, members: Sequence[int], merge: MergeSpec | Mapping | str | None = None
+    ) -> dict:
+        """What, besides the evaluator and the mixture, names a score in the journal.
+
+        The model's tag, the dtypes the candidate is written in, the BatchNorm
+        recalibration, and for a rule other than the average its options, members and
+        base. Recipes that journal scores of their own (``learned``) build their keys
+        from it, so that a change of any of these never reuses a score.
+
+        Example:
+            >>> import torch
+            >>> from modelsoup.ingredients import open_ingredients
+            >>> ings = open_ingredients([{"weight": torch.ones(1, 1)},
+            ...                          {"weight": torch.zeros(1, 1)}])
+            >>> t = Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0)
+            >>> sorted(t.key_context([0, 1]))
+            ['model']
+            >>> sorted(t.key_context([0, 1], {"rule": "slerp", "t": 0.5}))
+            ['members', 'merge', 'model']
+        """
+        merge = self.merge if merge is None else as_merge(merge)
         extra: dict = {"model": self._model_tag}
         if self._round_to:
             extra["written"] = sorted(
@@ -392,7 +413,6 @@ class Taster:
             # The recalibration's own description (data, batches) when it has one, so
             # scores taken with other recalibration settings are never reused.
             extra["bn"] = getattr(self.recalibrate, "tag", "recalibrated")
-        merge = merge or self.merge
         if not merge.is_average:
             extra["merge"] = merge.canonical()
             # SLERP's ends and DARE's masks follow the members' places in the pool (and any
@@ -413,7 +433,7 @@ class Taster:
     def key(self, weights: Sequence[float], evaluator: Evaluator) -> str:
         members = [i for i, w in enumerate(weights) if w > 0]
         mixture = [(self.ident(i), weights[i]) for i in members]
-        return self.journal.key(identity(evaluator), mixture, self._extra(members))
+        return self.journal.key(identity(evaluator), mixture, self.key_context(members))
 
     def soup_key(self, soup: Soup, evaluator: Evaluator) -> str:
         """The journal key of any soup; for a plain one it is :meth:`key` of its weights.
@@ -429,7 +449,7 @@ class Taster:
             t = soup.overrides[name].detach().cpu().contiguous().reshape(-1)
             digest.update(name.encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        extra = {**self._extra(soup.chosen, soup.merge), "per_tensor": digest.hexdigest()}
+        extra = {**self.key_context(soup.chosen, soup.merge), "per_tensor": digest.hexdigest()}
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
         return self.journal.key(identity(evaluator), mixture, extra)
 

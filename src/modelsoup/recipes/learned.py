@@ -420,7 +420,7 @@ def learned_soup(
     names = sorted(n for n, m in layout.items() if m.is_floating) if by_layer else []
     # what every score key names too (the model's architecture, recalibration, the base):
     # coefficients fitted in another architecture are not this one's
-    extra = {**taster._extra(members), **{k: repr(v) for k, v in options.items()}}
+    extra = {**taster.key_context(members), **{k: repr(v) for k, v in options.items()}}
     if by_layer:
         extra["rows"] = names
     cache_key = "learned-" + taster.journal.key(
