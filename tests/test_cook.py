@@ -154,6 +154,31 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
             "recipes: [{name: greedy, merge: {rule: ties, density: 2}}]\n",
             "'recipes.0.merge' (greedy): merge rule 'ties': option 'density': Input should be",
         ),
+        # numbers and flags are taken only as written: a quoted number, or YAML's yes/no
+        # where a number goes, is not quietly converted
+        ("seed: yes\n", "'seed': write a number, not True"),
+        ("baselines: 'no'\n", "'baselines': write true or false, not 'no'"),
+        ("racing: {confidence: '0.9'}\n", "'racing.confidence': write a number without quotes"),
+        ("recipes: [{name: greedy, max_ingredients: '3'}]\n", "'recipes.0.max_ingredients'"),
+        (
+            "recipes: [{name: greedy, merge: {rule: ties, density: '0.3'}}]\n",
+            "option 'density': write a number without quotes, not '0.3'",
+        ),
+        (
+            "recipes: [{name: search, merge: {rule: task_arithmetic}, option: lambda, "
+            "grid: [0.5, '1']}]\n",
+            "'recipes.0.grid' (search): write a number without quotes, not '1'",
+        ),
+        (
+            "recipes: [{name: search, merge: {rule: task_arithmetic}, option: lambda, "
+            "grid: [0.5], iterations: 3}]\n",
+            "a grid tries each of its values: give bounds, or drop iterations",
+        ),
+        (
+            "recipes: [{name: search, merge: {rule: task_arithmetic, lambda_: 2}, "
+            "option: lambda, grid: [0.5]}]\n",
+            "merge sets lambda, which the search chooses; remove it",
+        ),
     ],
 )
 def test_bad_configs_name_the_bad_key(tmp_path, ckpt_dir, capsys, edit, needle):

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "modelsoup"
 #: recipes -> cook (report) -> demo -> cli
 LAYERS = [
     ["modelsoup.errors"],
-    ["modelsoup._util"],
+    ["modelsoup._util", "modelsoup._options"],
     ["modelsoup.formats."],
     ["modelsoup.ingredients"],
     ["modelsoup.accumulator"],

@@ -4,6 +4,7 @@ installed) check that mergekit's merge of the exported config equals the soup.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -81,6 +82,11 @@ def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flag
         (lambda c: c.update(parameters=3), "key 'parameters': give a mapping"),
         (lambda c: c.update(base_model=5), "give a path, not 5"),
         (lambda c: c.update(dtype="int8"), "key 'dtype': 'int8'"),
+        (lambda c: c.update(dtype=["float16"]), "key 'dtype': ['float16']"),
+        (lambda c: c["parameters"].update(normalize="false"), "write true or false, not 'false'"),
+        # a model without a density has mergekit's 1.0: two densities, not one
+        (lambda c: c["models"][1]["parameters"].pop("density"), "or to none"),
+        (lambda c: c["models"][0].update(paramters={"weight": 2}), "'models.0.paramters'"),
     ],
 )
 def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys, edit, needle):
@@ -241,3 +247,35 @@ def test_mergekit_merges_the_exported_config_into_the_same_soup(tmp_path, flags)
     for name, value in mine.items():
         assert got[name].dtype == value.dtype, name
         assert torch.allclose(got[name].float(), value.float(), atol=1e-6, rtol=1e-5), name
+
+
+def test_an_export_from_another_folder_names_the_same_inputs_and_never_overwrites_one(
+    tmp_path, monkeypatch, capsys
+):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    paths, base = tiny_files(runs, 2)
+    monkeypatch.chdir(tmp_path)
+    relative = [str(Path(p).relative_to(tmp_path)) for p in paths]
+    out = Path("runs") / "soup.safetensors"
+    flags = ["--base", str(Path(base).relative_to(tmp_path)), "--merge", "ties", "--density", "0.5"]
+    assert main(["average", *relative, *flags, "-o", str(out), "-q"]) == 0
+    monkeypatch.chdir(runs)
+    before = Path(paths[0]).read_bytes()
+    target = Path(paths[0]).name  # from here, the first ingredient's own file name
+    assert main(["export-mergekit", "soup.safetensors.json", "-o", target]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert Path(paths[0]).read_bytes() == before
+    assert main(["export-mergekit", "soup.safetensors.json", "-o", "merge.yaml"]) == 0
+    written = yaml.safe_load(Path("merge.yaml").read_text())
+    assert [m["model"] for m in written["models"]] == paths  # absolute: usable from anywhere
+
+
+def test_a_dare_export_says_mergekit_matches_it_only_statistically(tmp_path, capsys):
+    paths, base = tiny_files(tmp_path, 2)
+    out = tmp_path / "soup.safetensors"
+    flags = ["--base", base, "--merge", "dare_ties", "--density", "0.5", "--seed", "4"]
+    assert main(["average", *paths, *flags, "-o", str(out), "-q"]) == 0
+    config = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 0
+    assert "--seed 4" in capsys.readouterr().err and config.exists()

@@ -122,6 +122,51 @@ def test_unbounded_evaluators_are_evaluated_in_full():
     assert taster.races == 0 and taster.rejected_early == 0
 
 
+class _WeightedAccuracy(Accuracy):
+    """Accuracy in which the first ten examples count a hundred times: its score is not
+    the plain mean of its per-example values, so no bound on that mean decides."""
+
+    kind = "weighted-accuracy"
+
+    def score_logits(self, logits):
+        values = self.per_example(logits).double()
+        weights = torch.ones_like(values)
+        weights[:10] = 100.0
+        return float((values * weights).sum() / weights.sum())
+
+
+def _right_on_the_first_ten():
+    x = torch.eye(4).repeat(25, 1)
+    y = x.argmax(1).clone()
+    y[10:] = (y[10:] + 1) % 4  # the identity model is right on the first ten only
+    return open_ingredients([{"weight": torch.eye(4)}]), (x, y)
+
+
+@pytest.mark.parametrize("racing", ["exact", {"confidence": 0.999}])
+def test_a_score_other_than_the_mean_of_its_values_is_never_raced(racing):
+    pool, data = _right_on_the_first_ten()
+    evaluator = _WeightedAccuracy(data, batch_size=20, name="weighted")
+    full = evaluator.evaluate(torch.nn.Identity())
+    assert full > 0.9  # while the plain mean of its values is 0.1
+    taster = Taster(pool, torch.nn.Linear(4, 4, bias=False), evaluator, racing=racing)
+    score = taster.score([1.0], to_beat=0.8)
+    assert not isinstance(score, RejectedScore) and score == pytest.approx(full)
+    assert taster.rejected_early == 0
+
+
+def test_values_outside_the_declared_bounds_stop_the_race_with_an_error():
+    from modelsoup.errors import EvaluationError
+
+    class Doubled(Accuracy):  # per-example values of 0 or 2, declared within [0, 1]
+        def per_example_of(self, logits, labels):
+            return 2 * super().per_example_of(logits, labels)
+
+    pool, data = _right_on_the_first_ten()
+    taster = Taster(pool, torch.nn.Linear(4, 4, bias=False), Doubled(data, batch_size=20))
+    with pytest.raises(EvaluationError, match="outside its declared bounds"):
+        taster.score([1.0], to_beat=0.5)
+
+
 def test_a_malformed_rejection_line_is_reported_and_ignored(tmp_path):
     path = tmp_path / "journal.jsonl"
     j = Journal(path)

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from modelsoup._util import format_bytes
-from modelsoup.errors import ConfigError, IncompatibleIngredientsError, SoupError
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError, SoupError, SoupWarning
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,11 +149,30 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the YAML file to write")
     soup = Path(args.card).with_suffix("")  # soup.safetensors.json describes soup.safetensors
-    inputs = [Path(args.card), soup, *(Path(p) for p in _card_paths(card))]
+    named = [Path(p) for p in _card_paths(card)]
+    for path in named:
+        # cards written before they named inputs by absolute path: relative to where the
+        # soup was made, which is unknown; from elsewhere they name other files
+        if not path.is_absolute() and not path.exists():
+            raise ConfigError(
+                f"{args.card}: names input {path} by a path relative to the folder the soup "
+                "was made in, and it is not there from here; run export-mergekit from that folder"
+            )
+    inputs = [Path(args.card), soup, *named]
     refuse_overwrite(out, inputs)
     with atomic_file(out) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.output} (mergekit {config['merge_method']} of {len(config['models'])})")
+    if config["merge_method"] in ("dare_linear", "dare_ties"):
+        seed = (card.get("merge") or {}).get("seed", 0)
+        warnings.warn(
+            f"mergekit draws its own DARE drop masks: its merge matches this soup "
+            f"statistically, not exactly; modelsoup redoes this soup exactly with "
+            f"modelsoup average --merge {config['merge_method']} --seed {seed} on the same "
+            "sources, weights and order, not with --from-mergekit",
+            SoupWarning,
+            stacklevel=2,
+        )
     return 0
 
 

@@ -648,8 +648,8 @@ class ClassifierEvaluator:
             >>> r.rejected, r.seen, r.total
             (True, 20, 100)
         """
-        if self.bounds is None or self._own_logits():
-            score = self.evaluate(model)  # a subclass's own logits(): call it, in full
+        if self.bounds is None or not self.scored_as_mean():
+            score = self.evaluate(model)  # scored some other way: evaluated in full
             return Race(score, score, -1, -1)
         low, high = self.bounds
         best_value = high if self.higher_is_better else low
@@ -659,6 +659,8 @@ class ClassifierEvaluator:
 
         def stop(done: list[tuple[int, torch.Tensor]]) -> Race | None:
             nonlocal running, seen
+            for _, v in done:
+                self._check_bounds(v)
             part = [sum(float(v.double().sum()) for _, v in done), sum(v.numel() for _, v in done)]
             if self.sharding is not None:
                 part = self.sharding.sum_all(part, "racing")
@@ -680,8 +682,41 @@ class ClassifierEvaluator:
         score = self.score_logits(logits)
         return Race(score, score, total, total, self.per_example(logits))
 
-    def _own_logits(self) -> bool:
-        return type(self).logits is not ClassifierEvaluator.logits
+    def scored_as_mean(self) -> bool:
+        """Is the score the mean of :meth:`per_example_of` over the batches' logits, as
+        racing assumes? Not when a subclass computes its own ``logits``, batch outputs,
+        ``per_example``, ``score_logits`` (a weighted mean) or ``evaluate``: racing would
+        then stop on a number that is not the score, so such evaluators are evaluated in
+        full.
+
+        Example:
+            >>> import torch
+            >>> class Weighted(Accuracy):
+            ...     def score_logits(self, logits):
+            ...         return float(self.per_example(logits)[:2].mean())
+            >>> data = (torch.eye(2), torch.arange(2))
+            >>> Accuracy(data).scored_as_mean(), Weighted(data).scored_as_mean()
+            (True, False)
+        """
+        own = type(self)
+        return all(
+            getattr(own, name) is getattr(ClassifierEvaluator, name)
+            for name in ("logits", "batch_outputs", "per_example", "score_logits", "evaluate")
+        )
+
+    def _check_bounds(self, values: torch.Tensor) -> None:
+        # racing's bound is only a proof if every value lies within the declared bounds
+        if self.bounds is None or not values.numel():
+            return
+        low, high = self.bounds
+        least, most = float(values.min()), float(values.max())
+        if not (low <= least and most <= high):
+            bad = least if not low <= least else most
+            raise EvaluationError(
+                f"evaluator {self.name}: a per-example value is {bad}, outside its declared "
+                f"bounds [{low}, {high}]; correct its bounds, or set bounds = None to have "
+                "it evaluated in full"
+            )
 
     def _rounds(
         self,
@@ -846,8 +881,8 @@ class ClassifierEvaluator:
         bounds = self.racing_bounds(racing)
         if bounds is None:
             problem = "its per-example values have no bounds (a loss needs racing clip)"
-        elif self._own_logits():
-            problem = "it computes its own logits, which cannot be read in a random order"
+        elif not self.scored_as_mean():
+            problem = "its score is not the plain mean of its per-example values"
         else:
             problem = self._shuffled_or_problem(model_device(model), racing.seed)
         if not isinstance(problem, str) and len(reference) != len(problem[1]):
@@ -871,6 +906,7 @@ class ClassifierEvaluator:
             nonlocal looks
             part = [0.0, 0.0, 0.0, 0.0]
             for i, values in done:
+                self._check_bounds(values)
                 v = values.double()
                 d = v.clamp(low, high) - ref[starts[i] : starts[i + 1]]
                 part = [

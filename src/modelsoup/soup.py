@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ def _weight(i: int, v: object) -> float:
         return float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"weight {i + 1} is {v!r}; weights must be numbers") from None
+
+
+def _card_path(path: str | Path | None) -> str | None:
+    """A card names its inputs by absolute path: read from any folder, it names the
+    same files (a path relative to where the soup was made would not)."""
+    return None if path is None else os.path.abspath(path)
 
 
 @dataclass
@@ -486,7 +493,7 @@ class Soup:
             rows.append(
                 {
                     "label": ing.label,
-                    "path": str(ing.path) if ing.path is not None else None,
+                    "path": _card_path(ing.path),
                     "sha256": ing.sha256,
                     **_read_key(ing),
                     "coefficient": c / total,
@@ -595,7 +602,7 @@ def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
         base = soup.base
         card["base"] = {
             "label": base.label,
-            "path": str(base.path) if base.path is not None else None,
+            "path": _card_path(base.path),
             "sha256": base.sha256,
             **_read_key(base),
         }

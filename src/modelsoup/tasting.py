@@ -624,6 +624,8 @@ class Taster:
             self.racing != "off"
             and getattr(evaluator, "bounds", None) is not None
             and callable(getattr(evaluator, "race", None))
+            # a built-in subclass that scores otherwise than the mean is evaluated in full
+            and (not isinstance(evaluator, ClassifierEvaluator) or evaluator.scored_as_mean())
         )
 
     def _statistical(self, evaluator: Evaluator) -> bool:
@@ -633,7 +635,7 @@ class Taster:
             isinstance(self.racing, StatisticalRacing)
             and evaluator.name not in self.racing_fallbacks
             and isinstance(evaluator, ClassifierEvaluator)
-            and type(evaluator).evaluate is ClassifierEvaluator.evaluate
+            and evaluator.scored_as_mean()
             and evaluator.racing_bounds(self.racing) is not None
         )
 

@@ -50,6 +50,7 @@ from pydantic import (
     model_validator,
 )
 
+from modelsoup._options import OptionsModel
 from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import as_evaluator, identity, same_data
@@ -63,7 +64,7 @@ DEFAULT_RECIPES = [
 ]
 
 
-class IngredientEntry(BaseModel):
+class IngredientEntry(OptionsModel):
     """One ``ingredients:`` entry: a path, folder or glob, and an optional label for the
     one checkpoint it names (written as a plain string when it has no label)."""
 
@@ -72,7 +73,7 @@ class IngredientEntry(BaseModel):
     label: str | None = Field(default=None, min_length=1)
 
 
-class StatisticalRacingOptions(BaseModel):
+class StatisticalRacingOptions(OptionsModel):
     """``racing: {confidence: 0.999}``: statistical racing, at that confidence; ``clip``
     bounds a loss's per-example values; ``seed`` fixes the examples' one random order."""
 
@@ -117,7 +118,7 @@ def racing_value(spec: str | StatisticalRacingOptions) -> str | dict:
     return spec.model_dump() if isinstance(spec, BaseModel) else spec
 
 
-class RecipeEntry(BaseModel):
+class RecipeEntry(OptionsModel):
     """One recipe to cook: its registered name, an optional label, its own ``racing``
     (the cook's when not given), and its options."""
 
@@ -174,7 +175,7 @@ _FORM_TAGS = {"import path", "racing mode", "racing options"} | {
 }
 
 
-class CookOptions(BaseModel):
+class CookOptions(OptionsModel):
     """How a cook runs, apart from what it cooks: the keyword options of
     :func:`modelsoup.cook.cook` and the matching keys of a cook config.
 

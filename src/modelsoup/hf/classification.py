@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from modelsoup._options import OptionsModel
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Accuracy, ClassifierEvaluator, MeanLoss
 from modelsoup.hf.models import fit_max_length, load_tokenizer, local_path, require_transformers
 
 
-class TextClassificationData(BaseModel):
+class TextClassificationData(OptionsModel):
     """The config form of the built-in text-classification evaluator (unknown keys are errors).
 
     Example:

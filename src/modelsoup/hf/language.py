@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
+from modelsoup._options import OptionsModel
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import ClassifierEvaluator, forward_logits
 from modelsoup.hf.classification import read_examples, read_text
@@ -47,7 +48,7 @@ _logger = logging.getLogger(__name__)
 IGNORE = -100  # the label of a token that is context only, as transformers' losses use
 
 
-class CausalLMLossData(BaseModel):
+class CausalLMLossData(OptionsModel):
     """The config form of ``hf_causal_lm_loss`` (alias ``perplexity``); unknown keys are errors.
 
     Example:
@@ -89,7 +90,7 @@ class CausalLMLossData(BaseModel):
         return self.stride if self.stride is not None else max(1, self.max_length // 2)
 
 
-class MultipleChoiceData(BaseModel):
+class MultipleChoiceData(OptionsModel):
     """The config form of ``hf_multiple_choice``; unknown keys are errors.
 
     Example:

@@ -170,13 +170,20 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
             raise ConfigError(f"{source}: key 'parameters.{key}' is not supported")
         if isinstance(value, list | dict):
             raise ConfigError(f"{source}: key 'parameters.{key}': give one value, not a gradient")
+        if key != "lambda" and not isinstance(value, bool):
+            raise ConfigError(
+                f"{source}: key 'parameters.{key}': write true or false, not {value!r}"
+            )
     base = config.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{source}: key 'base_model': give a path, not {base!r}")
-    sources, weights, densities = [], [], set()
+    sources, weights, densities, undensed = [], [], set(), 0
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
             raise ConfigError(f"{source}: key 'models.{i}': give {{model: path, parameters: ...}}")
+        for key in entry:
+            if key not in ("model", "parameters"):
+                raise ConfigError(f"{source}: key 'models.{i}.{key}' is not supported; remove it")
         params = _mapping(entry.get("parameters"), f"{source}: key 'models.{i}.parameters'")
         for key, value in params.items():
             if key not in ("weight", "density"):
@@ -192,10 +199,16 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
         weights.append(_number(params.get("weight", 1.0), f"{where}.weight'"))
         if "density" in params:
             densities.add(_number(params["density"], f"{where}.density'"))
+        else:
+            undensed += 1
     if not sources:
         raise ConfigError(f"{source}: key 'models': no model besides the base")
-    if len(densities) > 1:
-        raise ConfigError(f"{source}: key 'models': one density for every model is supported")
+    if len(densities) > 1 or (densities and undensed):
+        # a model without one has mergekit's default, 1.0: that is a second density too
+        raise ConfigError(
+            f"{source}: key 'models': one density for every model is supported; give the "
+            "same density to every model, or to none"
+        )
     if method != "linear" and base is None:
         raise ConfigError(f"{source}: key 'base_model': '{method}' needs one")
     if shared.get("int8_mask"):
@@ -211,7 +224,7 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
     if method != "linear":
         merge["lambda"] = _number(shared.get("lambda", 1.0), f"{source}: key 'parameters.lambda'")
     dtype = config.get("out_dtype") or config.get("dtype")
-    if dtype is not None and dtype not in _DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in _DTYPES):
         key = "out_dtype" if config.get("out_dtype") else "dtype"
         raise ConfigError(f"{source}: key '{key}': {dtype!r} is not one of {', '.join(_DTYPES)}")
     if method in ("ties", "dare_linear", "dare_ties"):

@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -45,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from modelsoup._options import OptionsModel
 from modelsoup.errors import ConfigError
 
 #: at most this many elements per piece of the average and the elementwise rules (1 MiB
@@ -53,7 +53,7 @@ from modelsoup.errors import ConfigError
 CACHE_ELEMENTS = 1 << 18
 
 
-class MergeOptions(BaseModel):
+class MergeOptions(OptionsModel):
     """Base of every rule's options: unknown keys, wrong types and bad ranges are errors."""
 
     model_config = ConfigDict(
@@ -168,8 +168,14 @@ def get_rule(name: str) -> RuleSpec:
 
 def _first_problem(err: ValidationError, rule: RuleSpec) -> str:
     first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-    key = ".".join(str(x) for x in first["loc"]).replace("lambda_", "lambda")
+    given = ".".join(str(x) for x in first["loc"])
+    key = given.replace("lambda_", "lambda")  # lambda is a keyword: lambda_ in Python
     if first["type"] == "extra_forbidden":
+        field = rule.options.model_fields.get(given)
+        if field is not None and field.alias:  # its Python name beside its config name
+            return (
+                f"option '{given}' is '{field.alias}' given twice; give it once, as '{field.alias}'"
+            )
         known = sorted(
             f.alias or n for n, f in rule.options.model_fields.items() if n != "alpha"
         ) + ["alpha"]
@@ -178,10 +184,10 @@ def _first_problem(err: ValidationError, rule: RuleSpec) -> str:
         )
     if first["type"] == "missing":
         return f"option '{key}': required, give a value"
-    return f"option '{key}': {first['msg']}"
+    return f"option '{key}': {first['msg'].removeprefix('Value error, ')}"
 
 
-class MergeSpec(BaseModel):
+class MergeSpec(OptionsModel):
     """A merge rule and its options, as a config writes it: ``{rule: ties, density: 0.3}``.
 
     Example:

@@ -17,14 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ConfigDict, ValidationError, field_validator
 
+from modelsoup._options import OptionsModel
 from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec
 
 
-class RecipeOptions(BaseModel):
+class RecipeOptions(OptionsModel):
     """Base of every recipe's options: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -48,7 +48,16 @@ class SearchOptions(RecipeOptions):
     grid: list[float] | None = None
     bounds: tuple[float, float] | None = None
     #: golden-section steps after the two bounds and the two first inner points
-    iterations: PositiveInt = 8
+    iterations: PositiveInt | None = None
+
+    def steps(self) -> int:
+        """Golden-section steps (8 unless given).
+
+        Example:
+            >>> SearchOptions(merge={"rule": "task_arithmetic"}, option="lambda").steps()
+            8
+        """
+        return 8 if self.iterations is None else self.iterations
 
     @model_validator(mode="after")
     def _check(self) -> SearchOptions:
@@ -58,8 +67,13 @@ class SearchOptions(RecipeOptions):
             raise ValueError("grid is empty; give at least one value")
         if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
             raise ValueError(f"bounds {list(self.bounds)} must be [low, high] with low < high")
-        if self.option in self.merge:
+        if self.option in {k.removesuffix("_") for k in self.merge}:  # lambda_ is lambda
             raise ValueError(f"merge sets {self.option}, which the search chooses; remove it")
+        if self.grid is not None and self.iterations is not None:
+            raise ValueError(
+                "iterations counts golden-section steps within bounds; a grid tries each of "
+                "its values: give bounds, or drop iterations"
+            )
         for value in self.grid or self.search_bounds():
             try:
                 spec = as_merge({**self.merge, self.option: value})
@@ -122,7 +136,7 @@ def search_soup(
     option: str,
     grid: Sequence[float] | None = None,
     bounds: Sequence[float] | None = None,
-    iterations: int = 8,
+    iterations: int | None = None,
 ) -> Soup:
     """Search: the soup of every ingredient, with the merge option held-out likes best.
 
@@ -138,7 +152,9 @@ def search_soup(
         >>> soup.options["chosen"], soup.merge.options.lambda_
         (0.5, 0.5)
     """
-    given = {"merge": dict(merge), "option": option, "iterations": iterations}
+    given = {"merge": dict(merge), "option": option}
+    if iterations is not None:  # a grid takes none
+        given["iterations"] = iterations
     if grid is not None:
         given["grid"] = list(grid)
     if bounds is not None:
@@ -162,7 +178,7 @@ def search_soup(
             score(value)
     else:
         low, high = opts.search_bounds()
-        golden_section(score, low, high, iterations, taster.better)
+        golden_section(score, low, high, opts.steps(), taster.better)
     values = list(scores)
     best = values[taster.best([scores[v] for v in values])]
     with taster.merging({**opts.merge, option: best}):
@@ -174,7 +190,7 @@ def search_soup(
                 "option": option,
                 "grid": opts.grid,
                 "bounds": list(opts.search_bounds()) if opts.grid is None else None,
-                "iterations": iterations if opts.grid is None else None,
+                "iterations": opts.steps() if opts.grid is None else None,
                 "chosen": best,
             },
             trace=trace,

@@ -62,12 +62,14 @@ def average(
     )
     if base is not None:
         base = open_ingredient(base, label="base", key=key if takes_key(base) else None)
-        if not as_merge(merge).needs_base and adapters_base(ingredients) is None:
+        rule = as_merge(merge)
+        if not rule.needs_base and adapters_base(ingredients) is None:
+            kind = "the weighted average" if rule.is_average else f"merged by {rule.rule}"
             warnings.warn(
                 f"the base model{f' {base.path}' if base.path else ''} is not used: only "
                 "merge rules on task "
                 "vectors (--merge task_arithmetic, ties, ...) and WiSE-FT (--alpha) read it, "
-                "and this soup is the weighted average",
+                f"and this soup is {kind}",
                 SoupWarning,
                 stacklevel=2,
             )
