@@ -416,7 +416,7 @@ def test_the_language_model_docs_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "soup-merged" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("arch", ["gpt2-conv1d", "llama-embedding"])
+@pytest.mark.parametrize("arch", ["gpt2-conv1d", "gpt2-conv1d-and-linear", "llama-embedding"])
 def test_transposed_changes_match_peft(arch, tmp_path):
     # GPT-2's Conv1D stores W as (in, out): fan_in_fan_out; embeddings store (B @ A).T
     if arch == "gpt2-conv1d":
@@ -425,6 +425,16 @@ def test_transposed_changes_match_peft(arch, tmp_path):
         transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
         load = transformers.GPT2LMHeadModel.from_pretrained
         lora = {"target_modules": ["c_attn"], "fan_in_fan_out": True}
+    elif arch == "gpt2-conv1d-and-linear":
+        # a square Conv1D (attn.c_proj) and an nn.Linear (score): PEFT transposes the
+        # first only, and saves the flag of whichever it saw last
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(
+            n_embd=16, n_layer=1, n_head=2, vocab_size=40, num_labels=3, pad_token_id=0
+        )
+        transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "base")
+        load = transformers.GPT2ForSequenceClassification.from_pretrained
+        lora = {"target_modules": r".*attn\.c_proj|score"}
     else:
         tiny_llama().save_pretrained(tmp_path / "base")
         load = transformers.LlamaForCausalLM.from_pretrained
@@ -468,3 +478,34 @@ def test_an_adapter_config_edited_after_it_was_read_is_refused(kitchen, tmp_path
     (edited / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
     with pytest.raises(IngredientError, match="adapter_config.json: changed while modelsoup"):
         soup.save(tmp_path / "soup", progress=False)
+
+
+def test_an_adapter_with_no_weights_or_non_finite_values_is_refused(kitchen, tmp_path, capsys):
+    root, base_dir, adapters = kitchen
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    weights = load_file(str(adapters[0] / "adapter_model.safetensors"))
+    cases = {
+        "empty": (config, {}, "holds no LoRA weights"),
+        "nan-factor": (
+            config,
+            {k: v.clone().fill_(float("nan")) if "lora_B" in k else v for k, v in weights.items()},
+            "contains NaN or Inf values",
+        ),
+        "nan-alpha": (
+            {**config, "lora_alpha": float("nan")},
+            weights,
+            "'lora_alpha' is nan; expected a positive number",
+        ),
+    }
+    for name, (cfg, state, needle) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        save_file(state, str(folder / "adapter_model.safetensors"))
+        capsys.readouterr()
+        # the adapter output re-factors the mixed change: no SVD of NaN, one error line
+        out = tmp_path / f"soup-{name}"
+        assert main(["average", str(folder), str(adapters[1]), "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (name, err)
+        assert not out.exists()

@@ -59,6 +59,11 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 KEY_PREFIX = "base_model.model."
 #: rows of B @ A are computed in blocks of about this many elements
 _BLOCK_ELEMENTS = 1 << 20
+#: architectures whose attention and MLP layers are transformers' Conv1D, stored (in, out):
+#: PEFT sets fan_in_fan_out for those modules and not for their nn.Linear ones (a
+#: classifier's ``score``), but saves only one value of it
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 _MERGE_HINT = "merge it into its base with PEFT's merge_and_unload() and soup the merged models"
 
 
@@ -133,7 +138,12 @@ def read_adapter_config(folder: Path) -> dict:
             raise IngredientError(f"{folder}: {what} cannot be souped yet: {_MERGE_HINT}")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise IngredientError(f"{path}: '{key}' is {value!r}; expected a positive number")
     for key in ("alpha_pattern", "rank_pattern"):
         if not isinstance(config.get(key) or {}, dict):
@@ -244,6 +254,11 @@ class AdapterSource(TensorSource):
         self.lora: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}  # base tensor name -> adapter key (modules_to_save)
         self._map_keys()
+        if not self.lora and not self.full:
+            raise IngredientError(
+                f"{weights}: holds no LoRA weights; an empty adapter would be averaged in "
+                "as no change at all: re-save the adapter, or leave it out"
+            )
         ranks = sorted(self.ranks())
         self.note = (
             f"LoRA adapter over {self.base_path}: {len(self.lora)} modules, rank "
@@ -299,7 +314,7 @@ class AdapterSource(TensorSource):
             raise IngredientError(
                 f"{self.folder}: LoRA module '{module}' has factors {a} and {b} of unequal rank"
             )
-        transposed = keys["kind"] == "embedding" or fan_in_fan_out
+        transposed = self._transposed(module, keys["kind"], name, a, b, fan_in_fan_out)
         changed = (a[1], b[0]) if transposed else (b[0], a[1])
         self._check_shape(name, changed, keys["A"])
         alpha = float(self.config["lora_alpha"])
@@ -307,7 +322,12 @@ class AdapterSource(TensorSource):
         hit = _pattern_key(patterns, module)
         if hit is not None:
             alpha = patterns[hit]
-            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+            if (
+                isinstance(alpha, bool)
+                or not isinstance(alpha, int | float)
+                or not math.isfinite(alpha)
+                or alpha <= 0
+            ):
                 raise IngredientError(
                     f"{self.folder / ADAPTER_CONFIG}: alpha_pattern['{hit}'] is {alpha!r}; "
                     "expected a positive number"
@@ -315,6 +335,27 @@ class AdapterSource(TensorSource):
         root = math.sqrt(rank) if self.config.get("use_rslora") else rank
         scaling = float(alpha) / root
         self.lora[name] = LoraModule(keys["A"], keys["B"], scaling, transposed, keys["kind"])
+
+    def _transposed(
+        self, module: str, kind: str, name: str, a: tuple, b: tuple, saved: bool
+    ) -> bool:
+        # is the module's weight stored as (in, out), so that its change is (B @ A).T?
+        if kind == "embedding":
+            return True
+        if self._model_type() in CONV1D_MODEL_TYPES:
+            return module.rsplit(".", 1)[-1] in CONV1D_MODULES
+        plain, flipped = (b[0], a[1]), (a[1], b[0])
+        have = tuple(self.base.meta(name).shape)
+        if plain != flipped and have in (plain, flipped):
+            return have == flipped  # the shape says which, whatever the saved flag
+        return saved
+
+    def _model_type(self) -> str | None:
+        try:
+            config = json.loads((self.base_path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return config.get("model_type") if isinstance(config, dict) else None
 
     def _no_counterpart(self, what: str, name: str) -> IngredientError:
         # A base that ties its head to the embeddings stores the head once, as the
@@ -347,7 +388,14 @@ class AdapterSource(TensorSource):
         """``(A, B)`` of the module changing tensor ``name``, as saved (its change, in PEFT's
         orientation, is ``scaling · B @ A``)."""
         mod = self.lora[name]
-        return self.factors.tensor(mod.key_a).to(dtype), self.factors.tensor(mod.key_b).to(dtype)
+        factors = [self.factors.tensor(key) for key in (mod.key_a, mod.key_b)]
+        for key, factor in zip((mod.key_a, mod.key_b), factors):
+            if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                raise IngredientError(
+                    f"{self.weights_file}: LoRA factor '{key}' contains NaN or Inf values "
+                    "(diverged training?); leave this adapter out"
+                )
+        return factors[0].to(dtype), factors[1].to(dtype)
 
     def ranks(self) -> set[int]:
         """The ranks of the adapter's LoRA modules."""
