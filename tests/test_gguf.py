@@ -234,3 +234,17 @@ def test_a_truncated_gguf_is_refused(tmp_path):
         (tmp_path / "cut.gguf").write_bytes(whole[:cut])
         with pytest.raises(ConfigError):
             read_gguf_llama(tmp_path / "cut.gguf")
+
+
+def test_a_vocab_size_other_than_the_embedding_rows_is_refused(tmp_path):
+    import copy
+
+    model = tiny_llama()
+
+    class Wider:  # llama.vocab_size says more tokens than token_embd has rows
+        config = copy.deepcopy(model.config)
+        state_dict = staticmethod(model.state_dict)
+
+    Wider.config.vocab_size += 16
+    with pytest.raises(ConfigError, match="vocab_size says .* but token_embd has"):
+        read_gguf_llama(write_gguf(Wider, tmp_path / "wide.gguf", vocab=False))

@@ -219,10 +219,17 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
             f"for a {layers}-block Llama; it is incomplete or not a Llama model"
         )
     embeddings = state["model.embed_tokens.weight"]
+    vocab = int(_field(reader, "llama.vocab_size", embeddings.shape[0]))
+    if vocab != embeddings.shape[0]:
+        raise ConfigError(
+            f"{path}: llama.vocab_size says {vocab} tokens but token_embd has "
+            f"{embeddings.shape[0]} rows; transformers could not load that model: the file is "
+            "inconsistent, re-convert it"
+        )
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(_field(reader, "llama.vocab_size", embeddings.shape[0])),
+        "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(setting("feed_forward_length")),
         "num_hidden_layers": layers,
