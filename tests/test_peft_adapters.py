@@ -509,3 +509,13 @@ def test_an_adapter_with_no_weights_or_non_finite_values_is_refused(kitchen, tmp
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, (name, err)
         assert not out.exists()
+
+
+def test_trained_embeddings_over_a_tied_base_warn_that_a_merged_model_is_not_peft(tmp_path):
+    from modelsoup.errors import SoupWarning
+
+    base = tmp_path / "base"
+    tiny_llama(tie_word_embeddings=True).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "ad", seed=0, modules_to_save=["embed_tokens"])
+    with pytest.warns(SoupWarning, match="ties the head to the trained embeddings"):
+        AdapterSource(adapter)

@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from modelsoup._util import check_replaceable, replace_folder, temp_sibling
-from modelsoup.errors import IncompatibleIngredientsError, IngredientError
+from modelsoup.errors import IncompatibleIngredientsError, IngredientError, SoupWarning
 from modelsoup.formats.base import (
     TensorMeta,
     TensorSource,
@@ -64,6 +65,8 @@ _BLOCK_ELEMENTS = 1 << 20
 #: classifier's ``score``), but saves only one value of it
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+#: the input-embedding modules of common architectures (a tied head is stored as them)
+INPUT_EMBEDDINGS = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in"})
 _MERGE_HINT = "merge it into its base with PEFT's merge_and_unload() and soup the merged models"
 
 
@@ -292,6 +295,16 @@ class AdapterSource(TensorSource):
                 raise self._no_counterpart(f"adapter tensor '{key}'", name)
             self._check_shape(name, tuple(self.factors.meta(key).shape), key)
             self.full[name] = key
+            if name.rsplit(".", 2)[-2] in INPUT_EMBEDDINGS and self._base_ties_head():
+                warnings.warn(
+                    f"{self.folder}: the adapter saves the input embeddings '{name}' in full "
+                    "(modules_to_save) over a base that ties its head to them; PEFT keeps the "
+                    "base's head, but a merged model (--merge-into-base, and the models a cook "
+                    "tastes) ties the head to the trained embeddings, so it differs from "
+                    "PEFT's; an adapter soup (the default output) is exact",
+                    SoupWarning,
+                    stacklevel=2,
+                )
         for module, keys in pairs.items():
             if "A" not in keys or "B" not in keys:
                 raise IngredientError(
@@ -357,14 +370,17 @@ class AdapterSource(TensorSource):
             return None
         return config.get("model_type") if isinstance(config, dict) else None
 
+    def _base_ties_head(self) -> bool:
+        config = self.base_path / "config.json"
+        try:
+            return json.loads(config.read_text()).get("tie_word_embeddings", False) is True
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def _no_counterpart(self, what: str, name: str) -> IngredientError:
         # A base that ties its head to the embeddings stores the head once, as the
         # embeddings: an adapter that changes the head then has nothing to change.
-        config = self.base_path / "config.json"
-        try:
-            tied = json.loads(config.read_text()).get("tie_word_embeddings", False) is True
-        except (OSError, ValueError, AttributeError):
-            tied = False
+        tied = self._base_ties_head()
         if tied and name.rsplit(".", 2)[-2] in ("lm_head", "embed_out", "output"):
             return IngredientError(
                 f"{self.folder}: {what} changes '{name}', which the base {self.base_path} "
