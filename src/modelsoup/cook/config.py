@@ -68,7 +68,6 @@ class IngredientEntry(OptionsModel):
     """One ``ingredients:`` entry: a path, folder or glob, and an optional label for the
     one checkpoint it names (written as a plain string when it has no label)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
     label: str | None = Field(default=None, min_length=1)
 
@@ -77,7 +76,6 @@ class StatisticalRacingOptions(OptionsModel):
     """``racing: {confidence: 0.999}``: statistical racing, at that confidence; ``clip``
     bounds a loss's per-example values; ``seed`` fixes the examples' one random order."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     confidence: float = Field(gt=0, lt=1)
     clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     seed: int = 0
@@ -183,8 +181,6 @@ class CookOptions(OptionsModel):
         >>> CookOptions(seed=3).bootstrap_resamples
         2000
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     device: str = "cpu"
     checkpoint_key: str | None = None

@@ -25,6 +25,7 @@ mixed as they are; adapters over different bases are refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -363,19 +364,20 @@ class AdapterSource(TensorSource):
             return have == flipped  # the shape says which, whatever the saved flag
         return saved
 
-    def _model_type(self) -> str | None:
+    @functools.cached_property
+    def _base_config(self) -> dict:
+        # the base's config.json, read once (every LoRA module asks about it)
         try:
             config = json.loads((self.base_path / "config.json").read_text())
         except (OSError, ValueError):
-            return None
-        return config.get("model_type") if isinstance(config, dict) else None
+            return {}
+        return config if isinstance(config, dict) else {}
+
+    def _model_type(self) -> str | None:
+        return self._base_config.get("model_type")
 
     def _base_ties_head(self) -> bool:
-        config = self.base_path / "config.json"
-        try:
-            return json.loads(config.read_text()).get("tie_word_embeddings", False) is True
-        except (OSError, ValueError, AttributeError):
-            return False
+        return self._base_config.get("tie_word_embeddings", False) is True
 
     def _no_counterpart(self, what: str, name: str) -> IngredientError:
         # A base that ties its head to the embeddings stores the head once, as the

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from modelsoup._options import OptionsModel
 from modelsoup.errors import ConfigError
@@ -30,8 +30,6 @@ class TextClassificationData(OptionsModel):
         >>> spec.metric, spec.text_column, spec.label_column, spec.batch_size
         ('accuracy', 'text', 'label', 32)
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: a ``.csv``/``.tsv`` file with a header row, or ``.jsonl`` (one JSON object a line)
     hf_text_classification: str

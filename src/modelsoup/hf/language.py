@@ -99,8 +99,6 @@ class MultipleChoiceData(OptionsModel):
         ('question', 'choices', 'answer', ' ')
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     #: a ``.jsonl`` file of ``{question, choices, answer}`` objects; ``answer`` is the
     #: 0-based index of the right choice, or its text
     hf_multiple_choice: str

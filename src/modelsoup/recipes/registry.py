@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ConfigDict, ValidationError, field_validator
+from pydantic import ValidationError, field_validator
 
 from modelsoup._options import OptionsModel
 from modelsoup._util import spelling_hint
@@ -27,8 +27,6 @@ from modelsoup.merge import MergeSpec
 
 class RecipeOptions(OptionsModel):
     """Base of every recipe's options: unknown keys and wrong types are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def merge_rule(self) -> MergeSpec | None:
         """The merge rule the recipe mixes its candidates with (``None``: the average)."""
