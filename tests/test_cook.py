@@ -71,11 +71,13 @@ class Interrupting(Accuracy):
 
     def __init__(self, limit=None):
         super().__init__(splits()["held_out"], name="digits-held-out")
-        self.limit, self.calls = limit, 0
+        # private: a test's switch, not part of what the evaluator measures (public
+        # settings of an evaluator class are, and would make each run another measure)
+        self._limit, self.calls = limit, 0
 
     def logits(self, model):
         self.calls += 1
-        if self.limit is not None and self.calls > self.limit:
+        if self._limit is not None and self.calls > self._limit:
             raise KeyboardInterrupt
         return super().logits(model)
 
@@ -158,6 +160,7 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         # where a number goes, is not quietly converted
         ("seed: yes\n", "'seed': write a number, not True"),
         ("baselines: 'no'\n", "'baselines': write true or false, not 'no'"),
+        ("align: 'yes'\n", "'align': write true, false, reference, activations, merge_many"),
         ("racing: {confidence: '0.9'}\n", "'racing.confidence': write a number without quotes"),
         ("recipes: [{name: greedy, max_ingredients: '3'}]\n", "'recipes.0.max_ingredients'"),
         (

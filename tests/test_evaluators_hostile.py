@@ -25,12 +25,101 @@ class _Target:
         self.value = value
 
 
+class _Hidden:
+    __slots__ = ("value",)  # no __dict__: nothing the identity can read
+
+    def __init__(self, value: float):
+        self.value = value
+
+
 def test_held_out_and_test_of_one_name_are_refused():
     # two lambdas of one code over objects the identity cannot see into
     make = lambda target: lambda m: closeness(m, target.value)  # noqa: E731
-    held, test = make(_Target(2.0)), make(_Target(3.0))
+    held, test = make(_Hidden(2.0)), make(_Hidden(3.0))
     with pytest.raises(ConfigError, match="different evaluators that are both named"):
         cook(WEIGHTS, torch.nn.Linear(1, 1, bias=False), held, test=test, progress=False)
+
+
+USER_MODULE = """
+import torch
+
+THRESHOLD = 0.5
+
+
+def _passes(x):
+    return x > THRESHOLD
+
+
+def metric(model):
+    return float(_passes(0.7))
+
+
+class Scorer:
+    name = "scorer"
+    higher_is_better = True
+
+    def __init__(self, cutoff=0.5):
+        self.cutoff = cutoff
+        self._calls = 0
+
+    def evaluate(self, model):
+        self._calls += 1
+        return float(_passes(self.cutoff))
+"""
+
+
+def _user_module(folder, text):
+    # the user's evaluation module as a later run imports it: same name, maybe edited
+    import importlib.util
+
+    folder.mkdir()
+    (folder / "user_eval.py").write_text(text)
+    spec = importlib.util.spec_from_file_location("user_eval", folder / "user_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_edit_to_what_an_evaluator_reads_is_another_measure(tmp_path):
+    import subprocess
+    import sys
+
+    from modelsoup.evaluators import as_evaluator, identity
+
+    def ids(module, **settings):
+        return identity(as_evaluator(module.metric)), identity(module.Scorer(**settings))
+
+    first = ids(_user_module(tmp_path / "a", USER_MODULE))
+    assert ids(_user_module(tmp_path / "b", USER_MODULE)) == first  # unedited: resumed
+    edits = {
+        "a global it reads": ("THRESHOLD = 0.5", "THRESHOLD = 0.6"),
+        "a helper it calls": ("x > THRESHOLD", "x >= THRESHOLD"),
+    }
+    for n, (what, (old, new)) in enumerate(edits.items()):
+        edited = ids(_user_module(tmp_path / f"e{n}", USER_MODULE.replace(old, new)))
+        assert edited[0] != first[0] and edited[1] != first[1], what
+    method = _user_module(tmp_path / "m", USER_MODULE.replace("_passes(self.cutoff)", "1.0"))
+    assert ids(method)[1] != first[1]  # an edited evaluate()
+    module = _user_module(tmp_path / "s", USER_MODULE)
+    assert identity(module.Scorer(cutoff=0.7)) != first[1]  # a public setting
+    counted = module.Scorer()
+    counted._calls = 5  # a private counter is not
+    assert identity(counted) == first[1]
+    # closed-over tensors by their contents
+    make = lambda target: lambda m: float(target.sum())  # noqa: E731
+    assert identity(as_evaluator(make(torch.zeros(2)))) != identity(
+        as_evaluator(make(torch.ones(2)))
+    )
+    # and the same in another process, as a resumed run reads the journal
+    path = str(tmp_path / "a" / "user_eval.py")
+    code = (
+        "import sys, importlib.util; from modelsoup.evaluators import identity, as_evaluator; "
+        f"spec = importlib.util.spec_from_file_location('user_eval', {path!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(identity(as_evaluator(m.metric)), identity(m.Scorer()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == list(first)
 
 
 @pytest.mark.parametrize("how", ["lambda", "partial", "closure"])

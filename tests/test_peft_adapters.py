@@ -245,6 +245,13 @@ def test_cli_average_adapters_end_to_end(kitchen, tmp_path, capsys):
     soup = modelsoup.average(adapters)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, soup.tensor(name), rtol=0, atol=0)
+    # the adapters' base folder is an input like the adapters: nothing is written in it
+    inside = base_dir / "merged"
+    args = ["average", *map(str, adapters), "--merge-into-base", "-o", str(inside), "-q"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert not inside.exists()
 
 
 def test_adapters_that_cannot_be_souped_are_refused(kitchen, tmp_path, capsys):
@@ -495,6 +502,13 @@ def test_an_adapter_with_no_weights_or_non_finite_values_is_refused(kitchen, tmp
             {**config, "lora_alpha": float("nan")},
             weights,
             "'lora_alpha' is nan; expected a positive number",
+        ),
+        # PEFT fails on a pattern that is not a regular expression; skipping it gave
+        # its modules the default alpha
+        "bad-pattern": (
+            {**config, "alpha_pattern": {"v_proj[": 9}},
+            weights,
+            "alpha_pattern key 'v_proj[' is not a valid regular expression",
         ),
     }
     for name, (cfg, state, needle) in cases.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
@@ -27,7 +27,20 @@ def _kinds(annotation: Any) -> set[type]:
         return set().union(*(_kinds(arg) for arg in typing.get_args(annotation)))
     if annotation is type(None):
         return set()
+    if origin is Literal:
+        return set()  # pydantic takes only the literal values themselves
     return {annotation} if annotation in _SCALARS else {object}
+
+
+def _literals(annotation: Any) -> tuple:
+    """The values of the ``Literal[...]`` parts of an annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return typing.get_args(annotation)
+    if origin in (Annotated, Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return sum((_literals(a) for a in (args[:1] if origin is Annotated else args)), ())
+    return ()
 
 
 def _elements(annotation: Any) -> set[type] | None:
@@ -39,9 +52,10 @@ def _elements(annotation: Any) -> set[type] | None:
     return None
 
 
-def _problem(value: Any, kinds: set[type]) -> str | None:
-    """Why ``value`` is not what a field of these scalar ``kinds`` takes, or ``None``."""
-    if object in kinds or not kinds or value is None:
+def _problem(value: Any, kinds: set[type], literals: tuple = ()) -> str | None:
+    """Why ``value`` is not what a field of these scalar ``kinds`` (and ``literals``)
+    takes, or ``None``."""
+    if object in kinds or not kinds or value is None or value in literals:
         return None
     numbers = kinds & {int, float}
     if isinstance(value, bool):
@@ -53,7 +67,8 @@ def _problem(value: Any, kinds: set[type]) -> str | None:
     if isinstance(value, str) and numbers:
         return f"write a number without quotes, not {value!r}"
     if bool in kinds and not numbers:
-        return f"write true or false, not {value!r}"
+        named = "".join(f", {v}" for v in literals)
+        return f"write true{' or false' if not named else ', false'}{named}, not {value!r}"
     return None
 
 
@@ -78,7 +93,7 @@ class OptionsModel(BaseModel):
     @classmethod
     def _as_written(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = cls.model_fields[info.field_name].annotation
-        problem = _problem(value, _kinds(annotation))
+        problem = _problem(value, _kinds(annotation), _literals(annotation))
         elements = _elements(annotation)
         if problem is None and elements is not None and isinstance(value, list | tuple):
             problem = next((p for v in value if (p := _problem(v, elements))), None)

@@ -171,8 +171,9 @@ def identity(evaluator: Any) -> str:
 
 def measure_digest(evaluator: Any) -> str:
     """A short hash of what an evaluator measures, whatever its name: its class, its
-    direction, its kind and top-k, and the code of the function it calls (a metric,
-    or the ``model -> float`` function itself).
+    direction, its kind and top-k, and code: the function it calls (a metric, or the
+    ``model -> float`` function itself) and the methods of a class of yours, with the
+    values they read (settings, tensors, the globals and helpers of their module).
 
     Example:
         >>> import torch
@@ -190,12 +191,61 @@ def measure_digest(evaluator: Any) -> str:
     fn = getattr(inner, "metric", None) or getattr(inner, "fn", None)
     if callable(fn):
         parts.append(_code_of(fn))
+    parts += _user_class_parts(inner)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
 
 
-def _code_of(fn: Callable) -> str:
+def _ours(module: str | None) -> bool:
+    return (module or "").split(".")[0] in ("modelsoup", "builtins")
+
+
+def _user_class_parts(obj: Any) -> list[str]:
+    # an evaluator class of the user's (or a subclass of a built-in): an edited method, a
+    # class setting or an instance's setting is another measure; modelsoup's own classes
+    # are named by their class alone (their code is this version's)
+    parts = []
+    for klass in type(obj).__mro__:
+        if _ours(klass.__module__):
+            continue
+        for attr, value in sorted(vars(klass).items()):
+            if attr.startswith("_") and attr not in ("__call__", "__init__"):
+                continue  # private: caches and counters, not what is measured
+            target = value.__func__ if isinstance(value, staticmethod | classmethod) else value
+            if isinstance(target, property):
+                target = target.fget
+            if isinstance(target, types.FunctionType):
+                parts.append(f"{klass.__qualname__}.{attr}:{_code_of(target)}")
+            elif _plain(value):
+                parts.append(f"{klass.__qualname__}.{attr}={_stable(value)}")
+    if parts and hasattr(obj, "__dict__"):
+        # public settings only: data has its fingerprint, and private caches fill up
+        # as the evaluator is used
+        settings = vars(obj).items()
+        parts += [f"{k}={_stable(v)}" for k, v in sorted(settings) if _setting(k, v)]
+    return parts
+
+
+def _setting(key: str, value: Any) -> bool:
+    if key.startswith("_"):
+        return False
+    if isinstance(value, tuple | list | frozenset):
+        return bool(value) and all(_setting("", v) for v in value)
+    return isinstance(value, str | bytes | int | float | complex | bool)
+
+
+def _plain(value: Any) -> bool:
+    # a value whose text (or bytes) is what it is: a setting, not an object
+    if isinstance(value, str | bytes | int | float | complex | bool | None | torch.Tensor):
+        return True
+    if isinstance(value, tuple | list | frozenset):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def _code_of(fn: Callable, seen: set[int] | None = None) -> str:
     # two lambdas share a name: their code tells them apart (and a function edited
-    # between runs is another measure)
+    # between runs is another measure), with what it reads: the values it closes over,
+    # and the plain globals and same-module functions it names
     target = fn.func if isinstance(fn, functools.partial) else fn
     code = getattr(target, "__code__", None)
     if code is None:  # an object with a __call__ method
@@ -206,7 +256,40 @@ def _code_of(fn: Callable) -> str:
         return where
     bound = (fn.args, sorted(fn.keywords.items())) if isinstance(fn, functools.partial) else ()
     closure = tuple(_cell(c) for c in getattr(target, "__closure__", None) or ())
-    return f"{where}|{_stable(code)}|{_stable(bound)}|{_stable(closure)}"
+    seen = set() if seen is None else seen
+    seen.add(id(target))
+    reads = _globals_read(target, code, seen)
+    return f"{where}|{_stable(code)}|{_stable(bound)}|{_stable(closure)}|{reads}"
+
+
+def _globals_read(fn: Any, code: types.CodeType, seen: set[int]) -> str:
+    namespace = getattr(fn, "__globals__", None)
+    if not isinstance(namespace, dict) or _ours(namespace.get("__name__")):
+        return ""
+    found = []
+    for name in sorted(_names(code)):
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        if _plain(value):
+            found.append(f"{name}={_stable(value)}")
+        elif (
+            isinstance(value, types.FunctionType)
+            and value.__module__ == namespace.get("__name__")
+            and id(value) not in seen
+            and len(seen) < 32
+        ):
+            found.append(f"{name}:{_code_of(value, seen)}")
+    return ";".join(found)
+
+
+def _names(code: types.CodeType) -> set[str]:
+    # the global names a function's code (and the code nested in it) reads
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
 
 
 def _cell(cell: Any) -> Any:
@@ -217,8 +300,8 @@ def _cell(cell: Any) -> Any:
 
 
 def _stable(value: Any) -> str:
-    # the same text in every process: nested code by its bytes, not its address, and
-    # sets sorted (string hashing differs between processes)
+    # the same text in every process: nested code by its bytes, not its address, sets
+    # sorted (string hashing differs between processes), and a tensor by its contents
     if isinstance(value, types.CodeType):
         inner = "".join(_stable(c) for c in value.co_consts)
         return f"code({value.co_code.hex()},{inner},{value.co_names})"
@@ -226,11 +309,20 @@ def _stable(value: Any) -> str:
         return "(" + ",".join(_stable(v) for v in value) + ")"
     if isinstance(value, frozenset | set):
         return "{" + ",".join(sorted(_stable(v) for v in value)) + "}"
-    return (
-        repr(value)
-        if isinstance(value, str | bytes | int | float | complex | bool | None)
-        else type(value).__qualname__
-    )
+    if isinstance(value, dict):
+        return "{" + ",".join(sorted(f"{_stable(k)}:{_stable(v)}" for k, v in value.items())) + "}"
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return f"tensor({value.dtype},{tuple(value.shape)},{hashlib.sha256(data).hexdigest()})"
+    if isinstance(value, str | bytes | int | float | complex | bool | None):
+        return repr(value)
+    kind = type(value)
+    if not _ours(kind.__module__) and isinstance(getattr(value, "__dict__", None), dict):
+        # an object of the user's (a target, a config): its public settings
+        found = sorted((k, v) for k, v in vars(value).items() if _setting(k, v))
+        return f"{kind.__qualname__}(" + ",".join(f"{k}={v!r}" for k, v in found) + ")"
+    return kind.__qualname__
 
 
 def score_range(evaluator: Any) -> tuple[float, float] | None:

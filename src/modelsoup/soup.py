@@ -538,6 +538,7 @@ def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:
         for f in ing.files:
             paths.add(f.resolve())
             paths.add(f.with_suffix(".json").resolve())
+        paths.update(folder.resolve() for folder in ing.source.folders)
         if ing.path is not None:
             paths.add(ing.path.resolve())
     return paths

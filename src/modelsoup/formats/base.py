@@ -457,6 +457,9 @@ class TensorSource:
 
     label: str = "<checkpoint>"
     files: tuple[Path, ...] = ()
+    #: folders read as a whole beyond the ingredient's own path (an adapter's base
+    #: folder): no output may go in them either
+    folders: tuple[Path, ...] = ()
     #: which wrapper key or prefix handling produced the state dict, for messages
     note: str = ""
     #: the key of a pickled checkpoint the weights were read from (``state_dict_ema``):

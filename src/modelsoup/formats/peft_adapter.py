@@ -97,11 +97,8 @@ def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
     # PEFT's rule for rank_pattern/alpha_pattern: a key matches a module name that is
     # the key itself or ends with "." + key (keys may be regular expressions)
     for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
     return None
 
 
@@ -150,8 +147,19 @@ def read_adapter_config(folder: Path) -> dict:
         ):
             raise IngredientError(f"{path}: '{key}' is {value!r}; expected a positive number")
     for key in ("alpha_pattern", "rank_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise IngredientError(f"{path}: '{key}' must be a mapping of module names to numbers")
+        for pattern in patterns:
+            # PEFT matches these keys as regular expressions and fails on a bad one;
+            # skipping it would give its modules the default alpha
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as err:
+                raise IngredientError(
+                    f"{path}: {key} key {pattern!r} is not a valid regular expression "
+                    f"({err}); fix or remove it"
+                ) from None
     return config
 
 
@@ -255,6 +263,7 @@ class AdapterSource(TensorSource):
         self.label = str(self.folder)
         self.adapter_files = (self.folder / ADAPTER_CONFIG, weights)
         self.files = (*self.adapter_files, *self.base.files)
+        self.folders = (self.base_path,) if self.base_path.is_dir() else ()
         self.lora: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}  # base tensor name -> adapter key (modules_to_save)
         self._map_keys()
