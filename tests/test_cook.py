@@ -279,3 +279,29 @@ def test_a_test_loss_judges_a_soup_chosen_by_held_out_accuracy_the_right_way_rou
     assert "The soup helped" in _verdict(
         result, [{**rows[0], "vs_best_individual": better}], 1.0, ""
     )
+
+
+def test_soups_an_earlier_run_left_are_named_not_passed_off_as_this_reports(tmp_path, ckpt_dir):
+    out = tmp_path / "out"
+    common = dict(progress=False, bootstrap_resamples=50, output=out)
+    cook([str(ckpt_dir)], DigitsMLP, held_out(), recipes=["uniform", "greedy"], **common)
+    assert {p.name for p in (out / "soups").iterdir()} >= {
+        "uniform.safetensors",
+        "greedy-sorted.safetensors",
+        "greedy-sorted.safetensors.json",
+    }
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = cook([str(ckpt_dir)], DigitsMLP, held_out(), recipes=["uniform"], **common)
+    # greedy's soup (and its card) are the first run's, not this report's
+    note = next(n for n in result.notes if "did not make" in n)
+    assert "greedy-sorted.safetensors" in note and "uniform" not in note and ".json" not in note
+    assert any("did not make" in str(w.message) for w in seen)
+    report = (out / "report.md").read_text()
+    assert "greedy-sorted.safetensors, which this run did not make" in report
+    # a run that saves every soup it reports on writes no such note
+    again = cook([str(ckpt_dir)], DigitsMLP, held_out(), recipes=["uniform", "greedy"], **common)
+    assert not [n for n in again.notes if "did not make" in n]
+    # save: none leaves every earlier soup beside a report that does not describe them
+    quiet = cook([str(ckpt_dir)], DigitsMLP, held_out(), recipes=["uniform"], save="none", **common)
+    assert "uniform.safetensors" in next(n for n in quiet.notes if "did not make" in n)

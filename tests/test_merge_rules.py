@@ -388,6 +388,11 @@ def test_bad_options_fail_at_the_edge_with_the_key_named():
         as_merge({"rule": "ties", "density": 0.0})
     with pytest.raises(ConfigError, match="option 'density'"):
         as_merge({"rule": "dare_ties", "density": 1.01})
+    # a density the drop masks cannot represent: nothing kept, yet rescaled by 1/density
+    for tiny in (1e-12, 4e-10):
+        with pytest.raises(ConfigError, match="option 'density'.*smallest density 1e-05"):
+            as_merge({"rule": "dare_linear", "density": tiny})
+    assert as_merge({"rule": "dare_linear", "density": 1e-5}).options.density == 1e-5
     with pytest.raises(ConfigError, match="option 'density': required"):
         as_merge("ties")
     with pytest.raises(ConfigError, match="option 'alpha'"):

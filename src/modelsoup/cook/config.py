@@ -127,6 +127,12 @@ class RecipeEntry(OptionsModel):
 
     _racing_off = field_validator("racing", mode="before")(_yaml_off)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        # `recipes: [uniform, greedy]`: a bare name is the recipe with its defaults
+        return {"name": value} if isinstance(value, str) else value
+
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 

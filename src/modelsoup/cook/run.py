@@ -129,7 +129,7 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
     given = []
     for i, r in enumerate(recipes or []):
         try:
-            given.append(r if isinstance(r, RecipeEntry) else RecipeEntry(**r))
+            given.append(r if isinstance(r, RecipeEntry) else RecipeEntry.model_validate(r))
         except ValidationError as err:
             raise ConfigError(format_error(err, f"cook() recipes.{i}")) from None
         # the recipe's own options, at the edge: one line naming the key
@@ -344,6 +344,10 @@ def _cook(
             (out / name).unlink(missing_ok=True)
         if opts.save == "all":
             _save_soups(result, out, opts, progress)
+        earlier = _earlier_soups(out, result)
+        if earlier:
+            result.notes.append(earlier)
+            warnings.warn(earlier, SoupWarning, stacklevel=2)
         result.summary = write_report(
             result, out, bootstrap_resamples=opts.bootstrap_resamples, seed=opts.seed
         )
@@ -602,6 +606,32 @@ def _save_soups(result: CookResult, out: Path, opts: CookOptions, progress: bool
             merge_into_base=opts.merge_into_base,
         )
         m.saved = str(path.relative_to(out))
+
+
+def _earlier_soups(out: Path, result: CookResult) -> str | None:
+    """A note naming the soups in ``out/soups`` that this run did not make (an earlier
+    run's, under labels this run no longer has, or all of them with ``save: none``):
+    they lie beside this run's report, which does not describe them."""
+    folder = out / "soups"
+    try:
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return None
+    made = {Path(m.saved).name for m in result.methods if m.saved}
+    present = set(names)
+    # a single-file soup's card is <soup>.json beside it: counted with its soup
+    others = [
+        n
+        for n in names
+        if n not in made and not (n.endswith(".json") and n[: -len(".json")] in present)
+    ]
+    if not others:
+        return None
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return (
+        f"{folder} also holds {shown}, which this run did not make (an earlier run left "
+        "them): they are not this report's soups; remove them, or cook into a fresh folder"
+    )
 
 
 def cook_config(

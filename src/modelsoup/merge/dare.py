@@ -28,6 +28,7 @@ import threading
 from typing import Literal
 
 import torch
+from pydantic import field_validator
 
 from modelsoup.merge.linear import weighted_sum
 from modelsoup.merge.registry import DensityOptions, Piece, register_rule
@@ -46,12 +47,27 @@ HASH_BATCH = 1 << 18
 
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (C. Wellons)
 
+#: the smallest density DARE takes: below it the keep probability, a multiple of
+#: ``2**-31``, is no longer within 0.01% of ``density``, and under ``2**-32`` nothing is
+#: kept at all while the rescale ``1 / density`` still grows (a zero change, silently)
+MIN_DENSITY = 1e-5
+
 
 class DareOptions(DensityOptions):
     #: the drop masks' seed
     seed: int = 0
     #: how masks are made from the seed: ``counter-v1`` (default) or ``blocks-v0``
     mask: Literal["counter-v1", "blocks-v0"] = "counter-v1"
+
+    @field_validator("density")
+    @classmethod
+    def _representable(cls, v: float) -> float:
+        if v < MIN_DENSITY:
+            raise ValueError(
+                f"{v} is below DARE's smallest density {MIN_DENSITY:g} (its drop masks "
+                "cannot keep so few entries faithfully); use a larger density"
+            )
+        return v
 
 
 def _block_seed(seed: int, name: str, position: int, block: int) -> int:
