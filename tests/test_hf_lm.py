@@ -413,3 +413,50 @@ output: {tmp_path / "out"}
     )
     assert main(["cook", str(cfg), "-q"]) == 2
     assert "the learned soup fits its coefficients to one class label" in capsys.readouterr().err
+
+
+def test_model_hf_cooks_lora_adapters_over_their_base(lm_pool, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    base_dir = lm_pool / "ft-0"
+    adapters = []
+    for i in range(2):
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+        torch.manual_seed(10 + i)
+        lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                               init_lora_weights=False)  # fmt: skip
+        tuned = peft.get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, p in tuned.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.3 * torch.randn_like(p))
+        tuned.save_pretrained(tmp_path / f"ad-{i}")
+        adapters.append(tmp_path / f"ad-{i}")
+    held_spec = "{perplexity: held.txt, max_length: 8, stride: 4}"
+    out = tmp_path / "out"
+    for base_line in ("", f"base: {base_dir}\n"):  # named by the adapters, or given
+        cfg = lm_pool / "adapters.yaml"
+        cfg.write_text(
+            f"model: hf\ningredients: [{tmp_path}/ad-*]\nheld_out: {held_spec}\n"
+            f"recipes: [uniform]\noutput: {out}\nbootstrap_resamples: 100\n{base_line}"
+        )
+        assert main(["cook", str(cfg), "-q"]) == 0, capsys.readouterr().err
+        rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+        held = causal_lm_loss(
+            CausalLMLossData(perplexity="held.txt", max_length=8, stride=4),
+            base_dir,
+            base_dir=lm_pool,
+        )
+        merged = [
+            peft.PeftModel.from_pretrained(
+                transformers.AutoModelForCausalLM.from_pretrained(base_dir), a
+            ).merge_and_unload()
+            for a in adapters
+        ]
+        # each adapter was scored as the model PEFT merges from it over the base
+        best = min(held.evaluate(m.eval()) for m in merged)
+        assert rows["best_individual"]["held_out"] == pytest.approx(best, rel=1e-5)
+    # a base that is no Hugging Face folder cannot give model: hf its architecture
+    (tmp_path / "flat").mkdir()
+    cfg.write_text(cfg.read_text().replace(f"base: {base_dir}", f"base: {tmp_path}/flat"))
+    assert main(["cook", str(cfg), "-q"]) == 2
+    assert "is not a Hugging Face folder with config.json" in capsys.readouterr().err

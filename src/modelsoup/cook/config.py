@@ -472,12 +472,14 @@ def resolve_evaluator(
     ingredients: Sequence[str | Path] = (),
     *,
     trust_remote_code: bool = False,
+    base_model: str | Path | None = None,
 ) -> Any:
     """Resolve an evaluator import path: an evaluator, a function ``model -> score``
     (taken as it is), or a factory of no arguments (called once) that returns either.
 
     A built-in form such as ``{hf_text_classification: held.csv}`` is built with the
-    tokenizer (and labels) of the first of ``ingredients`` (see :mod:`modelsoup.hf`).
+    tokenizer (and labels) of the first of ``ingredients`` (see :mod:`modelsoup.hf`), or of
+    LoRA adapters' base model (``base_model`` when given).
 
     Example:
         >>> resolve_evaluator(None) is None
@@ -493,7 +495,7 @@ def resolve_evaluator(
             CausalLMLossData: hf.causal_lm_loss,
             MultipleChoiceData: hf.multiple_choice,
         }[type(target)]
-        folder = hf.model_folder(ingredients)
+        folder = hf.model_folder(ingredients, base_model)
         return build(target, folder, base_dir=base_dir, trust_remote_code=trust_remote_code)
     obj = resolve(target, base_dir)
     if hasattr(obj, "evaluate"):
@@ -693,20 +695,27 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     base = Path(config.base_dir)
     paths = [e.path for e in config.ingredients]
     ingredients = [p if Path(p).is_absolute() else str(base / p) for p in paths]
+    base_model = None
+    if config.base is not None:
+        base_model = config.base if Path(config.base).is_absolute() else str(base / config.base)
     if config.model == "hf":  # the architecture from the first folder's config.json
         from modelsoup.hf import model_factory
 
         model = model_factory(
-            ingredients, task=config.task, trust_remote_code=config.trust_remote_code
+            ingredients,
+            task=config.task,
+            trust_remote_code=config.trust_remote_code,
+            base=base_model,
         )
     else:
         model = resolve(config.model, base)
     trust = config.trust_remote_code
-    held = resolve_evaluator(config.held_out, base, ingredients, trust_remote_code=trust)
+    built_in = dict(trust_remote_code=trust, base_model=base_model)
+    held = resolve_evaluator(config.held_out, base, ingredients, **built_in)
     if config.test is not None and config.test == config.held_out:
         test = held  # one evaluator: cook warns that test then proves nothing
     else:
-        test = resolve_evaluator(config.test, base, ingredients, trust_remote_code=trust)
+        test = resolve_evaluator(config.test, base, ingredients, **built_in)
         same = _same_file(config.held_out, config.test, base)
         if same is not None and not same_data(held, test):  # if same_data, cook warns
             warn_test_is_held_out(f"held_out and test both read {same}")
@@ -714,8 +723,5 @@ def resolve_parts(config: CookConfig) -> ConfigParts:
     if not output.is_absolute():
         output = base / output
     labels = [e.label for e in config.ingredients]
-    base_model = None
-    if config.base is not None:
-        base_model = config.base if Path(config.base).is_absolute() else str(base / config.base)
     recalibrate = resolve_recalibration(config)
     return ConfigParts(ingredients, model, held, test, recalibrate, output, labels, base_model)

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from modelsoup.errors import ConfigError, IncompatibleIngredientsError
+from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
+from modelsoup.formats.dispatch import is_adapter_folder
 from modelsoup.formats.hf_folder import is_model_folder, open_folder
+from modelsoup.formats.peft_adapter import read_adapter_config, resolve_base
 from modelsoup.ingredients import find_checkpoints
 
 _logger = logging.getLogger(__name__)
@@ -59,8 +61,10 @@ def require_transformers() -> ModuleType:
     return transformers
 
 
-def model_folder(ingredients: Sequence[str | Path]) -> Path:
-    """The first ingredient, which must be a Hugging Face model folder with ``config.json``.
+def model_folder(ingredients: Sequence[str | Path], base: str | Path | None = None) -> Path:
+    """The Hugging Face folder ``model: hf`` builds from: the first ingredient, or, when
+    it is a PEFT LoRA adapter, the base model it adapts (``base`` when given, else the
+    adapter's ``base_model_name_or_path``). Either must hold ``config.json``.
 
     Example:
         >>> model_folder(["/nonexistent"])
@@ -71,6 +75,18 @@ def model_folder(ingredients: Sequence[str | Path]) -> Path:
     # the first ingredient only; open_ingredients says what the whole pool holds
     found = find_checkpoints(ingredients[:1], dedupe=False, quiet=True) if ingredients else []
     first = found[0] if found else Path(str(ingredients[0]) if ingredients else ".")
+    if is_adapter_folder(first):
+        # an adapter soup is a model over the adapters' base: its architecture is the base's
+        try:
+            folder = resolve_base(first, read_adapter_config(first), base)
+        except IngredientError as err:
+            raise ConfigError(f"model: hf: {err}") from None
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model: hf builds the adapters' base model, but {folder} is not a Hugging "
+                "Face folder with config.json; give the base's save_pretrained folder as base:"
+            )
+        return folder
     if not is_model_folder(first) or not (first / "config.json").is_file():
         raise ConfigError(
             "model: hf needs Hugging Face model folders as ingredients, but the first "
@@ -358,8 +374,10 @@ def model_factory(
     *,
     task: str | None = None,
     trust_remote_code: bool = False,
+    base: str | Path | None = None,
 ) -> Callable[[], torch.nn.Module]:
-    """What ``model: hf`` stands for: builds the first ingredient folder's architecture.
+    """What ``model: hf`` stands for: builds the first ingredient folder's architecture
+    (of LoRA adapters, their base's; ``base`` is the cook's ``base:``).
 
     Example:
         >>> model_factory(["/nonexistent"])
@@ -369,7 +387,7 @@ def model_factory(
     """
     if task is not None:
         auto_class_name(task)  # a misspelt task fails at config time
-    folder = model_folder(ingredients)
+    folder = model_folder(ingredients, base)
     require_transformers()  # fail at config time, not after the ingredients are opened
 
     def build() -> torch.nn.Module:
