@@ -5,10 +5,12 @@ in one ``error:`` line like every other stop, not a traceback. This module impor
 nothing heavy, so the interrupt can be caught around the package's import too.
 
 A Ctrl-C can also land outside any ``try`` (after this module is imported and before
-:func:`main` starts, or while it exits): from import on, SIGINT is handled here. Inside
-:func:`main` it is the usual ``KeyboardInterrupt``, so every ``finally`` (removing
-half-written files) runs; outside, nothing has been written yet, and the process ends
-at once with the same line.
+:func:`main` starts, or while it exits): from import on, SIGINT is handled here. While
+the package is imported, and outside :func:`main`, nothing has been written yet, and the
+process ends at once with that line: a ``KeyboardInterrupt`` raised inside torch's
+import can be swallowed by its C code (which then carries on, or fails on a
+half-imported numpy). Once the CLI runs it is the usual ``KeyboardInterrupt``, so every
+``finally`` (removing half-written files) runs.
 """
 
 import os
@@ -36,10 +38,10 @@ except ValueError:  # not the main thread: leave signals as they are
 def main() -> None:
     """Import the CLI and run it; Ctrl-C at any point ends with one line and exit 130."""
     global _inside_main
+    from modelsoup.cli import main as run  # a Ctrl-C here ends the process at once
+
     try:
         _inside_main = True
-        from modelsoup.cli import main as run
-
         code = run()
     except KeyboardInterrupt:
         _inside_main = False

@@ -41,9 +41,34 @@ def test_held_out_and_test_of_one_name_are_refused():
 
 
 USER_MODULE = """
+import functools
+
 import torch
 
 THRESHOLD = 0.5
+
+
+def logged(fn):
+    @functools.wraps(fn)
+    def wrapper(model):
+        return fn(model)
+
+    return wrapper
+
+
+@logged
+def decorated(model):
+    return 0.25
+
+
+def plain_wrapper(fn):
+    def call(model):
+        return fn(model)
+
+    return call
+
+
+wrapped = plain_wrapper(lambda model: 0.75)
 
 
 def _passes(x):
@@ -98,6 +123,15 @@ def test_an_edit_to_what_an_evaluator_reads_is_another_measure(tmp_path):
     for n, (what, (old, new)) in enumerate(edits.items()):
         edited = ids(_user_module(tmp_path / f"e{n}", USER_MODULE.replace(old, new)))
         assert edited[0] != first[0] and edited[1] != first[1], what
+    # what a decorator wraps (functools.wraps or not) is read through the wrapper
+    for n, (name, old, new) in enumerate(
+        [("decorated", "return 0.25", "return 0.5"), ("wrapped", "0.75)", "0.5)")]
+    ):
+        before = identity(
+            as_evaluator(getattr(_user_module(tmp_path / f"w{n}", USER_MODULE), name))
+        )
+        edited = _user_module(tmp_path / f"v{n}", USER_MODULE.replace(old, new))
+        assert identity(as_evaluator(getattr(edited, name))) != before, name
     method = _user_module(tmp_path / "m", USER_MODULE.replace("_passes(self.cutoff)", "1.0"))
     assert ids(method)[1] != first[1]  # an edited evaluate()
     module = _user_module(tmp_path / "s", USER_MODULE)
@@ -120,6 +154,36 @@ def test_an_edit_to_what_an_evaluator_reads_is_another_measure(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == list(first)
+
+
+def test_helpers_of_another_module_of_yours_are_part_of_the_measure(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from modelsoup.evaluators import as_evaluator, identity
+
+    main_text = (
+        "import user_helpers\nfrom user_helpers import passes\n\n"
+        "def metric(model):\n    return float(passes(0.7))\n\n"
+        "def by_module(model):\n    return float(user_helpers.passes(user_helpers.LEVEL))\n"
+    )
+    helper_text = "LEVEL = 0.7\n\ndef passes(x):\n    return x > 0.5\n"
+
+    def ids(folder, helpers):
+        folder.mkdir()
+        (folder / "user_helpers.py").write_text(helpers)
+        monkeypatch.syspath_prepend(str(folder))
+        sys.modules.pop("user_helpers", None)  # a later run imports the edited file
+        importlib.invalidate_caches()
+        module = _user_module(folder / "main", main_text)
+        return identity(as_evaluator(module.metric)), identity(as_evaluator(module.by_module))
+
+    first = ids(tmp_path / "a", helper_text)
+    assert ids(tmp_path / "b", helper_text) == first
+    edited = ids(tmp_path / "c", helper_text.replace("x > 0.5", "x >= 0.5"))
+    assert edited[0] != first[0] and edited[1] != first[1]  # an imported helper edited
+    moved = ids(tmp_path / "d", helper_text.replace("LEVEL = 0.7", "LEVEL = 0.2"))
+    assert moved[1] != first[1] and moved[0] == first[0]  # a setting read as module.NAME
 
 
 @pytest.mark.parametrize("how", ["lambda", "partial", "closure"])

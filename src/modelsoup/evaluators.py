@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
+import os
+import sysconfig
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -244,8 +247,9 @@ def _plain(value: Any) -> bool:
 
 def _code_of(fn: Callable, seen: set[int] | None = None) -> str:
     # two lambdas share a name: their code tells them apart (and a function edited
-    # between runs is another measure), with what it reads: the values it closes over,
-    # and the plain globals and same-module functions it names
+    # between runs is another measure), with what it reads: the values it closes over
+    # (the code of functions of yours among them: what a decorator wraps), and the plain
+    # globals and functions of yours it names
     target = fn.func if isinstance(fn, functools.partial) else fn
     code = getattr(target, "__code__", None)
     if code is None:  # an object with a __call__ method
@@ -255,11 +259,43 @@ def _code_of(fn: Callable, seen: set[int] | None = None) -> str:
     if code is None:
         return where
     bound = (fn.args, sorted(fn.keywords.items())) if isinstance(fn, functools.partial) else ()
-    closure = tuple(_cell(c) for c in getattr(target, "__closure__", None) or ())
     seen = set() if seen is None else seen
     seen.add(id(target))
+    closure = []
+    for cell in getattr(target, "__closure__", None) or ():
+        value = _cell(cell)
+        traced = _traced(value, seen)
+        closure.append(_stable(value) if traced is None else traced)
+    wrapped = getattr(target, "__wrapped__", None)  # functools.wraps / update_wrapper
+    inner = _traced(inspect.unwrap(target), seen) if wrapped is not None else None
     reads = _globals_read(target, code, seen)
-    return f"{where}|{_stable(code)}|{_stable(bound)}|{_stable(closure)}|{reads}"
+    return f"{where}|{_stable(code)}|{_stable(bound)}|{','.join(closure)}|{inner}|{reads}"
+
+
+@functools.lru_cache(maxsize=256)
+def _library_file(path: str) -> bool:
+    # a file of Python's own library or of an installed package (torch, numpy, ...):
+    # their code is their version's, not a user's edit
+    roots = {
+        os.path.realpath(sysconfig.get_paths()[key])
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root + os.sep) for root in roots)
+
+
+def _yours(fn: Any) -> bool:
+    # a Python function of the user's: not modelsoup's, not a library's
+    if not isinstance(fn, types.FunctionType) or _ours(fn.__module__):
+        return False
+    return not _library_file(fn.__code__.co_filename)
+
+
+def _traced(value: Any, seen: set[int]) -> str | None:
+    # the code (and what it reads) of a function of yours not yet traced, else None
+    if not _yours(value) or id(value) in seen or len(seen) >= 32:
+        return None
+    return _code_of(value, seen)
 
 
 def _globals_read(fn: Any, code: types.CodeType, seen: set[int]) -> str:
@@ -267,19 +303,29 @@ def _globals_read(fn: Any, code: types.CodeType, seen: set[int]) -> str:
     if not isinstance(namespace, dict) or _ours(namespace.get("__name__")):
         return ""
     found = []
-    for name in sorted(_names(code)):
+    names = _names(code)
+    for name in sorted(names):
         if name not in namespace:
             continue
         value = namespace[name]
         if _plain(value):
             found.append(f"{name}={_stable(value)}")
-        elif (
-            isinstance(value, types.FunctionType)
-            and value.__module__ == namespace.get("__name__")
-            and id(value) not in seen
-            and len(seen) < 32
-        ):
-            found.append(f"{name}:{_code_of(value, seen)}")
+        elif isinstance(value, types.ModuleType):
+            # `import helpers` then `helpers.cutoff(x)`: what it names of a module of yours
+            path = getattr(value, "__file__", None)
+            if path is None or _ours(value.__name__) or _library_file(path):
+                continue
+            for attr in sorted(names & set(vars(value))):
+                item = vars(value)[attr]
+                traced = _traced(item, seen)
+                if _plain(item):
+                    found.append(f"{name}.{attr}={_stable(item)}")
+                elif traced is not None:
+                    found.append(f"{name}.{attr}:{traced}")
+        else:
+            traced = _traced(value, seen)
+            if traced is not None:
+                found.append(f"{name}:{traced}")
     return ";".join(found)
 
 
