@@ -176,6 +176,43 @@ def test_a_hand_written_spec_that_changes_the_function_is_refused(tmp_path):
         align_pool(paths, None, tmp_path / "out", spec=FULL, progress=False)
 
 
+def test_a_hand_spec_that_leaves_out_batchnorm_is_refused_though_a_fresh_model_hides_it(
+    tmp_path,
+):
+    # a new BatchNorm's statistics and scales are equal across channels, so permuting
+    # around them changes nothing there; in trained ingredients it changes the function
+    states = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        net = bn_net()
+        with torch.no_grad():
+            net[1].running_mean.normal_()
+            net[1].running_var.uniform_(0.5, 2.0)
+            net[1].weight.uniform_(0.5, 1.5)
+            net[1].bias.normal_()
+        states.append(net.state_dict())
+    paths = write_states(tmp_path, states)
+    no_bn = PermutationSpec(
+        {"0.weight": ("P", None), "0.bias": ("P",), "3.weight": (None, "P")}
+    )  # fmt: skip
+    with pytest.raises(AlignmentError, match="permutation spec changes the output"):
+        align_pool(paths, bn_net, tmp_path / "out", spec=no_bn, example=torch.randn(4, 3),
+                   progress=False)  # fmt: skip
+    assert not (tmp_path / "out" / "aligned").exists()
+    with_bn = PermutationSpec(
+        {**no_bn.axes_to_perm, **{f"1.{n}": ("P",) for n in ("weight", "bias",
+         "running_mean", "running_var")}}
+    )  # fmt: skip
+    aligned = align_pool(paths, bn_net, tmp_path / "out", spec=with_bn,
+                         example=torch.randn(4, 3), progress=False)  # fmt: skip
+    x = torch.randn(8, 3)
+    for state, path in zip(states, aligned, strict=True):
+        want, got = bn_net().eval(), bn_net().eval()
+        want.load_state_dict(state)
+        got.load_state_dict(safetensors.torch.load_file(path))
+        torch.testing.assert_close(got(x), want(x))
+
+
 def test_an_aligned_copy_is_made_again_when_the_spec_changes(tmp_path):
     paths = write_states(tmp_path, mlp_states(2))
     spec_file = tmp_path / "spec.json"

@@ -430,3 +430,53 @@ def test_bad_specs_and_indices_are_reported():
         permute_state_dict(sd, spec, {})
     with pytest.raises(ConfigError, match="reordering"):
         permute_state_dict(sd, spec, {"P_0": torch.tensor([0, 0, 1])})
+
+
+class Capped(nn.Module):
+    """Per-unit clamp bounds: parameters that must move with the hidden units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.cap = nn.Parameter(torch.ones(8))  # equal at init: a fresh model hides them
+        self.floor = nn.Parameter(-torch.ones(8))
+
+    def forward(self, x):
+        h = torch.clamp(self.up(x), max=self.cap).clamp(min=self.floor)
+        return self.down(F.relu(h))
+
+
+def test_clamp_bounds_of_each_unit_move_with_their_units():
+    spec = trace_permutation_spec(Capped(), torch.randn(2, 4))
+    assert spec.axes_to_perm["cap"] == spec.axes_to_perm["floor"] == ("P_0",)
+    # trained bounds differ per unit: aligned copies still compute what they came from
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m = Capped()
+        with torch.no_grad():
+            m.cap.uniform_(0.0, 0.5)
+            m.floor.uniform_(-0.5, 0.0)
+        models.append(m)
+    x = torch.randn(16, 4)
+    aligned = Capped()
+    aligned.load_state_dict(align_to(models[0].state_dict(), models[1].state_dict(), spec))
+    assert not torch.equal(aligned.cap, models[1].cap)  # it was permuted, and still
+    torch.testing.assert_close(aligned(x), models[1](x))  # computes what it came from
+
+
+def test_a_layer_also_run_on_the_input_keeps_its_input_axis_and_the_rest_is_aligned():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared, self.up, self.down = nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.shared(self.down(F.relu(self.up(self.shared(x)))))
+
+    spec = trace_permutation_spec(Shared(), torch.randn(2, 4))
+    assert spec.axes_to_perm == {
+        "up.weight": ("P_0", None),
+        "up.bias": ("P_0",),
+        "down.weight": (None, "P_0"),
+    }

@@ -174,7 +174,7 @@ class _Walker:
         # Tied weights appear under several names; tie every name to the first one.
         first: dict[int, str] = {}
         self.canon = {name: first.setdefault(id(t), name) for name, t in state.items()}
-        self.ties: dict[tuple[str, int], tuple[int, int]] = {}
+        self.ties: dict[tuple[str, int], tuple[int, int | None]] = {}
 
     def fail(self, node: fx.Node, why: str) -> AlignmentError:
         if node.op == "call_module":
@@ -187,10 +187,18 @@ class _Walker:
         return AlignmentError(f"cannot trace permutations through {where}: {why}; {HINT}")
 
     def tie(self, name: str, axis: int, u: _Units | None) -> None:
-        if u is None or name not in self.canon:
+        if name not in self.canon:
             return
         key = (self.canon[name], axis)
+        if u is None:
+            # applied to values that are never permuted (a layer also run on the input):
+            # this axis must keep its order wherever else the tensor is used
+            old = self.ties.setdefault(key, (FIXED, None))
+            self.uf.union(old[0], FIXED)
+            return
         old = self.ties.setdefault(key, (u.group, u.block))
+        if old[1] is None:  # pinned so far, with no layout of its own
+            self.ties[key] = old = (old[0], u.block)
         if old[1] != u.block:
             raise AlignmentError(f"tensor {name!r} axis {axis} is used with two layouts; {HINT}")
         self.uf.union(old[0], u.group)
@@ -298,6 +306,13 @@ class _Walker:
     def call_op(self, node: fx.Node) -> _Units | None:
         target, out = node.target, _shape(node)
         if target in _ELEMENTWISE:
+            return self.elementwise(node)
+        if (
+            target in _UNARY
+            and target not in _TEMPLATE_METHODS
+            and any(_shape(n) is not None for n in _nodes_in(node.args[1:], node.kwargs))
+        ):
+            # a tensor operand beside the input (clamp's min or max): entry by entry
             return self.elementwise(node)
         x = node.args[0] if node.args else None
         moved = self.permuted(node)
@@ -452,10 +467,44 @@ def check_keeps_function(
             m.train(mode)
 
 
+def scrambled(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """``state`` with every floating tensor of finite values randomised: non-negative
+    ones (variances, norm scales) scaled entry by entry by ``exp(N(0, 0.25^2))``, others
+    shifted by ``N(0, (0.25 s)^2)`` (``s`` the tensor's spread, 0.1 if it has none).
+
+    A freshly built model hides a spec's mistakes: BatchNorm statistics and norm
+    scales start equal across channels and biases at zero, so leaving them out of a
+    spec changes nothing there, and in every trained model it does. Checked on a
+    scrambled copy, a permutation spec must keep the function for any weights, as it
+    promises.
+
+    Example:
+        >>> import torch
+        >>> s = scrambled({"var": torch.ones(3), "bias": torch.zeros(3)})
+        >>> bool((s["var"] > 0).all()), len(set(s["bias"].tolist()))
+        (True, 3)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        if not t.is_floating_point() or t.numel() == 0 or not bool(torch.isfinite(t).all()):
+            out[name] = t
+            continue
+        x = t.detach().to("cpu", torch.float64)
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        if bool((x >= 0).all()) and bool((x > 0).any()):
+            x = x * torch.exp(0.25 * noise)
+        else:
+            spread = float(x.std()) if x.numel() > 1 else 0.0
+            x = x + 0.25 * (spread if spread > 0 else 0.1) * noise
+        out[name] = x.to(t.device, t.dtype)
+    return out
+
+
 def _compare_permuted(
     module: nn.Module, spec: PermutationSpec, inputs: tuple, traced: bool
 ) -> None:
-    state = module.state_dict()
+    state = scrambled(module.state_dict())
     gen = torch.Generator().manual_seed(0)
     perms = {p: torch.randperm(n, generator=gen) for p, n in spec.sizes(state).items()}
     if not perms:
@@ -465,9 +514,10 @@ def _compare_permuted(
     first: dict[int, str] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         first.setdefault(id(tensor), name)
+    state = {name: state[name] for name in first.values()}
     permuted = {name: permuted[name] for name in first.values()}
     with torch.no_grad():
-        before = _leaves(module(*inputs))
+        before = _leaves(torch.func.functional_call(module, state, inputs))
         after = _leaves(torch.func.functional_call(module, permuted, inputs))
     why = (
         f"(an operation was handled wrongly); {HINT}"
