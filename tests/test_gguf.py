@@ -248,3 +248,32 @@ def test_a_vocab_size_other_than_the_embedding_rows_is_refused(tmp_path):
     Wider.config.vocab_size += 16
     with pytest.raises(ConfigError, match="vocab_size says .* but token_embd has"):
         read_gguf_llama(write_gguf(Wider, tmp_path / "wide.gguf", vocab=False))
+
+
+@pytest.mark.parametrize(
+    "setting, value, culprit",
+    [
+        ("num_key_value_heads", HEADS, "blk.0.attn_k.weight"),  # 4 kv heads said, 2 stored
+        ("intermediate_size", 96, "blk.0.ffn_gate.weight"),
+        ("hidden_size", 32, "token_embd.weight"),
+    ],
+)
+def test_tensors_of_other_shapes_than_the_metadata_gives_are_refused(
+    tmp_path, setting, value, culprit
+):
+    import copy
+
+    model = tiny_llama()
+
+    class Mislabelled:  # the model's tensors under metadata that gives them other shapes
+        config = copy.deepcopy(model.config)
+        state_dict = staticmethod(model.state_dict)
+
+    setattr(Mislabelled.config, setting, value)
+    path = write_gguf(Mislabelled, tmp_path / "bad.gguf", vocab=False)
+    with pytest.raises(ConfigError, match=rf"tensor {culprit} is \[.*\] but the metadata"):
+        read_gguf_llama(path)
+    out = tmp_path / "folder"  # refused before the folder that would not load is written
+    with pytest.raises(ConfigError, match="inconsistent, re-convert it"):
+        gguf_to_folder(path, out, tokenizer=False)
+    assert not out.exists()

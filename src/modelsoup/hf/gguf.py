@@ -188,6 +188,7 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
                 "a Llama model rotates and reads whole heads. Load it with transformers instead"
             )
     state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}  # transformers name -> the file's
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         try:
@@ -198,12 +199,8 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
                 "which the installed gguf package cannot dequantize; upgrade gguf"
             ) from None
         # F32 tensors are views of the mapped file: copy them out before it closes
-        weight = torch.tensor(values, dtype=torch.float32)
-        if tensor.name.endswith("attn_q.weight"):
-            weight = unpermute_rotary(weight, heads)
-        elif tensor.name.endswith("attn_k.weight"):
-            weight = unpermute_rotary(weight, kv_heads)
-        state[name] = weight
+        state[name] = torch.tensor(values, dtype=torch.float32)
+        origin[name] = tensor.name
     layers = int(setting("block_count"))
     tied = _TOP_NAMES["output.weight"] not in state
     # transformers would fill a missing tensor with random values and only warn
@@ -226,12 +223,20 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
             f"{embeddings.shape[0]} rows; transformers could not load that model: the file is "
             "inconsistent, re-convert it"
         )
+    inner = int(setting("feed_forward_length"))
+    rows = (heads * head_dim, kv_heads * head_dim)
+    _check_shapes(path, state, origin, (layers, vocab, hidden, inner) + rows)
+    for name, gguf_name in origin.items():
+        if gguf_name.endswith("attn_q.weight"):
+            state[name] = unpermute_rotary(state[name], heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            state[name] = unpermute_rotary(state[name], kv_heads)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(setting("feed_forward_length")),
+        "intermediate_size": inner,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -247,6 +252,38 @@ def _read_llama(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.
         if value is not None:
             config[f"{token}_token_id"] = int(value)
     return config, state
+
+
+def _check_shapes(
+    path: Path, state: dict[str, torch.Tensor], origin: dict[str, str], sizes: tuple[int, ...]
+) -> None:
+    # every tensor the shape the metadata gives it: transformers refuses any other when
+    # it loads the folder, long after the minutes of converting
+    layers, vocab, hidden, inner, q_rows, kv_rows = sizes
+    want = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    block = {
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_rows, hidden),
+        "self_attn.k_proj.weight": (kv_rows, hidden),
+        "self_attn.v_proj.weight": (kv_rows, hidden),
+        "self_attn.o_proj.weight": (hidden, q_rows),
+        "mlp.gate_proj.weight": (inner, hidden),
+        "mlp.up_proj.weight": (inner, hidden),
+        "mlp.down_proj.weight": (hidden, inner),
+    }
+    want |= {f"model.layers.{i}.{n}": shape for i in range(layers) for n, shape in block.items()}
+    for name, tensor in state.items():
+        shape = want.get(name)
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise ConfigError(
+                f"{path}: tensor {origin[name]} is {list(tensor.shape)} but the metadata "
+                f"(heads, lengths) gives it {list(shape)}; the file is inconsistent, re-convert it"
+            )
 
 
 def gguf_to_folder(path: str | Path, folder: str | Path, *, tokenizer: bool = True) -> Path:
