@@ -161,6 +161,9 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         ("seed: yes\n", "'seed': write a number, not True"),
         ("baselines: 'no'\n", "'baselines': write true or false, not 'no'"),
         ("align: 'yes'\n", "'align': write true, false, reference, activations, merge_many"),
+        # a fraction of a byte is refused, not cut down to a 1-byte budget
+        ("max_memory: '1.5'\n", "'max_memory': size 1.5 is not a whole number of bytes"),
+        ("max_memory: 1e999\n", "'max_memory': size 1e999 is more bytes than any machine has"),
         ("racing: {confidence: '0.9'}\n", "'racing.confidence': write a number without quotes"),
         ("recipes: [{name: greedy, max_ingredients: '3'}]\n", "'recipes.0.max_ingredients'"),
         (

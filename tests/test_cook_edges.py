@@ -277,3 +277,18 @@ def test_a_folder_a_soup_cannot_replace_is_refused_before_any_evaluation(tmp_pat
              recipes=[{"name": "uniform"}], output=tmp_path / "out", save_format="folder",
              baselines=False, progress=False)  # fmt: skip
     assert not calls and (taken / "notes.txt").read_text() == "mine"
+
+
+def test_byte_sizes_read_as_written():
+    from modelsoup._util import parse_size
+    from modelsoup.cook.config import CookOptions
+    from modelsoup.errors import ConfigError
+
+    # scientific notation (a YAML 1e16 is a string, 1.0e+16 a float), fractions of a unit
+    for text, want in [("1e16", 10**16), ("1.0e+16", 10**16), ("1.5GB", 1_500_000_000),
+                       (".5KiB", 512), (1.0e16, 10**16), ("12", 12)]:  # fmt: skip
+        assert parse_size(text) == want
+        assert CookOptions(max_memory=text).max_memory == text or text == 1.0e16
+    for bad in ("1.5", 0.5, float("nan"), "-1GB", True, "1e-3"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)

@@ -7,10 +7,12 @@ Every layer may import from here; this module imports nothing of modelsoup but
 from __future__ import annotations
 
 import contextlib
+import decimal
 import difflib
 import errno
 import fcntl
 import logging
+import math
 import os
 import re
 import shutil
@@ -441,23 +443,37 @@ _UNITS = {
 }
 
 
-def parse_size(size: int | str) -> int:
-    """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000``.
+_SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(size: int | float | str) -> int:
+    """Parse a byte size such as ``5GB``, ``1.5GiB``, ``500MiB``, ``1e9`` or ``1000000``:
+    a whole number of bytes (``1.5``, one and a half bytes, is refused, not cut to 1).
 
     Example:
-        >>> parse_size("2GB"), parse_size("1KiB"), parse_size(10)
-        (2000000000, 1024, 10)
+        >>> parse_size("2GB"), parse_size("1KiB"), parse_size(10), parse_size("1.5e3MB")
+        (2000000000, 1024, 10, 1500000000)
     """
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
+    if isinstance(size, bool):
+        raise ConfigError(f"size {size} is not a number of bytes; write e.g. 5GB or 500MB")
+    if isinstance(size, int):
+        value = decimal.Decimal(size)
+    elif isinstance(size, float):
+        if not math.isfinite(size):
+            raise ConfigError(f"size {size} is not a number of bytes; write e.g. 5GB or 500MB")
+        value = decimal.Decimal(size)
     else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(size))
+        m = _SIZE.fullmatch(str(size))
         if not m or m.group(2).upper() not in _UNITS:
             raise ConfigError(f"size '{size}' is not understood; write e.g. 5GB or 500MB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        value = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).upper()]
     if value <= 0:
         raise ConfigError(f"size {size} must be positive")
-    return value
+    if value > 10**30:
+        raise ConfigError(f"size {size} is more bytes than any machine has; write e.g. 5GB")
+    if value != value.to_integral_value():
+        raise ConfigError(f"size {size} is not a whole number of bytes; write e.g. 5GB or 500MB")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:
