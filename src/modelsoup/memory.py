@@ -12,7 +12,7 @@ Example:
     >>> from modelsoup.formats.base import TensorMeta
     >>> layout = {"w": TensorMeta((1000, 1000), torch.float16)}
     >>> format_bytes(learned_soup_bytes(layout, 4, batch_size=1))
-    '28.01 MB'
+    '28.0 MB'
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from modelsoup._util import parse_size
+from modelsoup._util import format_bytes, parse_size
 from modelsoup.errors import MemoryBudgetError, SoupError
 from modelsoup.formats.base import TensorMeta
 
@@ -78,19 +78,6 @@ def budget_option(max_memory: int | str | None) -> int | str | None:
         except SoupError as err:
             raise ValueError(str(err)) from None
     return max_memory
-
-
-def format_bytes(n: int) -> str:
-    """Bytes in GB, MB or KB with two decimals, for messages.
-
-    Example:
-        >>> format_bytes(1_500_000_000), format_bytes(2_000_000), format_bytes(100)
-        ('1.50 GB', '2.00 MB', '0.10 KB')
-    """
-    for unit, size in (("GB", 10**9), ("MB", 10**6)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n / 1e3:.2f} KB"
 
 
 def learned_soup_bytes(
@@ -161,8 +148,8 @@ def check_budget(needed: int, budget: int, what: str, advice: str, *, detail: st
         >>> check_budget(5 * 10**9, 10**9, "a soup", "raise max_memory", detail="for 3 ingredients")
         Traceback (most recent call last):
         ...
-        modelsoup.errors.MemoryBudgetError: a soup needs ~5.00 GB for 3 ingredients; budget is \
-1.00 GB; raise max_memory
+        modelsoup.errors.MemoryBudgetError: a soup needs ~5.0 GB for 3 ingredients; budget is \
+1.0 GB; raise max_memory
     """
     if needed > budget:
         detail = f" {detail}" if detail else ""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from modelsoup._util import parse_dtype, progress
+from modelsoup._util import format_bytes, parse_dtype, progress
 from modelsoup.accumulator import Accumulator, saturating_cast
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import (
@@ -52,7 +52,7 @@ from modelsoup.ingredients import (
     warn_if_duplicated,
 )
 from modelsoup.journal import Journal
-from modelsoup.memory import check_budget, format_bytes, memory_budget
+from modelsoup.memory import check_budget, memory_budget
 from modelsoup.merge import MergeSpec, as_merge, check_base
 from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
 from modelsoup.soup import Soup
