@@ -239,3 +239,21 @@ def test_soup_of_a_ties_recipe_differs_from_the_linear_one(pool):
     ties = greedy_soup(taster, merge=TIES)
     a, b = plain.state_dict(), ties.state_dict()
     assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+
+
+@pytest.mark.parametrize("name", ["greedy", "forward", "pruned", "layerwise"])
+@pytest.mark.parametrize("merge", [{"rule": "task_arithmetic", "lambda": 0.5}, {"alpha": 0.5}])
+def test_the_score_a_recipe_reports_is_its_soups_when_it_keeps_the_start(name, merge):
+    # one ingredient as the rule merges it is another model than the ingredient itself:
+    # a recipe that keeps its start must report the merged start's score
+    ings = [{"weight": torch.full((1, 1), v)} for v in (2.0, 9.0)]
+    base = {"weight": torch.zeros(1, 1)}
+
+    def score(model) -> float:
+        return -abs(float(model.weight.detach()) - 1.0)
+
+    result = cook(ings, torch.nn.Linear(1, 1, bias=False), score, base=base, baselines=False,
+                  recipes=[{"name": name, "merge": merge}], progress=False)  # fmt: skip
+    (method,) = result.methods
+    soup = method.result
+    assert method.held_out == score(soup.apply(torch.nn.Linear(1, 1, bias=False)))

@@ -55,7 +55,9 @@ def _forward_selection_soup(taster: Taster, *, max_ingredients: int | None = Non
     n = len(taster.ingredients)
     individual = taster.individual_scores()
     members = [taster.best(individual)]
-    best = individual[members[0]]
+    # the start as the rule merges it (task arithmetic scales it, WiSE-FT pulls it to the
+    # base): its own score as an ingredient is another model's
+    best = taster.score_members(members)
     trace = [
         {
             "step": 1,
