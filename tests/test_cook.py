@@ -308,3 +308,41 @@ def test_soups_an_earlier_run_left_are_named_not_passed_off_as_this_reports(tmp_
     # save: none leaves every earlier soup beside a report that does not describe them
     quiet = cook([str(ckpt_dir)], DigitsMLP, held_out(), recipes=["uniform"], save="none", **common)
     assert "uniform.safetensors" in next(n for n in quiet.notes if "did not make" in n)
+
+
+def test_a_plain_test_function_still_gets_a_verdict_and_no_ensemble_baseline():
+    import math
+
+    import torch
+
+    from modelsoup.cook.report import summarize
+    from modelsoup.errors import ConfigError
+
+    def rotation(a):
+        return 3 * torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+    torch.manual_seed(0)
+    x = torch.randn(2000, 2)
+
+    def data(w, lo, hi):
+        return x[lo:hi], (x[lo:hi] @ w.T).argmax(-1)
+
+    ings = [{"weight": rotation(0.1)}, {"weight": rotation(1.1)}]
+    held = Accuracy(data(rotation(0.6), 0, 1000), name="held")
+    judge = Accuracy(data(rotation(-0.3), 1000, 2000), name="judge")  # the first one wins
+
+    def plain_test(model) -> float:  # no logits, no per-example results
+        return judge.evaluate(model)
+
+    result = cook(ings, torch.nn.Linear(2, 2, bias=False), held, test=plain_test,
+                  recipes=["greedy"], progress=False, bootstrap_resamples=100)  # fmt: skip
+    assert "ensemble" not in [m.label for m in result.methods]  # it could not be tested
+    verdict = summarize(result, bootstrap_resamples=100)["verdict"]
+    assert result.method("uniform").test < max(result.individual_test)
+    assert "the soup is worse than it on test" in verdict, verdict
+    calls = []
+    with pytest.raises(ConfigError, match="recipe 'ensemble' averages the models' logits"):
+        cook(ings, torch.nn.Linear(2, 2, bias=False), held,
+             test=lambda m: calls.append(1) or 0.0, recipes=["greedy", "ensemble"],
+             progress=False)  # fmt: skip
+    assert not calls  # refused before any evaluation

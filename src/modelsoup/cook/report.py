@@ -136,8 +136,10 @@ def _verdict(result, rows: list[dict], scale: float, unit: str) -> str:
         return "no soup was cooked"
     sign = 1 if result.higher_is_better else -1
     pick = max(soups, key=lambda r: sign * r["held_out"])
+    count = pick["ingredients"]
     text = (
-        f"On held-out data the best soup is {pick['method']} ({pick['ingredients']:g} ingredients)."
+        f"On held-out data the best soup is {pick['method']} ({count:g} "
+        f"ingredient{'' if count == 1 else 's'})."
     )
     cmp = pick.get("vs_best_individual")
     sign = 1 if _test_higher_is_better(result) else -1  # test judges in its own direction
@@ -151,7 +153,26 @@ def _verdict(result, rows: list[dict], scale: float, unit: str) -> str:
             text += " The test set cannot tell them apart."
     elif pick["test"] is not None:
         text += f" Its test score is {_fmt(pick['test'], scale=scale)}."
+        alone = _best_individual_test(result)
+        if alone is not None:
+            diff = sign * (pick["test"] - alone)
+            word = "better than" if diff > 0 else "worse than" if diff < 0 else "the same as"
+            text += (
+                f" The best individual model (on held-out) scores {_fmt(alone, scale=scale)}: "
+                f"the soup is {word} it on test, by one score each (the test evaluator gives "
+                "no per-example results, so no interval says whether that is more than chance)."
+            )
     return text
+
+
+def _best_individual_test(result) -> float | None:
+    # the test score of the ingredient the held-out data ranks first
+    if not result.individual_test or not result.individual_held_out:
+        return None
+    held = result.individual_held_out
+    sign = 1 if result.higher_is_better else -1
+    best = max(range(len(held)), key=lambda i: (sign * held[i], -i))
+    return result.individual_test[best]
 
 
 def write_report(

@@ -156,6 +156,20 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
     return entries
 
 
+def _check_ensembles(entries: Sequence[RecipeEntry], evaluators: Sequence[Evaluator]) -> None:
+    # an ensemble averages logits: refused now, not after every other recipe has run
+    for e in entries:
+        if e.name not in ("ensemble", "greedy_ensemble"):
+            continue
+        for ev in evaluators:
+            if not isinstance(ev, LogitsEvaluator):
+                raise ConfigError(
+                    f"recipe '{entry_label(e)}' averages the models' logits, but evaluator "
+                    f"{ev.name} gives none (a plain function); use a built-in classifier "
+                    "evaluator (Accuracy, MeanLoss, MetricEvaluator) or remove the recipe"
+                )
+
+
 def cook(
     ingredients: Sequence[Any],
     model: torch.nn.Module | Callable[[], torch.nn.Module],
@@ -282,7 +296,10 @@ def _cook(
         test_ev = ranks.share(test_ev) if test_ev is not None else None
     journal_path = out / "journal.jsonl" if (out is not None and opts.journal) else None
     book = ranks.journal(journal_path) if ranks is not None else Journal(journal_path)
-    entries = _entries(recipes, opts.baselines, isinstance(held, LogitsEvaluator))
+    logits = [ev for ev in (held, test_ev) if ev is not None]
+    has_logits = all(isinstance(ev, LogitsEvaluator) for ev in logits)
+    entries = _entries(recipes, opts.baselines, has_logits)
+    _check_ensembles(entries, logits)
     base = check_recipes(entries, pool, base, writes=out is not None, opts=opts)
     if out is not None and opts.save == "all" and _soup_suffix(pool[0], opts) == "":
         for e in entries:  # a folder the soup cannot replace: refused now, not after cooking
