@@ -186,6 +186,46 @@ def test_helpers_of_another_module_of_yours_are_part_of_the_measure(tmp_path, mo
     assert moved[1] != first[1] and moved[0] == first[0]  # a setting read as module.NAME
 
 
+SETTINGS = {"target": 2.0}
+
+
+def _reads_a_global_dict(model) -> float:
+    return -abs(float(model.weight.detach()) - SETTINGS["target"])
+
+
+class _Options:
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+
+class _ByOptions:
+    name, higher_is_better = "by-options", True
+
+    def __init__(self, options: _Options, reference: torch.Tensor) -> None:
+        self.options, self.reference = options, reference
+
+    def evaluate(self, model) -> float:
+        return -abs(float(model.weight.detach()) - self.options.target)
+
+
+def test_dicts_config_objects_and_tensors_an_evaluator_reads_are_part_of_the_measure(
+    monkeypatch,
+):
+    from modelsoup.evaluators import as_evaluator, identity
+
+    first = identity(as_evaluator(_reads_a_global_dict))
+    monkeypatch.setitem(SETTINGS, "target", 1.0)
+    assert identity(as_evaluator(_reads_a_global_dict)) != first  # a global dict's value
+    ref = torch.zeros(3)
+    same = identity(_ByOptions(_Options(2.0), ref))
+    assert identity(_ByOptions(_Options(2.0), ref.clone())) == same
+    assert identity(_ByOptions(_Options(1.0), ref)) != same  # a config object's setting
+    assert identity(_ByOptions(_Options(2.0), torch.ones(3))) != same  # a tensor setting
+    looped = _Options(2.0)
+    looped.again = looped  # a cycle is read a few levels deep, not forever
+    assert identity(_ByOptions(looped, ref))
+
+
 @pytest.mark.parametrize("how", ["lambda", "partial", "closure"])
 def test_functions_of_one_name_that_measure_differently_keep_their_scores_apart(how):
     # their code, bound arguments or closed-over numbers tell them apart

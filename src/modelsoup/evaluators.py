@@ -28,6 +28,7 @@ import hashlib
 import inspect
 import math
 import os
+import sys
 import sysconfig
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -221,19 +222,41 @@ def _user_class_parts(obj: Any) -> list[str]:
             elif _plain(value):
                 parts.append(f"{klass.__qualname__}.{attr}={_stable(value)}")
     if parts and hasattr(obj, "__dict__"):
-        # public settings only: data has its fingerprint, and private caches fill up
-        # as the evaluator is used
+        # public settings only (numbers, strings, tensors, your config objects): private
+        # caches and counters fill up as the evaluator is used
         settings = vars(obj).items()
         parts += [f"{k}={_stable(v)}" for k, v in sorted(settings) if _setting(k, v)]
     return parts
 
 
-def _setting(key: str, value: Any) -> bool:
+#: how deep settings inside settings are read (an evaluator's config object's options)
+_SETTINGS_DEPTH = 3
+
+
+def _setting(key: str, value: Any, depth: int = 0) -> bool:
+    # a public attribute that is part of what an object measures: numbers, strings,
+    # tensors, containers of them, and objects of your classes holding such settings
     if key.startswith("_"):
         return False
+    if isinstance(value, str | bytes | int | float | complex | bool | torch.Tensor):
+        return True
     if isinstance(value, tuple | list | frozenset):
-        return bool(value) and all(_setting("", v) for v in value)
-    return isinstance(value, str | bytes | int | float | complex | bool)
+        return bool(value) and all(_setting("", v, depth) for v in value)
+    if isinstance(value, dict):
+        return bool(value) and all(
+            isinstance(k, str | int) and _setting("", v, depth) for k, v in value.items()
+        )
+    return depth < _SETTINGS_DEPTH and _your_object(value)
+
+
+def _your_object(value: Any) -> bool:
+    # an instance of a class of yours (not modelsoup's, not a library's) with settings
+    kind = type(value)
+    if _ours(kind.__module__) or not isinstance(getattr(value, "__dict__", None), dict):
+        return False
+    module = sys.modules.get(kind.__module__)
+    path = getattr(module, "__file__", None)
+    return path is None or not _library_file(path)
 
 
 def _plain(value: Any) -> bool:
@@ -242,6 +265,8 @@ def _plain(value: Any) -> bool:
         return True
     if isinstance(value, tuple | list | frozenset):
         return all(_plain(v) for v in value)
+    if isinstance(value, dict):  # CONFIG = {"threshold": 0.5}
+        return all(isinstance(k, str | int) and _plain(v) for k, v in value.items())
     return False
 
 
@@ -345,18 +370,19 @@ def _cell(cell: Any) -> Any:
         return None
 
 
-def _stable(value: Any) -> str:
+def _stable(value: Any, _depth: int = 0) -> str:
     # the same text in every process: nested code by its bytes, not its address, sets
     # sorted (string hashing differs between processes), and a tensor by its contents
     if isinstance(value, types.CodeType):
         inner = "".join(_stable(c) for c in value.co_consts)
         return f"code({value.co_code.hex()},{inner},{value.co_names})"
     if isinstance(value, tuple | list):
-        return "(" + ",".join(_stable(v) for v in value) + ")"
+        return "(" + ",".join(_stable(v, _depth) for v in value) + ")"
     if isinstance(value, frozenset | set):
-        return "{" + ",".join(sorted(_stable(v) for v in value)) + "}"
+        return "{" + ",".join(sorted(_stable(v, _depth) for v in value)) + "}"
     if isinstance(value, dict):
-        return "{" + ",".join(sorted(f"{_stable(k)}:{_stable(v)}" for k, v in value.items())) + "}"
+        items = (f"{_stable(k)}:{_stable(v, _depth)}" for k, v in value.items())
+        return "{" + ",".join(sorted(items)) + "}"
     if isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
         data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
@@ -365,9 +391,12 @@ def _stable(value: Any) -> str:
         return repr(value)
     kind = type(value)
     if not _ours(kind.__module__) and isinstance(getattr(value, "__dict__", None), dict):
-        # an object of the user's (a target, a config): its public settings
-        found = sorted((k, v) for k, v in vars(value).items() if _setting(k, v))
-        return f"{kind.__qualname__}(" + ",".join(f"{k}={v!r}" for k, v in found) + ")"
+        # an object of the user's (a target, a config): its public settings, and those of
+        # the objects of yours among them, a few levels deep
+        depth = _depth + 1
+        found = sorted((k, v) for k, v in vars(value).items() if _setting(k, v, depth))
+        text = ",".join(f"{k}={_stable(v, depth)}" for k, v in found)
+        return f"{kind.__qualname__}({text})"
     return kind.__qualname__
 
 
