@@ -282,3 +282,25 @@ def test_a_bad_line_is_warned_about_once_and_kept(journal, pool_files):
     with pytest.warns(SoupWarning, match=r"1 corrupt journal line\(s\) ignored \(line 4:"):
         _, taster = _taste(pool_files, path)
     assert taster.evaluations == 1
+
+
+def test_candidates_mixed_in_float64_are_not_float32_ones(tmp_path):
+
+    from modelsoup.ingredients import open_ingredients
+    from modelsoup.journal import Journal
+    from modelsoup.tasting import Taster
+
+    ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)])
+
+    def taster(dtype):
+        return Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0,
+                      journal=Journal(tmp_path / "j.jsonl"), accum_dtype=dtype)  # fmt: skip
+
+    first = taster(torch.float32)
+    first.score([1.0, 1.0])
+    again = taster(torch.float32)
+    again.score([1.0, 1.0])
+    assert again.evaluations == 0  # the same candidate: reused
+    wider = taster(torch.float64)
+    wider.score([1.0, 1.0])
+    assert wider.evaluations == 1  # mixed in another precision: scored anew

@@ -387,9 +387,9 @@ class Taster:
     ) -> dict:
         """What, besides the evaluator and the mixture, names a score in the journal.
 
-        The model's tag, the dtypes the candidate is written in, the BatchNorm
-        recalibration, and for a rule other than the average its options, members and
-        base. Recipes that journal scores of their own (``learned``) build their keys
+        The model's tag, the accumulation dtype when it is not float32, the dtypes the
+        candidate is written in, the BatchNorm recalibration, and for a rule other than
+        the average its options, members and base. Recipes that journal scores of their own (``learned``) build their keys
         from it, so that a change of any of these never reuses a score.
 
         Example:
@@ -405,6 +405,10 @@ class Taster:
         """
         merge = self.merge if merge is None else as_merge(merge)
         extra: dict = {"model": self._model_tag}
+        if self.accumulator.accum_dtype != torch.float32:
+            # mixed in another precision: another candidate, to the last bits (float32,
+            # the default, keeps the keys it always had)
+            extra["accum"] = str(self.accumulator.accum_dtype).removeprefix("torch.")
         if self._round_to:
             extra["written"] = sorted(
                 {str(d).removeprefix("torch.") for d in self._round_to.values()}
