@@ -389,8 +389,9 @@ class Taster:
 
         The model's tag, the accumulation dtype when it is not float32, the dtypes the
         candidate is written in, the BatchNorm recalibration, and for a rule other than
-        the average its options, members and base. Recipes that journal scores of their own (``learned``) build their keys
-        from it, so that a change of any of these never reuses a score.
+        the average its options, members and base. Recipes that journal scores of their
+        own (``learned``) build their keys from it, so that a change of any of these never
+        reuses a score.
 
         Example:
             >>> import torch

@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveInt, ValidationInfo, field_validator, model_validator
 
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec, as_merge, check_members
@@ -59,28 +59,47 @@ class SearchOptions(RecipeOptions):
         """
         return 8 if self.iterations is None else self.iterations
 
+    @field_validator("option")
+    @classmethod
+    def _chosen(cls, option: str, info: ValidationInfo) -> str:
+        merge = info.data.get("merge") or {}
+        if option in {k.removesuffix("_") for k in merge}:  # lambda_ is lambda
+            raise ValueError(f"merge sets {option}, which the search chooses; remove it")
+        return option
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if grid is not None and not grid:
+            raise ValueError("grid is empty; give at least one value")
+        if grid is not None and not all(math.isfinite(v) for v in grid):
+            raise ValueError(f"grid {grid} holds a value that is not a finite number")
+        _check_values(grid or (), info.data)
+        return grid
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(
+        cls, bounds: tuple[float, float] | None, info: ValidationInfo
+    ) -> tuple[float, float] | None:
+        if bounds is not None and not all(math.isfinite(v) for v in bounds):
+            raise ValueError(f"bounds {list(bounds)} must be finite numbers")
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"bounds {list(bounds)} must be [low, high] with low < high")
+        _check_values(bounds or (), info.data)
+        return bounds
+
     @model_validator(mode="after")
     def _check(self) -> SearchOptions:
         if self.grid is not None and self.bounds is not None:
             raise ValueError("give grid or bounds, not both")
-        if self.grid is not None and not self.grid:
-            raise ValueError("grid is empty; give at least one value")
-        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
-            raise ValueError(f"bounds {list(self.bounds)} must be [low, high] with low < high")
-        if self.option in {k.removesuffix("_") for k in self.merge}:  # lambda_ is lambda
-            raise ValueError(f"merge sets {self.option}, which the search chooses; remove it")
         if self.grid is not None and self.iterations is not None:
             raise ValueError(
                 "iterations counts golden-section steps within bounds; a grid tries each of "
                 "its values: give bounds, or drop iterations"
             )
-        for value in self.grid or self.search_bounds():
-            try:
-                spec = as_merge({**self.merge, self.option: value})
-            except ConfigError as err:
-                raise ValueError(str(err)) from None
-            if self.option not in spec.canonical():
-                raise ValueError(f"merge rule '{spec.rule}' has no option '{self.option}'")
+        if self.grid is None and self.bounds is None:
+            _check_values(self.search_bounds(), {"merge": self.merge, "option": self.option})
         return self
 
     def search_bounds(self) -> tuple[float, float]:
@@ -90,6 +109,21 @@ class SearchOptions(RecipeOptions):
     def merge_rule(self) -> MergeSpec:
         first = self.grid[0] if self.grid else self.search_bounds()[0]
         return as_merge({**self.merge, self.option: first})
+
+
+def _check_values(values: Any, given: Mapping[str, Any]) -> None:
+    # each value the search would try is a valid option of the rule (merge and option
+    # are checked first: when either failed, there is nothing to check against)
+    merge, option = given.get("merge"), given.get("option")
+    if merge is None or option is None:
+        return
+    for value in values:
+        try:
+            spec = as_merge({**merge, option: value})
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        if option not in spec.canonical():
+            raise ValueError(f"merge rule '{spec.rule}' has no option '{option}'")
 
 
 def _rounded(value: float) -> float:
