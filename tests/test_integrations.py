@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,15 @@ def test_an_unknown_metric_is_refused(metric):
 
     with pytest.raises(ConfigError, match=f"metric={metric!r}: .*'loss'.*'accuracy'"):
         SoupCallback(metric=metric)
+
+
+def test_one_extra_checkpoint_given_as_a_string_is_one_path_not_its_characters():
+    from modelsoup.errors import ConfigError
+
+    callback = SoupCallback(extra_checkpoints="/runs/other/checkpoint-8")
+    assert callback.extra_checkpoints == [Path("/runs/other/checkpoint-8")]
+    with pytest.raises(ConfigError, match="give checkpoint paths"):
+        SoupCallback(extra_checkpoints=[None])
 
 
 def test_only_the_checkpoints_of_this_run_are_ingredients(tmp_path):

@@ -40,6 +40,27 @@ def recipe_entries(recipes: Sequence[Mapping[str, Any]] | None, last: int | None
     return entries
 
 
+def checkpoint_paths(extra: str | Path | Sequence[str | Path], who: str) -> list[Path]:
+    """A callback's ``extra_checkpoints``: one path, or a sequence of them (a single
+    string is one checkpoint, never its characters).
+
+    Example:
+        >>> checkpoint_paths("other/checkpoint-8", "SoupCallback")
+        [PosixPath('other/checkpoint-8')]
+        >>> checkpoint_paths([1], "SoupCallback")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: SoupCallback(extra_checkpoints=[1]): give checkpoint ...
+    """
+    items = [extra] if isinstance(extra, str | Path) else list(extra)
+    if not all(isinstance(p, str | Path) and str(p) for p in items):
+        raise ConfigError(
+            f"{who}(extra_checkpoints={extra!r}): give checkpoint paths, as a list of "
+            "files or folders (or one path)"
+        )
+    return [Path(p) for p in items]
+
+
 def batches_digest(batches: Any) -> str:
     """A short sha256 of every tensor in ``batches`` (nested dicts, lists and tuples), in
     order: it names an evaluator by its data, so a journal never reuses a score measured

@@ -44,6 +44,7 @@ from modelsoup.hf.models import keep_stored_names_only, refuse_converted_names
 from modelsoup.integrations._common import (
     batches_digest,
     check_step_counters,
+    checkpoint_paths,
     cook_in_place,
     recipe_entries,
 )
@@ -211,7 +212,7 @@ class SoupCallback(transformers.TrainerCallback):
         test: Any = None,
         metric: Literal["loss", "accuracy"] = "loss",
         eval_key: str | None = None,
-        extra_checkpoints: Sequence[str | Path] = (),
+        extra_checkpoints: str | Path | Sequence[str | Path] = (),
         output_subdir: str = "soup",
         **cook_options: Any,
     ):
@@ -223,7 +224,7 @@ class SoupCallback(transformers.TrainerCallback):
                 "eval_dataset (a key such as 'validation')"
             )
         self.eval_key = eval_key
-        self.extra_checkpoints = [Path(p) for p in extra_checkpoints]
+        self.extra_checkpoints = checkpoint_paths(extra_checkpoints, "SoupCallback")
         self.output_subdir = output_subdir
         self.cook_options = cook_options
         self.result: CookResult | None = None

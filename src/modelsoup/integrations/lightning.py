@@ -62,6 +62,7 @@ from modelsoup.ingredients import natural_order, open_ingredient
 from modelsoup.integrations._common import (
     batches_digest,
     check_step_counters,
+    checkpoint_paths,
     chosen_soup,
     cook_in_place,
     recipe_entries,
@@ -240,7 +241,7 @@ class LightningSoupCallback(pl.Callback):
         test: Any = None,
         every: Literal["epoch", "validation"] = "epoch",
         checkpoint_dir: str | Path | None = None,
-        extra_checkpoints: Sequence[str | Path] = (),
+        extra_checkpoints: str | Path | Sequence[str | Path] = (),
         output_dir: str | Path | None = None,
         load: str | None = None,
         **cook_options: Any,
@@ -254,7 +255,7 @@ class LightningSoupCallback(pl.Callback):
         self.held_out, self.test, self.load = held_out, test, load
         self.every = every
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.extra_checkpoints = [Path(p) for p in extra_checkpoints]
+        self.extra_checkpoints = checkpoint_paths(extra_checkpoints, "LightningSoupCallback")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         # soups as .ckpt in Lightning's layout, for load_from_checkpoint
         self.cook_options = {"save_format": "pt", **cook_options}
