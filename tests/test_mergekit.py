@@ -62,6 +62,13 @@ def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flag
     assert needle in capsys.readouterr().err and not config.exists()
 
 
+def _linear_with_lambda(config: dict) -> None:
+    config.update(merge_method="linear")
+    config["parameters"]["lambda"] = 0.5
+    for model in config["models"]:
+        model["parameters"].pop("density")
+
+
 @pytest.mark.parametrize(
     "edit, needle",
     [
@@ -87,6 +94,10 @@ def test_rules_mergekit_cannot_reproduce_are_not_exported(tmp_path, capsys, flag
         # a model without a density has mergekit's 1.0: two densities, not one
         (lambda c: c["models"][1]["parameters"].pop("density"), "or to none"),
         (lambda c: c["models"][0].update(paramters={"weight": 2}), "'models.0.paramters'"),
+        # what mergekit would ignore or refuse is never dropped without a word
+        (lambda c: c["models"][0]["parameters"].pop("weight"), "'models.0.parameters.weight'"),
+        (lambda c: c.update(merge_method="task_arithmetic"), "task_arithmetic keeps every"),
+        (_linear_with_lambda, "linear has no lambda"),  # fmt: skip
     ],
 )
 def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys, edit, needle):
@@ -105,6 +116,21 @@ def test_unsupported_mergekit_configs_are_refused_with_the_key(tmp_path, capsys,
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_base_a_linear_mergekit_config_does_not_list_is_warned_about(tmp_path):
+    from modelsoup.errors import SoupWarning
+    from modelsoup.merge.mergekit import mergekit_to_average
+
+    paths, base = tiny_files(tmp_path, 2)
+    config = {
+        "merge_method": "linear",
+        "base_model": base,
+        "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths],
+    }
+    with pytest.warns(SoupWarning, match="does not use a base"):
+        plan = mergekit_to_average(config)
+    assert plan.sources == paths and plan.base is None
 
 
 def test_a_linear_mergekit_config_averages_the_base_it_lists_and_writes_its_dtype(tmp_path):

@@ -20,11 +20,12 @@ anything else with the key named.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, SoupWarning
 
 #: modelsoup rule -> mergekit ``merge_method``, for the rules a config reproduces
 EXPORTED = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -135,6 +136,8 @@ def _mapping(value: Any, where: str) -> dict:
     return dict(value)
 
 
+#: the methods that drop entries by ``density``
+_DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 _ALLOWED_TOP = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
 
 
@@ -195,8 +198,18 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
         if entry["model"] == base and method != "linear":
             continue  # its task vector is zero: mergekit's task-vector methods skip it
         where = f"{source}: key 'models.{i}.parameters"
+        if "weight" not in params:
+            raise ConfigError(
+                f"{where}.weight' is missing; mergekit's {method} needs a weight for every "
+                "model: give one"
+            )
+        if "density" in params and method not in _DENSITY_METHODS:
+            raise ConfigError(
+                f"{where}.density': {method} keeps every entry (mergekit ignores a density "
+                f"there); remove it, or use one of {', '.join(_DENSITY_METHODS)}"
+            )
         sources.append(entry["model"])
-        weights.append(_number(params.get("weight", 1.0), f"{where}.weight'"))
+        weights.append(_number(params["weight"], f"{where}.weight'"))
         if "density" in params:
             densities.add(_number(params["density"], f"{where}.density'"))
         else:
@@ -211,6 +224,18 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
         )
     if method != "linear" and base is None:
         raise ConfigError(f"{source}: key 'base_model': '{method}' needs one")
+    if method == "linear" and "lambda" in shared:
+        raise ConfigError(
+            f"{source}: key 'parameters.lambda': linear has no lambda (mergekit ignores it "
+            "there); remove it, or use task_arithmetic"
+        )
+    if method == "linear" and base is not None and base not in sources:
+        warnings.warn(
+            f"{source}: key 'base_model': linear averages the models and does not use a "
+            f"base; {base} is not part of the soup",
+            SoupWarning,
+            stacklevel=2,
+        )
     if shared.get("int8_mask"):
         raise ConfigError(f"{source}: key 'parameters.int8_mask' is not read; remove it")
     if "rescale" in shared and bool(shared["rescale"]) != _RESCALE.get(method):
@@ -227,7 +252,7 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
     if dtype is not None and (not isinstance(dtype, str) or dtype not in _DTYPES):
         key = "out_dtype" if config.get("out_dtype") else "dtype"
         raise ConfigError(f"{source}: key '{key}': {dtype!r} is not one of {', '.join(_DTYPES)}")
-    if method in ("ties", "dare_linear", "dare_ties"):
+    if method in _DENSITY_METHODS:
         merge["density"] = densities.pop() if densities else 1.0
     if method in ("ties", "dare_ties") and not normalize:
         raise ConfigError(
