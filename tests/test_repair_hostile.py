@@ -302,6 +302,18 @@ def test_alphas_outside_the_segment_are_refused():
         diagnose(ings, nn.Linear(1, 1, bias=False), lambda m: 1.0, alphas=(0, 1.5))
 
 
+def test_a_diagnosis_of_one_ingredient_or_of_a_path_with_nan_is_refused_not_called_fine():
+    from modelsoup.cook.diagnose import barrier
+
+    calls = []
+    with pytest.raises(ConfigError, match="needs two or more, and found 1"):
+        diagnose([{"weight": torch.ones(1, 1)}], nn.Linear(1, 1, bias=False),
+                 lambda m: calls.append(1) or 1.0)  # fmt: skip
+    assert not calls
+    with pytest.raises(EvaluationError, match="not all finite"):
+        barrier([0, 0.5, 1], [0.9, float("nan"), 0.8], True)
+
+
 def test_a_diagnosis_output_that_is_a_file_is_refused_before_any_evaluation(tmp_path):
     ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
     (tmp_path / "afile").write_text("mine")

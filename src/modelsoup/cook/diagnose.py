@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from modelsoup._util import atomic_file, check_device
-from modelsoup.errors import ConfigError
+from modelsoup.errors import ConfigError, EvaluationError
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
@@ -88,6 +88,8 @@ def barrier(alphas: Sequence[float], scores: Sequence[float], higher_is_better: 
     """
     if list(alphas[:1]) + list(alphas[-1:]) != [0, 1] or list(alphas) != sorted(alphas):
         raise ConfigError(f"alphas {list(alphas)} must run from 0 to 1 in order")
+    if not all(math.isfinite(s) for s in scores):
+        raise EvaluationError(f"the path's scores {list(scores)} are not all finite numbers")
     a0, a1 = scores[0], scores[-1]
     worst = 0.0
     for alpha, s in zip(alphas, scores):
@@ -158,6 +160,11 @@ def diagnose(
     if output is not None and Path(output).exists() and not Path(output).is_dir():
         raise ConfigError(f"{output}: the diagnosis goes in a folder, but this is a file")
     pool = open_ingredients(ingredients, key=checkpoint_key, labels=labels, base=base)
+    if len(pool) < 2:
+        raise ConfigError(
+            f"diagnose compares ingredients: it needs two or more, and found {len(pool)} "
+            f"({', '.join(ing.label for ing in pool)})"
+        )
     module = model if isinstance(model, torch.nn.Module) else model()
     module.to(check_device(device))
     evaluator = as_evaluator(held_out)
