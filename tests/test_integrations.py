@@ -215,6 +215,16 @@ def test_one_extra_checkpoint_given_as_a_string_is_one_path_not_its_characters()
         SoupCallback(extra_checkpoints=[None])
 
 
+@pytest.mark.parametrize(
+    "subdir", ["checkpoint-6", "../elsewhere", "/abs/soup", "", "a/checkpoint-2"]
+)
+def test_an_output_subdir_among_the_checkpoints_is_refused_before_training(subdir):
+    from modelsoup.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output_subdir="):
+        SoupCallback(output_subdir=subdir)
+
+
 def test_only_the_checkpoints_of_this_run_are_ingredients(tmp_path):
     held = _labelled(8, 1)
     _bert_trainer(

@@ -195,9 +195,15 @@ def _check_entry(path: Path, name: str, info: object) -> _Entry:
             path, f"{where} has dtype {json.dumps(code)}; known: {', '.join(sorted(_DTYPES))}"
         )
     if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
-        raise _corrupt(path, f"{where} has shape {_short(shape)}, not a list of sizes >= 0")
+        raise _corrupt(
+            path,
+            f"{where} has shape {_short(shape)}, not a list of sizes from 0 to 2^63 - 1",
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets)):
-        raise _corrupt(path, f"{where} has data_offsets {_short(offsets)}, not two integers >= 0")
+        raise _corrupt(
+            path,
+            f"{where} has data_offsets {_short(offsets)}, not two integers from 0 to 2^63 - 1",
+        )
     meta = TensorMeta(tuple(shape), _DTYPES[code])
     numel = math.prod(shape)
     if numel == 0 and math.prod(d for d in shape if d) > _MAX_INT:

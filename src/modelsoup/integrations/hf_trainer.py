@@ -225,6 +225,20 @@ class SoupCallback(transformers.TrainerCallback):
             )
         self.eval_key = eval_key
         self.extra_checkpoints = checkpoint_paths(extra_checkpoints, "SoupCallback")
+        if not isinstance(output_subdir, str) or not output_subdir.strip():
+            raise ConfigError(f"output_subdir={output_subdir!r}: name a folder, such as 'soup'")
+        parts = Path(output_subdir).parts
+        if (
+            Path(output_subdir).is_absolute()
+            or ".." in parts
+            or any(p.startswith("checkpoint-") for p in parts)
+        ):
+            # the Trainer's checkpoints are the ingredients: the soups must not land in them
+            raise ConfigError(
+                f"output_subdir={output_subdir!r}: soups go in a folder of the run's "
+                "output_dir beside its checkpoint-* folders, never in one; choose another "
+                "name, such as 'soup'"
+            )
         self.output_subdir = output_subdir
         self.cook_options = cook_options
         self.result: CookResult | None = None
