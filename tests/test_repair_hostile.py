@@ -167,6 +167,38 @@ FULL = PermutationSpec(
 PARTIAL = PermutationSpec({"0.weight": ("P", None), "0.bias": ("P",)})  # misses 2.weight
 
 
+def test_with_recalibrated_candidates_every_row_scores_the_soup_it_saves(tmp_path):
+    from modelsoup.cook import cook
+    from modelsoup.evaluators import Accuracy
+    from modelsoup.soup import Soup
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=gen)
+    y = (x @ torch.randn(3, 2, generator=gen)).argmax(-1)
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = bn_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.3)
+        for _ in range(30):  # the statistics drift with training, as in any fine-tune
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[:200]), y[:200]).backward()
+            opt.step()
+        states.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    held = Accuracy((x[200:250], y[200:250]), name="held")
+    test = Accuracy((x[250:], y[250:]), name="test")
+    result = cook(states, bn_net, held, test=test, output=tmp_path / "out",
+                  recipes=[{"name": "layerwise", "variant": "classifier"}],
+                  recalibrate=torch.randn(64, 3, generator=gen) * 2 + 1,
+                  recalibrate_candidates=True, progress=False, bootstrap_resamples=20)  # fmt: skip
+    for m in result.methods:
+        if not isinstance(m.result, Soup):
+            continue
+        saved = bn_net()
+        saved.load_state_dict(safetensors.torch.load_file(tmp_path / "out" / m.saved))
+        assert (held.evaluate(saved), test.evaluate(saved)) == (m.held_out, m.test), m.label
+
+
 def test_a_hand_written_spec_that_changes_the_function_is_refused(tmp_path):
     paths = write_states(tmp_path, mlp_states(2))
     with pytest.raises(AlignmentError, match="permutation spec changes the output of Sequential"):

@@ -870,6 +870,11 @@ class Taster:
             start = time.perf_counter()
             soup.apply(self.model)
             self._as_written()
+            if self.recalibrate_candidates and not soup.overrides:
+                # scored as every candidate is (a per-tensor soup too); a soup that keeps
+                # recalibrated statistics already holds them
+                self.recalibrate(self.model)
+                self.recalibrations += 1
             self.mix_seconds += time.perf_counter() - start
         else:
             self.materialise(soup.coefficients)

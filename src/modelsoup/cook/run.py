@@ -443,8 +443,13 @@ def _run_entry(
     tests: list[float] = []
     per_run: list[torch.Tensor] = []
     for res in results:
-        if isinstance(res, Soup) and recalibrate is not None and res.size > 1:
-            # A single ingredient keeps the statistics it was trained with.
+        if (
+            isinstance(res, Soup)
+            and recalibrate is not None
+            and (res.size > 1 or taster.recalibrate_candidates)
+        ):
+            # A single ingredient keeps the statistics it was trained with, unless every
+            # candidate (it too) was scored recalibrated: the soup saved is the one scored.
             taster.recalibrate_soup(res, recalibrate)
         if test is None:
             continue
