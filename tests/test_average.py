@@ -247,3 +247,14 @@ def test_unnormalized_weights_too_large_for_the_sum_are_one_error():
     a, b = {"w": torch.ones(2)}, {"w": torch.ones(2)}
     with pytest.raises(ConfigError, match="too large for a torch.float32 sum"):
         average([a, b], weights=[1e39, 1.0], normalize=False).state_dict()
+
+
+def test_float64_checkpoints_summed_in_float32_are_warned_about():
+    wide = [{"w": torch.full((2,), 1 + 2**-40, dtype=torch.float64)} for _ in range(2)]
+    with pytest.warns(SoupWarning, match="keeps only float32's precision"):
+        soup = average(wide)
+    assert soup.state_dict()["w"].dtype == torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = average(wide, accum_dtype="float64")
+    assert torch.equal(kept.state_dict()["w"], wide[0]["w"])  # no bit of float64 lost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import pytest
 import safetensors.torch
@@ -97,6 +98,32 @@ def test_raw_weights_win_over_ema_unless_asked(tmp_path):
     torch.save({"state_dict": raw, "state_dict_ema": ema}, path)
     assert _equal(_read(open_ingredient(path)), raw)
     assert _equal(_read(open_ingredient(path, key="state_dict_ema")), ema)
+
+
+def test_raw_weights_beside_an_ema_only_file_are_warned_about(tmp_path):
+    from modelsoup.errors import SoupWarning
+    from modelsoup.ingredients import open_ingredients
+
+    both, ema_only = tmp_path / "a.pth.tar", tmp_path / "b.pth.tar"
+    torch.save({"state_dict": tiny_state(0), "state_dict_ema": tiny_state(1)}, both)
+    torch.save({"state_dict_ema": tiny_state(2)}, ema_only)  # the default finds its EMA
+    with pytest.warns(SoupWarning, match=r"mix raw weights \(a\) and EMA weights \(b"):
+        open_ingredients([both, ema_only])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one kind from every file: no warning
+        open_ingredients([both, ema_only], key="state_dict_ema")
+
+
+def test_weights_nested_deeper_than_a_key_are_named_where_they_are(tmp_path):
+    from modelsoup.errors import IngredientError
+
+    deep, shallow = tmp_path / "deep.pt", tmp_path / "shallow.pt"
+    torch.save({"epoch": 1, "checkpoint": {"model": tiny_state(0)}}, deep)
+    torch.save({"epoch": 1, "net": tiny_state(0)}, shallow)
+    with pytest.raises(IngredientError, match=r"at \['checkpoint'\]\['model'\], deeper"):
+        open_ingredient(deep)
+    with pytest.raises(IngredientError, match="pass --checkpoint-key net"):
+        open_ingredient(shallow)
 
 
 def test_hf_folders_single_and_sharded(tmp_path, states):

@@ -533,3 +533,20 @@ def test_trained_embeddings_over_a_tied_base_warn_that_a_merged_model_is_not_pef
     adapter = make_adapter(base, tmp_path / "ad", seed=0, modules_to_save=["embed_tokens"])
     with pytest.warns(SoupWarning, match="ties the head to the trained embeddings"):
         AdapterSource(adapter)
+
+
+def test_a_model_folder_that_also_holds_an_adapter_says_the_adapter_is_not_applied(
+    kitchen, tmp_path
+):
+    from modelsoup.errors import SoupWarning
+
+    _, base_dir, adapters = kitchen
+    both = tmp_path / "both"
+    shutil.copytree(base_dir, both)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapters[0] / name, both)
+    with pytest.warns(SoupWarning, match="the adapter is not applied"):
+        (ing,) = open_ingredients([both])
+    assert torch.equal(
+        ing.source.tensor("model.norm.weight"), base_state(base_dir)["model.norm.weight"]
+    )

@@ -20,16 +20,43 @@ averaged: they are taken from the first ingredient, and with ``int_policy="stric
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from modelsoup.errors import ConfigError, IncompatibleIngredientsError, IngredientError
+from modelsoup.errors import (
+    ConfigError,
+    IncompatibleIngredientsError,
+    IngredientError,
+    SoupWarning,
+)
+from modelsoup.formats.base import TensorMeta
 from modelsoup.formats.peft_adapter import shared_base
 from modelsoup.ingredients import Ingredient, check_same_ints
 
 INT_POLICIES = ("strict", "first")
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def warn_lost_precision(layout: Mapping[str, TensorMeta], accum_dtype: torch.dtype) -> None:
+    """Warn when float64 tensors are to be summed in float32: the soup would keep only
+    float32's precision, though it is written back as float64.
+
+    Example:
+        >>> warn_lost_precision({"w": TensorMeta((2,), torch.float32)}, torch.float32)
+    """
+    if accum_dtype != torch.float32:
+        return
+    wide = next((n for n, m in layout.items() if m.dtype == torch.float64), None)
+    if wide is not None:
+        warnings.warn(
+            f"float64 tensors (e.g. '{wide}') are summed in float32, so the soup keeps only "
+            "float32's precision; pass accum_dtype='float64' (--accum-dtype float64) to "
+            "keep theirs",
+            SoupWarning,
+            stacklevel=3,
+        )
 
 
 def check_accum_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -192,6 +219,7 @@ class Accumulator:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.int_policy = check_int_policy(int_policy)
         self.layout = self.ingredients[0].layout()
+        warn_lost_precision(self.layout, self.accum_dtype)
         self.float_names = [n for n, m in self.layout.items() if m.is_floating]
         #: adapters over one base: their changes are summed, and the base added on writing
         self.base = shared_base([ing.source for ing in self.ingredients])

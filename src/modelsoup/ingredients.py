@@ -500,9 +500,25 @@ def open_ingredients(
         if isinstance(x, Ingredient) and ing.label != lab:
             ing = Ingredient(ing.source, lab, path=ing.path, hyperparameters=ing.hyperparameters)
         ingredients.append(ing)
+    _warn_mixed_weights(ingredients)
     if check:
         check_compatible(ingredients, int_policy=int_policy, strict=strict)
     return ingredients
+
+
+def _warn_mixed_weights(ingredients: Sequence[Ingredient]) -> None:
+    # one file's raw weights beside another's EMA average (a file that holds only its
+    # EMA is read from there): a soup of both kinds is rarely what was meant
+    ema = [i for i in ingredients if "ema" in (i.source.read_key or "").lower()]
+    raw = [i for i in ingredients if i not in ema]
+    if ema and raw:
+        warnings.warn(
+            f"ingredients mix raw weights ({raw[0].label}) and EMA weights ({ema[0].label}, "
+            f"under '{ema[0].source.read_key}'); pass --checkpoint-key (checkpoint_key) to "
+            "read one kind from every file",
+            SoupWarning,
+            stacklevel=3,
+        )
 
 
 def adapters_base(ingredients: Sequence[Ingredient]) -> Ingredient | None:

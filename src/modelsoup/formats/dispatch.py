@@ -11,9 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from modelsoup.errors import IngredientError
+from modelsoup.errors import IngredientError, SoupWarning
 from modelsoup.formats.base import TensorSource
 from modelsoup.formats.hf_folder import is_model_folder, open_folder, weight_files
 from modelsoup.formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource
@@ -126,6 +127,14 @@ def open_source(
             "is read as the merged model"
         )
     if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file() and any((path / n).is_file() for n in ADAPTER_WEIGHTS):
+            warnings.warn(
+                f"{path}: holds a full model and a LoRA adapter; the full model's weights "
+                "are read and the adapter is not applied (to soup the adapter, give a "
+                "folder holding the adapter alone)",
+                SoupWarning,
+                stacklevel=2,
+            )
         return open_folder(path, key=key)
     if path.name.endswith(SAFETENSORS_SUFFIXES):
         refuse_key(path, key)

@@ -135,6 +135,19 @@ def _check_not_other_format(path: Path) -> None:
         )
 
 
+def _nested_state(obj: object, depth: int = 3) -> list:
+    # the keys down to the first dict of tensors inside mappings, at most ``depth`` deep
+    if not isinstance(obj, Mapping) or depth == 0:
+        return []
+    for k, v in obj.items():
+        if _is_tensor_dict(v):
+            return [k]
+        inner = _nested_state(v, depth - 1)
+        if inner:
+            return [k, *inner]
+    return []
+
+
 def _is_tensor_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -177,6 +190,20 @@ def unwrap(obj: object, key: str | None = None, label: str = "") -> tuple[dict, 
             if _is_tensor_dict(obj):
                 state = obj  # a state dict with some non-tensor extras
             else:
+                deeper = _nested_state(obj)
+                if len(deeper) == 1:
+                    raise IngredientError(
+                        f"{label}: the weights look to be under key {deeper[0]!r}; pass "
+                        f"--checkpoint-key {deeper[0]} (checkpoint_key in a config or in Python)"
+                    )
+                if deeper:
+                    # {'checkpoint': {'model': state_dict}}: a key reads one level only
+                    where = "".join(f"[{k!r}]" for k in deeper)
+                    raise IngredientError(
+                        f"{label}: the weights look to be at {where}, deeper than a "
+                        "checkpoint key reaches; re-save them as a state dict: "
+                        f"torch.save(torch.load(path){where}, 'weights.pt')"
+                    )
                 raise IngredientError(
                     f"{label}: no tensors found; expected a state dict or one under "
                     f"{', '.join(WRAPPER_KEYS)}"

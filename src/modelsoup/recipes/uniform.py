@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from modelsoup.accumulator import check_accum_dtype
+from modelsoup.accumulator import check_accum_dtype, warn_lost_precision
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
@@ -95,6 +95,7 @@ def average(
             SoupWarning,
             stacklevel=2,
         )
+    warn_lost_precision(ingredients[0].layout(), check_accum_dtype(accum_dtype))
     return Soup(
         ingredients,
         coefs,
