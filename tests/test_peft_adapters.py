@@ -547,6 +547,8 @@ def test_a_model_folder_that_also_holds_an_adapter_says_the_adapter_is_not_appli
         shutil.copy(adapters[0] / name, both)
     with pytest.warns(SoupWarning, match="the adapter is not applied"):
         (ing,) = open_ingredients([both])
+    with pytest.raises(ConfigError, match="cannot apply: a LoRA adapter folder"):
+        open_ingredients([adapters[0]], key="state_dict")
     assert torch.equal(
         ing.source.tensor("model.norm.weight"), base_state(base_dir)["model.norm.weight"]
     )

@@ -139,13 +139,18 @@ def refuse_overwrite(target: Path, inputs: Iterable[Path], shown: Path | None = 
         /data/run1/config.json: writing there would overwrite the
     """
     resolved = Path(target).resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if resolved == p or resolved in p.parents or p in resolved.parents:
-            raise WriteError(
-                f"{shown or target}: writing there would overwrite the input {p}; "
-                "choose another output"
-            )
+    hit = [
+        p
+        for p in sorted({Path(p).resolve() for p in inputs})
+        if resolved == p or resolved in p.parents or p in resolved.parents
+    ]
+    if hit:
+        # name an input that is there (a sidecar that could be written is only guarded)
+        named = next((p for p in hit if p.exists()), hit[0])
+        raise WriteError(
+            f"{shown or target}: writing there would overwrite the input {named}; "
+            "choose another output"
+        )
 
 
 def write_error(path: Path, err: OSError, what: str = "cannot write") -> WriteError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from modelsoup.errors import IngredientError, SoupWarning
+from modelsoup.errors import ConfigError, IngredientError, SoupWarning
 from modelsoup.formats.base import TensorSource
 from modelsoup.formats.hf_folder import is_model_folder, open_folder, weight_files
 from modelsoup.formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource
@@ -118,6 +118,11 @@ def open_source(
         ['w']
     """
     if is_adapter_folder(path):
+        if key is not None:
+            raise ConfigError(
+                f"{path}: --checkpoint-key '{key}' cannot apply: a LoRA adapter folder holds "
+                "its factors under no wrapper key; drop --checkpoint-key (key=) for it"
+            )
         return AdapterSource(path, base=base)
     if path.name in ADAPTER_WEIGHTS and is_adapter_folder(path.parent):
         # the factors alone are not a model: read as one, they would be souped factor by factor
