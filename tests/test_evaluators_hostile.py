@@ -226,6 +226,30 @@ def test_dicts_config_objects_and_tensors_an_evaluator_reads_are_part_of_the_mea
     assert identity(_ByOptions(looped, ref))
 
 
+_CACHE: dict = {}
+
+
+def _fills_a_private_cache(model) -> float:
+    _CACHE.setdefault("x", 1.0)
+    return _CACHE["x"] + SETTINGS["target"]
+
+
+def test_a_private_cache_is_not_part_of_the_measure_and_large_tensors_are_sampled(monkeypatch):
+    from modelsoup import evaluators
+    from modelsoup.evaluators import as_evaluator, identity
+
+    before = identity(as_evaluator(_fills_a_private_cache))
+    _fills_a_private_cache(None)
+    assert identity(as_evaluator(_fills_a_private_cache)) == before  # filled as it ran
+    monkeypatch.setattr(evaluators, "TENSOR_HASH_ELEMENTS", 64)  # "large": past 64 entries
+    data = torch.randn(10_000)
+    edited = data.clone()
+    edited[4321] += 1e-3  # one entry the sample skips: the sum of the bits still sees it
+    same = identity(_ByOptions(_Options(2.0), data))
+    assert identity(_ByOptions(_Options(2.0), data.clone())) == same
+    assert identity(_ByOptions(_Options(2.0), edited)) != same
+
+
 @pytest.mark.parametrize("how", ["lambda", "partial", "closure"])
 def test_functions_of_one_name_that_measure_differently_keep_their_scores_apart(how):
     # their code, bound arguments or closed-over numbers tell them apart

@@ -112,6 +112,9 @@ def test_raw_weights_beside_an_ema_only_file_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one kind from every file: no warning
         open_ingredients([both, ema_only], key="state_dict_ema")
+        exported = tmp_path / "exported-ema.safetensors"  # says nothing of its kind
+        safetensors.torch.save_file(tiny_state(3), str(exported))
+        open_ingredients([exported, ema_only])
 
 
 def test_weights_nested_deeper_than_a_key_are_named_where_they_are(tmp_path):

@@ -199,6 +199,31 @@ def test_with_recalibrated_candidates_every_row_scores_the_soup_it_saves(tmp_pat
         assert (held.evaluate(saved), test.evaluate(saved)) == (m.held_out, m.test), m.label
 
 
+def test_the_self_check_holds_for_bounded_parameters_and_extra_state():
+    from modelsoup.repair.trace import check_keeps_function
+
+    class Bounded(nn.Module):  # p must stay below 1: scrambled past it, outputs are NaN
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.p = nn.Parameter(torch.full((3,), 0.9))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) * torch.log1p(-self.p)
+
+        def get_extra_state(self):  # not a tensor: kept out of the check
+            return {"version": 2}
+
+        def set_extra_state(self, state) -> None:
+            pass
+
+    right = PermutationSpec({"a.weight": ("P", None), "a.bias": ("P",), "b.weight": (None, "P")})
+    check_keeps_function(Bounded(), right, torch.randn(5, 4), traced=False)
+    wrong = PermutationSpec({"a.weight": ("P", None), "a.bias": ("P",)})
+    with pytest.raises(AlignmentError, match="changes the output"):
+        check_keeps_function(Bounded(), wrong, torch.randn(5, 4), traced=False)
+
+
 def test_a_hand_written_spec_that_changes_the_function_is_refused(tmp_path):
     paths = write_states(tmp_path, mlp_states(2))
     with pytest.raises(AlignmentError, match="permutation spec changes the output of Sequential"):

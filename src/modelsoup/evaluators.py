@@ -250,9 +250,12 @@ def _setting(key: str, value: Any, depth: int = 0) -> bool:
 
 
 def _your_object(value: Any) -> bool:
-    # an instance of a class of yours (not modelsoup's, not a library's) with settings
+    # an instance of a class of yours (not modelsoup's, not a library's) with settings;
+    # a module of yours is a model, not a setting (its mode and weights change as it runs)
     kind = type(value)
     if _ours(kind.__module__) or not isinstance(getattr(value, "__dict__", None), dict):
+        return False
+    if isinstance(value, torch.nn.Module):
         return False
     module = sys.modules.get(kind.__module__)
     path = getattr(module, "__file__", None)
@@ -297,16 +300,27 @@ def _code_of(fn: Callable, seen: set[int] | None = None) -> str:
     return f"{where}|{_stable(code)}|{_stable(bound)}|{','.join(closure)}|{inner}|{reads}"
 
 
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    # where Python's own library and installed packages live: this environment's, the
+    # user site's, the system's (Debian's dist-packages) and any such folder on sys.path
+    import site
+
+    found = [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    found += list(getattr(site, "getsitepackages", list)())
+    user = getattr(site, "getusersitepackages", None)
+    if user is not None:
+        found.append(user())
+    found += [p for p in sys.path if p.rstrip(os.sep).endswith(("site-packages", "dist-packages"))]
+    return tuple(sorted({os.path.realpath(p) for p in found if p}))
+
+
 @functools.lru_cache(maxsize=256)
 def _library_file(path: str) -> bool:
     # a file of Python's own library or of an installed package (torch, numpy, ...):
     # their code is their version's, not a user's edit
-    roots = {
-        os.path.realpath(sysconfig.get_paths()[key])
-        for key in ("stdlib", "platstdlib", "purelib", "platlib")
-    }
     real = os.path.realpath(path)
-    return any(real == root or real.startswith(root + os.sep) for root in roots)
+    return any(real == root or real.startswith(root + os.sep) for root in _library_roots())
 
 
 def _yours(fn: Any) -> bool:
@@ -333,6 +347,8 @@ def _globals_read(fn: Any, code: types.CodeType, seen: set[int]) -> str:
         if name not in namespace:
             continue
         value = namespace[name]
+        if name.startswith("_") and _plain(value):
+            continue  # a private value: a cache (_CACHE = {}) fills as the evaluator runs
         if _plain(value):
             found.append(f"{name}={_stable(value)}")
         elif isinstance(value, types.ModuleType):
@@ -370,6 +386,29 @@ def _cell(cell: Any) -> Any:
         return None
 
 
+#: tensors up to this many elements are hashed whole; larger ones (a dataset an evaluator
+#: holds) by their sums and a spread sample, which costs no copy off their device
+TENSOR_HASH_ELEMENTS = 1 << 22
+
+
+def _tensor_digest(value: torch.Tensor) -> str:
+    t = value.detach()
+    shown = f"{t.dtype},{tuple(t.shape)}"
+    if t.numel() <= TENSOR_HASH_ELEMENTS:
+        flat = t.cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return f"tensor({shown},{hashlib.sha256(data).hexdigest()})"
+    flat = t.contiguous().reshape(-1)
+    step = flat.numel() // TENSOR_HASH_ELEMENTS + 1
+    sample = flat[::step].cpu().contiguous()
+    # every entry counts: the sum of the raw bits as integers, exact in any order (so
+    # in any process, on any number of threads), where a float sum's rounding is not
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    total = str(int(flat.view(bits).sum(dtype=torch.int64)))
+    digest = hashlib.sha256(sample.view(torch.uint8).numpy().tobytes() + total.encode())
+    return f"tensor({shown},sampled {step},{digest.hexdigest()})"
+
+
 def _stable(value: Any, _depth: int = 0) -> str:
     # the same text in every process: nested code by its bytes, not its address, sets
     # sorted (string hashing differs between processes), and a tensor by its contents
@@ -384,9 +423,7 @@ def _stable(value: Any, _depth: int = 0) -> str:
         items = (f"{_stable(k)}:{_stable(v, _depth)}" for k, v in value.items())
         return "{" + ",".join(sorted(items)) + "}"
     if isinstance(value, torch.Tensor):
-        flat = value.detach().cpu().contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        return f"tensor({value.dtype},{tuple(value.shape)},{hashlib.sha256(data).hexdigest()})"
+        return _tensor_digest(value)
     if isinstance(value, str | bytes | int | float | complex | bool | None):
         return repr(value)
     kind = type(value)

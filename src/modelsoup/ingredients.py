@@ -509,8 +509,11 @@ def open_ingredients(
 def _warn_mixed_weights(ingredients: Sequence[Ingredient]) -> None:
     # one file's raw weights beside another's EMA average (a file that holds only its
     # EMA is read from there): a soup of both kinds is rarely what was meant
-    ema = [i for i in ingredients if "ema" in (i.source.read_key or "").lower()]
-    raw = [i for i in ingredients if i not in ema]
+    # only pickles read from a wrapper key say which kind they hold (a safetensors file
+    # may hold an exported EMA)
+    keyed = [i for i in ingredients if i.source.read_key is not None]
+    ema = [i for i in keyed if "ema" in i.source.read_key.lower()]
+    raw = [i for i in keyed if i not in ema]
     if ema and raw:
         warnings.warn(
             f"ingredients mix raw weights ({raw[0].label}) and EMA weights ({ema[0].label}, "

@@ -85,7 +85,8 @@ def card_to_mergekit(card: Mapping[str, Any]) -> dict[str, Any]:
         parameters["normalize"] = rule in ("ties", "dare_ties")
         parameters["lambda"] = merge.get("lambda", 1.0)
     config["parameters"] = parameters
-    config["dtype"] = "float32"  # modelsoup sums in float32 whatever it writes
+    # the dtype mergekit computes in: the one the soup was summed in (float32 by default)
+    config["dtype"] = (card.get("dtype_policy") or {}).get("accumulate", "float32")
     written = (card.get("dtype_policy") or {}).get("written")
     if written is not None:
         if len(written) != 1 or written[0] not in _MERGEKIT_DTYPES:
