@@ -256,3 +256,45 @@ def test_max_length_is_fitted_to_the_models_positions(hf_pool, tmp_path):
     too_long = TextClassificationData(hf_text_classification=str(held), max_length=positions + 1)
     with pytest.raises(ConfigError, match=f"longer than the {positions} positions"):
         text_classification(too_long, hf_pool / "ft-0")
+
+
+def test_a_decoder_classifier_padded_with_another_id_than_its_config_scores_alike_in_any_batch(
+    hf_pool, tmp_path
+):
+    # the tokenizer pads with [PAD] (0); config.json says pad_token_id 3, the id the
+    # classifier looks for to find each example's last token
+    tok = _tokenizer(tmp_path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},
+        pad_token_id=3,
+    )  # fmt: skip
+    folder = tmp_path / "llama-cls"
+    transformers.LlamaForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model = transformers.LlamaForSequenceClassification.from_pretrained(folder).eval()
+    held = tmp_path / "held.csv"  # texts of different lengths: batches are padded
+    rows = [(" ".join(t.split()[: 2 + i % 4]), lab) for i, (t, lab) in enumerate(_sentences(24, 5))]
+    held.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    scores = [
+        text_classification(
+            TextClassificationData(hf_text_classification=str(held), metric="loss",
+                                   batch_size=size),
+            folder,
+        ).evaluate(model)
+        for size in (1, 8)
+    ]  # fmt: skip
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+
+
+def test_text_that_is_not_a_string_and_a_column_named_twice_are_refused(hf_pool, tmp_path):
+    listed = tmp_path / "held.jsonl"
+    listed.write_text(json.dumps({"text": ["good", "film"], "label": "pos"}) + "\n")
+    with pytest.raises(ConfigError, match="example 1: 'text' is list .*not a string"):
+        text_classification(listed, hf_pool / "ft-0")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("text,label,text\ngood,pos,bad\n")
+    with pytest.raises(ConfigError, match="column 'text' appears twice"):
+        text_classification(twice, hf_pool / "ft-0")

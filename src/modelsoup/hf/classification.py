@@ -133,6 +133,7 @@ def _read_table(path: Path, delimiter: str) -> list[dict[str, str]]:
         header = next(reader, None)
         if header is None:
             return []
+        _check_header(path, header)
         rows = []
         for fields in reader:
             if not fields:
@@ -146,6 +147,23 @@ def _read_table(path: Path, delimiter: str) -> list[dict[str, str]]:
                 )
             rows.append(dict(zip(header, fields)))
     return rows
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    twice = next((c for c in header if header.count(c) > 1), None)
+    if twice is not None:
+        raise ConfigError(
+            f"{path}: column '{twice}' appears twice in the header; give every column its own name"
+        )
+
+
+def _model_pad_id(folder: Path) -> int | None:
+    # config.json's pad_token_id, the id the model itself takes for padding
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("pad_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def label_ids(labels: Sequence[Any], folder: str | Path, source: str = "data") -> list[int]:
@@ -233,12 +251,20 @@ def text_classification(
             f"{tok_dir}: the tokenizer has no padding token; set pad_token in its "
             "tokenizer_config.json (and pad_token_id in config.json)"
         )
+    model_pad = _model_pad_id(local_path(folder, base_dir))
+    for i, r in enumerate(rows):
+        for column in columns[:1] + columns[2:]:
+            if not isinstance(r[column], str):
+                raise ConfigError(
+                    f"{data_path} example {i + 1}: '{column}' is {type(r[column]).__name__} "
+                    f"{r[column]!r}, not a string; give the text as a string"
+                )
     batches = []
     for start in range(0, len(rows), spec.batch_size):
         chunk = rows[start : start + spec.batch_size]
-        pairs = [str(r[spec.text_pair_column]) for r in chunk] if spec.text_pair_column else None
+        pairs = [r[spec.text_pair_column] for r in chunk] if spec.text_pair_column else None
         encoded = tokenizer(
-            [str(r[spec.text_column]) for r in chunk],
+            [r[spec.text_column] for r in chunk],
             pairs,
             max_length=spec.max_length,
             truncation=True,
@@ -246,6 +272,17 @@ def text_classification(
             return_tensors="pt",
         )
         batch = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        if (
+            model_pad is not None
+            and model_pad != tokenizer.pad_token_id
+            and "attention_mask" in batch
+        ):
+            # A decoder classifier (Llama, GPT-2) pools the last token before its config's
+            # pad id: padding with the tokenizer's other pad id would pool a padding
+            # position, and scores would change with the batch size.
+            batch["input_ids"] = batch["input_ids"].masked_fill(
+                batch["attention_mask"] == 0, model_pad
+            )
         batch["labels"] = torch.tensor(labels[start : start + spec.batch_size])
         batches.append(batch)
     kind = Accuracy if spec.metric == "accuracy" else MeanLoss
