@@ -379,7 +379,7 @@ def test_a_config_names_the_lm_evaluators_and_the_task(lm_pool, tmp_path):
     parts = resolve_parts(load_config(cfg))
     assert isinstance(parts.held_out, CausalLMLoss) and parts.held_out.average == "documents"
     assert isinstance(parts.test, MultipleChoice) and parts.test.answers.tolist() == [0]
-    assert parts.test.divisors.tolist() == [5.0, 6.0]  # " blue", " green"
+    assert parts.test.divisors.tolist() == [4.0, 5.0]  # "blue", "green": lm-eval's acc_norm
     assert type(parts.model()).__name__ == "LlamaForCausalLM"
 
 
@@ -396,6 +396,27 @@ def test_a_tokenizer_that_appends_an_end_token_still_scores_the_completion():
     # "sky is" alone is <s> sky is </s>: its </s> is not the prompt's, "blue" is scored
     assert split_ids(fast, "sky is", " blue") == ([1, 3, 4, 5, 2], 3)
     assert split_ids(_tokenizer(), "sky is", " blue")[1] == 3  # <s> only: as before
+
+
+def test_a_choice_is_scored_by_its_own_tokens_and_characters_as_lm_eval_harness(tmp_path):
+    from modelsoup.hf.language import MultipleChoiceData, multiple_choice
+
+    words = ["[UNK]", "<s>", "</s>", "[PAD]", "sky", "is", "blue", "green", "grass"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )  # an EOS after every text: not part of any choice
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
+    ).save_pretrained(tmp_path)
+    row = {"question": "sky is", "choices": ["blue", "green grass"], "answer": 0}
+    (tmp_path / "mc.jsonl").write_text(json.dumps(row) + "\n")
+    spec = MultipleChoiceData(hf_multiple_choice=str(tmp_path / "mc.jsonl"), normalize="tokens")
+    assert multiple_choice(spec, tmp_path).divisors.tolist() == [1.0, 2.0]  # no </s> counted
+    spec = spec.model_copy(update={"normalize": "characters"})
+    assert multiple_choice(spec, tmp_path).divisors.tolist() == [4.0, 11.0]  # len(choice)
 
 
 def test_the_learned_soup_refuses_a_language_model_evaluator(lm_pool, tmp_path, capsys):

@@ -194,6 +194,21 @@ def split_ids(tokenizer: Any, prompt: str, scored: str) -> tuple[list[int], int]
     return ids, max(1, shared)
 
 
+def _choice_ids(tokenizer: Any, question: str, choice: str) -> tuple[list[int], int]:
+    # split_ids, less the special tokens the tokenizer appends (an EOS after the choice):
+    # a choice is scored by its own tokens, as lm-eval-harness scores a continuation
+    ids, first = split_ids(tokenizer, question, choice)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    tail = 0
+    while tail < len(ids) - first and ids[len(ids) - 1 - tail] in special:
+        tail += 1
+    if tail and tail < len(ids) - first:
+        plain = list(tokenizer(question + choice, add_special_tokens=False)["input_ids"])
+        if plain[len(plain) - tail :] != ids[len(ids) - tail :]:  # appended, not in the text
+            ids = ids[: len(ids) - tail]
+    return ids, first
+
+
 def windows(length: int, first: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """``(start, first scored, end)`` windows that score positions ``first .. length-1`` once.
 
@@ -564,7 +579,7 @@ def multiple_choice(
         ):
             raise ConfigError(f"{where}: '{spec.choices_field}' must list two or more texts")
         answers.append(_answer_index(row[spec.answer_field], choices, where))
-        seqs = [split_ids(tokenizer, question, spec.separator + c) for c in choices]
+        seqs = [_choice_ids(tokenizer, question, spec.separator + c) for c in choices]
         for (ids, first), choice in zip(seqs, choices):
             if first >= len(ids):
                 raise ConfigError(f"{where}: choice {choice!r} has no tokens of its own")
@@ -572,7 +587,7 @@ def multiple_choice(
         if spec.normalize == "tokens":
             divisors.append([len(ids) - first for ids, first in seqs])
         elif spec.normalize == "characters":
-            divisors.append([len(spec.separator + c) for c in choices])
+            divisors.append([len(c) for c in choices])  # the choice's, as lm-eval-harness
         else:
             divisors.append([1.0] * len(choices))
     return MultipleChoice(
