@@ -4,6 +4,7 @@ logits, labels outside the classes, and two evaluators a journal could not tell 
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -227,6 +228,11 @@ def test_dicts_config_objects_and_tensors_an_evaluator_reads_are_part_of_the_mea
 
 
 _CACHE: dict = {}
+_SCALE = 2.0
+
+
+def _reads_a_private_setting(model) -> float:
+    return _SCALE
 
 
 def _fills_a_private_cache(model) -> float:
@@ -241,6 +247,9 @@ def test_a_private_cache_is_not_part_of_the_measure_and_large_tensors_are_sample
     before = identity(as_evaluator(_fills_a_private_cache))
     _fills_a_private_cache(None)
     assert identity(as_evaluator(_fills_a_private_cache)) == before  # filled as it ran
+    scaled = identity(as_evaluator(_reads_a_private_setting))
+    monkeypatch.setattr(sys.modules[__name__], "_SCALE", 3.0)
+    assert identity(as_evaluator(_reads_a_private_setting)) != scaled  # a private number is
     monkeypatch.setattr(evaluators, "TENSOR_HASH_ELEMENTS", 64)  # "large": past 64 entries
     data = torch.randn(10_000)
     edited = data.clone()

@@ -298,3 +298,6 @@ def test_text_that_is_not_a_string_and_a_column_named_twice_are_refused(hf_pool,
     twice.write_text("text,label,text\ngood,pos,bad\n")
     with pytest.raises(ConfigError, match="column 'text' appears twice"):
         text_classification(twice, hf_pool / "ft-0")
+    blank = tmp_path / "blank.csv"  # a spreadsheet's trailing unnamed columns are fine
+    blank.write_text("text,label,,\ngood film,pos,,\nbad film,neg,,\n")
+    assert len(text_classification(blank, hf_pool / "ft-0").labels) == 2

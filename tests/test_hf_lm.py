@@ -411,12 +411,13 @@ def test_a_choice_is_scored_by_its_own_tokens_and_characters_as_lm_eval_harness(
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
     ).save_pretrained(tmp_path)
-    row = {"question": "sky is", "choices": ["blue", "green grass"], "answer": 0}
+    # "blue zzz" ends in [UNK], a special token of the text's own: it is the choice's
+    row = {"question": "sky is", "choices": ["blue", "green grass", "blue zzz"], "answer": 0}
     (tmp_path / "mc.jsonl").write_text(json.dumps(row) + "\n")
     spec = MultipleChoiceData(hf_multiple_choice=str(tmp_path / "mc.jsonl"), normalize="tokens")
-    assert multiple_choice(spec, tmp_path).divisors.tolist() == [1.0, 2.0]  # no </s> counted
+    assert multiple_choice(spec, tmp_path).divisors.tolist() == [1.0, 2.0, 2.0]  # no </s>
     spec = spec.model_copy(update={"normalize": "characters"})
-    assert multiple_choice(spec, tmp_path).divisors.tolist() == [4.0, 11.0]  # len(choice)
+    assert multiple_choice(spec, tmp_path).divisors.tolist() == [4.0, 11.0, 8.0]  # len(choice)
 
 
 def test_the_learned_soup_refuses_a_language_model_evaluator(lm_pool, tmp_path, capsys):

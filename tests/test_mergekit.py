@@ -24,6 +24,9 @@ from modelsoup.soup import card_path
         ["--merge", "task_arithmetic", "--lambda", "0.7"],
         ["--merge", "ties", "--density", "0.3", "--lambda", "1.1"],
         ["--merge", "dare_linear", "--density", "0.5"],
+        # summed in float64, written in float32 or float16: both come back as they were
+        ["--accum-dtype", "float64"],
+        ["--merge", "ties", "--density", "0.3", "--accum-dtype", "float64", "--out-dtype", "fp16"],
     ],
     ids=lambda f: f[1] if f[:1] == ["--merge"] else "linear" + "".join(f[1:]),
 )
@@ -41,8 +44,11 @@ def test_export_then_read_back_gives_the_same_soup(tmp_path, flags):
     first, second = (safetensors.torch.load_file(str(p)) for p in (out, again))
     for name in first:  # the card's coefficients are normalised: equal up to rounding
         assert torch.allclose(first[name], second[name], atol=1e-6), name
+        assert first[name].dtype == second[name].dtype, name
     card = json.loads(card_path(again).read_text())
-    assert card["merge"] == json.loads(card_path(out).read_text())["merge"]
+    original = json.loads(card_path(out).read_text())
+    assert card["merge"] == original["merge"]
+    assert card["dtype_policy"]["accumulate"] == original["dtype_policy"]["accumulate"]
 
 
 @pytest.mark.parametrize(

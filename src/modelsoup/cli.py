@@ -36,17 +36,18 @@ def cmd_average(args: argparse.Namespace) -> int:
 
     weights = _floats(args.weights) if args.weights is not None else None
     sources, base, merge, normalize = args.sources, args.base, _merge_flags(args), True
-    out_dtype = args.out_dtype
+    out_dtype, accum_dtype = args.out_dtype, args.accum_dtype
     if args.from_mergekit:
-        sources, weights, base, merge, normalize, written = _from_mergekit(args)
+        sources, weights, base, merge, normalize, written, summed = _from_mergekit(args)
         out_dtype = out_dtype or written  # --out-dtype wins over the config's dtype
+        accum_dtype = "float64" if "float64" in (summed, accum_dtype) else accum_dtype
     elif not sources:
         raise ConfigError("give the checkpoints to average, or --from-mergekit merge.yaml")
     soup = average(
         sources,
         weights,
         normalize=normalize and not args.no_normalize,
-        accum_dtype=args.accum_dtype,
+        accum_dtype=accum_dtype,
         int_policy=args.int_policy,
         key=args.checkpoint_key,
         base=base,
@@ -118,7 +119,8 @@ def _from_mergekit(args: argparse.Namespace) -> tuple:
     except (yaml.YAMLError, UnicodeDecodeError):
         raise ConfigError(f"{args.from_mergekit}: not valid YAML text") from None
     plan = mergekit_to_average(config, args.from_mergekit)
-    return plan.sources, plan.weights, plan.base, plan.merge, plan.normalize, plan.out_dtype
+    return (plan.sources, plan.weights, plan.base, plan.merge, plan.normalize, plan.out_dtype,
+            plan.accum_dtype)  # fmt: skip
 
 
 def cmd_export_mergekit(args: argparse.Namespace) -> int:

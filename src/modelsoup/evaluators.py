@@ -347,8 +347,8 @@ def _globals_read(fn: Any, code: types.CodeType, seen: set[int]) -> str:
         if name not in namespace:
             continue
         value = namespace[name]
-        if name.startswith("_") and _plain(value):
-            continue  # a private value: a cache (_CACHE = {}) fills as the evaluator runs
+        if name.startswith("_") and isinstance(value, dict | list):
+            continue  # a private container: a cache (_CACHE = {}) fills as the evaluator runs
         if _plain(value):
             found.append(f"{name}={_stable(value)}")
         elif isinstance(value, types.ModuleType):
@@ -403,7 +403,9 @@ def _tensor_digest(value: torch.Tensor) -> str:
     sample = flat[::step].cpu().contiguous()
     # every entry counts: the sum of the raw bits as integers, exact in any order (so
     # in any process, on any number of threads), where a float sum's rounding is not
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    if t.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
     total = str(int(flat.view(bits).sum(dtype=torch.int64)))
     digest = hashlib.sha256(sample.view(torch.uint8).numpy().tobytes() + total.encode())
     return f"tensor({shown},sampled {step},{digest.hexdigest()})"

@@ -455,6 +455,10 @@ class Taster:
             digest.update(name.encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         extra = {**self.key_context(soup.chosen, soup.merge), "per_tensor": digest.hexdigest()}
+        if self.recalibrate_candidates and not soup.overrides:
+            # scored recalibrated (modelsoup before this scored these soups as mixed):
+            # another measurement than such an older journal's under the same key
+            extra["bn_recalibrated"] = True
         mixture = [(self.ident(i), c) for i, c in enumerate(soup.coefficients) if c > 0]
         return self.journal.key(identity(evaluator), mixture, extra)
 

@@ -150,7 +150,8 @@ def _read_table(path: Path, delimiter: str) -> list[dict[str, str]]:
 
 
 def _check_header(path: Path, header: list[str]) -> None:
-    twice = next((c for c in header if header.count(c) > 1), None)
+    # unnamed columns (a spreadsheet's trailing empty ones) are never read
+    twice = next((c for c in header if c and header.count(c) > 1), None)
     if twice is not None:
         raise ConfigError(
             f"{path}: column '{twice}' appears twice in the header; give every column its own name"
@@ -158,12 +159,16 @@ def _check_header(path: Path, header: list[str]) -> None:
 
 
 def _model_pad_id(folder: Path) -> int | None:
-    # config.json's pad_token_id, the id the model itself takes for padding
+    # config.json's pad_token_id, the id the model itself takes for padding (one of its
+    # tokens: an id outside the vocabulary cannot be fed to it)
     try:
-        value = json.loads((folder / "config.json").read_text()).get("pad_token_id")
+        config = json.loads((folder / "config.json").read_text())
+        value, vocab = config.get("pad_token_id"), config.get("vocab_size")
     except (OSError, ValueError, AttributeError):
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return None
+    return value if not isinstance(vocab, int) or value < vocab else None
 
 
 def label_ids(labels: Sequence[Any], folder: str | Path, source: str = "data") -> list[int]:

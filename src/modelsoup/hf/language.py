@@ -199,14 +199,21 @@ def _choice_ids(tokenizer: Any, question: str, choice: str) -> tuple[list[int], 
     # a choice is scored by its own tokens, as lm-eval-harness scores a continuation
     ids, first = split_ids(tokenizer, question, choice)
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
-    tail = 0
-    while tail < len(ids) - first and ids[len(ids) - 1 - tail] in special:
-        tail += 1
-    if tail and tail < len(ids) - first:
-        plain = list(tokenizer(question + choice, add_special_tokens=False)["input_ids"])
-        if plain[len(plain) - tail :] != ids[len(ids) - tail :]:  # appended, not in the text
-            ids = ids[: len(ids) - tail]
+    if not special:
+        return ids, first
+    plain = list(tokenizer(question + choice, add_special_tokens=False)["input_ids"])
+    # the special tokens at the end that the text itself does not end with were appended
+    appended = _special_tail(ids, special) - _special_tail(plain, special)
+    if 0 < appended < len(ids) - first:  # a choice keeps at least one token of its own
+        ids = ids[: len(ids) - appended]
     return ids, first
+
+
+def _special_tail(ids: list[int], special: set[int]) -> int:
+    n = 0
+    while n < len(ids) and ids[len(ids) - 1 - n] in special:
+        n += 1
+    return n
 
 
 def windows(length: int, first: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:

@@ -95,7 +95,7 @@ def card_to_mergekit(card: Mapping[str, Any]) -> dict[str, Any]:
                 "mergekit config names one output dtype (out_dtype) of "
                 f"{', '.join(_MERGEKIT_DTYPES)}: write the soup with --out-dtype to export it"
             )
-        if written[0] != "float32":
+        if written[0] != config["dtype"]:  # mergekit writes in `dtype` unless told
             config["out_dtype"] = written[0]
     return config
 
@@ -110,8 +110,11 @@ class MergekitAverage:
     merge: dict[str, Any]
     normalize: bool
     #: the dtype mergekit would write (``out_dtype``, else ``dtype``), as ``--out-dtype``
-    #: names it; modelsoup computes in float32 whatever mergekit's ``dtype`` says
+    #: names it
     out_dtype: str | None = None
+    #: the dtype to sum in: float64 when mergekit's ``dtype`` is, else float32 (mergekit's
+    #: float16 and bfloat16 arithmetic is not redone)
+    accum_dtype: str = "float32"
 
 
 #: the floating dtypes mergekit 0.1.5 writes (its ``dtype_from_name``)
@@ -267,4 +270,5 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
         merge,
         normalize,
         _DTYPES.get(dtype) if dtype is not None else None,
+        "float64" if config.get("dtype") == "float64" else "float32",
     )
