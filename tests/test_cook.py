@@ -161,6 +161,13 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         ("seed: yes\n", "'seed': write a number, not True"),
         ("baselines: 'no'\n", "'baselines': write true or false, not 'no'"),
         ("align: 'yes'\n", "'align': write true, false, reference, activations, merge_many"),
+        # YAML read as written: a key given twice, octal and base-60 integers are refused
+        ("seed: 1\nseed: 2\n", "key 'seed' is given twice"),
+        ("seed: 017\n", "'017' reads as a YAML 1.1 octal or base-60 number"),
+        ("bootstrap_resamples: 1:30:00\n", "'1:30:00' reads as a YAML 1.1 octal"),
+        ("seed: -1\n", "'seed': Input should be greater than or equal to 0"),
+        ("recipes: [{name: greedy, label: '...'}]\n", "recipe label '...' cannot name a soup"),
+        ('recipes: [{name: greedy, label: "a\\nb"}]\n', "cannot name a soup file"),
         # a fraction of a byte is refused, not cut down to a 1-byte budget
         ("max_memory: '1.5'\n", "'max_memory': size 1.5 is not a whole number of bytes"),
         ("max_memory: 1e999\n", "'max_memory': size 1e999 is more bytes than any machine has"),

@@ -292,3 +292,50 @@ def test_byte_sizes_read_as_written():
     for bad in ("1.5", 0.5, float("nan"), "-1GB", True, "1e-3"):
         with pytest.raises(ConfigError):
             parse_size(bad)
+
+
+def test_an_output_reached_through_symlinks_is_one_output_and_never_the_inputs(tmp_path):
+    import os
+
+    from modelsoup._util import output_lock
+    from modelsoup.cook.run import check_output
+    from modelsoup.errors import WriteError
+    from modelsoup.ingredients import open_ingredients
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(out, tmp_path / "alias")
+    env = {**os.environ, "PYTHONPATH": str(Path("src").resolve())}
+    holder = subprocess.Popen(  # another process cooks into the folder
+        [sys.executable, "-c", "import sys, time; from modelsoup._util import output_lock\n"
+         f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriteError, match="another modelsoup run"):
+            with output_lock(tmp_path / "alias"):  # the folder by another name
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    torch.save({"w": torch.ones(1)}, inputs / "a.pt")
+    pool = open_ingredients([inputs / "a.pt"])
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    os.symlink(inputs, fresh / "soups")  # the soups would land among the inputs
+    with pytest.raises(WriteError, match="would overwrite the input"):
+        check_output(pool, fresh)
+
+
+def test_a_model_factory_that_fails_is_one_config_error_line():
+    from modelsoup.cook import cook
+    from modelsoup.errors import ConfigError
+
+    def broken():
+        raise RuntimeError("CUDA out of memory\nmore detail")
+
+    with pytest.raises(ConfigError, match=r"factory failed \(RuntimeError: CUDA out of memory\)"):
+        cook([{"w": torch.ones(1)}] * 2, broken, lambda m: 1.0, progress=False)

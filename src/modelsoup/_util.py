@@ -272,7 +272,9 @@ def output_lock(path: Path) -> Iterator[None]:
         ...     pass
     """
     given = Path(path)
-    path = Path(os.path.abspath(given))  # "." and "x/.." have a name to put the lock beside
+    # "." and "x/.." have a name to put the lock beside; a symlink to the folder is the
+    # folder (two names for one output must not give two locks)
+    path = Path(os.path.realpath(given))
     if not path.name:
         raise WriteError(f"{given}: is the root folder, not an output; choose a folder in it")
     lock = path.with_name(f".{path.name}.lock")

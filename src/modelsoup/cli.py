@@ -102,8 +102,7 @@ def _merge_flags(args: argparse.Namespace) -> dict:
 
 
 def _from_mergekit(args: argparse.Namespace) -> tuple:
-    import yaml
-
+    from modelsoup.cook.config import read_yaml
     from modelsoup.merge.mergekit import mergekit_to_average
 
     given = [f"--{k}" for k, d in MERGE_FLAGS.items() if getattr(args, d) is not None]
@@ -113,11 +112,13 @@ def _from_mergekit(args: argparse.Namespace) -> tuple:
     if given:
         raise ConfigError(f"--from-mergekit reads the whole merge from its file; drop {given[0]}")
     try:
-        config = yaml.safe_load(open(args.from_mergekit, encoding="utf-8"))
+        with open(args.from_mergekit, encoding="utf-8") as fh:
+            text = fh.read()
     except OSError as err:
         raise ConfigError(f"{args.from_mergekit}: cannot be read ({err.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         raise ConfigError(f"{args.from_mergekit}: not valid YAML text") from None
+    config = read_yaml(text, args.from_mergekit)
     plan = mergekit_to_average(config, args.from_mergekit)
     return (plan.sources, plan.weights, plan.base, plan.merge, plan.normalize, plan.out_dtype,
             plan.accum_dtype)  # fmt: skip

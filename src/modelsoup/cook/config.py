@@ -78,7 +78,7 @@ class StatisticalRacingOptions(OptionsModel):
 
     confidence: float = Field(gt=0, lt=1)
     clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
 
 def _racing_form(value: Any) -> str | None:
@@ -208,7 +208,7 @@ class CookOptions(OptionsModel):
     journal: bool = True
     baselines: bool = True
     bootstrap_resamples: int = Field(default=2000, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     recalibrate_candidates: bool = False
     #: stop a candidate's evaluation once it provably cannot meet the score to beat
     #: (bounded evaluators such as accuracy; decisions equal a full evaluation's), or
@@ -358,6 +358,65 @@ def check_recipes(config: CookConfig, source: str = "config") -> None:
         get_recipe(entry.name).check_options(entry.options(), source=source, where=f"recipes.{i}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as people mean it: a key given twice, and YAML 1.1's octal (``017``) and
+    base-60 (``1:30:00``) integers, are refused, not silently resolved."""
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, message: str, node: yaml.Node) -> None:
+        super().__init__(message)
+        self.message, self.line = message, node.start_mark.line + 1
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise _Refused(f"key {key!r} is given twice; give it once", key_node)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+def _integer(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    digits = str(text).replace("_", "").lstrip("+-")
+    if ":" in digits or (len(digits) > 1 and digits.startswith("0") and digits.isdigit()):
+        raise _Refused(
+            f"{text!r} reads as a YAML 1.1 octal or base-60 number; write the number in "
+            "plain decimal, or quote it if it is text",
+            node,
+        )
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _integer)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse a config's YAML text; a duplicate key or a YAML 1.1 octal or base-60
+    integer is a one-line error naming ``source`` and the line, as bad YAML is.
+
+    Example:
+        >>> read_yaml("seed: 3\nruns: [1, 2]", "soup.yaml")
+        {'seed': 3, 'runs': [1, 2]}
+        >>> read_yaml("seed: 1\nseed: 2", "soup.yaml")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: soup.yaml (line 2): key 'seed' is given twice; give it once
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as err:
+        raise ConfigError(f"{source} (line {err.line}): {err.message}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+
+
 def load_config(path: str | Path) -> CookConfig:
     """Read and validate a cook config file.
 
@@ -373,13 +432,9 @@ def load_config(path: str | Path) -> CookConfig:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     raw.setdefault("base_dir", str(path.parent.resolve()))

@@ -145,6 +145,11 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
     labels: dict[str, str] = {}  # file name of the soup -> the label it comes from
     for e in entries:
         label = entry_label(e)
+        if not slug(label) or not label.isprintable():
+            raise ConfigError(
+                f"recipe label {label!r} cannot name a soup file (it needs letters or digits, "
+                "and no line breaks or control characters); give another 'label'"
+            )
         if label in labels.values():
             raise ConfigError(f"two recipes are both labelled '{label}'; give one a 'label'")
         other = labels.setdefault(slug(label), label)
@@ -284,7 +289,16 @@ def _cook(
 ) -> CookResult:
     """The cook itself, once its inputs are checked and its output is held."""
     device = opts.device
-    module = model if isinstance(model, torch.nn.Module) else model()
+    try:
+        module = model if isinstance(model, torch.nn.Module) else model()
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's factory: one line, cause chained
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"the model factory failed ({type(err).__name__}: {first}); check the model: "
+            "function (it must build the model with no arguments)"
+        ) from err
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
     module.to(device)
@@ -383,6 +397,9 @@ def check_output(pool: Sequence[Any], out: Path) -> None:
     own = (out / "aligned").resolve()
     theirs = [ing for ing in pool if ing.path is None or own not in ing.path.resolve().parents]
     check_not_input(theirs, out)
+    for part in ("soups", "figures", "journal.jsonl", "journal.jsonl.outputs", "report.md",
+                 "report.json"):  # fmt: skip
+        check_not_input(theirs, out / part)  # a symlink among them leads elsewhere
 
 
 def tidy_output(out: Path) -> None:
