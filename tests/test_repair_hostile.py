@@ -199,6 +199,44 @@ def test_with_recalibrated_candidates_every_row_scores_the_soup_it_saves(tmp_pat
         assert (held.evaluate(saved), test.evaluate(saved)) == (m.held_out, m.test), m.label
 
 
+def _bn_fine_tunes() -> tuple[dict, list[dict]]:
+    # a base whose running variances are 1 and fine-tunes whose are 0.3: task arithmetic
+    # with lambda 2 takes them to 1 + 2 (0.3 - 1) = -0.4
+    torch.manual_seed(0)
+    base = {k: v.clone() for k, v in bn_net().state_dict().items()}
+    tunes = []
+    for seed in range(2):
+        torch.manual_seed(seed + 1)
+        state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+                 for k, v in base.items()}  # fmt: skip
+        state["1.running_var"] = torch.full((4,), 0.3)
+        tunes.append(state)
+    return base, tunes
+
+
+def test_a_merge_rule_that_takes_a_running_variance_below_zero_is_said_and_recalibrated(
+    tmp_path,
+):
+    from modelsoup.cook import cook
+
+    base, tunes = _bn_fine_tunes()
+    rule = {"rule": "task_arithmetic", "lambda": 2.0}
+    with pytest.warns(SoupWarning, match="'1.running_var', a BatchNorm running variance"):
+        soup = average(tunes[:1], base=base, merge=rule)
+        assert float(soup.tensor("1.running_var").min()) < 0
+    x = torch.randn(64, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoupWarning)
+        result = cook(tunes, bn_net, lambda m: float(-m(x).abs().mean()), base=base,
+                      recipes=[{"name": "forward", "merge": rule, "max_ingredients": 1}],
+                      recalibrate=x, output=tmp_path / "out", progress=False,
+                      bootstrap_resamples=20)  # fmt: skip
+    forward = next(m for m in result.methods if m.label.startswith("forward"))
+    assert forward.result.size == 1  # one member, but moved by the rule: recalibrated
+    saved = safetensors.torch.load_file(tmp_path / "out" / forward.saved)
+    assert float(saved["1.running_var"].min()) > 0
+
+
 def test_the_self_check_holds_for_bounded_parameters_and_extra_state():
     from modelsoup.repair.trace import check_keeps_function
 

@@ -395,7 +395,7 @@ class Soup:
         if meta.numel == 0:
             return []
         members = [(i, self.ingredients[i], c / total) for i, c in used]
-        return merged_pieces(
+        pieces = merged_pieces(
             self.merge,
             name,
             meta,
@@ -404,6 +404,9 @@ class Soup:
             step=step,
             accum_dtype=self.accum_dtype,
         )
+        if name.endswith("running_var") and name not in self.overrides:
+            return _said_if_negative(name, pieces, self.merge)
+        return pieces
 
     def _mix_plan(self, name: str) -> tuple[list[tuple[int, float]], float]:
         # (position, coefficient) of every ingredient in this tensor, and what to divide by
@@ -524,6 +527,27 @@ def card_path(out: str | Path) -> Path:
         PosixPath('soups/greedy.safetensors.json')
     """
     return sidecar_path(Path(out))
+
+
+def _said_if_negative(
+    name: str, pieces: Iterable[torch.Tensor], merge: MergeSpec
+) -> Iterator[torch.Tensor]:
+    # A rule on task vectors (task arithmetic, DARE, TIES, WiSE-FT) moves a BatchNorm
+    # running variance like a weight, and can take it below zero: the model then
+    # computes NaN until its statistics are re-estimated.
+    said = False
+    for piece in pieces:
+        if not said and bool((piece < 0).any()):
+            said = True
+            warnings.warn(
+                f"tensor '{name}', a BatchNorm running variance, has negative entries "
+                f"after {merge.describe()}: the model computes NaN until its statistics "
+                "are re-estimated; recalibrate the soup (--recalibrate-bn, recalibrate=) "
+                "or use the linear rule",
+                SoupWarning,
+                stacklevel=3,
+            )
+        yield piece
 
 
 def protected_paths(soup: Soup | Sequence[Ingredient]) -> set[Path]:

@@ -463,10 +463,11 @@ def _run_entry(
         if (
             isinstance(res, Soup)
             and recalibrate is not None
-            and (res.size > 1 or taster.recalibrate_candidates)
+            and (res.size > 1 or taster.recalibrate_candidates or not res.merge.is_average)
         ):
             # A single ingredient keeps the statistics it was trained with, unless every
-            # candidate (it too) was scored recalibrated: the soup saved is the one scored.
+            # candidate (it too) was scored recalibrated, so the soup saved is the one
+            # scored, or a merge rule moved it (base + lambda tau is not the ingredient).
             taster.recalibrate_soup(res, recalibrate)
         if test is None:
             continue
