@@ -400,9 +400,9 @@ def read_yaml(text: str, source: str) -> Any:
     integer is a one-line error naming ``source`` and the line, as bad YAML is.
 
     Example:
-        >>> read_yaml("seed: 3\nruns: [1, 2]", "soup.yaml")
+        >>> read_yaml("seed: 3\\nruns: [1, 2]", "soup.yaml")
         {'seed': 3, 'runs': [1, 2]}
-        >>> read_yaml("seed: 1\nseed: 2", "soup.yaml")
+        >>> read_yaml("seed: 1\\nseed: 2", "soup.yaml")
         Traceback (most recent call last):
         ...
         modelsoup.errors.ConfigError: soup.yaml (line 2): key 'seed' is given twice; give it once
