@@ -152,6 +152,38 @@ def test_align_without_model_or_spec_is_a_clear_error(strangers, tmp_path, capsy
     assert "--spec" in capsys.readouterr().err
 
 
+def not_a_model():  # a factory that returns something else
+    return 42
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--model", "digits_kit:bn_model", "--input-shape", "8,7"], "cannot be multiplied"),
+        (["--model", "digits_kit:bn_model", "--input-shape", "100000,100000,64"], "too large"),
+        (
+            ["--model", "test_diagnose_align:not_a_model", "--input-shape", "8,64"],
+            "returned int, not an nn.Module",
+        ),  # fmt: skip
+    ],
+)
+def test_align_cli_bad_models_and_inputs_are_one_line(strangers, tmp_path, capsys, flags, needle):
+    assert main(["align", str(strangers), "-o", str(tmp_path / "o"), "-q", *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+
+
+def test_align_cli_writes_the_spec_it_was_given(strangers, tmp_path, capsys):
+    traced = tmp_path / "traced.json"
+    args = ["align", str(strangers), "-q", "--model", "digits_kit:bn_model"]
+    assert main([*args, "-o", str(tmp_path / "a"), "--input-shape", "8,64",
+                 "--write-spec", str(traced)]) == 0  # fmt: skip
+    again = tmp_path / "again.json"
+    assert main(["align", str(strangers), "-q", "-o", str(tmp_path / "b"), "--spec",
+                 str(traced), "--write-spec", str(again)]) == 0  # fmt: skip
+    assert json.loads(again.read_text()) == json.loads(traced.read_text())
+
+
 CONFIG = """
 model: digits_kit:bn_model
 ingredients: ["{src}"]

@@ -554,6 +554,36 @@ def spelling_hint(key: object, known: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; check its spelling"
 
 
+def build_model(model: Any, what: str = "the model factory") -> torch.nn.Module:
+    """``model`` when it is a module, else what its factory (no arguments) returns; a
+    factory that fails or returns something else is one :class:`ConfigError` line (the
+    factory's own exception is chained as its cause).
+
+    Example:
+        >>> build_model(torch.nn.Linear(1, 1)).in_features
+        1
+        >>> build_model(lambda: 42)
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: the model factory returned int, not an nn.Module
+    """
+    if isinstance(model, torch.nn.Module):
+        return model
+    try:
+        module = model()
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's factory: one line, cause chained
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"{what} failed ({type(err).__name__}: {first}); check the model: function "
+            "(it must build the model with no arguments)"
+        ) from err
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"{what} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
 def check_device(name: str | torch.device) -> str:
     """Check a device name at the edge: known to torch, and present on this machine.
 

@@ -188,8 +188,6 @@ def _card_paths(card: dict) -> list[str]:
 def _recalibrate_average(soup, args: argparse.Namespace) -> str:
     from pathlib import Path
 
-    import torch
-
     from modelsoup.cook.config import resolve, resolve_unlabeled
     from modelsoup.repair.batchnorm import recalibrate_soup
 
@@ -197,11 +195,10 @@ def _recalibrate_average(soup, args: argparse.Namespace) -> str:
         raise ConfigError(
             "--recalibrate-bn needs --model module:function returning the architecture"
         )
-    from modelsoup._util import check_device
+    from modelsoup._util import build_model, check_device
 
     device = check_device(args.device)
-    model = resolve(args.model, Path.cwd())
-    module = model if isinstance(model, torch.nn.Module) else model()
+    module = build_model(resolve(args.model, Path.cwd()), f"--model {args.model}")
     module.to(device)
     data = resolve_unlabeled(args.recalibrate_bn, str(Path.cwd()))
     recalibrate_soup(soup, module, data, num_batches=args.recalibrate_batches, device=device)
@@ -348,7 +345,13 @@ def cmd_align(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--input-shape '{args.input_shape}' must be positive sizes like 1,3,32,32"
             )
-        example = torch.randn(*shape)
+        try:
+            example = torch.randn(*shape)
+        except (RuntimeError, MemoryError):
+            raise ConfigError(
+                f"--input-shape '{args.input_shape}' is too large to build an example input; "
+                "give the shape of one small batch, like 1,3,32,32"
+            ) from None
     model = resolve(args.model, Path.cwd()) if args.model else None
     spec_out = Path(args.write_spec) if args.write_spec else None
     if spec_out is not None:  # checked before aligning: nothing is written for a bad one
@@ -377,13 +380,15 @@ def cmd_align(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=device,
     )
-    if spec_out is not None and model is not None and example is not None:
-        from modelsoup._util import atomic_file
+    if spec_out is not None:  # the spec the copies were aligned by: given, or traced
+        from modelsoup._util import atomic_file, build_model
         from modelsoup.repair import trace_permutation_spec
+        from modelsoup.repair.pool import load_spec
 
-        spec = trace_permutation_spec(
-            model() if not isinstance(model, torch.nn.Module) else model, example
-        )
+        if args.spec:
+            spec = load_spec(args.spec)
+        else:
+            spec = trace_permutation_spec(build_model(model, f"--model {args.model}"), example)
         with atomic_file(spec_out) as tmp:
             tmp.write_text(json.dumps(spec.to_dict(), indent=2))
     for p in paths:

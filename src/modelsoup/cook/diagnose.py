@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from modelsoup._util import atomic_file, check_device
+from modelsoup._util import atomic_file, build_model, check_device
 from modelsoup.errors import ConfigError, EvaluationError
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -165,7 +165,7 @@ def diagnose(
             f"diagnose compares ingredients: it needs two or more, and found {len(pool)} "
             f"({', '.join(ing.label for ing in pool)})"
         )
-    module = model if isinstance(model, torch.nn.Module) else model()
+    module = build_model(model)
     module.to(check_device(device))
     evaluator = as_evaluator(held_out)
     if journal is not None and not isinstance(journal, Journal):

@@ -22,6 +22,7 @@ import torch
 from pydantic import ValidationError
 
 from modelsoup._util import (
+    build_model,
     check_device,
     check_replaceable,
     clean_stale_temps,
@@ -289,18 +290,7 @@ def _cook(
 ) -> CookResult:
     """The cook itself, once its inputs are checked and its output is held."""
     device = opts.device
-    try:
-        module = model if isinstance(model, torch.nn.Module) else model()
-    except (ConfigError, KeyboardInterrupt):
-        raise
-    except Exception as err:  # noqa: BLE001 - the user's factory: one line, cause chained
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(
-            f"the model factory failed ({type(err).__name__}: {first}); check the model: "
-            "function (it must build the model with no arguments)"
-        ) from err
-    if not isinstance(module, torch.nn.Module):
-        raise ConfigError(f"the model factory returned {type(module).__name__}, not an nn.Module")
+    module = build_model(model)
     module.to(device)
     held = as_evaluator(held_out)
     test_ev = as_evaluator(test) if test is not None else None

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelsoup._util import atomic_file, check_device, clean_stale_temps, slug
+from modelsoup._util import atomic_file, build_model, check_device, clean_stale_temps, slug
 from modelsoup._util import progress as stage_progress
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.formats.safetensors_io import write_safetensors
@@ -147,12 +147,12 @@ def align_pool(
     if spec is None:
         if model is None or example is None:
             raise ConfigError("alignment needs a model and an example input, or a spec file")
-        module = model if isinstance(model, torch.nn.Module) else model()
+        module = build_model(model)
         spec = trace_permutation_spec(module, _on_device_of(module, example_input(example)))
     else:
         spec = load_spec(spec)
         if model is not None and example is not None:
-            module = model if isinstance(model, torch.nn.Module) else model()
+            module = build_model(model)
             check_keeps_function(
                 module, spec, _on_device_of(module, example_input(example)), traced=False
             )
@@ -175,7 +175,7 @@ def align_pool(
     spec.sizes(ref_sd)  # checks the spec names real tensors of the right sizes
     template = None
     if method == "activations":
-        template = model if isinstance(model, torch.nn.Module) else model()
+        template = build_model(model)
     data_key = _data_fingerprint(data, num_batches) if method == "activations" else None
     out: list[str] = []
     bar = stage_progress(pool, desc="aligning", unit="ingredient", enabled=progress)

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from collections.abc import Iterator
@@ -592,12 +594,14 @@ def trace_permutation_spec(module: nn.Module, example_input: Any) -> Permutation
     module.eval()  # so BatchNorm running stats are not touched by the example run
     try:
         try:
-            with torch.no_grad():
+            # torch's ShapeProp prints its own traceback to stderr: one line below instead
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 prop = ShapeProp(graph)
-                prop.extra_traceback = False  # one line below, not the graph's traceback
+                prop.extra_traceback = False
                 prop.propagate(*inputs)
         except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = err.__cause__ or err  # ShapeProp wraps the model's own error
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise ConfigError(
                 f"running {type(module).__name__} on example_input failed ({first}); pass an "
                 "input of the shape the model expects"
