@@ -353,3 +353,28 @@ def test_a_plain_test_function_still_gets_a_verdict_and_no_ensemble_baseline():
              test=lambda m: calls.append(1) or 0.0, recipes=["greedy", "ensemble"],
              progress=False)  # fmt: skip
     assert not calls  # refused before any evaluation
+
+
+def test_a_test_score_that_is_not_the_mean_of_its_examples_gets_no_interval():
+    import torch
+
+    from modelsoup.cook.report import summarize
+
+    class FirstHalf(Accuracy):  # weighs its examples: the score is not their mean
+        def score_logits(self, logits):
+            return float(self.per_example(logits)[: len(logits) // 2].float().mean())
+
+    x = torch.eye(2).repeat(20, 1)
+    y = torch.zeros(40, dtype=torch.long)
+    ings = [{"weight": torch.tensor([[1.0, 0.0], [0.0, 0.5]])},
+            {"weight": torch.tensor([[0.5, 0.0], [0.0, 1.0]])}]  # fmt: skip
+    result = cook(ings, torch.nn.Linear(2, 2, bias=False), Accuracy((x, y)),
+                  test=FirstHalf((x, y)), recipes=["uniform"], progress=False,
+                  bootstrap_resamples=200)  # fmt: skip
+    rows = {r["method"]: r for r in summarize(result, bootstrap_resamples=200)["rows"]}
+    assert "test_ci" not in rows["uniform"] and "vs_best_individual" not in rows["uniform"]
+    result = cook(ings, torch.nn.Linear(2, 2, bias=False), Accuracy((x, y)),
+                  test=Accuracy((x, y)), recipes=["uniform"], baselines=False,
+                  progress=False, bootstrap_resamples=200)  # fmt: skip
+    verdict = summarize(result, bootstrap_resamples=200)["verdict"]
+    assert "turn baselines on for an interval" in verdict, verdict

@@ -208,3 +208,20 @@ def test_a_difference_is_significant_only_when_the_paired_evidence_can_say_so(
     cmp = stats.paired_difference(soup, best, n_resamples=500)
     assert cmp.significant is significant
     assert cmp.describe().startswith("no detectable difference") is not significant
+
+
+def test_accuracies_averaged_over_runs_keep_an_exact_paired_test():
+    # two runs of a soup: each example's share of runs right, against the best model's 0/1
+    soup = [0.5] * 3 + [1.0] * 9
+    best = [0.0] * 3 + [1.0] * 9
+    cmp = paired_difference(soup, best, seed=0)
+    # the sign test on the 3 differing examples (McNemar's case): p = 2 * 0.5**3
+    assert cmp.p_value == pytest.approx(0.25) and not cmp.significant
+    assert paired_difference([1.0] * 3 + [0.0], [0.0] * 4).p_value == pytest.approx(0.25)
+
+
+def test_an_interval_from_too_few_resamples_never_calls_a_difference():
+    strong = paired_difference([1.0] * 40, [0.0] * 40, n_resamples=2000)
+    assert strong.significant
+    rough = paired_difference([1.0] * 40, [0.0] * 40, n_resamples=5)
+    assert not rough.significant and rough.describe().startswith("no detectable")

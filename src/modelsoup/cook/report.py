@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from modelsoup._util import atomic_file, slug
-from modelsoup.cook.stats import bootstrap_ci, paired_difference
+from modelsoup.cook.stats import MIN_RESAMPLES, bootstrap_ci, paired_difference
 from modelsoup.errors import SoupError, SoupWarning
 
 
@@ -104,6 +104,11 @@ def summarize(result, *, bootstrap_resamples: int = 2000, seed: int = 0) -> dict
                 }
         rows.append(row)
     verdict = _verdict(result, rows, scale, unit)
+    if bootstrap_resamples < MIN_RESAMPLES and any("vs_best_individual" in r for r in rows):
+        verdict += (
+            f" (Only {bootstrap_resamples} bootstrap resamples: below {MIN_RESAMPLES} no "
+            "difference is called significant; use 2000.)"
+        )
     return {
         "format": "modelsoup.report/1",
         "held_out_evaluator": result.held_out_name,
@@ -157,10 +162,16 @@ def _verdict(result, rows: list[dict], scale: float, unit: str) -> str:
         if alone is not None:
             diff = sign * (pick["test"] - alone)
             word = "better than" if diff > 0 else "worse than" if diff < 0 else "the same as"
+            why = (
+                "there is no best_individual row to compare with example by example: turn "
+                "baselines on for an interval"
+                if pick.get("test_ci") is not None
+                else "the test evaluator gives no per-example results whose mean is its "
+                "score, so no interval says whether that is more than chance"
+            )
             text += (
                 f" The best individual model (on held-out) scores {_fmt(alone, scale=scale)}: "
-                f"the soup is {word} it on test, by one score each (the test evaluator gives "
-                "no per-example results, so no interval says whether that is more than chance)."
+                f"the soup is {word} it on test, by one score each ({why})."
             )
     return text
 

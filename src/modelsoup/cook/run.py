@@ -162,6 +162,11 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
     return entries
 
 
+def _scored_as_mean(evaluator: Evaluator) -> bool:
+    check = getattr(evaluator, "scored_as_mean", None)
+    return bool(check()) if callable(check) else True
+
+
 def _check_ensembles(entries: Sequence[RecipeEntry], evaluators: Sequence[Evaluator]) -> None:
     # an ensemble averages logits: refused now, not after every other recipe has run
     for e in entries:
@@ -469,7 +474,9 @@ def _run_entry(
             logits = None
         if logits is not None:
             score = float(test.score_logits(logits))
-            found = test.per_example(logits)
+            # per-example results speak for the score only when it is their mean (a
+            # subclass may weigh or pick examples): otherwise no interval is drawn
+            found = test.per_example(logits) if _scored_as_mean(test) else None
             if found is not None:
                 per_run.append(found.float())
         else:

@@ -52,7 +52,8 @@ class Comparison:
     """Paired comparison of two systems on the same examples.
 
     ``difference`` is mean(a) - mean(b); ``[low, high]`` its bootstrap interval;
-    ``p_value`` the exact McNemar p-value (None unless both inputs are 0/1);
+    ``p_value`` the exact McNemar p-value (None unless the results are accuracies: 0/1,
+    or shares of runs right against 0/1);
     ``n`` the number of examples; ``nonzero`` how many of them the two score differently;
     ``alpha`` one minus the interval's confidence.
 
@@ -68,6 +69,9 @@ class Comparison:
     n: int
     nonzero: int | None = None
     alpha: float = 0.05
+    #: the bootstrap's resamples: below :data:`MIN_RESAMPLES` its interval is too rough
+    #: to call any difference (one resample's "interval" is that resample's mean)
+    resamples: int = 2000
 
     @property
     def significant(self) -> bool:
@@ -83,7 +87,7 @@ class Comparison:
             >>> Comparison(0.5, 0.1, 0.9, p_value=None, n=40, nonzero=5).significant
             False
         """
-        if not (self.low > 0 or self.high < 0):
+        if self.resamples < MIN_RESAMPLES or not (self.low > 0 or self.high < 0):
             return False
         if self.p_value is not None:
             return self.p_value < self.alpha
@@ -110,6 +114,10 @@ class Comparison:
         suffix = f" {unit}" if unit else ""
         text = f"{fmt(self.difference, '+')}{suffix}, CI [{fmt(self.low)}, {fmt(self.high)}]"
         return text if self.significant else f"no detectable difference ({text})"
+
+
+#: the fewest bootstrap resamples whose interval can call a difference (2000 by default)
+MIN_RESAMPLES = 100
 
 
 def bootstrap_ci(
@@ -165,13 +173,23 @@ def paired_difference(
         )
     diff = _percentile_interval(a - b, confidence, n_resamples, seed)
     p_value = None
-    if _is_binary(a) and _is_binary(b):
-        a_only = int(np.count_nonzero((a == 1) & (b == 0)))
-        b_only = int(np.count_nonzero((a == 0) & (b == 1)))
+    if _is_binary(b) and bool(((a >= 0) & (a <= 1)).all()):
+        # accuracies: McNemar on the discordant pairs; for ``a`` averaged over runs (each
+        # example's share of runs right) the same exact test on the signs of the
+        # differences, the sign test McNemar is a case of
+        a_only = int(np.count_nonzero(a > b))
+        b_only = int(np.count_nonzero(a < b))
         p_value = mcnemar_p_value(a_only, b_only)
     nonzero = int(np.count_nonzero(a != b))
     return Comparison(
-        diff.estimate, diff.low, diff.high, p_value, int(a.size), nonzero, 1.0 - confidence
+        diff.estimate,
+        diff.low,
+        diff.high,
+        p_value,
+        int(a.size),
+        nonzero,
+        1.0 - confidence,
+        n_resamples,
     )
 
 
