@@ -278,7 +278,8 @@ def render_verdict(data: dict, scale: float = 100.0) -> str:
     ]
     for r in data["rows"]:
         ci = r.get("test_ci")
-        ci_text = f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]" if ci else "-"
+        digits = 2 if scale != 1 else 4  # as the scores beside it
+        ci_text = f"[{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "-"
         vs = r.get("vs_best_individual", {}).get("text", "-")
         size = f"{r['ingredients']:.3g}" + (f" (mean of {r['runs']} runs)" if r["runs"] > 1 else "")
         held = _fmt(r["held_out"], r["held_out_std"], scale)
