@@ -186,7 +186,11 @@ def test_held_out_function_sees_the_module_and_every_validation_saves(tmp_path):
     ("options", "trainer_options", "message"),
     [
         ({}, {}, "needs a held-out score: pass monitor="),
-        ({"monitor": "val_loss", "load": "greedy_ensemble"}, {}, "names no row of the report"),
+        ({"monitor": "val_loss", "load": "greedy_ensemble"}, {}, "no recipe or report row"),
+        # what is known when the callback is built fails then, not after training
+        ({"monitor": "val_loss", "recipes": [{"name": "greeedy"}]}, None, "'greeedy' is unknown"),
+        ({"monitor": "val_loss", "bootstrap_resample": 10}, None, "'bootstrap_resample'"),
+        ({"monitor": "val_loss", "recipes": ["ensemble"]}, None, "ensemble averages logits"),
         (
             {"held_out": lambda m: 1.0, "every": "validation"},
             {"limit_val_batches": 0},
@@ -270,3 +274,10 @@ def test_a_resumed_fit_keeps_the_earlier_checkpoints_as_ingredients(tmp_path):
     _fit(tmp_path, callback, epochs=3, ckpt_path=resume)
     labels = [i.label for i in callback.result.ingredients]
     assert labels == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]
+
+
+def test_one_validation_batch_is_what_the_cook_scores_too(tmp_path):
+    callback = LightningSoupCallback(monitor="val_loss", save="none", bootstrap_resamples=20)
+    trainer, _ = _fit(tmp_path, callback, epochs=1, limit_val_batches=1)  # an int: one batch
+    logged = float(trainer.callback_metrics["val_loss"])  # the last checkpoint's, one batch
+    assert callback.result.individual_held_out[-1] == pytest.approx(logged, rel=1e-5)

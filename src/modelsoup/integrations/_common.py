@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from modelsoup.cook.config import CookOptions, RecipeEntry, format_error
 from modelsoup.cook.results import CookResult
-from modelsoup.cook.run import cook
+from modelsoup.cook.run import BASELINES, cook, entry_label
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import model_device
+from modelsoup.recipes.registry import get_recipe
 from modelsoup.soup import Soup
 
 _logger = logging.getLogger(__name__)
@@ -32,12 +35,71 @@ def recipe_entries(recipes: Sequence[Mapping[str, Any]] | None, last: int | None
         >>> recipe_entries(None, 3)
         [{'name': 'greedy'}, {'name': 'lawa', 'last': 3}]
     """
-    entries = [dict(r) for r in (recipes or [{"name": "greedy"}])]
+    entries = [r if isinstance(r, str) else dict(r) for r in (recipes or [{"name": "greedy"}])]
     if last is not None:
         if isinstance(last, bool) or not isinstance(last, int) or last < 1:
             raise ConfigError(f"last={last!r}: LAWA averages the last k checkpoints, k >= 1")
         entries.append({"name": "lawa", "last": last})
-    return entries
+    # a misspelt recipe or option fails now, not after the whole training run
+    return [e.model_dump(exclude_none=True) for e in check_entries(entries, "the callback")]
+
+
+def check_entries(recipes: Sequence[Any], who: str) -> list[RecipeEntry]:
+    """Recipe entries, checked as a cook checks them: a known recipe, known options.
+
+    Example:
+        >>> [e.name for e in check_entries(["greedy", {"name": "lawa", "last": 2}], "cb")]
+        ['greedy', 'lawa']
+        >>> check_entries([{"name": "greeedy"}], "cb")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: recipe 'greeedy' is unknown; known recipes: ...
+    """
+    checked = []
+    for i, r in enumerate(recipes):
+        try:
+            entry = r if isinstance(r, RecipeEntry) else RecipeEntry.model_validate(r)
+        except ValidationError as err:
+            raise ConfigError(format_error(err, f"{who} recipes.{i}")) from None
+        get_recipe(entry.name).check_options(entry.options(), source=who, where=f"recipes.{i}")
+        checked.append(entry)
+    return checked
+
+
+def check_cook_options(cook_options: Mapping[str, Any], who: str) -> None:
+    """A callback's extra cook options, checked now (a misspelt key fails before training).
+
+    Example:
+        >>> check_cook_options({"bootstrap_resample": 100}, "cb")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: cb: config key 'bootstrap_resample': ...
+    """
+    try:
+        CookOptions(**cook_options)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, who)) from None
+
+
+def check_load(load: str | None, entries: Sequence[Mapping[str, Any]], who: str) -> None:
+    """``load=``: a recipe name or report label the cook will have (a baseline, or one of
+    ``entries``), checked before training.
+
+    Example:
+        >>> check_load("greedyy", [{"name": "greedy"}], "cb")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: cb(load='greedyy'): no recipe ... is named so; ...
+    """
+    if load is None:
+        return
+    checked = check_entries(entries, who)
+    known = {*BASELINES, *(e.name for e in checked), *(entry_label(e) for e in checked)}
+    if load not in known:
+        raise ConfigError(
+            f"{who}(load={load!r}): no recipe or report row is named so; name one of "
+            f"{', '.join(sorted(known))}"
+        )
 
 
 def checkpoint_paths(extra: str | Path | Sequence[str | Path], who: str) -> list[Path]:

@@ -43,6 +43,7 @@ from modelsoup.hf.language import CausalLMLoss, sequences_from_batches
 from modelsoup.hf.models import keep_stored_names_only, refuse_converted_names
 from modelsoup.integrations._common import (
     batches_digest,
+    check_cook_options,
     check_step_counters,
     checkpoint_paths,
     cook_in_place,
@@ -240,6 +241,7 @@ class SoupCallback(transformers.TrainerCallback):
                 "name, such as 'soup'"
             )
         self.output_subdir = output_subdir
+        check_cook_options(cook_options, "SoupCallback")  # a misspelt key fails now
         self.cook_options = cook_options
         self.result: CookResult | None = None
         self._training = False

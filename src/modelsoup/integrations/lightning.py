@@ -61,6 +61,8 @@ from modelsoup.formats.torch_pickle import load_pickle
 from modelsoup.ingredients import natural_order, open_ingredient
 from modelsoup.integrations._common import (
     batches_digest,
+    check_cook_options,
+    check_load,
     check_step_counters,
     checkpoint_paths,
     chosen_soup,
@@ -132,8 +134,11 @@ class ValidationMetric:
             }
             if fit is not None:
                 options["precision"] = fit.precision
-                if fit.limit_val_batches != 1.0:  # as the run validated
-                    options["limit_val_batches"] = fit.limit_val_batches
+                limit = fit.limit_val_batches
+                # as the run validated: an int is a number of batches (1 is one batch), a
+                # float a fraction (1.0 is every batch)
+                if isinstance(limit, int) or limit != 1.0:
+                    options["limit_val_batches"] = limit
             self._runner = _trainer_class(fit)(**options)  # one per cook: it is reused
         return self._runner
 
@@ -253,12 +258,22 @@ class LightningSoupCallback(pl.Callback):
         self.recipes = recipe_entries(recipes, last)
         self.monitor, self.mode = monitor, mode
         self.held_out, self.test, self.load = held_out, test, load
+        check_load(load, self.recipes, _WHO)
+        if held_out is None and any(
+            e["name"] in ("ensemble", "greedy_ensemble") for e in self.recipes
+        ):
+            raise ConfigError(
+                f"{_WHO}: an ensemble averages logits, and the held-out evaluator it builds "
+                "from the validation loop gives a metric only; pass held_out= (e.g. "
+                "modelsoup.Accuracy) or drop the ensemble recipe"
+            )
         self.every = every
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.extra_checkpoints = checkpoint_paths(extra_checkpoints, "LightningSoupCallback")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         # soups as .ckpt in Lightning's layout, for load_from_checkpoint
         self.cook_options = {"save_format": "pt", **cook_options}
+        check_cook_options(self.cook_options, _WHO)
         self.result: CookResult | None = None
         #: the checkpoints this callback saved itself (kept in the run's checkpoints)
         self.saved: list[Path] = []
