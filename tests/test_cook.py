@@ -364,8 +364,8 @@ def test_a_test_score_that_is_not_the_mean_of_its_examples_gets_no_interval():
         def score_logits(self, logits):
             return float(self.per_example(logits)[: len(logits) // 2].float().mean())
 
-    x = torch.eye(2).repeat(20, 1)
-    y = torch.zeros(40, dtype=torch.long)
+    x = torch.eye(2).repeat_interleave(20, dim=0)  # 20 of [1, 0], then 20 of [0, 1]
+    y = torch.zeros(40, dtype=torch.long)  # right on the first half only
     ings = [{"weight": torch.tensor([[1.0, 0.0], [0.0, 0.5]])},
             {"weight": torch.tensor([[0.5, 0.0], [0.0, 1.0]])}]  # fmt: skip
     result = cook(ings, torch.nn.Linear(2, 2, bias=False), Accuracy((x, y)),

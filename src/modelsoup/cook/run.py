@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import statistics
 import time
@@ -162,9 +163,9 @@ def _entries(recipes: Sequence[Any] | None, baselines: bool, has_logits: bool) -
     return entries
 
 
-def _scored_as_mean(evaluator: Evaluator) -> bool:
-    check = getattr(evaluator, "scored_as_mean", None)
-    return bool(check()) if callable(check) else True
+def _is_their_mean(per_example: torch.Tensor, score: float) -> bool:
+    mean = float(per_example.double().mean()) if per_example.numel() else math.nan
+    return math.isfinite(mean) and abs(mean - score) <= 1e-5 * (1.0 + abs(score))
 
 
 def _check_ensembles(entries: Sequence[RecipeEntry], evaluators: Sequence[Evaluator]) -> None:
@@ -476,8 +477,8 @@ def _run_entry(
             score = float(test.score_logits(logits))
             # per-example results speak for the score only when it is their mean (a
             # subclass may weigh or pick examples): otherwise no interval is drawn
-            found = test.per_example(logits) if _scored_as_mean(test) else None
-            if found is not None:
+            found = test.per_example(logits)
+            if found is not None and _is_their_mean(found, score):
                 per_run.append(found.float())
         else:
             score = taster.score_soup(res, test)
