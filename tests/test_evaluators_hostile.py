@@ -353,3 +353,15 @@ def test_integer_and_boolean_labels_are_class_numbers(dtype):
     assert Accuracy((x, y)).evaluate(torch.nn.Identity()) == 1.0
     expected = MeanLoss((x, torch.tensor([1, 0, 1]))).evaluate(torch.nn.Identity())
     assert MeanLoss((x, y)).evaluate(torch.nn.Identity()) == pytest.approx(expected)
+
+
+def test_evaluators_on_other_nested_inputs_are_other_measures():
+    from modelsoup.evaluators import identity
+
+    y = torch.zeros(4, dtype=torch.long)
+    a = Accuracy([((torch.ones(4, 2), torch.ones(4, 2)), y)])
+    b = Accuracy([((torch.ones(4, 2), torch.zeros(4, 2)), y)])  # a tuple input differs
+    assert identity(a) != identity(b)
+    c = Accuracy([({"x": torch.ones(4, 2), "scale": 1.0}, y)])
+    d = Accuracy([({"x": torch.ones(4, 2), "scale": -1.0}, y)])  # a plain value differs
+    assert identity(c) != identity(d)

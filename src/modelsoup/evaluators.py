@@ -173,6 +173,57 @@ def identity(evaluator: Any) -> str:
     return name
 
 
+def batches_digest(batches: Any, length: int = 12) -> str:
+    """A short sha256 of every tensor and plain value (numbers, strings) in ``batches``
+    (nested dicts, lists and tuples), in order: it names data by what it holds, so a
+    journal never reuses a score measured on other data.
+
+    Example:
+        >>> import torch
+        >>> batches_digest([{"x": torch.ones(2)}]) == batches_digest([{"x": torch.ones(2)}])
+        True
+        >>> batches_digest([(torch.ones(2),)]) == batches_digest([(torch.zeros(2),)])
+        False
+        >>> batches_digest([{"scale": 1.0}]) == batches_digest([{"scale": -1.0}])
+        False
+    """
+    digest = hashlib.sha256()
+
+    def add(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            digest.update(b"{")
+            for key in sorted(obj, key=str):
+                digest.update(str(key).encode())
+                add(obj[key])
+            digest.update(b"}")
+        elif isinstance(obj, list | tuple):
+            digest.update(b"(")
+            for item in obj:
+                add(item)
+            digest.update(b")")
+        elif isinstance(obj, str | bytes | int | float | complex | bool | None):
+            digest.update(repr(obj).encode())
+
+    for batch in batches:
+        add(batch)
+    return digest.hexdigest()[:length]
+
+
+def code_digest(fn: Callable) -> str:
+    """A short hash of a function of yours as journal keys see it: its code and what it
+    reads (closed-over values, globals, helpers of yours), as for an evaluator.
+
+    Example:
+        >>> code_digest(lambda m: 1) == code_digest(lambda m: 2)
+        False
+    """
+    return hashlib.sha256(_code_of(fn).encode()).hexdigest()[:12]
+
+
 def measure_digest(evaluator: Any) -> str:
     """A short hash of what an evaluator measures, whatever its name: its class, its
     direction, its kind and top-k, and code: the function it calls (a metric, or the
@@ -794,14 +845,9 @@ class ClassifierEvaluator:
         return self._labels
 
     def fingerprint(self) -> str:
-        """A hash of the labels and inputs, so journals never mix different data."""
-        digest = hashlib.sha256()
-        for x, y in self.batches(self._device or torch.device("cpu")):
-            for t in [y, *(x.values() if isinstance(x, dict) else [x])]:
-                if isinstance(t, torch.Tensor):
-                    t = t.detach().cpu().contiguous().reshape(-1)
-                    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return digest.hexdigest()
+        """A hash of the labels and inputs (nested tuples, lists and dicts of tensors and
+        plain values), so journals never mix different data."""
+        return batches_digest(self.batches(self._device or torch.device("cpu")), 64)
 
     def logits(self, model: torch.nn.Module) -> torch.Tensor:
         """The model's logits on every example, in order, as float32 on CPU."""

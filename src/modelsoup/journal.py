@@ -48,6 +48,12 @@ from modelsoup.evaluators import RACE_MARGIN, check_score
 FORMAT = "modelsoup.journal/1"
 
 
+def _outputs_digest(tensor: torch.Tensor) -> str:
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return hashlib.sha256(f"{t.dtype}{tuple(tensor.shape)}".encode() + data).hexdigest()
+
+
 class Journal:
     """An append-only JSON-lines file of scores, loaded on open.
 
@@ -94,21 +100,36 @@ class Journal:
             return
         bad: list[tuple[int, str, str]] = []
         noted: set[str] = set()
+        digests: dict[str, str] = {}  # key -> the line that gave its score
+        conflicted: set[str] = set()
+        for line in lines[1:]:  # lines set aside before, wherever the note stands
+            noted.update(_noted_lines(line) or ())
         for number, line in enumerate(lines[1:], start=2):
+            digest = hashlib.sha256(line).hexdigest()
             try:
-                ignored = _noted_lines(line)
-                if ignored is not None:
-                    noted.update(ignored)
+                if _noted_lines(line) is not None:
                     continue
                 key, score, rejected = _parse_entry(line)
             except ValueError as err:
-                bad.append((number, str(err), hashlib.sha256(line).hexdigest()))
+                bad.append((number, str(err), digest))
                 continue
             if rejected is not None:
                 self.rejections[key] = rejected
                 continue
+            if digest in noted:
+                continue  # set aside by an earlier run: not a score
+            if key in conflicted or (key in self.scores and self.scores[key] != score):
+                # two scores for one measurement: neither is trusted, it runs again
+                why = "another score for a key an earlier line scores differently"
+                if key not in conflicted:
+                    bad.append((self.lines[key], why, digests[key]))
+                    del self.scores[key]
+                    conflicted.add(key)
+                bad.append((number, why, digest))
+                continue
             self.scores[key] = score
             self.lines[key] = number
+            digests[key] = digest
         bad = [entry for entry in bad if entry[2] not in noted]
         self._unnoted = [digest for _, _, digest in bad]
         if bad:
@@ -183,22 +204,44 @@ class Journal:
             return
         # Bytes written by us, not by save_file: a full disk is then an OSError, which
         # atomic_file turns into one clear WriteError (and removes the half-written file).
-        data = safetensors.torch.save({"outputs": tensor.contiguous()})
+        tensor = tensor.contiguous()
+        # the file says which key it holds and a hash of its values: a file copied over
+        # another, or edited, is recomputed rather than trusted
+        meta = {"key": key, "sha256": _outputs_digest(tensor)}
+        data = safetensors.torch.save({"outputs": tensor}, metadata=meta)
         with atomic_file(self.outputs_dir / f"{key}.safetensors") as tmp:
             tmp.write_bytes(data)
 
     def load_outputs(self, key: str) -> torch.Tensor | None:
-        """Cached outputs saved by :meth:`save_outputs`, or ``None`` (also if unreadable)."""
+        """Cached outputs saved by :meth:`save_outputs`, or ``None`` when absent; one that
+        is unreadable, of another key, edited (its hash differs), not floating or not
+        finite is warned about and ``None`` (the outputs are computed again)."""
         if self.outputs_dir is None:
             return None
         path = self.outputs_dir / f"{key}.safetensors"
         if not path.exists():
             return None
         try:
-            return safetensors.torch.load_file(str(path))["outputs"]
+            with safetensors.safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensor = fh.get_tensor("outputs")
         except Exception:  # a cut-off cache file: recompute rather than trust it
             warnings.warn(f"{path}: unreadable cached outputs ignored", SoupWarning, stacklevel=2)
             return None
+        if (
+            meta.get("key") != key
+            or not tensor.is_floating_point()
+            or meta.get("sha256") != _outputs_digest(tensor)
+            or not bool(torch.isfinite(tensor).all())
+        ):
+            warnings.warn(
+                f"{path}: cached outputs not written for this key by modelsoup (copied, "
+                "edited or from an older version) are ignored and computed again",
+                SoupWarning,
+                stacklevel=2,
+            )
+            return None
+        return tensor
 
     def rejection(
         self, key: str, to_beat: float, strict: bool, higher: bool, test: Mapping | None = None

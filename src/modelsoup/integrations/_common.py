@@ -7,7 +7,6 @@ and Lightning) build on it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -121,38 +120,6 @@ def checkpoint_paths(extra: str | Path | Sequence[str | Path], who: str) -> list
             "files or folders (or one path)"
         )
     return [Path(p) for p in items]
-
-
-def batches_digest(batches: Any) -> str:
-    """A short sha256 of every tensor in ``batches`` (nested dicts, lists and tuples), in
-    order: it names an evaluator by its data, so a journal never reuses a score measured
-    on other data.
-
-    Example:
-        >>> import torch
-        >>> batches_digest([{"x": torch.ones(2)}]) == batches_digest([{"x": torch.ones(2)}])
-        True
-        >>> batches_digest([(torch.ones(2),)]) == batches_digest([(torch.zeros(2),)])
-        False
-    """
-    digest = hashlib.sha256()
-
-    def add(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{t.dtype}{tuple(obj.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, Mapping):
-            for key in sorted(obj, key=str):
-                digest.update(str(key).encode())
-                add(obj[key])
-        elif isinstance(obj, list | tuple):
-            for item in obj:
-                add(item)
-
-    for batch in batches:
-        add(batch)
-    return digest.hexdigest()[:12]
 
 
 def check_step_counters(model: torch.nn.Module, cook_options: Mapping[str, Any], who: str) -> None:

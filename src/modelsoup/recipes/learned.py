@@ -399,9 +399,10 @@ def learned_soup(
     layout = taster.ingredients[0].layout()
     rows = sum(1 for m in layout.values() if m.is_floating) if by_layer else 1
     positions = max(positions_per_example(x) for x, _ in batches)
+    # on top of what tasting already holds (the model, the running sum, its staging)
     needed = learned_soup_bytes(
         layout, len(members), batch_size=batch_size, rows=rows, positions=positions
-    )
+    ) + sum(taster.memory_bytes().values())
     advice = (
         "use ingredients: greedy or raise max_memory"
         if ingredients == "all"
@@ -409,7 +410,11 @@ def learned_soup(
     )
     budget = memory_budget(max_memory if max_memory is not None else taster.max_memory)
     check_budget(
-        needed, budget, "the learned soup", advice, detail=f"for {len(members)} ingredients"
+        needed,
+        budget,
+        "the learned soup",
+        advice,
+        detail=f"for {len(members)} ingredient{'' if len(members) == 1 else 's'}",
     )
 
     # The fit is the costly part: keep its result beside the journal, so a re-run of the

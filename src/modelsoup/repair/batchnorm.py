@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import call_model
+from modelsoup.evaluators import batches_digest, call_model, code_digest
 
 if TYPE_CHECKING:
     from modelsoup.soup import Soup
@@ -306,15 +306,43 @@ def as_recalibration(
         >>> import torch
         >>> hook = as_recalibration(torch.randn(64, 3))
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-        >>> hook(net) is net, hook.tag
-        (True, 'recalibrated on Tensor, batches=all')
+        >>> hook(net) is net, hook.tag.startswith("recalibrated on Tensor ")
+        (True, True)
+        >>> hook.tag == as_recalibration(torch.randn(64, 3)).tag  # other data, other tag
+        False
     """
-    if recalibrate is None or callable(recalibrate):
+    if recalibrate is None:
+        return None
+    if callable(recalibrate):
+        if getattr(recalibrate, "tag", None) is None:
+            try:  # journal keys name it by its code and what it reads, as an evaluator
+                recalibrate.tag = f"recalibrated by {code_digest(recalibrate)}"
+            except (AttributeError, TypeError):
+                pass  # an object that takes no attributes keeps the generic tag
         return recalibrate
     data = reusable(recalibrate, "recalibrate")
 
     def hook(module: nn.Module) -> nn.Module:
         return recalibrate_bn(module, data, num_batches=num_batches)
 
-    hook.tag = f"recalibrated on {type(data).__name__}, batches={num_batches or 'all'}"
+    hook.tag = (
+        f"recalibrated on {type(data).__name__} {_data_digest(data)}, "
+        f"batches={num_batches or 'all'}"
+    )
     return hook
+
+
+def _data_digest(data: Any) -> str:
+    # what the statistics are estimated on, so journal keys tell other data apart: a
+    # tensor or a list of batches whole; a loader by its dataset's tensors when it has
+    # them, else by its length and first batch (reading it all would cost a pass)
+    if isinstance(data, torch.Tensor):
+        return batches_digest([data])
+    if isinstance(data, list | tuple):
+        return batches_digest(data)
+    tensors = getattr(getattr(data, "dataset", None), "tensors", None)
+    if isinstance(tensors, tuple):
+        return batches_digest([tensors])
+    first = next(iter(data), None)
+    size = len(data) if hasattr(data, "__len__") else "?"
+    return f"{size}x{batches_digest([first])}"
