@@ -37,12 +37,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modelsoup.cook.results import CookResult
 from modelsoup.errors import ConfigError, SoupWarning
-from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, model_device
+from modelsoup.evaluators import Accuracy, Evaluator, MeanLoss, batches_digest, model_device
 from modelsoup.formats.hf_folder import open_folder
 from modelsoup.hf.language import CausalLMLoss, sequences_from_batches
 from modelsoup.hf.models import keep_stored_names_only, refuse_converted_names
 from modelsoup.integrations._common import (
-    batches_digest,
     check_cook_options,
     check_step_counters,
     checkpoint_paths,

@@ -56,11 +56,10 @@ except ImportError:  # the older package name
 from modelsoup.cook.results import CookResult
 from modelsoup.distributed import one_process
 from modelsoup.errors import ConfigError, EvaluationError, SoupError
-from modelsoup.evaluators import Evaluator, as_evaluator
+from modelsoup.evaluators import Evaluator, as_evaluator, batches_digest
 from modelsoup.formats.torch_pickle import load_pickle
 from modelsoup.ingredients import natural_order, open_ingredient
 from modelsoup.integrations._common import (
-    batches_digest,
     check_cook_options,
     check_load,
     check_step_counters,
