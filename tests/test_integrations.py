@@ -206,6 +206,14 @@ def test_an_unknown_metric_is_refused(metric):
         SoupCallback(metric=metric)
 
 
+def test_cook_keywords_of_the_callback_are_checked_as_cook_takes_them():
+    from modelsoup.errors import ConfigError
+
+    SoupCallback(recalibrate=torch.randn(4, 3), labels=None, save="none")  # cook()'s own
+    with pytest.raises(ConfigError, match="'bootstrap_resample'"):
+        SoupCallback(bootstrap_resample=10)
+
+
 def test_one_extra_checkpoint_given_as_a_string_is_one_path_not_its_characters():
     from modelsoup.errors import ConfigError
 

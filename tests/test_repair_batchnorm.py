@@ -143,3 +143,20 @@ def test_has_batchnorm_and_no_op_without_it():
     mlp = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
     assert not has_batchnorm(mlp)
     assert recalibrate_bn(mlp, []) is mlp
+
+
+def test_a_loaders_recalibration_tag_names_its_data_and_batching_not_its_shuffle():
+    from modelsoup.repair.batchnorm import as_recalibration, recalibration_tag
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3))
+    shuffled = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+    tags = {recalibration_tag(as_recalibration(shuffled)) for _ in range(3)}
+    assert len(tags) == 1  # the same data, whatever order a run draws
+    other = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    assert recalibration_tag(as_recalibration(other)) not in tags  # other batch statistics
+
+    def mine(module):  # a function of yours: named by its code, and left as it is
+        return module
+
+    assert recalibration_tag(as_recalibration(mine)).startswith("recalibrated by ")
+    assert not hasattr(mine, "tag")

@@ -225,3 +225,11 @@ def test_an_interval_from_too_few_resamples_never_calls_a_difference():
     assert strong.significant
     rough = paired_difference([1.0] * 40, [0.0] * 40, n_resamples=5)
     assert not rough.significant and rough.describe().startswith("no detectable")
+
+
+def test_the_sign_test_backs_a_difference_only_in_the_means_direction():
+    # the soup is ahead on 70 examples by a little and behind on 30 by a lot: the mean
+    # says worse, the signs say better; neither is called
+    soup, best = [0.2] * 70 + [0.0] * 30, [0.0] * 70 + [1.0] * 30
+    cmp = paired_difference(soup, best, seed=0)
+    assert cmp.difference < 0 and cmp.high < 0 and not cmp.significant

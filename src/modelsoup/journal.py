@@ -100,36 +100,21 @@ class Journal:
             return
         bad: list[tuple[int, str, str]] = []
         noted: set[str] = set()
-        digests: dict[str, str] = {}  # key -> the line that gave its score
-        conflicted: set[str] = set()
-        for line in lines[1:]:  # lines set aside before, wherever the note stands
-            noted.update(_noted_lines(line) or ())
         for number, line in enumerate(lines[1:], start=2):
-            digest = hashlib.sha256(line).hexdigest()
             try:
-                if _noted_lines(line) is not None:
+                ignored = _noted_lines(line)
+                if ignored is not None:
+                    noted.update(ignored)
                     continue
                 key, score, rejected = _parse_entry(line)
             except ValueError as err:
-                bad.append((number, str(err), digest))
+                bad.append((number, str(err), hashlib.sha256(line).hexdigest()))
                 continue
             if rejected is not None:
                 self.rejections[key] = rejected
                 continue
-            if digest in noted:
-                continue  # set aside by an earlier run: not a score
-            if key in conflicted or (key in self.scores and self.scores[key] != score):
-                # two scores for one measurement: neither is trusted, it runs again
-                why = "another score for a key an earlier line scores differently"
-                if key not in conflicted:
-                    bad.append((self.lines[key], why, digests[key]))
-                    del self.scores[key]
-                    conflicted.add(key)
-                bad.append((number, why, digest))
-                continue
             self.scores[key] = score
             self.lines[key] = number
-            digests[key] = digest
         bad = [entry for entry in bad if entry[2] not in noted]
         self._unnoted = [digest for _, _, digest in bad]
         if bad:
@@ -205,6 +190,8 @@ class Journal:
         # Bytes written by us, not by save_file: a full disk is then an OSError, which
         # atomic_file turns into one clear WriteError (and removes the half-written file).
         tensor = tensor.contiguous()
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            return  # a diverged model's NaN logits: computed again, never cached
         # the file says which key it holds and a hash of its values: a file copied over
         # another, or edited, is recomputed rather than trusted
         meta = {"key": key, "sha256": _outputs_digest(tensor)}
@@ -228,6 +215,8 @@ class Journal:
         except Exception:  # a cut-off cache file: recompute rather than trust it
             warnings.warn(f"{path}: unreadable cached outputs ignored", SoupWarning, stacklevel=2)
             return None
+        if "sha256" not in meta:
+            return None  # written before caches carried their hash: computed again quietly
         if (
             meta.get("key") != key
             or not tensor.is_floating_point()
@@ -235,8 +224,8 @@ class Journal:
             or not bool(torch.isfinite(tensor).all())
         ):
             warnings.warn(
-                f"{path}: cached outputs not written for this key by modelsoup (copied, "
-                "edited or from an older version) are ignored and computed again",
+                f"{path}: cached outputs not written for this key by modelsoup (copied or "
+                "edited) are ignored and computed again",
                 SoupWarning,
                 stacklevel=2,
             )

@@ -54,7 +54,7 @@ from modelsoup.ingredients import (
 from modelsoup.journal import Journal
 from modelsoup.memory import check_budget, memory_budget
 from modelsoup.merge import MergeSpec, as_merge, check_base
-from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics
+from modelsoup.repair.batchnorm import as_recalibration, keep_bn_statistics, recalibration_tag
 from modelsoup.soup import Soup
 
 _logger = logging.getLogger(__name__)
@@ -417,7 +417,9 @@ class Taster:
         if self.recalibrate_candidates:
             # The recalibration's own description (data, batches) when it has one, so
             # scores taken with other recalibration settings are never reused.
-            extra["bn"] = getattr(self.recalibrate, "tag", "recalibrated")
+            if getattr(self, "_bn_tag", None) is None:  # once per taster: code is read once
+                self._bn_tag = recalibration_tag(self.recalibrate)
+            extra["bn"] = self._bn_tag
         if not merge.is_average:
             extra["merge"] = merge.canonical()
             # SLERP's ends and DARE's masks follow the members' places in the pool (and any

@@ -180,6 +180,8 @@ def paired_difference(
         a_only = int(np.count_nonzero(a > b))
         b_only = int(np.count_nonzero(a < b))
         p_value = mcnemar_p_value(a_only, b_only)
+        if (a_only - b_only) * diff.estimate < 0:
+            p_value = 1.0  # the signs favour the side the mean does not: no evidence for it
     nonzero = int(np.count_nonzero(a != b))
     return Comparison(
         diff.estimate,

@@ -74,8 +74,12 @@ def check_cook_options(cook_options: Mapping[str, Any], who: str) -> None:
         ...
         modelsoup.errors.ConfigError: cb: config key 'bootstrap_resample': ...
     """
-    try:
-        CookOptions(**cook_options)
+    import inspect
+
+    own = set(inspect.signature(cook).parameters) - {"ingredients", "model", "held_out"}
+    options = {k: v for k, v in cook_options.items() if k not in own}
+    try:  # cook()'s own keywords (recalibrate, labels, base, ...) are checked by cook
+        CookOptions(**options)
     except ValidationError as err:
         raise ConfigError(format_error(err, who)) from None
 

@@ -314,12 +314,7 @@ def as_recalibration(
     if recalibrate is None:
         return None
     if callable(recalibrate):
-        if getattr(recalibrate, "tag", None) is None:
-            try:  # journal keys name it by its code and what it reads, as an evaluator
-                recalibrate.tag = f"recalibrated by {code_digest(recalibrate)}"
-            except (AttributeError, TypeError):
-                pass  # an object that takes no attributes keeps the generic tag
-        return recalibrate
+        return recalibrate  # journal keys name it by its code: recalibration_tag
     data = reusable(recalibrate, "recalibrate")
 
     def hook(module: nn.Module) -> nn.Module:
@@ -332,17 +327,40 @@ def as_recalibration(
     return hook
 
 
+def recalibration_tag(recalibrate: Callable[[nn.Module], Any]) -> str:
+    """How journal keys name a recalibration: its data's digest (set by
+    :func:`as_recalibration`), or for a function of yours its code and what it reads.
+
+    Example:
+        >>> recalibration_tag(as_recalibration(torch.ones(2, 3))).startswith("recalibrated on")
+        True
+    """
+    tag = getattr(recalibrate, "tag", None)
+    return tag if isinstance(tag, str) else f"recalibrated by {code_digest(recalibrate)}"
+
+
 def _data_digest(data: Any) -> str:
     # what the statistics are estimated on, so journal keys tell other data apart: a
-    # tensor or a list of batches whole; a loader by its dataset's tensors when it has
-    # them, else by its length and first batch (reading it all would cost a pass)
+    # tensor or a list of batches whole; a loader by its batching and its dataset (its
+    # tensors, else its length and first example: reading it all would cost a pass; a
+    # shuffled or augmented loader then names its dataset, not a random first batch)
     if isinstance(data, torch.Tensor):
         return batches_digest([data])
     if isinstance(data, list | tuple):
         return batches_digest(data)
-    tensors = getattr(getattr(data, "dataset", None), "tensors", None)
+    dataset = getattr(data, "dataset", None)
+    batching = [getattr(data, "batch_size", None), getattr(data, "drop_last", None)]
+    collate = getattr(data, "collate_fn", None)
+    if collate is not None:
+        batching.append(
+            f"{getattr(collate, '__module__', '')}.{getattr(collate, '__qualname__', '')}"
+        )
+    tensors = getattr(dataset, "tensors", None)
     if isinstance(tensors, tuple):
-        return batches_digest([tensors])
+        return batches_digest([tensors, batching])
+    if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        first = dataset[0] if len(dataset) else None
+        return f"{len(dataset)}x{batches_digest([first, batching])}"
     first = next(iter(data), None)
     size = len(data) if hasattr(data, "__len__") else "?"
-    return f"{size}x{batches_digest([first])}"
+    return f"{size}x{batches_digest([first, batching])}"
