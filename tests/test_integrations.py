@@ -212,6 +212,8 @@ def test_cook_keywords_of_the_callback_are_checked_as_cook_takes_them():
     SoupCallback(recalibrate=torch.randn(4, 3), labels=None, save="none")  # cook()'s own
     with pytest.raises(ConfigError, match="'bootstrap_resample'"):
         SoupCallback(bootstrap_resample=10)
+    with pytest.raises(ConfigError, match="'progress' is set by the callback"):
+        SoupCallback(progress=True)
 
 
 def test_one_extra_checkpoint_given_as_a_string_is_one_path_not_its_characters():

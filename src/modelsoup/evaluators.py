@@ -207,6 +207,9 @@ def batches_digest(batches: Any, length: int = 12) -> str:
             digest.update(b")")
         elif isinstance(obj, str | bytes | int | float | complex | bool | None):
             digest.update(repr(obj).encode())
+        elif type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):
+            # a numpy array or scalar, as a tensor is: dtype, shape, bytes
+            digest.update(f"{obj.dtype}{getattr(obj, 'shape', ())}".encode() + obj.tobytes())
 
     for batch in batches:
         add(batch)

@@ -65,6 +65,11 @@ def check_entries(recipes: Sequence[Any], who: str) -> list[RecipeEntry]:
     return checked
 
 
+#: keywords of :func:`~modelsoup.cook.run.cook` itself (not cook options) a callback
+#: passes on as given
+COOK_KEYWORDS = ("recalibrate", "labels", "base")
+
+
 def check_cook_options(cook_options: Mapping[str, Any], who: str) -> None:
     """A callback's extra cook options, checked now (a misspelt key fails before training).
 
@@ -74,11 +79,16 @@ def check_cook_options(cook_options: Mapping[str, Any], who: str) -> None:
         ...
         modelsoup.errors.ConfigError: cb: config key 'bootstrap_resample': ...
     """
-    import inspect
-
-    own = set(inspect.signature(cook).parameters) - {"ingredients", "model", "held_out"}
-    options = {k: v for k, v in cook_options.items() if k not in own}
-    try:  # cook()'s own keywords (recalibrate, labels, base, ...) are checked by cook
+    # cook()'s own keywords a callback passes on are checked by cook; what the callback
+    # sets itself (output, progress) or anything else is a cook option, checked here
+    own = next((k for k in ("output", "progress") if k in cook_options), None)
+    if own is not None:
+        raise ConfigError(
+            f"{who}: '{own}' is set by the callback (the soups go beside the run's "
+            "checkpoints, and progress follows the run); remove it"
+        )
+    options = {k: v for k, v in cook_options.items() if k not in COOK_KEYWORDS}
+    try:
         CookOptions(**options)
     except ValidationError as err:
         raise ConfigError(format_error(err, who)) from None

@@ -341,26 +341,30 @@ def recalibration_tag(recalibrate: Callable[[nn.Module], Any]) -> str:
 
 def _data_digest(data: Any) -> str:
     # what the statistics are estimated on, so journal keys tell other data apart: a
-    # tensor or a list of batches whole; a loader by its batching and its dataset (its
-    # tensors, else its length and first example: reading it all would cost a pass; a
-    # shuffled or augmented loader then names its dataset, not a random first batch)
+    # tensor or a list of batches whole; a loader of tensors by its tensors and batch
+    # size; any other loader by its length and first batch (reading it all would cost a
+    # pass; a shuffled one then gets new keys each run, which only costs evaluations)
     if isinstance(data, torch.Tensor):
         return batches_digest([data])
     if isinstance(data, list | tuple):
         return batches_digest(data)
-    dataset = getattr(data, "dataset", None)
     batching = [getattr(data, "batch_size", None), getattr(data, "drop_last", None)]
-    collate = getattr(data, "collate_fn", None)
-    if collate is not None:
-        batching.append(
-            f"{getattr(collate, '__module__', '')}.{getattr(collate, '__qualname__', '')}"
-        )
-    tensors = getattr(dataset, "tensors", None)
-    if isinstance(tensors, tuple):
-        return batches_digest([tensors, batching])
-    if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        first = dataset[0] if len(dataset) else None
-        return f"{len(dataset)}x{batches_digest([first, batching])}"
+    tensors = getattr(getattr(data, "dataset", None), "tensors", None)
+    shuffled = type(getattr(data, "sampler", None)).__name__ == "RandomSampler"
+    if isinstance(tensors, tuple) and getattr(data, "collate_fn", None) in (
+        None,
+        _default_collate(),
+    ):
+        return batches_digest([tensors, batching, shuffled])
     first = next(iter(data), None)
-    size = len(data) if hasattr(data, "__len__") else "?"
+    try:
+        size = len(data)
+    except TypeError:  # an iterable dataset without a length
+        size = "?"
     return f"{size}x{batches_digest([first, batching])}"
+
+
+def _default_collate() -> Any:
+    from torch.utils.data import default_collate
+
+    return default_collate
