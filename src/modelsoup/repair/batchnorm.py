@@ -341,9 +341,9 @@ def recalibration_tag(recalibrate: Callable[[nn.Module], Any]) -> str:
 
 def _data_digest(data: Any) -> str:
     # what the statistics are estimated on, so journal keys tell other data apart: a
-    # tensor or a list of batches whole; a loader of tensors by its tensors and batch
-    # size; any other loader by its length and first batch (reading it all would cost a
-    # pass; a shuffled one then gets new keys each run, which only costs evaluations)
+    # tensor or a list of batches whole; a loader of tensors by its tensors, batching and
+    # shuffling; any other loader by its length and first batch (reading it all would
+    # cost a pass; a shuffled one then gets new keys each run, which only costs evaluations)
     if isinstance(data, torch.Tensor):
         return batches_digest([data])
     if isinstance(data, list | tuple):
