@@ -554,6 +554,18 @@ def spelling_hint(key: object, known: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; check its spelling"
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values, row-major, on the CPU (``b""`` when empty):
+    what content hashes read.
+
+    Example:
+        >>> tensor_bytes(torch.tensor([1, 2], dtype=torch.uint8)), tensor_bytes(torch.ones(0))
+        (b'\\x01\\x02', b'')
+    """
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 def build_model(model: Any, what: str = "the model factory") -> torch.nn.Module:
     """``model`` when it is a module, else what its factory (no arguments) returns; a
     factory that fails or returns something else is one :class:`ConfigError` line (the

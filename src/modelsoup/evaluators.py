@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from modelsoup._util import tensor_bytes
 from modelsoup.errors import ConfigError, EvaluationError, SoupError
 
 
@@ -191,9 +192,8 @@ def batches_digest(batches: Any, length: int = 12) -> str:
 
     def add(obj: Any) -> None:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{t.dtype}{tuple(obj.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+            digest.update(tensor_bytes(obj))
         elif isinstance(obj, Mapping):
             digest.update(b"{")
             for key in sorted(obj, key=str):
@@ -449,9 +449,7 @@ def _tensor_digest(value: torch.Tensor) -> str:
     t = value.detach()
     shown = f"{t.dtype},{tuple(t.shape)}"
     if t.numel() <= TENSOR_HASH_ELEMENTS:
-        flat = t.cpu().contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        return f"tensor({shown},{hashlib.sha256(data).hexdigest()})"
+        return f"tensor({shown},{hashlib.sha256(tensor_bytes(t)).hexdigest()})"
     flat = t.contiguous().reshape(-1)
     step = flat.numel() // TENSOR_HASH_ELEMENTS + 1
     sample = flat[::step].cpu().contiguous()
@@ -461,7 +459,7 @@ def _tensor_digest(value: torch.Tensor) -> str:
         flat = torch.view_as_real(flat).reshape(-1)
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
     total = str(int(flat.view(bits).sum(dtype=torch.int64)))
-    digest = hashlib.sha256(sample.view(torch.uint8).numpy().tobytes() + total.encode())
+    digest = hashlib.sha256(tensor_bytes(sample) + total.encode())
     return f"tensor({shown},sampled {step},{digest.hexdigest()})"
 
 

@@ -43,15 +43,9 @@ import torch
 
 from modelsoup._util import atomic_file, write_error
 from modelsoup.errors import SoupWarning
-from modelsoup.evaluators import RACE_MARGIN, check_score
+from modelsoup.evaluators import RACE_MARGIN, batches_digest, check_score
 
 FORMAT = "modelsoup.journal/1"
-
-
-def _outputs_digest(tensor: torch.Tensor) -> str:
-    t = tensor.detach().cpu().contiguous().reshape(-1)
-    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.sha256(f"{t.dtype}{tuple(tensor.shape)}".encode() + data).hexdigest()
 
 
 class Journal:
@@ -194,7 +188,7 @@ class Journal:
             return  # a diverged model's NaN logits: computed again, never cached
         # the file says which key it holds and a hash of its values: a file copied over
         # another, or edited, is recomputed rather than trusted
-        meta = {"key": key, "sha256": _outputs_digest(tensor)}
+        meta = {"key": key, "sha256": batches_digest([tensor], 64)}
         data = safetensors.torch.save({"outputs": tensor}, metadata=meta)
         with atomic_file(self.outputs_dir / f"{key}.safetensors") as tmp:
             tmp.write_bytes(data)
@@ -220,7 +214,7 @@ class Journal:
         if (
             meta.get("key") != key
             or not tensor.is_floating_point()
-            or meta.get("sha256") != _outputs_digest(tensor)
+            or meta.get("sha256") != batches_digest([tensor], 64)
             or not bool(torch.isfinite(tensor).all())
         ):
             warnings.warn(
