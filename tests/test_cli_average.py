@@ -118,6 +118,11 @@ def _inf_tensor(tmp_path, ckpts):
     return [str(p), str(ckpts[0])], "contains Inf"
 
 
+def _shard_size_for_one_file(tmp_path, ckpts):
+    # the output is one .safetensors file: a shard size would be ignored, so it is refused
+    return [str(ckpts[0]), str(ckpts[1]), "--max-shard-size", "1KB"], "--max-shard-size"
+
+
 def _unknown_format(tmp_path, ckpts):
     p = tmp_path / "weights.npz"
     p.write_bytes(b"x")
@@ -135,6 +140,7 @@ def _unknown_format(tmp_path, ckpts):
         _neg_weight,
         _nan_tensor,
         _inf_tensor,
+        _shard_size_for_one_file,
         _unknown_format,
     ],
     ids=lambda f: f.__name__.strip("_"),

@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask",
         help="dare_*: the drop masks' scheme, counter-v1 (default) or blocks-v0 (older soups)",
     )
-    p.add_argument("--max-shard-size", default="5GB", help="shard size for folder outputs")
+    p.add_argument(
+        "--max-shard-size", help="shard size for folder outputs (default 5GB); refused otherwise"
+    )
     p.add_argument("--checkpoint-key", help="wrapper key holding the weights, e.g. state_dict_ema")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.add_argument(

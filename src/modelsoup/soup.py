@@ -671,7 +671,7 @@ def save_soup(
     out: str | Path,
     *,
     out_dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str | None = None,
     progress: bool = True,
     adapter_rank: int | None = None,
     merge_into_base: bool = False,
@@ -681,6 +681,8 @@ def save_soup(
     A soup of LoRA adapters over one base is written as an adapter folder (see
     :func:`save_adapter_soup`, ``adapter_rank``), or with ``merge_into_base=True`` as
     the merged full model, in the base's format and with the base's config files.
+    ``max_shard_size`` (default 5GB) splits a folder output into shards; any other
+    output is one file, so giving it there is refused rather than ignored.
 
     While it writes, ``out`` is locked (:func:`modelsoup._util.output_lock`): a second
     process writing the same output fails at once with a clear error.
@@ -694,7 +696,13 @@ def save_soup(
         True
     """
     out = check_output_path(out)
-    if soup.adapter_base() is not None and not merge_into_base:
+    adapter = soup.adapter_base() is not None and not merge_into_base
+    if max_shard_size is not None and (adapter or output_format(out) != "folder"):
+        raise ConfigError(
+            f"{out}: --max-shard-size applies only to a model folder output (a path "
+            "without a suffix); this output is one file, so leave the option out"
+        )
+    if adapter:
         return save_adapter_soup(soup, out, rank=adapter_rank, out_dtype=out_dtype)
     if adapter_rank is not None:
         raise ConfigError(
@@ -717,7 +725,7 @@ def save_soup(
             lambda n: soup.pieces(n, dtype),
             sidecar=card_text,
             metadata={"modelsoup.recipe": soup.recipe},
-            max_shard_size=max_shard_size,
+            max_shard_size=max_shard_size or "5GB",
             copy_from=copy_from,
             torch_dtype=dtype,
             lightning=getattr(first.source, "lightning", None),
