@@ -398,3 +398,22 @@ def test_a_pickle_that_is_something_else_is_named_for_what_it_is(tmp_path, make,
     with pytest.raises(IngredientError) as info:
         open_ingredient(path)
     assert needle in str(info.value) and "import code" not in str(info.value)
+
+
+def test_suffixes_are_read_in_any_case(tmp_path):
+    # MODEL.SAFETENSORS and X.PT (copied from a case-insensitive disk) are what they say:
+    # found in a folder, read by their format, and an output named so is one file, not a
+    # folder of that name
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    safetensors.torch.save_file({"w": torch.zeros(3)}, str(folder / "A.SAFETENSORS"))
+    torch.save({"w": torch.full((3,), 3.0)}, folder / "B.Pt")
+    found = find_checkpoints([folder])
+    assert [p.name for p in found] == ["A.SAFETENSORS", "B.Pt"]
+    soup = average(found)
+    assert [i.label for i in soup.ingredients] == ["A", "B"]
+    out = soup.save(tmp_path / "SOUP.SafeTensors", progress=False)
+    assert out.is_file() and card_path(out).is_file()
+    assert torch.equal(safetensors.torch.load_file(str(out))["w"], torch.full((3,), 1.5))
+    pickled = soup.save(tmp_path / "SOUP.PT", progress=False)
+    assert pickled.is_file() and torch.equal(torch.load(pickled)["w"], torch.full((3,), 1.5))

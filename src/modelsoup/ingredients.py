@@ -38,6 +38,7 @@ from modelsoup.formats.dispatch import (
     CHECKPOINT_SUFFIXES,
     checkpoint_stem,
     is_adapter_folder,
+    is_checkpoint_name,
     is_model_folder,
     open_source,
 )
@@ -213,7 +214,7 @@ def _is_ingredient(path: Path) -> bool:
     """A checkpoint file, a model folder, or a LoRA adapter folder."""
     if path.is_dir():
         return is_model_folder(path) or is_adapter_folder(path)
-    return path.name.endswith(CHECKPOINT_SUFFIXES) and not is_training_state(path.name)
+    return is_checkpoint_name(path) and not is_training_state(path.name)
 
 
 def _in_order(folder: Path) -> list[Path]:

@@ -116,7 +116,7 @@ def write_tensors(
                 for name, m in layout.items():
                     state[name] = _whole(pieces(name), m)
                     bar.update()
-                wrap = lightning if out.name.endswith(".ckpt") else None
+                wrap = lightning if out.name.lower().endswith(".ckpt") else None
                 write_torch(staged, state, lightning=wrap)
             _publish(staged, out, sidecar)
         except WriteError as err:  # name the output, not its hidden temporary

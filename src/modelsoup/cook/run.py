@@ -48,7 +48,7 @@ from modelsoup.cook.stats import paired_difference
 from modelsoup.distributed import DistContext, init_distributed, launched_distributed
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import Accuracy, Evaluator, LogitsEvaluator, as_evaluator
-from modelsoup.formats.dispatch import takes_key
+from modelsoup.formats.dispatch import FORMAT_SUFFIXES, takes_key
 from modelsoup.formats.hf_folder import FOLDER_CARD
 from modelsoup.ingredients import Ingredient, adapters_base, open_ingredient, open_ingredients
 from modelsoup.journal import Journal
@@ -623,7 +623,7 @@ def _soup_suffix(first: Ingredient, opts: CookOptions) -> str:
     fmt = opts.save_format or (
         "folder" if first.path is not None and first.path.is_dir() else "safetensors"
     )
-    suffix = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}[fmt]
+    suffix = FORMAT_SUFFIXES[fmt]
     if fmt == "pt" and getattr(first.source, "lightning", None) is not None:
         suffix = ".ckpt"  # in Lightning's layout, for load_from_checkpoint
     return suffix

@@ -37,19 +37,21 @@ __all__ = [
     "is_checkpoint_name",
     "is_model_folder",
     "is_pickle_name",
+    "is_safetensors_name",
     "open_source",
     "output_format",
 ]
 
 
 def is_pickle_name(path: Path) -> bool:
-    """Whether a file name says torch pickle (``.pt .pth .bin .ckpt .pth.tar``).
+    """Whether a file name says torch pickle (``.pt .pth .bin .ckpt .pth.tar``, in any
+    case, as every suffix here: ``MODEL.PT`` is a pickle too).
 
     Example:
-        >>> is_pickle_name(Path("model_best.pth.tar")), is_pickle_name(Path("a.tar"))
-        (True, False)
+        >>> is_pickle_name(Path("model_best.pth.tar")), is_pickle_name(Path("A.PT"))
+        (True, True)
     """
-    return path.name.endswith(PICKLE_SUFFIXES)
+    return path.name.lower().endswith(PICKLE_SUFFIXES)
 
 
 def is_checkpoint_name(path: Path) -> bool:
@@ -59,7 +61,17 @@ def is_checkpoint_name(path: Path) -> bool:
         >>> is_checkpoint_name(Path("a.safetensors")), is_checkpoint_name(Path("a.json"))
         (True, False)
     """
-    return path.name.endswith(CHECKPOINT_SUFFIXES)
+    return path.name.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def is_safetensors_name(path: Path) -> bool:
+    """Whether a file name says safetensors (``.safetensors``, in any case).
+
+    Example:
+        >>> is_safetensors_name(Path("a.SafeTensors")), is_safetensors_name(Path("a.pt"))
+        (True, False)
+    """
+    return path.name.lower().endswith(SAFETENSORS_SUFFIXES)
 
 
 def checkpoint_stem(path: Path) -> str:
@@ -70,7 +82,7 @@ def checkpoint_stem(path: Path) -> str:
         ('checkpoint-9', 'a')
     """
     for suffix in CHECKPOINT_SUFFIXES:
-        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+        if path.name.lower().endswith(suffix) and len(path.name) > len(suffix):
             return path.name[: -len(suffix)]
     return path.stem
 
@@ -141,7 +153,7 @@ def open_source(
                 stacklevel=2,
             )
         return open_folder(path, key=key)
-    if path.name.endswith(SAFETENSORS_SUFFIXES):
+    if is_safetensors_name(path):
         refuse_key(path, key)
         return SafetensorsSource([path])
     if is_pickle_name(path):
@@ -166,7 +178,7 @@ def takes_key(obj: object) -> bool:
     path = Path(obj)
     if path.is_dir():
         return not is_model_folder(path) or weight_files(path)[1] is TorchSource
-    return not path.name.endswith(SAFETENSORS_SUFFIXES)
+    return not is_safetensors_name(path)
 
 
 def output_format(path: Path) -> str:
@@ -177,7 +189,7 @@ def output_format(path: Path) -> str:
         >>> output_format(Path("soup.ckpt"))
         'pt'
     """
-    if path.name.endswith(SAFETENSORS_SUFFIXES):
+    if is_safetensors_name(path):
         return "safetensors"
     if is_pickle_name(path):
         return "pt"
