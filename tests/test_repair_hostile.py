@@ -439,3 +439,24 @@ def test_activation_matching_reads_units_only_where_they_are(width):
     found = activation_matching(net, state, other, spec, x)
     back = permute_state_dict(other, spec, found)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_a_recalibrated_soups_card_says_what_data_it_was_recalibrated_on(tmp_path):
+    from modelsoup.soup import card_path
+
+    nets = [bn_net() for _ in range(2)]
+    data, other = torch.randn(32, 3), torch.randn(32, 3)
+
+    def soup_of(x):
+        return recalibrate_soup(average(nets), bn_net(), x).overrides
+
+    tags = []
+    for x in (data, data.clone(), other):
+        soup = recalibrate_soup(average(nets), bn_net(), x, num_batches=None)
+        out = soup.save(tmp_path / f"s{len(tags)}.safetensors", progress=False)
+        tags.append(json.loads(card_path(out).read_text())["options"]["bn_recalibration"])
+    assert tags[0] == tags[1] != tags[2]  # the same inputs, then other ones
+    assert tags[0].startswith("recalibrated on Tensor ") and tags[0].endswith("batches=all")
+    once = recalibrate_soup(average(nets), bn_net(), (b for b in [data]))  # read once: used
+    assert once.options["bn_recalibration"].endswith("(one-shot, not hashed), batches=all")
+    assert torch.equal(once.overrides["1.running_mean"], soup_of(data)["1.running_mean"])

@@ -932,7 +932,7 @@ class Taster:
         self._as_written()
         recalibrate(self.model)
         self.recalibrations += 1
-        keep_bn_statistics(soup, self.model)
+        keep_bn_statistics(soup, self.model, recalibration_tag(recalibrate))
         if self.recalibrate_candidates:
             return  # the recipe already chose with recalibrated scores: keep its score
         soup.scores["held_out_before_recalibration"] = soup.scores.get("held_out")

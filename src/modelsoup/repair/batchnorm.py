@@ -241,9 +241,11 @@ def recalibrate_bn(
     return module
 
 
-def keep_bn_statistics(soup: Soup, module: nn.Module) -> Soup:
+def keep_bn_statistics(soup: Soup, module: nn.Module, tag: str | None = None) -> Soup:
     """Store ``module``'s BatchNorm statistics in ``soup`` (as overrides of the averaged
-    ones), so that saving or applying the soup uses them; returns the soup.
+    ones), so that saving or applying the soup uses them; returns the soup. ``tag`` says
+    what they were estimated on (:func:`recalibration_tag`); the soup card records it as
+    ``options.bn_recalibration``.
 
     Example:
         >>> import torch
@@ -261,6 +263,8 @@ def keep_bn_statistics(soup: Soup, module: nn.Module) -> Soup:
         name: state[name].detach().cpu().clone() for name in state if name.endswith(BN_STATISTICS)
     }
     soup.options["bn_recalibrated"] = True
+    if tag is not None:
+        soup.options["bn_recalibration"] = tag
     return soup
 
 
@@ -289,9 +293,10 @@ def recalibrate_soup(
     if not _tracking(module):
         what = "keeps no running statistics" if has_batchnorm(module) else "has no BatchNorm layer"
         raise ConfigError(f"{type(module).__name__} {what} to recalibrate; drop the option")
+    tag = _data_tag(data, num_batches)  # before the pass reads the data
     soup.apply(module)
     recalibrate_bn(module, data, num_batches, device)
-    return keep_bn_statistics(soup, module)
+    return keep_bn_statistics(soup, module, tag)
 
 
 def as_recalibration(
@@ -320,10 +325,7 @@ def as_recalibration(
     def hook(module: nn.Module) -> nn.Module:
         return recalibrate_bn(module, data, num_batches=num_batches)
 
-    hook.tag = (
-        f"recalibrated on {type(data).__name__} {_data_digest(data)}, "
-        f"batches={num_batches or 'all'}"
-    )
+    hook.tag = _data_tag(data, num_batches)
     return hook
 
 
@@ -337,6 +339,12 @@ def recalibration_tag(recalibrate: Callable[[nn.Module], Any]) -> str:
     """
     tag = getattr(recalibrate, "tag", None)
     return tag if isinstance(tag, str) else f"recalibrated by {code_digest(recalibrate)}"
+
+
+def _data_tag(data: Any, num_batches: int | None) -> str:
+    # a one-shot iterator is read once, by the recalibration: it is named, not hashed
+    digest = "(one-shot, not hashed)" if isinstance(data, Iterator) else _data_digest(data)
+    return f"recalibrated on {type(data).__name__} {digest}, batches={num_batches or 'all'}"
 
 
 def _data_digest(data: Any) -> str:
