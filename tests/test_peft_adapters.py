@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -461,6 +462,10 @@ def test_transposed_changes_match_peft(arch, tmp_path):
     assert any(m.transposed for m in source.lora.values())
     for name in source.names():
         torch.testing.assert_close(source.tensor(name), merged[name], rtol=0, atol=1e-6)
+    # the base given as its folder's weights file: its config.json beside it decides
+    as_file = AdapterSource(tmp_path / "ad", base=tmp_path / "base" / "model.safetensors")
+    for name in source.names():
+        torch.testing.assert_close(as_file.tensor(name), merged[name], rtol=0, atol=1e-6)
     # written back as an adapter, PEFT reads the same change
     soup = modelsoup.average([tmp_path / "ad"], base=tmp_path / "base")
     out = soup.save(tmp_path / "soup", progress=False)
@@ -533,6 +538,16 @@ def test_trained_embeddings_over_a_tied_base_warn_that_a_merged_model_is_not_pef
     adapter = make_adapter(base, tmp_path / "ad", seed=0, modules_to_save=["embed_tokens"])
     with pytest.warns(SoupWarning, match="ties the head to the trained embeddings"):
         AdapterSource(adapter)
+    # a LoRA of the embeddings, saved with PEFT's copy of its base layer: merged, PEFT
+    # ties the head to the changed embeddings as modelsoup does, so nothing to warn about
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"])
+    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "emb", save_embedding_layers=True)
+    saved = load_file(str(tmp_path / "emb" / "adapter_model.safetensors"))
+    assert any(".base_layer." in k for k in saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SoupWarning)
+        AdapterSource(tmp_path / "emb")
 
 
 def test_a_model_folder_that_also_holds_an_adapter_says_the_adapter_is_not_applied(
@@ -552,3 +567,100 @@ def test_a_model_folder_that_also_holds_an_adapter_says_the_adapter_is_not_appli
     assert torch.equal(
         ing.source.tensor("model.norm.weight"), base_state(base_dir)["model.norm.weight"]
     )
+
+
+def test_a_square_linear_is_never_transposed_whatever_the_saved_flag(kitchen, tmp_path):
+    # PEFT ignores fan_in_fan_out for an nn.Linear (q_proj is square here): so does modelsoup
+    _, base_dir, adapters = kitchen
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    flagged = tmp_path / "flagged"
+    shutil.copytree(adapters[0], flagged)
+    (flagged / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    (plain,) = open_ingredients([adapters[0]])
+    (edited,) = open_ingredients([flagged])
+    for name in plain.source.names():
+        assert torch.equal(edited.tensor(name), plain.tensor(name)), name
+    (flagged / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": "no"}))
+    with pytest.raises(IngredientError, match="'fan_in_fan_out' is 'no'; expected true or false"):
+        open_ingredients([flagged])
+
+
+def test_a_square_conv1d_style_weight_without_a_config_is_refused(tmp_path):
+    # GPT-2's square attn.c_proj (Conv1D) beside a Linear head: PEFT saved false (the
+    # head's); with no config.json to name the architecture, it cannot be told apart
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=40, num_labels=3, pad_token_id=0
+    )
+    model = transformers.GPT2ForSequenceClassification(config)
+    model.save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*attn\.c_proj|score")
+    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "ad")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "base" / "model.safetensors", alone / "weights.safetensors")
+    with pytest.raises(IngredientError, match="cannot tell whether .*c_proj.* no config.json"):
+        AdapterSource(tmp_path / "ad", base=alone / "weights.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"alora_invocation_tokens": [5, 6]}, "activated LoRA .* no merged model"),
+        ({"velora_config": {"rank": 2}}, "VeLoRA"),
+        ({"kasa_config": {"x": 1}}, "KaSA"),
+        ({"use_bdlora": {"block": 2}}, "block-diagonal"),
+        ({"arrow_config": {"top_k": 2}}, "Arrow"),
+        ({"monteclora_config": {"n": 2}}, "MonteCLoRA"),
+        ({"use_qalora": True}, "QA-LoRA"),
+        ({"init_lora_weights": "mica"}, "MiCA"),
+    ],
+)
+def test_lora_variants_whose_change_is_not_b_at_a_are_refused(kitchen, tmp_path, changes, needle):
+    _, _, adapters = kitchen
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    variant = tmp_path / "variant"
+    shutil.copytree(adapters[0], variant)
+    (variant / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(IngredientError, match=needle):
+        open_ingredients([variant])
+
+
+def test_residual_initialisations_and_unknown_options_are_warned_about(kitchen, tmp_path):
+    from modelsoup.errors import SoupWarning
+
+    _, _, adapters = kitchen
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    for name, changes, needle in [
+        ("pissa", {"init_lora_weights": "pissa_niter_4"}, "residual base"),
+        ("newer", {"future_option": {"on": True}}, "'future_option', which modelsoup does not"),
+    ]:
+        folder = tmp_path / name
+        shutil.copytree(adapters[0], folder)
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.warns(SoupWarning, match=needle):
+            open_ingredients([folder])
+
+
+def test_an_adapter_soup_names_a_base_given_relative_to_its_adapters_absolutely(
+    kitchen, tmp_path, monkeypatch
+):
+    # adapters that name their base "../base" (relative to their own folder): the soup,
+    # written elsewhere, names the base's absolute path, so PEFT and modelsoup find it
+    _, base_dir, adapters = kitchen
+    root = tmp_path / "project"
+    shutil.copytree(base_dir, root / "base")
+    relative = []
+    for i, adapter in enumerate(adapters[:2]):
+        folder = root / f"ad{i}"
+        shutil.copytree(adapter, folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "../base"
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        relative.append(folder)
+    monkeypatch.chdir(tmp_path)  # "../base" from here is not the base
+    out = modelsoup.average(relative).save(tmp_path / "out" / "soup", progress=False)
+    written = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(written).is_absolute() and Path(written).samefile(root / "base")
+    (again,) = open_ingredients([out])
+    assert again.source.base_path.samefile(root / "base")

@@ -762,7 +762,11 @@ def _base_name(adapters: Sequence[AdapterSource]) -> str:
     # The hub name the adapters agree on (their base was given locally with --base), or
     # the local base folder, absolute, so the adapter loads from anywhere on this machine.
     named = adapters[0].base_name
-    local = named is not None and Path(named).expanduser().exists()
+    # local as given, or relative to an adapter's folder (as resolve_base reads it): a
+    # relative name would point elsewhere from the soup's folder
+    local = isinstance(named, str) and any(
+        p.exists() for a in adapters for p in (Path(named).expanduser(), a.folder / named)
+    )
     if named and not local and all(a.base_name == named for a in adapters):
         return named
     return str(adapters[0].base_path.resolve())

@@ -48,7 +48,7 @@ from modelsoup.formats.base import (
     hash_files,
     stat_file,
 )
-from modelsoup.formats.hf_folder import FOLDER_CARD, open_folder
+from modelsoup.formats.hf_folder import FOLDER_CARD, SINGLE_WEIGHT_FILES, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 
@@ -69,6 +69,36 @@ CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 #: the input-embedding modules of common architectures (a tied head is stored as them)
 INPUT_EMBEDDINGS = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in"})
 _MERGE_HINT = "merge it into its base with PEFT's merge_and_unload() and soup the merged models"
+#: PEFT's LoRA variants (its fields marked ``is_lora_variant``, and lora_B biases and the
+#: like): each changes a layer's forward beyond ``W + s B @ A``
+_REFUSED_VARIANTS = {
+    "use_dora": "a DoRA adapter (its change is not B @ A)",
+    "lora_bias": "a LoRA adapter with trained lora_B biases",
+    "target_parameters": "a LoRA adapter on bare parameters (target_parameters)",
+    "layer_replication": "a LoRA adapter with layer replication",
+    "trainable_token_indices": "a LoRA adapter with trainable tokens",
+    "velora_config": "a VeLoRA adapter",
+    "monteclora_config": "a MonteCLoRA adapter",
+    "use_bdlora": "a block-diagonal LoRA adapter (use_bdlora)",
+    "arrow_config": "an Arrow adapter (routed among several LoRAs)",
+    "kasa_config": "a KaSA adapter",
+    "use_qalora": "a QA-LoRA adapter",
+}
+#: initialisations that move the base weights (PiSSA, CorDA, OLoRA, LoRA-GA, LoftQ)
+_RESIDUAL_INITS = ("pissa", "corda", "olora", "lora_ga", "loftq")
+#: the adapter_config.json keys of PEFT's LoraConfig (0.21) and PeftConfig that leave a
+#: module's change at B @ A; any other set key is warned about
+_KNOWN_OPTIONS = frozenset(
+    {
+        "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+        "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+        "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+        "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+        "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+        "corda_config", "lora_ga_config", "runtime_config", "qalora_group_size",
+        "ensure_weight_tying", *_REFUSED_VARIANTS, "alora_invocation_tokens",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -127,16 +157,40 @@ def read_adapter_config(folder: Path) -> dict:
         raise IngredientError(
             f"{folder}: a {kind} adapter; only LoRA adapters can be souped: {_MERGE_HINT}"
         )
-    refusals = {
-        "use_dora": "a DoRA adapter (its change is not B @ A)",
-        "lora_bias": "a LoRA adapter with trained lora_B biases",
-        "target_parameters": "a LoRA adapter on bare parameters (target_parameters)",
-        "layer_replication": "a LoRA adapter with layer replication",
-        "trainable_token_indices": "a LoRA adapter with trainable tokens",
-    }
-    for key, what in refusals.items():
+    if config.get("alora_invocation_tokens"):
+        raise IngredientError(
+            f"{folder}: an activated LoRA (alora_invocation_tokens) changes the model only "
+            "after its invocation tokens, so no merged model stands for it and it cannot be "
+            "souped; leave it out"
+        )
+    for key, what in _REFUSED_VARIANTS.items():
         if config.get(key):
             raise IngredientError(f"{folder}: {what} cannot be souped yet: {_MERGE_HINT}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "mica":
+        raise IngredientError(f"{folder}: a MiCA adapter cannot be souped yet: {_MERGE_HINT}")
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        warnings.warn(
+            f"{folder}: initialised with init_lora_weights={init!r}, which changes the base "
+            "weights: the adapter is relative to the residual base PEFT saved then, so give "
+            "that as the base, or re-save the adapter with save_pretrained("
+            "path_initial_model_for_weight_conversion=...) to make it relative to the "
+            "pretrained model",
+            SoupWarning,
+            stacklevel=2,
+        )
+    unknown = sorted(k for k, v in config.items() if v and k not in _KNOWN_OPTIONS)
+    if unknown:
+        warnings.warn(
+            f"{path}: sets {', '.join(map(repr, unknown))}, which modelsoup does not know "
+            "(a newer PEFT's option?); the adapter is read as a plain LoRA (B @ A per "
+            "module): check the soup, or merge it with merge_and_unload() first",
+            SoupWarning,
+            stacklevel=2,
+        )
+    fifo = config.get("fan_in_fan_out", False)
+    if fifo is not None and not isinstance(fifo, bool):
+        raise IngredientError(f"{path}: 'fan_in_fan_out' is {fifo!r}; expected true or false")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if (
@@ -283,7 +337,7 @@ class AdapterSource(TensorSource):
     # -- reading the adapter file ------------------------------------------------
     def _map_keys(self) -> None:
         base_names = set(self.base.names())
-        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        fan_in_fan_out = self.config.get("fan_in_fan_out") is True  # checked to be a bool
         pairs: dict[str, dict[str, str]] = {}
         for key in self.factors.names():
             inner = key.removeprefix(KEY_PREFIX)
@@ -300,12 +354,20 @@ class AdapterSource(TensorSource):
                 )
             if ".original_module." in inner:
                 continue  # PEFT's frozen copy of a module it trains in modules_to_save
+            if re.search(r"(^|\.)lora_\w", inner):
+                # a LoRA tensor of another kind (KaSA's lora_diag, a named adapter's
+                # lora_A.<name>.weight): not a base tensor saved in full
+                raise IngredientError(
+                    f"{self.folder}: adapter tensor '{key}' is a LoRA tensor of a kind "
+                    f"modelsoup cannot soup yet: {_MERGE_HINT}"
+                )
             name = inner.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
             if name not in base_names:
                 raise self._no_counterpart(f"adapter tensor '{key}'", name)
             self._check_shape(name, tuple(self.factors.meta(key).shape), key)
             self.full[name] = key
-            if name.rsplit(".", 2)[-2] in INPUT_EMBEDDINGS and self._base_ties_head():
+            trained = ".base_layer." not in inner  # not PEFT's copy of a LoRA's base layer
+            if trained and name.rsplit(".", 2)[-2] in INPUT_EMBEDDINGS and self._base_ties_head():
                 warnings.warn(
                     f"{self.folder}: the adapter saves the input embeddings '{name}' in full "
                     "(modules_to_save) over a base that ties its head to them; PEFT keeps the "
@@ -363,21 +425,37 @@ class AdapterSource(TensorSource):
         self, module: str, kind: str, name: str, a: tuple, b: tuple, saved: bool
     ) -> bool:
         # is the module's weight stored as (in, out), so that its change is (B @ A).T?
+        # PEFT decides by the module's class (transformers' Conv1D: yes, nn.Linear: no),
+        # not by the saved fan_in_fan_out, which holds the value of the last module set up
         if kind == "embedding":
             return True
-        if self._model_type() in CONV1D_MODEL_TYPES:
-            return module.rsplit(".", 1)[-1] in CONV1D_MODULES
+        conv1d_name = module.rsplit(".", 1)[-1] in CONV1D_MODULES
+        model_type = self._model_type()
+        if model_type in CONV1D_MODEL_TYPES:
+            return conv1d_name
         plain, flipped = (b[0], a[1]), (a[1], b[0])
         have = tuple(self.base.meta(name).shape)
         if plain != flipped and have in (plain, flipped):
             return have == flipped  # the shape says which, whatever the saved flag
-        return saved
+        if model_type is not None or not conv1d_name:
+            return False  # an nn.Linear: PEFT never transposes it, whatever the flag says
+        if saved:
+            return True  # PEFT saves true only when the last module it set up was a Conv1D
+        raise IngredientError(
+            f"{self.folder}: cannot tell whether '{name}' (square) is a Conv1D stored (in, "
+            f"out), as in GPT-2, or an nn.Linear: the base {self.base_path} has no "
+            "config.json to say its architecture; give the base as its model folder"
+        )
 
     @functools.cached_property
     def _base_config(self) -> dict:
-        # the base's config.json, read once (every LoRA module asks about it)
+        # the base's config.json, read once (every LoRA module asks about it); a base given
+        # as its folder's weights file (model.safetensors) has it beside it
+        home = self.base_path if self.base_path.is_dir() else self.base_path.parent
+        if home != self.base_path and self.base_path.name not in SINGLE_WEIGHT_FILES:
+            return {}
         try:
-            config = json.loads((self.base_path / "config.json").read_text())
+            config = json.loads((home / "config.json").read_text())
         except (OSError, ValueError):
             return {}
         return config if isinstance(config, dict) else {}
