@@ -257,3 +257,29 @@ def test_the_score_a_recipe_reports_is_its_soups_when_it_keeps_the_start(name, m
     (method,) = result.methods
     soup = method.result
     assert method.held_out == score(soup.apply(torch.nn.Linear(1, 1, bias=False)))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("greedy", {"merge": TIES}),
+        ("greedy", {"merge": {"rule": "linear", "alpha": 0.5}}),
+        ("greedy", {}),
+        ("pruned", {"merge": TIES, "passes": 1}),
+        ("forward", {"merge": TIES}),
+        ("search", {"merge": {"rule": "ties"}, "option": "density", "grid": [0.2, 0.5, 0.2]}),
+        ("search", {"merge": {"rule": "task_arithmetic"}, "option": "lambda", "iterations": 3}),
+    ],
+)
+def test_a_recipes_planned_bound_holds_under_a_merge_rule(pool, name, options):
+    # --dry-run's "at most N on held-out": the evaluations past each ingredient's own score
+    from modelsoup.recipes import get_recipe
+
+    spec = get_recipe(name)
+    checked = spec.check_options(options)
+    taster = _taster(pool)
+    taster.individual_scores()
+    before = taster.evaluations
+    spec.fn(taster, **options)
+    assert spec.bound is not None
+    assert taster.evaluations - before <= spec.bound(taster.ingredients, checked)

@@ -76,6 +76,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         'pruned (random, 3 passes)'
         >>> default_label("search", {"merge": {"rule": "ties", "density": 0.2}, "option": "lambda"})
         'search (ties lambda, density=0.2)'
+        >>> default_label("greedy", {"order": "sorted", "merge": {"rule": "linear", "alpha": 0.5}})
+        'greedy (sorted, linear alpha=0.5)'
         >>> default_label("lawa", {"last": 10, "available": 4})  # fewer ingredients than asked
         'lawa (last 10: all 4)'
     """
@@ -97,8 +99,8 @@ def default_label(name: str, options: Mapping[str, Any]) -> str:
         merge = options["merge"]
         parts.append(f"{merge.get('rule', 'linear')} {options['option']}")
         parts += [f"{k}={_option_text(v)}" for k, v in merge.items() if k != "rule"]
-    elif options.get("merge") and as_merge(options["merge"]).rule != "linear":
-        parts.append(as_merge(options["merge"]).describe())
+    elif options.get("merge") and not as_merge(options["merge"]).is_average:
+        parts.append(as_merge(options["merge"]).describe())  # WiSE-FT on the average too
     return f"{name} ({', '.join(parts)})" if parts else name
 
 

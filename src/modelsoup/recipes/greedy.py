@@ -8,8 +8,8 @@ and keep it if the candidate soup scores at least as well (``>=``, the paper's r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import PositiveInt
 
@@ -29,8 +29,15 @@ class GreedyOptions(MergingOptions):
     runs: PositiveInt = 1
 
 
-# the first ingredient's score is its own; each other one is tried once
-@register("greedy", GreedyOptions, bound=lambda pool, o: len(pool) - 1)
+def _bound(pool: Sequence[Any], options: GreedyOptions) -> int:
+    """Each ingredient after the first is tried once; the first's score is its own, unless
+    a merge rule moves it (``base + lambda tau`` is not the ingredient): then it is scored
+    as merged too."""
+    rule = options.merge_rule()
+    return len(pool) - 1 + (rule is not None and not rule.is_average)
+
+
+@register("greedy", GreedyOptions, bound=_bound)
 def greedy_soup(
     taster: Taster,
     *,

@@ -162,7 +162,15 @@ def golden_section(
     return tried
 
 
-@register("search", SearchOptions)
+def _bound(pool: Sequence[Any], options: SearchOptions) -> int:
+    """One evaluation per value tried: each grid value, or both bounds, the two first
+    inner points and one per golden-section step."""
+    if options.grid is not None:
+        return len({_rounded(v) for v in options.grid})
+    return 4 + options.steps()
+
+
+@register("search", SearchOptions, bound=_bound)
 def search_soup(
     taster: Taster,
     *,
