@@ -123,6 +123,15 @@ def _shard_size_for_one_file(tmp_path, ckpts):
     return [str(ckpts[0]), str(ckpts[1]), "--max-shard-size", "1KB"], "--max-shard-size"
 
 
+def _reserved_name(tmp_path, ckpts):
+    # safetensors keeps its header's metadata under "__metadata__": no tensor may be so named
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"named{i}.pt")
+        torch.save({"__metadata__": torch.full((2,), float(i))}, paths[-1])
+    return [str(p) for p in paths], "named '__metadata__' cannot be stored as safetensors"
+
+
 def _unknown_format(tmp_path, ckpts):
     p = tmp_path / "weights.npz"
     p.write_bytes(b"x")
@@ -141,6 +150,7 @@ def _unknown_format(tmp_path, ckpts):
         _nan_tensor,
         _inf_tensor,
         _shard_size_for_one_file,
+        _reserved_name,
         _unknown_format,
     ],
     ids=lambda f: f.__name__.strip("_"),
@@ -368,3 +378,16 @@ def test_no_normalize_with_a_rule_it_cannot_change_is_refused(tmp_path, capsys, 
     argv = ["average", *paths[1:], "--base", paths[0], "--merge", rule, "--density", "1"]
     assert main([*argv, "--no-normalize", "-o", str(tmp_path / "o.safetensors"), "-q"]) == 2
     assert f"has no effect on {rule}" in capsys.readouterr().err
+
+
+def test_a_folder_output_that_cannot_be_written_names_itself_not_its_staging(tmp_path, capsys):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"named{i}.pt")
+        torch.save({"__metadata__": torch.full((2,), float(i))}, paths[-1])
+    before = _snapshot(tmp_path)
+    out = tmp_path / "soup"
+    assert main(["average", *map(str, paths), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'model.safetensors'}: ") and ".tmp-" not in err
+    assert _snapshot(tmp_path) == before and not out.exists()

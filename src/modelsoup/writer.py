@@ -104,6 +104,9 @@ def write_tensors(
                     torch_dtype=torch_dtype,
                     extra_files=extra,
                 )
+            except WriteError as err:  # name the output, not the folder it is staged in
+                staged = str(temp_sibling(out))
+                raise WriteError(str(err).replace(staged, str(out))) from err.__cause__
             except OSError as err:  # a full disk while copying or writing the card
                 raise write_error(out, err) from err
             return out

@@ -451,6 +451,11 @@ def write_safetensors(
             raise WriteError(
                 f"{path}: dtype {meta.dtype} of '{name}' cannot be stored as safetensors"
             )
+        if name == "__metadata__":  # the header's own key: the file would not load
+            raise WriteError(
+                f"{path}: a tensor named '__metadata__' cannot be stored as safetensors, "
+                "which reserves the name; write a .pt output, or rename the tensor"
+            )
         header[name] = {
             "dtype": _CODES[meta.dtype],
             "shape": list(meta.shape),
