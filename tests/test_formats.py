@@ -417,3 +417,31 @@ def test_suffixes_are_read_in_any_case(tmp_path):
     assert torch.equal(safetensors.torch.load_file(str(out))["w"], torch.full((3,), 1.5))
     pickled = soup.save(tmp_path / "SOUP.PT", progress=False)
     assert pickled.is_file() and torch.equal(torch.load(pickled)["w"], torch.full((3,), 1.5))
+
+
+def test_a_soup_saved_among_its_ingredients_is_left_out_of_that_folder(tmp_path):
+    from modelsoup.errors import SoupWarning
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i in range(3):
+        safetensors.torch.save_file(
+            {"w": torch.full((2,), float(i))}, str(runs / f"ck{i}.safetensors")
+        )
+    average([runs / "ck0.safetensors"]).save(runs / "first.safetensors", progress=False)
+    average([runs / "ck1.safetensors", runs / "ck2.safetensors"]).save(
+        runs / "pair", progress=False
+    )
+    for where in ([runs], [str(runs / "*.safetensors")]):
+        with pytest.warns(SoupWarning, match="left out .* soup"):
+            found = find_checkpoints(where)
+        assert [p.name for p in found] == ["ck0.safetensors", "ck1.safetensors", "ck2.safetensors"]
+    with pytest.warns(SoupWarning, match="left out"):
+        assert torch.equal(average([runs]).tensor("w"), torch.full((2,), 1.0))
+    # named, a soup is an ingredient; a folder of soups alone is souped as asked
+    assert len(find_checkpoints([runs / "first.safetensors", runs / "ck0.safetensors"])) == 2
+    soups = tmp_path / "soups"
+    soups.mkdir()
+    for name in ("first.safetensors", "first.safetensors.json", "pair"):
+        (runs / name).rename(soups / name)
+    assert sorted(p.name for p in find_checkpoints([soups])) == ["first.safetensors", "pair"]

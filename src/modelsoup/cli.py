@@ -139,8 +139,10 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.card}: cannot be read ({err.strerror})") from None
     except ValueError:
         raise ConfigError(f"{args.card}: not a soup card (not JSON)") from None
-    if not isinstance(card, dict) or card.get("format") != "modelsoup.card/1":
-        raise ConfigError(f"{args.card}: not a soup card (no format modelsoup.card/1)")
+    from modelsoup.formats.hf_folder import CARD_FORMAT
+
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ConfigError(f"{args.card}: not a soup card (no format {CARD_FORMAT})")
     try:
         config = card_to_mergekit(card)
     except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -42,7 +42,13 @@ from modelsoup.formats.dispatch import (
     is_model_folder,
     open_source,
 )
-from modelsoup.formats.hf_folder import differing_copied_files, is_training_state, weight_files
+from modelsoup.formats.hf_folder import (
+    CARD_FORMAT,
+    FOLDER_CARD,
+    differing_copied_files,
+    is_training_state,
+    weight_files,
+)
 from modelsoup.formats.peft_adapter import AdapterSource, check_adapters, shared_base
 
 _logger = logging.getLogger(__name__)
@@ -217,6 +223,33 @@ def _is_ingredient(path: Path) -> bool:
     return is_checkpoint_name(path) and not is_training_state(path.name)
 
 
+def _is_soup(path: Path) -> bool:
+    """A soup modelsoup wrote: a folder holding its soup card, or a file with one beside it."""
+    if path.is_dir():
+        return (path / FOLDER_CARD).is_file()
+    try:
+        card = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and card.get("format") == CARD_FORMAT
+
+
+def _without_soups(paths: list[Path], where: str) -> list[Path]:
+    """Leave out the soups a folder or glob holds beside other checkpoints: a soup saved
+    among its ingredients would otherwise join the next soup of that folder. A folder of
+    soups alone keeps them (souping soups is then what was asked)."""
+    soups = [p for p in paths if _is_soup(p)]
+    if not soups or len(soups) == len(paths):
+        return paths
+    warnings.warn(
+        f"{where}: left out {len(soups)} soup(s) modelsoup wrote there, with a soup card "
+        f"({_names([p.name for p in soups])}); name a soup's path to use it as an ingredient",
+        SoupWarning,
+        stacklevel=3,
+    )
+    return [p for p in paths if p not in soups]
+
+
 def _in_order(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_order)
 
@@ -359,11 +392,12 @@ def find_checkpoints(
             matches = sorted((Path(p) for p in glob.glob(text)), key=natural_order)
             if not matches:
                 raise IngredientError(f"{text}: the pattern matches no file")
+            matches = _without_soups(matches, text)
             found.extend(_drop_same_content(matches, text) if dedupe else matches)
             continue
         path = Path(text)
         if path.is_dir() and not _is_ingredient(path):
-            inside = _folder_checkpoints(path, quiet)
+            inside = _without_soups(_folder_checkpoints(path, quiet), text)
             found.extend(_drop_same_content(inside, text) if dedupe else inside)
         else:
             if not quiet and is_model_folder(path) and _nested_checkpoints(path):

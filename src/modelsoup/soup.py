@@ -47,6 +47,7 @@ from modelsoup.accumulator import (
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.formats.base import TensorMeta, TensorSource
 from modelsoup.formats.dispatch import output_format
+from modelsoup.formats.hf_folder import CARD_FORMAT
 from modelsoup.formats.peft_adapter import (
     KEY_PREFIX,
     AdapterSource,
@@ -597,7 +598,7 @@ def soup_card(soup: Soup, out_dtype: torch.dtype | None = None) -> dict:
         ('weighted', 1.0)
     """
     card = {
-        "format": "modelsoup.card/1",
+        "format": CARD_FORMAT,
         "recipe": soup.recipe,
         "options": soup.options,
         "ingredients": soup.describe_coefficients(),

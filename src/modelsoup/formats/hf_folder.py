@@ -32,6 +32,8 @@ _logger = logging.getLogger(__name__)
 #: the soup card inside a folder output; it also marks a folder as a soup that a new
 #: soup may replace (any other non-empty folder is refused, never deleted)
 FOLDER_CARD = "soup_card.json"
+#: the ``format`` of every soup card (beside a file soup as ``<name>.json``)
+CARD_FORMAT = "modelsoup.card/1"
 #: files of one training run that do not describe a soup (transformers' Trainer writes
 #: them into every checkpoint-N folder; optimizer and RNG states are weight-suffixed)
 TRAINING_STATE = frozenset(
