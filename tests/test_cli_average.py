@@ -132,6 +132,13 @@ def _reserved_name(tmp_path, ckpts):
     return [str(p) for p in paths], "named '__metadata__' cannot be stored as safetensors"
 
 
+def _named_pipe(tmp_path, ckpts):
+    # opening a pipe waits for a writer: refused before it is opened, not hung on
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)
+    return [str(pipe), str(ckpts[1])], "not a regular file"
+
+
 def _unknown_format(tmp_path, ckpts):
     p = tmp_path / "weights.npz"
     p.write_bytes(b"x")
@@ -151,6 +158,7 @@ def _unknown_format(tmp_path, ckpts):
         _inf_tensor,
         _shard_size_for_one_file,
         _reserved_name,
+        _named_pipe,
         _unknown_format,
     ],
     ids=lambda f: f.__name__.strip("_"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -160,6 +161,29 @@ def stat_file(path: Path) -> os.stat_result:
         raise IngredientError(f"{path}: file not found; check the path") from err
     except OSError as err:
         raise IngredientError(f"{path}: cannot read ({err.strerror})") from err
+
+
+def check_regular(path: Path) -> None:
+    """Refuse a path that is not a regular file (a named pipe, socket or device) before
+    it is opened: opening a pipe waits for a writer, for ever. A missing path is left to
+    the reader, which names it.
+
+    Example:
+        >>> try:
+        ...     check_regular(Path("/dev/null"))
+        ... except IngredientError as err:
+        ...     print(str(err)[:40])
+        /dev/null: is not a regular file (a pip
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise IngredientError(
+            f"{path}: is not a regular file (a pipe, socket or device); give the "
+            "checkpoint file itself"
+        )
 
 
 def _state(st: os.stat_result) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ from modelsoup.errors import IncompatibleIngredientsError, IngredientError, Soup
 from modelsoup.formats.base import (
     TensorMeta,
     TensorSource,
+    check_regular,
     check_unchanged,
     hash_files,
     stat_file,
@@ -146,6 +147,7 @@ def read_adapter_config(folder: Path) -> dict:
         a IA3 adapter; only LoRA adapters can be soup
     """
     path = folder / ADAPTER_CONFIG
+    check_regular(path)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:

@@ -27,6 +27,7 @@ from modelsoup.formats.base import (
     TensorMeta,
     TensorSource,
     ThreadedHash,
+    check_regular,
     check_unchanged,
 )
 
@@ -105,6 +106,7 @@ def _read_header(
     path: Path,
 ) -> tuple[dict[str, _Entry], dict[str, str], int, bytes, os.stat_result]:
     # ... and the file's state as the header was read (one descriptor for both)
+    check_regular(path)
     try:
         with open(path, "rb") as fh:
             state = os.fstat(fh.fileno())

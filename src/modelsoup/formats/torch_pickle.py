@@ -41,6 +41,7 @@ from modelsoup.formats.base import (
     RESAVE_HINT,
     HeldSource,
     architecture_of,
+    check_regular,
     check_tensor,
     check_unchanged,
     stat_file,
@@ -70,6 +71,7 @@ def load_pickle(path: Path) -> object:
         >>> load_pickle(p)
         {'w': tensor([1.])}
     """
+    check_regular(path)
     _check_not_other_format(path)
     try:
         # torch's own warnings while loading (deprecated storages, pickle protocols, beta
