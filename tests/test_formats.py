@@ -445,3 +445,24 @@ def test_a_soup_saved_among_its_ingredients_is_left_out_of_that_folder(tmp_path)
     for name in ("first.safetensors", "first.safetensors.json", "pair"):
         (runs / name).rename(soups / name)
     assert sorted(p.name for p in find_checkpoints([soups])) == ["first.safetensors", "pair"]
+
+
+def test_a_soup_keeps_the_framework_its_safetensors_ingredients_were_saved_for(tmp_path):
+    # transformers reads a safetensors file's names and layouts by its "format" tag
+    paths = []
+    for i, fmt in enumerate(["flax", "flax", "pt"]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        safetensors.torch.save_file(
+            {"w": torch.full((2,), float(i))}, str(paths[-1]), {"format": fmt}
+        )
+
+    def tag(out):
+        files = [out] if out.is_file() else sorted(out.glob("*.safetensors"))
+        return {SafetensorsSource([f]).metadata["format"] for f in files}
+
+    assert tag(average(paths[:2]).save(tmp_path / "flax.safetensors", progress=False)) == {"flax"}
+    assert tag(average(paths[:2]).save(tmp_path / "flax-folder", progress=False)) == {"flax"}
+    assert tag(average(paths[1:]).save(tmp_path / "mixed.safetensors", progress=False)) == {"pt"}
+    assert tag(
+        average([{"w": torch.ones(2)}]).save(tmp_path / "mem.safetensors", progress=False)
+    ) == {"pt"}

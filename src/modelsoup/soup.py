@@ -725,7 +725,7 @@ def save_soup(
             soup.layout(dtype),
             lambda n: soup.pieces(n, dtype),
             sidecar=card_text,
-            metadata={"modelsoup.recipe": soup.recipe},
+            metadata={"format": _tensor_format(soup), "modelsoup.recipe": soup.recipe},
             max_shard_size=max_shard_size or "5GB",
             copy_from=copy_from,
             torch_dtype=dtype,
@@ -743,6 +743,16 @@ def save_soup(
     # Hashes are free now: streaming the soup read every chosen file front to back.
     warn_if_duplicated([soup.ingredients[i] for i in soup.chosen], by_content=True)
     return out
+
+
+def _tensor_format(soup: Soup) -> str:
+    # the safetensors "format" the chosen ingredients were saved with (transformers reads
+    # a "flax" or "tf" file's names and layouts as that framework's), "pt" unless they agree
+    # on another
+    tags = {
+        getattr(soup.ingredients[i].source, "metadata", {}).get("format", "pt") for i in soup.chosen
+    }
+    return tags.pop() if len(tags) == 1 else "pt"
 
 
 def _stacked_factors(soup: Soup, name: str) -> tuple[torch.Tensor, torch.Tensor]:

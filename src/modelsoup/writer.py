@@ -99,7 +99,7 @@ def write_tensors(
                     pieces,
                     max_shard_size=shard,
                     copy_from=copy_from,
-                    metadata={"format": "pt"},
+                    metadata=meta,
                     on_tensor=lambda n: bar.update(),
                     torch_dtype=torch_dtype,
                     extra_files=extra,
