@@ -466,3 +466,22 @@ def test_a_soup_keeps_the_framework_its_safetensors_ingredients_were_saved_for(t
     assert tag(
         average([{"w": torch.ones(2)}]).save(tmp_path / "mem.safetensors", progress=False)
     ) == {"pt"}
+
+
+def test_shards_without_their_index_or_of_another_format_are_named_as_such(tmp_path):
+    from modelsoup.errors import IngredientError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    safetensors.torch.save_file({"a": torch.ones(3)}, str(run / "model-00001-of-00002.safetensors"))
+    safetensors.torch.save_file({"b": torch.ones(3)}, str(run / "model-00002-of-00002.safetensors"))
+    with pytest.raises(IngredientError, match="shards of one model .* but not their index"):
+        find_checkpoints([run])  # not two ingredients that disagree on their tensors
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    safetensors.torch.save_file({"a": torch.ones(2)}, str(mixed / "s1.safetensors"))
+    torch.save({"b": torch.ones(2)}, mixed / "s2.bin")
+    weight_map = {"weight_map": {"a": "s1.safetensors", "b": "s2.bin"}}
+    (mixed / "model.safetensors.index.json").write_text(json.dumps(weight_map))
+    with pytest.raises(IngredientError, match="names 's2.bin', not a safetensors shard"):
+        open_ingredient(mixed)

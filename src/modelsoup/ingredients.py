@@ -223,6 +223,10 @@ def _is_ingredient(path: Path) -> bool:
     return is_checkpoint_name(path) and not is_training_state(path.name)
 
 
+#: a shard of a model folder, as transformers names them (model-00001-of-00003.safetensors)
+_SHARD_NAME = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", re.IGNORECASE)
+
+
 def _is_soup(path: Path) -> bool:
     """A soup modelsoup wrote: a folder holding its soup card, or a file with one beside it."""
     if path.is_dir():
@@ -286,6 +290,13 @@ def _folder_checkpoints(folder: Path, quiet: bool = False) -> list[Path]:
                         unused += [f"{item.name}/{p.name}/{n}" for n in _nested_checkpoints(p)]
             else:
                 skipped.append(item.name + "/")
+    shards = [p.name for p in found if _SHARD_NAME.fullmatch(p.name)]
+    if shards:
+        raise IngredientError(
+            f"{folder}: holds shards of one model ({_names(shards, 2)}) but not their index "
+            "(model.safetensors.index.json or pytorch_model.bin.index.json), without which "
+            "they are not one model: restore the index, or re-save the model folder"
+        )
     if not found and (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
         raise IngredientError(
             f"{folder}: is a torch.distributed.checkpoint (DCP) folder, which modelsoup does "

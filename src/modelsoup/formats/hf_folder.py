@@ -357,7 +357,19 @@ def weight_files(path: Path) -> tuple[list[Path], type[TensorSource]]:
         candidate = path / name
         if not name.endswith(".index.json"):
             return [candidate], reader
-        return sorted({path / shard for shard in read_index(candidate).values()}), reader
+        shards = sorted({path / shard for shard in read_index(candidate).values()})
+        kind = name.removesuffix(".index.json").rsplit(".", 1)[-1]  # safetensors or bin
+        other = [
+            p.name
+            for p in shards
+            if p.name.lower().endswith(".safetensors") != (kind == "safetensors")
+        ]
+        if other:
+            raise IngredientError(
+                f"{candidate}: names {other[0]!r}, not a {kind} shard; one index holds shards "
+                "of one format: fix the index, or re-save the model folder"
+            )
+        return shards, reader
     raise IngredientError(
         f"{path}: no model weights found (expected model.safetensors, a shard index or "
         "pytorch_model.bin)"
