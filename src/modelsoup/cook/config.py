@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 import typing
 import warnings
@@ -360,7 +361,16 @@ def check_recipes(config: CookConfig, source: str = "config") -> None:
 
 class _StrictLoader(yaml.SafeLoader):
     """YAML as people mean it: a key given twice, and YAML 1.1's octal (``017``) and
-    base-60 (``1:30:00``) integers, are refused, not silently resolved."""
+    base-60 (``1:30:00``) integers, are refused, not silently resolved; ``1e-3`` is a
+    number (YAML 1.2, and Python), not the text YAML 1.1 makes of it without a dot."""
+
+
+# YAML 1.1 floats need a dot ("1.0e-3"); as in YAML 1.2, an exponent alone makes one too
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class _Refused(yaml.YAMLError):
@@ -400,8 +410,8 @@ def read_yaml(text: str, source: str) -> Any:
     integer is a one-line error naming ``source`` and the line, as bad YAML is.
 
     Example:
-        >>> read_yaml("seed: 3\\nruns: [1, 2]", "soup.yaml")
-        {'seed': 3, 'runs': [1, 2]}
+        >>> read_yaml("seed: 3\\nruns: [1, 2]\\nlr: 1e-3", "soup.yaml")
+        {'seed': 3, 'runs': [1, 2], 'lr': 0.001}
         >>> read_yaml("seed: 1\\nseed: 2", "soup.yaml")
         Traceback (most recent call last):
         ...
