@@ -96,6 +96,7 @@ def _linear_with_lambda(config: dict) -> None:
         (lambda c: c.update(base_model=5), "give a path, not 5"),
         (lambda c: c.update(dtype="int8"), "key 'dtype': 'int8'"),
         (lambda c: c.update(dtype=["float16"]), "key 'dtype': ['float16']"),
+        (lambda c: c.update(dtype="float8", out_dtype="float16"), "key 'dtype': 'float8'"),
         (lambda c: c["parameters"].update(normalize="false"), "write true or false, not 'false'"),
         # a model without a density has mergekit's 1.0: two densities, not one
         (lambda c: c["models"][1]["parameters"].pop("density"), "or to none"),
@@ -304,10 +305,20 @@ def test_an_export_from_another_folder_names_the_same_inputs_and_never_overwrite
 
 
 def test_a_dare_export_says_mergekit_matches_it_only_statistically(tmp_path, capsys):
-    paths, base = tiny_files(tmp_path, 2)
+    import shlex
+
+    paths, base = tiny_files(tmp_path, 3)
     out = tmp_path / "soup.safetensors"
     flags = ["--base", base, "--merge", "dare_ties", "--density", "0.5", "--seed", "4"]
-    assert main(["average", *paths, *flags, "-o", str(out), "-q"]) == 0
+    # the middle member has weight 0: the others' masks still follow their places in the pool
+    assert main(["average", *paths, *flags, "--weights", "1,0,2", "-o", str(out), "-q"]) == 0
     config = tmp_path / "merge.yaml"
     assert main(["export-mergekit", str(card_path(out)), "-o", str(config)]) == 0
-    assert "--seed 4" in capsys.readouterr().err and config.exists()
+    err = capsys.readouterr().err
+    assert "--seed 4" in err and config.exists()
+    # the command it gives redoes the soup bit for bit
+    words = shlex.split(err.strip().split("exactly with: ", 1)[1])
+    assert words[:2] == ["modelsoup", "average"] and words[-2:] == ["-o", "OUT"]
+    again = tmp_path / "again.safetensors"
+    assert main([*words[1:-1], str(again), "-q"]) == 0
+    assert again.read_bytes() == out.read_bytes()

@@ -169,16 +169,37 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.output} (mergekit {config['merge_method']} of {len(config['models'])})")
     if config["merge_method"] in ("dare_linear", "dare_ties"):
-        seed = (card.get("merge") or {}).get("seed", 0)
         warnings.warn(
-            f"mergekit draws its own DARE drop masks: its merge matches this soup "
-            f"statistically, not exactly; modelsoup redoes this soup exactly with "
-            f"modelsoup average --merge {config['merge_method']} --seed {seed} on the same "
-            "sources, weights and order, not with --from-mergekit",
+            "mergekit draws its own DARE drop masks: its merge matches this soup "
+            "statistically, not exactly (and --from-mergekit only if every member of the "
+            "pool was chosen: each member's mask follows its place in the pool); modelsoup "
+            f"redoes this soup exactly with: {_dare_command(card)}",
             SoupWarning,
             stacklevel=2,
         )
     return 0
+
+
+def _dare_command(card: dict) -> str:
+    # every member of the pool in its place (zero weights kept: each member's drop mask
+    # follows its place), and the mask scheme (cards older than it used blocks-v0)
+    import shlex
+
+    merge = card.get("merge") or {}
+    rows = card["ingredients"]
+    words = ["modelsoup", "average", *(shlex.quote(str(r["path"])) for r in rows)]
+    words += ["--weights", ",".join(repr(float(r["coefficient"])) for r in rows)]
+    if not (card.get("options") or {}).get("normalize", True):
+        words.append("--no-normalize")
+    words += ["--base", shlex.quote(str(card["base"]["path"])), "--merge", merge["rule"]]
+    words += [
+        "--density",
+        repr(merge.get("density", 1.0)),
+        "--lambda",
+        repr(merge.get("lambda", 1.0)),
+    ]
+    words += ["--seed", str(merge.get("seed", 0)), "--mask", merge.get("mask", "blocks-v0")]
+    return " ".join(words) + " -o OUT"
 
 
 def _card_paths(card: dict) -> list[str]:

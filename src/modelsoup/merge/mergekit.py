@@ -252,10 +252,13 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
     merge: dict[str, Any] = {"rule": method}
     if method != "linear":
         merge["lambda"] = _number(shared.get("lambda", 1.0), f"{source}: key 'parameters.lambda'")
+    for key in ("dtype", "out_dtype"):  # each checked: a bad dtype beside out_dtype is no dtype
+        given = config.get(key)
+        if given is not None and (not isinstance(given, str) or given not in _DTYPES):
+            raise ConfigError(
+                f"{source}: key '{key}': {given!r} is not one of {', '.join(_DTYPES)}"
+            )
     dtype = config.get("out_dtype") or config.get("dtype")
-    if dtype is not None and (not isinstance(dtype, str) or dtype not in _DTYPES):
-        key = "out_dtype" if config.get("out_dtype") else "dtype"
-        raise ConfigError(f"{source}: key '{key}': {dtype!r} is not one of {', '.join(_DTYPES)}")
     if method in _DENSITY_METHODS:
         merge["density"] = densities.pop() if densities else 1.0
     if method in ("ties", "dare_ties") and not normalize:
