@@ -170,7 +170,9 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         ('recipes: [{name: greedy, label: "a\\nb"}]\n', "cannot name a soup file"),
         # a fraction of a byte is refused, not cut down to a 1-byte budget
         ("max_memory: '1.5'\n", "'max_memory': size 1.5 is not a whole number of bytes"),
-        ("max_memory: 1e999\n", "'max_memory': size 1e999 is more bytes than any machine has"),
+        ("max_memory: '1e999'\n", "'max_memory': size 1e999 is more bytes than any machine has"),
+        ("max_memory: 1e999\n", "'max_memory': size inf is not a number of bytes"),  # YAML: inf
+        ("max_memory: 1.5\n", "'max_memory': size 1.5 is not a whole number of bytes"),
         ("racing: {confidence: '0.9'}\n", "'racing.confidence': write a number without quotes"),
         ("recipes: [{name: greedy, max_ingredients: '3'}]\n", "'recipes.0.max_ingredients'"),
         (

@@ -220,7 +220,7 @@ class CookOptions(OptionsModel):
     prefetch: bool | None = None
     #: the memory budget ("8GB"-style or bytes; default half the RAM): prefetch is on
     #: only when it fits, and the learned soup is refused above it
-    max_memory: int | str | None = None
+    max_memory: int | float | str | None = None
     #: under torchrun: seconds a collective may wait for the other ranks
     dist_timeout_s: float = Field(default=600.0, gt=0)
 

@@ -66,7 +66,7 @@ class LearnedOptions(RecipeOptions):
     seed: int = 0
     #: "8GB"-style size or bytes; default the taster's budget (the cook's max_memory,
     #: else half of the machine's RAM)
-    max_memory: int | str | None = None
+    max_memory: int | float | str | None = None
 
     @field_validator("val_fraction")
     @classmethod
@@ -354,7 +354,7 @@ def learned_soup(
     val_fraction: float = 0.2,
     patience: int = 5,
     seed: int = 0,
-    max_memory: int | str | None = None,
+    max_memory: int | float | str | None = None,
 ) -> Soup:
     """Learned soup: mixing coefficients trained by gradient on held-out data.
 
