@@ -137,6 +137,24 @@ def test_method_bars_with_and_without_intervals(tmp_path: Path) -> None:
     assert bare.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_labels_are_drawn_as_written_dollars_included(tmp_path: Path) -> None:
+    # a file name or recipe label with "$" is text, not matplotlib math (an odd number of
+    # them failed to draw, after the cook had saved its soups)
+    out = plots.plot_method_bars(
+        ["run$_$", "greedy $\\alpha_{best$", "lr$^2$"],
+        [0.5, 0.6, 0.7],
+        None,
+        None,
+        path=tmp_path / "m.png",
+        ylabel="cost in $",
+    )
+    assert_valid_png(out)
+    heat = plots.plot_similarity_heatmap(
+        np.eye(2), ["a$", "b$$"], path=tmp_path / "heat" / "s.png", title="$ similarity"
+    )
+    assert_valid_png(heat)
+
+
 def test_similarity_heatmap(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     m = 1 - 0.01 * rng.random((5, 5))

@@ -17,10 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ _SOUP_COLOURS = [
 _MAX_ANNOTATED_CELLS = 400
 
 
+def _plain_text(draw: Callable[..., Path]) -> Callable[..., Path]:
+    """Draw with every text as written: a label holding ``$`` (a file name, a recipe
+    label) is not read as matplotlib's math, which fails on an odd number of them."""
+
+    @functools.wraps(draw)
+    def plain(*args: Any, **kwargs: Any) -> Path:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain
+
+
+@_plain_text
 def plot_grid_heatmap(
     scores: Mapping[tuple[float, float], float],
     *,
@@ -139,6 +155,7 @@ def plot_grid_heatmap(
     return _save(fig, path)
 
 
+@_plain_text
 def plot_greedy_curve(
     curves: Mapping[str, Sequence[Sequence[float]]],
     *,
@@ -184,6 +201,7 @@ def plot_greedy_curve(
     )
 
 
+@_plain_text
 def plot_pruned_passes(
     passes: Sequence[int],
     scores: Sequence[float],
@@ -229,6 +247,7 @@ def plot_pruned_passes(
     return _save(fig, path)
 
 
+@_plain_text
 def plot_method_bars(
     methods: Sequence[str],
     scores: Sequence[float],
@@ -297,6 +316,7 @@ def plot_method_bars(
     return _save(fig, path, {"Title": heading, "Description": "; ".join(map(str, methods))})
 
 
+@_plain_text
 def plot_similarity_heatmap(
     matrix: Any,
     labels: Sequence[str],
@@ -336,6 +356,7 @@ def plot_similarity_heatmap(
     return _save(fig, path)
 
 
+@_plain_text
 def plot_interpolation(
     curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     *,

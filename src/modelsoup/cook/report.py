@@ -16,7 +16,7 @@ from typing import Any
 
 from modelsoup._util import atomic_file, slug
 from modelsoup.cook.stats import MIN_RESAMPLES, bootstrap_ci, paired_difference
-from modelsoup.errors import SoupError, SoupWarning
+from modelsoup.errors import SoupWarning
 
 
 def _fmt(x: float | None, std: float | None = None, scale: float = 1.0) -> str:
@@ -362,8 +362,9 @@ def write_figures(result, data: dict, folder: Path) -> list[Path]:
     """
     try:
         return _figures(result, data, folder)
-    except SoupError as err:
-        warnings.warn(f"figures not written: {err}", SoupWarning, stacklevel=2)
+    except Exception as err:  # noqa: BLE001 - a picture never costs the report
+        what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"figures not written: {what}", SoupWarning, stacklevel=2)
         return sorted(folder.glob("*.png")) if folder.exists() else []
 
 
