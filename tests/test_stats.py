@@ -115,10 +115,32 @@ def test_exact_fallback_matches_scipy() -> None:
         assert fallback == pytest.approx(mcnemar_p_value(a_only, b_only), rel=1e-9)
 
 
-def test_p_value_is_none_for_non_binary_results() -> None:
+def test_non_binary_results_get_the_paired_randomization_test() -> None:
     cmp = paired_difference([0.1, 0.5, 0.9], [0.2, 0.4, 0.8])
-    assert cmp.p_value is None
+    assert cmp.p_value == 1.0  # three differences of 0.1: half the flips are as far
     assert cmp.difference == pytest.approx(1 / 30)
+
+
+def test_a_handful_of_losses_never_calls_a_difference_the_exact_tests_do_not_back() -> None:
+    # three of six examples carry the whole difference: the bootstrap interval excludes 0,
+    # but no exact paired test (sign flips p = 0.25, sign test p = 1) backs it
+    cmp = paired_difference([0, 0, 0, 1.01, 1.01, 1.01], [1.0] * 6)
+    assert cmp.high < 0 and cmp.p_value == 0.25 and not cmp.significant
+    # a real case: MeanLoss on 6 test examples, sign test p = 0.69
+    diffs = np.array([-0.989, -0.009, -1.4e-5, 1.6e-4, -1.125, 0.002])
+    cmp = paired_difference(1.0 + diffs, np.ones(6))
+    assert not cmp.significant and cmp.p_value > 0.05
+    # six that agree are as far as six examples can go: 2 / 64
+    cmp = paired_difference([0.5, 0.2, 0.9, 0.4, 0.3, 0.6], [0.0] * 6)
+    assert cmp.p_value == pytest.approx(2 / 64) and cmp.significant
+    # many examples: random flips, close to the paired t-test there
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.1, 1, 400), rng.normal(0, 1, 400)
+    flips = stats.sign_flip_p_value(a - b, n_resamples=4000, seed=1)
+    assert flips == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue, abs=0.03)
+    far = paired_difference(a + 1.0, b)
+    assert far.significant and far.p_value == pytest.approx(1 / 2001)
 
 
 def test_describe_formats_negative_and_custom_units() -> None:

@@ -52,8 +52,9 @@ class Comparison:
     """Paired comparison of two systems on the same examples.
 
     ``difference`` is mean(a) - mean(b); ``[low, high]`` its bootstrap interval;
-    ``p_value`` the exact McNemar p-value (None unless the results are accuracies: 0/1,
-    or shares of runs right against 0/1);
+    ``p_value`` the exact McNemar p-value when the results are accuracies (0/1, or
+    shares of runs right against 0/1), else the paired randomization test's
+    (:func:`sign_flip_p_value`);
     ``n`` the number of examples; ``nonzero`` how many of them the two score differently;
     ``alpha`` one minus the interval's confidence.
 
@@ -76,10 +77,11 @@ class Comparison:
     @property
     def significant(self) -> bool:
         """True when the confidence interval excludes zero and the paired evidence can
-        say so: for 0/1 results the exact McNemar test agrees (p < ``alpha``); for
-        others, enough examples differ that an exact paired test could (a sign test
-        needs 6 at 0.05). A bootstrap over one example, or over a few that differ, gives
-        an interval of zero width that proves nothing.
+        say so: the paired test agrees (p < ``alpha``: McNemar for 0/1 results, the
+        randomization test for others); without one, at least enough examples differ
+        that an exact paired test could (a sign test needs 6 at 0.05). A bootstrap over
+        one example, or over a few that differ, gives an interval of zero width that
+        proves nothing.
 
         Example:
             >>> Comparison(1.0, 1.0, 1.0, p_value=1.0, n=1).significant  # one example
@@ -91,7 +93,7 @@ class Comparison:
             return False
         if self.p_value is not None:
             return self.p_value < self.alpha
-        if self.nonzero is not None:
+        if self.nonzero is not None:  # no paired test given: at least what a sign test needs
             return 2 * 0.5**self.nonzero < self.alpha
         return True
 
@@ -182,6 +184,11 @@ def paired_difference(
         p_value = mcnemar_p_value(a_only, b_only)
         if (a_only - b_only) * diff.estimate < 0:
             p_value = 1.0  # the signs favour the side the mean does not: no evidence for it
+    else:
+        # losses and other values: the paired randomization test (exact over every sign
+        # flip of the differences when few differ); the percentile bootstrap alone calls
+        # differences on a handful of examples that no exact paired test backs
+        p_value = sign_flip_p_value(a - b, n_resamples, seed)
     nonzero = int(np.count_nonzero(a != b))
     return Comparison(
         diff.estimate,
@@ -193,6 +200,43 @@ def paired_difference(
         1.0 - confidence,
         n_resamples,
     )
+
+
+def sign_flip_p_value(
+    differences: Sequence[float] | np.ndarray, n_resamples: int = 2000, seed: int = 0
+) -> float:
+    """Two-sided p-value of the paired randomization test: how often flipping the signs
+    of the per-example differences gives a mean at least as far from zero (under no
+    difference, each sign is a coin flip). Exact over all flips when at most
+    :data:`_EXACT_FLIPS` examples differ, else from ``n_resamples`` random flips.
+
+    Example:
+        >>> sign_flip_p_value([0.5, 0.2, 0.9, 0.4, 0.3, 0.6])  # all six agree: 2 / 64
+        0.03125
+        >>> sign_flip_p_value([0, 0, 0, 1.01, 1.01, 1.01])  # three examples carry it
+        0.25
+    """
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
+    m = d.size
+    if m == 0:
+        return 1.0
+    observed = abs(float(d.sum())) * (1 - 1e-12)  # ties of the statistic count as extreme
+    if m <= _EXACT_FLIPS:
+        signs = 1 - 2 * ((np.arange(2**m)[:, None] >> np.arange(m)) & 1)
+        return float(np.mean(np.abs(signs @ d) >= observed))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    block = max(1, _BLOCK_ELEMENTS // m)
+    for start in range(0, n_resamples, block):
+        rows = min(block, n_resamples - start)
+        signs = np.where(rng.random((rows, m)) < 0.5, -1.0, 1.0)
+        hits += int(np.count_nonzero(np.abs(signs @ d) >= observed))
+    return (hits + 1) / (n_resamples + 1)
+
+
+#: differing examples up to which the randomization test enumerates every sign flip
+_EXACT_FLIPS = 16
 
 
 def mcnemar_p_value(a_only: int, b_only: int) -> float:
