@@ -219,3 +219,37 @@ def test_lawa_with_fewer_ingredients_than_last_warns_and_says_so_in_its_row():
         "lawa (last 5: all 2)",
         "lawa (last 2)",
     ]
+
+
+def test_lawa_takes_lightning_checkpoints_in_step_order_and_last_ckpt_once(tmp_path):
+    # Lightning records each checkpoint's global_step: names like "{val_loss}-{epoch}" sort
+    # by loss, and last.ckpt (save_last) is a copy of the newest, at the same step
+    from modelsoup.errors import SoupWarning
+    from modelsoup.ingredients import find_checkpoints
+    from modelsoup.recipes.lawa import lawa_soup
+
+    def ckpt(name: str, step: int, value: float) -> None:
+        torch.save(
+            {
+                "pytorch-lightning_version": "2.4.0",
+                "global_step": step,
+                "epoch": step // 10,
+                "state_dict": {"model.weight": torch.full((1, 1), value)},
+            },
+            tmp_path / name,
+        )
+
+    for name, step in [("val_loss=0.30-epoch=3", 40), ("val_loss=0.50-epoch=1", 20),
+                       ("val_loss=0.90-epoch=0", 10), ("val_loss=0.31-epoch=2", 30)]:  # fmt: skip
+        ckpt(f"{name}.ckpt", step, float(step))
+    ckpt("last.ckpt", 40, 40.0)
+    ings = open_ingredients(find_checkpoints([tmp_path]))
+    score = lambda m: float(m.weight.detach())  # noqa: E731
+    taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), score)
+    with pytest.warns(SoupWarning, match="last = val_loss=0.30-epoch=3: saved at the same"):
+        soup = lawa_soup(taster, last=2)
+    assert sorted(ings[i].label for i in soup.chosen) == [
+        "val_loss=0.30-epoch=3",
+        "val_loss=0.31-epoch=2",
+    ]
+    assert soup.scores["held_out"] == 35.0  # steps 30 and 40, the latest two states

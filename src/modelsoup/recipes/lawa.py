@@ -3,13 +3,17 @@
 Latest weight averaging (Kaddour 2022, "Stop Wasting My Time! Saving Days of ImageNet
 and BERT Training with Latest Weight Averaging"; the checkpoint averaging of nanoGPT
 and Pythia) averages the ``last`` k checkpoints of a training run. "Last" is the order
-of the ingredients: a run's ``checkpoint-N`` folders are found in step order. With
-fewer than ``last`` ingredients it averages them all, warns, and its report row says so
-(``lawa (last 10: all 4)``).
+of the ingredients: a run's ``checkpoint-N`` folders are found in step order. Lightning
+checkpoints record their ``global_step``: when every ingredient does, that is the order
+(a ``{val_loss:.2f}-{epoch}`` file name sorts by loss), and two at one step are one
+training state (``last.ckpt`` beside the checkpoint it copies) counted once, with a
+warning. With fewer than ``last`` ingredients it averages them all, warns, and its report
+row says so (``lawa (last 10: all 4)``).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from pydantic import PositiveInt
@@ -44,8 +48,9 @@ def lawa_soup(taster: Taster, *, last: int) -> Soup:
         ...     lawa_soup(t, last=5).options, str(caught[0].message).split(";")[0]
         ({'last': 5, 'available': 3}, 'lawa: last=5 but there are only 3 ingredients')
     """
-    n = len(taster.ingredients)
-    members = list(range(max(0, n - last), n))
+    order = _in_training_order(taster)
+    n = len(order)
+    members = sorted(order[max(0, n - last) :])
     options: dict = {"last": last}
     if n < last:
         warnings.warn(
@@ -57,8 +62,42 @@ def lawa_soup(taster: Taster, *, last: int) -> Soup:
         options["available"] = n  # the row reads "lawa (last 10: all 4)"
     score = taster.score_members(members)
     return taster.soup(
-        member_weights(n, members),
+        member_weights(len(taster.ingredients), members),
         recipe="lawa",
         options=options,
         scores={"held_out": score},
     )
+
+
+def _in_training_order(taster: Taster) -> list[int]:
+    """The pool's positions, oldest first: by the global step every Lightning checkpoint
+    records when all have one (one position per step), else in the pool's order."""
+    steps = []
+    for ing in taster.ingredients:
+        layout = getattr(ing.source, "lightning", None)
+        step = layout.extras.get("global_step") if layout is not None else None
+        steps.append(step if isinstance(step, int) and not isinstance(step, bool) else None)
+    if not steps or any(s is None for s in steps):
+        return list(range(len(steps)))
+    order, first_at, twins = [], {}, []
+
+    def copy_of_newest(i: int) -> bool:  # Lightning's save_last: last.ckpt, last-v1.ckpt
+        path = taster.ingredients[i].path
+        return path is not None and re.fullmatch(r"last(-v\d+)?\.ckpt", path.name) is not None
+
+    for i in sorted(range(len(steps)), key=lambda i: (steps[i], copy_of_newest(i), i)):
+        if steps[i] in first_at:
+            twins.append(
+                f"{taster.ingredients[i].label} = {taster.ingredients[first_at[steps[i]]].label}"
+            )
+            continue
+        first_at[steps[i]] = i
+        order.append(i)
+    if twins:
+        warnings.warn(
+            f"lawa: {', '.join(twins)}: saved at the same training step, one training state "
+            "(Lightning's last.ckpt copies the newest checkpoint), counted once",
+            SoupWarning,
+            stacklevel=3,
+        )
+    return order
