@@ -170,8 +170,9 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         ('recipes: [{name: greedy, label: "a\\nb"}]\n', "cannot name a soup file"),
         # a fraction of a byte is refused, not cut down to a 1-byte budget
         ("max_memory: '1.5'\n", "'max_memory': size 1.5 is not a whole number of bytes"),
-        ("max_memory: '1e999'\n", "'max_memory': size 1e999 is more bytes than any machine has"),
-        ("max_memory: 1e999\n", "'max_memory': size inf is not a number of bytes"),  # YAML: inf
+        ("max_memory: 1e999\n", "'max_memory': size 1e999 is more bytes than any machine has"),
+        # a number where a number goes, text where text goes (YAML 1.1 reads 1e-3 as text)
+        ("recipes: [{name: learned, lr: '1e-3'}]\n", "write a number without quotes, not '1e-3'"),
         ("max_memory: 1.5\n", "'max_memory': size 1.5 is not a whole number of bytes"),
         ("racing: {confidence: '0.9'}\n", "'racing.confidence': write a number without quotes"),
         ("recipes: [{name: greedy, max_ingredients: '3'}]\n", "'recipes.0.max_ingredients'"),
@@ -380,3 +381,24 @@ def test_a_test_score_that_is_not_the_mean_of_its_examples_gets_no_interval():
                   progress=False, bootstrap_resamples=200)  # fmt: skip
     verdict = summarize(result, bootstrap_resamples=200)["verdict"]
     assert "turn baselines on for an interval" in verdict, verdict
+
+
+def test_an_exponent_without_a_dot_is_a_number_where_one_goes_and_text_elsewhere():
+    # YAML 1.1 reads 1e-3 as text (its floats need a dot), YAML 1.2 as a number; a config
+    # means the number for lr and the text for a run folder or label named by its lr
+    from modelsoup.cook.config import CookConfig, read_yaml
+    from modelsoup.recipes import get_recipe
+
+    text = (
+        "model: m:f\nheld_out: m:g\noutput: o\nmax_memory: 8e9\nbootstrap_resamples: 2e3\n"
+        "ingredients: [1e-3, {path: 3e-4, label: 3e-4}]\n"
+        "recipes:\n  - {name: learned, lr: 1e-3, epochs: 2e1}\n"
+        "  - {name: search, merge: {rule: ties, lambda: 1e0}, option: density,\n"
+        "     grid: [1e-1, 5e-1]}\n"
+    )
+    config = CookConfig(**read_yaml(text, "soup.yaml"))
+    assert [(e.path, e.label) for e in config.ingredients] == [("1e-3", None), ("3e-4", "3e-4")]
+    assert config.bootstrap_resamples == 2000 and config.max_memory == "8e9"
+    learned, search = (get_recipe(r.name).check_options(r.options()) for r in config.recipes)
+    assert (learned.lr, learned.epochs) == (0.001, 20)
+    assert search.grid == [0.1, 0.5] and search.merge_rule().canonical()["lambda"] == 1.0

@@ -18,6 +18,30 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 _SCALARS = (bool, int, float, str)
 
 
+class WrittenNumber(str):
+    """A YAML plain scalar such as ``1e-3``: YAML 1.1 reads it as text (its floats need a
+    dot), YAML 1.2 and Python as a number. It stays the text written where text goes (a
+    label, a path: ``runs/1e-3``) and is the number where a number goes (``lr: 1e-3``).
+
+    Example:
+        >>> value = WrittenNumber("1e-3")
+        >>> value == "1e-3", value.number()
+        (True, 0.001)
+    """
+
+    def number(self) -> float | int:
+        """The number it reads as: an int when it is a whole number (``8e9``)."""
+        value = float(self)
+        return int(value) if value.is_integer() and abs(value) < 2**63 else value
+
+
+def _read_as(value: Any, kinds: set[type]) -> Any:
+    # a WrittenNumber becomes the number where a number goes and no text does
+    if isinstance(value, WrittenNumber):
+        return str(value) if str in kinds or object in kinds else value.number()
+    return value
+
+
 def _kinds(annotation: Any) -> set[type]:
     """The plain scalar types an annotation admits (``object``: something else)."""
     origin = typing.get_origin(annotation)
@@ -93,8 +117,11 @@ class OptionsModel(BaseModel):
     @classmethod
     def _as_written(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = cls.model_fields[info.field_name].annotation
-        problem = _problem(value, _kinds(annotation), _literals(annotation))
+        value = _read_as(value, _kinds(annotation))
         elements = _elements(annotation)
+        if elements is not None and isinstance(value, list | tuple):
+            value = type(value)(_read_as(v, elements) for v in value)
+        problem = _problem(value, _kinds(annotation), _literals(annotation))
         if problem is None and elements is not None and isinstance(value, list | tuple):
             problem = next((p for v in value if (p := _problem(v, elements))), None)
         if problem is not None:

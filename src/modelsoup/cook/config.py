@@ -51,7 +51,7 @@ from pydantic import (
     model_validator,
 )
 
-from modelsoup._options import OptionsModel
+from modelsoup._options import OptionsModel, WrittenNumber
 from modelsoup._util import spelling_hint
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import as_evaluator, identity, same_data
@@ -362,14 +362,18 @@ def check_recipes(config: CookConfig, source: str = "config") -> None:
 class _StrictLoader(yaml.SafeLoader):
     """YAML as people mean it: a key given twice, and YAML 1.1's octal (``017``) and
     base-60 (``1:30:00``) integers, are refused, not silently resolved; ``1e-3`` is a
-    number (YAML 1.2, and Python), not the text YAML 1.1 makes of it without a dot."""
+    :class:`~modelsoup._options.WrittenNumber`, a number where a number goes (as in YAML
+    1.2, and Python), not only the text YAML 1.1 makes of it without a dot."""
 
 
-# YAML 1.1 floats need a dot ("1.0e-3"); as in YAML 1.2, an exponent alone makes one too
+# YAML 1.1 floats need a dot ("1.0e-3"); written without one, an exponent makes a
+# WrittenNumber: the number where a number goes, the text where text goes
+_EXPONENT_TAG = "tag:modelsoup,2026:written-number"
 _StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    _EXPONENT_TAG, re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+_StrictLoader.add_constructor(
+    _EXPONENT_TAG, lambda loader, node: WrittenNumber(loader.construct_scalar(node))
 )
 
 
@@ -411,7 +415,7 @@ def read_yaml(text: str, source: str) -> Any:
 
     Example:
         >>> read_yaml("seed: 3\\nruns: [1, 2]\\nlr: 1e-3", "soup.yaml")
-        {'seed': 3, 'runs': [1, 2], 'lr': 0.001}
+        {'seed': 3, 'runs': [1, 2], 'lr': '1e-3'}
         >>> read_yaml("seed: 1\\nseed: 2", "soup.yaml")
         Traceback (most recent call last):
         ...

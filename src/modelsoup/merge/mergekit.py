@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from modelsoup._options import WrittenNumber
 from modelsoup.errors import ConfigError, SoupWarning
 
 #: modelsoup rule -> mergekit ``merge_method``, for the rules a config reproduces
@@ -127,6 +128,8 @@ _RESCALE = {"ties": False, "dare_ties": True, "dare_linear": True}
 
 
 def _number(value: Any, where: str) -> float:
+    if isinstance(value, WrittenNumber):  # density: 1e-1, a number to mergekit too
+        value = value.number()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}: {value!r} is not a number")
     return float(value)
