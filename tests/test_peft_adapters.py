@@ -569,20 +569,30 @@ def test_a_model_folder_that_also_holds_an_adapter_says_the_adapter_is_not_appli
     )
 
 
-def test_a_square_linear_is_never_transposed_whatever_the_saved_flag(kitchen, tmp_path):
-    # PEFT ignores fan_in_fan_out for an nn.Linear (q_proj is square here): so does modelsoup
-    _, base_dir, adapters = kitchen
-    config = json.loads((adapters[0] / "adapter_config.json").read_text())
-    flagged = tmp_path / "flagged"
-    shutil.copytree(adapters[0], flagged)
-    (flagged / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
-    (plain,) = open_ingredients([adapters[0]])
-    (edited,) = open_ingredients([flagged])
-    for name in plain.source.names():
-        assert torch.equal(edited.tensor(name), plain.tensor(name)), name
-    (flagged / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": "no"}))
+def test_a_saved_fan_in_fan_out_holds_for_a_conv1d_model_of_another_name(tmp_path):
+    # remote-code copies of GPT-2 (Jais) keep its Conv1D layers under their own model_type:
+    # PEFT's saved true is what tells their square c_proj apart from an nn.Linear
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(model, lora)
+    peft_model.save_pretrained(tmp_path / "ad")
+    merged = peft_model.merge_and_unload().state_dict()
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**saved, "model_type": "jais"}))
+    source = AdapterSource(tmp_path / "ad", base=tmp_path / "base")
+    for name in source.names():
+        torch.testing.assert_close(source.tensor(name), merged[name], rtol=0, atol=1e-6)
+    flag = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(
+        json.dumps({**flag, "fan_in_fan_out": "no"})
+    )
     with pytest.raises(IngredientError, match="'fan_in_fan_out' is 'no'; expected true or false"):
-        open_ingredients([flagged])
+        AdapterSource(tmp_path / "ad", base=tmp_path / "base")
 
 
 def test_a_square_conv1d_style_weight_without_a_config_is_refused(tmp_path):
@@ -594,13 +604,24 @@ def test_a_square_conv1d_style_weight_without_a_config_is_refused(tmp_path):
     )
     model = transformers.GPT2ForSequenceClassification(config)
     model.save_pretrained(tmp_path / "base")
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*attn\.c_proj|score")
-    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "ad")
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=r".*attn\.c_proj|score", init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(model, lora)
+    peft_model.save_pretrained(tmp_path / "ad")
+    flag = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    assert flag is False  # the head's, set up last
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(tmp_path / "base" / "model.safetensors", alone / "weights.safetensors")
     with pytest.raises(IngredientError, match="cannot tell whether .*c_proj.* no config.json"):
         AdapterSource(tmp_path / "ad", base=alone / "weights.safetensors")
+    # beside it, the architecture's config.json decides, whatever the file's name
+    shutil.copy(tmp_path / "base" / "config.json", alone / "config.json")
+    merged = peft_model.merge_and_unload().state_dict()
+    source = AdapterSource(tmp_path / "ad", base=alone / "weights.safetensors")
+    for name in source.names():
+        torch.testing.assert_close(source.tensor(name), merged[name], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

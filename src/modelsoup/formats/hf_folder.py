@@ -232,8 +232,6 @@ _LAYOUTS = (
     ("pytorch_model.bin", TorchSource),
     ("pytorch_model.bin.index.json", TorchSource),
 )
-#: a model folder's one-file weights: given alone, its config.json is beside it
-SINGLE_WEIGHT_FILES = frozenset(name for name, _ in _LAYOUTS if not name.endswith(".json"))
 
 
 def is_model_folder(path: Path) -> bool:

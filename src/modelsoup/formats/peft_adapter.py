@@ -49,7 +49,7 @@ from modelsoup.formats.base import (
     hash_files,
     stat_file,
 )
-from modelsoup.formats.hf_folder import FOLDER_CARD, SINGLE_WEIGHT_FILES, open_folder
+from modelsoup.formats.hf_folder import FOLDER_CARD, open_folder
 from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 
@@ -439,23 +439,27 @@ class AdapterSource(TensorSource):
         have = tuple(self.base.meta(name).shape)
         if plain != flipped and have in (plain, flipped):
             return have == flipped  # the shape says which, whatever the saved flag
-        if model_type is not None or not conv1d_name:
-            return False  # an nn.Linear: PEFT never transposes it, whatever the flag says
         if saved:
-            return True  # PEFT saves true only when the last module it set up was a Conv1D
+            # PEFT saves true only when the last module it set up was a Conv1D (GPT-2's
+            # copies under other names keep them: remote-code models such as Jais)
+            return True
+        if model_type is not None or not conv1d_name:
+            return False  # an nn.Linear, as PEFT's saved false says
+        # false may be the last module's (a Linear head beside Conv1D layers): only the
+        # architecture can tell a square c_proj apart
         raise IngredientError(
             f"{self.folder}: cannot tell whether '{name}' (square) is a Conv1D stored (in, "
-            f"out), as in GPT-2, or an nn.Linear: the base {self.base_path} has no "
-            "config.json to say its architecture; give the base as its model folder"
+            f"out), as in GPT-2, or an nn.Linear: no config.json with a model_type beside "
+            f"the base {self.base_path} says its architecture; give the base as its model "
+            "folder, with its config.json"
         )
 
     @functools.cached_property
     def _base_config(self) -> dict:
         # the base's config.json, read once (every LoRA module asks about it); a base given
-        # as its folder's weights file (model.safetensors) has it beside it
+        # as a weights file has it beside it (model.safetensors in its folder)
         home = self.base_path if self.base_path.is_dir() else self.base_path.parent
-        if home != self.base_path and self.base_path.name not in SINGLE_WEIGHT_FILES:
-            return {}
+        check_regular(home / "config.json")
         try:
             config = json.loads((home / "config.json").read_text())
         except (OSError, ValueError):
