@@ -180,9 +180,14 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
     return 0
 
 
+#: a card's output dtype as --out-dtype names it
+_CARD_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
 def _dare_command(card: dict) -> str:
     # every member of the pool in its place (zero weights kept: each member's drop mask
     # follows its place), and the mask scheme (cards older than it used blocks-v0)
+    import re
     import shlex
 
     merge = card.get("merge") or {}
@@ -191,6 +196,21 @@ def _dare_command(card: dict) -> str:
     words += ["--weights", ",".join(repr(float(r["coefficient"])) for r in rows)]
     if not (card.get("options") or {}).get("normalize", True):
         words.append("--no-normalize")
+    keys = {r.get("checkpoint_key") for r in rows} | {card["base"].get("checkpoint_key")}
+    keys.discard(None)
+    if len(keys) > 1:
+        return "none: its inputs were read under different checkpoint keys"
+    if keys:
+        words += ["--checkpoint-key", shlex.quote(keys.pop())]
+    policy = card.get("dtype_policy") or {}
+    if policy.get("accumulate", "float32") != "float32":
+        words += ["--accum-dtype", policy["accumulate"]]
+    written = _CARD_DTYPES.get(policy.get("output", ""))
+    if written is not None:
+        words += ["--out-dtype", written]
+    found = re.search(r"\((\w+)\)", policy.get("integers", ""))
+    if found and found.group(1) != "strict":
+        words += ["--int-policy", found.group(1)]
     words += ["--base", shlex.quote(str(card["base"]["path"])), "--merge", merge["rule"]]
     words += [
         "--density",
