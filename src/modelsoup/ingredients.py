@@ -227,6 +227,23 @@ def _is_ingredient(path: Path) -> bool:
 _SHARD_NAME = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", re.IGNORECASE)
 
 
+def _refuse_shard(path: Path) -> None:
+    """A file named as one shard of a model folder is not a model: refused, naming the
+    folder to give (or the missing index)."""
+    if path.is_dir() or not _SHARD_NAME.fullmatch(path.name):
+        return
+    if is_model_folder(path.parent):
+        raise IngredientError(
+            f"{path}: is one shard of the model folder {path.parent}, not a model; give the "
+            "folder itself"
+        )
+    raise IngredientError(
+        f"{path}: is one shard of a model whose index (model.safetensors.index.json or "
+        "pytorch_model.bin.index.json) is not beside it; restore the index and give the "
+        "folder, or re-save the model folder"
+    )
+
+
 def _is_soup(path: Path) -> bool:
     """A soup modelsoup wrote: a folder holding its soup card, or a file with one beside it."""
     if path.is_dir():
@@ -403,6 +420,8 @@ def find_checkpoints(
             matches = sorted((Path(p) for p in glob.glob(text)), key=natural_order)
             if not matches:
                 raise IngredientError(f"{text}: the pattern matches no file")
+            for match in matches:
+                _refuse_shard(match)
             matches = _without_soups(matches, text)
             found.extend(_drop_same_content(matches, text) if dedupe else matches)
             continue
@@ -419,6 +438,7 @@ def find_checkpoints(
                     _names(_nested_checkpoints(path)),
                     path,
                 )
+            _refuse_shard(path)
             found.append(path)
     return found
 
