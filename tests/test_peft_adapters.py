@@ -616,10 +616,11 @@ def test_a_square_conv1d_style_weight_without_a_config_is_refused(tmp_path):
     shutil.copy(tmp_path / "base" / "model.safetensors", alone / "weights.safetensors")
     with pytest.raises(IngredientError, match="cannot tell whether .*c_proj.* no config.json"):
         AdapterSource(tmp_path / "ad", base=alone / "weights.safetensors")
-    # beside it, the architecture's config.json decides, whatever the file's name
+    # beside it, the architecture's config.json decides, whatever the file's name (or case)
     shutil.copy(tmp_path / "base" / "config.json", alone / "config.json")
+    (alone / "weights.safetensors").rename(alone / "WEIGHTS.SAFETENSORS")
     merged = peft_model.merge_and_unload().state_dict()
-    source = AdapterSource(tmp_path / "ad", base=alone / "weights.safetensors")
+    source = AdapterSource(tmp_path / "ad", base=alone / "WEIGHTS.SAFETENSORS")
     for name in source.names():
         torch.testing.assert_close(source.tensor(name), merged[name], rtol=0, atol=1e-6)
 

@@ -18,12 +18,16 @@ from modelsoup.errors import ConfigError, IngredientError, SoupWarning
 from modelsoup.formats.base import TensorSource
 from modelsoup.formats.hf_folder import is_model_folder, open_folder, weight_files
 from modelsoup.formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource
-from modelsoup.formats.safetensors_io import SafetensorsSource, refuse_key
+from modelsoup.formats.safetensors_io import (
+    SAFETENSORS_SUFFIXES,
+    SafetensorsSource,
+    is_safetensors_name,
+    refuse_key,
+)
 from modelsoup.formats.torch_pickle import TorchSource
 
 #: torch pickles; ``.pth.tar`` is what timm's training script saves
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
-SAFETENSORS_SUFFIXES = (".safetensors",)
 CHECKPOINT_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES)
 #: the file suffix each output format is saved with (folders have none)
 FORMAT_SUFFIXES = {"safetensors": ".safetensors", "pt": ".pt", "folder": ""}
@@ -62,16 +66,6 @@ def is_checkpoint_name(path: Path) -> bool:
         (True, False)
     """
     return path.name.lower().endswith(CHECKPOINT_SUFFIXES)
-
-
-def is_safetensors_name(path: Path) -> bool:
-    """Whether a file name says safetensors (``.safetensors``, in any case).
-
-    Example:
-        >>> is_safetensors_name(Path("a.SafeTensors")), is_safetensors_name(Path("a.pt"))
-        (True, False)
-    """
-    return path.name.lower().endswith(SAFETENSORS_SUFFIXES)
 
 
 def checkpoint_stem(path: Path) -> str:

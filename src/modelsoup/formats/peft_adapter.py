@@ -50,7 +50,11 @@ from modelsoup.formats.base import (
     stat_file,
 )
 from modelsoup.formats.hf_folder import FOLDER_CARD, open_folder
-from modelsoup.formats.safetensors_io import SafetensorsSource, write_safetensors
+from modelsoup.formats.safetensors_io import (
+    SafetensorsSource,
+    is_safetensors_name,
+    write_safetensors,
+)
 from modelsoup.formats.torch_pickle import TorchSource
 
 _logger = logging.getLogger(__name__)
@@ -263,7 +267,7 @@ def open_base(path: Path) -> TensorSource:
     """
     if path.is_dir():
         return open_folder(path)
-    if path.name.endswith(".safetensors"):
+    if is_safetensors_name(path):
         return SafetensorsSource([path])
     return TorchSource([path])
 

@@ -102,6 +102,20 @@ def read_header_bytes(path: Path) -> tuple[dict[str, _Entry], dict[str, str], in
     return entries, metadata, start, raw
 
 
+#: the suffix of a safetensors file (read in any case)
+SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+def is_safetensors_name(path: Path) -> bool:
+    """Whether a file name says safetensors (``.safetensors``, in any case).
+
+    Example:
+        >>> is_safetensors_name(Path("a.SafeTensors")), is_safetensors_name(Path("a.pt"))
+        (True, False)
+    """
+    return path.name.lower().endswith(SAFETENSORS_SUFFIXES)
+
+
 def _read_header(
     path: Path,
 ) -> tuple[dict[str, _Entry], dict[str, str], int, bytes, os.stat_result]:
