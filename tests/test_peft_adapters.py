@@ -284,6 +284,10 @@ def test_adapters_that_cannot_be_souped_are_refused(kitchen, tmp_path, capsys):
     (dora / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(IngredientError, match="DoRA"):
         open_ingredients([dora])
+    # an adapter soup is one adapter file, never sharded
+    with pytest.raises(ConfigError, match="cannot shard a LoRA adapter soup"):
+        modelsoup.average(adapters).save(tmp_path / "ad-soup", max_shard_size="1GB", progress=False)
+    assert not (tmp_path / "ad-soup").exists()
     # an adapter soup is a folder unless merged
     with pytest.raises(ConfigError, match="adapter folder"):
         modelsoup.average(adapters).save(tmp_path / "soup.safetensors", progress=False)

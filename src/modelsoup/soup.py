@@ -699,9 +699,13 @@ def save_soup(
     out = check_output_path(out)
     adapter = soup.adapter_base() is not None and not merge_into_base
     if max_shard_size is not None and (adapter or output_format(out) != "folder"):
+        what = (
+            "a LoRA adapter soup, whose adapter file is written whole"
+            if adapter
+            else "one file; it applies only to a model folder output (a path without a suffix)"
+        )
         raise ConfigError(
-            f"{out}: --max-shard-size applies only to a model folder output (a path "
-            "without a suffix); this output is one file, so leave the option out"
+            f"{out}: max_shard_size (--max-shard-size) cannot shard {what}; leave it out"
         )
     if adapter:
         return save_adapter_soup(soup, out, rank=adapter_rank, out_dtype=out_dtype)
