@@ -399,3 +399,24 @@ def test_a_folder_output_that_cannot_be_written_names_itself_not_its_staging(tmp
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out / 'model.safetensors'}: ") and ".tmp-" not in err
     assert _snapshot(tmp_path) == before and not out.exists()
+
+
+def test_pipes_among_a_folders_files_are_refused_or_passed_by_never_waited_on(tmp_path, ckpts):
+    # opening a pipe waits for a writer: an index that is one is refused, a soup card that
+    # is one is not read (run in a child with a time limit: a regression would hang)
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / "model.safetensors.index.json")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for p in ckpts[:2]:
+        (runs / p.name).write_bytes(p.read_bytes())
+    os.mkfifo(runs / f"{ckpts[0].name}.json")
+    cmd = [sys.executable, "-m", "modelsoup", "average", "-q"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([*cmd, str(model), str(ckpts[2]), "-o", str(tmp_path / "a.safetensors")],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 2 and "is not a regular file" in done.stderr
+    done = subprocess.run([*cmd, str(runs), "-o", str(tmp_path / "b.safetensors")],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0 and (tmp_path / "b.safetensors").is_file()

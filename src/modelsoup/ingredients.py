@@ -33,7 +33,14 @@ from modelsoup.errors import (
     IngredientError,
     SoupWarning,
 )
-from modelsoup.formats.base import DictSource, TensorMeta, TensorSource, hash_files, storage_of
+from modelsoup.formats.base import (
+    DictSource,
+    TensorMeta,
+    TensorSource,
+    check_regular,
+    hash_files,
+    storage_of,
+)
 from modelsoup.formats.dispatch import (
     CHECKPOINT_SUFFIXES,
     checkpoint_stem,
@@ -248,8 +255,11 @@ def _is_soup(path: Path) -> bool:
     """A soup modelsoup wrote: a folder holding its soup card, or a file with one beside it."""
     if path.is_dir():
         return (path / FOLDER_CARD).is_file()
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():  # nor a pipe, which would wait for a writer
+        return False
     try:
-        card = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+        card = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(card, dict) and card.get("format") == CARD_FORMAT
@@ -355,6 +365,7 @@ def _sampled_digest(files: Sequence[Path], blocks: int = 8, size: int = 1 << 16)
     different content; equal ones are then confirmed by a full hash."""
     digest = hashlib.sha256()
     for path in files:
+        check_regular(path)
         length = path.stat().st_size
         with open(path, "rb") as fh:
             for i in range(blocks):

@@ -22,7 +22,7 @@ import torch
 
 from modelsoup._util import atomic_file, check_replaceable, replace_folder, temp_sibling
 from modelsoup.errors import IngredientError, SoupWarning
-from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of
+from modelsoup.formats.base import TensorMeta, TensorSource, architecture_of, check_regular
 from modelsoup.formats.safetensors_io import SafetensorsSource, refuse_key, write_safetensors
 from modelsoup.formats.torch_pickle import TorchSource
 from modelsoup.formats.training_args import read_training_args
@@ -260,6 +260,7 @@ def read_index(index_path: Path) -> dict[str, str]:
         >>> read_index(d / "i.json")
         {'w': 'model-1.safetensors'}
     """
+    check_regular(index_path)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except OSError as err:
