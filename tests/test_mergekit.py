@@ -97,6 +97,7 @@ def _linear_with_lambda(config: dict) -> None:
         (lambda c: c.update(dtype="int8"), "key 'dtype': 'int8'"),
         (lambda c: c.update(dtype=["float16"]), "key 'dtype': ['float16']"),
         (lambda c: c.update(dtype="float8", out_dtype="float16"), "key 'dtype': 'float8'"),
+        (lambda c: c.update(out_dtype="torch.int8"), "key 'out_dtype': 'torch.int8'"),
         (lambda c: c["parameters"].update(normalize="false"), "write true or false, not 'false'"),
         # a model without a density has mergekit's 1.0: two densities, not one
         (lambda c: c["models"][1]["parameters"].pop("density"), "or to none"),
@@ -161,6 +162,24 @@ def test_a_linear_mergekit_config_averages_the_base_it_lists_and_writes_its_dtyp
             assert value.dtype == torch.bfloat16
             expected = (0.5 * a[name].double() + 0.5 * b[name].double()).to(torch.bfloat16)
             assert torch.equal(value, expected), name
+
+
+def test_mergekit_dtype_names_are_read_as_mergekit_reads_them(tmp_path):
+    # mergekit's dtype_from_name takes "torch.float32" as float32
+    paths, base = tiny_files(tmp_path, 2)
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths],
+        "dtype": "torch.float64",
+        "out_dtype": "torch.bfloat16",
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "x.safetensors"
+    assert main(["average", "--from-mergekit", str(path), "-o", str(out), "-q"]) == 0
+    card = json.loads(card_path(out).read_text())
+    assert card["dtype_policy"]["accumulate"] == "float64"
+    assert card["dtype_policy"]["written"] == ["bfloat16"]
 
 
 @pytest.mark.parametrize(

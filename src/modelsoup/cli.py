@@ -180,15 +180,13 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
     return 0
 
 
-#: a card's output dtype as --out-dtype names it
-_CARD_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
-
-
 def _dare_command(card: dict) -> str:
     # every member of the pool in its place (zero weights kept: each member's drop mask
     # follows its place), and the mask scheme (cards older than it used blocks-v0)
     import re
     import shlex
+
+    from modelsoup.merge.mergekit import OUT_DTYPE_FLAGS
 
     merge = card.get("merge") or {}
     rows = card["ingredients"]
@@ -205,7 +203,7 @@ def _dare_command(card: dict) -> str:
     policy = card.get("dtype_policy") or {}
     if policy.get("accumulate", "float32") != "float32":
         words += ["--accum-dtype", policy["accumulate"]]
-    written = _CARD_DTYPES.get(policy.get("output", ""))
+    written = OUT_DTYPE_FLAGS.get(policy.get("output", ""))
     if written is not None:
         words += ["--out-dtype", written]
     found = re.search(r"\((\w+)\)", policy.get("integers", ""))

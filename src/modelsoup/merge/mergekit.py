@@ -120,8 +120,8 @@ class MergekitAverage:
 
 #: the floating dtypes mergekit 0.1.5 writes (its ``dtype_from_name``)
 _MERGEKIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-#: mergekit dtype names -> ``--out-dtype`` names
-_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+#: dtype names (mergekit's, a soup card's) -> ``--out-dtype`` names
+OUT_DTYPE_FLAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 #: what mergekit's ``rescale`` must be for the rule modelsoup computes (DARE: by
 #: 1/density; TIES: none), by method
 _RESCALE = {"ties": False, "dare_ties": True, "dare_linear": True}
@@ -255,13 +255,20 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
     merge: dict[str, Any] = {"rule": method}
     if method != "linear":
         merge["lambda"] = _number(shared.get("lambda", 1.0), f"{source}: key 'parameters.lambda'")
+    named = {}
     for key in ("dtype", "out_dtype"):  # each checked: a bad dtype beside out_dtype is no dtype
         given = config.get(key)
-        if given is not None and (not isinstance(given, str) or given not in _DTYPES):
+        if isinstance(given, str):
+            given = given.removeprefix("torch.")  # as mergekit's dtype_from_name reads it
+        if config.get(key) is not None and (
+            not isinstance(given, str) or given not in OUT_DTYPE_FLAGS
+        ):
             raise ConfigError(
-                f"{source}: key '{key}': {given!r} is not one of {', '.join(_DTYPES)}"
+                f"{source}: key '{key}': {config.get(key)!r} is not one of "
+                f"{', '.join(OUT_DTYPE_FLAGS)}"
             )
-    dtype = config.get("out_dtype") or config.get("dtype")
+        named[key] = given
+    dtype = named["out_dtype"] or named["dtype"]
     if method in _DENSITY_METHODS:
         merge["density"] = densities.pop() if densities else 1.0
     if method in ("ties", "dare_ties") and not normalize:
@@ -275,6 +282,6 @@ def mergekit_to_average(config: Any, source: str = "mergekit config") -> Mergeki
         base if method != "linear" else None,
         merge,
         normalize,
-        _DTYPES.get(dtype) if dtype is not None else None,
-        "float64" if config.get("dtype") == "float64" else "float32",
+        OUT_DTYPE_FLAGS.get(dtype) if dtype is not None else None,
+        "float64" if named["dtype"] == "float64" else "float32",
     )
