@@ -171,6 +171,8 @@ def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
         # a fraction of a byte is refused, not cut down to a 1-byte budget
         ("max_memory: '1.5'\n", "'max_memory': size 1.5 is not a whole number of bytes"),
         ("max_memory: 1e999\n", "'max_memory': size 1e999 is more bytes than any machine has"),
+        # checked with the config, not after the soups are saved (it held 15 GB of means)
+        ("bootstrap_resamples: 1000000000\n", "'bootstrap_resamples': Input should be less"),
         # a number where a number goes, text where text goes (YAML 1.1 reads 1e-3 as text)
         ("recipes: [{name: learned, lr: '1e-3'}]\n", "write a number without quotes, not '1e-3'"),
         ("max_memory: 1.5\n", "'max_memory': size 1.5 is not a whole number of bytes"),

@@ -53,6 +53,7 @@ from pydantic import (
 
 from modelsoup._options import OptionsModel, WrittenNumber
 from modelsoup._util import spelling_hint
+from modelsoup.cook.stats import MAX_RESAMPLES
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import as_evaluator, identity, same_data
 from modelsoup.hf import CausalLMLossData, MultipleChoiceData, TextClassificationData
@@ -208,7 +209,7 @@ class CookOptions(OptionsModel):
     out_dtype: Literal["fp32", "fp16", "bf16"] | None = None
     journal: bool = True
     baselines: bool = True
-    bootstrap_resamples: int = Field(default=2000, ge=1)
+    bootstrap_resamples: int = Field(default=2000, ge=1, le=MAX_RESAMPLES)
     seed: int = Field(default=0, ge=0)
     recalibrate_candidates: bool = False
     #: stop a candidate's evaluation once it provably cannot meet the score to beat
@@ -244,7 +245,7 @@ class CookConfig(CookOptions):
     )
     output: str
     #: a config asks for intervals worth reading; the API allows fewer (quick tests)
-    bootstrap_resamples: int = Field(default=2000, ge=100)
+    bootstrap_resamples: int = Field(default=2000, ge=100, le=MAX_RESAMPLES)
     recalibrate_bn: str | None = None
     recalibrate_batches: int | None = Field(default=None, ge=1)
     #: permutation alignment before cooking: true (= "reference": weight matching onto

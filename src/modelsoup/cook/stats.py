@@ -120,6 +120,8 @@ class Comparison:
 
 #: the fewest bootstrap resamples whose interval can call a difference (2000 by default)
 MIN_RESAMPLES = 100
+#: the most: each resample's mean is kept, 8 bytes apiece
+MAX_RESAMPLES = 1_000_000
 
 
 def bootstrap_ci(
@@ -299,8 +301,13 @@ def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Genera
         # 0/1 and other few-valued results: a resample is fully described by how
         # often each distinct value is drawn, a multinomial draw. Same
         # distribution as resampling indices, but O(distinct) instead of O(n).
-        draws = rng.multinomial(n, counts / n, size=n_resamples)
-        return draws @ distinct / n
+        means = np.empty(n_resamples)
+        block = max(1, _BLOCK_ELEMENTS // distinct.size)
+        for start in range(0, n_resamples, block):
+            stop = min(start + block, n_resamples)
+            draws = rng.multinomial(n, counts / n, size=stop - start)
+            means[start:stop] = draws @ distinct / n
+        return means
     means = np.empty(n_resamples)
     block = max(1, _BLOCK_ELEMENTS // n)
     for start in range(0, n_resamples, block):
@@ -335,6 +342,11 @@ def _check_options(confidence: float, n_resamples: int, seed: int) -> None:
         raise ConfigError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     if n_resamples < 1:
         raise ConfigError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    if n_resamples > MAX_RESAMPLES:
+        raise ConfigError(
+            f"n_resamples {n_resamples} is more than {MAX_RESAMPLES:,} (the interval's "
+            "Monte-Carlo error is long gone below its rounding there); use 2000 to 100000"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
 
