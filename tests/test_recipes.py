@@ -246,10 +246,20 @@ def test_lawa_takes_lightning_checkpoints_in_step_order_and_last_ckpt_once(tmp_p
     ings = open_ingredients(find_checkpoints([tmp_path]))
     score = lambda m: float(m.weight.detach())  # noqa: E731
     taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), score)
-    with pytest.warns(SoupWarning, match="last = val_loss=0.30-epoch=3: saved at the same"):
+    with pytest.warns(SoupWarning, match="lawa: last left out: saved at the step of another"):
         soup = lawa_soup(taster, last=2)
-    assert sorted(ings[i].label for i in soup.chosen) == [
-        "val_loss=0.30-epoch=3",
-        "val_loss=0.31-epoch=2",
-    ]
+    chosen = sorted(ings[i].label for i in soup.chosen)
+    assert chosen == ["val_loss=0.30-epoch=3", "val_loss=0.31-epoch=2"]
     assert soup.scores["held_out"] == 35.0  # steps 30 and 40, the latest two states
+    with pytest.warns(SoupWarning, match="only 4 checkpoints, copies left out"):
+        assert lawa_soup(taster, last=9).scores["held_out"] == 25.0
+    # two runs of a sweep at the same steps: in the pool's order, neither merged nor mixed
+    other = tmp_path / "runB"
+    other.mkdir()
+    for step in (10, 20):
+        torch.save({"pytorch-lightning_version": "2.4.0", "global_step": step,
+                    "state_dict": {"model.weight": torch.full((1, 1), -float(step))}},
+                   other / f"epoch={step // 10}-step={step}.ckpt")  # fmt: skip
+    pool = find_checkpoints([tmp_path / "val_loss=0.90-epoch=0.ckpt", other])
+    taster = Taster(open_ingredients(pool), torch.nn.Linear(1, 1, bias=False), score)
+    assert lawa_soup(taster, last=2).scores["held_out"] == -15.0  # runB's own last two

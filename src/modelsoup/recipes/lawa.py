@@ -4,10 +4,10 @@ Latest weight averaging (Kaddour 2022, "Stop Wasting My Time! Saving Days of Ima
 and BERT Training with Latest Weight Averaging"; the checkpoint averaging of nanoGPT
 and Pythia) averages the ``last`` k checkpoints of a training run. "Last" is the order
 of the ingredients: a run's ``checkpoint-N`` folders are found in step order. Lightning
-checkpoints record their ``global_step``: when every ingredient does, that is the order
-(a ``{val_loss:.2f}-{epoch}`` file name sorts by loss), and two at one step are one
-training state (``last.ckpt`` beside the checkpoint it copies) counted once, with a
-warning. With fewer than ``last`` ingredients it averages them all, warns, and its report
+checkpoints record their ``global_step``: for the checkpoints of one run (one folder),
+that is the order (a ``{val_loss:.2f}-{epoch}`` file name sorts by loss), and a
+``last.ckpt`` at the step of another checkpoint (save_last's copy of it) is left out,
+with a warning. With fewer than ``last`` ingredients it averages them all, warns, and its report
 row says so (``lawa (last 10: all 4)``).
 """
 
@@ -53,9 +53,10 @@ def lawa_soup(taster: Taster, *, last: int) -> Soup:
     members = sorted(order[max(0, n - last) :])
     options: dict = {"last": last}
     if n < last:
+        what = "ingredients" if n == len(taster.ingredients) else "checkpoints, copies left out"
         warnings.warn(
-            f"lawa: last={last} but there are only {n} ingredients; averaging all {n} "
-            "(the uniform soup); save more checkpoints or lower last",
+            f"lawa: last={last} but there are only {n} {what}; averaging all {n}; save "
+            "more checkpoints or lower last",
             SoupWarning,
             stacklevel=2,
         )
@@ -70,34 +71,32 @@ def lawa_soup(taster: Taster, *, last: int) -> Soup:
 
 
 def _in_training_order(taster: Taster) -> list[int]:
-    """The pool's positions, oldest first: by the global step every Lightning checkpoint
-    records when all have one (one position per step), else in the pool's order."""
-    steps = []
+    """The pool's positions, oldest first: for the checkpoints of one Lightning run (one
+    folder, each recording its global step), by step, with a ``last.ckpt`` at the step of
+    another checkpoint left out (save_last's copy of it); else in the pool's order (the
+    runs of a sweep are never interleaved)."""
+    steps, folders = [], set()
     for ing in taster.ingredients:
         layout = getattr(ing.source, "lightning", None)
         step = layout.extras.get("global_step") if layout is not None else None
         steps.append(step if isinstance(step, int) and not isinstance(step, bool) else None)
-    if not steps or any(s is None for s in steps):
+        folders.add(ing.path.parent if ing.path is not None else None)
+    if not steps or any(s is None for s in steps) or len(folders) != 1 or None in folders:
         return list(range(len(steps)))
-    order, first_at, twins = [], {}, []
 
     def copy_of_newest(i: int) -> bool:  # Lightning's save_last: last.ckpt, last-v1.ckpt
-        path = taster.ingredients[i].path
-        return path is not None and re.fullmatch(r"last(-v\d+)?\.ckpt", path.name) is not None
+        name = taster.ingredients[i].path.name
+        return re.fullmatch(r"last(-v\d+)?\.ckpt", name) is not None
 
-    for i in sorted(range(len(steps)), key=lambda i: (steps[i], copy_of_newest(i), i)):
-        if steps[i] in first_at:
-            twins.append(
-                f"{taster.ingredients[i].label} = {taster.ingredients[first_at[steps[i]]].label}"
-            )
-            continue
-        first_at[steps[i]] = i
-        order.append(i)
-    if twins:
+    saved_at = {steps[i] for i in range(len(steps)) if not copy_of_newest(i)}
+    copies = [i for i in range(len(steps)) if copy_of_newest(i) and steps[i] in saved_at]
+    if copies:
         warnings.warn(
-            f"lawa: {', '.join(twins)}: saved at the same training step, one training state "
-            "(Lightning's last.ckpt copies the newest checkpoint), counted once",
+            f"lawa: {', '.join(taster.ingredients[i].label for i in copies)} left out: "
+            "saved at the step of another checkpoint of the run, of which Lightning's "
+            "save_last keeps a copy",
             SoupWarning,
             stacklevel=3,
         )
-    return order
+    kept = [i for i in range(len(steps)) if i not in copies]
+    return sorted(kept, key=lambda i: (steps[i], i))
