@@ -255,3 +255,20 @@ def test_the_sign_test_backs_a_difference_only_in_the_means_direction():
     soup, best = [0.2] * 70 + [0.0] * 30, [0.0] * 70 + [1.0] * 30
     cmp = paired_difference(soup, best, seed=0)
     assert cmp.difference < 0 and cmp.high < 0 and not cmp.significant
+
+
+def test_many_differing_examples_use_the_flips_normal_limit_quickly() -> None:
+    # 200,000 differing examples: the normal limit (none dominates), not 2000 x 200,000 flips
+    import time
+
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.005, 1, 200_000), rng.normal(0, 1, 200_000)
+    start = time.perf_counter()
+    p = stats.sign_flip_p_value(a - b)
+    assert time.perf_counter() - start < 2.0  # generous: it takes milliseconds
+    assert p == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue, rel=0.02)
+    # one example that carries the sum of squares keeps the random flips: only flipping
+    # none of the 3000 small ones reaches the observed 53 (the normal limit says p = 0.29)
+    heavy = np.concatenate([np.full(3000, 0.001), [50.0]])
+    assert stats.sign_flip_p_value(heavy, n_resamples=2000) == pytest.approx(1 / 2001)
