@@ -478,13 +478,16 @@ def test_shards_without_their_index_or_of_another_format_are_named_as_such(tmp_p
     with pytest.raises(IngredientError, match="shards of one model .* but not their index"):
         find_checkpoints([run])  # not two ingredients that disagree on their tensors
     with pytest.raises(IngredientError, match="one shard of a model whose index"):
-        find_checkpoints([str(run / "*.safetensors")])  # nor when globbed, or named
+        average([str(run / "*.safetensors")])  # nor when globbed, or named
     (run / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
                                    "b": "model-00002-of-00002.safetensors"}})
     )  # fmt: skip
+    shard = run / "model-00002-of-00002.safetensors"
     with pytest.raises(IngredientError, match="one shard of the model folder .*give the folder"):
-        find_checkpoints([run / "model-00002-of-00002.safetensors"])
+        average([run, shard])
+    with pytest.raises(IngredientError, match="one shard of the model folder"):
+        average([run, run], base=shard, merge="task_arithmetic")  # nor as the base
     assert find_checkpoints([run]) == [run]
     mixed = tmp_path / "mixed"
     mixed.mkdir()

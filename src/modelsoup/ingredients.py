@@ -203,6 +203,7 @@ def open_ingredient(
     path = Path(obj)
     if not path.exists():
         raise IngredientError(f"{path}: file not found; check the path")
+    _refuse_shard(path)  # an ingredient, a base: one shard is never a model
     source = open_source(path, key=key, base=base)
     if not source.names():
         raise IngredientError(f"{path}: the checkpoint holds no tensors")
@@ -431,8 +432,6 @@ def find_checkpoints(
             matches = sorted((Path(p) for p in glob.glob(text)), key=natural_order)
             if not matches:
                 raise IngredientError(f"{text}: the pattern matches no file")
-            for match in matches:
-                _refuse_shard(match)
             matches = _without_soups(matches, text)
             found.extend(_drop_same_content(matches, text) if dedupe else matches)
             continue
@@ -449,7 +448,6 @@ def find_checkpoints(
                     _names(_nested_checkpoints(path)),
                     path,
                 )
-            _refuse_shard(path)
             found.append(path)
     return found
 
