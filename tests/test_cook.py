@@ -404,3 +404,4 @@ def test_an_exponent_without_a_dot_is_a_number_where_one_goes_and_text_elsewhere
     learned, search = (get_recipe(r.name).check_options(r.options()) for r in config.recipes)
     assert (learned.lr, learned.epochs) == (0.001, 20)
     assert search.grid == [0.1, 0.5] and search.merge_rule().canonical()["lambda"] == 1.0
+    assert search.merge == {"rule": "ties", "lambda": 1}  # a number in its card and label too

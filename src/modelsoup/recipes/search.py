@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import PositiveInt, ValidationInfo, field_validator, model_validator
 
+from modelsoup._options import WrittenNumber
 from modelsoup.errors import ConfigError
 from modelsoup.merge import MergeSpec, as_merge, check_members
 from modelsoup.recipes.registry import RecipeOptions, get_recipe, register
@@ -58,6 +59,13 @@ class SearchOptions(RecipeOptions):
             8
         """
         return 8 if self.iterations is None else self.iterations
+
+    @field_validator("merge")
+    @classmethod
+    def _numbers(cls, merge: dict[str, Any]) -> dict[str, Any]:
+        # the rule's options as numbers (density: 2e-1), as a merge rule reads them: the
+        # row's label and the card show what the rule used
+        return {k: v.number() if isinstance(v, WrittenNumber) else v for k, v in merge.items()}
 
     @field_validator("option")
     @classmethod
