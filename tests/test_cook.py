@@ -392,7 +392,7 @@ def test_an_exponent_without_a_dot_is_a_number_where_one_goes_and_text_elsewhere
     from modelsoup.recipes import get_recipe
 
     text = (
-        "model: m:f\nheld_out: m:g\noutput: o\nmax_memory: 8e9\nbootstrap_resamples: 2e3\n"
+        "model: m:f\nheld_out: m:g\noutput: o\nmax_memory: 8e9\nbootstrap_resamples: 2.5e3\n"
         "ingredients: [1e-3, {path: 3e-4, label: 3e-4}]\n"
         "recipes:\n  - {name: learned, lr: 1e-3, epochs: 2e1}\n"
         "  - {name: search, merge: {rule: ties, lambda: 1e0}, option: density,\n"
@@ -400,7 +400,7 @@ def test_an_exponent_without_a_dot_is_a_number_where_one_goes_and_text_elsewhere
     )
     config = CookConfig(**read_yaml(text, "soup.yaml"))
     assert [(e.path, e.label) for e in config.ingredients] == [("1e-3", None), ("3e-4", "3e-4")]
-    assert config.bootstrap_resamples == 2000 and config.max_memory == "8e9"
+    assert config.bootstrap_resamples == 2500 and config.max_memory == "8e9"
     learned, search = (get_recipe(r.name).check_options(r.options()) for r in config.recipes)
     assert (learned.lr, learned.epochs) == (0.001, 20)
     assert search.grid == [0.1, 0.5] and search.merge_rule().canonical()["lambda"] == 1.0

@@ -367,11 +367,14 @@ class _StrictLoader(yaml.SafeLoader):
     1.2, and Python), not only the text YAML 1.1 makes of it without a dot."""
 
 
-# YAML 1.1 floats need a dot ("1.0e-3"); written without one, an exponent makes a
-# WrittenNumber: the number where a number goes, the text where text goes
+# YAML 1.1 floats need a dot and a signed exponent ("1.0e-3", "1.5e+3"); an exponent
+# written otherwise (1e-3, 1.5e3) makes a WrittenNumber: the number where a number goes,
+# the text where text goes
 _EXPONENT_TAG = "tag:modelsoup,2026:written-number"
 _StrictLoader.add_implicit_resolver(
-    _EXPONENT_TAG, re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+    _EXPONENT_TAG,
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
 )
 _StrictLoader.add_constructor(
     _EXPONENT_TAG, lambda loader, node: WrittenNumber(loader.construct_scalar(node))
