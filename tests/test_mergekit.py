@@ -342,3 +342,21 @@ def test_a_dare_export_says_mergekit_matches_it_only_statistically(tmp_path, cap
     again = tmp_path / "again.safetensors"
     assert main([*words[1:-1], str(again), "-q"]) == 0
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_the_dare_redo_command_gives_only_a_checkpoint_key_that_was_given(tmp_path, capsys):
+    import shlex
+
+    paths, base = tiny_files(tmp_path, 2)
+    wrapped = tmp_path / "wrapped.pt"  # its weights under "state_dict", found by looking
+    torch.save({"state_dict": safetensors.torch.load_file(paths[0])}, wrapped)
+    out = tmp_path / "soup.safetensors"
+    flags = ["--base", base, "--merge", "dare_ties", "--density", "0.5", "--seed", "2"]
+    assert main(["average", str(wrapped), paths[1], *flags, "-o", str(out), "-q"]) == 0
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(tmp_path / "m.yaml")]) == 0
+    words = shlex.split(capsys.readouterr().err.strip().split("exactly with: ", 1)[1])
+    assert "--checkpoint-key" not in words  # a safetensors input would refuse it
+    again = tmp_path / "again.safetensors"
+    assert main([*words[1:-1], str(again), "-q"]) == 0
+    soup, redone = (safetensors.torch.load_file(str(p)) for p in (out, again))
+    assert all(torch.equal(soup[k], redone[k]) for k in soup)

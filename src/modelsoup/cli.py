@@ -194,12 +194,12 @@ def _dare_command(card: dict) -> str:
     words += ["--weights", ",".join(repr(float(r["coefficient"])) for r in rows)]
     if not (card.get("options") or {}).get("normalize", True):
         words.append("--no-normalize")
-    keys = {r.get("checkpoint_key") for r in rows} | {card["base"].get("checkpoint_key")}
-    keys.discard(None)
-    if len(keys) > 1:
-        return "none: its inputs were read under different checkpoint keys"
-    if keys:
-        words += ["--checkpoint-key", shlex.quote(keys.pop())]
+    # a key given to the cook or average (a key found by looking is found again)
+    given = {r["checkpoint_key"] for r in [*rows, card["base"]] if r.get("checkpoint_key_given")}
+    if len(given) > 1:
+        return "none: its inputs were read under different given checkpoint keys"
+    if given:
+        words += ["--checkpoint-key", shlex.quote(given.pop())]
     policy = card.get("dtype_policy") or {}
     if policy.get("accumulate", "float32") != "float32":
         words += ["--accum-dtype", policy["accumulate"]]

@@ -516,7 +516,12 @@ def _read_key(ing: Ingredient) -> dict:
     # which of a pickle's models was read (its weights or their EMA): a card with only the
     # file's hash would not say
     key = ing.source.read_key
-    return {} if key is None else {"checkpoint_key": key}
+    if key is None:
+        return {}
+    return {
+        "checkpoint_key": key,
+        **({"checkpoint_key_given": True} if ing.source.key_given else {}),
+    }
 
 
 def card_path(out: str | Path) -> Path:

@@ -489,6 +489,8 @@ class TensorSource:
     #: the key of a pickled checkpoint the weights were read from (``state_dict_ema``):
     #: one file holds several models, so the file's hash alone does not name them
     read_key: str | None = None
+    #: whether that key was given (``--checkpoint-key``), not found by looking
+    key_given: bool = False
     #: what the checkpoint says about its architecture (:func:`architecture_of`)
     architecture: Mapping[str, object] = MappingProxyType({})
     #: training hyperparameters the checkpoint carries (timm's args, Lightning's)

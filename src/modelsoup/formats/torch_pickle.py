@@ -337,6 +337,7 @@ class TorchSource(HeldSource):
     def __init__(self, files: list[Path], label: str | None = None, key: str | None = None):
         self.files = tuple(Path(f) for f in files)
         self.label = label or str(self.files[0])
+        self.key_given = key is not None
         self._tensors: dict[str, torch.Tensor] = {}
         self._shard: dict[str, int] = {}
         #: set when the (first) file is a Lightning checkpoint
