@@ -141,6 +141,15 @@ def test_a_base_a_linear_mergekit_config_does_not_list_is_warned_about(tmp_path)
     assert plan.sources == paths and plan.base is None
 
 
+def _merged_from(tmp_path, config: dict) -> Path:
+    """``modelsoup average --from-mergekit`` of ``config``, which must succeed."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "x.safetensors"
+    assert main(["average", "--from-mergekit", str(path), "-o", str(out), "-q"]) == 0
+    return out
+
+
 def test_a_linear_mergekit_config_averages_the_base_it_lists_and_writes_its_dtype(tmp_path):
     # mergekit's linear merge averages every model listed, the base_model among them
     paths, base = tiny_files(tmp_path, 1)
@@ -151,10 +160,7 @@ def test_a_linear_mergekit_config_averages_the_base_it_lists_and_writes_its_dtyp
         "dtype": "float32",
         "out_dtype": "bfloat16",
     }
-    path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "x.safetensors"
-    assert main(["average", "--from-mergekit", str(path), "-o", str(out), "-q"]) == 0
+    out = _merged_from(tmp_path, config)
     got = safetensors.torch.load_file(str(out))
     a, b = (safetensors.torch.load_file(p) for p in (base, paths[0]))
     for name, value in got.items():
@@ -173,10 +179,7 @@ def test_mergekit_dtype_names_are_read_as_mergekit_reads_them(tmp_path):
         "dtype": "torch.float64",
         "out_dtype": "torch.bfloat16",
     }
-    path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "x.safetensors"
-    assert main(["average", "--from-mergekit", str(path), "-o", str(out), "-q"]) == 0
+    out = _merged_from(tmp_path, config)
     card = json.loads(card_path(out).read_text())
     assert card["dtype_policy"]["accumulate"] == "float64"
     assert card["dtype_policy"]["written"] == ["bfloat16"]
