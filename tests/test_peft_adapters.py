@@ -690,3 +690,29 @@ def test_an_adapter_soup_names_a_base_given_relative_to_its_adapters_absolutely(
     assert Path(written).is_absolute() and Path(written).samefile(root / "base")
     (again,) = open_ingredients([out])
     assert again.source.base_path.samefile(root / "base")
+
+
+def test_task_vectors_of_adapters_over_a_bf16_base_keep_their_small_changes(tmp_path):
+    # a change below bf16's step (1/128 near 1) must not be rounded away before a rule
+    # subtracts the base again: task arithmetic at lambda 1 is the plain average of changes
+    base_dir = tmp_path / "base"
+    tiny_llama().to(torch.bfloat16).save_pretrained(base_dir)
+    adapters = []
+    for i in range(2):
+        adapters.append(make_adapter(base_dir, tmp_path / f"ad{i}", seed=i))
+        # changes of about 1e-3: well below the base's bf16 step
+        factors = load_file(str(adapters[-1] / "adapter_model.safetensors"))
+        save_file(
+            {k: v * 0.05 for k, v in factors.items()},
+            str(adapters[-1] / "adapter_model.safetensors"),
+        )
+    linear = modelsoup.average(adapters)
+    ta = modelsoup.average(adapters, merge={"rule": "task_arithmetic"}, base=base_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    exact = base_state(base_dir)[name].double() + sum(changes64(a)[name] for a in adapters) / 2
+    got = ta.tensor(name, torch.float32)
+    assert float((got.double() - exact).abs().max()) < 1e-6
+    torch.testing.assert_close(got, linear.tensor(name, torch.float32), rtol=0, atol=1e-7)
+    ties = modelsoup.average(adapters, merge={"rule": "ties", "density": 0.5}, base=base_dir)
+    moved = ties.tensor(name, torch.float32) != base_state(base_dir)[name].float()
+    assert int(moved.sum()) > moved.numel() // 4  # TIES keeps half of each change

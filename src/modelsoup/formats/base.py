@@ -536,6 +536,19 @@ class TensorSource:
         """
         return _flat(self, name, self.tensor(name))[start : start + count]
 
+    def range_as(self, name: str, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`tensor_range` in ``dtype``, for arithmetic in a wider dtype than the one
+        stored. A source whose values are computed (a LoRA adapter's base plus its
+        change) computes them in ``dtype``, not rounded to the stored dtype first.
+
+        Example:
+            >>> import torch
+            >>> source = DictSource({"w": torch.ones(3, dtype=torch.bfloat16)})
+            >>> source.range_as("w", 1, 2, torch.float64)
+            tensor([1., 1.], dtype=torch.float64)
+        """
+        return self.tensor_range(name, start, count).to(dtype)
+
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);
         remembered across runs while the files are unchanged (:mod:`.hashcache`)."""

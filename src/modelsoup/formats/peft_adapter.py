@@ -545,10 +545,18 @@ class AdapterSource(TensorSource):
         dtype = self.meta(name).dtype
         if name not in self.lora:
             return self.factors.tensor_range(self.full[name], start, count).to(dtype)
-        wide = torch.promote_types(dtype, torch.float32)
-        merged = self._before_lora(name, start, count).to(wide)
-        merged += self._lora_range(name, start, count, wide)
-        return merged.to(dtype)
+        return self.range_as(name, start, count, torch.promote_types(dtype, torch.float32)).to(
+            dtype
+        )
+
+    def range_as(self, name: str, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        # base + change computed in ``dtype``: a merge rule subtracts the base again, and a
+        # change below the base dtype's step (bf16: 1/128 near 1) must not round away first
+        if name not in self.lora:
+            return super().range_as(name, start, count, dtype)
+        merged = self._before_lora(name, start, count).to(dtype)
+        merged += self._lora_range(name, start, count, dtype)
+        return merged
 
     def _before_lora(self, name: str, start: int, count: int) -> torch.Tensor:
         # what the factors are added to: the base's tensor, or the adapter's own copy of

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from modelsoup.accumulator import checked_float, is_finite, widened
+from modelsoup.accumulator import checked_float, is_finite
 from modelsoup.errors import ConfigError
 from modelsoup.formats.base import TensorMeta
 from modelsoup.ingredients import Ingredient
@@ -125,8 +125,10 @@ def merged_pieces(
 def _read(ing: Ingredient, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
     # elements start.. of one tensor in ``out`` (the accumulation dtype; rules change it
     # in place): read into its bytes when the stored dtype is the same, else converted
-    same = ing.meta(name).dtype == out.dtype
-    got = ing.tensor_range(name, start, out.numel(), out.view(torch.uint8) if same else None)
-    if got.dtype != out.dtype or got.data_ptr() != out.data_ptr():
-        out.copy_(widened(got))
+    if ing.meta(name).dtype == out.dtype:
+        got = ing.tensor_range(name, start, out.numel(), out.view(torch.uint8))
+    else:  # in the accumulation dtype (a LoRA change is not rounded to its base's dtype)
+        got = ing.source.range_as(name, start, out.numel(), out.dtype)
+    if got.data_ptr() != out.data_ptr():
+        out.copy_(got)
     return checked_float(out, name, ing.label)
