@@ -208,6 +208,21 @@ def test_slerp_returns_the_endpoints_at_t_0_and_1():
             assert torch.equal(soup.tensor(name), value), (t, name)
 
 
+def test_slerp_says_it_does_not_use_the_weights_given_and_never_reads_a_base():
+    from modelsoup.errors import SoupWarning
+
+    members = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}]
+    with pytest.warns(SoupWarning, match="slerp does not use the members' weights"):
+        weighted = average(members, [3, 1], merge={"rule": "slerp", "t": 0.5})
+    assert torch.equal(
+        weighted.tensor("w"), average(members, merge={"rule": "slerp", "t": 0.5}).tensor("w")
+    )
+    broken = {"w": torch.tensor([math.inf, 0.0])}  # a base slerp does not read is not read
+    with pytest.warns(SoupWarning, match="the base model is not used"):
+        soup = average(members, base=broken, merge={"rule": "slerp", "t": 0.5})
+    assert torch.isfinite(soup.tensor("w")).all()
+
+
 def test_slerp_keeps_the_norm_of_orthogonal_unit_vectors():
     e1, e2 = {"w": torch.tensor([1.0, 0.0, 0.0])}, {"w": torch.tensor([0.0, 1.0, 0.0])}
     for t in (0.1, 0.3, 0.5, 0.9):

@@ -84,7 +84,8 @@ def merged_pieces(
             return _read(ing, name, start, buffers[slot][:count])
 
         values = [into(slot, ing) for slot, (_, ing, _) in enumerate(members)]
-        base_values = into(-1, base) if base is not None else None
+        used = base is not None and (spec.needs_base or options.alpha is not None)
+        base_values = into(-1, base) if used else None  # slerp alone never reads it
         return Piece(
             name,
             start,
@@ -103,7 +104,8 @@ def merged_pieces(
         if not is_finite(out):
             raise ConfigError(
                 f"tensor '{name}': merging with rule '{merge.rule}' overflows {accum_dtype}; "
-                "use accum_dtype float64"
+                "use accum_dtype float64 (--accum-dtype float64), and write the soup in "
+                "float64 (--out-dtype fp64) if it is that large"
             )
         return out
 

@@ -80,7 +80,15 @@ def average(
         coefs = check_coefficients(weights, len(ingredients))
         recipe = "weighted"
     members = [ing.label for ing, c in zip(ingredients, coefs) if c > 0]
-    rule = as_merge(merge).rule
+    spec = as_merge(merge)
+    if spec.spec.members is not None and len({c for c in coefs if c > 0}) > 1:
+        warnings.warn(
+            f"{spec.rule} does not use the members' weights ({', '.join(map(str, weights))}): "
+            f"its own option mixes them (--t); the weights only say which members take part",
+            SoupWarning,
+            stacklevel=2,
+        )
+    rule = spec.rule
     if not normalize and rule in ("ties", "dare_ties"):
         raise ConfigError(
             f"--no-normalize (normalize=False) has no effect on {rule}: its disjoint mean "
