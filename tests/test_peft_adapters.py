@@ -716,3 +716,41 @@ def test_task_vectors_of_adapters_over_a_bf16_base_keep_their_small_changes(tmp_
     ties = modelsoup.average(adapters, merge={"rule": "ties", "density": 0.5}, base=base_dir)
     moved = ties.tensor(name, torch.float32) != base_state(base_dir)[name].float()
     assert int(moved.sum()) > moved.numel() // 4  # TIES keeps half of each change
+
+
+def test_reading_an_adapter_over_a_pickled_base_never_changes_the_base(tmp_path):
+    # a pickled float32 base is held in memory: reading base + change must not add the
+    # change into the base's own tensor, or each read adds it again
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    adapter = make_adapter(base_dir, tmp_path / "ad", seed=1)
+    state = base_state(base_dir)
+    torch.save(state, tmp_path / "base.pt")
+    source = AdapterSource(adapter, base=tmp_path / "base.pt")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    first = source.tensor(name).clone()
+    again = source.tensor(name)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(first, state[name])  # the adapter does change it
+    torch.testing.assert_close(source.base.tensor(name), state[name], rtol=0, atol=0)
+    piece = source.range_as(name, 3, 5, torch.float32).clone()
+    torch.testing.assert_close(source.range_as(name, 3, 5, torch.float32), piece, rtol=0, atol=0)
+    torch.testing.assert_close(piece, first.reshape(-1)[3:8], rtol=0, atol=0)
+
+
+def test_reading_the_change_of_a_pickled_adapters_saved_module_never_changes_it(tmp_path):
+    # the same for a module saved in full in a pickled adapter_model.bin: its change is
+    # the saved tensor minus the base's, computed in a copy
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    adapter = make_adapter(base_dir, tmp_path / "ad", seed=1, modules_to_save=["lm_head"])
+    weights = adapter / "adapter_model.safetensors"
+    saved = load_file(str(weights))
+    torch.save(saved, adapter / "adapter_model.bin")
+    weights.unlink()
+    source = AdapterSource(adapter, base=base_dir)
+    name = "lm_head.weight"
+    assert name in source.full
+    first = source.delta(name).clone()
+    torch.testing.assert_close(source.delta(name), first, rtol=0, atol=0)
+    torch.testing.assert_close(source.tensor(name), saved[source.full[name]], rtol=0, atol=0)

@@ -540,6 +540,8 @@ class TensorSource:
         """:meth:`tensor_range` in ``dtype``, for arithmetic in a wider dtype than the one
         stored. A source whose values are computed (a LoRA adapter's base plus its
         change) computes them in ``dtype``, not rounded to the stored dtype first.
+        The result is the caller's own (never a view of a tensor the source holds), so
+        it may be changed in place.
 
         Example:
             >>> import torch
@@ -547,7 +549,7 @@ class TensorSource:
             >>> source.range_as("w", 1, 2, torch.float64)
             tensor([1., 1.], dtype=torch.float64)
         """
-        return self.tensor_range(name, start, count).to(dtype)
+        return self.tensor_range(name, start, count).to(dtype, copy=True)
 
     def fingerprint(self) -> str:
         """sha256 of the files on disk, in order (or of the tensors for in-memory sources);

@@ -552,9 +552,11 @@ class AdapterSource(TensorSource):
     def range_as(self, name: str, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         # base + change computed in ``dtype``: a merge rule subtracts the base again, and a
         # change below the base dtype's step (bf16: 1/128 near 1) must not round away first
+        # (a copy: a pickled base's tensor_range is a view of the tensor it holds, and
+        # adding the change into it would change the base for every later read)
         if name not in self.lora:
             return super().range_as(name, start, count, dtype)
-        merged = self._before_lora(name, start, count).to(dtype)
+        merged = self._before_lora(name, start, count).to(dtype, copy=True)
         merged += self._lora_range(name, start, count, dtype)
         return merged
 
@@ -601,7 +603,7 @@ class AdapterSource(TensorSource):
             return torch.zeros(count, dtype=dtype)
         change = None
         if name in self.full:
-            change = self.factors.tensor_range(self.full[name], start, count).to(dtype)
+            change = self.factors.tensor_range(self.full[name], start, count).to(dtype, copy=True)
             change -= self.base.tensor_range(name, start, count).to(dtype)
         if name not in self.lora:
             return change
