@@ -263,3 +263,34 @@ def test_lawa_takes_lightning_checkpoints_in_step_order_and_last_ckpt_once(tmp_p
     pool = find_checkpoints([tmp_path / "val_loss=0.90-epoch=0.ckpt", other])
     taster = Taster(open_ingredients(pool), torch.nn.Linear(1, 1, bias=False), score)
     assert lawa_soup(taster, last=2).scores["held_out"] == -15.0  # runB's own last two
+
+
+def test_lawa_over_several_lightning_runs_leaves_out_each_runs_last_ckpt_copy(tmp_path):
+    # a sweep of runs, each with save_last: every run's last.ckpt copies its own newest
+    # checkpoint, and is left out there; the runs keep the pool's order, each in step order
+    from modelsoup.errors import SoupWarning
+    from modelsoup.ingredients import find_checkpoints
+    from modelsoup.recipes.lawa import _in_training_order, lawa_soup
+
+    runs = []
+    for r, sign in (("runA", 1.0), ("runB", -1.0)):
+        run = tmp_path / r
+        run.mkdir()
+        for name, step in [("val_loss=0.2-epoch=2", 30), ("val_loss=0.4-epoch=1", 20),
+                           ("val_loss=0.9-epoch=0", 10), ("last", 30)]:  # fmt: skip
+            torch.save({"pytorch-lightning_version": "2.4.0", "global_step": step,
+                        "state_dict": {"model.weight": torch.full((1, 1), sign * step)}},
+                       run / f"{name}.ckpt")  # fmt: skip
+        runs.append(run)
+    ings = open_ingredients(find_checkpoints(runs))
+    score = lambda m: float(m.weight.detach())  # noqa: E731
+    taster = Taster(ings, torch.nn.Linear(1, 1, bias=False), score)
+    with pytest.warns(SoupWarning, match="lawa: runA/last, runB/last left out: saved at the step"):
+        order = _in_training_order(taster)
+    labels = [ings[i].label for i in order]
+    assert [lab.split("/")[0] for lab in labels] == ["runA"] * 3 + ["runB"] * 3
+    assert [float(ings[i].source.tensor(ings[i].source.names()[0])) for i in order] == [
+        10.0, 20.0, 30.0, -10.0, -20.0, -30.0]  # fmt: skip
+    with pytest.warns(SoupWarning, match="left out"):
+        soup = lawa_soup(taster, last=2)
+    assert soup.scores["held_out"] == -25.0  # runB's steps 20 and 30, each once

@@ -4,10 +4,10 @@ Latest weight averaging (Kaddour 2022, "Stop Wasting My Time! Saving Days of Ima
 and BERT Training with Latest Weight Averaging"; the checkpoint averaging of nanoGPT
 and Pythia) averages the ``last`` k checkpoints of a training run. "Last" is the order
 of the ingredients: a run's ``checkpoint-N`` folders are found in step order. Lightning
-checkpoints record their ``global_step``: for the checkpoints of one run (one folder),
-that is the order (a ``{val_loss:.2f}-{epoch}`` file name sorts by loss), and a
-``last.ckpt`` at the step of another checkpoint (save_last's copy of it) is left out,
-with a warning. With fewer than ``last`` ingredients it averages them all, warns, and its report
+checkpoints record their ``global_step``: within each run (one folder), that is the
+order (a ``{val_loss:.2f}-{epoch}`` file name sorts by loss), and a ``last.ckpt`` at the
+step of another checkpoint of its run (save_last's copy of it) is left out, with a
+warning; the runs of a sweep keep the pool's order. With fewer than ``last`` ingredients it averages them all, warns, and its report
 row says so (``lawa (last 10: all 4)``).
 """
 
@@ -71,32 +71,37 @@ def lawa_soup(taster: Taster, *, last: int) -> Soup:
 
 
 def _in_training_order(taster: Taster) -> list[int]:
-    """The pool's positions, oldest first: for the checkpoints of one Lightning run (one
-    folder, each recording its global step), by step, with a ``last.ckpt`` at the step of
-    another checkpoint left out (save_last's copy of it); else in the pool's order (the
-    runs of a sweep are never interleaved)."""
-    steps, folders = [], set()
-    for ing in taster.ingredients:
+    """The pool's positions, oldest first. The checkpoints of each Lightning run (one
+    folder, each recording its global step) are put in step order within the places the
+    run holds in the pool, and a ``last.ckpt`` at the step of another checkpoint of its
+    run (save_last's copy of it) is left out; the runs keep the pool's order (those of a
+    sweep are never interleaved), as does anything else."""
+    runs: dict = {}  # folder -> positions, for the checkpoints that record a step
+    for i, ing in enumerate(taster.ingredients):
         layout = getattr(ing.source, "lightning", None)
         step = layout.extras.get("global_step") if layout is not None else None
-        steps.append(step if isinstance(step, int) and not isinstance(step, bool) else None)
-        folders.add(ing.path.parent if ing.path is not None else None)
-    if not steps or any(s is None for s in steps) or len(folders) != 1 or None in folders:
-        return list(range(len(steps)))
-
-    def copy_of_newest(i: int) -> bool:  # Lightning's save_last: last.ckpt, last-v1.ckpt
-        name = taster.ingredients[i].path.name
-        return re.fullmatch(r"last(-v\d+)?\.ckpt", name) is not None
-
-    saved_at = {steps[i] for i in range(len(steps)) if not copy_of_newest(i)}
-    copies = [i for i in range(len(steps)) if copy_of_newest(i) and steps[i] in saved_at]
+        known = isinstance(step, int) and not isinstance(step, bool) and ing.path is not None
+        runs.setdefault(ing.path.parent if known else i, []).append((step, i) if known else None)
+    order = list(range(len(taster.ingredients)))
+    copies: list[int] = []
+    for run in runs.values():
+        if None in run:  # a position of its own, or a run with a checkpoint of no step
+            continue
+        saved_at = {step for step, i in run if not _copy_of_newest(taster, i)}
+        copies += [i for step, i in run if _copy_of_newest(taster, i) and step in saved_at]
+        for slot, (_, i) in zip(sorted(i for _, i in run), sorted(run)):
+            order[slot] = i
     if copies:
         warnings.warn(
-            f"lawa: {', '.join(taster.ingredients[i].label for i in copies)} left out: "
-            "saved at the step of another checkpoint of the run, of which Lightning's "
+            f"lawa: {', '.join(taster.ingredients[i].label for i in sorted(copies))} left "
+            "out: saved at the step of another checkpoint of its run, of which Lightning's "
             "save_last keeps a copy",
             SoupWarning,
             stacklevel=3,
         )
-    kept = [i for i in range(len(steps)) if i not in copies]
-    return sorted(kept, key=lambda i: (steps[i], i))
+    return [i for i in order if i not in copies]
+
+
+def _copy_of_newest(taster: Taster, i: int) -> bool:
+    # Lightning's save_last writes last.ckpt (last-v1.ckpt, ... beside older ones)
+    return re.fullmatch(r"last(-v\d+)?\.ckpt", taster.ingredients[i].path.name) is not None
