@@ -258,7 +258,8 @@ def test_the_sign_test_backs_a_difference_only_in_the_means_direction():
 
 
 def test_many_differing_examples_use_the_flips_normal_limit_quickly() -> None:
-    # 200,000 differing examples: the normal limit (none dominates), not 2000 x 200,000 flips
+    # 200,000 differing examples: the normal limit plus its Berry-Esseen bound, not
+    # 2000 x 200,000 flips
     import time
 
     scipy_stats = pytest.importorskip("scipy.stats")
@@ -267,8 +268,33 @@ def test_many_differing_examples_use_the_flips_normal_limit_quickly() -> None:
     start = time.perf_counter()
     p = stats.sign_flip_p_value(a - b)
     assert time.perf_counter() - start < 2.0  # generous: it takes milliseconds
-    assert p == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue, rel=0.02)
+    d = np.abs(a - b)
+    slack = 2 * 0.56 * float((d**3).sum()) / float((d**2).sum()) ** 1.5  # Berry-Esseen
+    assert 0.003 < slack < 0.005
+    normal = scipy_stats.ttest_rel(a, b).pvalue  # the normal limit, near enough
+    assert normal < p < normal + slack + 0.002
     # one example that carries the sum of squares keeps the random flips: only flipping
     # none of the 3000 small ones reaches the observed 53 (the normal limit says p = 0.29)
     heavy = np.concatenate([np.full(3000, 0.001), [50.0]])
     assert stats.sign_flip_p_value(heavy, n_resamples=2000) == pytest.approx(1 / 2001)
+
+
+def test_the_flips_normal_limit_is_never_trusted_where_it_calls_a_difference_too_soon():
+    # 100 differences of 1 (60 up, 40 down) among 3000 tiny ones: the sum is that of 100
+    # coin flips, whose exact two-sided p is 0.057 (the sign test); the normal limit says
+    # 0.046, a difference at 0.05 that no exact test backs
+    d = np.concatenate([np.ones(60), -np.ones(40), np.full(3000, 1e-12)])
+    exact = mcnemar_p_value(60, 40)
+    assert 0.05 < exact < 0.06
+    p = stats.sign_flip_p_value(d, n_resamples=10_000, seed=0)
+    assert p > 0.05 and p == pytest.approx(exact, abs=0.008)
+
+
+@pytest.mark.parametrize("up", [100_480, 100_500, 100_700])
+def test_the_flips_normal_limit_is_conservative_for_equal_differences(up):
+    # 200,000 differences of one size: the flips' sum is a fair-coin count, so the exact
+    # p-value is the sign test's; the normal limit with its bound is never below it
+    d = np.concatenate([np.ones(up), -np.ones(200_000 - up)])
+    exact = mcnemar_p_value(up, 200_000 - up)
+    p = stats.sign_flip_p_value(d)
+    assert exact <= p <= exact + 0.006

@@ -7,8 +7,9 @@ of the ingredients: a run's ``checkpoint-N`` folders are found in step order. Li
 checkpoints record their ``global_step``: within each run (one folder), that is the
 order (a ``{val_loss:.2f}-{epoch}`` file name sorts by loss), and a ``last.ckpt`` at the
 step of another checkpoint of its run (save_last's copy of it) is left out, with a
-warning; the runs of a sweep keep the pool's order. With fewer than ``last`` ingredients it averages them all, warns, and its report
-row says so (``lawa (last 10: all 4)``).
+warning; the runs of a sweep keep the pool's order. With fewer than ``last``
+ingredients it averages them all, warns, and its report row says so
+(``lawa (last 10: all 4)``).
 """
 
 from __future__ import annotations
