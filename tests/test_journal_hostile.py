@@ -321,3 +321,11 @@ def test_cached_outputs_of_another_key_or_edited_are_computed_again(tmp_path):
     assert journal.load_outputs("k2") is None  # no key and hash (older caches): recomputed
     journal.save_outputs("k3", torch.full((3, 2), float("nan")))  # a diverged model's
     assert not (folder / "k3.safetensors").exists()
+
+
+def test_journal_keys_of_weights_whose_sum_overflows_keep_their_proportions():
+    from modelsoup.journal import Journal
+
+    even = Journal.key("acc", [("a", 1e308), ("b", 1e308)])
+    assert even == Journal.key("acc", [("a", 1.0), ("b", 1.0)])
+    assert even != Journal.key("acc", [("a", 1e308), ("b", 1.5e308)])

@@ -363,3 +363,47 @@ def test_the_dare_redo_command_gives_only_a_checkpoint_key_that_was_given(tmp_pa
     assert main([*words[1:-1], str(again), "-q"]) == 0
     soup, redone = (safetensors.torch.load_file(str(p)) for p in (out, again))
     assert all(torch.equal(soup[k], redone[k]) for k in soup)
+
+
+def test_an_export_never_overwrites_the_folder_soup_its_card_describes(tmp_path, capsys):
+    paths, _ = tiny_files(tmp_path, 2)
+    soup = tmp_path / "soup"
+    assert main(["average", *paths, "-o", str(soup), "-q"]) == 0
+    weights = soup / "model.safetensors"
+    before = weights.read_bytes()
+    card = str(soup / "soup_card.json")
+    assert main(["export-mergekit", card, "-o", str(weights)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    assert main(["export-mergekit", card, "-o", str(tmp_path / "merge.yaml")]) == 0
+
+
+def test_weights_whose_sum_overflows_are_carded_and_exported_as_their_shares(tmp_path):
+    paths, _ = tiny_files(tmp_path, 2)
+    out = tmp_path / "soup.safetensors"
+    assert main(["average", *paths, "--weights", "1e308,1e308", "-o", str(out), "-q"]) == 0
+    card = json.loads(card_path(out).read_text())
+    assert [row["coefficient"] for row in card["ingredients"]] == [0.5, 0.5]
+    merge = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(card_path(out)), "-o", str(merge)]) == 0
+    models = yaml.safe_load(merge.read_text())["models"]
+    assert [m["parameters"]["weight"] for m in models] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    "coefficients, needle",
+    [([0.0, 0.0], "no ingredient has a coefficient above zero"), ([float("nan"), 1.0], "nan")],
+)
+def test_a_card_with_no_usable_coefficients_is_not_exported(tmp_path, capsys, coefficients, needle):
+    paths, _ = tiny_files(tmp_path, 2)
+    out = tmp_path / "soup.safetensors"
+    assert main(["average", *paths, "-o", str(out), "-q"]) == 0
+    card = json.loads(card_path(out).read_text())
+    for row, c in zip(card["ingredients"], coefficients):
+        row["coefficient"] = c
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps(card))
+    merge = tmp_path / "merge.yaml"
+    assert main(["export-mergekit", str(damaged), "-o", str(merge)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged soup card" in err and needle in err and not merge.exists()

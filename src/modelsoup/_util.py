@@ -533,6 +533,27 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ConfigError(f"dtype '{name}' is unknown; use one of fp32, fp16, bf16, fp64") from None
 
 
+def shares(values: Iterable[float]) -> list[float]:
+    """Each value divided by their sum, without overflow: values far from 1 are first
+    scaled by a power of two (exact, so the shares of ordinary weights are bit for bit
+    ``v / sum``). All zero stays all zero.
+
+    Example:
+        >>> shares([1, 3])
+        [0.25, 0.75]
+        >>> shares([1e308, 1e308])  # the plain sum is inf
+        [0.5, 0.5]
+    """
+    values = [float(v) for v in values]
+    top = max((abs(v) for v in values), default=0.0)
+    if top == 0.0 or not math.isfinite(top):
+        return values
+    exponent = math.frexp(top)[1]
+    scaled = [math.ldexp(v, -exponent) for v in values]
+    total = sum(scaled)
+    return [v / total for v in scaled] if total else scaled
+
+
 def slug(label: str) -> str:
     """A file-name-safe form of a label.
 

@@ -139,7 +139,7 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.card}: cannot be read ({err.strerror})") from None
     except ValueError:
         raise ConfigError(f"{args.card}: not a soup card (not JSON)") from None
-    from modelsoup.formats.hf_folder import CARD_FORMAT
+    from modelsoup.formats.hf_folder import CARD_FORMAT, FOLDER_CARD
 
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise ConfigError(f"{args.card}: not a soup card (no format {CARD_FORMAT})")
@@ -153,7 +153,9 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
     out = check_output_path(args.output)
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the YAML file to write")
-    soup = Path(args.card).with_suffix("")  # soup.safetensors.json describes soup.safetensors
+    # soup.safetensors.json describes soup.safetensors; soup/soup_card.json, the folder soup/
+    card_path = Path(args.card)
+    soup = card_path.parent if card_path.name == FOLDER_CARD else card_path.with_suffix("")
     named = [Path(p) for p in _card_paths(card)]
     for path in named:
         # cards written before they named inputs by absolute path: relative to where the

@@ -41,7 +41,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from modelsoup._util import atomic_file, write_error
+from modelsoup._util import atomic_file, shares, write_error
 from modelsoup.errors import SoupWarning
 from modelsoup.evaluators import RACE_MARGIN, batches_digest, check_score
 
@@ -140,11 +140,10 @@ class Journal:
         Coefficients are normalised to sum to 1 and the pairs sorted, so the same
         soup gets the same key whatever order it was built in.
         """
-        total = sum(c for _, c in mixture) or 1.0
         merged: dict[str, float] = {}
-        for sha, c in mixture:
-            if c > 0:
-                merged[sha] = merged.get(sha, 0.0) + c / total
+        for (sha, c), share in zip(mixture, shares(c for _, c in mixture)):
+            if c > 0:  # (shares: weights whose sum overflows keep their proportions)
+                merged[sha] = merged.get(sha, 0.0) + share
         canon = {
             "evaluator": evaluator,
             "mixture": sorted((sha, round(c, 10)) for sha, c in merged.items()),

@@ -32,6 +32,7 @@ from modelsoup._util import (
     output_lock,
     parse_dtype,
     refuse_overwrite,
+    shares,
     write_error,
 )
 from modelsoup.accumulator import (
@@ -491,16 +492,18 @@ class Soup:
 
     def describe_coefficients(self) -> list[dict]:
         """One entry per ingredient: label, path, sha256 and coefficient (for cards/reports)."""
-        total = sum(self.coefficients) if self.options.get("normalize", True) else 1.0
+        normalize = self.options.get("normalize", True)
+        # shares: weights whose plain sum overflows (1e308, 1e308) are recorded as 0.5
+        given = shares(self.coefficients) if normalize else self.coefficients
         rows = []
-        for ing, c in zip(self.ingredients, self.coefficients):
+        for ing, c in zip(self.ingredients, given):
             rows.append(
                 {
                     "label": ing.label,
                     "path": _card_path(ing.path),
                     "sha256": ing.sha256,
                     **_read_key(ing),
-                    "coefficient": c / total,
+                    "coefficient": c,
                     "hyperparameters": ing.hyperparameters,
                 }
             )

@@ -20,6 +20,7 @@ anything else with the key named.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ def card_to_mergekit(card: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("a soup with per-tensor coefficients (layer-wise) has no mergekit config")
     models = []
     for row in card["ingredients"]:
-        if row["coefficient"] <= 0:
+        if not math.isfinite(row["coefficient"]) or row["coefficient"] < 0:
+            raise ValueError(f"ingredient {row.get('label')} has coefficient {row['coefficient']}")
+        if row["coefficient"] == 0:
             continue
         if row.get("path") is None:
             raise ConfigError(f"ingredient {row.get('label')} was in memory: it has no path")
@@ -73,6 +76,8 @@ def card_to_mergekit(card: Mapping[str, Any]) -> dict[str, Any]:
         if "density" in merge:
             params["density"] = merge["density"]
         models.append({"model": row["path"], "parameters": params})
+    if not models:
+        raise ValueError("no ingredient has a coefficient above zero")
     config: dict[str, Any] = {"merge_method": rule, "models": models}
     parameters: dict[str, Any] = {}
     if rule == "linear":
