@@ -329,3 +329,39 @@ def test_journal_keys_of_weights_whose_sum_overflows_keep_their_proportions():
     even = Journal.key("acc", [("a", 1e308), ("b", 1e308)])
     assert even == Journal.key("acc", [("a", 1.0), ("b", 1.0)])
     assert even != Journal.key("acc", [("a", 1e308), ("b", 1.5e308)])
+
+
+class _CallableScorer:
+    """A ``model -> float`` object whose held-out data is its own state."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __call__(self, model):
+        with torch.no_grad():
+            return (model(self.x).argmax(-1) == self.y).float().mean().item()
+
+    def score(self, model):
+        return self(model)
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["callable object", "bound method"])
+def test_a_callable_objects_data_is_part_of_its_scores_key(tmp_path, pool_files, bound):
+    # Scorer(new data) in the same journal: measured again, not the old data's scores
+    path = tmp_path / "callable.jsonl"
+    x, y = _data()
+
+    def taste(scorer):
+        taster = Taster(
+            open_ingredients([str(p) for p in pool_files]),
+            torch.nn.Linear(4, 3),
+            scorer.score if bound else scorer,
+            journal=Journal(path),
+        )
+        return taster.individual_scores(), taster
+
+    first, _ = taste(_CallableScorer(x, y))
+    again, taster = taste(_CallableScorer(x, y))
+    assert again == first and taster.reused == COUNT  # the same data: reused
+    _, taster = taste(_CallableScorer(x[:32], y[:32]))
+    assert taster.evaluations == COUNT and taster.reused == 0

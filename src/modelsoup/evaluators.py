@@ -334,8 +334,11 @@ def _code_of(fn: Callable, seen: set[int] | None = None) -> str:
     # globals and functions of yours it names
     target = fn.func if isinstance(fn, functools.partial) else fn
     code = getattr(target, "__code__", None)
-    if code is None:  # an object with a __call__ method
-        code = getattr(vars(type(target)).get("__call__"), "__code__", None)
+    if code is None:  # an object with a __call__ method, its class's or a base's
+        call = next(
+            (vars(k)["__call__"] for k in type(target).__mro__ if "__call__" in vars(k)), None
+        )
+        code = getattr(call, "__code__", None)
     qualname = getattr(target, "__qualname__", type(target).__qualname__)
     where = f"{getattr(target, '__module__', '')}.{qualname}"
     if code is None:
@@ -351,7 +354,24 @@ def _code_of(fn: Callable, seen: set[int] | None = None) -> str:
     wrapped = getattr(target, "__wrapped__", None)  # functools.wraps / update_wrapper
     inner = _traced(inspect.unwrap(target), seen) if wrapped is not None else None
     reads = _globals_read(target, code, seen)
-    return f"{where}|{_stable(code)}|{_stable(bound)}|{','.join(closure)}|{inner}|{reads}"
+    # a callable object's or a bound method's own settings and data (``self.x``, a
+    # threshold), and its class's other methods: ``Scorer(new_data).score`` is another
+    # measure than ``Scorer(old_data).score``, as an object with ``evaluate`` is
+    owner = _owner(target)
+    state = ";".join(_user_class_parts(owner)) if owner is not None else ""
+    return f"{where}|{_stable(code)}|{_stable(bound)}|{','.join(closure)}|{inner}|{reads}|{state}"
+
+
+def _owner(target: Any) -> Any:
+    # the object of yours whose state a callable reads: a bound method's ``self``, or a
+    # callable instance itself; None for functions, classes' methods and modelsoup's own
+    if isinstance(target, types.MethodType):
+        target = target.__self__
+    elif isinstance(target, types.FunctionType | types.BuiltinFunctionType | type):
+        return None
+    if isinstance(target, type | types.ModuleType) or _ours(type(target).__module__):
+        return None
+    return target
 
 
 @functools.lru_cache(maxsize=1)
