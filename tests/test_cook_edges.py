@@ -339,3 +339,15 @@ def test_a_model_factory_that_fails_is_one_config_error_line():
 
     with pytest.raises(ConfigError, match=r"factory failed \(RuntimeError: CUDA out of memory\)"):
         cook([{"w": torch.ones(1)}] * 2, broken, lambda m: 1.0, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary"])
+def test_a_config_that_cannot_be_read_as_text_is_one_error_line(tmp_path, capsys, kind):
+    config = tmp_path / "soup.yaml"
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes(b"\xff\xfe\x00model: m\n")
+    assert main(["cook", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "soup.yaml" in err[0], err

@@ -410,6 +410,8 @@ def test_bad_options_fail_at_the_edge_with_the_key_named():
     assert as_merge({"rule": "dare_linear", "density": 1e-5}).options.density == 1e-5
     with pytest.raises(ConfigError, match="option 'density': required"):
         as_merge("ties")
+    with pytest.raises(ConfigError, match="option names must be strings; got 1"):
+        as_merge({"rule": "ties", 1: 0.5})
     with pytest.raises(ConfigError, match="option 'alpha'"):
         as_merge({"rule": "wise_ft", "alpha": -0.1})
     with pytest.raises(ConfigError, match="option 'lambda'"):

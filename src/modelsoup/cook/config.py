@@ -453,6 +453,10 @@ def load_config(path: str | Path) -> CookConfig:
         raw = read_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config is not UTF-8 text; give a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     raw.setdefault("base_dir", str(path.parent.resolve()))

@@ -276,6 +276,9 @@ def as_merge(merge: str | Mapping[str, Any] | MergeSpec | None) -> MergeSpec:
         merge = {"rule": merge}
     if not isinstance(merge, Mapping):
         raise ConfigError(f"merge must be a rule name or a mapping with 'rule'; got {merge!r}")
+    odd = [key for key in merge if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"merge option names must be strings; got {odd[0]!r}: write it as a name")
     try:
         return MergeSpec(**dict(merge))
     except ValidationError as err:
