@@ -284,26 +284,27 @@ def test_a_bad_line_is_warned_about_once_and_kept(journal, pool_files):
     assert taster.evaluations == 1
 
 
-def test_candidates_mixed_in_float64_are_not_float32_ones(tmp_path):
-
-    from modelsoup.ingredients import open_ingredients
-    from modelsoup.journal import Journal
-    from modelsoup.tasting import Taster
-
+@pytest.mark.parametrize("change", ["accumulator", "model"])
+def test_candidates_in_another_precision_are_not_float32_ones(tmp_path, change):
     ings = open_ingredients([{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)])
 
     def taster(dtype):
-        return Taster(ings, torch.nn.Linear(1, 1, bias=False), lambda m: 0.0,
+        model = torch.nn.Linear(1, 1, bias=False)
+        if change == "model":  # the model computes in bfloat16
+            return Taster(ings, model.to(dtype), lambda m: 0.0,
+                          journal=Journal(tmp_path / "j.jsonl"))  # fmt: skip
+        return Taster(ings, model, lambda m: 0.0,  # mixed in float64
                       journal=Journal(tmp_path / "j.jsonl"), accum_dtype=dtype)  # fmt: skip
 
+    other = torch.bfloat16 if change == "model" else torch.float64
     first = taster(torch.float32)
     first.score([1.0, 1.0])
     again = taster(torch.float32)
     again.score([1.0, 1.0])
     assert again.evaluations == 0  # the same candidate: reused
-    wider = taster(torch.float64)
-    wider.score([1.0, 1.0])
-    assert wider.evaluations == 1  # mixed in another precision: scored anew
+    changed = taster(other)
+    changed.score([1.0, 1.0])
+    assert changed.evaluations == 1  # in another precision: scored anew
 
 
 def test_cached_outputs_of_another_key_or_edited_are_computed_again(tmp_path):

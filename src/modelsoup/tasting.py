@@ -194,6 +194,13 @@ class Taster:
         # the model's classes and layers: the same tensors in another architecture (a new
         # head, another activation module) score differently, so never share a score
         layout = f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}"
+        # and the precision it computes in: a bf16 copy of it is another candidate (float32
+        # tensors, the default, keep the keys they always had)
+        layout += "".join(
+            f"\n{name}:{t.dtype}"
+            for name, t in model.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and t.dtype != torch.float32
+        )
         self._model_tag = hashlib.sha256(layout.encode()).hexdigest()[:16]
         self.held_out = as_evaluator(held_out)
         self.journal = journal or Journal(None)
