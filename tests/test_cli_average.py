@@ -331,6 +331,24 @@ def test_average_recalibrates_batchnorm_before_saving(tmp_path, ckpts, monkeypat
     [
         (["--recalibrate-bn", "kit.py:inputs"], "needs --model"),
         (["--recalibrate-bn", "kit.py:inputs", "--model", "kit.py:linear"], "no BatchNorm"),
+        (["--model", "kit.py:build"], "--model is used only to re-estimate BatchNorm"),
+        (["--recalibrate-batches", "3"], "--recalibrate-batches is used only"),
+        (["--device", "cuda:7"], "--device is used only"),
+        (
+            [
+                "--recalibrate-bn",
+                "kit.py:inputs",
+                "--model",
+                "kit.py:build",
+                "--recalibrate-batches",
+                "0",
+            ],
+            "must be at least 1; got 0",
+        ),
+        (
+            ["--recalibrate-bn", "kit.py:inputs", "--model", "kit.py:build", "--device", "cuda:99"],
+            "cuda:99",
+        ),
     ],
 )
 def test_average_recalibration_errors(tmp_path, ckpts, monkeypatch, capsys, extra, needle):

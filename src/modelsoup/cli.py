@@ -34,6 +34,7 @@ def _floats(text: str) -> list[float]:
 def cmd_average(args: argparse.Namespace) -> int:
     from modelsoup.recipes.uniform import average
 
+    _check_recalibration_flags(args)
     weights = _floats(args.weights) if args.weights is not None else None
     sources, base, merge, normalize = args.sources, args.base, _merge_flags(args), True
     out_dtype, accum_dtype = args.out_dtype, args.accum_dtype
@@ -228,17 +229,38 @@ def _card_paths(card: dict) -> list[str]:
     return [str(r["path"]) for r in rows if isinstance(r, dict) and r.get("path")]
 
 
-def _recalibrate_average(soup, args: argparse.Namespace) -> str:
-    from pathlib import Path
+def _check_recalibration_flags(args: argparse.Namespace) -> None:
+    # before any checkpoint is read: a flag that would do nothing, or a device or model
+    # the recalibration cannot use, is refused rather than found after the averaging
+    from modelsoup._util import check_device
 
-    from modelsoup.cook.config import resolve, resolve_unlabeled
-    from modelsoup.repair.batchnorm import recalibrate_soup
-
+    if not args.recalibrate_bn:
+        given = [flag for flag, on in (("--model", args.model),
+                 ("--recalibrate-batches", args.recalibrate_batches is not None),
+                 ("--device", args.device != "cpu")) if on]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{given[0]} is used only to re-estimate BatchNorm statistics: add "
+                "--recalibrate-bn DATA, or leave it out"
+            )
+        return
     if not args.model:
         raise ConfigError(
             "--recalibrate-bn needs --model module:function returning the architecture"
         )
+    if args.recalibrate_batches is not None and args.recalibrate_batches < 1:
+        raise ConfigError(
+            f"--recalibrate-batches must be at least 1; got {args.recalibrate_batches}"
+        )
+    check_device(args.device)
+
+
+def _recalibrate_average(soup, args: argparse.Namespace) -> str:
+    from pathlib import Path
+
     from modelsoup._util import build_model, check_device
+    from modelsoup.cook.config import resolve, resolve_unlabeled
+    from modelsoup.repair.batchnorm import recalibrate_soup
 
     device = check_device(args.device)
     module = build_model(resolve(args.model, Path.cwd()), f"--model {args.model}")
