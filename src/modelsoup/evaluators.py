@@ -735,9 +735,28 @@ class Race:
         return self.score is None
 
 
-#: how far a bound must fall short of the score to beat before a race stops: more than
-#: any float32 rounding of a mean, so the decision is the full evaluation's
+#: how far a bound must fall short of the score to beat before a race stops, for scores
+#: near 1: more than any float32 rounding of a mean, so the decision is the full
+#: evaluation's; larger scores (a summed loss) get a margin in proportion (falls_short)
 RACE_MARGIN = 1e-6
+
+
+def falls_short(bound: float, to_beat: float, higher_is_better: bool) -> bool:
+    """Whether a race's bound on a candidate's full score proves it cannot reach ``to_beat``:
+    by more than float32 rounding of scores their size (``RACE_MARGIN`` near 1).
+
+    Example:
+        >>> falls_short(0.5, 0.9, True), falls_short(0.9 - 1e-9, 0.9, True)
+        (True, False)
+        >>> falls_short(1000.0, 1000.0 - 1e-5, False)  # within float32 rounding of 1000
+        False
+    """
+    size = max(abs(bound), abs(to_beat))
+    margin = max(RACE_MARGIN, 8 * torch.finfo(torch.float32).eps * size)
+    if higher_is_better:
+        return bound < to_beat - margin
+    return bound > to_beat + margin
+
 
 #: statistical racing's confidence sequence: the tighter of two finite-population bounds
 RACING_METHOD = "hoeffding/bernstein-serfling, union over looks"
@@ -1220,9 +1239,7 @@ class ClassifierEvaluator:
 
     def _cannot_meet(self, bound: float, to_beat: float, strict: bool) -> bool:
         # the bound is exact arithmetic; the margin covers the float32 mean of a full pass
-        if self.higher_is_better:
-            return bound < to_beat - RACE_MARGIN
-        return bound > to_beat + RACE_MARGIN
+        return falls_short(bound, to_beat, self.higher_is_better)
 
     def score_logits(self, logits: torch.Tensor) -> float:
         """The score of given logits (the ensemble baselines score averaged logits)."""

@@ -43,7 +43,7 @@ import torch
 
 from modelsoup._util import atomic_file, shares, write_error
 from modelsoup.errors import SoupWarning
-from modelsoup.evaluators import RACE_MARGIN, batches_digest, check_score
+from modelsoup.evaluators import batches_digest, check_score, falls_short
 
 FORMAT = "modelsoup.journal/1"
 
@@ -251,8 +251,7 @@ class Journal:
         if found is None or made_by not in (None, _test_of({"test": test})):
             return None
         bound = found["bound"]
-        still = bound < to_beat - RACE_MARGIN if higher else bound > to_beat + RACE_MARGIN
-        return found if still else None
+        return found if falls_short(bound, to_beat, higher) else None
 
     def record_rejection(
         self,
