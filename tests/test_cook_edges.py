@@ -341,6 +341,16 @@ def test_a_model_factory_that_fails_is_one_config_error_line():
         cook([{"w": torch.ones(1)}] * 2, broken, lambda m: 1.0, progress=False)
 
 
+def test_an_evaluator_or_data_function_that_fails_is_one_config_error_line(tmp_path):
+    from modelsoup.cook.config import resolve_evaluator, resolve_unlabeled
+    from modelsoup.errors import ConfigError
+
+    (tmp_path / "kit.py").write_text("def held():\n    raise OSError('no such file: held.csv')\n")
+    for resolve in (resolve_evaluator, resolve_unlabeled):
+        with pytest.raises(ConfigError, match=r"^kit.py:held\(\) failed \(OSError: no such"):
+            resolve("kit.py:held", str(tmp_path))
+
+
 @pytest.mark.parametrize("kind", ["folder", "binary"])
 def test_a_config_that_cannot_be_read_as_text_is_one_error_line(tmp_path, capsys, kind):
     config = tmp_path / "soup.yaml"

@@ -18,13 +18,13 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from modelsoup.errors import ConfigError, WriteError
+from modelsoup.errors import ConfigError, SoupError, WriteError
 
 _logger = logging.getLogger(__name__)
 
@@ -587,6 +587,26 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+def call_factory(factory: Callable[[], Any], what: str, hint: str) -> Any:
+    """What a user's function of no arguments returns; an exception it raises is one
+    :class:`ConfigError` line, ``what`` failed (its type and first line), then ``hint``,
+    with the exception chained as its cause.
+
+    Example:
+        >>> call_factory(lambda: 1 / 0, "data()", "check it")
+        Traceback (most recent call last):
+        ...
+        modelsoup.errors.ConfigError: data() failed (ZeroDivisionError: division by zero); check it
+    """
+    try:
+        return factory()
+    except (SoupError, KeyboardInterrupt):  # ours already says what to do
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: one line, cause chained
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{what} failed ({type(err).__name__}: {first}); {hint}") from err
+
+
 def build_model(model: Any, what: str = "the model factory") -> torch.nn.Module:
     """``model`` when it is a module, else what its factory (no arguments) returns; a
     factory that fails or returns something else is one :class:`ConfigError` line (the
@@ -602,16 +622,8 @@ def build_model(model: Any, what: str = "the model factory") -> torch.nn.Module:
     """
     if isinstance(model, torch.nn.Module):
         return model
-    try:
-        module = model()
-    except (ConfigError, KeyboardInterrupt):
-        raise
-    except Exception as err:  # noqa: BLE001 - the user's factory: one line, cause chained
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(
-            f"{what} failed ({type(err).__name__}: {first}); check the model: function "
-            "(it must build the model with no arguments)"
-        ) from err
+    module = call_factory(model, what, "check the model: function (it must build the model "
+                          "with no arguments)")  # fmt: skip
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"{what} returned {type(module).__name__}, not an nn.Module")
     return module

@@ -52,7 +52,7 @@ from pydantic import (
 )
 
 from modelsoup._options import OptionsModel, WrittenNumber
-from modelsoup._util import spelling_hint
+from modelsoup._util import call_factory, spelling_hint
 from modelsoup.cook.stats import MAX_RESAMPLES
 from modelsoup.errors import ConfigError, SoupWarning
 from modelsoup.evaluators import as_evaluator, identity, same_data
@@ -585,7 +585,8 @@ def resolve_evaluator(
         raise ConfigError(f"{target} is a {type(obj).__name__}, not an evaluator: name {what}")
     if _required_arguments(obj) >= 1:
         return obj  # the evaluator itself: model -> score
-    built = obj()
+    built = call_factory(obj, f"{target}()", "check that function (it must build the evaluator "
+                         "with no arguments)")  # fmt: skip
     if _is_model(built) or not (hasattr(built, "evaluate") or callable(built)):
         raise ConfigError(f"{target}() returned a {type(built).__name__}: name {what}")
     return built
@@ -647,7 +648,8 @@ def resolve_unlabeled(reference: str, base_dir: str) -> Any:
     source = resolve(reference, base_dir)
     if not callable(source) or hasattr(source, "__iter__"):
         return reusable(source, reference)
-    data = source()
+    data = call_factory(source, f"{reference}()", "check that function (it must return the "
+                        "batches with no arguments)")  # fmt: skip
     return CalledAnew(source, reference) if isinstance(data, Iterator) else data
 
 
