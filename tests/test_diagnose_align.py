@@ -261,3 +261,22 @@ def test_cook_in_python_takes_the_recalibration_data_itself(strangers):
     with pytest.warns(SoupWarning, match="worse than every ingredient"):
         fresh = cook(paths, DigitsBNNet, ev, recipes=[], recalibrate=train_inputs(), progress=False)
     assert fresh.method("uniform").held_out > plain.method("uniform").held_out + 0.15
+
+
+def test_a_diagnosis_is_never_written_among_its_inputs_or_below_a_file(tmp_path):
+    from modelsoup.errors import SoupError
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    paths = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        paths.append(folder / f"ing{seed}.safetensors")
+        safetensors.torch.save_file(DigitsMLP().state_dict(), paths[-1])
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in folder.iterdir())
+    for out, needle in ((folder, "ing0.safetensors"), (folder / "ing0.safetensors" / "d", "ing0"),
+                        (tmp_path / "notes.txt" / "d", "notes.txt is a file")):  # fmt: skip
+        with pytest.raises(SoupError, match=needle):
+            diagnose(paths, DigitsMLP, held_out(), output=out)
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -212,8 +212,17 @@ class atomic_file:  # noqa: N801 - used as a context manager, reads like a funct
             raise write_error(self.path, exc) from exc
 
 
-def _file_in_the_way(path: Path) -> Path | None:
-    """The first of ``path``'s parents that exists but is not a folder, if any."""
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents that exists but is not a folder, if any: what
+    stops ``path`` being written.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "notes.txt"
+        >>> _ = f.write_text("mine")
+        >>> file_in_the_way(f / "out" / "diagnosis.json") == f, file_in_the_way(f)
+        (True, None)
+    """
     for parent in reversed(Path(os.path.abspath(path)).parents):
         if parent.exists() and not parent.is_dir():
             return parent
@@ -245,7 +254,7 @@ def check_output_path(out: str | Path) -> Path:
             f"{out}: is the current folder (or holds it), which a soup output would replace; "
             "give a new name such as soup.safetensors or soup/"
         )
-    blocker = _file_in_the_way(path)
+    blocker = file_in_the_way(path)
     if blocker is not None:
         raise WriteError(f"{out}: {blocker} is a file, not a folder; choose another output")
     return path
@@ -305,7 +314,7 @@ def _acquire(lock: Path, path: Path):
             lock.parent.mkdir(parents=True, exist_ok=True)
             fh = open(lock, "a+")
         except OSError as err:
-            blocker = _file_in_the_way(lock)
+            blocker = file_in_the_way(lock)
             if blocker is not None:
                 raise WriteError(
                     f"{path}: {blocker} is a file, not a folder; choose another output"

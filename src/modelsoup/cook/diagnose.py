@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from modelsoup._util import atomic_file, build_model, check_device
+from modelsoup._util import atomic_file, build_model, check_device, file_in_the_way
 from modelsoup.errors import ConfigError, EvaluationError
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
 from modelsoup.journal import Journal
+from modelsoup.soup import check_not_input
 from modelsoup.tasting import Taster
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -159,7 +160,13 @@ def diagnose(
     alphas = _path_alphas(alphas)
     if output is not None and Path(output).exists() and not Path(output).is_dir():
         raise ConfigError(f"{output}: the diagnosis goes in a folder, but this is a file")
+    blocker = None if output is None else file_in_the_way(Path(output))
+    if blocker is not None:
+        raise ConfigError(f"{output}: {blocker} is a file, not a folder; choose another output")
     pool = open_ingredients(ingredients, key=checkpoint_key, labels=labels, base=base)
+    if output is not None:  # nothing is written among the inputs (nor beside their files)
+        for name in ("", *DIAGNOSIS_FILES):
+            check_not_input(pool, Path(output) / name)
     if len(pool) < 2:
         raise ConfigError(
             f"diagnose compares ingredients: it needs two or more, and found {len(pool)} "
@@ -240,23 +247,26 @@ def diagnose(
     return result
 
 
+#: what a diagnosis writes into its output folder
+DIAGNOSIS_FILES = ("diagnosis.json", "similarity.png", "interpolation.png")
+
+
 def write_diagnosis(d: Diagnosis, folder: Path) -> list[Path]:
     """Write ``diagnosis.json`` and the two figures into ``folder``."""
     from modelsoup.cook import plots
 
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(folder / "diagnosis.json") as tmp:
+    json_name, heatmap_name, curves_name = DIAGNOSIS_FILES
+    with atomic_file(folder / json_name) as tmp:
         tmp.write_text(json.dumps(d.to_dict(), indent=2))
-    made = [folder / "diagnosis.json"]
+    made = [folder / json_name]
     if len(d.labels) > 1:
         made.append(
-            plots.plot_similarity_heatmap(d.similarity, d.labels, path=folder / "similarity.png")
+            plots.plot_similarity_heatmap(d.similarity, d.labels, path=folder / heatmap_name)
         )
     if d.paths:
         curves = {k: (d.alphas, v) for k, v in d.paths.items() if all(map(math.isfinite, v))}
         made.append(
-            plots.plot_interpolation(
-                curves, path=folder / "interpolation.png", ylabel="held-out score"
-            )
+            plots.plot_interpolation(curves, path=folder / curves_name, ylabel="held-out score")
         )
     return made
