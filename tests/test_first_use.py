@@ -141,6 +141,22 @@ def test_dry_run_lists_ingredients_recipes_and_a_bound_then_does_nothing(
     assert result.taster_stats["evaluations"] <= plan.held_out_total + plan.test_total
 
 
+@pytest.mark.parametrize("bad", ["device: cuda:99\n", "output: {ckpts}\n", "output: {cfg}\n"])
+def test_dry_run_refuses_what_the_cook_would_refuse(tmp_path, digits_ckpts, capsys, bad):
+    cfg = _kitchen(tmp_path, digits_ckpts)
+    lines = [line for line in cfg.read_text().splitlines() if not line.startswith("output:")]
+    extra = bad.format(ckpts=digits_ckpts, cfg=cfg)
+    cfg.write_text(
+        "\n".join(lines)
+        + "\n"
+        + extra
+        + ("" if "output" in bad else f"output: {tmp_path / 'out'}\n")
+    )
+    assert main(["cook", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+
+
 # -- diagnose reuses the cook's journal -------------------------------------------------
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelsoup._util import check_device
 from modelsoup.cook.config import CookConfig, check_test_data, load_config, resolve_parts
-from modelsoup.cook.run import _entries, check_align, check_recipes, entry_label
+from modelsoup.cook.run import _entries, check_align, check_output, check_recipes, entry_label
 from modelsoup.evaluators import LogitsEvaluator, as_evaluator
 from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
@@ -121,6 +122,7 @@ def plan_cook(config: CookConfig | str | Path) -> CookPlan:
     """
     if not isinstance(config, CookConfig):
         config = load_config(config)
+    check_device(config.device)  # what the cook refuses first, the plan refuses too
     parts = resolve_parts(config)
     held = as_evaluator(parts.held_out)
     test = as_evaluator(parts.test) if parts.test is not None else None
@@ -135,6 +137,7 @@ def plan_cook(config: CookConfig | str | Path) -> CookPlan:
         key = config.checkpoint_key if takes_key(base) else None
         base = open_ingredient(base, label="base", key=key)
     check_recipes(entries, pool, base, writes=True, opts=config.options())
+    check_output([*pool, base] if base is not None else pool, parts.output)
     re_scored = config.recalibrate_bn is not None and not config.recalibrate_candidates
     planned = []
     for entry in entries:

@@ -254,10 +254,6 @@ def cook(
         key = opts.checkpoint_key if takes_key(base) else None
         base = open_ingredient(base, label="base", key=key)
     out = Path(output) if output is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(
-            f"{out}: a cook writes a folder there, but it is a file; choose another output"
-        )
     if out is not None:
         check_output([*pool, base] if base is not None else pool, out)
     writes = out is not None and (ranks is None or ranks.is_main)
@@ -384,14 +380,18 @@ def _cook(
 
 
 def check_output(pool: Sequence[Any], out: Path) -> None:
-    """Refuse a cook output folder that is, contains or lies inside an ingredient's file
-    or folder: the journal, reports and soups must never land among the inputs. Aligned
-    copies in ``<out>/aligned`` are the cook's own and allowed.
+    """Refuse a cook output folder that is a file, or is, contains or lies inside an
+    ingredient's file or folder: the journal, reports and soups must never land among
+    the inputs. Aligned copies in ``<out>/aligned`` are the cook's own and allowed.
 
     Example:
         >>> from modelsoup.ingredients import Ingredient, open_ingredients
         >>> check_output(open_ingredients([{"w": torch.ones(1)}]), Path("out"))
     """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"{out}: a cook writes a folder there, but it is a file; choose another output"
+        )
     own = (out / "aligned").resolve()
     theirs = [ing for ing in pool if ing.path is None or own not in ing.path.resolve().parents]
     check_not_input(theirs, out)
