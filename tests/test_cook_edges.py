@@ -351,6 +351,21 @@ def test_an_evaluator_or_data_function_that_fails_is_one_config_error_line(tmp_p
             resolve("kit.py:held", str(tmp_path))
 
 
+@pytest.mark.parametrize("how", ["file", "module"])
+def test_a_kitchen_that_raises_as_it_is_imported_is_one_config_error_line(tmp_path, how):
+    from modelsoup.cook.config import resolve
+    from modelsoup.errors import ConfigError
+
+    (tmp_path / "broken_kitchen_mod.py").write_text("raise ValueError('bad setting')\n")
+    (tmp_path / "broken_kitchen_pkg").mkdir()
+    (tmp_path / "broken_kitchen_pkg" / "__init__.py").write_text("")
+    (tmp_path / "broken_kitchen_pkg" / "kit.py").write_text("raise ValueError('bad setting')\n")
+    # a file beside the config, or a dotted module imported from the config's folder
+    target = "broken_kitchen_mod.py:held" if how == "file" else "broken_kitchen_pkg.kit:held"
+    with pytest.raises(ConfigError, match=r"importing .*failed \(ValueError: bad setting\)"):
+        resolve(target, tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["folder", "binary"])
 def test_a_config_that_cannot_be_read_as_text_is_one_error_line(tmp_path, capsys, kind):
     config = tmp_path / "soup.yaml"

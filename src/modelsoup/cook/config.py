@@ -487,8 +487,9 @@ def _load_file(file: Path) -> Any:
     module._modelsoup_mtime = stamp
     sys.modules[name] = module
     with _on_path(file.parent):
-        try:
-            spec.loader.exec_module(module)
+        try:  # a file that raises as it runs is one line naming it, not a traceback
+            call_factory(lambda: spec.loader.exec_module(module), f"importing {file}",
+                         "fix the error in that file")  # fmt: skip
         except BaseException:
             del sys.modules[name]
             raise
@@ -532,11 +533,15 @@ def resolve(target: str, base_dir: str | Path = ".") -> Any:
     elif "." not in module_name and local.is_file():
         module = _load_file(local)
     else:
-        with _on_path(base.resolve()):
+
+        def load() -> Any:
             try:
-                module = importlib.import_module(module_name)
+                return importlib.import_module(module_name)
             except ImportError as err:
                 raise ConfigError(f"'{target}': cannot import {module_name} ({err})") from None
+
+        with _on_path(base.resolve()):
+            module = call_factory(load, f"importing {module_name}", "fix the error in it")
     try:
         return getattr(module, attr)
     except AttributeError:
