@@ -132,9 +132,17 @@ def test_corrupt_journal_lines_are_reported_and_ignored(tmp_path, ckpt_dir):
 
 
 def test_foreign_journal_is_set_aside_not_trusted(tmp_path, ckpt_dir):
+    from modelsoup.cook.folder import COOK_MARKER
+    from modelsoup.errors import WriteError
+
     out = tmp_path / "out"
     out.mkdir()
-    (out / "journal.jsonl").write_text('{"something": "else"}\n{"key": "x", "score": 1}\n')
+    foreign = '{"something": "else"}\n{"key": "x", "score": 1}\n'
+    (out / "journal.jsonl").write_text(foreign)
+    with pytest.raises(WriteError, match="journal.jsonl, which no cook wrote"):
+        _cook(ckpt_dir, out, Interrupting())  # someone else's file: refused, left as is
+    assert (out / "journal.jsonl").read_text() == foreign
+    (out / COOK_MARKER).write_text("")  # a cook's folder, its journal damaged
     with pytest.warns(SoupWarning, match="not a modelsoup journal"):
         _cook(ckpt_dir, out, Interrupting())
     assert list(out.glob("journal.jsonl.ignored-*"))

@@ -263,16 +263,22 @@ def test_recipe_labels_that_would_share_a_file_name_are_refused():
              progress=False)  # fmt: skip
 
 
-def test_a_folder_a_soup_cannot_replace_is_refused_before_any_evaluation(tmp_path):
+@pytest.mark.parametrize(
+    "cooked,needle", [(True, "is not a soup folder"), (False, "holds soups, which no cook wrote")]
+)
+def test_a_folder_a_soup_cannot_replace_is_refused_before_any_evaluation(tmp_path, cooked, needle):
     from modelsoup.cook import cook
+    from modelsoup.cook.folder import COOK_MARKER
     from modelsoup.errors import WriteError
 
     ings = [{"weight": torch.full((1, 1), v)} for v in (1.0, 2.0)]
     taken = tmp_path / "out" / "soups" / "uniform"
     taken.mkdir(parents=True)
     (taken / "notes.txt").write_text("mine")
+    if cooked:  # a cook's folder, in which the user put a folder of a soup's name
+        (tmp_path / "out" / COOK_MARKER).write_text("")
     calls = []
-    with pytest.raises(WriteError, match="is not a soup folder"):
+    with pytest.raises(WriteError, match=needle):
         cook(ings, torch.nn.Linear(1, 1, bias=False), lambda m: calls.append(1) or 1.0,
              recipes=[{"name": "uniform"}], output=tmp_path / "out", save_format="folder",
              baselines=False, progress=False)  # fmt: skip

@@ -79,3 +79,14 @@ def test_quick_demo_with_progress_off_a_terminal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b[" not in err
     assert (out / "report.json").is_file()
+
+
+def test_the_demo_never_replaces_a_report_it_did_not_write(tmp_path, capsys):
+    out, work = tmp_path / "project", tmp_path / "work"
+    out.mkdir()
+    (out / "report.md").write_text("my own report")
+    code = main(["demo", "--quick", "-q", "--output", str(out), "--workdir", str(work)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "report.md, which no cook wrote" in err[0], err
+    assert (out / "report.md").read_text() == "my own report"
+    assert not work.exists()  # refused before any training

@@ -157,6 +157,28 @@ def test_dry_run_refuses_what_the_cook_would_refuse(tmp_path, digits_ckpts, caps
     assert len(err) == 1 and err[0].startswith("error: "), err
 
 
+@pytest.mark.parametrize(
+    "cooked,needle", [(False, "holds report.md, which no cook wrote"), (True, "not a soup folder")]
+)
+def test_dry_run_refuses_an_output_whose_files_the_cook_would_lose(
+    tmp_path, digits_ckpts, capsys, cooked, needle
+):
+    from modelsoup.cook.folder import COOK_MARKER
+
+    cfg = _kitchen(tmp_path, digits_ckpts)
+    cfg.write_text(cfg.read_text() + "save_format: folder\n")
+    out = tmp_path / "out"
+    mine = out / "soups" / "uniform" / "notes.txt" if cooked else out / "report.md"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    if cooked:  # a cook's folder, with the user's folder where a soup would be saved
+        (out / COOK_MARKER).write_text("")
+    assert main(["cook", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert mine.read_text() == "mine"
+
+
 # -- diagnose reuses the cook's journal -------------------------------------------------
 
 

@@ -16,7 +16,14 @@ from typing import Any
 
 from modelsoup._util import check_device
 from modelsoup.cook.config import CookConfig, check_test_data, load_config, resolve_parts
-from modelsoup.cook.run import _entries, check_align, check_output, check_recipes, entry_label
+from modelsoup.cook.run import (
+    _entries,
+    check_align,
+    check_output,
+    check_recipes,
+    check_soup_folders,
+    entry_label,
+)
 from modelsoup.evaluators import LogitsEvaluator, as_evaluator
 from modelsoup.formats.dispatch import takes_key
 from modelsoup.ingredients import Ingredient, open_ingredient, open_ingredients
@@ -138,6 +145,7 @@ def plan_cook(config: CookConfig | str | Path) -> CookPlan:
         base = open_ingredient(base, label="base", key=key)
     check_recipes(entries, pool, base, writes=True, opts=config.options())
     check_output([*pool, base] if base is not None else pool, parts.output)
+    check_soup_folders(entries, pool, parts.output, config.options())
     re_scored = config.recalibrate_bn is not None and not config.recalibrate_candidates
     planned = []
     for entry in entries:

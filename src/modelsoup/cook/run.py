@@ -26,8 +26,6 @@ from modelsoup._util import (
     build_model,
     check_device,
     check_replaceable,
-    clean_stale_temps,
-    output_lock,
     slug,
 )
 from modelsoup.accumulator import ACCUM_DTYPES
@@ -42,6 +40,7 @@ from modelsoup.cook.config import (
     resolve_alignment_data,
     resolve_parts,
 )
+from modelsoup.cook.folder import check_output, held_output
 from modelsoup.cook.report import write_report
 from modelsoup.cook.results import CookResult, MethodResult
 from modelsoup.cook.stats import paired_difference
@@ -57,7 +56,7 @@ from modelsoup.recipes.ensemble import Ensemble
 from modelsoup.recipes.registry import get_recipe
 from modelsoup.repair.batchnorm import as_recalibration, has_batchnorm
 from modelsoup.repair.pool import align_pool
-from modelsoup.soup import Soup, check_adapter_merge, check_not_input
+from modelsoup.soup import Soup, check_adapter_merge
 from modelsoup.tasting import Taster, racing_mode
 
 _logger = logging.getLogger(__name__)
@@ -205,9 +204,10 @@ def cook(
     ``labels`` names the ingredients, one per entry of ``ingredients`` (``None`` keeps
     the default: the shortest path suffix that tells them apart).
     With ``output``, soups, the journal and the report are written there; the folder
-    must not be, contain or lie inside an ingredient, and it is held for the whole cook
-    (:func:`~modelsoup._util.output_lock`: a second cook on it fails at once) after what
-    a killed run left in it is tidied (:func:`tidy_output`). ``recalibrate``
+    must not be, contain or lie inside an ingredient, nor hold files of the cook's names
+    that no cook wrote; it is held for the whole cook
+    (:func:`~modelsoup.cook.folder.held_output`: a second cook on it fails at once, and
+    what a killed run left in it is tidied first). ``recalibrate``
     re-estimates every soup's BatchNorm statistics: a function ``module -> None``, or the
     unlabeled data itself (a DataLoader, a list of batches or a tensor of inputs).
     ``base`` is the pretrained start that merge rules on task vectors need (a recipe's
@@ -258,9 +258,7 @@ def cook(
         check_output([*pool, base] if base is not None else pool, out)
     writes = out is not None and (ranks is None or ranks.is_main)
     # The whole cook holds its output folder: a second cook on it fails at once.
-    with output_lock(out) if writes else contextlib.nullcontext():
-        if writes:
-            tidy_output(out)
+    with held_output(out) if writes else contextlib.nullcontext():
         return _cook(
             pool,
             model,
@@ -309,9 +307,8 @@ def _cook(
     entries = _entries(recipes, opts.baselines, has_logits)
     _check_ensembles(entries, logits)
     base = check_recipes(entries, pool, base, writes=out is not None, opts=opts)
-    if out is not None and opts.save == "all" and _soup_suffix(pool[0], opts) == "":
-        for e in entries:  # a folder the soup cannot replace: refused now, not after cooking
-            check_replaceable(out / "soups" / slug(entry_label(e)), FOLDER_CARD)
+    if out is not None:
+        check_soup_folders(entries, pool, out, opts)
     taster = Taster(
         pool,
         module,
@@ -377,39 +374,6 @@ def _cook(
             result, out, bootstrap_resamples=opts.bootstrap_resamples, seed=opts.seed
         )
     return result
-
-
-def check_output(pool: Sequence[Any], out: Path) -> None:
-    """Refuse a cook output folder that is a file, or is, contains or lies inside an
-    ingredient's file or folder: the journal, reports and soups must never land among
-    the inputs. Aligned copies in ``<out>/aligned`` are the cook's own and allowed.
-
-    Example:
-        >>> from modelsoup.ingredients import Ingredient, open_ingredients
-        >>> check_output(open_ingredients([{"w": torch.ones(1)}]), Path("out"))
-    """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(
-            f"{out}: a cook writes a folder there, but it is a file; choose another output"
-        )
-    own = (out / "aligned").resolve()
-    theirs = [ing for ing in pool if ing.path is None or own not in ing.path.resolve().parents]
-    check_not_input(theirs, out)
-    for part in ("soups", "figures", "journal.jsonl", "journal.jsonl.outputs", "report.md",
-                 "report.json"):  # fmt: skip
-        check_not_input(theirs, out / part)  # a symlink among them leads elsewhere
-
-
-def tidy_output(out: Path) -> None:
-    """Remove what a killed run left in a cook's output folder (half-written soups,
-    reports, figures and cached outputs of dead processes; see
-    :func:`~modelsoup._util.clean_stale_temps`), and put back a soup folder moved aside.
-
-    Example:
-        >>> tidy_output(Path("/nonexistent"))
-    """
-    for folder in (out, out / "soups", out / "figures", out / "journal.jsonl.outputs"):
-        clean_stale_temps(folder)
 
 
 def _options(options: CookOptions | None, settings: Mapping[str, Any]) -> CookOptions:
@@ -620,6 +584,24 @@ def check_align(config: CookConfig, parts: Any) -> None:
         )
 
 
+def check_soup_folders(
+    entries: Sequence[RecipeEntry], pool: Sequence[Ingredient], out: Path, opts: CookOptions
+) -> None:
+    """Refuse, before any cooking, a soup folder the cook could not replace when it saves
+    its soups as folders (``save: all``): one in ``<out>/soups`` that is not a soup's.
+
+    Example:
+        >>> from modelsoup.ingredients import open_ingredients
+        >>> pool = open_ingredients([{"w": torch.ones(1)}])
+        >>> check_soup_folders(_entries([{"name": "greedy"}], True, False), pool,
+        ...                    Path("/nonexistent"), CookOptions())
+    """
+    if opts.save != "all" or _soup_suffix(pool[0], opts) != "":
+        return
+    for e in entries:
+        check_replaceable(out / "soups" / slug(entry_label(e)), FOLDER_CARD)
+
+
 def _soup_suffix(first: Ingredient, opts: CookOptions) -> str:
     """The suffix of the soups a cook saves: ``""`` for HF-style folders."""
     fmt = opts.save_format or (
@@ -707,9 +689,8 @@ def cook_config(
         check_output(pool, output)
         labels = [ing.label for ing in pool]
     # Aligning is part of the cook: it holds the output, and cook() takes the lock again.
-    with output_lock(output) if config.align else contextlib.nullcontext():
+    with held_output(output) if config.align else contextlib.nullcontext():
         if config.align:
-            tidy_output(output)
             method = "reference" if config.align is True else config.align
             ingredients = align_pool(
                 pool,

@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from modelsoup._util import atomic_file
+from modelsoup.cook.folder import check_cook_folder, held_output
 from modelsoup.cook.run import CookResult, cook
 from modelsoup.errors import ConfigError
 from modelsoup.evaluators import Accuracy, Evaluator
@@ -421,6 +423,9 @@ def smollm2_kitchen(settings: DemoSettings, work: Path) -> Kitchen:
     )
 
 
+#: what a demo writes into its output folder, and replaces on the next run
+DEMO_FILES = ("report.md", "report.json", "figures", "soup.safetensors", "soup.json")
+
 _KITCHENS: dict[str, Callable[[DemoSettings, Path], Kitchen]] = {
     "tweets": _tweets_kitchen,
     "digits": _digits_kitchen,
@@ -463,13 +468,9 @@ def _sidecar_times(folder: Path) -> dict[str, int]:
 
 
 def _copy_report(cooked: Path, output: Path, figures: list[str]) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    for name in ("report.md", "report.json"):
-        shutil.copyfile(cooked / name, output / name)
-    for fig in figures:
-        target = output / fig
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cooked / fig, target)
+    for name in ("report.md", "report.json", *figures):
+        with atomic_file(output / name) as tmp:
+            shutil.copyfile(cooked / name, tmp)
 
 
 def _held_out_pick(report: dict) -> str | None:
@@ -528,6 +529,7 @@ def _run(settings: DemoSettings, output: Path, workdir: Path, progress: bool) ->
         if progress:
             print(text, flush=True)
 
+    check_cook_folder(output, DEMO_FILES)  # before minutes of training, not after
     say(f"modelsoup demo [{settings.name}]: {settings.description}")
     say(
         f"split (seed {settings.split_seed}): train {settings.train}, held-out "
@@ -574,11 +576,13 @@ def _run(settings: DemoSettings, output: Path, workdir: Path, progress: bool) ->
     timings["cooking"] = time.perf_counter() - clock
 
     report = json.loads((cooked / "report.json").read_text())
-    _copy_report(cooked, output, report.get("figures", []))
     soup_path = None
-    pick = _held_out_pick(report)
-    if pick is not None:
-        soup_path = result.method(pick).result.save(output / "soup.safetensors", progress=False)
+    with held_output(output, DEMO_FILES):
+        _copy_report(cooked, output, report.get("figures", []))
+        pick = _held_out_pick(report)
+        if pick is not None:
+            soup = result.method(pick).result
+            soup_path = soup.save(output / "soup.safetensors", progress=False)
     seconds = time.perf_counter() - started
     timings["total"] = seconds
     return DemoResult(
