@@ -108,3 +108,22 @@ def test_a_cook_that_fails_before_writing_leaves_the_folder_as_it_was(tmp_path, 
         _cook(out, broken)
     assert out.is_dir() == existed
     assert not existed or list(out.iterdir()) == []
+
+
+def test_diagnose_never_replaces_a_diagnosis_it_did_not_write(tmp_path):
+    from modelsoup.cook.diagnose import diagnose
+
+    def run(out):
+        return diagnose(INGREDIENTS, torch.nn.Linear(1, 1, bias=False), _score, output=out)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "diagnosis.json").write_text('{"mine": true}')
+    with pytest.raises(WriteError, match="holds diagnosis.json, which no cook wrote"):
+        run(theirs)
+    assert (theirs / "diagnosis.json").read_text() == '{"mine": true}'
+    ours = tmp_path / "ours"
+    run(ours)
+    assert (ours / COOK_MARKER).is_file()
+    (ours / COOK_MARKER).unlink()  # a diagnosis written before the marker is still ours
+    assert run(ours).verdict == json.loads((ours / "diagnosis.json").read_text())["verdict"]

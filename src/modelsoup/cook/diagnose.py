@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from modelsoup._util import atomic_file, build_model, check_device, file_in_the_way
+from modelsoup.cook.folder import DIAGNOSIS_FILES, check_cook_folder, held_output
 from modelsoup.errors import ConfigError, EvaluationError
 from modelsoup.evaluators import Evaluator, as_evaluator
 from modelsoup.ingredients import Ingredient, open_ingredients
@@ -167,6 +168,7 @@ def diagnose(
     if output is not None:  # nothing is written among the inputs (nor beside their files)
         for name in ("", *DIAGNOSIS_FILES):
             check_not_input(pool, Path(output) / name)
+        check_cook_folder(Path(output), DIAGNOSIS_FILES)  # a user's own diagnosis.json
     if len(pool) < 2:
         raise ConfigError(
             f"diagnose compares ingredients: it needs two or more, and found {len(pool)} "
@@ -243,12 +245,9 @@ def diagnose(
         advice,
     )
     if output is not None:
-        write_diagnosis(result, Path(output))
+        with held_output(Path(output), DIAGNOSIS_FILES):
+            write_diagnosis(result, Path(output))
     return result
-
-
-#: what a diagnosis writes into its output folder
-DIAGNOSIS_FILES = ("diagnosis.json", "similarity.png", "interpolation.png")
 
 
 def write_diagnosis(d: Diagnosis, folder: Path) -> list[Path]:

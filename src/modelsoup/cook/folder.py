@@ -6,8 +6,9 @@ of those names are someone else's. The first thing a cook writes into its folder
 the hidden marker :data:`COOK_MARKER`; a later cook (a rerun, or the resume of a killed
 one, even one that kept no journal) finds it and goes on. A folder that holds files of
 the cook's names but no marker is refused with a :class:`WriteError` and left as it
-is. Folders written before the marker existed are still recognised by their journal or
-report, which name their format on their first line.
+is. Folders written before the marker existed are still recognised by their journal,
+report or diagnosis. ``modelsoup diagnose`` and the demo keep their output folders by the
+same rules, with their own file names.
 
 Example:
     >>> import tempfile
@@ -39,10 +40,13 @@ COOK_FILES = (
     "report.md",
     "report.json",
 )
+#: what ``modelsoup diagnose`` writes into its output folder
+DIAGNOSIS_FILES = ("diagnosis.json", "similarity.png", "interpolation.png")
 #: the hidden file that says a cook wrote this folder, written before anything else
 COOK_MARKER = ".modelsoup-cook"
 _JOURNAL_FORMAT = "modelsoup.journal/"
 _REPORT_FORMAT = "modelsoup.report/"
+_DIAGNOSIS_FIELDS = {"labels", "similarity", "barriers", "soupable", "verdict"}
 
 
 def check_output(pool: Sequence[Any], out: Path) -> None:
@@ -157,22 +161,26 @@ def tidy_output(out: Path, files: Sequence[str] = COOK_FILES) -> None:
 def _written_by_a_cook(out: Path) -> bool:
     if (out / COOK_MARKER).is_file():
         return True
-    # written before the marker: a modelsoup journal or report names its format
-    return _format_of(out / "journal.jsonl").startswith(_JOURNAL_FORMAT) or _format_of(
-        out / "report.json"
-    ).startswith(_REPORT_FORMAT)
+    # written before the marker: a modelsoup journal, report or diagnosis says so
+    journal = _json_of(out / "journal.jsonl", first_line=True)
+    report = _json_of(out / "report.json")
+    diagnosis = _json_of(out / DIAGNOSIS_FILES[0])
+    return (
+        str(journal.get("format")).startswith(_JOURNAL_FORMAT)
+        or str(report.get("format")).startswith(_REPORT_FORMAT)
+        or _DIAGNOSIS_FIELDS <= set(diagnosis)
+    )
 
 
-def _format_of(path: Path) -> str:
-    """The ``format`` a JSON file (or a JSON-lines file's first line) names, or ``""``."""
+def _json_of(path: Path, first_line: bool = False) -> dict:
+    """The JSON object in a file (or on a JSON-lines file's first line); ``{}`` if none."""
     try:
         with path.open("rb") as fh:
-            text = fh.readline(1 << 20) if path.suffix == ".jsonl" else fh.read(1 << 24)
+            text = fh.readline(1 << 20) if first_line else fh.read(1 << 24)
         data = json.loads(text.decode("utf-8"))
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        return ""
-    found = data.get("format") if isinstance(data, dict) else None
-    return found if isinstance(found, str) else ""
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _unmark(out: Path, made: bool) -> None:
